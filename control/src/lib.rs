@@ -1,0 +1,16 @@
+//! sluice's control plane: where the routing table comes from.
+//!
+//! # Layout
+//! - [`table`]: the immutable [`Table`] of services and backends (no I/O, no kube).
+//! - [`publish`]: the [`Publisher`] that makes a table live (arc-swap) and
+//!   tells subscribers a new generation exists; equal tables are no-ops.
+//! - [`source`]: producers of tables: [`source::file`] (a YAML file, reloaded
+//!   on change).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod publish;
+pub mod source;
+pub mod table;
+
+pub use publish::{Publisher, Snapshot};
+pub use table::{Affinity, Backend, Conditions, ListenKey, Policy, Protocol, Service, Table};

@@ -1,0 +1,122 @@
+//! Publishing tables: one writer swaps, every connection loads.
+//!
+//! [`Publisher`] owns the live table behind an [`ArcSwap`]. Readers call
+//! [`Publisher::load`] once per new connection (a wait-free pointer load);
+//! subscribers such as the listener reconciler wait on [`Publisher::subscribe`]
+//! to learn that a new generation is live. Publishing a table equal to the
+//! live one changes nothing and wakes nobody.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::table::Table;
+
+/// A published table and when it went live.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub table: Arc<Table>,
+    /// Starts at 0 (the empty table before any source spoke); +1 per change.
+    pub generation: u64,
+    pub published_at: Instant,
+}
+
+/// The single place a table becomes live.
+#[derive(Debug)]
+pub struct Publisher {
+    live: ArcSwap<Snapshot>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Publisher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Publisher {
+    pub fn new() -> Self {
+        let (changed, _) = watch::channel(0);
+        Self {
+            live: ArcSwap::from_pointee(Snapshot {
+                table: Arc::new(Table::new()),
+                generation: 0,
+                published_at: Instant::now(),
+            }),
+            changed,
+        }
+    }
+
+    /// The live table, for one new connection.
+    pub fn load(&self) -> Arc<Table> {
+        self.live.load().table.clone()
+    }
+
+    /// The live table with its generation and publish time.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load_full()
+    }
+
+    /// Makes `table` live unless it equals the live one.
+    /// Returns the new generation, or `None` when nothing changed.
+    /// Only one task may publish (the source's); the swap itself is atomic.
+    pub fn publish(&self, table: Table) -> Option<u64> {
+        let current = self.live.load();
+        if *current.table == table && current.generation > 0 {
+            return None;
+        }
+        let generation = current.generation + 1;
+        self.live.store(Arc::new(Snapshot {
+            table: Arc::new(table),
+            generation,
+            published_at: Instant::now(),
+        }));
+        self.changed.send_replace(generation);
+        Some(generation)
+    }
+
+    /// A receiver that sees every generation change (the latest, not each).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{ListenKey, Policy, Service};
+
+    fn mk_table(port: u16) -> Table {
+        let mut t = Table::new();
+        t.insert(
+            ListenKey::tcp(([127, 0, 0, 1], port).into()),
+            Arc::new(Service::new("s", Policy::RoundRobin, None, vec![])),
+        );
+        t
+    }
+
+    #[test]
+    fn equal_table_is_a_no_op() {
+        let p = Publisher::new();
+        let mut rx = p.subscribe();
+        assert_eq!(p.publish(mk_table(80)), Some(1));
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        assert_eq!(p.publish(mk_table(80)), None);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(p.publish(mk_table(81)), Some(2));
+        assert_eq!(*rx.borrow_and_update(), 2);
+        assert_eq!(p.snapshot().generation, 2);
+    }
+
+    #[test]
+    fn first_publish_of_empty_table_counts() {
+        // The first table from a source is a change even if empty: readiness
+        // is "a first complete table was published".
+        let p = Publisher::new();
+        assert_eq!(p.publish(Table::new()), Some(1));
+        assert_eq!(p.publish(Table::new()), None);
+    }
+}

@@ -1,0 +1,377 @@
+//! The immutable routing table: what sluice serves, built off the hot path.
+//!
+//! A [`Table`] maps every address sluice listens on ([`ListenKey`]: IP, port,
+//! protocol) to the [`Service`] reached there. Each service carries all of its
+//! backends with the state Kubernetes gives them, plus the subset that may
+//! receive *new* connections, computed once when the table is built (the
+//! ProxyTerminatingEndpoints rule), so that a pick at accept time is a load and
+//! an index, never a scan of states.
+//!
+//! Nothing here knows where the table came from (file or Kubernetes) and
+//! nothing here is mutable: a change is a new table, published whole.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Transport protocol of a listen address. Part of the key so that TCP 53 and
+/// UDP 53 on the same IP are two services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Where a service is reached: the key of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenKey {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+}
+
+impl ListenKey {
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            protocol: Protocol::Tcp,
+        }
+    }
+}
+
+impl fmt::Display for ListenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.protocol)
+    }
+}
+
+/// A backend's conditions, exactly as an EndpointSlice states them (after
+/// defaulting: `ready` unset is true, `serving` unset is `ready`,
+/// `terminating` unset is false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Conditions {
+    pub const READY: Conditions = Conditions {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    /// Terminating but still serving: eligible only when nothing is ready.
+    pub const TERMINATING: Conditions = Conditions {
+        ready: false,
+        serving: true,
+        terminating: true,
+    };
+
+    /// Short human name for logs and the debug endpoint.
+    pub fn label(&self) -> &'static str {
+        match (self.ready, self.serving, self.terminating) {
+            (true, _, false) => "ready",
+            (true, _, true) => "ready-terminating",
+            (false, true, true) => "serving-terminating",
+            (false, false, true) => "terminating",
+            (false, true, false) => "serving",
+            (false, false, false) => "not-ready",
+        }
+    }
+}
+
+impl Default for Conditions {
+    fn default() -> Self {
+        Self::READY
+    }
+}
+
+/// One endpoint of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub conditions: Conditions,
+    /// Relative weight; 0 means "never a new connection" (IPVS's drain).
+    pub weight: u32,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, conditions: Conditions) -> Self {
+        Self {
+            addr,
+            conditions,
+            weight: 1,
+        }
+    }
+}
+
+/// How a service spreads new connections over its eligible backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Policy {
+    #[default]
+    RoundRobin,
+    /// Power of two random choices over active connections.
+    LeastConnections,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastConnections => "least-connections",
+        })
+    }
+}
+
+/// Client-IP session affinity (Kubernetes `sessionAffinity: ClientIP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Affinity {
+    pub timeout: Duration,
+}
+
+impl Affinity {
+    /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10_800);
+}
+
+/// A service as reached on one listen address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Service {
+    /// Human name, e.g. `default/web:http`; used in logs and metrics.
+    pub name: String,
+    pub policy: Policy,
+    pub affinity: Option<Affinity>,
+    /// Every backend, whatever its state (for draining and the debug view).
+    backends: Vec<Backend>,
+    /// Indexes into `backends` of those that may receive new connections.
+    eligible: Vec<usize>,
+}
+
+impl Service {
+    /// Builds a service and computes its eligible set:
+    /// ready backends with a weight; when none, serving-and-terminating ones
+    /// (ProxyTerminatingEndpoints); otherwise none.
+    /// Duplicate addresses keep their first occurrence.
+    pub fn new(
+        name: impl Into<String>,
+        policy: Policy,
+        affinity: Option<Affinity>,
+        backends: Vec<Backend>,
+    ) -> Self {
+        let mut seen = std::collections::HashSet::with_capacity(backends.len());
+        let backends: Vec<Backend> = backends
+            .into_iter()
+            .filter(|b| seen.insert(b.addr))
+            .collect();
+        let usable = |b: &Backend| b.weight > 0;
+        let mut eligible: Vec<usize> = backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| usable(b) && b.conditions.ready && !b.conditions.terminating)
+            .map(|(i, _)| i)
+            .collect();
+        if eligible.is_empty() {
+            eligible = backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| usable(b) && b.conditions.serving && b.conditions.terminating)
+                .map(|(i, _)| i)
+                .collect();
+        }
+        Self {
+            name: name.into(),
+            policy,
+            affinity,
+            backends,
+            eligible,
+        }
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// Number of backends eligible for a new connection.
+    pub fn eligible_len(&self) -> usize {
+        self.eligible.len()
+    }
+
+    /// The `i`-th eligible backend (`i < eligible_len()`).
+    pub fn eligible(&self, i: usize) -> Option<&Backend> {
+        self.eligible.get(i).and_then(|&j| self.backends.get(j))
+    }
+
+    /// Iterates the eligible backends in table order.
+    pub fn eligible_iter(&self) -> impl Iterator<Item = &Backend> + '_ {
+        self.eligible.iter().filter_map(|&j| self.backends.get(j))
+    }
+
+    /// Whether `addr` may receive a new connection from this service.
+    pub fn is_eligible(&self, addr: SocketAddr) -> bool {
+        self.eligible_iter().any(|b| b.addr == addr)
+    }
+}
+
+/// The whole routing table. Immutable; compare two tables with `==`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    services: BTreeMap<ListenKey, Arc<Service>>,
+}
+
+impl Table {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces the service reached on `key`.
+    pub fn insert(&mut self, key: ListenKey, service: Arc<Service>) {
+        self.services.insert(key, service);
+    }
+
+    pub fn get(&self, key: &ListenKey) -> Option<&Arc<Service>> {
+        self.services.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ListenKey, &Arc<Service>)> + '_ {
+        self.services.iter()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &ListenKey> + '_ {
+        self.services.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Whether `addr` may receive new connections from any service.
+    pub fn is_eligible_anywhere(&self, addr: SocketAddr) -> bool {
+        self.services.values().any(|s| s.is_eligible(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn mk_backend(a: &str, c: Conditions) -> Backend {
+        Backend::new(addr(a), c)
+    }
+
+    fn eligible(s: &Service) -> Vec<SocketAddr> {
+        s.eligible_iter().map(|b| b.addr).collect()
+    }
+
+    #[test]
+    fn ready_backends_only_when_any_ready() {
+        let s = Service::new(
+            "t",
+            Policy::RoundRobin,
+            None,
+            vec![
+                mk_backend("10.0.0.1:80", Conditions::READY),
+                mk_backend("10.0.0.2:80", Conditions::TERMINATING),
+            ],
+        );
+        assert_eq!(eligible(&s), vec![addr("10.0.0.1:80")]);
+    }
+
+    #[test]
+    fn terminating_serving_fallback_when_none_ready() {
+        let not_serving = Conditions {
+            ready: false,
+            serving: false,
+            terminating: true,
+        };
+        let s = Service::new(
+            "t",
+            Policy::RoundRobin,
+            None,
+            vec![
+                mk_backend("10.0.0.1:80", not_serving),
+                mk_backend("10.0.0.2:80", Conditions::TERMINATING),
+            ],
+        );
+        assert_eq!(eligible(&s), vec![addr("10.0.0.2:80")]);
+    }
+
+    #[test]
+    fn nothing_eligible_when_none_serving() {
+        let s = Service::new(
+            "t",
+            Policy::RoundRobin,
+            None,
+            vec![mk_backend(
+                "10.0.0.1:80",
+                Conditions {
+                    ready: false,
+                    serving: false,
+                    terminating: false,
+                },
+            )],
+        );
+        assert_eq!(s.eligible_len(), 0);
+    }
+
+    #[test]
+    fn weight_zero_never_eligible_and_duplicates_dropped() {
+        let mut zero = mk_backend("10.0.0.1:80", Conditions::READY);
+        zero.weight = 0;
+        let s = Service::new(
+            "t",
+            Policy::RoundRobin,
+            None,
+            vec![
+                zero,
+                mk_backend("10.0.0.2:80", Conditions::READY),
+                mk_backend("10.0.0.2:80", Conditions::TERMINATING),
+            ],
+        );
+        assert_eq!(eligible(&s), vec![addr("10.0.0.2:80")]);
+        assert_eq!(s.backends().len(), 2);
+    }
+
+    #[test]
+    fn tables_compare_by_content() {
+        let mk = || {
+            let mut t = Table::new();
+            t.insert(
+                ListenKey::tcp(addr("127.0.0.1:80")),
+                Arc::new(Service::new(
+                    "a",
+                    Policy::RoundRobin,
+                    None,
+                    vec![mk_backend("10.0.0.1:80", Conditions::READY)],
+                )),
+            );
+            t
+        };
+        assert_eq!(mk(), mk());
+        let mut other = mk();
+        other.insert(
+            ListenKey::tcp(addr("127.0.0.1:81")),
+            Arc::new(Service::new("b", Policy::RoundRobin, None, vec![])),
+        );
+        assert_ne!(mk(), other);
+    }
+}
