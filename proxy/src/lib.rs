@@ -1,1 +1,3 @@
 //! sluice's data plane. (Being written.)
+
+pub mod vip;
