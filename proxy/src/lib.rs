@@ -14,6 +14,7 @@
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
 //! - [`stats`]: process-wide counters.
+//! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -25,5 +26,6 @@ pub mod listener;
 pub mod server;
 pub mod stats;
 pub mod tracker;
+pub mod vip;
 
 pub use server::{Proxy, ProxyConfig, ShutdownReport};
