@@ -66,6 +66,13 @@ pub struct Args {
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Assign every Service IP sluice serves to this existing device (e.g.
+    /// `lo`, or an `ifb` device), as IPVS mode does with `kube-ipvs0`, and
+    /// remove the ones it no longer serves. Without this flag the file
+    /// source leaves addresses alone.
+    #[arg(long, env = "SLUICE_VIP_INTERFACE", value_name = "NAME")]
+    pub vip_interface: Option<String>,
+
     /// Log format on stderr. The level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,

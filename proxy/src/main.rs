@@ -10,6 +10,7 @@ use sluice_control::Publisher;
 use sluice_control::source::file;
 use sluice_proxy::Proxy;
 use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
+use sluice_proxy::vip::{VipDevice, service_ips};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,18 @@ async fn run(args: Args) -> ExitCode {
         reload.clone(),
     ));
 
+    if let Some(name) = args.vip_interface.as_deref() {
+        match VipDevice::open(Some(name)).await {
+            Ok(device) => {
+                tokio::spawn(sync_vips(device, publisher.clone()));
+            }
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+        }
+    }
+
     let stop = CancellationToken::new();
     if let Err(e) = watch_signals(stop.clone(), reload) {
         error!(error = %e, "cannot install signal handlers");
@@ -113,4 +126,44 @@ fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Resul
         stop.cancel();
     });
     Ok(())
+}
+
+/// Keeps the device's Service IPs equal to the live table's, retrying a
+/// failed sync every few seconds until it succeeds.
+async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
+    let mut changes = publisher.subscribe();
+    loop {
+        let want = service_ips(&publisher.load());
+        let complete = match device.sync(&want).await {
+            Ok(report) => {
+                if !report.added.is_empty() || !report.removed.is_empty() {
+                    info!(
+                        device = device.name(),
+                        added = ?report.added,
+                        removed = ?report.removed,
+                        "service IPs updated"
+                    );
+                }
+                for failure in &report.failed {
+                    warn!(device = device.name(), "{failure}");
+                }
+                report.is_complete()
+            }
+            Err(e) => {
+                error!(device = device.name(), "{e}");
+                false
+            }
+        };
+        let retry = async {
+            if complete {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await
+            }
+        };
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = retry => {}
+        }
+    }
 }
