@@ -13,7 +13,7 @@
 //!   propagation.
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
-//! - [`stats`]: process-wide counters.
+//! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
 //! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -23,8 +23,8 @@ pub mod cli;
 pub mod connect;
 pub mod forward;
 pub mod listener;
+pub mod metrics;
 pub mod server;
-pub mod stats;
 pub mod tracker;
 pub mod vip;
 

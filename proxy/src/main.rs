@@ -10,6 +10,7 @@ use sluice_control::Publisher;
 use sluice_control::source::file;
 use sluice_proxy::Proxy;
 use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
+use sluice_proxy::metrics::Metrics;
 use sluice_proxy::vip::{VipDevice, service_ips};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
@@ -102,7 +103,7 @@ async fn run(args: Args) -> ExitCode {
         error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;
     }
-    let proxy = Proxy::new(args.proxy_config(), publisher);
+    let proxy = Proxy::new(args.proxy_config(), publisher, Arc::new(Metrics::new()));
     let report = proxy.run(stop).await;
     if report.cut > 0 {
         warn!(cut = report.cut, "exiting with connections cut");
