@@ -14,10 +14,12 @@
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
 //! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
+//! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
 //! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod connect;

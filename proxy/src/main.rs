@@ -9,6 +9,7 @@ use clap::Parser;
 use sluice_control::Publisher;
 use sluice_control::source::file;
 use sluice_proxy::Proxy;
+use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::vip::{VipDevice, service_ips};
@@ -103,7 +104,20 @@ async fn run(args: Args) -> ExitCode {
         error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;
     }
-    let proxy = Proxy::new(args.proxy_config(), publisher, Arc::new(Metrics::new()));
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Proxy::new(args.proxy_config(), publisher.clone(), metrics.clone());
+    let admin = Arc::new(Admin {
+        publisher,
+        tracker: proxy.tracker().clone(),
+        metrics,
+        health_timeout: args.healthz_timeout,
+    });
+    for (addr, endpoints) in [
+        (args.healthz_bind_address.clone(), Endpoints::Health),
+        (args.metrics_bind_address.clone(), Endpoints::Metrics),
+    ] {
+        tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
+    }
     let report = proxy.run(stop).await;
     if report.cut > 0 {
         warn!(cut = report.cut, "exiting with connections cut");
@@ -165,6 +179,29 @@ async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             _ = retry => {}
+        }
+    }
+}
+
+/// Binds and serves one admin listener. A bind failure (say, the port is
+/// still held by the kube-proxy being replaced) is logged and retried: the
+/// proxy keeps serving meanwhile.
+async fn serve_admin(addr: String, admin: Arc<Admin>, endpoints: Endpoints) {
+    let mut logged = false;
+    loop {
+        match admin::bind(&addr).await {
+            Ok(None) => return,
+            Ok(Some(listener)) => {
+                info!(address = %addr, ?endpoints, "admin endpoints listening");
+                return admin::serve(listener, admin, endpoints).await;
+            }
+            Err(e) => {
+                if !logged {
+                    error!(address = %addr, ?endpoints, error = %e, "cannot bind admin endpoints; retrying every 5s");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
         }
     }
 }
