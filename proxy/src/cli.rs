@@ -78,6 +78,7 @@ pub struct Args {
         long,
         env = "SLUICE_HEALTHZ_BIND_ADDRESS",
         default_value = "0.0.0.0:10256",
+        value_parser = bind_address,
         value_name = "IP:PORT"
     )]
     pub healthz_bind_address: String,
@@ -87,6 +88,7 @@ pub struct Args {
         long,
         env = "SLUICE_METRICS_BIND_ADDRESS",
         default_value = "127.0.0.1:10249",
+        value_parser = bind_address,
         value_name = "IP:PORT"
     )]
     pub metrics_bind_address: String,
