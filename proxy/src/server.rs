@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_control::{ListenKey, Protocol, Publisher, Table};
+use sluice_control::{ListenKey, Protocol, Publisher, Table, TableDiff};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -112,6 +112,7 @@ impl Proxy {
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(30));
         let mut applied = None;
+        let mut previous = Arc::new(Table::new());
         loop {
             let snapshot = self.publisher.snapshot();
             let table = snapshot.table.clone();
@@ -124,13 +125,20 @@ impl Proxy {
                     .set(snapshot.generation as i64);
                 self.metrics.table_publishes.inc();
                 let backends: usize = table.iter().map(|(_, s)| s.backends().len()).sum();
+                let diff = TableDiff::between(&previous, &table);
                 info!(
                     services = table.len(),
                     backends,
                     listening = listening.len(),
-                    "table live generation={}",
-                    snapshot.generation
+                    "table live generation={} {}",
+                    snapshot.generation,
+                    if diff.is_empty() {
+                        "(no change)".to_string()
+                    } else {
+                        diff.to_string()
+                    },
                 );
+                previous = table.clone();
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
