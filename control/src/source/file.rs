@@ -74,7 +74,8 @@ mod tests;
 /// A file larger than this is refused (a config is a few KiB).
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
-/// The shortest poll interval [`watch`] uses; shorter ones are raised to it.
+/// The shortest poll interval [`watch`] uses; shorter ones (zero included)
+/// are raised to it.
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Why a configuration file gave no table. `Display` is one line, starting
@@ -174,13 +175,20 @@ fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
         path: path.display().to_string(),
         source,
     };
+    let not_regular = || {
+        fail(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
+    };
+    // Checked before opening too: opening a FIFO blocks until a writer comes.
+    if !std::fs::metadata(path).map_err(fail)?.is_file() {
+        return Err(not_regular());
+    }
     let file = std::fs::File::open(path).map_err(fail)?;
     let meta = file.metadata().map_err(fail)?;
     if !meta.is_file() {
-        return Err(fail(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
+        return Err(not_regular());
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0).min(1 << 20));
     file.take(MAX_FILE_BYTES + 1)

@@ -25,7 +25,7 @@ use crate::table::{Affinity, Backend, Conditions, ListenKey, Policy, Protocol, S
 
 /// Valid `affinity.timeoutSeconds`, as Kubernetes validates
 /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
-pub(super) const TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
+const TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 /// What `listen` and `address` hold.
 const ADDRESS: &str = "IP:port (IPv6 quoted: \"[::1]:80\")";
@@ -242,7 +242,7 @@ impl Ctx {
     /// `services[1] "api"`, or `services[1]` while the name is unknown.
     fn service(&self, i: usize) -> String {
         match self.hints.services.get(i).and_then(|h| h.name.as_ref()) {
-            Some(name) => format!("services[{i}] {name:?}"),
+            Some(name) => format!("services[{i}] {}", Quoted(name)),
             None => format!("services[{i}]"),
         }
     }
@@ -259,9 +259,36 @@ impl Ctx {
     /// `services[1] "api": backend 10.0.0.1:80`, or `...: backends[3]`.
     fn backend(&self, i: usize, j: usize) -> String {
         match self.backend_hint(i, j) {
-            Some(addr) => format!("{}: backend {addr}", self.service(i)),
+            Some(addr) => format!("{}: backend {}", self.service(i), Clipped(addr)),
             None => format!("{}: backends[{j}]", self.service(i)),
         }
+    }
+}
+
+/// Text from the file as shown in a message: control characters escaped
+/// (messages are one line) and long text cut.
+struct Clipped<'a>(&'a str);
+
+impl fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX: usize = 60;
+        let mut chars = self.0.chars();
+        for c in chars.by_ref().take(MAX) {
+            write!(f, "{}", c.escape_debug())?;
+        }
+        if chars.next().is_some() {
+            f.write_str("...")?;
+        }
+        Ok(())
+    }
+}
+
+/// [`Clipped`] in double quotes.
+struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\"", Clipped(self.0))
     }
 }
 
@@ -285,7 +312,7 @@ impl fmt::Display for Found<'_> {
             Found::Bool(b) => write!(f, "{b}"),
             Found::Int(i) => write!(f, "{i}"),
             Found::Float(x) => write!(f, "{x}"),
-            Found::Str(s) => write!(f, "{s:?}"),
+            Found::Str(s) => write!(f, "{}", Quoted(s)),
             Found::Seq => f.write_str("a list"),
             Found::Map => f.write_str("a mapping"),
             Found::Tagged => f.write_str("a tagged value"),
@@ -442,7 +469,8 @@ impl<'de> Node<'de> for Key<'_> {
         };
         let Some(i) = self.fields.iter().position(|f| *f == name) else {
             return Err(self.reject(format_args!(
-                "unknown field {name:?} (valid: {})",
+                "unknown field {} (valid: {})",
+                Quoted(name),
                 self.fields.join(", ")
             )));
         };
@@ -451,7 +479,7 @@ impl<'de> Node<'de> for Key<'_> {
                 *seen = true;
                 Ok(i)
             }
-            _ => Err(self.reject(format_args!("field {name:?} given twice"))),
+            _ => Err(self.reject(format_args!("field {} given twice", Quoted(name)))),
         }
     }
 }
@@ -568,7 +596,7 @@ fn socket_addr(s: &str, role: &str, shown: bool) -> Result<SocketAddr, String> {
         let s = if shown {
             String::new()
         } else {
-            format!(" {s:?}")
+            format!(" {}", Quoted(s))
         };
         format!("invalid socket address{s} (expected {ADDRESS})")
     })?;
@@ -724,7 +752,8 @@ impl<'de> Node<'de> for ServiceNode<'_> {
                                 Err(Some("udp is not served yet (only tcp is)".to_owned()))
                             }
                             Found::Str(s) => Err(Some(format!(
-                                "unknown protocol {s:?} (valid: tcp; udp is not served yet)"
+                                "unknown protocol {} (valid: tcp; udp is not served yet)",
+                                Quoted(s)
                             ))),
                             _ => Err(None),
                         }))?;
@@ -738,7 +767,8 @@ impl<'de> Node<'de> for ServiceNode<'_> {
                             Found::Str("round-robin") => Ok(Policy::RoundRobin),
                             Found::Str("least-connections") => Ok(Policy::LeastConnections),
                             Found::Str(s) => Err(Some(format!(
-                                "unknown policy {s:?} (valid: round-robin, least-connections)"
+                                "unknown policy {} (valid: round-robin, least-connections)",
+                                Quoted(s)
                             ))),
                             _ => Err(None),
                         },

@@ -754,6 +754,38 @@ fn no_input_panics() {
 }
 
 #[test]
+fn messages_stay_one_line_and_short() {
+    let long = "x".repeat(500);
+    let (_, _, msg) = err(&format!(
+        "
+        services:
+          - name: \"two\\nlines\"
+            listen: 127.0.0.1:80
+            policy: {long}
+            backends:
+              - address: \"10.0.0.1:80\\n\"
+        "
+    ));
+    assert!(
+        msg.starts_with("services[0] \"two\\nlines\": policy: unknown policy \"xxx"),
+        "{msg}"
+    );
+    assert!(msg.len() < 200, "{msg}");
+    let (_, _, msg) = err("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            backends:
+              - address: \"10.0.0.1:80\\n\"
+        ");
+    assert_eq!(
+        msg,
+        "services[0] \"web\": backend 10.0.0.1:80\\n: invalid socket address \
+         (expected IP:port (IPv6 quoted: \"[::1]:80\"))"
+    );
+}
+
+#[test]
 fn alias_of_a_whole_service_is_a_duplicate_listen() {
     let e = parse(
         "t.yaml",
@@ -897,6 +929,23 @@ fn tracker_after_read_error_finds_bad_content_still_bad() {
 fn read_refuses_what_is_not_a_regular_file() {
     let dir = tempfile::tempdir().unwrap();
     let e = read(dir.path()).unwrap_err();
+    assert!(
+        e.to_string().ends_with("cannot read: not a regular file"),
+        "{e}"
+    );
+    // A FIFO would block the reader forever: refused before opening.
+    let fifo = dir.path().join("fifo.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(load(&fifo).map(|_| ())));
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("load() blocked on a FIFO")
+        .unwrap_err();
     assert!(
         e.to_string().ends_with("cannot read: not a regular file"),
         "{e}"
