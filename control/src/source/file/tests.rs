@@ -956,3 +956,64 @@ fn read_refuses_what_is_not_a_regular_file() {
     );
     assert!(e.to_string().contains("absent.yaml: cannot read: "), "{e}");
 }
+
+/// Runs `f` with the logs captured, one string per line.
+fn logs(f: impl FnOnce()) -> Vec<String> {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    out.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn logs_say_what_changed_once() {
+    let p = Publisher::new();
+    let mut t = Tracker::new("t.yaml".into());
+    let bad = "services: [{ name: a }]\n";
+    let v2 = "services:
+  - { name: a, listen: 127.0.0.1:1, backends: [] }
+  - { name: c, listen: 127.0.0.1:3, backends: [] }
+";
+    let lines = logs(|| {
+        t.check(Ok(TWO.into()), false, &p);
+        for _ in 0..5 {
+            t.check(Ok(TWO.into()), false, &p);
+        }
+        for _ in 0..5 {
+            t.check(Ok(bad.into()), false, &p);
+        }
+        for _ in 0..5 {
+            t.check(read_err(io::ErrorKind::NotFound), false, &p);
+        }
+        t.check(Ok(v2.into()), false, &p);
+    });
+    assert_eq!(
+        lines,
+        [
+            " INFO t.yaml: configuration loaded, generation 1: 2 added, 0 removed, 0 changed (2 services)",
+            "ERROR t.yaml:1:12: services[0] \"a\": missing field \"listen\"; keeping the last good table (generation 1)",
+            "ERROR t.yaml: cannot read: entity not found; keeping the last good table (generation 1)",
+            " INFO t.yaml: configuration loaded, generation 2: 1 added, 1 removed, 1 changed (2 services)",
+        ]
+    );
+}
