@@ -30,10 +30,17 @@
 //! ```
 //!
 //! Unknown or repeated fields, nulls, wrong types, port 0, and a listen
-//! address used by two services are errors. An empty file is an error too
-//! (not an empty table), so a file caught half-written by a non-atomic editor
-//! never tears every listener down; write the file atomically (rename) anyway,
-//! since a truncated file can still be valid YAML.
+//! address used by two services are errors. An error is one line:
+//! `FILE:LINE:COLUMN: WHERE: REASON`, the position being that of the node at
+//! fault (the value, the repeated key, or the mapping missing a field) and
+//! WHERE naming the service by its 0-based index and name, e.g.
+//! `sluice.yaml:12:18: services[1] "api": backend 10.0.0.1:99999: invalid
+//! socket address (...)`.
+//!
+//! An empty file is an error, not an empty table, so that a file caught
+//! half-written by a non-atomic editor does not tear every listener down;
+//! write the file atomically (rename) anyway, since a truncated file can
+//! still be valid YAML.
 //!
 //! # Use from the daemon
 //!
@@ -44,7 +51,7 @@
 //! let table = match file::load(&path) {
 //!     Ok(table) => table,
 //!     Err(err) => {
-//!         eprintln!("{err}"); // e.g. `sluice.yaml:12:9: services[1] "api": ...`
+//!         eprintln!("{err}"); // `sluice.yaml:12:18: services[1] "api": ...`
 //!         std::process::exit(64);
 //!     }
 //! };
