@@ -210,7 +210,7 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
                 listen,
                 addrs.iter().map(|a| BackendCfg::ready(*a)).collect(),
             );
-            proxy = Some(Sluice::start(&bin, &args.sluice, &cfg, listen).await?);
+            proxy = Some(Sluice::start(&bin, &args.sluice, &cfg, listen, None).await?);
         }
         if !args.json {
             println!(

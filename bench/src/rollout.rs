@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::report::{self, Event, Second, Summary};
-use crate::sluice::{self, BackendCfg, Config, Sluice, SluiceArgs, StopReport};
+use crate::sluice::{self, BackendCfg, Config, LogCounts, Sluice, SluiceArgs, StopReport};
 use crate::workload::{LoadSpec, PortPool, open_loop};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -154,6 +154,8 @@ struct RolloutReport {
     generations_live: usize,
     max_apply_ms: f64,
     sluice_stop: StopReport,
+    /// Dial outcomes from sluice's debug log (zeros if not logged).
+    sluice_log: LogCounts,
     /// What each backend itself counted: requests answered, connections
     /// aborted by its death.
     backend_counts: BTreeMap<String, BackendCount>,
@@ -176,6 +178,11 @@ fn old_addr(i: usize) -> SocketAddr {
 fn new_addr(i: usize) -> SocketAddr {
     SocketAddr::new(sluice::lo_in(2, i + 1), 0)
 }
+
+/// sluice's RUST_LOG for this scenario (unless RUST_LOG is set): its
+/// per-connection debug lines say which dials failed and which client
+/// connections needed a retry.
+const SLUICE_LOG: &str = "info,sluice_proxy::server=debug";
 
 fn random_base() -> u16 {
     use std::hash::{BuildHasher, Hasher};
@@ -234,6 +241,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         &args.sluice,
         &Config::single("rollout", listen, table.clone()),
         listen,
+        Some(SLUICE_LOG),
     )
     .await?;
 
@@ -339,6 +347,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     }
     let running = sluice.running();
     let stop = sluice.stop(Duration::from_secs(10)).await;
+    let sluice_log = sluice.log_counts();
 
     let summary = report::summarize(&result.records, result.elapsed);
     let backend_counts: BTreeMap<String, BackendCount> = olds
@@ -377,6 +386,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             generations_live: after_t0.len(),
             max_apply_ms: (max_apply.as_secs_f64() * 1e6).round() / 1e3,
             sluice_stop: stop.clone(),
+            sluice_log: sluice_log.clone(),
             backend_counts,
             events,
             timeline,
@@ -395,6 +405,10 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             .map(|(id, c)| format!("{id}@{}={} (aborted {})", c.address, c.requests, c.aborted))
             .collect();
         println!("backends answered: {}", counts.join(" "));
+        println!(
+            "sluice log: {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
+            sluice_log.dial_failures, sluice_log.retried_connections, sluice_log.no_backend_left
+        );
         println!(
             "sluice: {} table writes, {} generations went live, max write->live {:.1} ms; SIGTERM -> exit {:?} in {:.2}s{}",
             writes.len(),

@@ -230,11 +230,14 @@ pub struct StopReport {
 impl Sluice {
     /// Writes `cfg`, starts sluice on it, waits for its first table and for
     /// a request through `listen` to succeed.
+    ///
+    /// `log_filter` becomes sluice's RUST_LOG unless RUST_LOG is already set.
     pub async fn start(
         bin: &Path,
         args: &SluiceArgs,
         cfg: &Config,
         listen: SocketAddr,
+        log_filter: Option<&str>,
     ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-bench-")
@@ -255,6 +258,11 @@ impl Sluice {
         }
         if let Some(n) = args.max_attempts {
             cmd.arg("--max-attempts").arg(n.to_string());
+        }
+        if let Some(f) = log_filter
+            && std::env::var_os("RUST_LOG").is_none()
+        {
+            cmd.env("RUST_LOG", f);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -374,6 +382,12 @@ impl Sluice {
         }
     }
 
+    /// What sluice's debug log says about dials (zero when not logged).
+    pub fn log_counts(&self) -> LogCounts {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        count_log(&text)
+    }
+
     /// The last `n` lines of sluice's log, indented, for error messages.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
@@ -405,6 +419,43 @@ fn report(status: ExitStatus, stop_s: f64, killed: bool) -> StopReport {
         killed,
         clean: status.success(),
     }
+}
+
+/// Dial outcomes read from sluice's log (its `sluice_proxy::server` debug
+/// lines); all zero when that level is not logged.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LogCounts {
+    /// "dial failed; backend ejected" lines: dials sluice retried.
+    pub dial_failures: u64,
+    /// "connected" lines with attempts > 1: client connections that needed
+    /// a retry and were saved by it.
+    pub retried_connections: u64,
+    /// "connected" lines.
+    pub connected: u64,
+    /// "no backend left" lines: clients sluice had to reset.
+    pub no_backend_left: u64,
+}
+
+pub fn count_log(text: &str) -> LogCounts {
+    let mut c = LogCounts::default();
+    for line in text.lines() {
+        if line.contains("dial failed") {
+            c.dial_failures += 1;
+        } else if line.contains("no backend left") {
+            c.no_backend_left += 1;
+        } else if line.contains(" connected") {
+            c.connected += 1;
+            let attempts = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("attempts="))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(1);
+            if attempts > 1 {
+                c.retried_connections += 1;
+            }
+        }
+    }
+    c
 }
 
 /// Follows the log file, publishing every generation it announces.
@@ -468,6 +519,26 @@ mod tests {
         assert_eq!(parse_generation("table live generation=3\n"), Some(3));
         assert_eq!(parse_generation("table live generation="), None);
         assert_eq!(parse_generation("config rejected"), None);
+    }
+
+    #[test]
+    fn dial_outcomes_are_counted_from_the_log() {
+        let log = "\
+2026-11-25T18:03:39Z DEBUG sluice_proxy::server: connected client=127.0.0.1:1 listen=127.0.0.1:2/tcp backend=127.0.2.1:3 attempts=1
+2026-11-25T18:03:39Z DEBUG sluice_proxy::server: dial failed; backend ejected client=127.0.0.1:1 service=r error=dial 127.0.1.1:3: refused cooldown=1s
+2026-11-25T18:03:39Z DEBUG sluice_proxy::server: connected client=127.0.0.1:1 listen=127.0.0.1:2/tcp backend=127.0.2.1:3 attempts=2
+2026-11-25T18:03:39Z DEBUG sluice_proxy::server: no backend left: resetting client client=127.0.0.1:5 tried=3
+2026-11-25T18:03:39Z  INFO sluice_proxy::server: table live generation=3
+";
+        assert_eq!(
+            count_log(log),
+            LogCounts {
+                dial_failures: 1,
+                retried_connections: 1,
+                connected: 2,
+                no_backend_left: 1,
+            }
+        );
     }
 
     #[test]

@@ -222,7 +222,7 @@ pub async fn run(args: ThroughputArgs) -> Result<ExitCode> {
                 listen,
                 vec![BackendCfg::ready(backend.addr())],
             );
-            proxy = Some(Sluice::start(&bin, &args.sluice, &cfg, listen).await?);
+            proxy = Some(Sluice::start(&bin, &args.sluice, &cfg, listen, None).await?);
         }
         out.direct = Some(measure(backend.addr(), &args).await);
         if let Some(p) = proxy.as_mut() {

@@ -53,6 +53,13 @@ fn rollout_through_sluice_has_no_client_visible_error() {
             "{id} got nothing: {ctx}"
         );
     }
+    // The scenario really made sluice retry: a dead backend was still
+    // listed ready (counted from sluice's own debug log).
+    assert!(
+        v["sluice_log"]["dial_failures"].as_u64().unwrap() > 0,
+        "no failed dial in sluice's log: the rollout did not exercise the retry: {ctx}"
+    );
+    assert_eq!(v["sluice_log"]["no_backend_left"], 0, "{ctx}");
     // Every table write went live, and sluice left cleanly on SIGTERM.
     assert_eq!(v["table_writes"], v["generations_live"], "{ctx}");
     assert_eq!(v["sluice_stop"]["exit_code"], 0, "{ctx}");
