@@ -241,8 +241,11 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
             out.sluice = Some(phase(&measure(&args, vec![p.listen()]).await));
             let running = p.running();
             let stop = p.stop(Duration::from_secs(10)).await;
-            if !running || !stop.clean {
-                eprintln!("sluice did not stop cleanly: running={running} {stop:?}");
+            let errors = out.sluice.as_ref().map_or(0, |s| s.summary.error_total);
+            if !running || !stop.clean || errors > 0 {
+                eprintln!(
+                    "through sluice: {errors} client-visible errors; sluice running until the end: {running}; stop: {stop:?}"
+                );
                 eprint!("{}", p.log_tail(30));
             }
             out.sluice_stop = Some(stop);
