@@ -33,6 +33,9 @@ pub struct ChurnArgs {
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
+    /// Unmeasured load before each phase.
+    #[arg(long, default_value = "500ms", value_name = "DURATION")]
+    pub warmup: humantime::Duration,
     /// Built-in backends to start.
     #[arg(long, default_value_t = 3)]
     pub backends: u8,
@@ -116,14 +119,23 @@ struct Phase {
     local_bind_failures: u64,
 }
 
+/// Runs the same load for `--warmup` (discarded), then measures it for
+/// `--seconds`.
 async fn measure(args: &ChurnArgs, targets: Vec<SocketAddr>) -> LoadResult {
+    let warmup: Duration = args.warmup.into();
+    if !warmup.is_zero() {
+        let _ = load(args, targets.clone(), warmup).await;
+    }
+    load(args, targets, Duration::from_secs_f64(args.seconds)).await
+}
+
+async fn load(args: &ChurnArgs, targets: Vec<SocketAddr>, duration: Duration) -> LoadResult {
     let spec = Arc::new(LoadSpec {
         targets,
         pool: None,
         timeout: args.client_timeout.into(),
         max_inflight: args.max_inflight,
     });
-    let duration = Duration::from_secs_f64(args.seconds);
     let t0 = Instant::now() + Duration::from_millis(20);
     match args.concurrency {
         Some(c) => {
@@ -229,8 +241,11 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
             out.sluice = Some(phase(&measure(&args, vec![p.listen()]).await));
             let running = p.running();
             let stop = p.stop(Duration::from_secs(10)).await;
-            if !running || !stop.clean {
-                eprintln!("sluice did not stop cleanly: running={running} {stop:?}");
+            let errors = out.sluice.as_ref().map_or(0, |s| s.summary.error_total);
+            if !running || !stop.clean || errors > 0 {
+                eprintln!(
+                    "through sluice: {errors} client-visible errors; sluice running until the end: {running}; stop: {stop:?}"
+                );
                 eprint!("{}", p.log_tail(30));
             }
             out.sluice_stop = Some(stop);
@@ -282,6 +297,7 @@ mod tests {
             .map(|i| Record {
                 start: Duration::from_millis(i),
                 latency: Duration::from_micros(lat_us),
+                late: Duration::ZERO,
                 outcome: Outcome::Ok("x".into()),
             })
             .collect();

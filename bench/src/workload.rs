@@ -121,8 +121,12 @@ pub enum Outcome {
 pub struct Record {
     /// When it was scheduled (open loop) or started (closed loop), since t0.
     pub start: Duration,
-    /// From `start` to the end of the response (or the error).
+    /// From the moment the client really started (connect) to the end of
+    /// the response (or the error).
     pub latency: Duration,
+    /// Open loop: how late the client started against its schedule (timer
+    /// resolution, an overloaded client). Zero in closed loop.
+    pub late: Duration,
     pub outcome: Outcome,
 }
 
@@ -361,6 +365,7 @@ pub async fn open_loop(
                 Record {
                     start: offset,
                     latency: Duration::ZERO,
+                    late: Duration::ZERO,
                     outcome: Outcome::NotStarted,
                 },
             );
@@ -370,13 +375,15 @@ pub async fn open_loop(
         let records = records.clone();
         let local = local.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             let target = spec.targets[(i as usize) % spec.targets.len()];
             let outcome = request(target, i, spec.pool.as_ref(), &local, spec.timeout).await;
             push(
                 &records,
                 Record {
                     start: offset,
-                    latency: due.elapsed(),
+                    latency: started.elapsed(),
+                    late: started.saturating_duration_since(due),
                     outcome,
                 },
             );
@@ -416,6 +423,7 @@ pub async fn closed_loop(
                 mine.push(Record {
                     start: started.duration_since(t0),
                     latency: started.elapsed(),
+                    late: Duration::ZERO,
                     outcome,
                 });
             }
