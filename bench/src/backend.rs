@@ -35,6 +35,7 @@ pub struct Backend {
     addr: SocketAddr,
     stats: Arc<Stats>,
     kill_tx: watch::Sender<bool>,
+    stop_tx: watch::Sender<bool>,
 }
 
 /// Longest time a SOURCE connection streams, in case a client never closes.
@@ -47,6 +48,13 @@ impl Backend {
             addr.ip().is_loopback(),
             "backend address {addr} is not a loopback address"
         );
+        Self::start_unchecked(id, addr).await
+    }
+
+    /// Like [`Backend::start`] without the loopback check: for a pod's
+    /// address inside a network namespace the bench created itself
+    /// (`rollout --netns`).
+    pub async fn start_unchecked(id: &str, addr: SocketAddr) -> Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("backend {id}: bind {addr}"))?;
@@ -54,12 +62,20 @@ impl Backend {
         let id: Arc<str> = id.into();
         let stats = Arc::new(Stats::default());
         let (kill_tx, kill_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, id.clone(), stats.clone(), kill_rx));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(accept_loop(
+            listener,
+            id.clone(),
+            stats.clone(),
+            kill_rx,
+            stop_rx,
+        ));
         Ok(Self {
             id,
             addr,
             stats,
             kill_tx,
+            stop_tx,
         })
     }
 
@@ -79,6 +95,12 @@ impl Backend {
     pub fn kill(&self) {
         let _ = self.kill_tx.send(true);
     }
+
+    /// A graceful shutdown's first half: the listener closes (new dials are
+    /// refused), open connections go on until they end or [`Backend::kill`].
+    pub fn stop_accepting(&self) {
+        let _ = self.stop_tx.send(true);
+    }
 }
 
 impl Drop for Backend {
@@ -92,12 +114,14 @@ async fn accept_loop(
     id: Arc<str>,
     stats: Arc<Stats>,
     kill_rx: watch::Receiver<bool>,
+    mut stop_rx: watch::Receiver<bool>,
 ) {
     let mut my_kill = kill_rx.clone();
     loop {
         tokio::select! {
             biased;
             () = killed(&mut my_kill) => break,
+            () = killed(&mut stop_rx) => break,
             r = listener.accept() => match r {
                 Ok((s, _)) => {
                     tokio::spawn(serve_conn(s, id.clone(), stats.clone(), kill_rx.clone()));

@@ -24,6 +24,7 @@
 
 mod backend;
 mod churn;
+mod netns;
 mod report;
 mod rollout;
 mod sluice;
@@ -59,6 +60,9 @@ enum Cmd {
     Throughput(throughput::ThroughputArgs),
     /// Run one built-in backend (for --target runs by hand).
     Serve(ServeArgs),
+    /// Internal: a pod's backend inside a network namespace (`rollout --netns`).
+    #[command(hide = true)]
+    NetnsPod(netns::PodArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,10 +92,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Rollout(a) if a.netns.netns => netns::run(a).await,
         Cmd::Rollout(a) => rollout::run(a).await,
         Cmd::Churn(a) => churn::run(a).await,
         Cmd::Throughput(a) => throughput::run(a).await,
         Cmd::Serve(a) => serve(a).await,
+        Cmd::NetnsPod(a) => netns::pod::run(a).await,
     }
 }
 
@@ -126,6 +132,11 @@ fn main() -> ExitCode {
     // When `run` is dropped (signal), its children are killed (kill_on_drop)
     // and its temp dirs removed; shutting the runtime down ends the tasks.
     let res = rt.block_on(async {
+        // A netns pod handles SIGTERM itself: a graceful shutdown.
+        let cli = match cli.cmd {
+            Cmd::NetnsPod(a) => return netns::pod::run(a).await,
+            cmd => Cli { cmd },
+        };
         tokio::select! {
             r = run(cli) => r,
             s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}")),

@@ -65,6 +65,10 @@ pub struct RolloutArgs {
     pub allow_errors: bool,
     #[command(flatten)]
     pub sluice: SluiceArgs,
+    /// `--netns` and its options: the same rollout on a mini node in
+    /// network namespaces (see `crate::netns`).
+    #[command(flatten)]
+    pub netns: crate::netns::NetnsArgs,
 }
 
 /// One step of the scenario.

@@ -239,6 +239,19 @@ impl Sluice {
         listen: SocketAddr,
         log_filter: Option<&str>,
     ) -> Result<Self> {
+        Self::start_with(bin, args, &[], cfg, listen, log_filter).await
+    }
+
+    /// [`Sluice::start`] with `extra` flags appended to sluice's command
+    /// line (e.g. `--vip-interface`, for `rollout --netns`).
+    pub async fn start_with(
+        bin: &Path,
+        args: &SluiceArgs,
+        extra: &[String],
+        cfg: &Config,
+        listen: SocketAddr,
+        log_filter: Option<&str>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-bench-")
             .tempdir()
@@ -259,6 +272,7 @@ impl Sluice {
         if let Some(n) = args.max_attempts {
             cmd.arg("--max-attempts").arg(n.to_string());
         }
+        cmd.args(extra);
         if let Some(f) = log_filter
             && std::env::var_os("RUST_LOG").is_none()
         {

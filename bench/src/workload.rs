@@ -134,6 +134,9 @@ pub struct Record {
 /// so that source ports are reused the way a busy client reuses them.
 #[derive(Debug)]
 pub struct PortPool {
+    /// The local address the ports are bound on (127.0.0.1 unless
+    /// [`PortPool::new_on`] says otherwise).
+    ip: Ipv4Addr,
     base: u16,
     in_use: Mutex<Vec<bool>>,
     next: AtomicUsize,
@@ -165,12 +168,19 @@ impl Drop for PortGuard {
 impl PortPool {
     /// Ports `base .. base+len`. Fails if the range leaves u16.
     pub fn new(base: u16, len: u16) -> anyhow::Result<Arc<Self>> {
+        Self::new_on(Ipv4Addr::LOCALHOST, base, len)
+    }
+
+    /// Ports `base .. base+len` on `ip` (a client pod's address inside a
+    /// network namespace, for `rollout --netns`).
+    pub fn new_on(ip: Ipv4Addr, base: u16, len: u16) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(len > 0, "source port pool is empty");
         anyhow::ensure!(
             base.checked_add(len - 1).is_some(),
             "source port pool {base}+{len} goes past 65535"
         );
         Ok(Arc::new(Self {
+            ip,
             base,
             in_use: Mutex::new(vec![false; len as usize]),
             next: AtomicUsize::new(0),
@@ -257,7 +267,7 @@ async fn connect(
         let Some(guard) = pool.acquire() else {
             break;
         };
-        let local = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, guard.port()));
+        let local = SocketAddr::V4(SocketAddrV4::new(pool.ip, guard.port()));
         let sock = match Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)) {
             Ok(s) => s,
             Err(_) => {

@@ -1,0 +1,510 @@
+//! `sluice-bench rollout --netns` (root): the rolling update on a mini
+//! node built from network namespaces, where the old pod really vanishes
+//! (process killed, namespace deleted), through sluice and through
+//! nftables DNAT rules shaped like kube-proxy's nftables mode.
+//!
+//! - [`topo`]: namespaces, veths, the bridge (br_netfilter on), the VIP
+//!   device, entering a namespace, cleanup (also of a stale run's leftovers).
+//! - [`pod`]: a pod's backend process (`sluice-bench netns-pod`, hidden).
+//! - [`nft`]: the kube-proxy-shaped ruleset, replaced atomically.
+//! - [`scenario`]: one run (data path × ARP variant).
+//! - [`plot`]: the SVG timeline.
+//!
+//! Each run gets fresh namespaces (fresh ARP and conntrack state), created
+//! by the calling thread and removed when the run ends, fails or is
+//! interrupted (the run's thread is cancelled and joined first).
+
+pub mod nft;
+pub mod plot;
+pub mod pod;
+pub mod scenario;
+pub mod topo;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use pod::PodArgs;
+
+use crate::report::{self, Event, Second, Summary};
+use crate::rollout::RolloutArgs;
+use crate::sluice::{self, LogCounts, StopReport};
+use crate::workload::Outcome;
+
+/// The data path clients go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// sluice in the node's namespace, VIP on an ifb device.
+    Sluice,
+    /// nftables DNAT in kube-proxy's nftables shape.
+    Nft,
+}
+
+/// The node's ARP entry for the dead pod once its namespace is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arp {
+    /// Still REACHABLE with the old MAC: SYNs vanish (black hole).
+    Fresh,
+    /// Flushed when the namespace goes: each connect waits for ARP (~3 s)
+    /// and ends in `No route to host`.
+    Failed,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::Sluice => "sluice",
+            Via::Nft => "nft",
+        }
+    }
+}
+
+impl Arp {
+    fn as_str(self) -> &'static str {
+        match self {
+            Arp::Fresh => "fresh",
+            Arp::Failed => "failed",
+        }
+    }
+}
+
+/// Options of `rollout --netns`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetnsArgs {
+    /// Run the rollout on a mini node in network namespaces (needs root,
+    /// iproute2; nftables for --via nft). With --netns, --lag defaults to
+    /// 3s and --client-timeout to 5s.
+    #[arg(long)]
+    pub netns: bool,
+    /// Data paths to run, comma-separated: sluice, nft.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sluice",
+        requires = "netns"
+    )]
+    pub via: Vec<Via>,
+    /// ARP variants to run, comma-separated: fresh, failed.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fresh,failed",
+        requires = "netns"
+    )]
+    pub arp: Vec<Arp>,
+    /// From an old pod's death to the deletion of its namespace.
+    #[arg(
+        long,
+        default_value = "500ms",
+        value_name = "DURATION",
+        requires = "netns"
+    )]
+    pub ns_delay: humantime::Duration,
+    /// Write the timelines as an SVG plot to this file.
+    #[arg(long, value_name = "FILE.svg", requires = "netns")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Whether `id` (a `rollout` option) was given on the command line, so
+/// that `--netns` can have its own defaults for the shared options.
+fn given(id: &str) -> bool {
+    use clap::CommandFactory as _;
+    crate::Cli::command()
+        .try_get_matches_from(std::env::args_os())
+        .ok()
+        .and_then(|m| {
+            m.subcommand_matches("rollout")
+                .map(|r| r.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        })
+        .unwrap_or(false)
+}
+
+/// One run in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub via: Via,
+    pub arp: Arp,
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Successful connections slower than 100 ms.
+    pub slow_100ms: u64,
+    /// Latest a client started against its schedule, ms.
+    pub max_late_ms: f64,
+    pub local_bind_failures: u64,
+    /// The node's conntrack entries answered from a dead pod, at the end.
+    pub conntrack_to_dead_pods: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sluice_log: Option<LogCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sluice_stop: Option<StopReport>,
+    pub events: Vec<Event>,
+    pub timeline: Vec<Second>,
+    /// sluice: no client-visible error and a clean sluice. nft: the run
+    /// happened (its errors are the finding, not a failure).
+    pub pass: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct NetnsReport {
+    scenario: &'static str,
+    rate: f64,
+    duration_s: f64,
+    warmup_s: f64,
+    lag_s: f64,
+    grace_s: f64,
+    ns_delay_s: f64,
+    backends: u8,
+    client_timeout_s: f64,
+    /// What sluice was given (its own default when null).
+    connect_timeout: Option<String>,
+    max_attempts: Option<u32>,
+    source_ports: u16,
+    vip: String,
+    runs: Vec<RunReport>,
+    pass: bool,
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective uid.
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
+    let mut out = Vec::new();
+    for x in v {
+        if !out.contains(x) {
+            out.push(*x);
+        }
+    }
+    out
+}
+
+/// Cancels a run's thread and waits (bounded) for it to clean up.
+struct RunGuard {
+    cancel: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        let _ = self.cancel.send(true);
+        if let Some(h) = self.thread.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Builds the run's namespaces, runs it on a thread in the node's
+/// namespace, and removes everything whatever happens.
+async fn run_isolated(spec: scenario::Spec, run: usize) -> Result<(scenario::RunResult, String)> {
+    let names = topo::Names::new(std::process::id(), run);
+    // Declared first, dropped last: after the thread is gone.
+    let topo = topo::Topology::create(&names, spec.n)
+        .with_context(|| format!("building the mini node {}", names.node()))?;
+    let (cancel, cancel_rx) = watch::channel(false);
+    let names2 = topo.names().clone();
+    let node = names2.node();
+    let (rx, h) = scenario::spawn_in(&node, cancel_rx.clone(), move || {
+        scenario::run(spec, names2, cancel_rx)
+    });
+    let guard = RunGuard {
+        cancel,
+        thread: Some(h),
+    };
+    let r = rx.await.context("the run's thread died")?;
+    drop(guard);
+    drop(topo);
+    Ok((r?, node))
+}
+
+/// `rollout --netns`.
+pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
+    anyhow::ensure!(
+        is_root(),
+        "rollout --netns needs root (network namespaces, veth, bridge, nftables)"
+    );
+    let lag: Duration = if given("lag") {
+        a.lag.into()
+    } else {
+        Duration::from_secs(3)
+    };
+    let client_timeout: Duration = if given("client_timeout") {
+        a.client_timeout.into()
+    } else {
+        Duration::from_secs(5)
+    };
+    let grace: Duration = a.grace.into();
+    let warmup: Duration = a.warmup.into();
+    let ns_delay: Duration = a.netns.ns_delay.into();
+    anyhow::ensure!(
+        lag >= Duration::from_secs(1),
+        "--lag must be >= 1s (got {})",
+        humantime::format_duration(lag)
+    );
+    anyhow::ensure!(
+        grace + ns_delay < lag,
+        "--grace + --ns-delay must be under --lag, or the table drops the old pod before its namespace is gone"
+    );
+    anyhow::ensure!(
+        a.rate > 0.0 && a.rate <= 5_000.0,
+        "--rate must be in (0, 5000] with --netns (got {})",
+        a.rate
+    );
+    anyhow::ensure!(
+        (1..=topo::MAX_PODS).contains(&(a.backends as usize)),
+        "--backends must be in 1..={} with --netns (got {})",
+        topo::MAX_PODS,
+        a.backends
+    );
+    let n = a.backends as usize;
+    let schedule = scenario::steps(n, warmup, lag, grace, ns_delay);
+    let last = schedule.last().map(|s| s.0).unwrap_or(warmup);
+    let min_duration = last + Duration::from_secs(1);
+    let duration: Duration = a.duration.map(Into::into).unwrap_or(min_duration);
+    anyhow::ensure!(
+        duration >= min_duration && duration <= Duration::from_secs(600),
+        "--duration must cover the rollout schedule ({:.1}s) and be at most 10 minutes",
+        min_duration.as_secs_f64()
+    );
+    let vias = dedup(&a.netns.via);
+    let arps = dedup(&a.netns.arp);
+    if vias.contains(&Via::Nft) {
+        topo::run("nft", &["--version"], None)
+            .context("--via nft needs the `nft` command (apt-get install nftables)")?;
+    }
+    topo::run("ip", &["-V"], None).context("--netns needs `ip` (iproute2)")?;
+    let stale = topo::remove_stale();
+    if !stale.is_empty() {
+        eprintln!(
+            "sluice-bench: removed {} stale namespaces of an earlier run: {}",
+            stale.len(),
+            stale.join(" ")
+        );
+    }
+    let sluice_bin = if vias.contains(&Via::Sluice) {
+        Some(sluice::locate(a.sluice.sluice.as_deref())?)
+    } else {
+        None
+    };
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let base = a.source_port_base.unwrap_or(20000);
+    anyhow::ensure!(
+        base.checked_add(a.source_ports.saturating_sub(1)).is_some(),
+        "source port pool {base}+{} goes past 65535",
+        a.source_ports
+    );
+    if !a.json {
+        println!(
+            "rollout --netns: {n} old -> {n} new pods, {} conn/s open loop for {:.1}s, lag {}, grace {}, netns deleted {} after death, client timeout {}, source ports {}..{}, VIP {}:{}",
+            a.rate,
+            duration.as_secs_f64(),
+            humantime::format_duration(lag),
+            a.grace,
+            a.netns.ns_delay,
+            humantime::format_duration(client_timeout),
+            base,
+            u32::from(base) + u32::from(a.source_ports) - 1,
+            topo::VIP,
+            topo::VIP_PORT
+        );
+    }
+
+    let mut runs = Vec::new();
+    let mut tails = Vec::new();
+    let mut k = 0;
+    for &via in &vias {
+        for &arp in &arps {
+            let spec = scenario::Spec {
+                via,
+                arp,
+                rate: a.rate,
+                duration,
+                warmup,
+                lag,
+                grace,
+                ns_delay,
+                n,
+                client_timeout,
+                source_ports: a.source_ports,
+                source_port_base: base,
+                exe: exe.clone(),
+                sluice_bin: sluice_bin.clone(),
+                sluice_args: a.sluice.clone(),
+            };
+            let (r, _node) = run_isolated(spec, k)
+                .await
+                .with_context(|| format!("run via {} with ARP {}", via.as_str(), arp.as_str()))?;
+            k += 1;
+            let rep = report_of(via, arp, &r, duration);
+            if !a.json {
+                println!("\n== via {} | ARP {} ==", via.as_str(), arp.as_str());
+                print!("{}", report::timeline_text(&rep.timeline));
+                print!(
+                    "{}",
+                    report::summary_text(&format!("via {}", via.as_str()), &rep.summary)
+                );
+                println!(
+                    "slower than 100 ms: {} | conntrack entries answered by dead pods at the end: {}",
+                    rep.slow_100ms, rep.conntrack_to_dead_pods
+                );
+                if let Some(l) = &rep.sluice_log {
+                    println!(
+                        "sluice log: {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
+                        l.dial_failures, l.retried_connections, l.no_backend_left
+                    );
+                }
+            }
+            if let Some(s) = &r.sluice
+                && !rep.pass
+            {
+                tails.push(s.log_tail.clone());
+            }
+            runs.push(rep);
+        }
+    }
+    let pass = runs.iter().all(|r| r.pass);
+    if let Some(path) = &a.netns.plot {
+        let panels: Vec<plot::Panel<'_>> = runs
+            .iter()
+            .map(|r| plot::Panel {
+                title: format!(
+                    "via {} | ARP {} | {} errors of {}, {} slower than 100 ms, max {:.0} ms",
+                    r.via.as_str(),
+                    r.arp.as_str(),
+                    r.summary.error_total,
+                    r.summary.attempted,
+                    r.slow_100ms,
+                    r.summary.max_ms
+                ),
+                timeline: &r.timeline,
+                events: &r.events,
+            })
+            .collect();
+        std::fs::write(path, plot::svg(&panels))
+            .with_context(|| format!("writing {}", path.display()))?;
+        if !a.json {
+            println!("\nplot written to {}", path.display());
+        }
+    }
+    if a.json {
+        let rep = NetnsReport {
+            scenario: "rollout-netns",
+            rate: a.rate,
+            duration_s: duration.as_secs_f64(),
+            warmup_s: warmup.as_secs_f64(),
+            lag_s: lag.as_secs_f64(),
+            grace_s: grace.as_secs_f64(),
+            ns_delay_s: ns_delay.as_secs_f64(),
+            backends: a.backends,
+            client_timeout_s: client_timeout.as_secs_f64(),
+            connect_timeout: a.sluice.connect_timeout.map(|d| d.to_string()),
+            max_attempts: a.sluice.max_attempts,
+            source_ports: a.source_ports,
+            vip: format!("{}:{}", topo::VIP, topo::VIP_PORT),
+            runs,
+            pass,
+        };
+        println!("{}", serde_json::to_string(&rep)?);
+    } else {
+        println!("\n{}", comparison_table(&runs));
+    }
+    if pass || a.allow_errors {
+        if !a.json {
+            println!("rollout --netns PASSED (0 client-visible errors through sluice)");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "rollout --netns FAILED: client-visible errors through sluice, or sluice did not run cleanly"
+        );
+        for t in tails {
+            eprint!("{t}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn report_of(via: Via, arp: Arp, r: &scenario::RunResult, duration: Duration) -> RunReport {
+    let recs = &r.load.records;
+    let summary = report::summarize(recs, r.load.elapsed);
+    let slow_100ms = recs
+        .iter()
+        .filter(|x| matches!(x.outcome, Outcome::Ok(_)) && x.latency > Duration::from_millis(100))
+        .count() as u64;
+    let max_late = recs.iter().map(|x| x.late).max().unwrap_or_default();
+    let seconds = duration.as_secs_f64().ceil() as u64;
+    let timeline = report::timeline(recs, &r.events, seconds);
+    let pass = match (&r.sluice, via) {
+        (Some(s), Via::Sluice) => {
+            summary.error_total == 0 && summary.attempted > 0 && s.ran_throughout && s.stop.clean
+        }
+        _ => summary.attempted > 0,
+    };
+    RunReport {
+        via,
+        arp,
+        slow_100ms,
+        max_late_ms: (max_late.as_secs_f64() * 1e6).round() / 1e3,
+        local_bind_failures: r.load.local_bind_failures,
+        conntrack_to_dead_pods: r.conntrack_to_dead_pods,
+        sluice_log: r.sluice.as_ref().map(|s| s.log.clone()),
+        sluice_stop: r.sluice.as_ref().map(|s| s.stop.clone()),
+        events: r.events.clone(),
+        timeline,
+        pass,
+        summary,
+    }
+}
+
+/// The runs side by side, as a Markdown table.
+pub fn comparison_table(runs: &[RunReport]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| via | ARP | attempted | succeeded | refused | timeout | unreachable | reset | other errors | > 100 ms | p50 ms | p99 ms | max ms |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in runs {
+        let e = |k: &str| r.summary.errors.get(k).copied().unwrap_or(0);
+        let other = e("empty") + e("mismatch") + e("other");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+            r.via.as_str(),
+            r.arp.as_str(),
+            r.summary.attempted,
+            r.summary.succeeded,
+            e("refused"),
+            e("timeout"),
+            e("unreachable"),
+            e("reset"),
+            other,
+            r.slow_100ms,
+            r.summary.p50_ms,
+            r.summary.p99_ms,
+            r.summary.max_ms
+        );
+    }
+    s
+}

@@ -1,0 +1,124 @@
+//! The kernel path: nftables DNAT rules shaped like kube-proxy's nftables
+//! mode, replaced atomically as a whole table.
+//!
+//! kube-proxy (nftables mode) has, in `table ip kube-proxy`: a
+//! `services` chain matching `ip daddr . meta l4proto . th dport` against
+//! the `service-ips` verdict map; one chain per service port whose rule is
+//! `numgen random mod N vmap { 0 : goto endpoint-…, … }`; one chain per
+//! endpoint doing `dnat to IP:PORT`. Only ready endpoints are listed (a
+//! terminating one only when none is ready). This module writes the same
+//! shape (without the masquerade and filter chains the scenario does not
+//! need) as one `nft -f` transaction that deletes and recreates the table,
+//! so a packet sees either the old or the new rules.
+
+use std::fmt::Write as _;
+use std::net::SocketAddrV4;
+
+use anyhow::Result;
+
+pub const TABLE: &str = "kube-proxy";
+
+fn chain_id(a: &SocketAddrV4) -> String {
+    format!("{}-{}", a.ip().to_string().replace('.', "-"), a.port())
+}
+
+/// The whole table for one TCP service at `vip` with `endpoints` (the
+/// ready ones). Fails on an empty list: the scenario always has one.
+pub fn ruleset(service: &str, vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> Result<String> {
+    anyhow::ensure!(
+        !endpoints.is_empty(),
+        "service {service}: no endpoint to DNAT to"
+    );
+    let svc_chain = format!("service-{service}-tcp-{}", vip.port());
+    let mut s = String::new();
+    // Declaring the table first makes the delete valid when it is absent;
+    // the whole file is one transaction.
+    let _ = writeln!(s, "table ip {TABLE}");
+    let _ = writeln!(s, "delete table ip {TABLE}");
+    let _ = writeln!(s, "table ip {TABLE} {{");
+    let _ = writeln!(s, "  map service-ips {{");
+    let _ = writeln!(
+        s,
+        "    type ipv4_addr . inet_proto . inet_service : verdict"
+    );
+    let _ = writeln!(
+        s,
+        "    elements = {{ {} . tcp . {} : goto {svc_chain} }}",
+        vip.ip(),
+        vip.port()
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  chain nat-prerouting {{");
+    let _ = writeln!(
+        s,
+        "    type nat hook prerouting priority dstnat; policy accept;"
+    );
+    let _ = writeln!(s, "    jump services");
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  chain nat-output {{");
+    let _ = writeln!(s, "    type nat hook output priority -100; policy accept;");
+    let _ = writeln!(s, "    jump services");
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  chain services {{");
+    let _ = writeln!(
+        s,
+        "    ip daddr . meta l4proto . th dport vmap @service-ips"
+    );
+    let _ = writeln!(s, "  }}");
+    let arms: Vec<String> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(k, e)| format!("{k} : goto endpoint-{}", chain_id(e)))
+        .collect();
+    let _ = writeln!(s, "  chain {svc_chain} {{");
+    let _ = writeln!(
+        s,
+        "    ip daddr {} tcp dport {} numgen random mod {} vmap {{ {} }}",
+        vip.ip(),
+        vip.port(),
+        endpoints.len(),
+        arms.join(", ")
+    );
+    let _ = writeln!(s, "  }}");
+    for e in endpoints {
+        let _ = writeln!(s, "  chain endpoint-{} {{", chain_id(e));
+        let _ = writeln!(s, "    meta l4proto tcp dnat to {e}");
+        let _ = writeln!(s, "  }}");
+    }
+    let _ = writeln!(s, "}}");
+    Ok(s)
+}
+
+/// Replaces the table inside namespace `ns` (`ip netns exec NS nft -f -`).
+pub fn apply(ns: &str, rules: &str) -> Result<()> {
+    super::topo::run("ip", &["netns", "exec", ns, "nft", "-f", "-"], Some(rules))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_has_kube_proxys_shape() {
+        let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+        let eps: Vec<SocketAddrV4> = vec![
+            "10.244.0.10:8080".parse().unwrap(),
+            "10.244.0.11:8080".parse().unwrap(),
+        ];
+        let r = ruleset("web", vip, &eps).unwrap();
+        let lines: Vec<&str> = r.lines().collect();
+        assert_eq!(lines[0], "table ip kube-proxy");
+        assert_eq!(lines[1], "delete table ip kube-proxy");
+        assert!(r.contains("10.96.0.10 . tcp . 80 : goto service-web-tcp-80"));
+        assert!(r.contains("type nat hook prerouting priority dstnat"));
+        assert!(r.contains(
+            "numgen random mod 2 vmap { 0 : goto endpoint-10-244-0-10-8080, 1 : goto endpoint-10-244-0-11-8080 }"
+        ));
+        assert!(r.contains("chain endpoint-10-244-0-11-8080 {"));
+        assert!(r.contains("meta l4proto tcp dnat to 10.244.0.11:8080"));
+        assert_eq!(r.matches("dnat to").count(), 2);
+        // Balanced braces: nft would reject the file otherwise.
+        assert_eq!(r.matches('{').count(), r.matches('}').count());
+        assert!(ruleset("web", vip, &[]).is_err());
+    }
+}
