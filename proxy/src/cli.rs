@@ -66,9 +66,51 @@ pub struct Args {
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Assign every Service IP sluice serves to this existing device (e.g.
+    /// `lo`, or an `ifb` device), as IPVS mode does with `kube-ipvs0`, and
+    /// remove the ones it no longer serves. Without this flag the file
+    /// source leaves addresses alone.
+    #[arg(long, env = "SLUICE_VIP_INTERFACE", value_name = "NAME")]
+    pub vip_interface: Option<String>,
+
+    /// Serve /healthz, /livez and /readyz here (empty: disabled).
+    #[arg(
+        long,
+        env = "SLUICE_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256",
+        value_parser = bind_address,
+        value_name = "IP:PORT"
+    )]
+    pub healthz_bind_address: String,
+
+    /// Serve /metrics and /debug/table here (empty: disabled).
+    #[arg(
+        long,
+        env = "SLUICE_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249",
+        value_parser = bind_address,
+        value_name = "IP:PORT"
+    )]
+    pub metrics_bind_address: String,
+
+    /// /healthz turns 503 when source input has waited this long for a
+    /// table publish.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub healthz_timeout: Duration,
+
     /// Log format on stderr. The level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// An `IP:PORT` to bind, or empty for "disabled".
+fn bind_address(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    s.parse::<std::net::SocketAddr>()
+        .map(|a| a.to_string())
+        .map_err(|e| format!("{s:?} is not IP:PORT ({e})"))
 }
 
 impl Args {

@@ -13,17 +13,21 @@
 //!   propagation.
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
-//! - [`stats`]: process-wide counters.
+//! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
+//! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
+//! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod connect;
 pub mod forward;
 pub mod listener;
+pub mod metrics;
 pub mod server;
-pub mod stats;
 pub mod tracker;
+pub mod vip;
 
 pub use server::{Proxy, ProxyConfig, ShutdownReport};

@@ -9,7 +9,10 @@ use clap::Parser;
 use sluice_control::Publisher;
 use sluice_control::source::file;
 use sluice_proxy::Proxy;
+use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
+use sluice_proxy::metrics::Metrics;
+use sluice_proxy::vip::{VipDevice, service_ips};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -84,12 +87,37 @@ async fn run(args: Args) -> ExitCode {
         reload.clone(),
     ));
 
+    if let Some(name) = args.vip_interface.as_deref() {
+        match VipDevice::open(Some(name)).await {
+            Ok(device) => {
+                tokio::spawn(sync_vips(device, publisher.clone()));
+            }
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+        }
+    }
+
     let stop = CancellationToken::new();
     if let Err(e) = watch_signals(stop.clone(), reload) {
         error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;
     }
-    let proxy = Proxy::new(args.proxy_config(), publisher);
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Proxy::new(args.proxy_config(), publisher.clone(), metrics.clone());
+    let admin = Arc::new(Admin {
+        publisher,
+        tracker: proxy.tracker().clone(),
+        metrics,
+        health_timeout: args.healthz_timeout,
+    });
+    for (addr, endpoints) in [
+        (args.healthz_bind_address.clone(), Endpoints::Health),
+        (args.metrics_bind_address.clone(), Endpoints::Metrics),
+    ] {
+        tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
+    }
     let report = proxy.run(stop).await;
     if report.cut > 0 {
         warn!(cut = report.cut, "exiting with connections cut");
@@ -113,4 +141,67 @@ fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Resul
         stop.cancel();
     });
     Ok(())
+}
+
+/// Keeps the device's Service IPs equal to the live table's, retrying a
+/// failed sync every few seconds until it succeeds.
+async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
+    let mut changes = publisher.subscribe();
+    loop {
+        let want = service_ips(&publisher.load());
+        let complete = match device.sync(&want).await {
+            Ok(report) => {
+                if !report.added.is_empty() || !report.removed.is_empty() {
+                    info!(
+                        device = device.name(),
+                        added = ?report.added,
+                        removed = ?report.removed,
+                        "service IPs updated"
+                    );
+                }
+                for failure in &report.failed {
+                    warn!(device = device.name(), "{failure}");
+                }
+                report.is_complete()
+            }
+            Err(e) => {
+                error!(device = device.name(), "{e}");
+                false
+            }
+        };
+        let retry = async {
+            if complete {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await
+            }
+        };
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = retry => {}
+        }
+    }
+}
+
+/// Binds and serves one admin listener. A bind failure (say, the port is
+/// still held by the kube-proxy being replaced) is logged and retried: the
+/// proxy keeps serving meanwhile.
+async fn serve_admin(addr: String, admin: Arc<Admin>, endpoints: Endpoints) {
+    let mut logged = false;
+    loop {
+        match admin::bind(&addr).await {
+            Ok(None) => return,
+            Ok(Some(listener)) => {
+                info!(address = %addr, ?endpoints, "admin endpoints listening");
+                return admin::serve(listener, admin, endpoints).await;
+            }
+            Err(e) => {
+                if !logged {
+                    error!(address = %addr, ?endpoints, error = %e, "cannot bind admin endpoints; retrying every 5s");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    }
 }

@@ -21,10 +21,9 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sluice_control::{ListenKey, Protocol, Publisher, Table};
+use sluice_control::{ListenKey, Protocol, Publisher, Table, TableDiff};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -36,7 +35,7 @@ use crate::balance::{PickContext, ServiceRuntime, pick};
 use crate::connect::dial;
 use crate::forward::{Outcome, forward, reset};
 use crate::listener::bind_tcp;
-use crate::stats::Stats;
+use crate::metrics::{Metrics, ServiceMetrics};
 use crate::tracker::{Tracker, TrackerConfig};
 
 /// Data-plane settings (from the command line).
@@ -66,7 +65,7 @@ pub struct Proxy {
     config: ProxyConfig,
     publisher: Arc<Publisher>,
     tracker: Arc<Tracker>,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
     connections: TaskTracker,
     shutdown_cut: CancellationToken,
@@ -74,26 +73,31 @@ pub struct Proxy {
 
 struct Listening {
     runtime: Arc<ServiceRuntime>,
+    service: String,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, publisher: Arc<Publisher>) -> Arc<Self> {
+    pub fn new(config: ProxyConfig, publisher: Arc<Publisher>, metrics: Arc<Metrics>) -> Arc<Self> {
         let shutdown_cut = CancellationToken::new();
         Arc::new(Self {
-            tracker: Arc::new(Tracker::new(config.tracker, shutdown_cut.clone())),
+            tracker: Arc::new(Tracker::new(
+                config.tracker,
+                shutdown_cut.clone(),
+                metrics.clone(),
+            )),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
             publisher,
-            stats: Arc::new(Stats::default()),
+            metrics,
             connections: TaskTracker::new(),
             shutdown_cut,
         })
     }
 
-    pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn tracker(&self) -> &Arc<Tracker> {
@@ -108,6 +112,7 @@ impl Proxy {
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(30));
         let mut applied = None;
+        let mut previous = Arc::new(Table::new());
         loop {
             let snapshot = self.publisher.snapshot();
             let table = snapshot.table.clone();
@@ -115,14 +120,25 @@ impl Proxy {
             self.reconcile(&table, &mut listening, &mut failed);
             if applied != Some(snapshot.generation) {
                 applied = Some(snapshot.generation);
+                self.metrics
+                    .table_generation
+                    .set(snapshot.generation as i64);
+                self.metrics.table_publishes.inc();
                 let backends: usize = table.iter().map(|(_, s)| s.backends().len()).sum();
+                let diff = TableDiff::between(&previous, &table);
                 info!(
                     services = table.len(),
                     backends,
                     listening = listening.len(),
-                    "table live generation={}",
-                    snapshot.generation
+                    "table live generation={} {}",
+                    snapshot.generation,
+                    if diff.is_empty() {
+                        "(no change)".to_string()
+                    } else {
+                        diff.to_string()
+                    },
                 );
+                previous = table.clone();
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
@@ -140,14 +156,21 @@ impl Proxy {
         listening: &mut HashMap<ListenKey, Listening>,
         failed: &mut HashSet<ListenKey>,
     ) {
+        let mut closed = Vec::new();
         listening.retain(|key, l| {
             let keep = table.get(key).is_some();
             if !keep {
-                info!(listen = %key, "service removed: stopped accepting");
+                info!(listen = %key, service = %l.service, "service removed: stopped accepting");
                 l.stop.cancel();
+                closed.push(l.service.clone());
             }
             keep
         });
+        for name in closed {
+            if !listening.values().any(|l| l.service == name) {
+                self.metrics.forget_service(&name);
+            }
+        }
         failed.retain(|key| table.get(key).is_some());
         for (key, service) in table.iter() {
             if listening.contains_key(key) {
@@ -171,12 +194,14 @@ impl Proxy {
                         *key,
                         listener,
                         runtime.clone(),
+                        self.metrics.service(&service.name),
                         stop.clone(),
                     ));
                     listening.insert(
                         *key,
                         Listening {
                             runtime,
+                            service: service.name.clone(),
                             stop,
                             task,
                         },
@@ -205,8 +230,10 @@ impl Proxy {
         key: ListenKey,
         listener: TcpListener,
         runtime: Arc<ServiceRuntime>,
+        metrics: ServiceMetrics,
         stop: CancellationToken,
     ) {
+        let metrics = Arc::new(metrics);
         let mut backoff = Duration::from_millis(5);
         loop {
             let permit = tokio::select! {
@@ -223,11 +250,14 @@ impl Proxy {
             match accepted {
                 Ok((client, peer)) => {
                     backoff = Duration::from_millis(5);
-                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    metrics.accepted.inc();
                     let this = self.clone();
                     let runtime = runtime.clone();
+                    let metrics = metrics.clone();
                     self.connections.spawn(async move {
-                        this.handle(client, peer, key, &runtime).await;
+                        metrics.active.inc();
+                        this.handle(client, peer, key, &runtime, &metrics).await;
+                        metrics.active.dec();
                         drop(permit);
                     });
                 }
@@ -249,6 +279,7 @@ impl Proxy {
         peer: SocketAddr,
         key: ListenKey,
         runtime: &ServiceRuntime,
+        metrics: &ServiceMetrics,
     ) {
         let _ = client.set_nodelay(true);
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -275,13 +306,9 @@ impl Proxy {
                     }
                     debug!(client = %peer, listen = %key, backend = %addr, attempts = tried.len() + 1, "connected");
                     let (outcome, moved) = forward(client, backend, guard.cut_token()).await;
-                    self.stats.ended(outcome);
-                    self.stats
-                        .bytes_client_to_backend
-                        .fetch_add(moved.client_to_backend, Ordering::Relaxed);
-                    self.stats
-                        .bytes_backend_to_client
-                        .fetch_add(moved.backend_to_client, Ordering::Relaxed);
+                    metrics.ended(outcome);
+                    metrics.bytes_up.inc_by(moved.client_to_backend);
+                    metrics.bytes_down.inc_by(moved.backend_to_client);
                     if outcome == Outcome::Cut {
                         debug!(client = %peer, backend = %addr, "connection cut");
                     }
@@ -289,17 +316,16 @@ impl Proxy {
                 }
                 Err(e) => {
                     drop(guard);
-                    self.stats.dial_failed(e.kind);
-                    let cooldown = self.tracker.dial_failed(addr, now);
+                    let cooldown = self.tracker.dial_failed(addr, e.kind, now);
                     debug!(client = %peer, service = %service.name, error = %e, ?cooldown, "dial failed; backend ejected");
                     tried.push(addr);
                     if tried.len() < self.config.max_attempts {
-                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        metrics.retries.inc();
                     }
                 }
             }
         }
-        self.stats.no_backend.fetch_add(1, Ordering::Relaxed);
+        metrics.no_backend.inc();
         debug!(client = %peer, listen = %key, tried = tried.len(), "no backend left: resetting client");
         reset(&client);
     }

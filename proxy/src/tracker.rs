@@ -25,6 +25,9 @@ use dashmap::DashMap;
 use sluice_control::Table;
 use tokio_util::sync::CancellationToken;
 
+use crate::connect::DialErrorKind;
+use crate::metrics::{BackendMetrics, Metrics};
+
 /// Tuning for ejection and draining.
 #[derive(Debug, Clone, Copy)]
 pub struct TrackerConfig {
@@ -42,6 +45,7 @@ pub struct BackendState {
     addr: SocketAddr,
     active: AtomicUsize,
     inner: Mutex<Inner>,
+    pub metrics: BackendMetrics,
 }
 
 #[derive(Debug)]
@@ -52,6 +56,8 @@ struct Inner {
     draining_since: Option<Instant>,
     /// Cancelled when the drain timeout cuts this backend's connections.
     cut: CancellationToken,
+    /// The current drain's duration was recorded (its last connection ended).
+    drain_recorded: bool,
 }
 
 impl BackendState {
@@ -84,6 +90,7 @@ impl BackendState {
 pub struct ConnGuard {
     state: Arc<BackendState>,
     cut: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl ConnGuard {
@@ -99,7 +106,18 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.state.active.fetch_sub(1, Ordering::Relaxed);
+        self.state.metrics.active.dec();
+        if self.state.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let mut inner = self.state.lock();
+            if let Some(since) = inner.draining_since
+                && !inner.drain_recorded
+            {
+                inner.drain_recorded = true;
+                self.metrics
+                    .drain_duration
+                    .observe(since.elapsed().as_secs_f64());
+            }
+        }
     }
 }
 
@@ -113,11 +131,17 @@ pub struct Tracker {
     eligible: ArcSwap<Option<HashSet<SocketAddr>>>,
     /// Parent of every cut token: cancelled at the end of the shutdown grace.
     shutdown_cut: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl Tracker {
-    pub fn new(config: TrackerConfig, shutdown_cut: CancellationToken) -> Self {
+    pub fn new(
+        config: TrackerConfig,
+        shutdown_cut: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            metrics,
             config,
             backends: DashMap::new(),
             eligible: ArcSwap::from_pointee(None),
@@ -141,7 +165,9 @@ impl Tracker {
                         ejected_until: None,
                         draining_since: None,
                         cut: self.shutdown_cut.child_token(),
+                        drain_recorded: false,
                     }),
+                    metrics: self.metrics.backend(&addr.to_string()),
                 })
             })
             .clone();
@@ -176,15 +202,25 @@ impl Tracker {
     pub fn connect(&self, addr: SocketAddr) -> ConnGuard {
         let state = self.state(addr);
         state.active.fetch_add(1, Ordering::Relaxed);
+        state.metrics.active.inc();
         let cut = state.lock().cut.clone();
-        ConnGuard { state, cut }
+        ConnGuard {
+            state,
+            cut,
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// A dial to `addr` failed: eject it for a cooldown that grows with
     /// consecutive failures. Returns the cooldown.
-    pub fn dial_failed(&self, addr: SocketAddr, now: Instant) -> Duration {
+    pub fn dial_failed(&self, addr: SocketAddr, kind: DialErrorKind, now: Instant) -> Duration {
         let state = self.state(addr);
+        state.metrics.dial_failed(kind);
         let mut inner = state.lock();
+        if inner.ejected_until.is_none_or(|t| t <= now) {
+            state.metrics.ejections.inc();
+            tracing::info!(backend = %addr, reason = kind.as_str(), "backend ejected after a failed dial");
+        }
         inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
         let doublings = inner.consecutive_failures.saturating_sub(1).min(16);
         let cooldown = self
@@ -202,6 +238,7 @@ impl Tracker {
         let Some(state) = self.backends.get(&addr).map(|s| s.clone()) else {
             return false;
         };
+        state.metrics.connections.inc();
         let mut inner = state.lock();
         let was_failing = inner.consecutive_failures > 0;
         inner.consecutive_failures = 0;
@@ -228,6 +265,7 @@ impl Tracker {
                 return true;
             }
             if state.active() == 0 && !listed.contains(addr) {
+                self.metrics.forget_backend(&addr.to_string());
                 return false;
             }
             self.start_drain(state);
@@ -243,6 +281,7 @@ impl Tracker {
             }
             let now = Instant::now();
             inner.draining_since = Some(now);
+            inner.drain_recorded = false;
             now
         };
         if state.active() > 0 {
@@ -251,6 +290,7 @@ impl Tracker {
         let state = state.clone();
         let timeout = self.config.drain_timeout;
         let fresh = self.shutdown_cut.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let cut = {
@@ -262,6 +302,7 @@ impl Tracker {
             };
             let active = state.active();
             if active > 0 {
+                metrics.drain_cut.inc_by(active as u64);
                 tracing::warn!(
                     backend = %state.addr,
                     connections = active,
@@ -320,23 +361,46 @@ mod tests {
 
     #[test]
     fn ejection_cooldown_doubles_and_caps_then_ends_on_success() {
-        let t = Tracker::new(cfg(Duration::from_secs(1)), CancellationToken::new());
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        );
         let b = addr("10.0.0.1:80");
         let now = Instant::now();
-        assert_eq!(t.dial_failed(b, now), Duration::from_secs(1));
-        assert_eq!(t.dial_failed(b, now), Duration::from_secs(2));
-        assert_eq!(t.dial_failed(b, now), Duration::from_secs(4));
-        assert_eq!(t.dial_failed(b, now), Duration::from_secs(5));
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(5)
+        );
         assert!(t.is_ejected(b, now));
         assert!(!t.is_ejected(b, now + Duration::from_secs(6)));
         assert!(t.dial_succeeded(b));
         assert!(!t.is_ejected(b, now));
-        assert_eq!(t.dial_failed(b, now), Duration::from_secs(1));
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
     fn guards_count_active_connections() {
-        let t = Tracker::new(cfg(Duration::from_secs(1)), CancellationToken::new());
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        );
         let b = addr("10.0.0.1:80");
         let g1 = t.connect(b);
         let g2 = t.connect(b);
@@ -352,6 +416,7 @@ mod tests {
         let t = Arc::new(Tracker::new(
             cfg(Duration::from_secs(10)),
             CancellationToken::new(),
+            Arc::default(),
         ));
         let (a, b) = (addr("10.0.0.1:80"), addr("10.0.0.2:80"));
         t.on_table(&mk_table(&[
@@ -386,6 +451,7 @@ mod tests {
         let t = Arc::new(Tracker::new(
             cfg(Duration::from_secs(1)),
             CancellationToken::new(),
+            Arc::default(),
         ));
         t.on_table(&mk_table(&[("10.0.0.3:80", Conditions::READY)]));
         // A connection that picked 10.0.0.1 from an older table registers now.
@@ -404,9 +470,10 @@ mod tests {
             let t = Arc::new(Tracker::new(
                 cfg(Duration::from_secs(1)),
                 CancellationToken::new(),
+                Arc::default(),
             ));
             let b = addr("10.0.0.1:80");
-            t.dial_failed(b, Instant::now());
+            t.dial_failed(b, DialErrorKind::Refused, Instant::now());
             t.on_table(&mk_table(&[("10.0.0.2:80", Conditions::READY)]));
             assert!(t.backends.get(&b).is_none());
         });
@@ -415,7 +482,11 @@ mod tests {
     #[test]
     fn shutdown_cuts_every_connection() {
         let shutdown = CancellationToken::new();
-        let t = Tracker::new(cfg(Duration::from_secs(1)), shutdown.clone());
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            shutdown.clone(),
+            Arc::default(),
+        );
         let g = t.connect(addr("10.0.0.1:80"));
         shutdown.cancel();
         assert!(g.cut_token().is_cancelled());

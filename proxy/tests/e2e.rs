@@ -381,3 +381,57 @@ async fn bad_flag_exits_64_with_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/sluice.yaml"), "{err}");
 }
+
+#[tokio::test]
+async fn admin_endpoints_report_health_metrics_and_the_live_table() {
+    let a = Backend::start("a", Mode::Echo).await;
+    let listen = listen_addr();
+    let s = Sluice::start(&config(listen, &[(a.addr, "ready")]), &[]);
+    let wait_bound = Instant::now() + T;
+    while TcpStream::connect(s.health).await.is_err() || TcpStream::connect(s.admin).await.is_err()
+    {
+        assert!(Instant::now() < wait_bound, "admin endpoints never bound");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(support::http_get(s.health, "/readyz").await.0, 200);
+    let (status, body) = support::http_get(s.health, "/healthz").await;
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        health["lastUpdated"].is_string() && health["currentTime"].is_string(),
+        "{body}"
+    );
+    assert_eq!(support::http_get(s.health, "/livez").await.0, 200);
+    assert_eq!(
+        support::http_get(s.health, "/metrics").await.0,
+        404,
+        "metrics only on the metrics address"
+    );
+
+    let (open, _) = connect_named(listen).await;
+    let (_, table) = support::http_get(s.admin, "/debug/table").await;
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    let backend = &table["services"][0]["backends"][0];
+    assert_eq!(backend["address"], a.addr.to_string());
+    assert_eq!(backend["active"], 1, "{table}");
+    assert_eq!(backend["state"], "ready");
+
+    let (status, metrics) = support::http_get(s.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("sluice_connections_accepted_total{service=\"test\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_connections_active{service=\"test\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "sluice_backend_connections_active{{backend=\"{}\"}} 1",
+            a.addr
+        )),
+        "{metrics}"
+    );
+    drop(open);
+}

@@ -32,6 +32,10 @@ struct Log {
 /// A running `sluice` process with a file config.
 pub struct Sluice {
     child: Option<Child>,
+    /// Where /healthz, /livez, /readyz answer.
+    pub health: SocketAddr,
+    /// Where /metrics and /debug/table answer.
+    pub admin: SocketAddr,
     pub config: PathBuf,
     _dir: tempfile::TempDir,
     log: Arc<Log>,
@@ -42,9 +46,13 @@ impl Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("sluice.yaml");
         std::fs::write(&config, config_yaml).unwrap();
+        let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("--config")
             .arg(&config)
+            .arg(format!("--healthz-bind-address={health}"))
+            .arg(format!("--metrics-bind-address={admin}"))
             .args(["--config-poll-interval", "100ms"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -67,6 +75,8 @@ impl Sluice {
         });
         let s = Sluice {
             child: Some(child),
+            health,
+            admin,
             config,
             _dir: dir,
             log,
@@ -177,6 +187,29 @@ impl Drop for Sluice {
             let _ = c.wait();
         }
     }
+}
+
+/// `GET path` over HTTP/1.0; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: sluice\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
 }
 
 /// How a test backend treats each connection.
