@@ -263,7 +263,12 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             base,
             u32::from(base) + u32::from(args.source_ports) - 1
         );
-        println!("sluice: {} listening on {listen}", bin.display());
+        println!(
+            "sluice: {} (pid {}) listening on {listen}, config and log in {}",
+            bin.display(),
+            sluice.pid(),
+            sluice.dir().display()
+        );
     }
     let t0 = Instant::now() + Duration::from_millis(50);
     let load = tokio::spawn(open_loop(spec, args.rate, duration, t0));
