@@ -72,6 +72,38 @@ fn rollout_through_sluice_has_no_client_visible_error() {
     assert_eq!(code, 0, "{ctx}");
 }
 
+/// Negative control: with a single dial per connection sluice cannot hide
+/// the dead backend, and the bench must see it and fail.
+#[test]
+fn rollout_without_retry_reports_client_errors_and_fails() {
+    let (code, v, stderr) = bench(&[
+        "rollout",
+        "--json",
+        "--backends",
+        "2",
+        "--lag",
+        "1s",
+        "--max-attempts",
+        "1",
+    ]);
+    let ctx = format!("{v:#}\nstderr:\n{stderr}");
+    assert!(v["error_total"].as_u64().unwrap() >= 1, "{ctx}");
+    let errs = v["errors"].as_object().unwrap();
+    let sum: u64 = errs.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(sum, v["error_total"].as_u64().unwrap(), "{ctx}");
+    assert_eq!(
+        v["succeeded"].as_u64().unwrap() + sum,
+        v["attempted"].as_u64().unwrap()
+    );
+    assert_eq!(v["pass"], false, "{ctx}");
+    assert_eq!(code, 1, "{ctx}");
+    assert!(stderr.contains("rollout FAILED"), "{stderr}");
+    assert!(
+        stderr.contains("sluice's log"),
+        "log tail missing: {stderr}"
+    );
+}
+
 #[test]
 fn rollout_rejects_a_lag_under_one_second() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
