@@ -200,7 +200,7 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
             "--target must be a loopback address"
         );
         if !args.json {
-            println!("churn: {load_desc}, {}s against {target}", args.seconds);
+            outln!("churn: {load_desc}, {}s against {target}", args.seconds);
         }
         out.target = Some(phase(&measure(&args, vec![target]).await));
     } else {
@@ -225,7 +225,7 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
             proxy = Some(Sluice::start(&bin, &args.sluice, &cfg, listen, None).await?);
         }
         if !args.json {
-            println!(
+            outln!(
                 "churn: {load_desc}, {}s per phase, {} backends{}",
                 args.seconds,
                 addrs.len(),
@@ -262,7 +262,7 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
         .sum();
     let sluice_clean = out.sluice_stop.as_ref().is_none_or(|s| s.clean);
     if args.json {
-        println!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?);
     } else {
         for (label, p) in [
             ("direct", &out.direct),
@@ -270,13 +270,17 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
             ("target", &out.target),
         ] {
             if let Some(p) = p {
-                print!("{}", report::summary_text(label, &p.summary));
+                out!("{}", report::summary_text(label, &p.summary));
             }
         }
         if let Some(c) = &out.comparison {
-            println!(
+            outln!(
                 "sluice/direct: conn/s x{:.3}, p50 x{:.2} (+{:.3} ms), p99 x{:.2} (+{:.3} ms added)",
-                c.conn_per_s_ratio, c.p50_ratio, c.p50_added_ms, c.p99_ratio, c.p99_added_ms
+                c.conn_per_s_ratio,
+                c.p50_ratio,
+                c.p50_added_ms,
+                c.p99_ratio,
+                c.p99_added_ms
             );
         }
     }

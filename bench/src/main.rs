@@ -22,6 +22,21 @@
 //! SIGTERM.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+/// Like `print!`/`println!`, but a closed stdout (`| head`) is not a panic:
+/// the run goes on and cleans up.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 mod backend;
 mod churn;
 mod netns;

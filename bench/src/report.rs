@@ -107,7 +107,7 @@ pub fn summarize(records: &[Record], elapsed: Duration) -> Summary {
     let (mut ok, mut failed, mut not_started) = (0u64, 0u64, 0u64);
     for r in records {
         if r.outcome != Outcome::NotStarted {
-            record(&mut late, r.late);
+            late.saturating_record(r.late.as_micros() as u64);
         }
         match &r.outcome {
             Outcome::Ok(id) => {
@@ -355,8 +355,20 @@ mod tests {
     fn empty_summary_has_zeroes() {
         let s = summarize(&[], Duration::ZERO);
         assert_eq!(s.attempted, 0);
+        assert_eq!(s.start_late_max_ms, 0.0);
         assert_eq!(s.p99_ms, 0.0);
         assert_eq!(s.conn_per_s, 0.0);
+    }
+
+    #[test]
+    fn on_time_starts_report_zero_lateness() {
+        let mut v = sample();
+        for r in &mut v {
+            r.late = Duration::ZERO;
+        }
+        let s = summarize(&v, Duration::from_secs(2));
+        assert_eq!(s.start_late_p99_ms, 0.0);
+        assert_eq!(s.start_late_max_ms, 0.0);
     }
 
     #[test]

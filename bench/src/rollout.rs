@@ -258,16 +258,21 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         max_inflight: 10_000,
     });
     if !args.json {
-        println!(
-            "rollout: {n} old -> {n} new backends, {} conn/s open loop for {:.1}s, lag {}, grace {}, source ports {}..{}",
+        outln!(
+            "rollout: {n} old -> {n} new backends, {} conn/s open loop for {:.1}s, lag {}s, grace {}s, source ports {}..{}",
             args.rate,
             duration.as_secs_f64(),
-            args.lag,
-            args.grace,
+            lag.as_secs_f64(),
+            grace.as_secs_f64(),
             base,
             u32::from(base) + u32::from(args.source_ports) - 1
         );
-        println!("sluice: {} listening on {listen}", bin.display());
+        outln!(
+            "sluice: {} (pid {}) listening on {listen}, config and log in {}",
+            bin.display(),
+            sluice.pid(),
+            sluice.dir().display()
+        );
     }
     let t0 = Instant::now() + Duration::from_millis(50);
     let load = tokio::spawn(open_loop(spec, args.rate, duration, t0));
@@ -396,11 +401,11 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             timeline,
             pass,
         };
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?);
     } else {
-        print!("{}", report::timeline_text(&timeline));
-        print!("{}", report::summary_text("through sluice", &summary));
-        println!(
+        out!("{}", report::timeline_text(&timeline));
+        out!("{}", report::summary_text("through sluice", &summary));
+        outln!(
             "local bind failures: {} (not client-visible)",
             result.local_bind_failures
         );
@@ -408,12 +413,14 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             .iter()
             .map(|(id, c)| format!("{id}@{}={} (aborted {})", c.address, c.requests, c.aborted))
             .collect();
-        println!("backends answered: {}", counts.join(" "));
-        println!(
+        outln!("backends answered: {}", counts.join(" "));
+        outln!(
             "sluice log: {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
-            sluice_log.dial_failures, sluice_log.retried_connections, sluice_log.no_backend_left
+            sluice_log.dial_failures,
+            sluice_log.retried_connections,
+            sluice_log.no_backend_left
         );
-        println!(
+        outln!(
             "sluice: {} table writes, {} generations went live, max write->live {:.1} ms; SIGTERM -> exit {:?} in {:.2}s{}",
             writes.len(),
             after_t0.len(),
@@ -449,7 +456,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     if !args.json {
-        println!("rollout PASSED");
+        outln!("rollout PASSED");
     }
     if args.sluice.keep_logs {
         eprintln!("sluice-bench: logs kept in {}", sluice.dir().display());

@@ -349,6 +349,10 @@ impl Sluice {
         }
     }
 
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
     pub fn listen(&self) -> SocketAddr {
         self.listen
     }

@@ -246,11 +246,13 @@ pub async fn run(args: ThroughputArgs) -> Result<ExitCode> {
         .sum();
     let sluice_clean = out.sluice_stop.as_ref().is_none_or(|s| s.clean);
     if args.json {
-        println!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?);
     } else {
-        println!(
+        outln!(
             "throughput ({:?}, {} connections, {}s per phase)",
-            args.direction, args.connections, args.seconds
+            args.direction,
+            args.connections,
+            args.seconds
         );
         for (label, m) in [
             ("direct", &out.direct),
@@ -258,11 +260,11 @@ pub async fn run(args: ThroughputArgs) -> Result<ExitCode> {
             ("target", &out.target),
         ] {
             if let Some(m) = m {
-                println!("{}", line(label, m));
+                outln!("{}", line(label, m));
             }
         }
         if let Some(r) = out.ratio {
-            println!("sluice/direct: x{r:.3}");
+            outln!("sluice/direct: x{r:.3}");
         }
     }
     if failed > 0 || !sluice_clean {

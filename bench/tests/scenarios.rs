@@ -72,6 +72,38 @@ fn rollout_through_sluice_has_no_client_visible_error() {
     assert_eq!(code, 0, "{ctx}");
 }
 
+/// Negative control: with a single dial per connection sluice cannot hide
+/// the dead backend, and the bench must see it and fail.
+#[test]
+fn rollout_without_retry_reports_client_errors_and_fails() {
+    let (code, v, stderr) = bench(&[
+        "rollout",
+        "--json",
+        "--backends",
+        "2",
+        "--lag",
+        "1s",
+        "--max-attempts",
+        "1",
+    ]);
+    let ctx = format!("{v:#}\nstderr:\n{stderr}");
+    assert!(v["error_total"].as_u64().unwrap() >= 1, "{ctx}");
+    let errs = v["errors"].as_object().unwrap();
+    let sum: u64 = errs.values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(sum, v["error_total"].as_u64().unwrap(), "{ctx}");
+    assert_eq!(
+        v["succeeded"].as_u64().unwrap() + sum,
+        v["attempted"].as_u64().unwrap()
+    );
+    assert_eq!(v["pass"], false, "{ctx}");
+    assert_eq!(code, 1, "{ctx}");
+    assert!(stderr.contains("rollout FAILED"), "{stderr}");
+    assert!(
+        stderr.contains("sluice's log"),
+        "log tail missing: {stderr}"
+    );
+}
+
 #[test]
 fn rollout_rejects_a_lag_under_one_second() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
@@ -108,4 +140,66 @@ fn throughput_moves_bytes_direct_and_through_sluice() {
         assert_eq!(v[phase]["failed_connections"], 0, "{ctx}");
     }
     assert!(v["ratio"].as_f64().unwrap() > 0.0, "{ctx}");
+}
+
+#[test]
+fn ctrl_c_kills_sluice_and_removes_its_dir() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["rollout", "--backends", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // "sluice: PATH (pid N) listening on ADDR, config and log in DIR"
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("sluice: "))
+        .expect("no sluice line");
+    let pid: i32 = line
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    let dir = line.rsplit(" in ").next().unwrap().to_string();
+    assert!(std::path::Path::new(&dir).is_dir(), "{dir}");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+
+    std::thread::sleep(Duration::from_millis(500));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "sluice-bench ignored SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(2), "interrupted runs exit 2");
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    // Gone, or at most a zombie waiting for its new parent to reap it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(") ").next().map(|r| r.chars().next()))
+            .flatten();
+        if matches!(state, None | Some('Z')) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sluice {pid} still running: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
