@@ -80,7 +80,7 @@ impl Arp {
 pub struct NetnsArgs {
     /// Run the rollout on a mini node in network namespaces (needs root,
     /// iproute2; nftables for --via nft). With --netns, --lag defaults to
-    /// 3s and --client-timeout to 5s.
+    /// 3s, --client-timeout to 5s and --source-ports to 1024.
     #[arg(long)]
     pub netns: bool,
     /// Data paths to run, comma-separated: sluice, nft.
@@ -246,6 +246,11 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
     } else {
         Duration::from_secs(3)
     };
+    let source_ports = if given("source_ports") {
+        a.source_ports
+    } else {
+        1024
+    };
     let client_timeout: Duration = if given("client_timeout") {
         a.client_timeout.into()
     } else {
@@ -307,9 +312,9 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let base = a.source_port_base.unwrap_or(20000);
     anyhow::ensure!(
-        base.checked_add(a.source_ports.saturating_sub(1)).is_some(),
+        base.checked_add(source_ports.saturating_sub(1)).is_some(),
         "source port pool {base}+{} goes past 65535",
-        a.source_ports
+        source_ports
     );
     if !a.json {
         println!(
@@ -321,7 +326,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             a.netns.ns_delay,
             humantime::format_duration(client_timeout),
             base,
-            u32::from(base) + u32::from(a.source_ports) - 1,
+            u32::from(base) + u32::from(source_ports) - 1,
             topo::VIP,
             topo::VIP_PORT
         );
@@ -343,7 +348,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
                 ns_delay,
                 n,
                 client_timeout,
-                source_ports: a.source_ports,
+                source_ports,
                 source_port_base: base,
                 exe: exe.clone(),
                 sluice_bin: sluice_bin.clone(),
@@ -417,7 +422,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             client_timeout_s: client_timeout.as_secs_f64(),
             connect_timeout: a.sluice.connect_timeout.map(|d| d.to_string()),
             max_attempts: a.sluice.max_attempts,
-            source_ports: a.source_ports,
+            source_ports,
             vip: format!("{}:{}", topo::VIP, topo::VIP_PORT),
             runs,
             pass,
@@ -479,18 +484,18 @@ pub fn comparison_table(runs: &[RunReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| via | ARP | attempted | succeeded | refused | timeout | unreachable | reset | other errors | > 100 ms | p50 ms | p99 ms | max ms |"
+        "| via | ARP | attempted | succeeded | refused | timeout | unreachable | reset | other errors | not started (no free source port) | > 100 ms | p50 ms | p99 ms | max ms |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in runs {
         let e = |k: &str| r.summary.errors.get(k).copied().unwrap_or(0);
         let other = e("empty") + e("mismatch") + e("other");
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
             r.via.as_str(),
             r.arp.as_str(),
             r.summary.attempted,
@@ -500,6 +505,7 @@ pub fn comparison_table(runs: &[RunReport]) -> String {
             e("unreachable"),
             e("reset"),
             other,
+            r.summary.not_started,
             r.slow_100ms,
             r.summary.p50_ms,
             r.summary.p99_ms,

@@ -33,7 +33,7 @@ fn esc(s: &str) -> String {
 /// Colour of an event mark, or None for events left off the plot.
 fn event_colour(what: &str) -> Option<&'static str> {
     if what.contains("killed") {
-        Some("#d62728")
+        Some("#9467bd")
     } else if what.contains("netns deleted") {
         Some("#7f0000")
     } else if what.starts_with("table:") {
@@ -74,8 +74,9 @@ pub fn svg(panels: &[Panel<'_>]) -> String {
         ("#2ca02c", "ok/s"),
         ("#d62728", "errors/s"),
         ("#ff7f0e", "p99 ms (right, log)"),
+        ("#2ca02c", "new pod up"),
         ("#1f77b4", "table update"),
-        ("#d62728", "pod killed"),
+        ("#9467bd", "old pod killed"),
         ("#7f0000", "netns deleted"),
     ];
     let mut x = LEFT;
@@ -87,7 +88,7 @@ pub fn svg(panels: &[Panel<'_>]) -> String {
             x + 14.0,
             esc(label)
         );
-        x += 14.0 + 7.0 * label.len() as f64 + 16.0;
+        x += 14.0 + 6.0 * label.len() as f64 + 14.0;
     }
     s.push_str("</svg>\n");
     s
@@ -171,12 +172,14 @@ fn panel(s: &mut String, p: &Panel<'_>, y0: f64) {
                 t.errors
             );
         }
+    }
+    // Second boundaries: bar i covers [i, i+1).
+    for i in 0..=p.timeline.len() {
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            x + w / 2.0,
-            bottom + 14.0,
-            t.t
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{i}</text>"#,
+            LEFT + i as f64 * bw,
+            bottom + 14.0
         );
     }
     // p99 line.

@@ -302,9 +302,14 @@ pub fn remove(name: &str) {
         .status();
 }
 
-/// The pid in a name `sb-<pid>-...`.
+/// The pid in a name `sb-<pid>-<run>-...` (None for any other name,
+/// which this module never touches).
 pub fn owner_pid(name: &str) -> Option<u32> {
-    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+    let mut parts = name.strip_prefix(PREFIX)?.split('-');
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?.parse::<usize>().ok()?;
+    parts.next()?;
+    Some(pid)
 }
 
 /// Whether `pid` is a live sluice-bench process.
@@ -329,7 +334,7 @@ pub fn remove_stale() -> Vec<String> {
         }
         let stale = match owner_pid(&name) {
             Some(pid) => pid == me || !bench_alive(pid),
-            None => true,
+            None => false,
         };
         if stale {
             remove(&name);
@@ -355,6 +360,8 @@ mod tests {
         // The node goes last: pods and client first.
         assert_eq!(all.last().unwrap(), "sb-4242-3-node");
         assert_eq!(owner_pid("sb-x-node"), None);
+        assert_eq!(owner_pid("sb-12-node"), None);
+        assert_eq!(owner_pid("sb-12-3"), None);
         assert_eq!(owner_pid("other"), None);
     }
 
