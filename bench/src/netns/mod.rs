@@ -52,8 +52,8 @@ pub enum Via {
 pub enum Arp {
     /// Still REACHABLE with the old MAC: SYNs vanish (black hole).
     Fresh,
-    /// Flushed when the namespace goes: each connect waits for ARP (~3 s)
-    /// and ends in `No route to host`.
+    /// Set to FAILED when the namespace goes: each connect waits for ARP
+    /// (~3 s) and ends in `No route to host`.
     Failed,
 }
 

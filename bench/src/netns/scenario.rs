@@ -11,7 +11,9 @@
 //! - world `c_i = b_i + grace`: old-i's process dies (SIGTERM: it stops
 //!   accepting, lets its requests in flight finish, exits)
 //! - world `c_i + ns_delay`: old-i's namespace deleted (its veth goes);
-//!   `--arp failed`: the node's ARP entry for old-i is flushed too
+//!   `--arp failed`: the node's ARP entry for old-i is set to FAILED too
+//!   (each new packet then waits for 3 ARP probes, ~3 s, and fails with
+//!   EHOSTUNREACH; measured: a flushed entry behaves the same)
 //! - table `b_i + lag`: old-i terminating (sluice: no new connection; nft:
 //!   dropped from the service's endpoint chains, as kube-proxy does)
 //! - table `c_i + lag`: old-i removed
@@ -344,8 +346,10 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                     );
                     if spec.arp == Arp::Failed {
                         let ip = topo::pod_ip(Gen::Old, i).to_string();
-                        topo::ip(&["-n", &node, "neigh", "flush", "to", &ip, "dev", BRIDGE])?;
-                        w.push_str(", node ARP entry flushed");
+                        topo::ip(&[
+                            "-n", &node, "neigh", "replace", &ip, "dev", BRIDGE, "nud", "failed",
+                        ])?;
+                        w.push_str(", node ARP entry set to FAILED");
                     }
                     w
                 }
