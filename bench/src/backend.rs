@@ -8,16 +8,22 @@
 //! [`Backend::kill`] plays a process dying: the listener closes (new dials
 //! are refused, handshakes waiting in the accept queue are reset) and every
 //! open connection is aborted with an RST (SO_LINGER 0).
+//! [`Backend::kill_blackhole`] plays a pod whose network vanished: the
+//! same, but the port then swallows SYNs (a listener with a full accept
+//! queue that never accepts), so dials hang until their timeout.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// Counters of one backend.
 #[derive(Debug, Default)]
@@ -34,8 +40,23 @@ pub struct Backend {
     id: Arc<str>,
     addr: SocketAddr,
     stats: Arc<Stats>,
-    kill_tx: watch::Sender<bool>,
-    stop_tx: watch::Sender<bool>,
+    life: watch::Sender<Life>,
+    accept_task: Mutex<Option<JoinHandle<Result<()>>>>,
+    /// The black-hole socket and the connection filling its queue, held
+    /// until the backend is dropped.
+    blackhole: Arc<Mutex<Option<(Socket, std::net::TcpStream)>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Alive,
+    /// Process gone: listener closed.
+    Dead,
+    /// Network gone: listener closed and replaced by a black hole.
+    Vanished,
+    /// Graceful shutdown (`rollout --netns` pods on SIGTERM): listener
+    /// closed, open connections go on until they end or a kill.
+    Draining,
 }
 
 /// Longest time a SOURCE connection streams, in case a client never closes.
@@ -61,21 +82,22 @@ impl Backend {
         let addr = listener.local_addr()?;
         let id: Arc<str> = id.into();
         let stats = Arc::new(Stats::default());
-        let (kill_tx, kill_rx) = watch::channel(false);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(
+        let (life, life_rx) = watch::channel(Life::Alive);
+        let blackhole = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(accept_loop(
             listener,
             id.clone(),
             stats.clone(),
-            kill_rx,
-            stop_rx,
+            life_rx,
+            blackhole.clone(),
         ));
         Ok(Self {
             id,
             addr,
             stats,
-            kill_tx,
-            stop_tx,
+            life,
+            accept_task: Mutex::new(Some(task)),
+            blackhole,
         })
     }
 
@@ -93,13 +115,49 @@ impl Backend {
 
     /// The process dies: listener closed, open connections reset.
     pub fn kill(&self) {
-        let _ = self.kill_tx.send(true);
+        self.life.send_if_modified(|l| {
+            let alive = matches!(*l, Life::Alive | Life::Draining);
+            if alive {
+                *l = Life::Dead;
+            }
+            alive
+        });
     }
 
     /// A graceful shutdown's first half: the listener closes (new dials are
     /// refused), open connections go on until they end or [`Backend::kill`].
     pub fn stop_accepting(&self) {
-        let _ = self.stop_tx.send(true);
+        self.life.send_if_modified(|l| {
+            let alive = *l == Life::Alive;
+            if alive {
+                *l = Life::Draining;
+            }
+            alive
+        });
+    }
+
+    /// The pod's network vanishes: open connections reset, and the port
+    /// then drops every new SYN (a listen(0) socket whose one queue slot is
+    /// taken by a connection of ours and which never accepts), so a dial
+    /// hangs until the dialer's timeout, as towards a deleted pod's IP.
+    /// The listener is swapped for the black hole in one synchronous step
+    /// (microseconds during which a SYN may still be refused).
+    pub async fn kill_blackhole(&self) -> Result<()> {
+        self.life.send_if_modified(|l| {
+            let alive = *l == Life::Alive;
+            if alive {
+                *l = Life::Vanished;
+            }
+            alive
+        });
+        let task = self.accept_task.lock().ok().and_then(|mut t| t.take());
+        match task {
+            Some(task) => task.await.context("backend accept task")?,
+            None => Ok(()),
+        }?;
+        let holding = self.blackhole.lock().map(|b| b.is_some()).unwrap_or(false);
+        anyhow::ensure!(holding, "backend {} was already dead", self.id);
+        Ok(())
     }
 }
 
@@ -109,34 +167,62 @@ impl Drop for Backend {
     }
 }
 
+/// Binds a listen(0) socket on `addr` and fills its single queue slot with
+/// a connection of our own: every later SYN is dropped by the kernel.
+fn make_blackhole(addr: SocketAddr) -> Result<(Socket, std::net::TcpStream)> {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+        .with_context(|| format!("black hole: bind {addr}"))?;
+    sock.listen(0)?;
+    // Loopback: the handshake completes within this call.
+    let filler = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        .context("black hole: filling the accept queue")?;
+    Ok((sock, filler))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     id: Arc<str>,
     stats: Arc<Stats>,
-    kill_rx: watch::Receiver<bool>,
-    mut stop_rx: watch::Receiver<bool>,
-) {
-    let mut my_kill = kill_rx.clone();
+    life: watch::Receiver<Life>,
+    blackhole: Arc<Mutex<Option<(Socket, std::net::TcpStream)>>>,
+) -> Result<()> {
+    let mut my_life = life.clone();
     loop {
         tokio::select! {
             biased;
-            () = killed(&mut my_kill) => break,
-            () = killed(&mut stop_rx) => break,
+            () = killed(&mut my_life) => break,
             r = listener.accept() => match r {
                 Ok((s, _)) => {
-                    tokio::spawn(serve_conn(s, id.clone(), stats.clone(), kill_rx.clone()));
+                    tokio::spawn(serve_conn(s, id.clone(), stats.clone(), life.clone()));
                 }
                 // Out of descriptors and the like: don't spin.
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             },
         }
     }
+    let addr = listener.local_addr()?;
     drop(listener);
+    if *my_life.borrow() == Life::Vanished {
+        let bh = make_blackhole(addr)?;
+        if let Ok(mut b) = blackhole.lock() {
+            *b = Some(bh);
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once the backend is killed (or its handle is gone).
-async fn killed(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|k| *k).await;
+async fn killed(rx: &mut watch::Receiver<Life>) {
+    let _ = rx.wait_for(|l| *l != Life::Alive).await;
+}
+
+/// Resolves once open connections must be cut: killed, not draining.
+async fn aborted(rx: &mut watch::Receiver<Life>) {
+    let _ = rx
+        .wait_for(|l| matches!(l, Life::Dead | Life::Vanished))
+        .await;
 }
 
 fn abort(s: TcpStream, stats: &Stats) {
@@ -149,15 +235,15 @@ async fn serve_conn(
     mut s: TcpStream,
     id: Arc<str>,
     stats: Arc<Stats>,
-    mut kill_rx: watch::Receiver<bool>,
+    mut kill_rx: watch::Receiver<Life>,
 ) {
-    if *kill_rx.borrow() {
+    if matches!(*kill_rx.borrow(), Life::Dead | Life::Vanished) {
         abort(s, &stats);
         return;
     }
     let killed = tokio::select! {
         biased;
-        () = killed(&mut kill_rx) => true,
+        () = aborted(&mut kill_rx) => true,
         _ = handle(&mut s, &id, &stats) => false,
     };
     if killed {
@@ -251,6 +337,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(refused, "a killed backend must refuse new dials");
+    }
+
+    #[tokio::test]
+    async fn blackhole_swallows_new_dials() {
+        let b = Backend::start("b-3", "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        b.kill_blackhole().await.unwrap();
+        let local = AtomicU64::new(0);
+        let o = request(b.addr(), 1, None, &local, Duration::from_millis(300)).await;
+        assert_eq!(o, Outcome::Failed(ErrorKind::Timeout));
     }
 
     #[tokio::test]

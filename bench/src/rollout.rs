@@ -42,6 +42,10 @@ pub struct RolloutArgs {
     /// Time from "terminating" to the old backend's death.
     #[arg(long, default_value = "300ms", value_name = "DURATION")]
     pub grace: humantime::Duration,
+    /// How an old backend dies: `refuse` (process gone: dials refused at
+    /// once) or `blackhole` (network gone: SYNs vanish, dials time out).
+    #[arg(long, value_enum, default_value_t = Death::Refuse)]
+    pub death: Death,
     /// Number of old backends, each replaced by a new one.
     #[arg(long, default_value_t = 3)]
     pub backends: u8,
@@ -69,6 +73,15 @@ pub struct RolloutArgs {
     /// network namespaces (see `crate::netns`).
     #[command(flatten)]
     pub netns: crate::netns::NetnsArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Death {
+    /// Listener closed, connections RST: dials get ECONNREFUSED.
+    Refuse,
+    /// Then new SYNs are dropped: dials hang until sluice's connect timeout.
+    Blackhole,
 }
 
 /// One step of the scenario.
@@ -151,6 +164,7 @@ struct RolloutReport {
     duration_s: f64,
     lag_s: f64,
     grace_s: f64,
+    death: Death,
     backends: u8,
     source_ports: u16,
     sluice_path: String,
@@ -259,11 +273,12 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     });
     if !args.json {
         outln!(
-            "rollout: {n} old -> {n} new backends, {} conn/s open loop for {:.1}s, lag {}s, grace {}s, source ports {}..{}",
+            "rollout: {n} old -> {n} new backends, {} conn/s open loop for {:.1}s, lag {}s, grace {}s, death {:?}, source ports {}..{}",
             args.rate,
             duration.as_secs_f64(),
             lag.as_secs_f64(),
             grace.as_secs_f64(),
+            args.death,
             base,
             u32::from(base) + u32::from(args.source_ports) - 1
         );
@@ -296,10 +311,16 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
                     w
                 }
                 Action::WorldTerminating(i) => format!("world: old-{} terminating", i + 1),
-                Action::Kill(i) => {
-                    olds[i].kill();
-                    format!("world: old-{} dies (listener closed, conns RST)", i + 1)
-                }
+                Action::Kill(i) => match args.death {
+                    Death::Refuse => {
+                        olds[i].kill();
+                        format!("world: old-{} dies (listener closed, conns RST)", i + 1)
+                    }
+                    Death::Blackhole => {
+                        olds[i].kill_blackhole().await?;
+                        format!("world: old-{} vanishes (conns RST, SYNs dropped)", i + 1)
+                    }
+                },
                 Action::TableAdd(i) => {
                     let addr = news[i]
                         .as_ref()
@@ -388,6 +409,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             duration_s: duration.as_secs_f64(),
             lag_s: lag.as_secs_f64(),
             grace_s: grace.as_secs_f64(),
+            death: args.death,
             backends: args.backends,
             source_ports: args.source_ports,
             sluice_path: bin.display().to_string(),

@@ -476,19 +476,22 @@ pub fn count_log(text: &str) -> LogCounts {
     c
 }
 
-/// Follows the log file, publishing every generation it announces.
+/// Follows the log file (reading only what was appended), publishing every
+/// generation it announces.
 async fn follow_log(path: PathBuf, tx: watch::Sender<u64>, seen: Arc<Mutex<Vec<(Instant, u64)>>>) {
-    let mut offset = 0usize;
-    let mut partial = String::new();
+    use tokio::io::AsyncReadExt;
+    let mut file = None;
+    let mut pending: Vec<u8> = Vec::new();
     loop {
-        if let Ok(bytes) = tokio::fs::read(&path).await
-            && bytes.len() > offset
+        if file.is_none() {
+            file = tokio::fs::File::open(&path).await.ok();
+        }
+        if let Some(f) = file.as_mut()
+            && f.read_to_end(&mut pending).await.is_ok()
         {
-            partial.push_str(&String::from_utf8_lossy(&bytes[offset..]));
-            offset = bytes.len();
-            while let Some(nl) = partial.find('\n') {
-                let line: String = partial.drain(..=nl).collect();
-                if let Some(g) = parse_generation(&line) {
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                if let Some(g) = parse_generation(&String::from_utf8_lossy(&line)) {
                     let now = Instant::now();
                     if let Ok(mut v) = seen.lock() {
                         v.push((now, g));

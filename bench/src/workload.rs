@@ -360,6 +360,9 @@ pub async fn open_loop(
     duration: Duration,
     t0: Instant,
 ) -> LoadResult {
+    if spec.targets.is_empty() {
+        return LoadResult::default();
+    }
     let total = (rate * duration.as_secs_f64()).floor() as u64;
     let records = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
     let local = Arc::new(AtomicU64::new(0));
@@ -413,6 +416,9 @@ pub async fn closed_loop(
     duration: Duration,
     t0: Instant,
 ) -> LoadResult {
+    if spec.targets.is_empty() {
+        return LoadResult::default();
+    }
     let records = Arc::new(Mutex::new(Vec::new()));
     let local = Arc::new(AtomicU64::new(0));
     let counter = Arc::new(AtomicU64::new(0));

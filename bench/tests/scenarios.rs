@@ -72,6 +72,38 @@ fn rollout_through_sluice_has_no_client_visible_error() {
     assert_eq!(code, 0, "{ctx}");
 }
 
+/// A backend whose network vanishes (SYNs dropped): sluice's connect
+/// timeout and retry must hide it; the connections that met it pay about
+/// one connect timeout.
+#[test]
+fn rollout_with_blackholed_backend_has_no_client_visible_error() {
+    let (code, v, stderr) = bench(&[
+        "rollout",
+        "--json",
+        "--backends",
+        "1",
+        "--lag",
+        "1s",
+        "--death",
+        "blackhole",
+        "--connect-timeout",
+        "200ms",
+    ]);
+    let ctx = format!("{v:#}\nstderr:\n{stderr}");
+    assert_eq!(v["error_total"], 0, "{ctx}");
+    assert!(v["attempted"].as_u64().unwrap() >= 800, "{ctx}");
+    assert!(
+        v["sluice_log"]["dial_failures"].as_u64().unwrap() > 0,
+        "{ctx}"
+    );
+    let max = v["max_ms"].as_f64().unwrap();
+    assert!(
+        (200.0..2000.0).contains(&max),
+        "max latency {max} ms: expected about one 200ms connect timeout: {ctx}"
+    );
+    assert_eq!(code, 0, "{ctx}");
+}
+
 /// Negative control: with a single dial per connection sluice cannot hide
 /// the dead backend, and the bench must see it and fail.
 #[test]

@@ -155,3 +155,42 @@ impl Pod {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::{ErrorKind, Outcome, request};
+    use std::sync::atomic::AtomicU64;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn graceful_stop_refuses_new_dials_and_finishes_open_ones() {
+        let b = Backend::start("p-1", "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        // Half a request in flight.
+        let mut c = tokio::net::TcpStream::connect(b.addr()).await.unwrap();
+        c.write_all(b"GET ").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.stop_accepting();
+        let local = AtomicU64::new(0);
+        let mut refused = false;
+        for _ in 0..100 {
+            let o = request(b.addr(), 1, None, &local, Duration::from_secs(2)).await;
+            if o == Outcome::Failed(ErrorKind::Refused) {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(refused, "a draining backend must refuse new dials");
+        // The open connection still gets its answer.
+        c.write_all(b"7\n").await.unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut resp))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp, b"p-1 7\n");
+    }
+}
