@@ -203,7 +203,11 @@ async fn accept_loop(
         }
     }
     let addr = listener.local_addr()?;
-    drop(listener);
+    if *my_life.borrow() == Life::Draining {
+        drain_backlog(listener, &id, &stats, &life);
+    } else {
+        drop(listener);
+    }
     if *my_life.borrow() == Life::Vanished {
         let bh = make_blackhole(addr)?;
         if let Ok(mut b) = blackhole.lock() {
@@ -211,6 +215,29 @@ async fn accept_loop(
         }
     }
     Ok(())
+}
+
+/// Graceful stop (`rollout --netns` pods): serves the connections whose
+/// handshake the kernel already completed, then closes the listener. Only
+/// a handshake completing in the microseconds between the last accept and
+/// the close is still reset, as with any server that closes its listener.
+fn drain_backlog(
+    listener: TcpListener,
+    id: &Arc<str>,
+    stats: &Arc<Stats>,
+    life: &watch::Receiver<Life>,
+) {
+    let Ok(l) = listener.into_std() else {
+        return;
+    };
+    while let Ok((s, _)) = l.accept() {
+        if s.set_nonblocking(true).is_err() {
+            continue;
+        }
+        if let Ok(s) = TcpStream::from_std(s) {
+            tokio::spawn(serve_conn(s, id.clone(), stats.clone(), life.clone()));
+        }
+    }
 }
 
 /// Resolves once the backend is killed (or its handle is gone).
