@@ -25,7 +25,9 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::report::{self, Event, Second, Summary};
-use crate::sluice::{self, BackendCfg, Config, LogCounts, Sluice, SluiceArgs, StopReport};
+use crate::sluice::{
+    self, BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
+};
 use crate::workload::{LoadSpec, PortPool, open_loop};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -170,6 +172,8 @@ struct RolloutReport {
     sluice_stop: StopReport,
     /// Dial outcomes from sluice's debug log (zeros if not logged).
     sluice_log: LogCounts,
+    /// sluice's own counters (/metrics), scraped before SIGTERM.
+    sluice_metrics: Option<MetricsSummary>,
     /// What each backend itself counted: requests answered, connections
     /// aborted by its death.
     backend_counts: BTreeMap<String, BackendCount>,
@@ -372,6 +376,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         }
     }
     let running = sluice.running();
+    let sluice_metrics = sluice.scrape_metrics().await;
     let stop = sluice.stop(Duration::from_secs(10)).await;
     let sluice_log = sluice.log_counts();
 
@@ -414,6 +419,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             max_apply_ms: (max_apply.as_secs_f64() * 1e6).round() / 1e3,
             sluice_stop: stop.clone(),
             sluice_log: sluice_log.clone(),
+            sluice_metrics: sluice_metrics.clone(),
             backend_counts,
             events,
             timeline,
@@ -438,6 +444,17 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             sluice_log.retried_connections,
             sluice_log.no_backend_left
         );
+        match &sluice_metrics {
+            Some(m) => outln!(
+                "sluice metrics: accepted {}, dial failures {:?}, dial retries {}, ejections {}, closed {:?}",
+                m.connections_accepted,
+                m.dial_failures,
+                m.dial_retries,
+                m.backend_ejections,
+                m.connections_closed
+            ),
+            None => outln!("sluice metrics: not available"),
+        }
         outln!(
             "sluice: {} table writes, {} generations went live, max write->live {:.1} ms; SIGTERM -> exit {:?} in {:.2}s{}",
             writes.len(),

@@ -65,6 +65,20 @@ fn rollout_through_sluice_has_no_client_visible_error() {
         "no failed dial in sluice's log: the rollout did not exercise the retry: {ctx}"
     );
     assert_eq!(v["sluice_log"]["no_backend_left"], 0, "{ctx}");
+    // sluice's own counters agree: dials retried, no client reset.
+    let m = &v["sluice_metrics"];
+    assert!(m["dial_retries"].as_u64().unwrap() > 0, "{ctx}");
+    assert!(
+        m["connections_accepted"].as_u64().unwrap() >= attempted,
+        "{ctx}"
+    );
+    for reason in ["reset", "no_backend", "cut"] {
+        assert_eq!(
+            m["connections_closed"][reason].as_u64().unwrap_or(0),
+            0,
+            "closed {reason}: {ctx}"
+        );
+    }
     // Every table write went live, and sluice left cleanly on SIGTERM.
     assert_eq!(v["table_writes"], v["generations_live"], "{ctx}");
     assert_eq!(v["sluice_stop"]["exit_code"], 0, "{ctx}");
