@@ -158,6 +158,9 @@ struct RolloutReport {
     #[serde(flatten)]
     summary: Summary,
     local_bind_failures: u64,
+    /// Connections open at an old backend when it died, aborted by it with
+    /// RST: a client error no L4 proxy can hide (the pod died mid-response).
+    aborted_by_dying_backends: u64,
     rate: f64,
     duration_s: f64,
     lag_s: f64,
@@ -400,12 +403,17 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     let client_ok = summary.error_total == 0 || args.allow_errors;
     let sluice_ok = running && stop.clean && unapplied == 0;
     let pass = client_ok && sluice_ok && summary.attempted > 0;
+    let aborted: u64 = olds
+        .iter()
+        .map(|b| b.stats().aborted.load(Ordering::Relaxed))
+        .sum();
 
     if args.json {
         let r = RolloutReport {
             scenario: "rollout",
             summary: summary.clone(),
             local_bind_failures: result.local_bind_failures,
+            aborted_by_dying_backends: aborted,
             rate: args.rate,
             duration_s: duration.as_secs_f64(),
             lag_s: lag.as_secs_f64(),
@@ -472,7 +480,10 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     if !pass {
         let mut why = Vec::new();
         if summary.error_total > 0 {
-            why.push(format!("{} client-visible errors", summary.error_total));
+            why.push(format!(
+                "{} client-visible errors ({} connections were open at a dying backend and aborted by it with RST: those no proxy can hide)",
+                summary.error_total, aborted
+            ));
         }
         if !running {
             why.push("sluice exited during the run".to_string());
