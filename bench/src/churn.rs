@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::report::{self, Summary};
-use crate::sluice::{self, BackendCfg, Config, Sluice, SluiceArgs, StopReport};
+use crate::sluice::{self, BackendCfg, Config, MetricsSummary, Sluice, SluiceArgs, StopReport};
 use crate::workload::{LoadResult, LoadSpec, closed_loop, open_loop};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -110,6 +110,9 @@ struct ChurnReport {
     comparison: Option<Comparison>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sluice_stop: Option<StopReport>,
+    /// sluice's own counters (/metrics), scraped before SIGTERM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sluice_metrics: Option<MetricsSummary>,
 }
 
 #[derive(Debug, Serialize)]
@@ -188,6 +191,7 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
         target: None,
         comparison: None,
         sluice_stop: None,
+        sluice_metrics: None,
     };
     let load_desc = match args.concurrency {
         Some(c) => format!("closed loop, {c} workers"),
@@ -240,6 +244,7 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
         if let Some(p) = proxy.as_mut() {
             out.sluice = Some(phase(&measure(&args, vec![p.listen()]).await));
             let running = p.running();
+            out.sluice_metrics = p.scrape_metrics().await;
             let stop = p.stop(Duration::from_secs(10)).await;
             let errors = out.sluice.as_ref().map_or(0, |s| s.summary.error_total);
             if !running || !stop.clean || errors > 0 {

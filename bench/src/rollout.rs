@@ -25,7 +25,9 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::report::{self, Event, Second, Summary};
-use crate::sluice::{self, BackendCfg, Config, LogCounts, Sluice, SluiceArgs, StopReport};
+use crate::sluice::{
+    self, BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
+};
 use crate::workload::{LoadSpec, PortPool, open_loop};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -160,6 +162,9 @@ struct RolloutReport {
     #[serde(flatten)]
     summary: Summary,
     local_bind_failures: u64,
+    /// Connections open at an old backend when it died, aborted by it with
+    /// RST: a client error no L4 proxy can hide (the pod died mid-response).
+    aborted_by_dying_backends: u64,
     rate: f64,
     duration_s: f64,
     lag_s: f64,
@@ -174,6 +179,8 @@ struct RolloutReport {
     sluice_stop: StopReport,
     /// Dial outcomes from sluice's debug log (zeros if not logged).
     sluice_log: LogCounts,
+    /// sluice's own counters (/metrics), scraped before SIGTERM.
+    sluice_metrics: Option<MetricsSummary>,
     /// What each backend itself counted: requests answered, connections
     /// aborted by its death.
     backend_counts: BTreeMap<String, BackendCount>,
@@ -376,6 +383,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         }
     }
     let running = sluice.running();
+    let sluice_metrics = sluice.scrape_metrics().await;
     let stop = sluice.stop(Duration::from_secs(10)).await;
     let sluice_log = sluice.log_counts();
 
@@ -399,12 +407,17 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     let client_ok = summary.error_total == 0 || args.allow_errors;
     let sluice_ok = running && stop.clean && unapplied == 0;
     let pass = client_ok && sluice_ok && summary.attempted > 0;
+    let aborted: u64 = olds
+        .iter()
+        .map(|b| b.stats().aborted.load(Ordering::Relaxed))
+        .sum();
 
     if args.json {
         let r = RolloutReport {
             scenario: "rollout",
             summary: summary.clone(),
             local_bind_failures: result.local_bind_failures,
+            aborted_by_dying_backends: aborted,
             rate: args.rate,
             duration_s: duration.as_secs_f64(),
             lag_s: lag.as_secs_f64(),
@@ -418,6 +431,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             max_apply_ms: (max_apply.as_secs_f64() * 1e6).round() / 1e3,
             sluice_stop: stop.clone(),
             sluice_log: sluice_log.clone(),
+            sluice_metrics: sluice_metrics.clone(),
             backend_counts,
             events,
             timeline,
@@ -442,6 +456,17 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             sluice_log.retried_connections,
             sluice_log.no_backend_left
         );
+        match &sluice_metrics {
+            Some(m) => outln!(
+                "sluice metrics: accepted {}, dial failures {:?}, dial retries {}, ejections {}, closed {:?}",
+                m.connections_accepted,
+                m.dial_failures,
+                m.dial_retries,
+                m.backend_ejections,
+                m.connections_closed
+            ),
+            None => outln!("sluice metrics: not available"),
+        }
         outln!(
             "sluice: {} table writes, {} generations went live, max write->live {:.1} ms; SIGTERM -> exit {:?} in {:.2}s{}",
             writes.len(),
@@ -459,7 +484,10 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     if !pass {
         let mut why = Vec::new();
         if summary.error_total > 0 {
-            why.push(format!("{} client-visible errors", summary.error_total));
+            why.push(format!(
+                "{} client-visible errors ({} connections were open at a dying backend and aborted by it with RST: those no proxy can hide)",
+                summary.error_total, aborted
+            ));
         }
         if !running {
             why.push("sluice exited during the run".to_string());

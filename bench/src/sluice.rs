@@ -3,6 +3,7 @@
 //! for `table live generation=N`, SIGTERM at the end, and its log tail when
 //! something went wrong.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -203,6 +204,8 @@ pub struct Sluice {
     config_path: PathBuf,
     log_path: PathBuf,
     listen: SocketAddr,
+    /// Where sluice serves /metrics (set through SLUICE_METRICS_BIND_ADDRESS).
+    metrics: Option<SocketAddr>,
     gen_rx: watch::Receiver<u64>,
     seen: Arc<Mutex<Vec<(Instant, u64)>>>,
     follower: JoinHandle<()>,
@@ -278,6 +281,19 @@ impl Sluice {
         {
             cmd.env("RUST_LOG", f);
         }
+        // Admin endpoints on free loopback ports, not the fixed defaults
+        // (0.0.0.0:10256, 127.0.0.1:10249) that parallel runs would share.
+        // Environment rather than flags: harmless to a sluice without them.
+        let mut metrics = None;
+        if std::env::var_os("SLUICE_METRICS_BIND_ADDRESS").is_none() {
+            let addr = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
+            cmd.env("SLUICE_METRICS_BIND_ADDRESS", addr.to_string());
+            metrics = Some(addr);
+        }
+        if std::env::var_os("SLUICE_HEALTHZ_BIND_ADDRESS").is_none() {
+            let addr = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
+            cmd.env("SLUICE_HEALTHZ_BIND_ADDRESS", addr.to_string());
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -297,6 +313,7 @@ impl Sluice {
             config_path,
             log_path,
             listen,
+            metrics,
             gen_rx,
             seen,
             follower,
@@ -406,22 +423,22 @@ impl Sluice {
         count_log(&text)
     }
 
-    /// The last `n` lines of sluice's log, indented, for error messages.
+    /// sluice's counters from its /metrics endpoint; `None` when it has
+    /// none or it did not answer within 2s.
+    pub async fn scrape_metrics(&self) -> Option<MetricsSummary> {
+        let addr = self.metrics?;
+        let text = tokio::time::timeout(Duration::from_secs(2), http_get(addr, "/metrics"))
+            .await
+            .ok()?
+            .ok()?;
+        Some(parse_metrics(&text))
+    }
+
+    /// The last `n` lines of sluice's log, indented, for error messages;
+    /// per-connection "connected" debug lines are left out.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(n);
-        let mut out = format!(
-            "--- last {} lines of sluice's log ({}) ---\n",
-            lines.len() - from,
-            self.log_path.display()
-        );
-        for l in &lines[from..] {
-            out.push_str("  ");
-            out.push_str(l);
-            out.push('\n');
-        }
-        out
+        tail(&text, n, &self.log_path)
     }
 
     /// The directory holding config and log (kept only with --keep-logs).
@@ -437,6 +454,114 @@ fn report(status: ExitStatus, stop_s: f64, killed: bool) -> StopReport {
         killed,
         clean: status.success(),
     }
+}
+
+/// One plain HTTP/1.0 GET; the body of a 200 answer.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    (&mut s).take(16 << 20).read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of HTTP headers")?;
+    let status = head.lines().next().unwrap_or("");
+    anyhow::ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "GET {path}: {status}"
+    );
+    Ok(body.to_string())
+}
+
+/// The counters of sluice's /metrics that tell what the proxy hid.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MetricsSummary {
+    pub connections_accepted: u64,
+    /// `sluice_connections_closed_total` by reason.
+    pub connections_closed: BTreeMap<String, u64>,
+    /// `sluice_dial_failures_total` by reason, over the backends still in
+    /// the table (sluice drops a backend's series when it leaves).
+    pub dial_failures: BTreeMap<String, u64>,
+    pub dial_failures_total: u64,
+    pub dial_retries: u64,
+    pub backend_ejections: u64,
+}
+
+/// Sums the counters of interest out of Prometheus text.
+pub fn parse_metrics(text: &str) -> MetricsSummary {
+    let mut m = MetricsSummary::default();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let v = v.max(0.0) as u64;
+        let name = series.split('{').next().unwrap_or(series);
+        let label = |key: &str| -> String {
+            let pat = format!("{key}=\"");
+            series
+                .find(&pat)
+                .map(|i| &series[i + pat.len()..])
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        match name {
+            "sluice_connections_accepted_total" => m.connections_accepted += v,
+            "sluice_connections_closed_total" => {
+                *m.connections_closed.entry(label("reason")).or_insert(0) += v;
+            }
+            "sluice_dial_failures_total" => {
+                *m.dial_failures.entry(label("reason")).or_insert(0) += v;
+                m.dial_failures_total += v;
+            }
+            "sluice_dial_retries_total" => m.dial_retries += v,
+            "sluice_backend_ejections_total" => m.backend_ejections += v,
+            _ => {}
+        }
+    }
+    m
+}
+
+fn is_connected_line(line: &str) -> bool {
+    line.contains("DEBUG") && line.contains(" connected ")
+}
+
+fn tail(text: &str, n: usize, path: &Path) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|l| !is_connected_line(l))
+        .collect();
+    let from = lines.len().saturating_sub(n);
+    let mut out = format!(
+        "--- last {} lines of sluice's log ({}{}) ---\n",
+        lines.len() - from,
+        path.display(),
+        if lines.len() < all.len() {
+            format!(
+                ", {} per-connection lines left out",
+                all.len() - lines.len()
+            )
+        } else {
+            String::new()
+        }
+    );
+    for l in &lines[from..] {
+        out.push_str("  ");
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
 }
 
 /// Dial outcomes read from sluice's log (its `sluice_proxy::server` debug
@@ -461,7 +586,7 @@ pub fn count_log(text: &str) -> LogCounts {
             c.dial_failures += 1;
         } else if line.contains("no backend left") {
             c.no_backend_left += 1;
-        } else if line.contains(" connected") {
+        } else if is_connected_line(line) {
             c.connected += 1;
             let attempts = line
                 .split_whitespace()
@@ -560,6 +685,39 @@ mod tests {
                 no_backend_left: 1,
             }
         );
+    }
+
+    #[test]
+    fn log_tail_leaves_out_per_connection_lines() {
+        let log = "a INFO listening\nb DEBUG x: connected client=1 attempts=1\nc DEBUG x: dial failed; backend ejected\nd INFO SIGTERM\n";
+        let t = tail(log, 2, Path::new("/l"));
+        assert!(t.contains("1 per-connection lines left out"), "{t}");
+        assert!(t.contains("dial failed") && t.contains("SIGTERM"), "{t}");
+        assert!(!t.contains("listening") && !t.contains("attempts=1"), "{t}");
+    }
+
+    #[test]
+    fn metrics_counters_are_summed_by_reason() {
+        let text = r#"# HELP sluice_dial_failures Failed dials, per backend and reason.
+# TYPE sluice_dial_failures counter
+sluice_dial_failures_total{backend="127.0.1.1:80",reason="refused"} 2
+sluice_dial_failures_total{backend="127.0.1.2:80",reason="refused"} 1
+sluice_dial_failures_total{backend="127.0.1.3:80",reason="timeout"} 4
+sluice_dial_retries_total{service="rollout"} 7
+sluice_connections_accepted_total{service="rollout"} 1661
+sluice_connections_closed_total{service="rollout",reason="done"} 1660
+sluice_connections_closed_total{service="rollout",reason="reset"} 1
+sluice_backend_ejections_total{backend="127.0.1.1:80"} 2
+sluice_table_generation 8
+"#;
+        let m = parse_metrics(text);
+        assert_eq!(m.dial_failures["refused"], 3);
+        assert_eq!(m.dial_failures["timeout"], 4);
+        assert_eq!(m.dial_failures_total, 7);
+        assert_eq!(m.dial_retries, 7);
+        assert_eq!(m.connections_accepted, 1661);
+        assert_eq!(m.connections_closed["reset"], 1);
+        assert_eq!(m.backend_ejections, 2);
     }
 
     #[test]
