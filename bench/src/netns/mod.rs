@@ -33,7 +33,7 @@ pub use pod::PodArgs;
 
 use crate::report::{self, Event, Second, Summary};
 use crate::rollout::RolloutArgs;
-use crate::sluice::{self, LogCounts, StopReport};
+use crate::sluice::{self, LogCounts, MetricsSummary, StopReport};
 use crate::workload::Outcome;
 
 /// The data path clients go through.
@@ -144,6 +144,9 @@ pub struct RunReport {
     pub conntrack_to_dead_pods: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sluice_log: Option<LogCounts>,
+    /// sluice's own counters (/metrics), scraped before SIGTERM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sluice_metrics: Option<MetricsSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sluice_stop: Option<StopReport>,
     pub events: Vec<Event>,
@@ -317,7 +320,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
         source_ports
     );
     if !a.json {
-        println!(
+        outln!(
             "rollout --netns: {n} old -> {n} new pods, {} conn/s open loop for {:.1}s, lag {}, grace {}, netns deleted {} after death, client timeout {}, source ports {}..{}, VIP {}:{}",
             a.rate,
             duration.as_secs_f64(),
@@ -360,20 +363,32 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             k += 1;
             let rep = report_of(via, arp, &r, duration);
             if !a.json {
-                println!("\n== via {} | ARP {} ==", via.as_str(), arp.as_str());
-                print!("{}", report::timeline_text(&rep.timeline));
-                print!(
+                outln!("\n== via {} | ARP {} ==", via.as_str(), arp.as_str());
+                out!("{}", report::timeline_text(&rep.timeline));
+                out!(
                     "{}",
                     report::summary_text(&format!("via {}", via.as_str()), &rep.summary)
                 );
-                println!(
+                outln!(
                     "slower than 100 ms: {} | conntrack entries answered by dead pods at the end: {}",
-                    rep.slow_100ms, rep.conntrack_to_dead_pods
+                    rep.slow_100ms,
+                    rep.conntrack_to_dead_pods
                 );
                 if let Some(l) = &rep.sluice_log {
-                    println!(
+                    outln!(
                         "sluice log: {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
-                        l.dial_failures, l.retried_connections, l.no_backend_left
+                        l.dial_failures,
+                        l.retried_connections,
+                        l.no_backend_left
+                    );
+                }
+                if let Some(m) = &rep.sluice_metrics {
+                    outln!(
+                        "sluice metrics: accepted {}, dial failures {:?}, dial retries {}, ejections {}",
+                        m.connections_accepted,
+                        m.dial_failures,
+                        m.dial_retries,
+                        m.backend_ejections
                     );
                 }
             }
@@ -406,7 +421,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
         std::fs::write(path, plot::svg(&panels))
             .with_context(|| format!("writing {}", path.display()))?;
         if !a.json {
-            println!("\nplot written to {}", path.display());
+            outln!("\nplot written to {}", path.display());
         }
     }
     if a.json {
@@ -427,13 +442,13 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             runs,
             pass,
         };
-        println!("{}", serde_json::to_string(&rep)?);
+        outln!("{}", serde_json::to_string(&rep)?);
     } else {
-        println!("\n{}", comparison_table(&runs));
+        outln!("\n{}", comparison_table(&runs));
     }
     if pass || a.allow_errors {
         if !a.json {
-            println!("rollout --netns PASSED (0 client-visible errors through sluice)");
+            outln!("rollout --netns PASSED (0 client-visible errors through sluice)");
         }
         Ok(ExitCode::SUCCESS)
     } else {
@@ -471,6 +486,7 @@ fn report_of(via: Via, arp: Arp, r: &scenario::RunResult, duration: Duration) ->
         local_bind_failures: r.load.local_bind_failures,
         conntrack_to_dead_pods: r.conntrack_to_dead_pods,
         sluice_log: r.sluice.as_ref().map(|s| s.log.clone()),
+        sluice_metrics: r.sluice.as_ref().and_then(|s| s.metrics.clone()),
         sluice_stop: r.sluice.as_ref().map(|s| s.stop.clone()),
         events: r.events.clone(),
         timeline,

@@ -38,7 +38,9 @@ use super::topo::{self, BRIDGE, CLIENT_IP, Gen, Names, POD_PORT, VIP, VIP_DEV, V
 use super::{Arp, Via};
 use crate::report::Event;
 use crate::rollout::{Action, plan};
-use crate::sluice::{BackendCfg, Config, LogCounts, Sluice, SluiceArgs, StopReport};
+use crate::sluice::{
+    BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
+};
 use crate::workload::{LoadResult, LoadSpec, Outcome, PortPool, open_loop, request};
 
 /// The service's name in sluice's config and in the nft chain names.
@@ -113,6 +115,8 @@ pub fn steps(
 #[derive(Debug, Clone)]
 pub struct SluiceOutcome {
     pub log: LogCounts,
+    /// sluice's /metrics counters, scraped before SIGTERM.
+    pub metrics: Option<MetricsSummary>,
     pub stop: StopReport,
     pub ran_throughout: bool,
     pub log_tail: String,
@@ -257,17 +261,9 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
     let mut sluice = match spec.via {
         Via::Sluice => {
             let bin = spec.sluice_bin.as_deref().context("no sluice binary")?;
-            let extra: Vec<String> = [
-                "--vip-interface",
-                VIP_DEV,
-                "--healthz-bind-address",
-                "",
-                "--metrics-bind-address",
-                "",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            // Admin endpoints: sluice::Sluice picks loopback ports, here
+            // the node namespace's own loopback.
+            let extra = vec!["--vip-interface".to_string(), VIP_DEV.to_string()];
             Some(
                 Sluice::start_with(
                     bin,
@@ -406,9 +402,11 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                 }
             }
             let ran_throughout = s.running();
+            let metrics = s.scrape_metrics().await;
             let stop = s.stop(Duration::from_secs(10)).await;
             Some(SluiceOutcome {
                 log: s.log_counts(),
+                metrics,
                 stop,
                 ran_throughout,
                 log_tail: s.log_tail(30),
