@@ -530,3 +530,101 @@ pub fn comparison_table(runs: &[RunReport]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::{ErrorKind, LoadResult, Record};
+
+    fn rec(start_ms: u64, lat_ms: u64, outcome: Outcome) -> Record {
+        Record {
+            start: Duration::from_millis(start_ms),
+            latency: Duration::from_millis(lat_ms),
+            late: Duration::ZERO,
+            outcome,
+        }
+    }
+
+    fn result(records: Vec<Record>, sluice: bool) -> scenario::RunResult {
+        scenario::RunResult {
+            load: LoadResult {
+                records,
+                local_bind_failures: 0,
+                elapsed: Duration::from_secs(2),
+            },
+            events: vec![Event::new(
+                Duration::from_millis(1500),
+                "world: old-1 process killed",
+            )],
+            sluice: sluice.then(|| scenario::SluiceOutcome {
+                log: LogCounts::default(),
+                metrics: None,
+                stop: StopReport {
+                    exit_code: Some(0),
+                    stop_s: 0.1,
+                    killed: false,
+                    clean: true,
+                },
+                ran_throughout: true,
+                log_tail: String::new(),
+            }),
+            conntrack_to_dead_pods: 0,
+        }
+    }
+
+    #[test]
+    fn a_sluice_run_fails_on_any_client_error_an_nft_run_does_not() {
+        let ok = Outcome::Ok("new-1".into());
+        let clean = vec![rec(0, 1, ok.clone()), rec(1200, 301, ok.clone())];
+        let r = report_of(
+            Via::Sluice,
+            Arp::Fresh,
+            &result(clean, true),
+            Duration::from_secs(2),
+        );
+        assert!(r.pass);
+        assert_eq!(r.slow_100ms, 1);
+        assert_eq!(r.timeline.len(), 2);
+        assert_eq!(r.timeline[1].events.len(), 1);
+
+        let with_err = vec![
+            rec(0, 1, ok.clone()),
+            rec(1200, 5000, Outcome::Failed(ErrorKind::Timeout)),
+        ];
+        let r = report_of(
+            Via::Sluice,
+            Arp::Fresh,
+            &result(with_err.clone(), true),
+            Duration::from_secs(2),
+        );
+        assert!(!r.pass);
+        // A failed connection is not a "slow" one.
+        assert_eq!(r.slow_100ms, 0);
+        let r = report_of(
+            Via::Nft,
+            Arp::Failed,
+            &result(with_err, false),
+            Duration::from_secs(2),
+        );
+        assert!(r.pass, "the kernel path's errors are the finding");
+
+        let table = comparison_table(&[r]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let cols = |l: &str| l.matches('|').count();
+        assert!(lines.iter().all(|l| cols(l) == cols(lines[0])), "{table}");
+        assert!(
+            lines[2].starts_with("| nft | failed | 2 | 1 | 0 | 1 |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn via_and_arp_lists_are_deduplicated_in_order() {
+        assert_eq!(
+            dedup(&[Via::Nft, Via::Sluice, Via::Nft]),
+            vec![Via::Nft, Via::Sluice]
+        );
+        assert_eq!(dedup(&[Arp::Failed, Arp::Failed]), vec![Arp::Failed]);
+    }
+}
