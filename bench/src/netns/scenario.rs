@@ -179,12 +179,40 @@ fn pod_id(g: Gen, i: usize) -> String {
     format!("{}-{}", g.as_str(), i + 1)
 }
 
+/// The node-side end of pod `g`-`i`'s veth.
+fn veth_name(g: Gen, i: usize) -> String {
+    format!("v{}{}", &g.as_str()[..1], i + 1)
+}
+
+/// Longest wait for a deleted pod's veth to go (the kernel frees a
+/// namespace asynchronously; until then its stack still answers).
+const VETH_GONE_WAIT: Duration = Duration::from_millis(1500);
+
+/// Waits until link `dev` is gone from namespace `node`; returns how long
+/// that took, or None if it is still there after [`VETH_GONE_WAIT`].
+async fn wait_link_gone(node: &str, dev: &str) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < VETH_GONE_WAIT {
+        let present = std::process::Command::new("ip")
+            .args(["-n", node, "link", "show", "dev", dev])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|st| st.success())
+            .unwrap_or(false);
+        if !present {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
 /// Creates pod `g`-`i`'s namespace and starts its process.
 async fn start_pod(spec: &Spec, names: &Names, g: Gen, i: usize) -> Result<Pod> {
     let ns = names.pod(g, i);
     let addr = pod_addr(g, i);
-    let veth = format!("v{}{}", &g.as_str()[..1], i + 1);
-    topo::attach(names, &ns, &veth, topo::pod_ip(g, i))?;
+    topo::attach(names, &ns, &veth_name(g, i), topo::pod_ip(g, i))?;
     Pod::start(&spec.exe, &ns, &pod_id(g, i), addr).await
 }
 
@@ -331,7 +359,7 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                     // that hangs is SIGKILLed before its netns goes.
                     let on_its_own = olds[i].reap(Duration::from_millis(100)).await?;
                     topo::ip(&["netns", "del", &names.pod(Gen::Old, i)])?;
-                    let mut w = format!(
+                    let w = format!(
                         "world: old-{} netns deleted{}",
                         i + 1,
                         if on_its_own {
@@ -340,12 +368,28 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                             " (process SIGKILLed first)"
                         }
                     );
+                    events.push(Event::new(t0.elapsed(), w));
+                    // Until the kernel has freed the namespace, the pod's
+                    // stack still answers (RST); an ARP entry set to FAILED
+                    // before that would be refreshed by its reply.
+                    let mut w = match wait_link_gone(&node, &veth_name(Gen::Old, i)).await {
+                        Some(d) => format!(
+                            "world: old-{}'s veth gone, {} ms after netns del",
+                            i + 1,
+                            d.as_millis()
+                        ),
+                        None => format!(
+                            "world: old-{}'s veth still there {} ms after netns del",
+                            i + 1,
+                            VETH_GONE_WAIT.as_millis()
+                        ),
+                    };
                     if spec.arp == Arp::Failed {
                         let ip = topo::pod_ip(Gen::Old, i).to_string();
                         topo::ip(&[
                             "-n", &node, "neigh", "replace", &ip, "dev", BRIDGE, "nud", "failed",
                         ])?;
-                        w.push_str(", node ARP entry set to FAILED");
+                        w.push_str("; node ARP entry set to FAILED");
                     }
                     w
                 }
