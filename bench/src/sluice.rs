@@ -524,7 +524,7 @@ pub fn parse_metrics(text: &str) -> MetricsSummary {
                 m.dial_failures_total += v;
             }
             "sluice_dial_retries_total" => m.dial_retries += v,
-            "sluice_backend_ejections_total" => m.backend_ejections += v,
+            "sluice_ejections_total" => m.backend_ejections += v,
             _ => {}
         }
     }
@@ -700,13 +700,14 @@ mod tests {
     fn metrics_counters_are_summed_by_reason() {
         let text = r#"# HELP sluice_dial_failures Failed dials, per backend and reason.
 # TYPE sluice_dial_failures counter
-sluice_dial_failures_total{backend="127.0.1.1:80",reason="refused"} 2
-sluice_dial_failures_total{backend="127.0.1.2:80",reason="refused"} 1
-sluice_dial_failures_total{backend="127.0.1.3:80",reason="timeout"} 4
+sluice_dial_failures_total{reason="refused"} 3
+sluice_dial_failures_total{reason="timeout"} 4
+sluice_backend_dial_failures_total{backend="127.0.1.3:80",reason="timeout"} 4
 sluice_dial_retries_total{service="rollout"} 7
 sluice_connections_accepted_total{service="rollout"} 1661
 sluice_connections_closed_total{service="rollout",reason="done"} 1660
 sluice_connections_closed_total{service="rollout",reason="reset"} 1
+sluice_ejections_total 2
 sluice_backend_ejections_total{backend="127.0.1.1:80"} 2
 sluice_table_generation 8
 "#;

@@ -104,6 +104,11 @@ pub struct DialLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: DialReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -119,8 +124,10 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     backend_connections: Family<BackendLabels, Counter>,
     backend_active: Family<BackendLabels, Gauge>,
-    dial_failures: Family<DialLabels, Counter>,
-    ejections: Family<BackendLabels, Counter>,
+    dial_failures: Family<ReasonLabels, Counter>,
+    backend_dial_failures: Family<DialLabels, Counter>,
+    ejections: Counter,
+    backend_ejections: Family<BackendLabels, Counter>,
     /// From a backend's drain start to its last connection's end.
     pub drain_duration: Histogram,
     /// Connections cut because their backend's drain timeout expired.
@@ -147,7 +154,9 @@ impl Metrics {
             backend_connections: Family::default(),
             backend_active: Family::default(),
             dial_failures: Family::default(),
-            ejections: Family::default(),
+            backend_dial_failures: Family::default(),
+            ejections: Counter::default(),
+            backend_ejections: Family::default(),
             drain_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             drain_cut: Counter::default(),
             table_generation: Gauge::default(),
@@ -191,13 +200,23 @@ impl Metrics {
         );
         registry.register(
             "dial_failures",
-            "Failed dials, per backend and reason",
+            "Failed dials to backends, per reason",
             m.dial_failures.clone(),
         );
         registry.register(
-            "backend_ejections",
+            "backend_dial_failures",
+            "Failed dials, per backend still tracked and reason",
+            m.backend_dial_failures.clone(),
+        );
+        registry.register(
+            "ejections",
             "Times a backend was ejected from new picks after a failed dial",
             m.ejections.clone(),
+        );
+        registry.register(
+            "backend_ejections",
+            "Ejections, per backend still tracked",
+            m.backend_ejections.clone(),
         );
         registry.register(
             "drain_duration_seconds",
@@ -306,15 +325,22 @@ impl Metrics {
             backend: addr.to_string(),
         };
         let dial = |reason| {
-            self.dial_failures.get_or_create_owned(&DialLabels {
-                backend: addr.to_string(),
-                reason,
-            })
+            [
+                self.backend_dial_failures.get_or_create_owned(&DialLabels {
+                    backend: addr.to_string(),
+                    reason,
+                }),
+                self.dial_failures
+                    .get_or_create_owned(&ReasonLabels { reason }),
+            ]
         };
         BackendMetrics {
             connections: self.backend_connections.get_or_create_owned(&b),
             active: self.backend_active.get_or_create_owned(&b),
-            ejections: self.ejections.get_or_create_owned(&b),
+            ejections: [
+                self.backend_ejections.get_or_create_owned(&b),
+                self.ejections.clone(),
+            ],
             refused: dial(DialReason::Refused),
             unreachable: dial(DialReason::Unreachable),
             timeout: dial(DialReason::Timeout),
@@ -329,14 +355,14 @@ impl Metrics {
         };
         self.backend_connections.remove(&b);
         self.backend_active.remove(&b);
-        self.ejections.remove(&b);
+        self.backend_ejections.remove(&b);
         for reason in [
             DialReason::Refused,
             DialReason::Unreachable,
             DialReason::Timeout,
             DialReason::Other,
         ] {
-            self.dial_failures.remove(&DialLabels {
+            self.backend_dial_failures.remove(&DialLabels {
                 backend: addr.to_string(),
                 reason,
             });
@@ -370,27 +396,36 @@ impl ServiceMetrics {
     }
 }
 
-/// One backend's series.
+/// One backend's series. Failures and ejections also count in the
+/// process-wide series, which outlive the backend.
 #[derive(Debug, Clone)]
 pub struct BackendMetrics {
     pub connections: Counter,
     pub active: Gauge,
-    pub ejections: Counter,
-    refused: Counter,
-    unreachable: Counter,
-    timeout: Counter,
-    other: Counter,
+    ejections: [Counter; 2],
+    refused: [Counter; 2],
+    unreachable: [Counter; 2],
+    timeout: [Counter; 2],
+    other: [Counter; 2],
 }
 
 impl BackendMetrics {
     pub fn dial_failed(&self, kind: DialErrorKind) {
-        match kind {
+        let counters = match kind {
             DialErrorKind::Refused => &self.refused,
             DialErrorKind::Unreachable => &self.unreachable,
             DialErrorKind::Timeout => &self.timeout,
             DialErrorKind::Other => &self.other,
-        }
-        .inc();
+        };
+        counters.iter().for_each(|c| {
+            c.inc();
+        });
+    }
+
+    pub fn ejected(&self) {
+        self.ejections.iter().for_each(|c| {
+            c.inc();
+        });
     }
 }
 
@@ -419,7 +454,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                r#"sluice_dial_failures_total{backend="10.0.0.1:80",reason="refused"} 1"#
+                r#"sluice_backend_dial_failures_total{backend="10.0.0.1:80",reason="refused"} 1"#
             ),
             "{text}"
         );
@@ -429,5 +464,9 @@ mod tests {
         let text = m.render();
         assert!(!text.contains("default/web:http"), "{text}");
         assert!(!text.contains("10.0.0.1:80"), "{text}");
+        assert!(
+            text.contains(r#"sluice_dial_failures_total{reason="refused"} 1"#),
+            "process-wide series outlive the backend: {text}"
+        );
     }
 }

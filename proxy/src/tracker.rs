@@ -51,7 +51,13 @@ pub struct BackendState {
 #[derive(Debug)]
 struct Inner {
     consecutive_failures: u32,
+    /// When the current ejection began: failures of dials started before
+    /// it were caused by the same outage and do not lengthen it.
+    ejected_at: Option<Instant>,
     ejected_until: Option<Instant>,
+    /// After the cooldown, one dial at a time probes a failing backend;
+    /// the others still skip it until that dial succeeds.
+    probing: bool,
     /// Set while the backend is not eligible in the live table.
     draining_since: Option<Instant>,
     /// Cancelled when the drain timeout cuts this backend's connections.
@@ -78,6 +84,14 @@ impl BackendState {
     /// The instant until which this backend is ejected, if it is now.
     pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
         self.lock().ejected_until.filter(|&t| t > now)
+    }
+
+    /// Whether new picks must skip this backend: it is in its cooldown, or
+    /// the cooldown is over and a probing dial is under way.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let inner = self.lock();
+        inner.ejected_until.is_some_and(|t| t > now)
+            || (inner.consecutive_failures > 0 && inner.probing)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -162,7 +176,9 @@ impl Tracker {
                     active: AtomicUsize::new(0),
                     inner: Mutex::new(Inner {
                         consecutive_failures: 0,
+                        ejected_at: None,
                         ejected_until: None,
+                        probing: false,
                         draining_since: None,
                         cut: self.shutdown_cut.child_token(),
                         drain_recorded: false,
@@ -193,17 +209,22 @@ impl Tracker {
 
     /// Whether `addr` is ejected from new picks at `now`.
     pub fn is_ejected(&self, addr: SocketAddr, now: Instant) -> bool {
-        self.backends
-            .get(&addr)
-            .is_some_and(|s| s.ejected_until(now).is_some())
+        self.backends.get(&addr).is_some_and(|s| s.is_ejected(now))
     }
 
-    /// Registers a connection to `addr` before dialing it.
+    /// Registers a connection to `addr` before dialing it. A dial to a
+    /// failing backend whose cooldown is over is its probe.
     pub fn connect(&self, addr: SocketAddr) -> ConnGuard {
         let state = self.state(addr);
         state.active.fetch_add(1, Ordering::Relaxed);
         state.metrics.active.inc();
-        let cut = state.lock().cut.clone();
+        let cut = {
+            let mut inner = state.lock();
+            if inner.consecutive_failures > 0 {
+                inner.probing = true;
+            }
+            inner.cut.clone()
+        };
         ConnGuard {
             state,
             cut,
@@ -211,14 +232,22 @@ impl Tracker {
         }
     }
 
-    /// A dial to `addr` failed: eject it for a cooldown that grows with
-    /// consecutive failures. Returns the cooldown.
-    pub fn dial_failed(&self, addr: SocketAddr, kind: DialErrorKind, now: Instant) -> Duration {
+    /// A dial to `addr`, started at `started`, failed: eject the backend
+    /// for a cooldown that doubles per consecutive failure. Dials that were
+    /// already under way when the current ejection began failed for the
+    /// same reason and do not lengthen it. Returns the cooldown in force.
+    pub fn dial_failed(&self, addr: SocketAddr, kind: DialErrorKind, started: Instant) -> Duration {
         let state = self.state(addr);
         state.metrics.dial_failed(kind);
+        let now = Instant::now();
         let mut inner = state.lock();
-        if inner.ejected_until.is_none_or(|t| t <= now) {
-            state.metrics.ejections.inc();
+        if let (Some(at), Some(until)) = (inner.ejected_at, inner.ejected_until)
+            && started < at
+        {
+            return until.saturating_duration_since(at);
+        }
+        if inner.ejected_until.is_none_or(|t| t <= now) && inner.consecutive_failures == 0 {
+            state.metrics.ejected();
             tracing::info!(backend = %addr, reason = kind.as_str(), "backend ejected after a failed dial");
         }
         inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
@@ -228,7 +257,9 @@ impl Tracker {
             .eject_base
             .saturating_mul(1u32 << doublings)
             .min(self.config.eject_max);
+        inner.ejected_at = Some(now);
         inner.ejected_until = Some(now + cooldown);
+        inner.probing = false;
         cooldown
     }
 
@@ -242,7 +273,9 @@ impl Tracker {
         let mut inner = state.lock();
         let was_failing = inner.consecutive_failures > 0;
         inner.consecutive_failures = 0;
+        inner.ejected_at = None;
         inner.ejected_until = None;
+        inner.probing = false;
         was_failing
     }
 
@@ -367,31 +400,55 @@ mod tests {
             Arc::default(),
         );
         let b = addr("10.0.0.1:80");
+        // Each failure comes from a dial started after the previous ejection.
+        let fail = || t.dial_failed(b, DialErrorKind::Refused, Instant::now());
+        assert_eq!(fail(), Duration::from_secs(1));
+        assert_eq!(fail(), Duration::from_secs(2));
+        assert_eq!(fail(), Duration::from_secs(4));
+        assert_eq!(fail(), Duration::from_secs(5));
         let now = Instant::now();
-        assert_eq!(
-            t.dial_failed(b, DialErrorKind::Refused, now),
-            Duration::from_secs(1)
-        );
-        assert_eq!(
-            t.dial_failed(b, DialErrorKind::Refused, now),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            t.dial_failed(b, DialErrorKind::Refused, now),
-            Duration::from_secs(4)
-        );
-        assert_eq!(
-            t.dial_failed(b, DialErrorKind::Refused, now),
-            Duration::from_secs(5)
-        );
         assert!(t.is_ejected(b, now));
         assert!(!t.is_ejected(b, now + Duration::from_secs(6)));
         assert!(t.dial_succeeded(b));
         assert!(!t.is_ejected(b, now));
-        assert_eq!(
-            t.dial_failed(b, DialErrorKind::Refused, now),
-            Duration::from_secs(1)
+        assert_eq!(fail(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn dials_already_under_way_do_not_lengthen_the_ejection() {
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
         );
+        let b = addr("10.0.0.1:80");
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        // Sixteen dials started together into a black hole fail together.
+        for _ in 0..16 {
+            assert_eq!(
+                t.dial_failed(b, DialErrorKind::Timeout, started),
+                Duration::from_secs(1)
+            );
+        }
+    }
+
+    #[test]
+    fn after_the_cooldown_one_dial_probes_while_others_skip() {
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        );
+        let b = addr("10.0.0.1:80");
+        t.dial_failed(b, DialErrorKind::Refused, Instant::now());
+        let later = Instant::now() + Duration::from_secs(2);
+        assert!(!t.is_ejected(b, later), "cooldown over: pickable");
+        let probe = t.connect(b);
+        assert!(t.is_ejected(b, later), "a probe is under way");
+        assert!(t.dial_succeeded(b));
+        assert!(!t.is_ejected(b, later));
+        drop(probe);
     }
 
     #[test]
