@@ -3,3 +3,4 @@
 //! good table keeps serving.
 
 pub mod file;
+pub mod kube;
