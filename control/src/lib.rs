@@ -16,4 +16,6 @@ pub mod source;
 pub mod table;
 
 pub use publish::{Publisher, Snapshot};
-pub use table::{Affinity, Backend, Conditions, ListenKey, Policy, Protocol, Service, Table};
+pub use table::{
+    Affinity, Backend, Conditions, ListenKey, Policy, Protocol, Service, Table, TableDiff,
+};

@@ -6,8 +6,8 @@
 //! to learn that a new generation is live. Publishing a table equal to the
 //! live one changes nothing and wakes nobody.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -21,6 +21,8 @@ pub struct Snapshot {
     /// Starts at 0 (the empty table before any source spoke); +1 per change.
     pub generation: u64,
     pub published_at: Instant,
+    /// Wall-clock time of the publish, for health reports.
+    pub published_wall: SystemTime,
 }
 
 /// The single place a table becomes live.
@@ -28,6 +30,10 @@ pub struct Snapshot {
 pub struct Publisher {
     live: ArcSwap<Snapshot>,
     changed: watch::Sender<u64>,
+    /// Since when a source has input that is not reflected in the live
+    /// table yet (kube-proxy's health rule: unhealthy when an update waits
+    /// too long).
+    pending_since: Mutex<Option<Instant>>,
 }
 
 impl Default for Publisher {
@@ -44,8 +50,10 @@ impl Publisher {
                 table: Arc::new(Table::new()),
                 generation: 0,
                 published_at: Instant::now(),
+                published_wall: SystemTime::now(),
             }),
             changed,
+            pending_since: Mutex::new(None),
         }
     }
 
@@ -64,6 +72,7 @@ impl Publisher {
     /// Only one task may publish (the source's); the swap itself is atomic.
     pub fn publish(&self, table: Table) -> Option<u64> {
         let current = self.live.load();
+        *self.pending() = None;
         if *current.table == table && current.generation > 0 {
             return None;
         }
@@ -72,9 +81,25 @@ impl Publisher {
             table: Arc::new(table),
             generation,
             published_at: Instant::now(),
+            published_wall: SystemTime::now(),
         }));
         self.changed.send_replace(generation);
         Some(generation)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.pending_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A source received input that may change the table; the next
+    /// `publish` (changed or not) clears it.
+    pub fn mark_pending(&self) {
+        self.pending().get_or_insert_with(Instant::now);
+    }
+
+    /// Since when input has been waiting for a publish, if it is.
+    pub fn pending_since(&self) -> Option<Instant> {
+        *self.pending()
     }
 
     /// Makes `table` live without comparing it to the live one: for a
@@ -82,14 +107,23 @@ impl Publisher {
     /// which keys changed), so that publishing costs O(1) rather than a
     /// full-table comparison. Returns the new generation.
     pub fn publish_changed(&self, table: Table) -> u64 {
+        *self.pending() = None;
         let generation = self.live.load().generation + 1;
         self.live.store(Arc::new(Snapshot {
             table: Arc::new(table),
             generation,
             published_at: Instant::now(),
+            published_wall: SystemTime::now(),
         }));
         self.changed.send_replace(generation);
         generation
+    }
+
+    /// The pending input turned out not to change the table (the caller
+    /// knows, without a full comparison): clears the pending mark as an
+    /// equal `publish` would.
+    pub fn settle_unchanged(&self) {
+        *self.pending() = None;
     }
 
     /// A receiver that sees every generation change (the latest, not each).
@@ -124,6 +158,20 @@ mod tests {
         assert_eq!(p.publish(mk_table(81)), Some(2));
         assert_eq!(*rx.borrow_and_update(), 2);
         assert_eq!(p.snapshot().generation, 2);
+    }
+
+    #[test]
+    fn pending_input_is_cleared_by_any_publish() {
+        let p = Publisher::new();
+        p.mark_pending();
+        let since = p.pending_since().unwrap();
+        p.mark_pending();
+        assert_eq!(p.pending_since(), Some(since), "the oldest input counts");
+        p.publish(Table::new());
+        assert_eq!(p.pending_since(), None);
+        p.mark_pending();
+        assert_eq!(p.publish(Table::new()), None);
+        assert_eq!(p.pending_since(), None, "an equal table also clears it");
     }
 
     #[test]

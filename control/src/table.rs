@@ -386,3 +386,172 @@ mod tests {
         assert_ne!(mk(), other);
     }
 }
+
+/// What changed between two tables, for one log line per change.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TableDiff {
+    pub added: Vec<ListenKey>,
+    pub removed: Vec<ListenKey>,
+    /// Per changed service: backend changes such as `+10.0.0.9:80`,
+    /// `-10.0.0.1:80`, `10.0.0.2:80 ready->serving-terminating`.
+    pub changed: Vec<(ListenKey, Vec<String>)>,
+}
+
+impl TableDiff {
+    /// Costs O(changes × log n) when `new` was derived from `old` (the
+    /// persistent map skips shared subtrees), O(n) at worst.
+    pub fn between(old: &Table, new: &Table) -> TableDiff {
+        use imbl::ordmap::DiffItem;
+        let mut d = TableDiff::default();
+        for item in old.services.diff(&new.services) {
+            match item {
+                DiffItem::Add(key, _) => d.added.push(*key),
+                DiffItem::Remove(key, _) => d.removed.push(*key),
+                DiffItem::Update {
+                    old: (_, prev),
+                    new: (key, svc),
+                } => d.changed.push((*key, backend_changes(prev, svc))),
+            }
+        }
+        d
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+fn backend_changes(old: &Service, new: &Service) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in new.backends() {
+        match old.backends().iter().find(|o| o.addr == b.addr) {
+            None => out.push(format!("+{} {}", b.addr, b.conditions.label())),
+            Some(o) if o.conditions != b.conditions => out.push(format!(
+                "{} {}->{}",
+                b.addr,
+                o.conditions.label(),
+                b.conditions.label()
+            )),
+            Some(o) if o.weight != b.weight => {
+                out.push(format!("{} weight {}->{}", b.addr, o.weight, b.weight))
+            }
+            Some(_) => {}
+        }
+    }
+    for o in old.backends() {
+        if !new.backends().iter().any(|b| b.addr == o.addr) {
+            out.push(format!("-{}", o.addr));
+        }
+    }
+    if old.policy != new.policy {
+        out.push(format!("policy {}->{}", old.policy, new.policy));
+    }
+    if old.affinity != new.affinity {
+        out.push("affinity changed".to_string());
+    }
+    if old.name != new.name {
+        out.push(format!("name {}->{}", old.name, new.name));
+    }
+    out
+}
+
+/// At most this many items per part of the line; the rest is counted.
+const DIFF_ITEMS: usize = 8;
+
+impl fmt::Display for TableDiff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn list<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
+            for (i, it) in items.iter().take(DIFF_ITEMS).enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{it}")?;
+            }
+            if items.len() > DIFF_ITEMS {
+                write!(f, " and {} more", items.len() - DIFF_ITEMS)?;
+            }
+            Ok(())
+        }
+        let mut sep = "";
+        if !self.added.is_empty() {
+            f.write_str("added: ")?;
+            list(f, &self.added)?;
+            sep = "; ";
+        }
+        if !self.removed.is_empty() {
+            write!(f, "{sep}removed: ")?;
+            list(f, &self.removed)?;
+            sep = "; ";
+        }
+        if !self.changed.is_empty() {
+            write!(f, "{sep}changed: ")?;
+            let parts: Vec<String> = self
+                .changed
+                .iter()
+                .map(|(k, c)| {
+                    let shown: Vec<&str> = c.iter().take(DIFF_ITEMS).map(String::as_str).collect();
+                    let more = c.len().saturating_sub(DIFF_ITEMS);
+                    if more > 0 {
+                        format!("{k} [{} and {more} more]", shown.join(", "))
+                    } else {
+                        format!("{k} [{}]", shown.join(", "))
+                    }
+                })
+                .collect();
+            list(f, &parts)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::*;
+
+    fn key(port: u16) -> ListenKey {
+        ListenKey::tcp(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn svc(backends: &[(&str, Conditions)]) -> Arc<Service> {
+        Arc::new(Service::new(
+            "s",
+            Policy::RoundRobin,
+            None,
+            backends
+                .iter()
+                .map(|(a, c)| Backend::new(a.parse().unwrap(), *c))
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn names_what_changed() {
+        let mut old = Table::new();
+        old.insert(
+            key(80),
+            svc(&[
+                ("10.0.0.1:80", Conditions::READY),
+                ("10.0.0.2:80", Conditions::READY),
+            ]),
+        );
+        old.insert(key(81), svc(&[]));
+        let mut new = Table::new();
+        new.insert(
+            key(80),
+            svc(&[
+                ("10.0.0.1:80", Conditions::TERMINATING),
+                ("10.0.0.3:80", Conditions::READY),
+            ]),
+        );
+        new.insert(key(82), svc(&[]));
+        let d = TableDiff::between(&old, &new);
+        assert_eq!(d.added, vec![key(82)]);
+        assert_eq!(d.removed, vec![key(81)]);
+        assert_eq!(
+            d.to_string(),
+            "added: 127.0.0.1:82/tcp; removed: 127.0.0.1:81/tcp; changed: 127.0.0.1:80/tcp \
+             [10.0.0.1:80 ready->serving-terminating, +10.0.0.3:80 ready, -10.0.0.2:80]"
+        );
+        assert!(TableDiff::between(&new, &new).is_empty());
+    }
+}

@@ -1,1 +1,33 @@
-//! sluice's data plane. (Being written.)
+//! sluice's data plane: from an accepted client to a forwarded connection.
+//!
+//! # Layout
+//! - [`server`]: the [`Proxy`]: listeners that follow the live table, the
+//!   accept loops, per-connection handling (pick, dial, retry, forward) and
+//!   graceful shutdown.
+//! - [`listener`]: shareable listening sockets (SO_REUSEPORT, IP_FREEBIND).
+//! - [`balance`]: the pure backend pick (round robin, least connections by
+//!   two random choices, client-IP affinity).
+//! - [`connect`]: the one dial function (timeout, optional source address)
+//!   and the classification of dial failures.
+//! - [`forward`]: bidirectional forwarding with half-close and reset
+//!   propagation.
+//! - [`tracker`]: per-backend state that survives table swaps: active
+//!   connections, ejection after failed dials, draining and drain timeouts.
+//! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
+//! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
+//! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
+//! - [`cli`]: the `sluice` command line.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admin;
+pub mod balance;
+pub mod cli;
+pub mod connect;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod server;
+pub mod tracker;
+pub mod vip;
+
+pub use server::{Proxy, ProxyConfig, ShutdownReport};

@@ -1,1 +1,207 @@
-fn main() {}
+//! The `sluice` daemon: parse flags, load the first table, serve until a
+//! signal, drain, exit.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use sluice_control::Publisher;
+use sluice_control::source::file;
+use sluice_proxy::Proxy;
+use sluice_proxy::admin::{self, Admin, Endpoints};
+use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
+use sluice_proxy::metrics::Metrics;
+use sluice_proxy::vip::{VipDevice, service_ips};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitCode::from(EXIT_USAGE as u8)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+    };
+    init_logs(args.log_format);
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Each proxied connection holds two descriptors: lift the soft limit to
+/// the hard one.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "file descriptor limit"),
+        Err(e) => warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
+}
+
+async fn run(args: Args) -> ExitCode {
+    let publisher = Arc::new(Publisher::new());
+    let first = match file::load(&args.config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
+    publisher.publish(first);
+
+    let reload = Arc::new(Notify::new());
+    tokio::spawn(file::watch(
+        args.config.clone(),
+        args.config_poll_interval,
+        publisher.clone(),
+        reload.clone(),
+    ));
+
+    if let Some(name) = args.vip_interface.as_deref() {
+        match VipDevice::open(Some(name)).await {
+            Ok(device) => {
+                tokio::spawn(sync_vips(device, publisher.clone()));
+            }
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+        }
+    }
+
+    let stop = CancellationToken::new();
+    if let Err(e) = watch_signals(stop.clone(), reload) {
+        error!(error = %e, "cannot install signal handlers");
+        return ExitCode::FAILURE;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Proxy::new(args.proxy_config(), publisher.clone(), metrics.clone());
+    let admin = Arc::new(Admin {
+        publisher,
+        tracker: proxy.tracker().clone(),
+        metrics,
+        health_timeout: args.healthz_timeout,
+    });
+    for (addr, endpoints) in [
+        (args.healthz_bind_address.clone(), Endpoints::Health),
+        (args.metrics_bind_address.clone(), Endpoints::Metrics),
+    ] {
+        tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
+    }
+    let report = proxy.run(stop).await;
+    if report.cut > 0 {
+        warn!(cut = report.cut, "exiting with connections cut");
+    }
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM/SIGINT stop the proxy; SIGHUP reloads the config at once.
+fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+                _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+                _ = hup.recv() => { info!("SIGHUP: reloading"); reload.notify_one(); }
+            }
+        }
+        stop.cancel();
+    });
+    Ok(())
+}
+
+/// Keeps the device's Service IPs equal to the live table's, retrying a
+/// failed sync every few seconds until it succeeds.
+async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
+    let mut changes = publisher.subscribe();
+    loop {
+        let want = service_ips(&publisher.load());
+        let complete = match device.sync(&want).await {
+            Ok(report) => {
+                if !report.added.is_empty() || !report.removed.is_empty() {
+                    info!(
+                        device = device.name(),
+                        added = ?report.added,
+                        removed = ?report.removed,
+                        "service IPs updated"
+                    );
+                }
+                for failure in &report.failed {
+                    warn!(device = device.name(), "{failure}");
+                }
+                report.is_complete()
+            }
+            Err(e) => {
+                error!(device = device.name(), "{e}");
+                false
+            }
+        };
+        let retry = async {
+            if complete {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await
+            }
+        };
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = retry => {}
+        }
+    }
+}
+
+/// Binds and serves one admin listener. A bind failure (say, the port is
+/// still held by the kube-proxy being replaced) is logged and retried: the
+/// proxy keeps serving meanwhile.
+async fn serve_admin(addr: String, admin: Arc<Admin>, endpoints: Endpoints) {
+    let mut logged = false;
+    loop {
+        match admin::bind(&addr).await {
+            Ok(None) => return,
+            Ok(Some(listener)) => {
+                info!(address = %addr, ?endpoints, "admin endpoints listening");
+                return admin::serve(listener, admin, endpoints).await;
+            }
+            Err(e) => {
+                if !logged {
+                    error!(address = %addr, ?endpoints, error = %e, "cannot bind admin endpoints; retrying every 5s");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    }
+}

@@ -276,6 +276,7 @@ impl Source {
         let changed = self.index.build();
         let triggers = self.index.take_trigger_times();
         if !(changed || first) {
+            publisher.settle_unchanged();
             return;
         }
         let table = self.index.table().clone();
@@ -386,6 +387,9 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         };
         match next {
             Some(Some(first)) => {
+                // Input that may change the table: the health rule
+                // (kube-proxy's) watches how long it waits for a publish.
+                publisher.mark_pending();
                 src.take(first);
                 // Apply whatever else is already buffered before deciding.
                 for _ in 0..MAX_DRAIN {

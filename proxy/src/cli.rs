@@ -1,0 +1,130 @@
+//! The `sluice` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::ProxyConfig;
+use crate::tracker::TrackerConfig;
+
+/// Exit status for a bad flag or configuration (EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// sluice: a per-node userspace TCP load balancer for Kubernetes Services.
+///
+/// Every new connection is balanced at accept time from the live table;
+/// a failed dial is retried on another backend before the client sees
+/// anything; terminating and removed backends drain.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+pub struct Args {
+    /// Serve the services described in this YAML file (reloaded on change
+    /// and on SIGHUP).
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// How often the config file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub config_poll_interval: Duration,
+
+    /// Connect timeout of each dial to a backend.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+
+    /// Dials per client connection, each to a different backend, before the
+    /// client is reset.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub max_attempts: u16,
+
+    /// Cooldown during which a backend that failed a dial gets no new
+    /// connection; doubles on each consecutive failure.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub eject_cooldown: Duration,
+
+    /// Upper bound of the ejection cooldown.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub eject_cooldown_max: Duration,
+
+    /// How long connections to a terminating or removed backend may live
+    /// before they are cut.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+
+    /// After SIGTERM/SIGINT: how long open connections may finish before
+    /// they are cut.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub shutdown_grace: Duration,
+
+    /// Concurrent client connections, over all services.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Assign every Service IP sluice serves to this existing device (e.g.
+    /// `lo`, or an `ifb` device), as IPVS mode does with `kube-ipvs0`, and
+    /// remove the ones it no longer serves. Without this flag the file
+    /// source leaves addresses alone.
+    #[arg(long, env = "SLUICE_VIP_INTERFACE", value_name = "NAME")]
+    pub vip_interface: Option<String>,
+
+    /// Serve /healthz, /livez and /readyz here (empty: disabled).
+    #[arg(
+        long,
+        env = "SLUICE_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256",
+        value_parser = bind_address,
+        value_name = "IP:PORT"
+    )]
+    pub healthz_bind_address: String,
+
+    /// Serve /metrics and /debug/table here (empty: disabled).
+    #[arg(
+        long,
+        env = "SLUICE_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249",
+        value_parser = bind_address,
+        value_name = "IP:PORT"
+    )]
+    pub metrics_bind_address: String,
+
+    /// /healthz turns 503 when source input has waited this long for a
+    /// table publish.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub healthz_timeout: Duration,
+
+    /// Log format on stderr. The level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// An `IP:PORT` to bind, or empty for "disabled".
+fn bind_address(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    s.parse::<std::net::SocketAddr>()
+        .map(|a| a.to_string())
+        .map_err(|e| format!("{s:?} is not IP:PORT ({e})"))
+}
+
+impl Args {
+    pub fn proxy_config(&self) -> ProxyConfig {
+        ProxyConfig {
+            connect_timeout: self.connect_timeout,
+            max_attempts: usize::from(self.max_attempts),
+            tracker: TrackerConfig {
+                eject_base: self.eject_cooldown,
+                eject_max: self.eject_cooldown_max.max(self.eject_cooldown),
+                drain_timeout: self.drain_timeout,
+            },
+            max_connections: self.max_connections.max(1),
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}

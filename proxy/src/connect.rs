@@ -1,0 +1,124 @@
+//! Dialing backends: the one place sluice opens a connection to a backend.
+//!
+//! [`dial`] takes an optional source address so that a transparent mode
+//! (preserving the client's IP) can bind it here without touching callers.
+//! Failures are classified into the kinds an operator sees in rollouts
+//! ([`DialErrorKind`]): refused (process gone, namespace alive), unreachable
+//! (`No route to host` after ARP gave up), timeout (the black hole while the
+//! node still has an ARP entry for a vanished pod), other.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Why a dial failed, as counted and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DialErrorKind {
+    Refused,
+    Unreachable,
+    Timeout,
+    Other,
+}
+
+impl DialErrorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DialErrorKind::Refused => "refused",
+            DialErrorKind::Unreachable => "unreachable",
+            DialErrorKind::Timeout => "timeout",
+            DialErrorKind::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("dial {backend}: {}: {source}", kind.as_str())]
+pub struct DialError {
+    pub backend: SocketAddr,
+    pub kind: DialErrorKind,
+    #[source]
+    pub source: io::Error,
+}
+
+fn classify(e: &io::Error) -> DialErrorKind {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => DialErrorKind::Refused,
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            DialErrorKind::Unreachable
+        }
+        io::ErrorKind::TimedOut => DialErrorKind::Timeout,
+        _ => DialErrorKind::Other,
+    }
+}
+
+/// Opens a TCP connection to `backend` within `timeout`, optionally from
+/// `source` (bound before connecting).
+pub async fn dial(
+    backend: SocketAddr,
+    source: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    let fail = |source: io::Error| DialError {
+        backend,
+        kind: classify(&source),
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(backend), Type::STREAM, None).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
+    socket.set_tcp_nodelay(true).map_err(fail)?;
+    if let Some(src) = source {
+        socket.bind(&src.into()).map_err(fail)?;
+    }
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    match tokio::time::timeout(timeout, socket.connect(backend)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(fail(e)),
+        Err(_) => Err(DialError {
+            backend,
+            kind: DialErrorKind::Timeout,
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refused_is_classified() {
+        // Bind then drop to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = dial(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            None,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind, DialErrorKind::Refused);
+        assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connects_and_binds_the_source() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let src: SocketAddr = "127.0.0.9:0".parse().unwrap();
+        let s = dial(l.local_addr().unwrap(), Some(src), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let (_, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), src.ip());
+        assert_eq!(s.local_addr().unwrap().ip(), src.ip());
+    }
+}

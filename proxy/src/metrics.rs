@@ -1,0 +1,433 @@
+//! Prometheus metrics (`prometheus-client`), rendered by the admin server.
+//!
+//! Label sets are bounded by what the live table holds: a service's series
+//! are created with its listener and removed with it, a backend's with its
+//! tracker entry. The connection path never looks a label set up: each
+//! listener holds its [`ServiceMetrics`] and each tracked backend its
+//! [`BackendMetrics`], handles that share the registered atomics.
+//!
+//! Every metric is listed, with its meaning, in docs/operations.md.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::connect::DialErrorKind;
+use crate::forward::Outcome;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions ended with EOF.
+    Closed,
+    /// A peer reset or failed; the reset was propagated.
+    Reset,
+    /// Cut at the drain timeout or the end of the shutdown grace.
+    Cut,
+    /// No eligible backend accepted: the client was reset.
+    NoBackend,
+}
+
+/// Label values in the Prometheus style (snake case).
+macro_rules! label_values {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(&self) -> &'static str {
+                match self { $(Self::$v => $s),* }
+            }
+        }
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    };
+}
+
+label_values!(CloseReason { Closed => "closed", Reset => "reset", Cut => "cut", NoBackend => "no_backend" });
+label_values!(Direction { ClientToBackend => "client_to_backend", BackendToClient => "backend_to_client" });
+label_values!(DialReason { Refused => "refused", Unreachable => "unreachable", Timeout => "timeout", Other => "other" });
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub service: String,
+    pub reason: CloseReason,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    ClientToBackend,
+    BackendToClient,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub service: String,
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum DialReason {
+    Refused,
+    Unreachable,
+    Timeout,
+    Other,
+}
+
+impl From<DialErrorKind> for DialReason {
+    fn from(k: DialErrorKind) -> Self {
+        match k {
+            DialErrorKind::Refused => DialReason::Refused,
+            DialErrorKind::Unreachable => DialReason::Unreachable,
+            DialErrorKind::Timeout => DialReason::Timeout,
+            DialErrorKind::Other => DialReason::Other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DialLabels {
+    pub backend: String,
+    pub reason: DialReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+/// Every metric sluice exports, registered once.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    accepted: Family<ServiceLabels, Counter>,
+    active: Family<ServiceLabels, Gauge>,
+    closed: Family<CloseLabels, Counter>,
+    retries: Family<ServiceLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    backend_connections: Family<BackendLabels, Counter>,
+    backend_active: Family<BackendLabels, Gauge>,
+    dial_failures: Family<DialLabels, Counter>,
+    ejections: Family<BackendLabels, Counter>,
+    /// From a backend's drain start to its last connection's end.
+    pub drain_duration: Histogram,
+    /// Connections cut because their backend's drain timeout expired.
+    pub drain_cut: Counter,
+    pub table_generation: Gauge,
+    pub table_publishes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let m = Metrics {
+            accepted: Family::default(),
+            active: Family::default(),
+            closed: Family::default(),
+            retries: Family::default(),
+            bytes: Family::default(),
+            backend_connections: Family::default(),
+            backend_active: Family::default(),
+            dial_failures: Family::default(),
+            ejections: Family::default(),
+            drain_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            drain_cut: Counter::default(),
+            table_generation: Gauge::default(),
+            table_publishes: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted, per service",
+            m.accepted.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Client connections open now, per service",
+            m.active.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Client connections ended, per service and reason",
+            m.closed.clone(),
+        );
+        registry.register(
+            "dial_retries",
+            "Dials retried on another backend after a failed dial, per service",
+            m.retries.clone(),
+        );
+        registry.register(
+            "forwarded_bytes",
+            "Bytes forwarded, per service and direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "backend_connections",
+            "Connections established to each backend",
+            m.backend_connections.clone(),
+        );
+        registry.register(
+            "backend_connections_active",
+            "Connections (and dials in progress) to each backend now",
+            m.backend_active.clone(),
+        );
+        registry.register(
+            "dial_failures",
+            "Failed dials, per backend and reason",
+            m.dial_failures.clone(),
+        );
+        registry.register(
+            "backend_ejections",
+            "Times a backend was ejected from new picks after a failed dial",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "drain_duration_seconds",
+            "Time from a backend leaving the eligible set to its last connection ending",
+            m.drain_duration.clone(),
+        );
+        registry.register(
+            "drain_cut_connections",
+            "Connections cut because their backend's drain timeout expired",
+            m.drain_cut.clone(),
+        );
+        registry.register(
+            "table_generation",
+            "Generation of the live table",
+            m.table_generation.clone(),
+        );
+        registry.register(
+            "table_publishes",
+            "Tables made live (equal tables are not counted)",
+            m.table_publishes.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        registry.register("build_info", "sluice's version; always 1", build);
+        Metrics { registry, ..m }
+    }
+
+    /// Extra metrics registered by other parts (e.g. the control plane).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Handles for one service's series (created now, shared afterwards).
+    pub fn service(&self, name: &str) -> ServiceMetrics {
+        let svc = ServiceLabels {
+            service: name.to_string(),
+        };
+        let closed = |reason| {
+            self.closed.get_or_create_owned(&CloseLabels {
+                service: name.to_string(),
+                reason,
+            })
+        };
+        let bytes = |direction| {
+            self.bytes.get_or_create_owned(&BytesLabels {
+                service: name.to_string(),
+                direction,
+            })
+        };
+        ServiceMetrics {
+            accepted: self.accepted.get_or_create_owned(&svc),
+            active: self.active.get_or_create_owned(&svc),
+            retries: self.retries.get_or_create_owned(&svc),
+            closed: closed(CloseReason::Closed),
+            reset: closed(CloseReason::Reset),
+            cut: closed(CloseReason::Cut),
+            no_backend: closed(CloseReason::NoBackend),
+            bytes_up: bytes(Direction::ClientToBackend),
+            bytes_down: bytes(Direction::BackendToClient),
+            name: name.to_string(),
+        }
+    }
+
+    /// Removes a service's series (its listener closed).
+    pub fn forget_service(&self, name: &str) {
+        let svc = ServiceLabels {
+            service: name.to_string(),
+        };
+        self.accepted.remove(&svc);
+        self.active.remove(&svc);
+        self.retries.remove(&svc);
+        for reason in [
+            CloseReason::Closed,
+            CloseReason::Reset,
+            CloseReason::Cut,
+            CloseReason::NoBackend,
+        ] {
+            self.closed.remove(&CloseLabels {
+                service: name.to_string(),
+                reason,
+            });
+        }
+        for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
+            self.bytes.remove(&BytesLabels {
+                service: name.to_string(),
+                direction,
+            });
+        }
+    }
+
+    /// Handles for one backend's series.
+    pub fn backend(&self, addr: &str) -> BackendMetrics {
+        let b = BackendLabels {
+            backend: addr.to_string(),
+        };
+        let dial = |reason| {
+            self.dial_failures.get_or_create_owned(&DialLabels {
+                backend: addr.to_string(),
+                reason,
+            })
+        };
+        BackendMetrics {
+            connections: self.backend_connections.get_or_create_owned(&b),
+            active: self.backend_active.get_or_create_owned(&b),
+            ejections: self.ejections.get_or_create_owned(&b),
+            refused: dial(DialReason::Refused),
+            unreachable: dial(DialReason::Unreachable),
+            timeout: dial(DialReason::Timeout),
+            other: dial(DialReason::Other),
+        }
+    }
+
+    /// Removes a backend's series (it left the table and has no connection).
+    pub fn forget_backend(&self, addr: &str) {
+        let b = BackendLabels {
+            backend: addr.to_string(),
+        };
+        self.backend_connections.remove(&b);
+        self.backend_active.remove(&b);
+        self.ejections.remove(&b);
+        for reason in [
+            DialReason::Refused,
+            DialReason::Unreachable,
+            DialReason::Timeout,
+            DialReason::Other,
+        ] {
+            self.dial_failures.remove(&DialLabels {
+                backend: addr.to_string(),
+                reason,
+            });
+        }
+    }
+}
+
+/// One service's series; cheap to bump from the connection path.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    pub name: String,
+    pub accepted: Counter,
+    pub active: Gauge,
+    pub retries: Counter,
+    closed: Counter,
+    reset: Counter,
+    cut: Counter,
+    pub no_backend: Counter,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
+}
+
+impl ServiceMetrics {
+    pub fn ended(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Closed => &self.closed,
+            Outcome::Reset => &self.reset,
+            Outcome::Cut => &self.cut,
+        }
+        .inc();
+    }
+}
+
+/// One backend's series.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub ejections: Counter,
+    refused: Counter,
+    unreachable: Counter,
+    timeout: Counter,
+    other: Counter,
+}
+
+impl BackendMetrics {
+    pub fn dial_failed(&self, kind: DialErrorKind) {
+        match kind {
+            DialErrorKind::Refused => &self.refused,
+            DialErrorKind::Unreachable => &self.unreachable,
+            DialErrorKind::Timeout => &self.timeout,
+            DialErrorKind::Other => &self.other,
+        }
+        .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_series_and_forgets_them() {
+        let m = Metrics::new();
+        let s = m.service("default/web:http");
+        s.accepted.inc();
+        s.ended(Outcome::Reset);
+        let b = m.backend("10.0.0.1:80");
+        b.dial_failed(DialErrorKind::Refused);
+        let text = m.render();
+        assert!(
+            text.contains(r#"sluice_connections_accepted_total{service="default/web:http"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"sluice_connections_closed_total{service="default/web:http",reason="reset"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"sluice_dial_failures_total{backend="10.0.0.1:80",reason="refused"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("sluice_build_info"), "{text}");
+        m.forget_service("default/web:http");
+        m.forget_backend("10.0.0.1:80");
+        let text = m.render();
+        assert!(!text.contains("default/web:http"), "{text}");
+        assert!(!text.contains("10.0.0.1:80"), "{text}");
+    }
+}

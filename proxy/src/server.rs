@@ -1,0 +1,371 @@
+//! The proxy: listeners that follow the table, one task per connection, and
+//! a graceful shutdown.
+//!
+//! [`Proxy::run`] is the reconciler. Each time a table goes live it
+//! 1. tells the [`Tracker`] (backends no longer eligible start draining), and
+//! 2. opens a listener for every new TCP listen address and closes the
+//!    listeners of addresses that left the table (their established
+//!    connections carry on and drain like any other).
+//!
+//! Each listener runs an accept loop: take a connection permit (the global
+//! limit), accept, spawn [`Proxy::handle`]. A connection loads the live table
+//! once per dial attempt, picks an eligible backend, dials it with a short
+//! timeout, and on failure ejects that backend and tries another, up to a
+//! bounded number of attempts; nothing has reached the client yet, so the
+//! client never sees the failed dial. When no eligible backend is left the
+//! client is reset at once.
+//!
+//! On shutdown every listener closes at once, connections get the grace
+//! period to finish, and whatever is left is cut and counted.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_control::{ListenKey, Protocol, Publisher, Table, TableDiff};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::balance::{PickContext, ServiceRuntime, pick};
+use crate::connect::dial;
+use crate::forward::{Outcome, forward, reset};
+use crate::listener::bind_tcp;
+use crate::metrics::{Metrics, ServiceMetrics};
+use crate::tracker::{Tracker, TrackerConfig};
+
+/// Data-plane settings (from the command line).
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Per-dial connect timeout.
+    pub connect_timeout: Duration,
+    /// Dials per client connection, over distinct backends.
+    pub max_attempts: usize,
+    pub tracker: TrackerConfig,
+    /// Concurrent client connections, over all listeners.
+    pub max_connections: usize,
+    /// How long connections may finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections open when accepting stopped.
+    pub open_at_stop: usize,
+    /// Connections cut at the end of the grace period.
+    pub cut: usize,
+}
+
+pub struct Proxy {
+    config: ProxyConfig,
+    publisher: Arc<Publisher>,
+    tracker: Arc<Tracker>,
+    metrics: Arc<Metrics>,
+    limit: Arc<Semaphore>,
+    connections: TaskTracker,
+    shutdown_cut: CancellationToken,
+}
+
+struct Listening {
+    runtime: Arc<ServiceRuntime>,
+    service: String,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig, publisher: Arc<Publisher>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let shutdown_cut = CancellationToken::new();
+        Arc::new(Self {
+            tracker: Arc::new(Tracker::new(
+                config.tracker,
+                shutdown_cut.clone(),
+                metrics.clone(),
+            )),
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            publisher,
+            metrics,
+            connections: TaskTracker::new(),
+            shutdown_cut,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// Follows the table until `stop` fires, then shuts down gracefully.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ShutdownReport {
+        let mut changes = self.publisher.subscribe();
+        let mut listening: HashMap<ListenKey, Listening> = HashMap::new();
+        let mut failed: HashSet<ListenKey> = HashSet::new();
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(30));
+        let mut applied = None;
+        let mut previous = Arc::new(Table::new());
+        loop {
+            let snapshot = self.publisher.snapshot();
+            let table = snapshot.table.clone();
+            self.tracker.on_table(&table);
+            self.reconcile(&table, &mut listening, &mut failed);
+            if applied != Some(snapshot.generation) {
+                applied = Some(snapshot.generation);
+                self.metrics
+                    .table_generation
+                    .set(snapshot.generation as i64);
+                self.metrics.table_publishes.inc();
+                let backends: usize = table.iter().map(|(_, s)| s.backends().len()).sum();
+                let diff = TableDiff::between(&previous, &table);
+                info!(
+                    services = table.len(),
+                    backends,
+                    listening = listening.len(),
+                    "table live generation={} {}",
+                    snapshot.generation,
+                    if diff.is_empty() {
+                        "(no change)".to_string()
+                    } else {
+                        diff.to_string()
+                    },
+                );
+                previous = table.clone();
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = retry.tick(), if !failed.is_empty() => {}
+                _ = housekeeping.tick() => self.expire_affinity(&table, &listening),
+                _ = stop.cancelled() => break,
+            }
+        }
+        self.shutdown(listening).await
+    }
+
+    fn reconcile(
+        self: &Arc<Self>,
+        table: &Table,
+        listening: &mut HashMap<ListenKey, Listening>,
+        failed: &mut HashSet<ListenKey>,
+    ) {
+        let mut closed = Vec::new();
+        listening.retain(|key, l| {
+            let keep = table.get(key).is_some();
+            if !keep {
+                info!(listen = %key, service = %l.service, "service removed: stopped accepting");
+                l.stop.cancel();
+                closed.push(l.service.clone());
+            }
+            keep
+        });
+        for name in closed {
+            if !listening.values().any(|l| l.service == name) {
+                self.metrics.forget_service(&name);
+            }
+        }
+        failed.retain(|key| table.get(key).is_some());
+        for (key, service) in table.iter() {
+            if listening.contains_key(key) {
+                continue;
+            }
+            if key.protocol != Protocol::Tcp {
+                if failed.insert(*key) {
+                    warn!(listen = %key, service = %service.name, "UDP services are not served yet: skipped");
+                }
+                continue;
+            }
+            match bind_tcp(key.addr) {
+                Ok(listener) => {
+                    if failed.remove(key) {
+                        info!(listen = %key, "bind succeeded after earlier failure");
+                    }
+                    info!(listen = %key, service = %service.name, "listening");
+                    let runtime = Arc::new(ServiceRuntime::default());
+                    let stop = CancellationToken::new();
+                    let task = tokio::spawn(self.clone().accept_loop(
+                        *key,
+                        listener,
+                        runtime.clone(),
+                        self.metrics.service(&service.name),
+                        stop.clone(),
+                    ));
+                    listening.insert(
+                        *key,
+                        Listening {
+                            runtime,
+                            service: service.name.clone(),
+                            stop,
+                            task,
+                        },
+                    );
+                }
+                Err(e) => {
+                    if failed.insert(*key) {
+                        warn!(listen = %key, service = %service.name, error = %e, "cannot listen; retrying every second");
+                    }
+                }
+            }
+        }
+    }
+
+    fn expire_affinity(&self, table: &Table, listening: &HashMap<ListenKey, Listening>) {
+        let now = Instant::now();
+        for (key, l) in listening {
+            if let Some(aff) = table.get(key).and_then(|s| s.affinity) {
+                l.runtime.expire_affinity(aff.timeout, now);
+            }
+        }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        key: ListenKey,
+        listener: TcpListener,
+        runtime: Arc<ServiceRuntime>,
+        metrics: ServiceMetrics,
+        stop: CancellationToken,
+    ) {
+        let metrics = Arc::new(metrics);
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let permit = tokio::select! {
+                p = self.limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return, // the semaphore is never closed
+                },
+                _ = stop.cancelled() => return,
+            };
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((client, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    metrics.accepted.inc();
+                    let this = self.clone();
+                    let runtime = runtime.clone();
+                    let metrics = metrics.clone();
+                    self.connections.spawn(async move {
+                        metrics.active.inc();
+                        this.handle(client, peer, key, &runtime, &metrics).await;
+                        metrics.active.dec();
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather
+                    // than spin; the listener itself stays open.
+                    warn!(listen = %key, error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Serves one client connection from pick to close.
+    pub async fn handle(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        key: ListenKey,
+        runtime: &ServiceRuntime,
+        metrics: &ServiceMetrics,
+    ) {
+        let _ = client.set_nodelay(true);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        while tried.len() < self.config.max_attempts {
+            let table = self.publisher.load();
+            let Some(service) = table.get(&key) else {
+                break;
+            };
+            let now = Instant::now();
+            let ctx = PickContext {
+                health: &*self.tracker,
+                client_ip: peer.ip(),
+                exclude: &tried,
+                now,
+            };
+            let Some(addr) = pick(service, runtime, &ctx) else {
+                break;
+            };
+            let guard = self.tracker.connect(addr);
+            match dial(addr, None, self.config.connect_timeout).await {
+                Ok(backend) => {
+                    if self.tracker.dial_succeeded(addr) {
+                        info!(backend = %addr, "backend accepts connections again");
+                    }
+                    debug!(client = %peer, listen = %key, backend = %addr, attempts = tried.len() + 1, "connected");
+                    let (outcome, moved) = forward(client, backend, guard.cut_token()).await;
+                    metrics.ended(outcome);
+                    metrics.bytes_up.inc_by(moved.client_to_backend);
+                    metrics.bytes_down.inc_by(moved.backend_to_client);
+                    if outcome == Outcome::Cut {
+                        debug!(client = %peer, backend = %addr, "connection cut");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    drop(guard);
+                    let cooldown = self.tracker.dial_failed(addr, e.kind, now);
+                    debug!(client = %peer, service = %service.name, error = %e, ?cooldown, "dial failed; backend ejected");
+                    tried.push(addr);
+                    if tried.len() < self.config.max_attempts {
+                        metrics.retries.inc();
+                    }
+                }
+            }
+        }
+        metrics.no_backend.inc();
+        debug!(client = %peer, listen = %key, tried = tried.len(), "no backend left: resetting client");
+        reset(&client);
+    }
+
+    async fn shutdown(&self, listening: HashMap<ListenKey, Listening>) -> ShutdownReport {
+        for l in listening.values() {
+            l.stop.cancel();
+        }
+        for (_, l) in listening {
+            let _ = l.task.await;
+        }
+        self.connections.close();
+        let open_at_stop = self.connections.len();
+        info!(
+            connections = open_at_stop,
+            grace = ?self.config.shutdown_grace,
+            "stopped accepting; waiting for connections to finish"
+        );
+        let mut cut = 0;
+        if tokio::time::timeout(self.config.shutdown_grace, self.connections.wait())
+            .await
+            .is_err()
+        {
+            cut = self.connections.len();
+            warn!(
+                connections = cut,
+                "shutdown grace over: cutting connections"
+            );
+            self.shutdown_cut.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), self.connections.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    connections = self.connections.len(),
+                    "connections still open after cut"
+                );
+            }
+        }
+        info!(open_at_stop, cut, "shutdown complete");
+        ShutdownReport { open_at_stop, cut }
+    }
+}

@@ -1,0 +1,494 @@
+//! Per-backend runtime state that outlives table swaps.
+//!
+//! The table says what a backend *is* (ready, terminating, gone); the
+//! [`Tracker`] remembers what sluice has *seen* of it, keyed by address:
+//! - how many connections it carries right now ([`ConnGuard`], an RAII
+//!   guard taken before the dial, so least-connections counts dials too);
+//! - whether a failed dial ejected it from new picks, and until when
+//!   (a cooldown that doubles per consecutive failure, up to a maximum,
+//!   and ends as soon as a dial to it succeeds);
+//! - whether it is draining: no longer eligible for new connections in the
+//!   live table. Its established connections keep flowing until they close
+//!   or the drain timeout fires, which cancels the backend's cut token and
+//!   so every connection still holding it.
+//!
+//! [`Tracker::on_table`] is called by the reconciler after every publish.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use sluice_control::Table;
+use tokio_util::sync::CancellationToken;
+
+use crate::connect::DialErrorKind;
+use crate::metrics::{BackendMetrics, Metrics};
+
+/// Tuning for ejection and draining.
+#[derive(Debug, Clone, Copy)]
+pub struct TrackerConfig {
+    /// Cooldown after the first failed dial; doubles per further failure.
+    pub eject_base: Duration,
+    /// Upper bound of the cooldown.
+    pub eject_max: Duration,
+    /// How long a draining backend's connections may live.
+    pub drain_timeout: Duration,
+}
+
+/// What sluice knows about one backend address.
+#[derive(Debug)]
+pub struct BackendState {
+    addr: SocketAddr,
+    active: AtomicUsize,
+    inner: Mutex<Inner>,
+    pub metrics: BackendMetrics,
+}
+
+#[derive(Debug)]
+struct Inner {
+    consecutive_failures: u32,
+    ejected_until: Option<Instant>,
+    /// Set while the backend is not eligible in the live table.
+    draining_since: Option<Instant>,
+    /// Cancelled when the drain timeout cuts this backend's connections.
+    cut: CancellationToken,
+    /// The current drain's duration was recorded (its last connection ended).
+    drain_recorded: bool,
+}
+
+impl BackendState {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock only means a panic elsewhere while holding it; the
+        // state inside is plain data and still consistent enough to use.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The instant until which this backend is ejected, if it is now.
+    pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
+        self.lock().ejected_until.filter(|&t| t > now)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.lock().draining_since.is_some()
+    }
+}
+
+/// Counts one connection on a backend for as long as it lives.
+#[derive(Debug)]
+pub struct ConnGuard {
+    state: Arc<BackendState>,
+    cut: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnGuard {
+    /// Cancelled when this connection must be cut (drain timeout, shutdown).
+    pub fn cut_token(&self) -> &CancellationToken {
+        &self.cut
+    }
+
+    pub fn backend(&self) -> &BackendState {
+        &self.state
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.state.metrics.active.dec();
+        if self.state.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let mut inner = self.state.lock();
+            if let Some(since) = inner.draining_since
+                && !inner.drain_recorded
+            {
+                inner.drain_recorded = true;
+                self.metrics
+                    .drain_duration
+                    .observe(since.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+/// All backends sluice has dialed or is tracking.
+#[derive(Debug)]
+pub struct Tracker {
+    config: TrackerConfig,
+    backends: DashMap<SocketAddr, Arc<BackendState>>,
+    /// Addresses eligible for new connections in the live table (`None`
+    /// until the first table was applied).
+    eligible: ArcSwap<Option<HashSet<SocketAddr>>>,
+    /// Parent of every cut token: cancelled at the end of the shutdown grace.
+    shutdown_cut: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl Tracker {
+    pub fn new(
+        config: TrackerConfig,
+        shutdown_cut: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            metrics,
+            config,
+            backends: DashMap::new(),
+            eligible: ArcSwap::from_pointee(None),
+            shutdown_cut,
+        }
+    }
+
+    fn state(&self, addr: SocketAddr) -> Arc<BackendState> {
+        if let Some(s) = self.backends.get(&addr) {
+            return s.clone();
+        }
+        let state = self
+            .backends
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(BackendState {
+                    addr,
+                    active: AtomicUsize::new(0),
+                    inner: Mutex::new(Inner {
+                        consecutive_failures: 0,
+                        ejected_until: None,
+                        draining_since: None,
+                        cut: self.shutdown_cut.child_token(),
+                        drain_recorded: false,
+                    }),
+                    metrics: self.metrics.backend(&addr.to_string()),
+                })
+            })
+            .clone();
+        // A connection that picked this backend from a table that has since
+        // been replaced may create its entry after `on_table` ran: check the
+        // newest eligibility so it is drained like the others.
+        if self
+            .eligible
+            .load()
+            .as_ref()
+            .as_ref()
+            .is_some_and(|e| !e.contains(&addr))
+        {
+            self.start_drain(&state);
+        }
+        state
+    }
+
+    /// Active connections (including dials in progress) on `addr`.
+    pub fn active(&self, addr: SocketAddr) -> usize {
+        self.backends.get(&addr).map_or(0, |s| s.active())
+    }
+
+    /// Whether `addr` is ejected from new picks at `now`.
+    pub fn is_ejected(&self, addr: SocketAddr, now: Instant) -> bool {
+        self.backends
+            .get(&addr)
+            .is_some_and(|s| s.ejected_until(now).is_some())
+    }
+
+    /// Registers a connection to `addr` before dialing it.
+    pub fn connect(&self, addr: SocketAddr) -> ConnGuard {
+        let state = self.state(addr);
+        state.active.fetch_add(1, Ordering::Relaxed);
+        state.metrics.active.inc();
+        let cut = state.lock().cut.clone();
+        ConnGuard {
+            state,
+            cut,
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// A dial to `addr` failed: eject it for a cooldown that grows with
+    /// consecutive failures. Returns the cooldown.
+    pub fn dial_failed(&self, addr: SocketAddr, kind: DialErrorKind, now: Instant) -> Duration {
+        let state = self.state(addr);
+        state.metrics.dial_failed(kind);
+        let mut inner = state.lock();
+        if inner.ejected_until.is_none_or(|t| t <= now) {
+            state.metrics.ejections.inc();
+            tracing::info!(backend = %addr, reason = kind.as_str(), "backend ejected after a failed dial");
+        }
+        inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
+        let doublings = inner.consecutive_failures.saturating_sub(1).min(16);
+        let cooldown = self
+            .config
+            .eject_base
+            .saturating_mul(1u32 << doublings)
+            .min(self.config.eject_max);
+        inner.ejected_until = Some(now + cooldown);
+        cooldown
+    }
+
+    /// A dial to `addr` succeeded: any ejection ends. Returns whether the
+    /// backend had been failing.
+    pub fn dial_succeeded(&self, addr: SocketAddr) -> bool {
+        let Some(state) = self.backends.get(&addr).map(|s| s.clone()) else {
+            return false;
+        };
+        state.metrics.connections.inc();
+        let mut inner = state.lock();
+        let was_failing = inner.consecutive_failures > 0;
+        inner.consecutive_failures = 0;
+        inner.ejected_until = None;
+        was_failing
+    }
+
+    /// Applies a newly published table: backends no longer eligible start
+    /// draining (their drain timer starts now), backends eligible again stop,
+    /// and idle state of backends that left the table is forgotten.
+    pub fn on_table(self: &Arc<Self>, table: &Table) {
+        let eligible: HashSet<SocketAddr> = table
+            .iter()
+            .flat_map(|(_, s)| s.eligible_iter().map(|b| b.addr))
+            .collect();
+        let listed: HashSet<SocketAddr> = table
+            .iter()
+            .flat_map(|(_, s)| s.backends().iter().map(|b| b.addr))
+            .collect();
+        self.eligible.store(Arc::new(Some(eligible.clone())));
+        self.backends.retain(|addr, state| {
+            if eligible.contains(addr) {
+                state.lock().draining_since = None;
+                return true;
+            }
+            if state.active() == 0 && !listed.contains(addr) {
+                self.metrics.forget_backend(&addr.to_string());
+                return false;
+            }
+            self.start_drain(state);
+            true
+        });
+    }
+
+    fn start_drain(&self, state: &Arc<BackendState>) {
+        let since = {
+            let mut inner = state.lock();
+            if inner.draining_since.is_some() {
+                return;
+            }
+            let now = Instant::now();
+            inner.draining_since = Some(now);
+            inner.drain_recorded = false;
+            now
+        };
+        if state.active() > 0 {
+            tracing::info!(backend = %state.addr, active = state.active(), "backend draining");
+        }
+        let state = state.clone();
+        let timeout = self.config.drain_timeout;
+        let fresh = self.shutdown_cut.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let cut = {
+                let mut inner = state.lock();
+                if inner.draining_since != Some(since) {
+                    return; // eligible again, or a newer drain started
+                }
+                std::mem::replace(&mut inner.cut, fresh.child_token())
+            };
+            let active = state.active();
+            if active > 0 {
+                metrics.drain_cut.inc_by(active as u64);
+                tracing::warn!(
+                    backend = %state.addr,
+                    connections = active,
+                    after = ?timeout,
+                    "drain timeout: cutting connections"
+                );
+            }
+            cut.cancel();
+        });
+    }
+
+    /// Total active connections over all backends.
+    pub fn total_active(&self) -> usize {
+        self.backends.iter().map(|s| s.active()).sum()
+    }
+
+    /// A snapshot of every tracked backend (for logs and the debug view).
+    pub fn snapshot(&self) -> Vec<Arc<BackendState>> {
+        self.backends.iter().map(|s| s.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_control::{Backend, Conditions, ListenKey, Policy, Service};
+
+    fn cfg(drain: Duration) -> TrackerConfig {
+        TrackerConfig {
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(5),
+            drain_timeout: drain,
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn mk_table(backends: &[(&str, Conditions)]) -> Table {
+        let mut t = Table::new();
+        t.insert(
+            ListenKey::tcp(addr("127.0.0.1:80")),
+            Arc::new(Service::new(
+                "s",
+                Policy::RoundRobin,
+                None,
+                backends
+                    .iter()
+                    .map(|(a, c)| Backend::new(addr(a), *c))
+                    .collect(),
+            )),
+        );
+        t
+    }
+
+    #[test]
+    fn ejection_cooldown_doubles_and_caps_then_ends_on_success() {
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        );
+        let b = addr("10.0.0.1:80");
+        let now = Instant::now();
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(5)
+        );
+        assert!(t.is_ejected(b, now));
+        assert!(!t.is_ejected(b, now + Duration::from_secs(6)));
+        assert!(t.dial_succeeded(b));
+        assert!(!t.is_ejected(b, now));
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, now),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn guards_count_active_connections() {
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        );
+        let b = addr("10.0.0.1:80");
+        let g1 = t.connect(b);
+        let g2 = t.connect(b);
+        assert_eq!(t.active(b), 2);
+        drop(g1);
+        assert_eq!(t.active(b), 1);
+        drop(g2);
+        assert_eq!(t.total_active(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_timeout_cuts_only_backends_still_draining() {
+        let t = Arc::new(Tracker::new(
+            cfg(Duration::from_secs(10)),
+            CancellationToken::new(),
+            Arc::default(),
+        ));
+        let (a, b) = (addr("10.0.0.1:80"), addr("10.0.0.2:80"));
+        t.on_table(&mk_table(&[
+            ("10.0.0.1:80", Conditions::READY),
+            ("10.0.0.2:80", Conditions::READY),
+        ]));
+        let ga = t.connect(a);
+        let gb = t.connect(b);
+        // Both turn terminating; a second ready backend exists, so neither is
+        // eligible any more.
+        t.on_table(&mk_table(&[
+            ("10.0.0.1:80", Conditions::TERMINATING),
+            ("10.0.0.2:80", Conditions::TERMINATING),
+            ("10.0.0.3:80", Conditions::READY),
+        ]));
+        assert!(t.backends.get(&a).unwrap().is_draining());
+        // b comes back before the timeout: its drain is called off.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        t.on_table(&mk_table(&[
+            ("10.0.0.2:80", Conditions::READY),
+            ("10.0.0.3:80", Conditions::READY),
+        ]));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(ga.cut_token().is_cancelled(), "a drained past the timeout");
+        assert!(!gb.cut_token().is_cancelled(), "b is serving again");
+        // A new connection to a cut backend gets a fresh token.
+        assert!(!t.connect(a).cut_token().is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_registration_on_ineligible_backend_drains_too() {
+        let t = Arc::new(Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        ));
+        t.on_table(&mk_table(&[("10.0.0.3:80", Conditions::READY)]));
+        // A connection that picked 10.0.0.1 from an older table registers now.
+        let g = t.connect(addr("10.0.0.1:80"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(g.cut_token().is_cancelled());
+    }
+
+    #[test]
+    fn idle_backends_that_left_the_table_are_forgotten() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let t = Arc::new(Tracker::new(
+                cfg(Duration::from_secs(1)),
+                CancellationToken::new(),
+                Arc::default(),
+            ));
+            let b = addr("10.0.0.1:80");
+            t.dial_failed(b, DialErrorKind::Refused, Instant::now());
+            t.on_table(&mk_table(&[("10.0.0.2:80", Conditions::READY)]));
+            assert!(t.backends.get(&b).is_none());
+        });
+    }
+
+    #[test]
+    fn shutdown_cuts_every_connection() {
+        let shutdown = CancellationToken::new();
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            shutdown.clone(),
+            Arc::default(),
+        );
+        let g = t.connect(addr("10.0.0.1:80"));
+        shutdown.cancel();
+        assert!(g.cut_token().is_cancelled());
+    }
+}
