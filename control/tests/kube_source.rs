@@ -76,6 +76,7 @@ async fn start(api: ApiServer, node: Option<&str>, coalesce: Duration) -> Harnes
         node_addresses: vec![],
         coalesce,
         stats: stats.clone(),
+        health_check_ip: [127, 0, 0, 1].into(),
     };
     let p = publisher.clone();
     let task = tokio::spawn(async move {
@@ -433,4 +434,81 @@ async fn unreadable_kubeconfig_is_a_clear_error() {
     };
     let err = run(opts, Arc::new(Publisher::new())).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/kubeconfig"), "{err}");
+}
+
+/// GET / on 127.0.0.1:port; the status code, or None when refused.
+async fn http_status(port: u16) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((code, body))
+}
+
+#[tokio::test]
+async fn health_check_node_port_answers_with_local_endpoints() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = ApiServer::start().await.unwrap();
+    let mut lb = svc("lb", "10.96.0.40");
+    lb["spec"]["type"] = json!("LoadBalancer");
+    lb["spec"]["externalTrafficPolicy"] = json!("Local");
+    lb["spec"]["healthCheckNodePort"] = json!(port);
+    api.apply_json(lb).unwrap();
+    let mut s = slice(
+        "lb-1",
+        "lb",
+        &[("10.0.0.1", true, false), ("10.0.0.2", true, false)],
+    );
+    s["endpoints"][0]["nodeName"] = json!("node-a");
+    s["endpoints"][1]["nodeName"] = json!("node-b");
+    api.apply_json(s.clone()).unwrap();
+    let h = start(api, Some("node-a"), Duration::from_millis(20)).await;
+    h.wait_for("ready", |t| t.get(&key("10.96.0.40:80")).is_some())
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ok = loop {
+        if let Some(r) = http_status(port).await {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "responder never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ok.0, 200, "{ok:?}");
+    assert!(ok.1.contains("\"localEndpoints\":1"), "{ok:?}");
+    assert!(ok.1.contains("\"name\":\"lb\""), "{ok:?}");
+    // The local endpoint moves away: 503.
+    s["endpoints"][0]["nodeName"] = json!("node-c");
+    h.api.apply_json(s).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if http_status(port).await.map(|r| r.0) == Some(503) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never turned 503");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The Service goes: the port closes.
+    h.api.delete(Kind::Service, "default", "lb").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_status(port).await.is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "port never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -73,6 +73,8 @@ pub struct Index {
     contributed: HashMap<ObjectRef, Vec<(ListenKey, Claim)>>,
     claims: HashMap<ListenKey, BTreeMap<Claim, Arc<Service>>>,
     health: HashMap<ObjectRef, HealthCheck>,
+    /// `health` changed since the last `take_health_changed`.
+    health_changed: bool,
     table: Table,
     dirty: HashSet<ObjectRef>,
     /// The table changed since the last `build`.
@@ -113,6 +115,11 @@ impl Index {
         let mut v: Vec<HealthCheck> = self.health.values().cloned().collect();
         v.sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.service.cmp(&b.service)));
         v
+    }
+
+    /// Whether [`Index::health_checks`] changed since the last call.
+    pub fn take_health_changed(&mut self) -> bool {
+        std::mem::take(&mut self.health_changed)
     }
 
     /// Trigger times (ns since the epoch) of the slice changes applied since
@@ -389,7 +396,7 @@ impl Index {
                 touched.push(lk);
             }
         }
-        self.health.remove(key);
+        let old_health = self.health.remove(key);
         if let Some(info) = self.services.get(key).cloned() {
             let empty = BTreeMap::new();
             let slices = self.slices.get(key).unwrap_or(&empty);
@@ -504,6 +511,9 @@ impl Index {
                 touched.push(lk);
             }
             self.contributed.insert(key.clone(), contributed);
+        }
+        if self.health.get(key) != old_health.as_ref() {
+            self.health_changed = true;
         }
         touched.sort();
         touched.dedup();

@@ -700,6 +700,8 @@ fn external_traffic_policy_local_and_health_check() {
         );
         assert_eq!(eligible(&svc_at(&t, k)), addrs(&["10.0.0.1:8080"]), "{k}");
     }
+    assert!(idx.take_health_changed());
+    assert!(!idx.take_health_changed());
     assert_eq!(
         idx.health_checks(),
         vec![HealthCheck {
@@ -730,6 +732,7 @@ fn external_traffic_policy_local_and_health_check() {
         eligible(&svc_at(&t, "203.0.113.2:80")),
         addrs(&["10.0.0.3:8080"])
     );
+    assert!(idx.take_health_changed());
     assert_eq!(idx.health_checks()[0].local_endpoints, 0);
     // Cluster policy: no health check.
     spec(&mut svc).external_traffic_policy = Some("Cluster".into());

@@ -15,6 +15,8 @@
 //!   after a quiet interval is built at once; changes during the interval
 //!   wait for its end and are built together.
 //! - Malformed objects are logged with namespace/name and skipped.
+//! - `healthCheckNodePort`s of LoadBalancer Services with
+//!   `externalTrafficPolicy: Local` answer 200 (local endpoints) or 503.
 //! - Network programming latency: for slices carrying
 //!   `endpoints.kubernetes.io/last-change-trigger-time`, the time from that
 //!   trigger to the publish is logged and kept in [`KubeStats`].
@@ -34,6 +36,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config};
 use tokio::time::Instant;
 
+use super::healthcheck::HealthResponders;
 use crate::k8s::{Index, Malformed};
 use crate::publish::Publisher;
 
@@ -60,6 +63,9 @@ pub struct KubeOptions {
     pub coalesce: Duration,
     /// Counters the source updates (share the `Arc` to read them).
     pub stats: Arc<KubeStats>,
+    /// Where `healthCheckNodePort` responders listen (kube-proxy: all
+    /// addresses, the default).
+    pub health_check_ip: IpAddr,
 }
 
 impl Default for KubeOptions {
@@ -70,6 +76,7 @@ impl Default for KubeOptions {
             node_addresses: Vec::new(),
             coalesce: DEFAULT_COALESCE,
             stats: Arc::default(),
+            health_check_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         }
     }
 }
@@ -376,6 +383,7 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         watch_nodes: opts.node_name.is_some(),
         stats: opts.stats.clone(),
     };
+    let mut health = HealthResponders::new(opts.health_check_ip);
     let mut published = false;
     let mut last_build: Option<Instant> = None;
     loop {
@@ -417,6 +425,9 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         } else if src.index.is_dirty() && due.is_none_or(|d| now >= d) {
             src.build_and_publish(&publisher, false);
             last_build = Some(now);
+        }
+        if src.index.take_health_changed() {
+            health.update(&src.index.health_checks()).await;
         }
     }
 }
