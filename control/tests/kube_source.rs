@@ -512,3 +512,58 @@ async fn health_check_node_port_answers_with_local_endpoints() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn undecodable_objects_are_skipped_in_lists_and_watches() {
+    let api = fixture_with_web().await;
+    // JSON that no Service decodes from: a port that is not a number.
+    let mut broken = svc("broken", "10.96.0.66");
+    broken["spec"]["ports"][0]["port"] = json!("eighty");
+    api.apply_json(broken).unwrap();
+    let h = start(api, None, Duration::from_millis(20)).await;
+    // The list with the broken object still makes a table.
+    h.wait_for("ready despite the broken Service", |t| {
+        backends(t, "10.96.0.10:80") == Some(vec!["10.0.0.1:8080".into()])
+    })
+    .await;
+    assert_eq!(h.publisher.load().len(), 1);
+    assert!(h.stats.malformed.load(Ordering::Relaxed) >= 1);
+
+    // A watch event that does not decode: skipped, web-1's last good
+    // version kept, later events still flow.
+    let mut bad = slice("web-1", "web", &[("10.0.0.2", true, false)]);
+    bad["endpoints"] = json!("not a list");
+    h.api.apply_json(bad).unwrap();
+    h.api.apply_json(svc("api", "10.96.0.11")).unwrap();
+    h.wait_for("api added", |t| t.get(&key("10.96.0.11:80")).is_some())
+        .await;
+    assert_eq!(
+        backends(&h.publisher.load(), "10.96.0.10:80"),
+        Some(vec!["10.0.0.1:8080".into()])
+    );
+    let malformed = h.stats.malformed.load(Ordering::Relaxed);
+    assert!(malformed >= 2, "{malformed}");
+
+    // A relist that still carries the undecodable slice keeps its last
+    // good version rather than deleting it.
+    h.api.kill_connections();
+    h.api.compact();
+    h.api.apply_json(svc("api2", "10.96.0.12")).unwrap();
+    h.api
+        .apply_json(slice("api2-1", "api2", &[("10.0.9.9", true, false)]))
+        .unwrap();
+    // The slice watcher's resourceVersion expired: it relists, and the new
+    // slice arrives in or after that relist.
+    h.wait_for("relisted", |t| {
+        backends(t, "10.96.0.12:80") == Some(vec!["10.0.9.9:8080".into()])
+    })
+    .await;
+    assert!(
+        h.api.list_count(Kind::EndpointSlice) >= 2,
+        "slices relisted"
+    );
+    assert_eq!(
+        backends(&h.publisher.load(), "10.96.0.10:80"),
+        Some(vec!["10.0.0.1:8080".into()])
+    );
+}

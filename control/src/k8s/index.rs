@@ -159,14 +159,33 @@ impl Index {
         }
     }
 
+    /// Deletes a Service by reference (for objects that did not decode).
+    pub fn delete_service_ref(&mut self, key: &ObjectRef) {
+        self.set_service(key.clone(), None);
+    }
+
     /// Replaces every Service by `items` (a relist). Returns the malformed
     /// ones; for each, a previous good version is kept.
     pub fn reset_services<'a>(
         &mut self,
         items: impl IntoIterator<Item = &'a K8sService>,
     ) -> Vec<Malformed> {
+        self.reset_services_keeping(items, &[])
+    }
+
+    /// [`Index::reset_services`], where `keep` names listed Services that
+    /// could not even be decoded: their previous version (if any) stays.
+    pub fn reset_services_keeping<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = &'a K8sService>,
+        keep: &[ObjectRef],
+    ) -> Vec<Malformed> {
         let mut errors = Vec::new();
         let mut next: HashMap<ObjectRef, Option<ServiceInfo>> = HashMap::new();
+        for key in keep {
+            let old = self.services.get(key).map(|s| (**s).clone());
+            next.insert(key.clone(), old);
+        }
         for svc in items {
             let Some(key) = ObjectRef::of(&svc.metadata) else {
                 if let Err(e) = service_info(svc) {
@@ -258,14 +277,34 @@ impl Index {
         }
     }
 
+    /// Deletes an EndpointSlice by reference (for objects that did not
+    /// decode).
+    pub fn delete_slice_ref(&mut self, key: &ObjectRef) {
+        self.set_slice(key.clone(), None);
+    }
+
     /// Replaces every EndpointSlice by `items` (a relist). Returns the
     /// malformed ones; for each, a previous good version is kept.
     pub fn reset_slices<'a>(
         &mut self,
         items: impl IntoIterator<Item = &'a EndpointSlice>,
     ) -> Vec<Malformed> {
+        self.reset_slices_keeping(items, &[])
+    }
+
+    /// [`Index::reset_slices`], where `keep` names listed slices that could
+    /// not even be decoded: their previous version (if any) stays.
+    pub fn reset_slices_keeping<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = &'a EndpointSlice>,
+        keep: &[ObjectRef],
+    ) -> Vec<Malformed> {
         let mut errors = Vec::new();
         let mut next: HashMap<ObjectRef, Option<SliceInfo>> = HashMap::new();
+        for key in keep {
+            let old = self.current_slice(key).map(|s| (**s).clone());
+            next.insert(key.clone(), old);
+        }
         for slice in items {
             let Some(key) = ObjectRef::of(&slice.metadata) else {
                 if let Err(e) = slice_info(slice) {

@@ -1133,3 +1133,23 @@ fn trigger_times_are_collected_for_latency() {
     );
     assert!(idx.take_trigger_times().is_empty());
 }
+
+#[test]
+fn relist_keeps_undecodable_objects_by_reference() {
+    let mut idx = web_index();
+    built(&mut idx);
+    // Both web and its slice came back from the relist as undecodable.
+    let web = ObjectRef::new("default", "web");
+    let web1 = ObjectRef::new("default", "web-1");
+    idx.reset_services_keeping(std::iter::empty(), std::slice::from_ref(&web));
+    idx.reset_slices_keeping(std::iter::empty(), std::slice::from_ref(&web1));
+    assert!(!idx.build(), "previous versions kept");
+    assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.10:80")).len(), 2);
+    // Without keep, the same relist removes them.
+    idx.reset_slices(std::iter::empty());
+    assert!(idx.build());
+    assert_eq!(svc_at(idx.table(), "10.96.0.10:80").eligible_len(), 0);
+    idx.delete_service_ref(&web);
+    assert!(idx.build());
+    assert!(idx.table().is_empty());
+}

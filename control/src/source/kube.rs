@@ -21,6 +21,7 @@
 //!   `endpoints.kubernetes.io/last-change-trigger-time`, the time from that
 //!   trigger to the publish is logged and kept in [`KubeStats`].
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,13 +32,14 @@ use futures::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config};
 use tokio::time::Instant;
 
 use super::healthcheck::HealthResponders;
-use crate::k8s::{Index, Malformed};
+use crate::k8s::{Index, Malformed, ObjectRef};
 use crate::publish::Publisher;
 
 /// Default coalescing interval: at most one table build per this much time.
@@ -156,17 +158,73 @@ pub async fn run(opts: KubeOptions, publisher: Arc<Publisher>) -> Result<(), Kub
     Ok(())
 }
 
+/// An object as listed or watched: decoded, or, when it does not decode
+/// as `K`, its metadata and why. Watching this instead of `K` keeps one
+/// undecodable object from failing a whole list (kube's typed list would
+/// fail and retry forever) and lets it be logged with its namespace/name.
+#[derive(Clone, Debug)]
+enum Lenient<K> {
+    Ok(K),
+    Bad { meta: ObjectMeta, error: String },
+}
+
+impl<'de, K: serde::de::DeserializeOwned> serde::Deserialize<'de> for Lenient<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        match K::deserialize(&v) {
+            Ok(k) => Ok(Lenient::Ok(k)),
+            Err(e) => Ok(Lenient::Bad {
+                meta: v
+                    .get("metadata")
+                    .and_then(|m| ObjectMeta::deserialize(m).ok())
+                    .unwrap_or_default(),
+                error: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()>> kube::Resource for Lenient<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Lenient::Ok(k) => k.meta(),
+            Lenient::Bad { meta, .. } => meta,
+        }
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Lenient::Ok(k) => k.meta_mut(),
+            Lenient::Bad { meta, .. } => meta,
+        }
+    }
+}
+
 /// One event of any watched kind.
 #[allow(clippy::large_enum_variant)] // moved once per event; boxing would only add an allocation
 enum Ev {
-    Service(Event<Service>),
-    Slice(Event<EndpointSlice>),
-    Node(Event<Node>),
+    Service(Event<Lenient<Service>>),
+    Slice(Event<Lenient<EndpointSlice>>),
+    Node(Event<Lenient<Node>>),
 }
 
 /// A kind's relist buffer and whether it has been listed once.
 struct Relist<K> {
-    buffer: Option<Vec<K>>,
+    buffer: Option<Vec<Lenient<K>>>,
     listed: bool,
 }
 
@@ -180,9 +238,9 @@ impl<K> Default for Relist<K> {
 }
 
 impl<K> Relist<K> {
-    /// Folds one event: returns the complete list at `InitDone`, or the
-    /// object of an `Apply`/`Delete` (true = apply) to handle at once.
-    fn fold(&mut self, ev: Event<K>) -> Folded<K> {
+    /// Folds one event: the complete list at `InitDone`, or the object of
+    /// an `Apply`/`Delete` to handle at once.
+    fn fold(&mut self, ev: Event<Lenient<K>>) -> Folded<K> {
         match ev {
             Event::Init => {
                 self.buffer = Some(Vec::new());
@@ -208,9 +266,9 @@ impl<K> Relist<K> {
 
 enum Folded<K> {
     Nothing,
-    Listed(Vec<K>),
-    Apply(K),
-    Delete(K),
+    Listed(Vec<Lenient<K>>),
+    Apply(Lenient<K>),
+    Delete(Lenient<K>),
 }
 
 fn log_malformed(errors: &[Malformed], stats: &KubeStats) {
@@ -218,6 +276,41 @@ fn log_malformed(errors: &[Malformed], stats: &KubeStats) {
         stats.malformed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(kind = e.kind, object = %e.object, reason = %e.reason, "skipping malformed object");
     }
+}
+
+fn undecodable(kind: &'static str, meta: &ObjectMeta, error: &str) -> Malformed {
+    Malformed {
+        kind,
+        object: match (&meta.namespace, &meta.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            (_, Some(n)) => n.clone(),
+            _ => "<no name>".to_owned(),
+        },
+        reason: format!("does not decode: {error}"),
+    }
+}
+
+/// Splits a list into decoded objects and the references of undecodable
+/// ones (logged).
+fn split<K>(
+    kind: &'static str,
+    items: Vec<Lenient<K>>,
+    stats: &KubeStats,
+) -> (Vec<K>, Vec<ObjectRef>) {
+    let mut good = Vec::with_capacity(items.len());
+    let mut bad = Vec::new();
+    for item in items {
+        match item {
+            Lenient::Ok(k) => good.push(k),
+            Lenient::Bad { meta, error } => {
+                log_malformed(&[undecodable(kind, &meta, &error)], stats);
+                if let Some(r) = ObjectRef::of(&meta) {
+                    bad.push(r);
+                }
+            }
+        }
+    }
+    (good, bad)
 }
 
 struct Source {
@@ -241,35 +334,60 @@ impl Source {
                 log_malformed(&[e], &stats);
             }
         };
+        let bad = |kind, meta: &ObjectMeta, error: &str| {
+            log_malformed(&[undecodable(kind, meta, error)], &stats);
+        };
         match ev {
             Ev::Service(ev) => match self.services.fold(ev) {
                 Folded::Nothing => {}
                 Folded::Listed(items) => {
                     stats.relists.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(count = items.len(), "services listed");
-                    log_malformed(&self.index.reset_services(items.iter()), &stats);
+                    let (good, keep) = split("Service", items, &stats);
+                    log_malformed(
+                        &self.index.reset_services_keeping(good.iter(), &keep),
+                        &stats,
+                    );
                 }
-                Folded::Apply(o) => one(self.index.apply_service(&o)),
-                Folded::Delete(o) => self.index.delete_service(&o),
+                Folded::Apply(Lenient::Ok(o)) => one(self.index.apply_service(&o)),
+                Folded::Apply(Lenient::Bad { meta, error }) => bad("Service", &meta, &error),
+                Folded::Delete(Lenient::Ok(o)) => self.index.delete_service(&o),
+                Folded::Delete(Lenient::Bad { meta, .. }) => {
+                    if let Some(r) = ObjectRef::of(&meta) {
+                        self.index.delete_service_ref(&r);
+                    }
+                }
             },
             Ev::Slice(ev) => match self.slices.fold(ev) {
                 Folded::Nothing => {}
                 Folded::Listed(items) => {
                     stats.relists.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(count = items.len(), "endpointslices listed");
-                    log_malformed(&self.index.reset_slices(items.iter()), &stats);
+                    let (good, keep) = split("EndpointSlice", items, &stats);
+                    log_malformed(&self.index.reset_slices_keeping(good.iter(), &keep), &stats);
                 }
-                Folded::Apply(o) => one(self.index.apply_slice(&o)),
-                Folded::Delete(o) => self.index.delete_slice(&o),
+                Folded::Apply(Lenient::Ok(o)) => one(self.index.apply_slice(&o)),
+                Folded::Apply(Lenient::Bad { meta, error }) => {
+                    bad("EndpointSlice", &meta, &error);
+                }
+                Folded::Delete(Lenient::Ok(o)) => self.index.delete_slice(&o),
+                Folded::Delete(Lenient::Bad { meta, .. }) => {
+                    if let Some(r) = ObjectRef::of(&meta) {
+                        self.index.delete_slice_ref(&r);
+                    }
+                }
             },
             Ev::Node(ev) => match self.nodes.fold(ev) {
                 Folded::Nothing => {}
                 Folded::Listed(items) => {
                     stats.relists.fetch_add(1, Ordering::Relaxed);
-                    self.index.reset_nodes(items.iter());
+                    let (good, _) = split("Node", items, &stats);
+                    self.index.reset_nodes(good.iter());
                 }
-                Folded::Apply(o) => self.index.apply_node(&o),
-                Folded::Delete(o) => self.index.delete_node(&o),
+                Folded::Apply(Lenient::Ok(o)) => self.index.apply_node(&o),
+                Folded::Apply(Lenient::Bad { meta, error }) => bad("Node", &meta, &error),
+                Folded::Delete(Lenient::Ok(o)) => self.index.delete_node(&o),
+                Folded::Delete(Lenient::Bad { .. }) => {}
             },
         }
         self.stats
@@ -322,9 +440,9 @@ impl Source {
 }
 
 fn watch_stream<K>(
-    api: Api<K>,
+    api: Api<Lenient<K>>,
     config: watcher::Config,
-    wrap: fn(Event<K>) -> Ev,
+    wrap: fn(Event<Lenient<K>>) -> Ev,
 ) -> BoxStream<'static, Result<Ev, (&'static str, watcher::Error)>>
 where
     K: kube::Resource<DynamicType = ()>
@@ -357,19 +475,19 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
     }
     let mut streams = vec![
         watch_stream(
-            Api::<Service>::all(client.clone()),
+            Api::<Lenient<Service>>::all(client.clone()),
             watcher::Config::default(),
             Ev::Service,
         ),
         watch_stream(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<Lenient<EndpointSlice>>::all(client.clone()),
             watcher::Config::default(),
             Ev::Slice,
         ),
     ];
     if let Some(name) = &opts.node_name {
         streams.push(watch_stream(
-            Api::<Node>::all(client.clone()),
+            Api::<Lenient<Node>>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
             Ev::Node,
         ));
