@@ -165,7 +165,10 @@ pub async fn run(opts: KubeOptions, publisher: Arc<Publisher>) -> Result<(), Kub
 #[derive(Clone, Debug)]
 enum Lenient<K> {
     Ok(K),
-    Bad { meta: ObjectMeta, error: String },
+    Bad {
+        meta: Box<ObjectMeta>,
+        error: String,
+    },
 }
 
 impl<'de, K: serde::de::DeserializeOwned> serde::Deserialize<'de> for Lenient<K> {
@@ -174,10 +177,11 @@ impl<'de, K: serde::de::DeserializeOwned> serde::Deserialize<'de> for Lenient<K>
         match K::deserialize(&v) {
             Ok(k) => Ok(Lenient::Ok(k)),
             Err(e) => Ok(Lenient::Bad {
-                meta: v
-                    .get("metadata")
-                    .and_then(|m| ObjectMeta::deserialize(m).ok())
-                    .unwrap_or_default(),
+                meta: Box::new(
+                    v.get("metadata")
+                        .and_then(|m| ObjectMeta::deserialize(m).ok())
+                        .unwrap_or_default(),
+                ),
                 error: e.to_string(),
             }),
         }
