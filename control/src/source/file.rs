@@ -210,47 +210,6 @@ fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(bytes)
 }
 
-/// What changed between two tables, by listen address.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Changes {
-    /// Listen addresses only in the new table.
-    pub added: usize,
-    /// Listen addresses only in the old table.
-    pub removed: usize,
-    /// Listen addresses in both whose service differs (name, policy,
-    /// affinity or any backend).
-    pub changed: usize,
-}
-
-impl Changes {
-    pub fn between(old: &Table, new: &Table) -> Self {
-        let mut changes = Changes::default();
-        for (key, service) in new.iter() {
-            match old.get(key) {
-                None => changes.added += 1,
-                Some(before) if before != service => changes.changed += 1,
-                Some(_) => {}
-            }
-        }
-        changes.removed = old.keys().filter(|k| new.get(k).is_none()).count();
-        changes
-    }
-
-    pub fn is_empty(&self) -> bool {
-        *self == Changes::default()
-    }
-}
-
-impl fmt::Display for Changes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} added, {} removed, {} changed",
-            self.added, self.removed, self.changed
-        )
-    }
-}
-
 /// The watch loop's state, for a readiness or debug endpoint and for tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileStatus {
@@ -314,8 +273,9 @@ impl FileWatcher {
     /// Never returns. Checks the file at once, then every poll interval and
     /// whenever `reload` is notified. A check re-reads the file and, when its
     /// bytes differ from the last read (or on `reload`), parses it:
-    /// - valid: publishes the table; logs at info what changed (services
-    ///   added, removed, changed) when the live table changed;
+    /// - valid: publishes the table; logs at info that it was loaded when
+    ///   the live table changed (the proxy's `table live` line says what
+    ///   changed);
     /// - invalid: logs the error at error level, once per distinct content
     ///   (and on every `reload`); the live table stays;
     /// - unreadable: logs the error once per distinct error, not per poll;
@@ -442,13 +402,11 @@ impl Tracker {
             }
         };
         let recovered = self.problem.take();
-        let old = publisher.load();
-        let changes = Changes::between(&old, &table);
         let services = table.len();
         match publisher.publish(table) {
             Some(generation) => {
                 tracing::info!(
-                    "{}: configuration loaded, generation {generation}: {changes} ({services} services)",
+                    "{}: configuration loaded, generation {generation} ({services} services)",
                     self.name
                 );
                 Outcome::Published(generation)
