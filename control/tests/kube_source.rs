@@ -567,3 +567,41 @@ async fn undecodable_objects_are_skipped_in_lists_and_watches() {
         Some(vec!["10.0.0.1:8080".into()])
     );
 }
+
+#[tokio::test]
+async fn input_that_changes_nothing_does_not_stay_pending() {
+    let h = start(
+        fixture_with_web().await,
+        Some("node-a"),
+        Duration::from_millis(20),
+    )
+    .await;
+    h.wait_for("ready", |t| t.get(&key("10.96.0.10:80")).is_some())
+        .await;
+    let generation = h.publisher.snapshot().generation;
+    // Same content, new resourceVersion: a MODIFIED event that changes
+    // nothing; and a Node of another name the index ignores.
+    h.api
+        .apply_json(slice("web-1", "web", &[("10.0.0.1", true, false)]))
+        .unwrap();
+    h.api
+        .apply_json(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Wait for the events to be seen (pending set), then cleared.
+    while h.stats.builds.load(Ordering::Relaxed) < 2 && h.publisher.pending_since().is_some() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.publisher.pending_since(),
+        None,
+        "pending mark left behind"
+    );
+    assert_eq!(
+        h.publisher.snapshot().generation,
+        generation,
+        "nothing published"
+    );
+}

@@ -517,16 +517,17 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         };
         match next {
             Some(Some(first)) => {
-                // Input that may change the table: the health rule
-                // (kube-proxy's) watches how long it waits for a publish.
-                publisher.mark_pending();
-                src.take(first);
+                src.take(first, &publisher);
                 // Apply whatever else is already buffered before deciding.
                 for _ in 0..MAX_DRAIN {
                     match events.next().now_or_never() {
-                        Some(Some(ev)) => src.take(ev),
+                        Some(Some(ev)) => src.take(ev, &publisher),
                         _ => break,
                     }
+                }
+                if published && !src.index.is_dirty() {
+                    // The input changed nothing the table depends on.
+                    publisher.settle_unchanged();
                 }
             }
             Some(None) => {
@@ -555,9 +556,14 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
 }
 
 impl Source {
-    fn take(&mut self, ev: Result<Ev, (&'static str, watcher::Error)>) {
+    fn take(&mut self, ev: Result<Ev, (&'static str, watcher::Error)>, publisher: &Publisher) {
         match ev {
-            Ok(ev) => self.handle(ev),
+            Ok(ev) => {
+                // Input that may change the table: the health rule
+                // (kube-proxy's) watches how long it waits for a publish.
+                publisher.mark_pending();
+                self.handle(ev);
+            }
             Err((kind, e)) => {
                 self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(kind, error = %e, "watch error; retrying with backoff, last table keeps serving");
