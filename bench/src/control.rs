@@ -27,6 +27,14 @@ use sluice_control::Publisher;
 use sluice_control::k8s::Index;
 use sluice_control::table::TableDiff;
 
+/// `println!` that ignores a closed stdout (`| head`) instead of panicking.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 /// Counts allocations (and reallocations) and bytes requested.
 pub struct CountingAlloc;
 
@@ -343,7 +351,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
 
     let (rss_end, hwm) = rss_kib();
     let n = u64::from(args.updates.max(1));
-    println!(
+    say!(
         "sluice-bench control: {} services x {} endpoints ({} endpoints), {} single-slice updates",
         args.services,
         args.endpoints,
@@ -357,20 +365,20 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             "allocations not measured (CountingAlloc is not the global allocator)".to_owned()
         }
     };
-    println!(
+    say!(
         "initial build (list of both kinds -> index -> table -> publish): {:.1} ms, {}",
         initial.as_secs_f64() * 1e3,
         alloc_note(a1 - a0, b1 - b0)
     );
-    println!(
+    say!(
         "single-slice update (apply + incremental build + publish): {}",
         summary(&h_update)
     );
-    println!(
+    say!(
         "  CPU time per update (thread CPU clock, mean): {:.1} µs",
         update_cpu.as_secs_f64() * 1e6 / n as f64
     );
-    println!(
+    say!(
         "  allocations per update: {}",
         if counting {
             format!(
@@ -382,18 +390,18 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             alloc_note(0, 0)
         }
     );
-    println!("table publish (publish_changed): {}", summary(&h_publish));
-    println!(
+    say!("table publish (publish_changed): {}", summary(&h_publish));
+    say!(
         "Publisher::publish of an equal table (full equality check, structure shared): {:.1} µs",
         equal_publish.as_secs_f64() * 1e6
     );
-    println!(
+    say!(
         "proxy-side TableDiff::between consecutive tables: {} ({} changed entries over {} diffs)",
         summary(&h_diff),
         diff_changed,
         h_diff.len()
     );
-    println!(
+    say!(
         "JSON decode of one {}-endpoint slice (watcher side, value then typed): {:.1} µs, {:.1} allocations",
         args.endpoints,
         decode.as_secs_f64() * 1e6 / encoded.len().max(1) as f64,
@@ -404,12 +412,12 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         }
     );
     if counting {
-        println!(
+        say!(
             "live heap after initial build (index + table, objects dropped): {} MiB",
             heap_built / (1024 * 1024)
         );
     }
-    println!(
+    say!(
         "resident memory: {} MiB at start, {} MiB after initial build (objects dropped), {} MiB at end, peak {} MiB",
         rss_start / 1024,
         rss_built / 1024,
@@ -417,7 +425,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         hwm / 1024
     );
     let p99 = h_update.value_at_quantile(0.99);
-    println!(
+    say!(
         "target: single-slice update < 1 ms: {} (p99 {:.1} µs)",
         if p99 < 1_000_000 { "met" } else { "NOT met" },
         p99 as f64 / 1000.0
