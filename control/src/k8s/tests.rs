@@ -1153,3 +1153,44 @@ fn relist_keeps_undecodable_objects_by_reference() {
     assert!(idx.build());
     assert!(idx.table().is_empty());
 }
+
+#[test]
+fn relabelled_slice_moves_to_its_new_service() {
+    let mut idx = web_index();
+    idx.apply_service(&mk_service("default", "api", "10.96.0.12", &[("http", 80)]))
+        .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.12:80").backends().len(), 0);
+    // The same slice now names 'api'.
+    idx.apply_slice(&mk_slice(
+        "default",
+        "web-1",
+        "api",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.1"), ep("10.0.0.2")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.10:80").backends().len(), 0);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.12:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+}
+
+#[test]
+fn type_change_removes_external_addresses() {
+    let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
+    let mut svc = mk_service("default", "web", "10.96.0.10", &[("http", 80)]);
+    spec(&mut svc).type_ = Some("NodePort".into());
+    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(30080);
+    idx.apply_service(&svc).unwrap();
+    let t = built(&mut idx);
+    assert!(t.get(&key("192.0.2.10:30080")).is_some());
+    spec(&mut svc).type_ = Some("ClusterIP".into());
+    idx.apply_service(&svc).unwrap();
+    let t = built(&mut idx);
+    assert!(t.get(&key("192.0.2.10:30080")).is_none());
+    assert_eq!(t.len(), 1);
+}
