@@ -5,9 +5,12 @@
 //! - [`publish`]: the [`Publisher`] that makes a table live (arc-swap) and
 //!   tells subscribers a new generation exists; equal tables are no-ops.
 //! - [`source`]: producers of tables: [`source::file`] (a YAML file, reloaded
-//!   on change).
+//!   on change) and [`source::kube`] (Services and EndpointSlices watched
+//!   with kube-rs).
+//! - [`k8s`]: the pure index turning Kubernetes objects into a table.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod k8s;
 pub mod publish;
 pub mod source;
 pub mod table;

@@ -102,6 +102,30 @@ impl Publisher {
         *self.pending()
     }
 
+    /// Makes `table` live without comparing it to the live one: for a
+    /// caller that already knows it differs (the Kubernetes index tracks
+    /// which keys changed), so that publishing costs O(1) rather than a
+    /// full-table comparison. Returns the new generation.
+    pub fn publish_changed(&self, table: Table) -> u64 {
+        *self.pending() = None;
+        let generation = self.live.load().generation + 1;
+        self.live.store(Arc::new(Snapshot {
+            table: Arc::new(table),
+            generation,
+            published_at: Instant::now(),
+            published_wall: SystemTime::now(),
+        }));
+        self.changed.send_replace(generation);
+        generation
+    }
+
+    /// The pending input turned out not to change the table (the caller
+    /// knows, without a full comparison): clears the pending mark as an
+    /// equal `publish` would.
+    pub fn settle_unchanged(&self) {
+        *self.pending() = None;
+    }
+
     /// A receiver that sees every generation change (the latest, not each).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -148,6 +172,22 @@ mod tests {
         p.mark_pending();
         assert_eq!(p.publish(Table::new()), None);
         assert_eq!(p.pending_since(), None, "an equal table also clears it");
+    }
+
+    #[test]
+    fn publish_changed_always_bumps_generation() {
+        let p = Publisher::new();
+        let mut rx = p.subscribe();
+        assert_eq!(p.publish_changed(mk_table(80)), 1);
+        assert_eq!(p.publish_changed(mk_table(81)), 2);
+        assert_eq!(*rx.borrow_and_update(), 2);
+        assert!(
+            p.load()
+                .get(&ListenKey::tcp(([127, 0, 0, 1], 81).into()))
+                .is_some()
+        );
+        // The equality-checking publish still sees the live table.
+        assert_eq!(p.publish(mk_table(81)), None);
     }
 
     #[test]

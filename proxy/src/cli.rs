@@ -26,9 +26,41 @@ pub enum LogFormat {
 #[command(name = "sluice", version, about, long_about = None)]
 pub struct Args {
     /// Serve the services described in this YAML file (reloaded on change
-    /// and on SIGHUP).
-    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
-    pub config: PathBuf,
+    /// and on SIGHUP). Without it, Services and EndpointSlices come from
+    /// Kubernetes (--kubeconfig, else KUBECONFIG or ~/.kube/config, else
+    /// the in-cluster config).
+    #[arg(
+        long,
+        env = "SLUICE_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "kubeconfig"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Kubernetes source: the kubeconfig to use.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes source: this node's name (local traffic policies,
+    /// topology zone). The DaemonSet sets NODE_NAME from the downward API.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Kubernetes source: addresses on which node ports are served
+    /// (comma-separated). Default: the Node's InternalIP/ExternalIP.
+    #[arg(
+        long,
+        env = "SLUICE_NODE_ADDRESSES",
+        value_delimiter = ',',
+        value_name = "IP,..."
+    )]
+    pub node_addresses: Vec<std::net::IpAddr>,
+
+    /// Kubernetes source: at most one table build per this interval (bursts
+    /// of changes are coalesced; a lone change after a quiet interval is
+    /// built at once).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub min_sync_period: Duration,
 
     /// How often the config file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use sluice_control::Publisher;
-use sluice_control::source::file;
+use sluice_control::source::{file, kube};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
@@ -70,22 +70,40 @@ fn raise_fd_limit() {
 
 async fn run(args: Args) -> ExitCode {
     let publisher = Arc::new(Publisher::new());
-    let first = match file::load(&args.config) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            return ExitCode::from(EXIT_USAGE as u8);
-        }
-    };
-    publisher.publish(first);
-
     let reload = Arc::new(Notify::new());
-    tokio::spawn(file::watch(
-        args.config.clone(),
-        args.config_poll_interval,
-        publisher.clone(),
-        reload.clone(),
-    ));
+    if let Some(config) = &args.config {
+        let first = match file::load(config) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+        };
+        publisher.publish(first);
+        tokio::spawn(file::watch(
+            config.clone(),
+            args.config_poll_interval,
+            publisher.clone(),
+            reload.clone(),
+        ));
+    } else {
+        let opts = kube::KubeOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            node_name: args.node_name.clone(),
+            node_addresses: args.node_addresses.clone(),
+            coalesce: args.min_sync_period,
+            ..kube::KubeOptions::default()
+        };
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            // Returns only on a fatal set-up error (bad kubeconfig): nothing
+            // is served yet, so exit as for a bad flag.
+            if let Err(e) = kube::run(opts, publisher).await {
+                eprintln!("sluice: {e}");
+                std::process::exit(EXIT_USAGE);
+            }
+        });
+    }
 
     if let Some(name) = args.vip_interface.as_deref() {
         match VipDevice::open(Some(name)).await {

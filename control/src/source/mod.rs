@@ -3,3 +3,5 @@
 //! good table keeps serving.
 
 pub mod file;
+pub mod healthcheck;
+pub mod kube;

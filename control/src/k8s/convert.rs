@@ -1,0 +1,424 @@
+//! Conversion of Kubernetes objects into the plain facts the index needs.
+//!
+//! Each function reads one object and answers: `Ok(Some(info))` to use it,
+//! `Ok(None)` when sluice must leave it alone (headless, ExternalName, owned
+//! by another proxy, FQDN slice, slice of no Service), or `Err(Malformed)`
+//! naming the object and what is wrong with it. Defaults are applied here,
+//! exactly once, as Kubernetes documents them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::table::{Affinity, Conditions};
+
+/// Label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label handing a Service to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Annotation on an EndpointSlice: when the change it carries was triggered.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Label on a Node naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Longest `sessionAffinityConfig.clientIP.timeoutSeconds` Kubernetes accepts.
+const MAX_AFFINITY_SECONDS: i32 = 86_400;
+
+/// `namespace/name` of an object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The reference of a namespaced object; `None` when a name is missing.
+    pub fn of(meta: &ObjectMeta) -> Option<Self> {
+        let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+        let namespace = meta.namespace.as_deref().filter(|n| !n.is_empty())?;
+        Some(Self::new(namespace, name))
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An object sluice cannot use, with what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {kind} {object}: {reason}")]
+pub struct Malformed {
+    pub kind: &'static str,
+    /// `namespace/name`, or what is known of it.
+    pub object: String,
+    pub reason: String,
+}
+
+impl Malformed {
+    fn new(kind: &'static str, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
+        let object = match (&meta.namespace, &meta.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            (None, Some(n)) => n.clone(),
+            (Some(ns), None) => format!("{ns}/<no name>"),
+            (None, None) => "<no name>".to_owned(),
+        };
+        Self {
+            kind,
+            object,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// IP family of an address or an EndpointSlice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// One TCP port of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    /// Port name; empty when unnamed.
+    pub name: String,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+impl ServicePortInfo {
+    /// The table name of this port: `namespace/name:portname`, or
+    /// `namespace/name:port` when unnamed.
+    pub fn entry_name(&self, svc: &ObjectRef) -> String {
+        if self.name.is_empty() {
+            format!("{svc}:{}", self.port)
+        } else {
+            format!("{svc}:{}", self.name)
+        }
+    }
+}
+
+/// A port sluice does not proxy (UDP, SCTP), kept to be logged and counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedPort {
+    pub name: String,
+    pub port: i32,
+    pub protocol: String,
+}
+
+/// What the index needs of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub ports: Vec<ServicePortInfo>,
+    pub skipped_ports: Vec<SkippedPort>,
+    /// `clusterIPs` (or `clusterIP`), dual-stack.
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` whose `ipMode` is not `Proxy`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// Type NodePort or LoadBalancer: `nodePort` is served on node addresses.
+    pub node_ports: bool,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    pub affinity: Option<Affinity>,
+    /// Served only for LoadBalancer Services with `externalTrafficPolicy: Local`.
+    pub health_check_node_port: Option<u16>,
+}
+
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    s.trim().parse().ok()
+}
+
+fn parse_port(p: i32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|p| *p != 0)
+}
+
+fn is_tcp(protocol: Option<&str>) -> bool {
+    protocol.is_none_or(|p| p == "TCP")
+}
+
+/// Converts a Service. `Ok(None)`: not sluice's to serve.
+pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
+    let meta = &svc.metadata;
+    let bad = |reason: String| Malformed::new("Service", meta, reason);
+    if ObjectRef::of(meta).is_none() {
+        return Err(bad("no namespace or name".into()));
+    }
+    if meta
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        return Ok(None);
+    }
+    let Some(spec) = &svc.spec else {
+        return Err(bad("no spec".into()));
+    };
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_ == "ExternalName" {
+        return Ok(None);
+    }
+    let cluster_strings: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => vec![],
+    };
+    if cluster_strings.contains(&"None") {
+        return Ok(None); // headless
+    }
+    let mut cluster_ips = Vec::with_capacity(cluster_strings.len());
+    for s in cluster_strings.iter().filter(|s| !s.is_empty()) {
+        cluster_ips.push(parse_ip(s).ok_or_else(|| bad(format!("clusterIP {s:?} is not an IP")))?);
+    }
+    let mut external_ips = Vec::new();
+    for s in spec.external_ips.iter().flatten() {
+        external_ips
+            .push(parse_ip(s).ok_or_else(|| bad(format!("externalIP {s:?} is not an IP")))?);
+    }
+    let mut load_balancer_ips = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for ing in ingress.into_iter().flatten() {
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        if let Some(s) = &ing.ip {
+            load_balancer_ips.push(
+                parse_ip(s)
+                    .ok_or_else(|| bad(format!("loadBalancer ingress ip {s:?} is not an IP")))?,
+            );
+        }
+    }
+    let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
+    let mut ports = Vec::new();
+    let mut skipped_ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let name = p.name.clone().unwrap_or_default();
+        let port = parse_port(p.port)
+            .ok_or_else(|| bad(format!("port {:?} number {} out of range", name, p.port)))?;
+        if !is_tcp(p.protocol.as_deref()) {
+            skipped_ports.push(SkippedPort {
+                name,
+                port: p.port,
+                protocol: p.protocol.clone().unwrap_or_default(),
+            });
+            continue;
+        }
+        let node_port = match p.node_port {
+            Some(n) if node_ports => Some(
+                parse_port(n)
+                    .ok_or_else(|| bad(format!("port {name:?} nodePort {n} out of range")))?,
+            ),
+            _ => None,
+        };
+        ports.push(ServicePortInfo {
+            name,
+            port,
+            node_port,
+        });
+    }
+    let affinity = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let secs = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            let timeout = match secs {
+                None => Affinity::DEFAULT_TIMEOUT,
+                Some(s) if (1..=MAX_AFFINITY_SECONDS).contains(&s) => {
+                    Duration::from_secs(s.unsigned_abs().into())
+                }
+                Some(s) => {
+                    return Err(bad(format!(
+                        "sessionAffinityConfig.clientIP.timeoutSeconds {s} outside 1..={MAX_AFFINITY_SECONDS}"
+                    )));
+                }
+            };
+            Some(Affinity { timeout })
+        }
+        _ => None,
+    };
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if type_ == "LoadBalancer" && external_local => Some(
+            parse_port(p).ok_or_else(|| bad(format!("healthCheckNodePort {p} out of range")))?,
+        ),
+        _ => None,
+    };
+    Ok(Some(ServiceInfo {
+        ports,
+        skipped_ports,
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        node_ports,
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_local,
+        affinity,
+        health_check_node_port,
+    }))
+}
+
+/// One endpoint of a slice, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The endpoint's first address.
+    pub ip: IpAddr,
+    pub conditions: Conditions,
+    pub node_name: Option<String>,
+    /// `hints.forZones`; `None` when the endpoint carries no zone hint.
+    pub zones: Option<Vec<String>>,
+}
+
+/// What the index needs of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceInfo {
+    /// Name of the Service (same namespace) from `kubernetes.io/service-name`.
+    pub service: String,
+    pub family: Family,
+    /// TCP ports: name (empty when unnamed) to resolved target port.
+    pub ports: BTreeMap<String, u16>,
+    pub endpoints: Vec<EndpointInfo>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, in nanoseconds
+    /// since the Unix epoch, when present and parseable.
+    pub trigger_time_ns: Option<i128>,
+}
+
+/// Converts an EndpointSlice. `Ok(None)`: FQDN (or unknown) address type, or
+/// no `kubernetes.io/service-name` label.
+pub fn slice_info(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Malformed> {
+    let meta = &slice.metadata;
+    let bad = |reason: String| Malformed::new("EndpointSlice", meta, reason);
+    if ObjectRef::of(meta).is_none() {
+        return Err(bad("no namespace or name".into()));
+    }
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        _ => return Ok(None),
+    };
+    let Some(service) = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|s| !s.is_empty())
+    else {
+        return Ok(None);
+    };
+    let mut ports = BTreeMap::new();
+    for p in slice.ports.iter().flatten() {
+        if !is_tcp(p.protocol.as_deref()) {
+            continue;
+        }
+        let name = p.name.clone().unwrap_or_default();
+        let Some(num) = p.port else { continue };
+        let port = parse_port(num)
+            .ok_or_else(|| bad(format!("port {name:?} number {num} out of range")))?;
+        ports.insert(name, port);
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        let Some(first) = ep.addresses.first() else {
+            return Err(bad(format!("endpoint {i} has no address")));
+        };
+        let ip = parse_ip(first)
+            .ok_or_else(|| bad(format!("endpoint {i} address {first:?} is not an IP")))?;
+        if Family::of(&ip) != family {
+            return Err(bad(format!(
+                "endpoint {i} address {first} is not {}",
+                slice.address_type
+            )));
+        }
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let conditions = Conditions {
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+        };
+        let zones = ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .filter(|z| !z.is_empty())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect());
+        endpoints.push(EndpointInfo {
+            ip,
+            conditions,
+            node_name: ep.node_name.clone(),
+            zones,
+        });
+    }
+    let trigger_time_ns = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| t.as_nanosecond());
+    Ok(Some(SliceInfo {
+        service: service.clone(),
+        family,
+        ports,
+        endpoints,
+        trigger_time_ns,
+    }))
+}
+
+/// What the index needs of this node's Node object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub zone: Option<String>,
+    /// `status.addresses` of type InternalIP and ExternalIP that parse.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Converts a Node. Addresses that do not parse are left out.
+pub fn node_info(node: &Node) -> NodeInfo {
+    let zone = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .cloned();
+    let mut addresses: Vec<IpAddr> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| parse_ip(&a.address))
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    NodeInfo { zone, addresses }
+}

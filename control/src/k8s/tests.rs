@@ -1,0 +1,1196 @@
+//! Pure tests of the index: one per rule of kube-proxy's semantics.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus,
+    Service as K8sService, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
+};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::convert::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, TRIGGER_TIME_ANNOTATION};
+use super::*;
+use crate::table::{Conditions, ListenKey, Service, Table};
+
+const NODE: &str = "node-a";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn key(s: &str) -> ListenKey {
+    ListenKey::tcp(sa(s))
+}
+
+fn meta(ns: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(ns.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// A ClusterIP Service `ns/name` on `cluster_ip` with TCP ports `(name, port)`.
+fn mk_service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, i32)]) -> K8sService {
+    K8sService {
+        metadata: meta(ns, name),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.into()),
+            cluster_ips: Some(vec![cluster_ip.into()]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| ServicePort {
+                        name: (!n.is_empty()).then(|| n.to_string()),
+                        port: *p,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn spec(svc: &mut K8sService) -> &mut ServiceSpec {
+    svc.spec.as_mut().unwrap()
+}
+
+/// An IPv4 endpoint with no conditions (all defaults: ready).
+fn ep(ip: &str) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip.into()],
+        ..Default::default()
+    }
+}
+
+fn ep_cond(
+    ip: &str,
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+) -> Endpoint {
+    Endpoint {
+        conditions: Some(EndpointConditions {
+            ready,
+            serving,
+            terminating,
+        }),
+        ..ep(ip)
+    }
+}
+
+fn ep_on(ip: &str, node: &str) -> Endpoint {
+    Endpoint {
+        node_name: Some(node.into()),
+        ..ep(ip)
+    }
+}
+
+fn ep_zones(ip: &str, zones: &[&str]) -> Endpoint {
+    Endpoint {
+        hints: Some(EndpointHints {
+            for_zones: Some(
+                zones
+                    .iter()
+                    .map(|z| ForZone {
+                        name: z.to_string(),
+                    })
+                    .collect(),
+            ),
+            for_nodes: None,
+        }),
+        ..ep(ip)
+    }
+}
+
+/// An EndpointSlice `ns/name` of Service `svc`, with TCP ports
+/// `(name, target)` and `eps`.
+fn mk_slice(
+    ns: &str,
+    name: &str,
+    svc: &str,
+    address_type: &str,
+    ports: &[(&str, i32)],
+    eps: Vec<Endpoint>,
+) -> EndpointSlice {
+    let mut m = meta(ns, name);
+    m.labels = Some(BTreeMap::from([(SERVICE_NAME_LABEL.into(), svc.into())]));
+    EndpointSlice {
+        metadata: m,
+        address_type: address_type.into(),
+        endpoints: Some(eps),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, p)| EndpointPort {
+                    name: (!n.is_empty()).then(|| n.to_string()),
+                    port: Some(*p),
+                    protocol: Some("TCP".into()),
+                    app_protocol: None,
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn mk_node(name: &str, zone: Option<&str>, addrs: &[(&str, &str)]) -> Node {
+    let mut m = ObjectMeta {
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    if let Some(z) = zone {
+        m.labels = Some(BTreeMap::from([(
+            "topology.kubernetes.io/zone".into(),
+            z.into(),
+        )]));
+    }
+    Node {
+        metadata: m,
+        spec: None,
+        status: Some(NodeStatus {
+            addresses: Some(
+                addrs
+                    .iter()
+                    .map(|(t, a)| NodeAddress {
+                        type_: t.to_string(),
+                        address: a.to_string(),
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+    }
+}
+
+fn index() -> Index {
+    Index::new(Some(NODE.into()), vec![])
+}
+
+fn built(idx: &mut Index) -> Table {
+    idx.build();
+    idx.table().clone()
+}
+
+fn svc_at(t: &Table, k: &str) -> Arc<Service> {
+    t.get(&key(k))
+        .unwrap_or_else(|| panic!("no entry for {k}; keys: {:?}", t.keys().collect::<Vec<_>>()))
+        .clone()
+}
+
+fn all(s: &Service) -> Vec<SocketAddr> {
+    let mut v: Vec<_> = s.backends().iter().map(|b| b.addr).collect();
+    v.sort();
+    v
+}
+
+fn eligible(s: &Service) -> Vec<SocketAddr> {
+    let mut v: Vec<_> = s.eligible_iter().map(|b| b.addr).collect();
+    v.sort();
+    v
+}
+
+fn addrs(v: &[&str]) -> Vec<SocketAddr> {
+    let mut v: Vec<_> = v.iter().map(|s| sa(s)).collect();
+    v.sort();
+    v
+}
+
+/// The common case: web on 10.96.0.10, ports http 80 -> 8080.
+fn web_index() -> Index {
+    let mut idx = index();
+    idx.apply_service(&mk_service("default", "web", "10.96.0.10", &[("http", 80)]))
+        .unwrap();
+    idx.apply_slice(&mk_slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.1"), ep("10.0.0.2")],
+    ))
+    .unwrap();
+    idx
+}
+
+#[test]
+fn service_and_slice_make_an_entry_named_after_the_port() {
+    let mut idx = web_index();
+    let t = built(&mut idx);
+    assert_eq!(t.len(), 1);
+    let s = svc_at(&t, "10.96.0.10:80");
+    assert_eq!(s.name, "default/web:http");
+    assert_eq!(eligible(&s), addrs(&["10.0.0.1:8080", "10.0.0.2:8080"]));
+    assert_eq!(s.affinity, None);
+}
+
+#[test]
+fn unnamed_port_is_named_by_number() {
+    let mut idx = index();
+    idx.apply_service(&mk_service("ns", "db", "10.96.0.11", &[("", 5432)]))
+        .unwrap();
+    idx.apply_slice(&mk_slice(
+        "ns",
+        "db-x",
+        "db",
+        "IPv4",
+        &[("", 5433)],
+        vec![ep("10.0.1.1")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    let s = svc_at(&t, "10.96.0.11:5432");
+    assert_eq!(s.name, "ns/db:5432");
+    assert_eq!(eligible(&s), addrs(&["10.0.1.1:5433"]));
+}
+
+#[test]
+fn slices_merge_and_duplicates_are_kept_once() {
+    let mut idx = web_index();
+    idx.apply_slice(&mk_slice(
+        "default",
+        "web-2",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.2"), ep("10.0.0.3")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    let s = svc_at(&t, "10.96.0.10:80");
+    assert_eq!(
+        all(&s),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])
+    );
+    // Deleting one slice keeps the other's endpoints.
+    idx.delete_slice(&mk_slice("default", "web-1", "web", "IPv4", &[], vec![]));
+    let t = built(&mut idx);
+    assert_eq!(
+        all(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.2:8080", "10.0.0.3:8080"])
+    );
+}
+
+#[test]
+fn named_port_resolves_per_slice() {
+    let mut idx = web_index();
+    idx.apply_slice(&mk_slice(
+        "default",
+        "web-2",
+        "web",
+        "IPv4",
+        &[("http", 9090), ("metrics", 9100)],
+        vec![ep("10.0.0.9")],
+    ))
+    .unwrap();
+    // A slice without the port contributes nothing to it.
+    idx.apply_slice(&mk_slice(
+        "default",
+        "web-3",
+        "web",
+        "IPv4",
+        &[("metrics", 9100)],
+        vec![ep("10.0.0.7")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        all(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.9:9090"])
+    );
+}
+
+#[test]
+fn conditions_default_as_the_api_says() {
+    let mut idx = index();
+    idx.apply_service(&mk_service("d", "s", "10.96.0.1", &[("", 80)]))
+        .unwrap();
+    idx.apply_slice(&mk_slice(
+        "d",
+        "s-1",
+        "s",
+        "IPv4",
+        &[("", 80)],
+        vec![
+            ep("10.0.0.1"),                               // nothing set
+            ep_cond("10.0.0.2", Some(false), None, None), // serving follows ready
+            ep_cond("10.0.0.3", None, None, Some(true)),  // ready unset = true
+            ep_cond("10.0.0.4", Some(false), Some(true), Some(true)),
+        ],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    let s = svc_at(&t, "10.96.0.1:80");
+    let cond = |a: &str| {
+        s.backends()
+            .iter()
+            .find(|b| b.addr == sa(a))
+            .unwrap()
+            .conditions
+    };
+    assert_eq!(cond("10.0.0.1:80"), Conditions::READY);
+    assert_eq!(
+        cond("10.0.0.2:80"),
+        Conditions {
+            ready: false,
+            serving: false,
+            terminating: false
+        }
+    );
+    assert_eq!(
+        cond("10.0.0.3:80"),
+        Conditions {
+            ready: true,
+            serving: true,
+            terminating: true
+        }
+    );
+    assert_eq!(cond("10.0.0.4:80"), Conditions::TERMINATING);
+    assert_eq!(eligible(&s), addrs(&["10.0.0.1:80"]));
+}
+
+#[test]
+fn terminating_serving_endpoints_only_when_none_ready() {
+    let mut idx = web_index();
+    let rolling = |eps| mk_slice("default", "web-1", "web", "IPv4", &[("http", 8080)], eps);
+    idx.apply_slice(&rolling(vec![
+        ep_cond("10.0.0.1", Some(false), Some(true), Some(true)),
+        ep("10.0.0.2"),
+    ]))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.2:8080"])
+    );
+    // Both terminating: the serving one takes new connections.
+    idx.apply_slice(&rolling(vec![
+        ep_cond("10.0.0.1", Some(false), Some(true), Some(true)),
+        ep_cond("10.0.0.2", Some(false), Some(false), Some(true)),
+    ]))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.1:8080"])
+    );
+    // None serving: nothing.
+    idx.apply_slice(&rolling(vec![ep_cond(
+        "10.0.0.1",
+        Some(false),
+        Some(false),
+        Some(true),
+    )]))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.10:80").eligible_len(), 0);
+}
+
+#[test]
+fn non_tcp_ports_are_skipped_and_counted() {
+    let mut idx = index();
+    let mut svc = mk_service(
+        "kube-system",
+        "dns",
+        "10.96.0.53",
+        &[("dns-tcp", 53), ("dns", 53)],
+    );
+    spec(&mut svc).ports.as_mut().unwrap()[1].protocol = Some("UDP".into());
+    let mut sctp = ServicePort {
+        name: Some("sctp".into()),
+        port: 9999,
+        protocol: Some("SCTP".into()),
+        ..Default::default()
+    };
+    sctp.node_port = None;
+    spec(&mut svc).ports.as_mut().unwrap().push(sctp);
+    idx.apply_service(&svc).unwrap();
+    let mut slice = mk_slice(
+        "kube-system",
+        "dns-1",
+        "dns",
+        "IPv4",
+        &[("dns-tcp", 53), ("dns", 53)],
+        vec![ep("10.0.5.5")],
+    );
+    slice.ports.as_mut().unwrap()[1].protocol = Some("UDP".into());
+    idx.apply_slice(&slice).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(t.len(), 1, "only the TCP port is served");
+    assert_eq!(svc_at(&t, "10.96.0.53:53").name, "kube-system/dns:dns-tcp");
+    assert_eq!(idx.stats().skipped_ports, 2);
+    // Re-applying the same Service does not count again.
+    idx.apply_service(&svc).unwrap();
+    assert_eq!(idx.stats().skipped_ports, 2);
+}
+
+#[test]
+fn external_lb_and_node_port_addresses() {
+    let mut idx = Index::new(Some(NODE.into()), vec![]);
+    idx.apply_node(&mk_node(
+        NODE,
+        None,
+        &[
+            ("InternalIP", "192.0.2.10"),
+            ("Hostname", "node-a"),
+            ("ExternalIP", "198.51.100.10"),
+        ],
+    ));
+    let mut svc = mk_service("default", "web", "10.96.0.10", &[("http", 80)]);
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_ips = Some(vec!["203.0.113.7".into()]);
+        s.ports.as_mut().unwrap()[0].node_port = Some(30080);
+    }
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![
+                LoadBalancerIngress {
+                    ip: Some("203.0.113.8".into()),
+                    ip_mode: Some("VIP".into()),
+                    ..Default::default()
+                },
+                LoadBalancerIngress {
+                    ip: Some("203.0.113.9".into()),
+                    ip_mode: Some("Proxy".into()),
+                    ..Default::default()
+                },
+                LoadBalancerIngress {
+                    hostname: Some("lb.example".into()),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        conditions: None,
+    });
+    idx.apply_service(&svc).unwrap();
+    idx.apply_slice(&mk_slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.1")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "10.96.0.10:80",
+            "192.0.2.10:30080",
+            "198.51.100.10:30080",
+            "203.0.113.7:80",
+            "203.0.113.8:80"
+        ]
+    );
+    for (_, s) in t.iter() {
+        assert_eq!(eligible(s), addrs(&["10.0.0.1:8080"]));
+    }
+
+    // Operator-given node addresses win over the Node's.
+    let mut idx2 = Index::new(Some(NODE.into()), vec!["127.0.0.1".parse().unwrap()]);
+    idx2.apply_node(&mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]));
+    idx2.apply_service(&svc).unwrap();
+    let t2 = built(&mut idx2);
+    assert!(t2.get(&key("127.0.0.1:30080")).is_some());
+    assert!(t2.get(&key("192.0.2.10:30080")).is_none());
+
+    // A ClusterIP Service with a stray nodePort gets no node port.
+    let mut plain = mk_service("default", "plain", "10.96.0.20", &[("http", 80)]);
+    spec(&mut plain).ports.as_mut().unwrap()[0].node_port = Some(30081);
+    idx.apply_service(&plain).unwrap();
+    let t = built(&mut idx);
+    assert!(t.get(&key("192.0.2.10:30081")).is_none());
+    assert!(t.get(&key("10.96.0.20:80")).is_some());
+}
+
+#[test]
+fn node_address_change_moves_node_ports() {
+    let mut idx = index();
+    let mut svc = mk_service("default", "np", "10.96.0.30", &[("", 80)]);
+    spec(&mut svc).type_ = Some("NodePort".into());
+    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(31000);
+    idx.apply_service(&svc).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(t.len(), 1, "no node address known yet");
+    idx.apply_node(&mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]));
+    // Another node's object is ignored.
+    idx.apply_node(&mk_node("node-b", None, &[("InternalIP", "192.0.2.11")]));
+    let t = built(&mut idx);
+    assert!(t.get(&key("192.0.2.10:31000")).is_some());
+    assert!(t.get(&key("192.0.2.11:31000")).is_none());
+    idx.apply_node(&mk_node(NODE, None, &[("InternalIP", "192.0.2.12")]));
+    let t = built(&mut idx);
+    assert!(t.get(&key("192.0.2.10:31000")).is_none());
+    assert!(t.get(&key("192.0.2.12:31000")).is_some());
+}
+
+#[test]
+fn headless_external_name_and_other_proxies_are_skipped() {
+    let mut idx = index();
+    idx.apply_service(&mk_service("d", "headless", "None", &[("", 80)]))
+        .unwrap();
+    let mut en = mk_service("d", "ext", "", &[("", 80)]);
+    spec(&mut en).type_ = Some("ExternalName".into());
+    spec(&mut en).external_name = Some("example.org".into());
+    idx.apply_service(&en).unwrap();
+    let mut other = mk_service("d", "other", "10.96.0.40", &[("", 80)]);
+    idx.apply_service(&other).unwrap();
+    for name in ["headless", "ext", "other"] {
+        idx.apply_slice(&mk_slice(
+            "d",
+            &format!("{name}-1"),
+            name,
+            "IPv4",
+            &[("", 80)],
+            vec![ep("10.0.0.1")],
+        ))
+        .unwrap();
+    }
+    let t = built(&mut idx);
+    assert_eq!(t.len(), 1, "only 'other' so far");
+    // Labelled for another proxy: taken out.
+    other.metadata.labels = Some(BTreeMap::from([(
+        SERVICE_PROXY_NAME_LABEL.into(),
+        "someone-else".into(),
+    )]));
+    idx.apply_service(&other).unwrap();
+    let t = built(&mut idx);
+    assert!(t.is_empty());
+    assert_eq!(idx.service_count(), 0);
+}
+
+#[test]
+fn fqdn_and_unlabelled_slices_are_ignored() {
+    let mut idx = web_index();
+    let mut fqdn = mk_slice(
+        "default",
+        "web-fqdn",
+        "web",
+        "FQDN",
+        &[("http", 8080)],
+        vec![ep("example.org")],
+    );
+    idx.apply_slice(&fqdn).unwrap();
+    fqdn.address_type = "IPv4".into();
+    fqdn.metadata.name = Some("web-nolabel".into());
+    fqdn.metadata.labels = None;
+    fqdn.endpoints = Some(vec![ep("10.0.0.99")]);
+    idx.apply_slice(&fqdn).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        all(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_this_node() {
+    let mut idx = index();
+    let mut svc = mk_service("d", "s", "10.96.0.1", &[("", 80)]);
+    spec(&mut svc).internal_traffic_policy = Some("Local".into());
+    spec(&mut svc).external_ips = Some(vec!["203.0.113.1".into()]);
+    idx.apply_service(&svc).unwrap();
+    idx.apply_slice(&mk_slice(
+        "d",
+        "s-1",
+        "s",
+        "IPv4",
+        &[("", 8080)],
+        vec![ep_on("10.0.0.1", NODE), ep_on("10.0.0.2", "node-b")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:8080"])
+    );
+    // External traffic stays cluster-wide.
+    assert_eq!(
+        eligible(&svc_at(&t, "203.0.113.1:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+    // No local endpoint: no endpoint at all, no fallback.
+    idx.apply_slice(&mk_slice(
+        "d",
+        "s-1",
+        "s",
+        "IPv4",
+        &[("", 8080)],
+        vec![ep_on("10.0.0.2", "node-b")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.1:80").eligible_len(), 0);
+    assert_eq!(svc_at(&t, "203.0.113.1:80").eligible_len(), 1);
+}
+
+#[test]
+fn local_policy_without_node_name_selects_nothing() {
+    let mut idx = Index::new(None, vec![]);
+    let mut svc = mk_service("d", "s", "10.96.0.1", &[("", 80)]);
+    spec(&mut svc).internal_traffic_policy = Some("Local".into());
+    idx.apply_service(&svc).unwrap();
+    idx.apply_slice(&mk_slice(
+        "d",
+        "s-1",
+        "s",
+        "IPv4",
+        &[("", 8080)],
+        vec![ep("10.0.0.1")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.1:80").eligible_len(), 0);
+}
+
+#[test]
+fn external_traffic_policy_local_and_health_check() {
+    let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
+    let mut svc = mk_service("d", "lb", "10.96.0.2", &[("web", 80)]);
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_traffic_policy = Some("Local".into());
+        s.health_check_node_port = Some(32000);
+        s.external_ips = Some(vec!["203.0.113.2".into()]);
+        s.ports.as_mut().unwrap()[0].node_port = Some(30002);
+    }
+    idx.apply_service(&svc).unwrap();
+    idx.apply_slice(&mk_slice(
+        "d",
+        "lb-1",
+        "lb",
+        "IPv4",
+        &[("web", 8080)],
+        vec![
+            ep_on("10.0.0.1", NODE),
+            ep_on("10.0.0.2", "node-b"),
+            Endpoint {
+                node_name: Some(NODE.into()),
+                ..ep_cond("10.0.0.3", Some(false), Some(true), Some(true))
+            },
+        ],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    // Cluster IP: every endpoint.
+    assert_eq!(
+        all(&svc_at(&t, "10.96.0.2:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])
+    );
+    // External addresses: local endpoints only.
+    for k in ["203.0.113.2:80", "192.0.2.10:30002"] {
+        assert_eq!(
+            all(&svc_at(&t, k)),
+            addrs(&["10.0.0.1:8080", "10.0.0.3:8080"]),
+            "{k}"
+        );
+        assert_eq!(eligible(&svc_at(&t, k)), addrs(&["10.0.0.1:8080"]), "{k}");
+    }
+    assert!(idx.take_health_changed());
+    assert!(!idx.take_health_changed());
+    assert_eq!(
+        idx.health_checks(),
+        vec![HealthCheck {
+            service: ObjectRef::new("d", "lb"),
+            port: 32000,
+            local_endpoints: 1,
+        }]
+    );
+    // The local ready endpoint goes: the local terminating one serves
+    // (fallback within local), the health check says 0.
+    idx.apply_slice(&mk_slice(
+        "d",
+        "lb-1",
+        "lb",
+        "IPv4",
+        &[("web", 8080)],
+        vec![
+            ep_on("10.0.0.2", "node-b"),
+            Endpoint {
+                node_name: Some(NODE.into()),
+                ..ep_cond("10.0.0.3", Some(false), Some(true), Some(true))
+            },
+        ],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "203.0.113.2:80")),
+        addrs(&["10.0.0.3:8080"])
+    );
+    assert!(idx.take_health_changed());
+    assert_eq!(idx.health_checks()[0].local_endpoints, 0);
+    // Cluster policy: no health check.
+    spec(&mut svc).external_traffic_policy = Some("Cluster".into());
+    idx.apply_service(&svc).unwrap();
+    built(&mut idx);
+    assert!(idx.health_checks().is_empty());
+}
+
+#[test]
+fn session_affinity_client_ip() {
+    let mut idx = web_index();
+    let mut svc = mk_service("default", "web", "10.96.0.10", &[("http", 80)]);
+    spec(&mut svc).session_affinity = Some("ClientIP".into());
+    idx.apply_service(&svc).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        svc_at(&t, "10.96.0.10:80").affinity.unwrap().timeout,
+        Duration::from_secs(10_800)
+    );
+    spec(&mut svc).session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(60),
+        }),
+    });
+    idx.apply_service(&svc).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        svc_at(&t, "10.96.0.10:80").affinity.unwrap().timeout,
+        Duration::from_secs(60)
+    );
+    // Out of range: rejected, the previous version (60 s) stays.
+    spec(&mut svc).session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(0),
+        }),
+    });
+    let err = idx.apply_service(&svc).unwrap_err();
+    assert!(err.to_string().contains("default/web"), "{err}");
+    assert!(err.to_string().contains("timeoutSeconds"), "{err}");
+    let t = built(&mut idx);
+    assert_eq!(
+        svc_at(&t, "10.96.0.10:80").affinity.unwrap().timeout,
+        Duration::from_secs(60)
+    );
+}
+
+fn zoned_index(node_zone: Option<&str>, eps: Vec<Endpoint>) -> Table {
+    let mut idx = index();
+    idx.apply_node(&mk_node(NODE, node_zone, &[]));
+    let mut svc = mk_service("d", "s", "10.96.0.1", &[("", 80)]);
+    spec(&mut svc).traffic_distribution = Some("PreferClose".into());
+    idx.apply_service(&svc).unwrap();
+    idx.apply_slice(&mk_slice("d", "s-1", "s", "IPv4", &[("", 80)], eps))
+        .unwrap();
+    built(&mut idx)
+}
+
+#[test]
+fn topology_hints_for_this_zone() {
+    let hinted = || {
+        vec![
+            ep_zones("10.0.0.1", &["z1"]),
+            ep_zones("10.0.0.2", &["z2"]),
+            ep_zones("10.0.0.3", &["z1", "z3"]),
+        ]
+    };
+    let t = zoned_index(Some("z1"), hinted());
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80", "10.0.0.3:80"])
+    );
+    // Node has no zone: all.
+    let t = zoned_index(None, hinted());
+    assert_eq!(svc_at(&t, "10.96.0.1:80").eligible_len(), 3);
+    // Zone hinted nowhere: all.
+    let t = zoned_index(Some("z9"), hinted());
+    assert_eq!(svc_at(&t, "10.96.0.1:80").eligible_len(), 3);
+    // One ready endpoint without hints: all.
+    let mut partial = hinted();
+    partial.push(ep("10.0.0.4"));
+    let t = zoned_index(Some("z1"), partial);
+    assert_eq!(svc_at(&t, "10.96.0.1:80").eligible_len(), 4);
+    // A not-ready endpoint without hints does not disable hints.
+    let mut with_unready = hinted();
+    with_unready.push(ep_cond("10.0.0.5", Some(false), Some(true), Some(true)));
+    let t = zoned_index(Some("z1"), with_unready);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80", "10.0.0.3:80"])
+    );
+}
+
+#[test]
+fn dual_stack_each_family_gets_its_endpoints() {
+    let mut idx = index();
+    let mut svc = mk_service("d", "ds", "10.96.0.5", &[("", 80)]);
+    spec(&mut svc).cluster_ips = Some(vec!["10.96.0.5".into(), "fd00::5".into()]);
+    idx.apply_service(&svc).unwrap();
+    idx.apply_slice(&mk_slice(
+        "d",
+        "ds-v4",
+        "ds",
+        "IPv4",
+        &[("", 8080)],
+        vec![ep("10.0.0.1")],
+    ))
+    .unwrap();
+    idx.apply_slice(&mk_slice(
+        "d",
+        "ds-v6",
+        "ds",
+        "IPv6",
+        &[("", 8080)],
+        vec![ep("fd00:1::1")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(t.len(), 2);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.5:80")),
+        addrs(&["10.0.0.1:8080"])
+    );
+    assert_eq!(
+        eligible(&svc_at(&t, "[fd00::5]:80")),
+        addrs(&["[fd00:1::1]:8080"])
+    );
+}
+
+#[test]
+fn malformed_slice_is_rejected_and_the_rest_updates() {
+    let mut idx = web_index();
+    idx.apply_service(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
+        .unwrap();
+    built(&mut idx);
+    let bad = mk_slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.1"), ep("not-an-ip")],
+    );
+    let err = idx.apply_slice(&bad).unwrap_err();
+    assert!(err.to_string().contains("default/web-1"), "{err}");
+    assert!(err.to_string().contains("not-an-ip"), "{err}");
+    let mut v6_in_v4 = bad.clone();
+    v6_in_v4.endpoints = Some(vec![ep("fd00::1")]);
+    assert!(idx.apply_slice(&v6_in_v4).is_err());
+    let mut no_addr = bad.clone();
+    no_addr.endpoints = Some(vec![Endpoint::default()]);
+    assert!(idx.apply_slice(&no_addr).is_err());
+    let mut bad_port = bad.clone();
+    bad_port.endpoints = Some(vec![ep("10.0.0.1")]);
+    bad_port.ports.as_mut().unwrap()[0].port = Some(70000);
+    assert!(idx.apply_slice(&bad_port).is_err());
+    // Other objects still update.
+    idx.apply_slice(&mk_slice(
+        "default",
+        "api-1",
+        "api",
+        "IPv4",
+        &[("", 80)],
+        vec![ep("10.0.2.1")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"]),
+        "last good version of web-1 kept"
+    );
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.12:80")),
+        addrs(&["10.0.2.1:80"])
+    );
+    assert_eq!(idx.stats().malformed, 4);
+}
+
+#[test]
+fn malformed_service_is_rejected() {
+    let mut idx = index();
+    let err = idx
+        .apply_service(&mk_service("d", "bad", "10.96.0.300", &[("", 80)]))
+        .unwrap_err();
+    assert_eq!(err.object, "d/bad");
+    assert!(err.reason.contains("10.96.0.300"), "{err}");
+    let err = idx
+        .apply_service(&mk_service("d", "bad", "10.96.0.3", &[("", 0)]))
+        .unwrap_err();
+    assert!(err.reason.contains("out of range"), "{err}");
+    let mut ext = mk_service("d", "bad", "10.96.0.3", &[("", 80)]);
+    spec(&mut ext).external_ips = Some(vec!["nope".into()]);
+    assert!(idx.apply_service(&ext).is_err());
+    let mut nameless = mk_service("d", "x", "10.96.0.3", &[("", 80)]);
+    nameless.metadata.name = None;
+    assert!(idx.apply_service(&nameless).is_err());
+    assert!(built(&mut idx).is_empty());
+}
+
+#[test]
+fn deleting_the_service_removes_its_keys_and_slices_wait_for_it() {
+    let mut idx = web_index();
+    built(&mut idx);
+    idx.delete_service(&mk_service("default", "web", "10.96.0.10", &[]));
+    assert!(idx.build());
+    assert!(idx.table().is_empty());
+    // The slices are still indexed: the Service coming back finds them.
+    idx.apply_service(&mk_service("default", "web", "10.96.0.10", &[("http", 80)]))
+        .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(eligible(&svc_at(&t, "10.96.0.10:80")).len(), 2);
+}
+
+#[test]
+fn slice_before_service_is_kept() {
+    let mut idx = index();
+    idx.apply_slice(&mk_slice(
+        "d",
+        "s-1",
+        "s",
+        "IPv4",
+        &[("", 80)],
+        vec![ep("10.0.0.1")],
+    ))
+    .unwrap();
+    assert!(!idx.build(), "no Service yet: no entry");
+    idx.apply_service(&mk_service("d", "s", "10.96.0.1", &[("", 80)]))
+        .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80"])
+    );
+}
+
+#[test]
+fn relist_replaces_everything_and_touches_only_what_changed() {
+    let mut idx = web_index();
+    idx.apply_service(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
+        .unwrap();
+    let keep_slice = mk_slice(
+        "default",
+        "api-1",
+        "api",
+        "IPv4",
+        &[("", 80)],
+        vec![ep("10.0.2.1")],
+    );
+    idx.apply_slice(&keep_slice).unwrap();
+    let before = built(&mut idx);
+    // Relist: web and its slice were deleted while disconnected; api unchanged.
+    let services = [mk_service("default", "api", "10.96.0.12", &[("", 80)])];
+    assert!(idx.reset_services(services.iter()).is_empty());
+    assert!(idx.reset_slices([&keep_slice]).is_empty());
+    assert!(idx.build());
+    let after = idx.table().clone();
+    assert_eq!(after.len(), 1);
+    assert!(after.get(&key("10.96.0.10:80")).is_none());
+    assert!(Arc::ptr_eq(
+        before.get(&key("10.96.0.12:80")).unwrap(),
+        after.get(&key("10.96.0.12:80")).unwrap()
+    ));
+    // Relisting the same again changes nothing.
+    idx.reset_services(services.iter());
+    idx.reset_slices([&keep_slice]);
+    assert!(!idx.is_dirty());
+    assert!(!idx.build());
+}
+
+#[test]
+fn relist_keeps_last_good_version_of_a_malformed_object() {
+    let mut idx = web_index();
+    built(&mut idx);
+    let mut bad = mk_slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("bogus")],
+    );
+    let errs = idx.reset_slices([&bad]);
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].object, "default/web-1");
+    assert!(!idx.build(), "old web-1 kept");
+    assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.10:80")).len(), 2);
+    bad.endpoints = Some(vec![ep("10.0.0.5")]);
+    assert!(idx.reset_slices([&bad]).is_empty());
+    assert!(idx.build());
+    assert_eq!(
+        eligible(&svc_at(idx.table(), "10.96.0.10:80")),
+        addrs(&["10.0.0.5:8080"])
+    );
+}
+
+#[test]
+fn single_slice_update_touches_only_its_service() {
+    let mut idx = index();
+    for i in 0..50u8 {
+        let name = format!("s{i}");
+        idx.apply_service(&mk_service(
+            "d",
+            &name,
+            &format!("10.96.1.{i}"),
+            &[("", 80)],
+        ))
+        .unwrap();
+        idx.apply_slice(&mk_slice(
+            "d",
+            &format!("{name}-1"),
+            &name,
+            "IPv4",
+            &[("", 80)],
+            vec![ep(&format!("10.1.0.{i}"))],
+        ))
+        .unwrap();
+    }
+    let before = built(&mut idx);
+    idx.apply_slice(&mk_slice(
+        "d",
+        "s7-1",
+        "s7",
+        "IPv4",
+        &[("", 80)],
+        vec![ep("10.1.1.7")],
+    ))
+    .unwrap();
+    assert!(idx.build());
+    let after = idx.table().clone();
+    let mut changed = Vec::new();
+    for (k, s) in before.iter() {
+        if !Arc::ptr_eq(s, after.get(k).unwrap()) {
+            changed.push(k.addr.to_string());
+        }
+    }
+    assert_eq!(changed, vec!["10.96.1.7:80"]);
+    // The old table (already published) is unaffected.
+    assert_eq!(
+        eligible(&svc_at(&before, "10.96.1.7:80")),
+        addrs(&["10.1.0.7:80"])
+    );
+    assert_eq!(
+        eligible(&svc_at(&after, "10.96.1.7:80")),
+        addrs(&["10.1.1.7:80"])
+    );
+    // Re-applying an identical slice changes nothing.
+    idx.apply_slice(&mk_slice(
+        "d",
+        "s7-1",
+        "s7",
+        "IPv4",
+        &[("", 80)],
+        vec![ep("10.1.1.7")],
+    ))
+    .unwrap();
+    assert!(!idx.is_dirty());
+    assert!(!idx.build());
+}
+
+#[test]
+fn conflicting_claims_resolve_by_name_and_hand_over() {
+    let mut idx = index();
+    for name in ["a", "b"] {
+        let mut svc = mk_service("d", name, &format!("10.96.2.{}", name.len()), &[("", 80)]);
+        spec(&mut svc).cluster_ips = Some(vec![]);
+        spec(&mut svc).cluster_ip = None;
+        spec(&mut svc).external_ips = Some(vec!["203.0.113.50".into()]);
+        idx.apply_service(&svc).unwrap();
+    }
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "203.0.113.50:80").name, "d/a:80");
+    assert!(idx.stats().conflicts >= 1);
+    idx.delete_service(&mk_service("d", "a", "", &[]));
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "203.0.113.50:80").name, "d/b:80");
+}
+
+#[test]
+fn trigger_times_are_collected_for_latency() {
+    let mut idx = web_index();
+    idx.take_trigger_times();
+    let mut s = mk_slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.8")],
+    );
+    s.metadata.annotations = Some(BTreeMap::from([(
+        TRIGGER_TIME_ANNOTATION.into(),
+        "2026-01-02T03:04:05Z".into(),
+    )]));
+    idx.apply_slice(&s).unwrap();
+    assert_eq!(
+        idx.take_trigger_times(),
+        vec![1_767_323_045_000_000_000i128]
+    );
+    assert!(idx.take_trigger_times().is_empty());
+}
+
+#[test]
+fn relist_keeps_undecodable_objects_by_reference() {
+    let mut idx = web_index();
+    built(&mut idx);
+    // Both web and its slice came back from the relist as undecodable.
+    let web = ObjectRef::new("default", "web");
+    let web1 = ObjectRef::new("default", "web-1");
+    idx.reset_services_keeping(std::iter::empty(), std::slice::from_ref(&web));
+    idx.reset_slices_keeping(std::iter::empty(), std::slice::from_ref(&web1));
+    assert!(!idx.build(), "previous versions kept");
+    assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.10:80")).len(), 2);
+    // Without keep, the same relist removes them.
+    idx.reset_slices(std::iter::empty());
+    assert!(idx.build());
+    assert_eq!(svc_at(idx.table(), "10.96.0.10:80").eligible_len(), 0);
+    idx.delete_service_ref(&web);
+    assert!(idx.build());
+    assert!(idx.table().is_empty());
+}
+
+#[test]
+fn relabelled_slice_moves_to_its_new_service() {
+    let mut idx = web_index();
+    idx.apply_service(&mk_service("default", "api", "10.96.0.12", &[("http", 80)]))
+        .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.12:80").backends().len(), 0);
+    // The same slice now names 'api'.
+    idx.apply_slice(&mk_slice(
+        "default",
+        "web-1",
+        "api",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.1"), ep("10.0.0.2")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.10:80").backends().len(), 0);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.12:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+}
+
+#[test]
+fn type_change_removes_external_addresses() {
+    let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
+    let mut svc = mk_service("default", "web", "10.96.0.10", &[("http", 80)]);
+    spec(&mut svc).type_ = Some("NodePort".into());
+    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(30080);
+    idx.apply_service(&svc).unwrap();
+    let t = built(&mut idx);
+    assert!(t.get(&key("192.0.2.10:30080")).is_some());
+    spec(&mut svc).type_ = Some("ClusterIP".into());
+    idx.apply_service(&svc).unwrap();
+    let t = built(&mut idx);
+    assert!(t.get(&key("192.0.2.10:30080")).is_none());
+    assert_eq!(t.len(), 1);
+}

@@ -1,0 +1,580 @@
+//! The Kubernetes source: Services, EndpointSlices and this node's Node,
+//! watched with kube-rs's watcher, fed to the pure [`Index`], published.
+//!
+//! This is the only module of sluice that imports `kube`.
+//!
+//! Behaviour:
+//! - One watcher per kind, each with `.default_backoff()`: errors are logged
+//!   and retried, never end the source; the last table keeps serving.
+//! - Like kube's reflector store, a (re)list is buffered from `Init` to
+//!   `InitDone` and then replaces that kind in the index whole, so objects
+//!   deleted while the watch was down disappear.
+//! - Ready (first publish, generation 1) only once every kind has been fully
+//!   listed and turned into a table; before that nothing is published.
+//! - Coalescing: at most one table build per `coalesce` interval. A change
+//!   after a quiet interval is built at once; changes during the interval
+//!   wait for its end and are built together.
+//! - Malformed objects are logged with namespace/name and skipped.
+//! - `healthCheckNodePort`s of LoadBalancer Services with
+//!   `externalTrafficPolicy: Local` answer 200 (local endpoints) or 503.
+//! - Network programming latency: for slices carrying
+//!   `endpoints.kubernetes.io/last-change-trigger-time`, the time from that
+//!   trigger to the publish is logged and kept in [`KubeStats`].
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::FutureExt;
+use futures::stream::{BoxStream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Config};
+use tokio::time::Instant;
+
+use super::healthcheck::HealthResponders;
+use crate::k8s::{Index, Malformed, ObjectRef};
+use crate::publish::Publisher;
+
+/// Default coalescing interval: at most one table build per this much time.
+pub const DEFAULT_COALESCE: Duration = Duration::from_millis(100);
+
+/// Most events applied before a build is considered, so that a flood of
+/// buffered events cannot starve publishing.
+const MAX_DRAIN: usize = 10_000;
+
+/// How the Kubernetes source connects and what node it runs on.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// `None`: `KUBECONFIG`, `~/.kube/config`, then in-cluster config.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (`--node-name` / `NODE_NAME`): local traffic
+    /// policies and the zone for topology hints. Without it, `Local`
+    /// policies select no endpoint.
+    pub node_name: Option<String>,
+    /// Addresses on which node ports are served. Empty: the InternalIP and
+    /// ExternalIP addresses of this node's Node object.
+    pub node_addresses: Vec<IpAddr>,
+    /// At most one table build per this interval.
+    pub coalesce: Duration,
+    /// Counters the source updates (share the `Arc` to read them).
+    pub stats: Arc<KubeStats>,
+    /// Where `healthCheckNodePort` responders listen (kube-proxy: all
+    /// addresses, the default).
+    pub health_check_ip: IpAddr,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            node_name: None,
+            node_addresses: Vec::new(),
+            coalesce: DEFAULT_COALESCE,
+            stats: Arc::default(),
+            health_check_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        }
+    }
+}
+
+/// What the source did, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct KubeStats {
+    /// Table builds (incremental index rebuilds) run.
+    pub builds: AtomicU64,
+    /// Tables published (builds that changed something, plus the first).
+    pub publishes: AtomicU64,
+    /// Watch errors seen (each is retried with backoff).
+    pub watch_errors: AtomicU64,
+    /// Complete lists (initial or relist) applied, all kinds.
+    pub relists: AtomicU64,
+    /// Objects skipped as malformed.
+    pub malformed: AtomicU64,
+    /// Non-TCP Service ports skipped.
+    pub skipped_ports: AtomicU64,
+    /// Network programming latency of the last publish that carried an
+    /// EndpointSlice trigger time, in microseconds (the largest in it).
+    pub last_programming_latency_us: AtomicU64,
+    /// Largest network programming latency seen, in microseconds.
+    pub max_programming_latency_us: AtomicU64,
+}
+
+/// Fatal set-up errors of the Kubernetes source.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("cannot read kubeconfig {path}: {source}")]
+    ReadKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot use kubeconfig {path}: {source}")]
+    UseKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration: no --kubeconfig, no usable KUBECONFIG or ~/.kube/config, and not in a cluster: {0}"
+    )]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+async fn load_config(opts: &KubeOptions) -> Result<Config, KubeSourceError> {
+    match &opts.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                KubeSourceError::ReadKubeconfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeSourceError::UseKubeconfig {
+                    path: path.clone(),
+                    source,
+                })
+        }
+        None => Config::infer().await.map_err(KubeSourceError::Infer),
+    }
+}
+
+/// Runs the Kubernetes source until the process ends. Returns `Err` only
+/// for fatal set-up errors (configuration, client).
+pub async fn run(opts: KubeOptions, publisher: Arc<Publisher>) -> Result<(), KubeSourceError> {
+    let config = load_config(&opts).await?;
+    tracing::info!(server = %config.cluster_url, node = ?opts.node_name, "kubernetes source starting");
+    let client = Client::try_from(config).map_err(KubeSourceError::Client)?;
+    run_with_client(client, opts, publisher).await;
+    Ok(())
+}
+
+/// An object as listed or watched: decoded, or, when it does not decode
+/// as `K`, its metadata and why. Watching this instead of `K` keeps one
+/// undecodable object from failing a whole list (kube's typed list would
+/// fail and retry forever) and lets it be logged with its namespace/name.
+#[derive(Clone, Debug)]
+enum Lenient<K> {
+    Ok(K),
+    Bad {
+        meta: Box<ObjectMeta>,
+        error: String,
+    },
+}
+
+impl<'de, K: serde::de::DeserializeOwned> serde::Deserialize<'de> for Lenient<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        match K::deserialize(&v) {
+            Ok(k) => Ok(Lenient::Ok(k)),
+            Err(e) => Ok(Lenient::Bad {
+                meta: Box::new(
+                    v.get("metadata")
+                        .and_then(|m| ObjectMeta::deserialize(m).ok())
+                        .unwrap_or_default(),
+                ),
+                error: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()>> kube::Resource for Lenient<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Lenient::Ok(k) => k.meta(),
+            Lenient::Bad { meta, .. } => meta,
+        }
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Lenient::Ok(k) => k.meta_mut(),
+            Lenient::Bad { meta, .. } => meta,
+        }
+    }
+}
+
+/// One event of any watched kind.
+#[allow(clippy::large_enum_variant)] // moved once per event; boxing would only add an allocation
+enum Ev {
+    Service(Event<Lenient<Service>>),
+    Slice(Event<Lenient<EndpointSlice>>),
+    Node(Event<Lenient<Node>>),
+}
+
+/// A kind's relist buffer and whether it has been listed once.
+struct Relist<K> {
+    buffer: Option<Vec<Lenient<K>>>,
+    listed: bool,
+}
+
+impl<K> Default for Relist<K> {
+    fn default() -> Self {
+        Self {
+            buffer: None,
+            listed: false,
+        }
+    }
+}
+
+impl<K> Relist<K> {
+    /// Folds one event: the complete list at `InitDone`, or the object of
+    /// an `Apply`/`Delete` to handle at once.
+    fn fold(&mut self, ev: Event<Lenient<K>>) -> Folded<K> {
+        match ev {
+            Event::Init => {
+                self.buffer = Some(Vec::new());
+                Folded::Nothing
+            }
+            Event::InitApply(o) => match &mut self.buffer {
+                Some(b) => {
+                    b.push(o);
+                    Folded::Nothing
+                }
+                // Not expected from the watcher; treat as a plain apply.
+                None => Folded::Apply(o),
+            },
+            Event::InitDone => {
+                self.listed = true;
+                Folded::Listed(self.buffer.take().unwrap_or_default())
+            }
+            Event::Apply(o) => Folded::Apply(o),
+            Event::Delete(o) => Folded::Delete(o),
+        }
+    }
+}
+
+enum Folded<K> {
+    Nothing,
+    Listed(Vec<Lenient<K>>),
+    Apply(Lenient<K>),
+    Delete(Lenient<K>),
+}
+
+fn log_malformed(errors: &[Malformed], stats: &KubeStats) {
+    for e in errors {
+        stats.malformed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(kind = e.kind, object = %e.object, reason = %e.reason, "skipping malformed object");
+    }
+}
+
+fn undecodable(kind: &'static str, meta: &ObjectMeta, error: &str) -> Malformed {
+    Malformed {
+        kind,
+        object: match (&meta.namespace, &meta.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            (_, Some(n)) => n.clone(),
+            _ => "<no name>".to_owned(),
+        },
+        reason: format!("does not decode: {error}"),
+    }
+}
+
+/// Splits a list into decoded objects and the references of undecodable
+/// ones (logged).
+fn split<K>(
+    kind: &'static str,
+    items: Vec<Lenient<K>>,
+    stats: &KubeStats,
+) -> (Vec<K>, Vec<ObjectRef>) {
+    let mut good = Vec::with_capacity(items.len());
+    let mut bad = Vec::new();
+    for item in items {
+        match item {
+            Lenient::Ok(k) => good.push(k),
+            Lenient::Bad { meta, error } => {
+                log_malformed(&[undecodable(kind, &meta, &error)], stats);
+                if let Some(r) = ObjectRef::of(&meta) {
+                    bad.push(r);
+                }
+            }
+        }
+    }
+    (good, bad)
+}
+
+struct Source {
+    index: Index,
+    services: Relist<Service>,
+    slices: Relist<EndpointSlice>,
+    nodes: Relist<Node>,
+    watch_nodes: bool,
+    stats: Arc<KubeStats>,
+}
+
+impl Source {
+    fn ready(&self) -> bool {
+        self.services.listed && self.slices.listed && (self.nodes.listed || !self.watch_nodes)
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let stats = self.stats.clone();
+        let one = |r: Result<(), Malformed>| {
+            if let Err(e) = r {
+                log_malformed(&[e], &stats);
+            }
+        };
+        let bad = |kind, meta: &ObjectMeta, error: &str| {
+            log_malformed(&[undecodable(kind, meta, error)], &stats);
+        };
+        match ev {
+            Ev::Service(ev) => match self.services.fold(ev) {
+                Folded::Nothing => {}
+                Folded::Listed(items) => {
+                    stats.relists.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(count = items.len(), "services listed");
+                    let (good, keep) = split("Service", items, &stats);
+                    log_malformed(
+                        &self.index.reset_services_keeping(good.iter(), &keep),
+                        &stats,
+                    );
+                }
+                Folded::Apply(Lenient::Ok(o)) => one(self.index.apply_service(&o)),
+                Folded::Apply(Lenient::Bad { meta, error }) => bad("Service", &meta, &error),
+                Folded::Delete(Lenient::Ok(o)) => self.index.delete_service(&o),
+                Folded::Delete(Lenient::Bad { meta, .. }) => {
+                    if let Some(r) = ObjectRef::of(&meta) {
+                        self.index.delete_service_ref(&r);
+                    }
+                }
+            },
+            Ev::Slice(ev) => match self.slices.fold(ev) {
+                Folded::Nothing => {}
+                Folded::Listed(items) => {
+                    stats.relists.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(count = items.len(), "endpointslices listed");
+                    let (good, keep) = split("EndpointSlice", items, &stats);
+                    log_malformed(&self.index.reset_slices_keeping(good.iter(), &keep), &stats);
+                }
+                Folded::Apply(Lenient::Ok(o)) => one(self.index.apply_slice(&o)),
+                Folded::Apply(Lenient::Bad { meta, error }) => {
+                    bad("EndpointSlice", &meta, &error);
+                }
+                Folded::Delete(Lenient::Ok(o)) => self.index.delete_slice(&o),
+                Folded::Delete(Lenient::Bad { meta, .. }) => {
+                    if let Some(r) = ObjectRef::of(&meta) {
+                        self.index.delete_slice_ref(&r);
+                    }
+                }
+            },
+            Ev::Node(ev) => match self.nodes.fold(ev) {
+                Folded::Nothing => {}
+                Folded::Listed(items) => {
+                    stats.relists.fetch_add(1, Ordering::Relaxed);
+                    let (good, _) = split("Node", items, &stats);
+                    self.index.reset_nodes(good.iter());
+                }
+                Folded::Apply(Lenient::Ok(o)) => self.index.apply_node(&o),
+                Folded::Apply(Lenient::Bad { meta, error }) => bad("Node", &meta, &error),
+                Folded::Delete(Lenient::Ok(o)) => self.index.delete_node(&o),
+                Folded::Delete(Lenient::Bad { .. }) => {}
+            },
+        }
+        self.stats
+            .skipped_ports
+            .store(self.index.stats().skipped_ports, Ordering::Relaxed);
+    }
+
+    /// Builds and publishes if the table changed (always on the first call).
+    fn build_and_publish(&mut self, publisher: &Publisher, first: bool) {
+        self.stats.builds.fetch_add(1, Ordering::Relaxed);
+        let changed = self.index.build();
+        let triggers = self.index.take_trigger_times();
+        if !(changed || first) {
+            publisher.settle_unchanged();
+            return;
+        }
+        let table = self.index.table().clone();
+        let len = table.len();
+        let generation = publisher.publish_changed(table);
+        self.stats.publishes.fetch_add(1, Ordering::Relaxed);
+        let latency = triggers.iter().max().and_then(|&newest| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .ok()?
+                .as_nanos();
+            let now = i128::try_from(now).ok()?;
+            // The oldest trigger in the batch waited the longest.
+            let oldest = triggers.iter().min().copied().unwrap_or(newest);
+            u64::try_from((now - oldest).max(0) / 1_000).ok()
+        });
+        if let Some(us) = latency {
+            self.stats
+                .last_programming_latency_us
+                .store(us, Ordering::Relaxed);
+            self.stats
+                .max_programming_latency_us
+                .fetch_max(us, Ordering::Relaxed);
+        }
+        if first {
+            tracing::info!(
+                generation,
+                entries = len,
+                services = self.index.service_count(),
+                "first complete table published: ready"
+            );
+        } else {
+            tracing::debug!(generation, entries = len, programming_latency_us = ?latency, "table published");
+        }
+    }
+}
+
+fn watch_stream<K>(
+    api: Api<Lenient<K>>,
+    config: watcher::Config,
+    wrap: fn(Event<Lenient<K>>) -> Ev,
+) -> BoxStream<'static, Result<Ev, (&'static str, watcher::Error)>>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let kind = K::kind(&());
+    let kind: &'static str = match kind.as_ref() {
+        "Service" => "Service",
+        "EndpointSlice" => "EndpointSlice",
+        "Node" => "Node",
+        _ => "object",
+    };
+    watcher::watcher(api, config)
+        .default_backoff()
+        .map(move |r| r.map(wrap).map_err(|e| (kind, e)))
+        .boxed()
+}
+
+/// Runs the source on an existing client (what [`run`] does after loading
+/// the configuration). Runs until the process ends.
+pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<Publisher>) {
+    if opts.node_name.is_none() {
+        tracing::warn!(
+            "no node name (--node-name or NODE_NAME): Services with a Local traffic policy get no endpoint and topology hints are not used"
+        );
+    }
+    let mut streams = vec![
+        watch_stream(
+            Api::<Lenient<Service>>::all(client.clone()),
+            watcher::Config::default(),
+            Ev::Service,
+        ),
+        watch_stream(
+            Api::<Lenient<EndpointSlice>>::all(client.clone()),
+            watcher::Config::default(),
+            Ev::Slice,
+        ),
+    ];
+    if let Some(name) = &opts.node_name {
+        streams.push(watch_stream(
+            Api::<Lenient<Node>>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+            Ev::Node,
+        ));
+    }
+    let mut events = futures::stream::select_all(streams);
+    let mut src = Source {
+        index: Index::new(opts.node_name.clone(), opts.node_addresses.clone()),
+        services: Relist::default(),
+        slices: Relist::default(),
+        nodes: Relist::default(),
+        watch_nodes: opts.node_name.is_some(),
+        stats: opts.stats.clone(),
+    };
+    let mut health = HealthResponders::new(opts.health_check_ip);
+    let mut published = false;
+    let mut last_build: Option<Instant> = None;
+    loop {
+        let due = last_build.map(|t| t + opts.coalesce);
+        let waiting = published && src.index.is_dirty();
+        let next = tokio::select! {
+            ev = events.next() => Some(ev),
+            () = sleep_until_opt(due), if waiting => None,
+        };
+        match next {
+            Some(Some(first)) => {
+                src.take(first, &publisher);
+                // Apply whatever else is already buffered before deciding.
+                for _ in 0..MAX_DRAIN {
+                    match events.next().now_or_never() {
+                        Some(Some(ev)) => src.take(ev, &publisher),
+                        _ => break,
+                    }
+                }
+                if published && !src.index.is_dirty() {
+                    // The input changed nothing the table depends on.
+                    publisher.settle_unchanged();
+                }
+            }
+            Some(None) => {
+                // The watchers never end by themselves; be safe anyway.
+                tracing::error!("kubernetes watch streams ended");
+                return;
+            }
+            None => {}
+        }
+        if !src.ready() {
+            continue;
+        }
+        let now = Instant::now();
+        if !published {
+            src.build_and_publish(&publisher, true);
+            published = true;
+            last_build = Some(now);
+        } else if src.index.is_dirty() && due.is_none_or(|d| now >= d) {
+            src.build_and_publish(&publisher, false);
+            last_build = Some(now);
+        }
+        if src.index.take_health_changed() {
+            health.update(&src.index.health_checks()).await;
+        }
+    }
+}
+
+impl Source {
+    fn take(&mut self, ev: Result<Ev, (&'static str, watcher::Error)>, publisher: &Publisher) {
+        match ev {
+            Ok(ev) => {
+                // Input that may change the table: the health rule
+                // (kube-proxy's) watches how long it waits for a publish.
+                publisher.mark_pending();
+                self.handle(ev);
+            }
+            Err((kind, e)) => {
+                self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(kind, error = %e, "watch error; retrying with backoff, last table keeps serving");
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,350 @@
+//! End to end with Kubernetes: the fixture apiserver (real list/watch HTTP),
+//! the real `sluice` binary pointed at it with a kubeconfig, real backends
+//! on loopback addresses. Traffic follows every change; a terminating
+//! endpoint gets no new connection while its established one flows; a watch
+//! outage with a deletion during it is healed by the relist.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice_apiserver_fixture::{ApiServer, Kind};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, timeout};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A backend on `addr` that greets each connection with its name, then
+/// echoes lines.
+async fn backend(addr: SocketAddr, name: &'static str) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let (r, mut w) = s.split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// Connects through sluice and returns the backend's name (None: refused,
+/// reset or silent).
+async fn hit(addr: SocketAddr) -> Option<String> {
+    let (name, _) = open(addr).await?;
+    Some(name)
+}
+
+async fn open(addr: SocketAddr) -> Option<(String, BufReader<TcpStream>)> {
+    let s = timeout(Duration::from_secs(3), TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let n = timeout(Duration::from_secs(3), r.read_line(&mut line))
+        .await
+        .ok()?
+        .ok()?;
+    (n > 0).then(|| (line.trim().to_owned(), r))
+}
+
+/// Waits until `n` consecutive connections all satisfy `f`.
+async fn until_all(addr: SocketAddr, what: &str, n: usize, f: impl Fn(&Option<String>) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    let mut streak = 0;
+    let mut last = None;
+    while streak < n {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} at {addr}; last answer {last:?}"
+        );
+        let got = hit(addr).await;
+        if f(&got) {
+            streak += 1;
+        } else {
+            streak = 0;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last = got;
+    }
+}
+
+fn svc(name: &str, cluster_ip: &str, port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "default", "name": name},
+        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                 "ports": [{"name": "tcp", "port": port, "protocol": "TCP"}]},
+    })
+}
+
+/// `(ip, ready, serving, terminating)` endpoints on `port`.
+fn slice(name: &str, svc: &str, port: u16, eps: &[(&str, bool, bool, bool)]) -> Value {
+    let eps: Vec<Value> = eps
+        .iter()
+        .map(|(ip, ready, serving, term)| {
+            json!({"addresses": [ip], "nodeName": "node-a",
+                   "conditions": {"ready": ready, "serving": serving, "terminating": term}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "default", "name": name,
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"name": "tcp", "port": port, "protocol": "TCP"}],
+        "endpoints": eps,
+    })
+}
+
+struct Daemon {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- sluice log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A port free on both `a` and `b` (bound then released).
+fn common_port(addrs: &[&str]) -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind((ip(addrs[0]), 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        if addrs[1..]
+            .iter()
+            .all(|a| std::net::TcpListener::bind((ip(a), port)).is_ok())
+        {
+            return port;
+        }
+    }
+    panic!("no common free port");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_follows_the_apiserver() {
+    // Backends A, B, C on one port of three loopback addresses (a slice has
+    // one port number for all its endpoints).
+    let bport = common_port(&["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
+    let _a = backend(SocketAddr::new(ip("127.0.0.2"), bport), "A").await;
+    let _b = backend(SocketAddr::new(ip("127.0.0.3"), bport), "B").await;
+    let _c = backend(SocketAddr::new(ip("127.0.0.4"), bport), "C").await;
+    // Two Services with loopback cluster IPs sluice can bind.
+    let vport = common_port(&["127.0.0.50", "127.0.0.51"]);
+    let web = SocketAddr::new(ip("127.0.0.50"), vport);
+    let other = SocketAddr::new(ip("127.0.0.51"), vport);
+
+    let api = ApiServer::start().await.unwrap();
+    api.apply_json(svc("web", "127.0.0.50", vport)).unwrap();
+    api.apply_json(slice(
+        "web-1",
+        "web",
+        bport,
+        &[("127.0.0.2", true, true, false)],
+    ))
+    .unwrap();
+    api.apply_json(svc("other", "127.0.0.51", vport)).unwrap();
+    api.apply_json(slice(
+        "other-1",
+        "other",
+        bport,
+        &[("127.0.0.4", true, true, false)],
+    ))
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let log = dir.path().join("sluice.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--node-name", "node-a"])
+        .arg("--healthz-bind-address=")
+        .arg("--metrics-bind-address=")
+        .args(["--connect-timeout", "300ms"])
+        .env("RUST_LOG", "info,sluice_control=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { child, log };
+
+    // 1. The first lists make the first table: both Services answer.
+    until_all(web, "web served by A", 3, |g| g.as_deref() == Some("A")).await;
+    until_all(other, "other served by C", 3, |g| g.as_deref() == Some("C")).await;
+
+    // 2. Scale up: A and B both get connections.
+    api.apply_json(slice(
+        "web-1",
+        "web",
+        bport,
+        &[
+            ("127.0.0.2", true, true, false),
+            ("127.0.0.3", true, true, false),
+        ],
+    ))
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "only saw {seen:?}");
+        if let Some(n) = hit(web).await {
+            seen.insert(n);
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["A", "B"]);
+
+    // 3. A removed: only B.
+    api.apply_json(slice(
+        "web-1",
+        "web",
+        bport,
+        &[("127.0.0.3", true, true, false)],
+    ))
+    .unwrap();
+    until_all(web, "only B", 10, |g| g.as_deref() == Some("B")).await;
+
+    // 4. B terminating (still serving), C ready: new connections go to C
+    //    only, while an established connection to B keeps flowing.
+    let (name, mut established) = open(web).await.unwrap();
+    assert_eq!(name, "B");
+    api.apply_json(slice(
+        "web-1",
+        "web",
+        bport,
+        &[
+            ("127.0.0.3", false, true, true),
+            ("127.0.0.4", true, true, false),
+        ],
+    ))
+    .unwrap();
+    until_all(web, "C takes new connections", 1, |g| {
+        g.as_deref() == Some("C")
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            hit(web).await.as_deref(),
+            Some("C"),
+            "terminating B got a new connection"
+        );
+    }
+    established
+        .get_mut()
+        .write_all(b"still here\n")
+        .await
+        .unwrap();
+    let mut echo = String::new();
+    timeout(Duration::from_secs(3), established.read_line(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        echo, "still here\n",
+        "the established connection to B flows"
+    );
+
+    // 5. Outage: the apiserver answers 503 and drops its watches; meanwhile
+    //    'other' is deleted and web moves to A. No watch event can carry
+    //    that: only the relist (after ERROR 410) does.
+    let lists_before = api.list_count(Kind::Service);
+    api.set_unavailable(true);
+    api.kill_connections();
+    api.delete(Kind::EndpointSlice, "default", "other-1")
+        .unwrap();
+    api.delete(Kind::Service, "default", "other").unwrap();
+    api.apply_json(slice(
+        "web-1",
+        "web",
+        bport,
+        &[("127.0.0.2", true, true, false)],
+    ))
+    .unwrap();
+    api.compact();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The last table keeps serving during the outage.
+    assert_eq!(hit(web).await.as_deref(), Some("C"));
+    assert_eq!(hit(other).await.as_deref(), Some("C"));
+    api.set_unavailable(false);
+    until_all(web, "web moved to A after the relist", 5, |g| {
+        g.as_deref() == Some("A")
+    })
+    .await;
+    // 'other' itself is gone (not merely without endpoints): its listener
+    // closes, connections are refused.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match TcpStream::connect(other).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "'other' still listening after the relist"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        api.list_count(Kind::Service) > lists_before,
+        "the heal came from a relist; requests: {:#?}",
+        api.requests()
+            .iter()
+            .map(|r| format!("{} {:?}", r.path, r.query))
+            .collect::<Vec<_>>()
+    );
+    drop(daemon);
+}
+
+#[test]
+fn unreadable_kubeconfig_exits_64_naming_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--kubeconfig", "/nonexistent/kubeconfig"])
+        .arg("--healthz-bind-address=")
+        .arg("--metrics-bind-address=")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+}
+
+#[test]
+fn config_and_kubeconfig_conflict() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--config", "/x.yaml", "--kubeconfig", "/y"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
