@@ -482,11 +482,12 @@ pub struct MetricsSummary {
     pub connections_accepted: u64,
     /// `sluice_connections_closed_total` by reason.
     pub connections_closed: BTreeMap<String, u64>,
-    /// `sluice_dial_failures_total` by reason, over the backends still in
-    /// the table (sluice drops a backend's series when it leaves).
+    /// `sluice_dial_failures_total` (process-wide, outlives backends) by
+    /// reason.
     pub dial_failures: BTreeMap<String, u64>,
     pub dial_failures_total: u64,
     pub dial_retries: u64,
+    /// `sluice_ejections_total` (process-wide).
     pub backend_ejections: u64,
 }
 
