@@ -4,7 +4,9 @@
 //! Subcommands: `rollout` (rolling update with control-plane lag; 0
 //! client-visible errors expected), `churn` (short-lived connections/s and
 //! latency, direct vs through sluice), `throughput` (bulk Gbit/s, direct vs
-//! through sluice), `serve` (a built-in backend on its own).
+//! through sluice), `control` (control-plane scale: index build and
+//! single-slice update cost for thousands of Services), `serve` (a built-in
+//! backend on its own).
 //!
 //! Modules:
 //! - [`backend`]: the built-in backend servers (request/response, sink,
@@ -15,7 +17,9 @@
 //!   events, text and JSON forms.
 //! - [`sluice`]: locating/building, starting, reconfiguring (atomic write +
 //!   SIGHUP), following the log of, and stopping the daemon.
-//! - [`rollout`], [`churn`], [`throughput`]: the scenarios.
+//! - [`rollout`], [`churn`], [`throughput`]: the scenarios; [`netns`]: the
+//!   rollout on a mini node in network namespaces, against nftables DNAT.
+//! - [`control`]: the control-plane scale bench (counting allocator).
 //!
 //! Every address is loopback; every loop is bounded in count and time;
 //! children are killed and temp dirs removed on exit, error, Ctrl-C and
@@ -39,6 +43,7 @@ macro_rules! outln {
 
 mod backend;
 mod churn;
+mod control;
 mod netns;
 mod report;
 mod rollout;
@@ -73,6 +78,9 @@ enum Cmd {
     Churn(churn::ChurnArgs),
     /// Bulk Gbit/s, direct vs sluice.
     Throughput(throughput::ThroughputArgs),
+    /// Control-plane scale: index build, single-slice updates, publish,
+    /// memory, for thousands of Services.
+    Control(control::ControlArgs),
     /// Run one built-in backend (for --target runs by hand).
     Serve(ServeArgs),
     /// Internal: a pod's backend inside a network namespace (`rollout --netns`).
@@ -112,6 +120,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Churn(a) => churn::run(a).await,
         Cmd::Throughput(a) => throughput::run(a).await,
         Cmd::Serve(a) => serve(a).await,
+        Cmd::Control(a) => control::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::NetnsPod(a) => netns::pod::run(a).await,
     }
 }

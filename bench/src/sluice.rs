@@ -26,7 +26,7 @@ use crate::workload::{Outcome, request};
 #[derive(Debug, Clone, clap::Args)]
 pub struct SluiceArgs {
     /// The sluice binary. Default: `sluice` next to this executable (built
-    /// first with `$CARGO build -p sluice` when run by cargo).
+    /// first with `$CARGO build -p sluice-bench -p sluice` when run by cargo).
     #[arg(long, value_name = "PATH")]
     pub sluice: Option<PathBuf>,
     /// Passed to sluice as --connect-timeout (e.g. 300ms); sluice's default
@@ -138,20 +138,29 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the current executable")?;
     let dir =
         profile_dir(&exe).with_context(|| format!("no directory around {}", exe.display()))?;
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-        let workspace = manifest_dir
-            .parent()
-            .unwrap_or(&manifest_dir)
-            .join("Cargo.toml");
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let root = manifest_dir.parent().unwrap_or(&manifest_dir).to_path_buf();
+    let cargo = std::env::var_os("CARGO").filter(|_| !is_fresh(&dir.join("sluice"), &root));
+    if let Some(cargo) = cargo {
+        let workspace = root.join("Cargo.toml");
+        // Selecting sluice-bench too keeps the feature set of the build
+        // that made this executable (sluice-bench depends on the sluice
+        // library), so the shared dependencies are not compiled again.
         let mut cmd = std::process::Command::new(&cargo);
-        cmd.args(["build", "-p", "sluice", "--manifest-path"])
-            .arg(&workspace)
-            .args(profile_args(&dir))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        cmd.args([
+            "build",
+            "-p",
+            "sluice-bench",
+            "-p",
+            "sluice",
+            "--manifest-path",
+        ])
+        .arg(&workspace)
+        .args(profile_args(&dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
         eprintln!("sluice-bench: building sluice: {cmd:?}");
         let status = cmd
             .status()
@@ -167,6 +176,39 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
         bin.display()
     );
     Ok(bin)
+}
+
+/// Whether the `sluice` binary at `bin` is newer than every source file of
+/// the daemon's crates and the lock file, so the nested build can be
+/// skipped. (A nested cargo runs with the environment `cargo run` set up,
+/// which build scripts such as ring's see as a change: skipping it when
+/// nothing changed avoids recompiling them on every run.)
+fn is_fresh(bin: &Path, root: &Path) -> bool {
+    fn mtime(p: &Path) -> Option<std::time::SystemTime> {
+        std::fs::metadata(p).and_then(|m| m.modified()).ok()
+    }
+    fn newest(dir: &Path, depth: usize) -> Option<std::time::SystemTime> {
+        let mut best = mtime(dir);
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = entry.path();
+            let t = if p.is_dir() && depth > 0 {
+                newest(&p, depth - 1)
+            } else {
+                mtime(&p)
+            };
+            best = best.max(t);
+        }
+        best
+    }
+    let Some(built) = mtime(bin) else {
+        return false;
+    };
+    let mut inputs = vec![mtime(&root.join("Cargo.lock"))];
+    for krate in ["proxy", "control"] {
+        inputs.push(newest(&root.join(krate).join("src"), 4));
+        inputs.push(mtime(&root.join(krate).join("Cargo.toml")));
+    }
+    inputs.iter().all(|t| t.is_some_and(|t| t <= built))
 }
 
 /// Writes `cfg` to `path` atomically: a temp file in the same directory,

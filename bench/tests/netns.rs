@@ -198,8 +198,9 @@ fn sigterm_mid_run_removes_namespaces_and_processes() {
         .unwrap();
     let pid = child.id();
     let stderr = || std::fs::read_to_string(log.path()).unwrap_or_default();
-    // Wait until the load runs (the new pod's namespace exists).
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Wait until the load runs (the new pod's namespace exists). The run
+    // may first build sluice (a nested cargo build, minutes on 2 cores).
+    let deadline = Instant::now() + Duration::from_secs(400);
     while !namespaces_of(pid).iter().any(|n| n.ends_with("-new-1")) {
         if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
             let _ = child.kill();
