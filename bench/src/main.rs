@@ -1,1 +1,142 @@
-fn main() {}
+//! sluice-bench: scenarios and load for sluice, on loopback, with the real
+//! `sluice` binary.
+//!
+//! Subcommands: `rollout` (rolling update with control-plane lag; 0
+//! client-visible errors expected), `churn` (short-lived connections/s and
+//! latency, direct vs through sluice), `throughput` (bulk Gbit/s, direct vs
+//! through sluice), `serve` (a built-in backend on its own).
+//!
+//! Modules:
+//! - [`backend`]: the built-in backend servers (request/response, sink,
+//!   source) and their death (listener closed, connections RST).
+//! - [`workload`]: clients: one request/response connection, open- and
+//!   closed-loop drivers, the source-port pool, error classification.
+//! - [`report`]: hdrhistogram summaries, the per-second timeline with
+//!   events, text and JSON forms.
+//! - [`sluice`]: locating/building, starting, reconfiguring (atomic write +
+//!   SIGHUP), following the log of, and stopping the daemon.
+//! - [`rollout`], [`churn`], [`throughput`]: the scenarios.
+//!
+//! Every address is loopback; every loop is bounded in count and time;
+//! children are killed and temp dirs removed on exit, error, Ctrl-C and
+//! SIGTERM.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod backend;
+mod churn;
+mod report;
+mod rollout;
+mod sluice;
+mod throughput;
+mod workload;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-bench",
+    version,
+    about = "Load generator and scenarios for sluice"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Rolling update of every backend under open-loop load through sluice,
+    /// with a lagging table; exits non-zero on any client-visible error.
+    Rollout(rollout::RolloutArgs),
+    /// Short-lived connections per second and latency, direct vs sluice.
+    Churn(churn::ChurnArgs),
+    /// Bulk Gbit/s, direct vs sluice.
+    Throughput(throughput::ThroughputArgs),
+    /// Run one built-in backend (for --target runs by hand).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Loopback address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// Id the backend answers GET requests with.
+    #[arg(long, default_value = "serve")]
+    id: String,
+    /// Stop after this long.
+    #[arg(long = "for", default_value = "10m", value_name = "DURATION")]
+    for_: humantime::Duration,
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let b = backend::Backend::start(&args.id, args.listen).await?;
+    eprintln!(
+        "sluice-bench: backend {} on {} for {}",
+        b.id(),
+        b.addr(),
+        args.for_
+    );
+    tokio::time::sleep(args.for_.into()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Rollout(a) => rollout::run(a).await,
+        Cmd::Churn(a) => churn::run(a).await,
+        Cmd::Throughput(a) => throughput::run(a).await,
+        Cmd::Serve(a) => serve(a).await,
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice-bench: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // When `run` is dropped (signal), its children are killed (kill_on_drop)
+    // and its temp dirs removed; shutting the runtime down ends the tasks.
+    let res = rt.block_on(async {
+        tokio::select! {
+            r = run(cli) => r,
+            s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}")),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

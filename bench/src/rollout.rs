@@ -1,0 +1,508 @@
+//! The rolling-update scenario: old backends replaced one by one by new
+//! ones while open-loop clients with reused source ports go through sluice,
+//! and the table (sluice's config file) follows the world `--lag` late.
+//!
+//! For backend i (t = a_i, a_0 = warm-up, a_{i+1} = b_i):
+//! - world  a_i:           new-i starts, ready
+//! - table  a_i + lag:     new-i added (ready)
+//! - world  b_i = a_i+lag: old-i terminating (still serving)
+//! - table  b_i + lag:     old-i ready=false serving=true terminating=true
+//! - world  c_i = b_i+grace: old-i dies: listener closed, connections RST
+//! - table  c_i + lag:     old-i removed
+//!
+//! Between c_i and b_i + lag the table still lists a dead backend as ready:
+//! only sluice's dial retry keeps that from the clients.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::report::{self, Event, Second, Summary};
+use crate::sluice::{self, BackendCfg, Config, LogCounts, Sluice, SluiceArgs, StopReport};
+use crate::workload::{LoadSpec, PortPool, open_loop};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutArgs {
+    /// New connections per second (open loop).
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Length of the load; default: the rollout schedule plus 1s.
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<humantime::Duration>,
+    /// Control-plane lag: the table reflects each world event this late (>= 1s).
+    #[arg(long, default_value = "1.5s", value_name = "DURATION")]
+    pub lag: humantime::Duration,
+    /// Time from "terminating" to the old backend's death.
+    #[arg(long, default_value = "300ms", value_name = "DURATION")]
+    pub grace: humantime::Duration,
+    /// Number of old backends, each replaced by a new one.
+    #[arg(long, default_value_t = 3)]
+    pub backends: u8,
+    /// Load before the first event.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub warmup: humantime::Duration,
+    /// Per-connection client deadline.
+    #[arg(long, default_value = "3s", value_name = "DURATION")]
+    pub client_timeout: humantime::Duration,
+    /// Size of the source-port pool clients bind from.
+    #[arg(long, default_value_t = 64)]
+    pub source_ports: u16,
+    /// First port of the pool (default: random in 20000..30000).
+    #[arg(long)]
+    pub source_port_base: Option<u16>,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 0 even if clients saw errors.
+    #[arg(long)]
+    pub allow_errors: bool,
+    #[command(flatten)]
+    pub sluice: SluiceArgs,
+}
+
+/// One step of the scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// World: new-i starts and is ready.
+    StartNew(usize),
+    /// World: old-i is told to terminate (keeps serving).
+    WorldTerminating(usize),
+    /// World: old-i dies.
+    Kill(usize),
+    /// Table: new-i added, ready.
+    TableAdd(usize),
+    /// Table: old-i terminating (serving).
+    TableTerminating(usize),
+    /// Table: old-i removed.
+    TableRemove(usize),
+}
+
+impl Action {
+    fn is_table(self) -> bool {
+        matches!(
+            self,
+            Action::TableAdd(_) | Action::TableTerminating(_) | Action::TableRemove(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    pub at: Duration,
+    pub action: Action,
+}
+
+/// The schedule, sorted by time; at equal times world events come first.
+pub fn plan(n: usize, warmup: Duration, lag: Duration, grace: Duration) -> Vec<Planned> {
+    let mut v = Vec::with_capacity(n * 6);
+    let mut a = warmup;
+    for i in 0..n {
+        let b = a + lag;
+        let c = b + grace;
+        v.push(Planned {
+            at: a,
+            action: Action::StartNew(i),
+        });
+        v.push(Planned {
+            at: a + lag,
+            action: Action::TableAdd(i),
+        });
+        v.push(Planned {
+            at: b,
+            action: Action::WorldTerminating(i),
+        });
+        v.push(Planned {
+            at: b + lag,
+            action: Action::TableTerminating(i),
+        });
+        v.push(Planned {
+            at: c,
+            action: Action::Kill(i),
+        });
+        v.push(Planned {
+            at: c + lag,
+            action: Action::TableRemove(i),
+        });
+        a = b;
+    }
+    v.sort_by_key(|p| (p.at, p.action.is_table()));
+    v
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct RolloutReport {
+    scenario: &'static str,
+    #[serde(flatten)]
+    summary: Summary,
+    local_bind_failures: u64,
+    rate: f64,
+    duration_s: f64,
+    lag_s: f64,
+    grace_s: f64,
+    backends: u8,
+    source_ports: u16,
+    sluice_path: String,
+    table_writes: usize,
+    generations_live: usize,
+    max_apply_ms: f64,
+    sluice_stop: StopReport,
+    /// Dial outcomes from sluice's debug log (zeros if not logged).
+    sluice_log: LogCounts,
+    /// What each backend itself counted: requests answered, connections
+    /// aborted by its death.
+    backend_counts: BTreeMap<String, BackendCount>,
+    events: Vec<Event>,
+    timeline: Vec<Second>,
+    pass: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct BackendCount {
+    address: SocketAddr,
+    requests: u64,
+    aborted: u64,
+}
+
+fn old_addr(i: usize) -> SocketAddr {
+    SocketAddr::new(sluice::lo_in(1, i + 1), 0)
+}
+
+fn new_addr(i: usize) -> SocketAddr {
+    SocketAddr::new(sluice::lo_in(2, i + 1), 0)
+}
+
+/// sluice's RUST_LOG for this scenario (unless RUST_LOG is set): its
+/// per-connection debug lines say which dials failed and which client
+/// connections needed a retry.
+const SLUICE_LOG: &str = "info,sluice_proxy::server=debug";
+
+fn random_base() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    20000 + (h.finish() % 10000) as u16
+}
+
+pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
+    let lag: Duration = args.lag.into();
+    let grace: Duration = args.grace.into();
+    let warmup: Duration = args.warmup.into();
+    anyhow::ensure!(
+        lag >= Duration::from_secs(1),
+        "--lag must be >= 1s (got {})",
+        args.lag
+    );
+    anyhow::ensure!(
+        args.rate > 0.0 && args.rate <= 50_000.0,
+        "--rate must be in (0, 50000] (got {})",
+        args.rate
+    );
+    anyhow::ensure!(
+        (1..=200).contains(&args.backends),
+        "--backends must be in 1..=200 (got {})",
+        args.backends
+    );
+    let n = args.backends as usize;
+    let schedule = plan(n, warmup, lag, grace);
+    let last = schedule.last().map(|p| p.at).unwrap_or(warmup);
+    let min_duration = last + Duration::from_secs(1);
+    let duration: Duration = args.duration.map(Into::into).unwrap_or(min_duration);
+    anyhow::ensure!(
+        duration >= min_duration,
+        "--duration {} is shorter than the rollout schedule ({:.1}s)",
+        humantime::format_duration(duration),
+        min_duration.as_secs_f64()
+    );
+    anyhow::ensure!(
+        duration <= Duration::from_secs(600),
+        "--duration must be at most 10 minutes"
+    );
+
+    let bin = sluice::locate(args.sluice.sluice.as_deref())?;
+    let mut olds = Vec::with_capacity(n);
+    for i in 0..n {
+        olds.push(Backend::start(&format!("old-{}", i + 1), old_addr(i)).await?);
+    }
+    let listen = SocketAddr::new(
+        sluice::lo(1),
+        sluice::free_port(std::net::Ipv4Addr::LOCALHOST)?,
+    );
+    let mut table: Vec<BackendCfg> = olds.iter().map(|b| BackendCfg::ready(b.addr())).collect();
+    let mut sluice = Sluice::start(
+        &bin,
+        &args.sluice,
+        &Config::single("rollout", listen, table.clone()),
+        listen,
+        Some(SLUICE_LOG),
+    )
+    .await?;
+
+    let base = args.source_port_base.unwrap_or_else(random_base);
+    let pool = PortPool::new(base, args.source_ports)?;
+    let spec = Arc::new(LoadSpec {
+        targets: vec![listen],
+        pool: Some(pool),
+        timeout: args.client_timeout.into(),
+        max_inflight: 10_000,
+    });
+    if !args.json {
+        println!(
+            "rollout: {n} old -> {n} new backends, {} conn/s open loop for {:.1}s, lag {}, grace {}, source ports {}..{}",
+            args.rate,
+            duration.as_secs_f64(),
+            args.lag,
+            args.grace,
+            base,
+            u32::from(base) + u32::from(args.source_ports) - 1
+        );
+        println!("sluice: {} listening on {listen}", bin.display());
+    }
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let load = tokio::spawn(open_loop(spec, args.rate, duration, t0));
+
+    let mut events = Vec::new();
+    let mut news: Vec<Option<Backend>> = (0..n).map(|_| None).collect();
+    let mut writes: Vec<(Instant, u64)> = Vec::new();
+    let mut k = 0;
+    while k < schedule.len() {
+        let at = schedule[k].at;
+        tokio::time::sleep_until((t0 + at).into()).await;
+        let mut dirty = false;
+        while k < schedule.len() && schedule[k].at == at {
+            let action = schedule[k].action;
+            k += 1;
+            let what = match action {
+                Action::StartNew(i) => {
+                    let b = Backend::start(&format!("new-{}", i + 1), new_addr(i)).await?;
+                    let w = format!("world: new-{} up at {}", i + 1, b.addr());
+                    news[i] = Some(b);
+                    w
+                }
+                Action::WorldTerminating(i) => format!("world: old-{} terminating", i + 1),
+                Action::Kill(i) => {
+                    olds[i].kill();
+                    format!("world: old-{} dies (listener closed, conns RST)", i + 1)
+                }
+                Action::TableAdd(i) => {
+                    let addr = news[i]
+                        .as_ref()
+                        .map(Backend::addr)
+                        .context("new backend missing")?;
+                    table.push(BackendCfg::ready(addr));
+                    dirty = true;
+                    format!("table: +new-{}", i + 1)
+                }
+                Action::TableTerminating(i) => {
+                    let addr = olds[i].addr();
+                    for b in table.iter_mut().filter(|b| b.address == addr) {
+                        *b = BackendCfg::terminating(addr);
+                    }
+                    dirty = true;
+                    format!("table: old-{} terminating", i + 1)
+                }
+                Action::TableRemove(i) => {
+                    let addr = olds[i].addr();
+                    table.retain(|b| b.address != addr);
+                    dirty = true;
+                    format!("table: -old-{}", i + 1)
+                }
+            };
+            events.push(Event::new(t0.elapsed(), what));
+        }
+        if dirty {
+            let before = sluice.generation();
+            sluice
+                .update(&Config::single("rollout", listen, table.clone()))
+                .with_context(|| format!("updating sluice's config\n{}", sluice.log_tail(20)))?;
+            writes.push((Instant::now(), before));
+        }
+    }
+    let result = load.await.context("load task")?;
+    // Let the last generation show in the log before reading it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let seen = sluice.generations_seen();
+    let after_t0: Vec<(Instant, u64)> = seen.iter().copied().filter(|(t, _)| *t >= t0).collect();
+    for (t, g) in &after_t0 {
+        events.push(Event::new(
+            t.duration_since(t0),
+            format!("sluice: table live generation={g}"),
+        ));
+    }
+    events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
+    let mut max_apply = Duration::ZERO;
+    let mut unapplied = 0;
+    for (w, before) in &writes {
+        match seen.iter().find(|(t, g)| *t >= *w && *g > *before) {
+            Some((t, _)) => max_apply = max_apply.max(t.duration_since(*w)),
+            None => unapplied += 1,
+        }
+    }
+    let running = sluice.running();
+    let stop = sluice.stop(Duration::from_secs(10)).await;
+    let sluice_log = sluice.log_counts();
+
+    let summary = report::summarize(&result.records, result.elapsed);
+    let backend_counts: BTreeMap<String, BackendCount> = olds
+        .iter()
+        .chain(news.iter().flatten())
+        .map(|b| {
+            (
+                b.id().to_string(),
+                BackendCount {
+                    address: b.addr(),
+                    requests: b.stats().requests.load(Ordering::Relaxed),
+                    aborted: b.stats().aborted.load(Ordering::Relaxed),
+                },
+            )
+        })
+        .collect();
+    let seconds = duration.as_secs_f64().ceil() as u64;
+    let timeline = report::timeline(&result.records, &events, seconds);
+    let client_ok = summary.error_total == 0 || args.allow_errors;
+    let sluice_ok = running && stop.clean && unapplied == 0;
+    let pass = client_ok && sluice_ok && summary.attempted > 0;
+
+    if args.json {
+        let r = RolloutReport {
+            scenario: "rollout",
+            summary: summary.clone(),
+            local_bind_failures: result.local_bind_failures,
+            rate: args.rate,
+            duration_s: duration.as_secs_f64(),
+            lag_s: lag.as_secs_f64(),
+            grace_s: grace.as_secs_f64(),
+            backends: args.backends,
+            source_ports: args.source_ports,
+            sluice_path: bin.display().to_string(),
+            table_writes: writes.len(),
+            generations_live: after_t0.len(),
+            max_apply_ms: (max_apply.as_secs_f64() * 1e6).round() / 1e3,
+            sluice_stop: stop.clone(),
+            sluice_log: sluice_log.clone(),
+            backend_counts,
+            events,
+            timeline,
+            pass,
+        };
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!("{}", report::timeline_text(&timeline));
+        print!("{}", report::summary_text("through sluice", &summary));
+        println!(
+            "local bind failures: {} (not client-visible)",
+            result.local_bind_failures
+        );
+        let counts: Vec<String> = backend_counts
+            .iter()
+            .map(|(id, c)| format!("{id}@{}={} (aborted {})", c.address, c.requests, c.aborted))
+            .collect();
+        println!("backends answered: {}", counts.join(" "));
+        println!(
+            "sluice log: {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
+            sluice_log.dial_failures, sluice_log.retried_connections, sluice_log.no_backend_left
+        );
+        println!(
+            "sluice: {} table writes, {} generations went live, max write->live {:.1} ms; SIGTERM -> exit {:?} in {:.2}s{}",
+            writes.len(),
+            after_t0.len(),
+            max_apply.as_secs_f64() * 1e3,
+            stop.exit_code,
+            stop.stop_s,
+            if stop.killed {
+                " (had to be killed)"
+            } else {
+                ""
+            }
+        );
+    }
+    if !pass {
+        let mut why = Vec::new();
+        if summary.error_total > 0 {
+            why.push(format!("{} client-visible errors", summary.error_total));
+        }
+        if !running {
+            why.push("sluice exited during the run".to_string());
+        }
+        if !stop.clean {
+            why.push(format!("sluice did not exit 0 on SIGTERM ({stop:?})"));
+        }
+        if unapplied > 0 {
+            why.push(format!("{unapplied} table writes never went live"));
+        }
+        if summary.attempted == 0 {
+            why.push("no connection was attempted".to_string());
+        }
+        eprintln!("rollout FAILED: {}", why.join("; "));
+        eprint!("{}", sluice.log_tail(40));
+        return Ok(ExitCode::from(1));
+    }
+    if !args.json {
+        println!("rollout PASSED");
+    }
+    if args.sluice.keep_logs {
+        eprintln!("sluice-bench: logs kept in {}", sluice.dir().display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(p: &[Planned], a: Action) -> Duration {
+        p.iter().find(|x| x.action == a).unwrap().at
+    }
+
+    #[test]
+    fn plan_follows_world_with_lag() {
+        let s = Duration::from_secs_f64;
+        let p = plan(3, s(1.0), s(1.5), s(0.3));
+        assert_eq!(p.len(), 18);
+        assert!(p.windows(2).all(|w| w[0].at <= w[1].at));
+        for i in 0..3 {
+            let start = at(&p, Action::StartNew(i));
+            assert_eq!(at(&p, Action::TableAdd(i)), start + s(1.5));
+            let term = at(&p, Action::WorldTerminating(i));
+            assert_eq!(term, start + s(1.5));
+            assert_eq!(at(&p, Action::TableTerminating(i)), term + s(1.5));
+            let kill = at(&p, Action::Kill(i));
+            assert_eq!(kill, term + s(0.3));
+            assert_eq!(at(&p, Action::TableRemove(i)), kill + s(1.5));
+            // The dead backend is still listed ready for lag - grace.
+            assert!(kill < at(&p, Action::TableTerminating(i)));
+        }
+        assert_eq!(
+            at(&p, Action::StartNew(1)),
+            at(&p, Action::WorldTerminating(0))
+        );
+        assert_eq!(p.last().unwrap().action, Action::TableRemove(2));
+        assert!((p.last().unwrap().at.as_secs_f64() - 7.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn world_before_table_at_the_same_instant() {
+        let s = Duration::from_secs_f64;
+        let p = plan(2, s(1.0), s(1.0), s(0.5));
+        let same: Vec<Action> = p
+            .iter()
+            .filter(|x| x.at == s(2.0))
+            .map(|x| x.action)
+            .collect();
+        assert_eq!(
+            same,
+            vec![
+                Action::WorldTerminating(0),
+                Action::StartNew(1),
+                Action::TableAdd(0)
+            ]
+        );
+    }
+}
