@@ -1,9 +1,12 @@
 //! Moving bytes between a client and its backend.
 //!
 //! Both directions run in one task over shared references to the two
-//! sockets. Each direction waits for readability *before* it takes a buffer,
-//! so an idle connection holds no buffer at all; the buffer is allocated on
-//! the first byte and kept while the connection lives.
+//! sockets. On Linux each direction splices through a pipe taken from a pool
+//! (see [`crate::splice`]); elsewhere, or when no pipe can be had, it copies
+//! through a userspace buffer. Either way a direction waits for readability
+//! *before* it takes a pipe or a buffer and gives it back as soon as the
+//! source would block with nothing left to write, so an idle connection
+//! holds neither.
 //!
 //! Semantics, as a client and a backend expect of a transparent L4 hop:
 //! - EOF on one side shuts down only the write side towards the other peer
@@ -55,36 +58,80 @@ pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// How bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// splice(2) through a pooled pipe (Linux); falls back to [`Mode::Copy`]
+    /// for a direction that cannot get a pipe, and is [`Mode::Copy`]
+    /// elsewhere.
+    Splice,
+    /// read(2) into a userspace buffer, write(2) out of it.
+    Copy,
+}
+
+impl Mode {
+    /// The mode of this process: `SLUICE_FORWARD=copy` forces the copy (a
+    /// diagnostic and benchmarking switch); splice otherwise.
+    pub fn from_env() -> Mode {
+        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("SLUICE_FORWARD").as_deref() {
+            Ok("copy") => Mode::Copy,
+            _ => Mode::Splice,
+        })
+    }
+}
+
+/// Moves `from` → `to` until EOF, then shuts down `to`'s write side.
+async fn one_way(from: &TcpStream, to: &TcpStream, mode: Mode) -> io::Result<u64> {
+    let mut total = 0;
+    #[cfg(target_os = "linux")]
+    if mode == Mode::Splice {
+        match crate::splice::one_way(from, to).await? {
+            crate::splice::Spliced::Eof(n) => {
+                shutdown_write(to);
+                return Ok(n);
+            }
+            crate::splice::Spliced::NoPipe(n) => total = n,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mode;
+    copy(from, to, total).await
+}
+
+fn shutdown_write(to: &TcpStream) {
+    // The peer may already be gone entirely; that is the other direction's
+    // business, not an error of this one.
+    let _ = SockRef::from(to).shutdown(Shutdown::Write);
+}
+
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
-async fn pipe(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut total = 0u64;
+/// `total` is what was already moved. The buffer is held only while data
+/// is in flight: it is dropped whenever `from` would block.
+async fn copy(from: &TcpStream, to: &TcpStream, mut total: u64) -> io::Result<u64> {
     loop {
         from.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; BUF_SIZE];
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                // The peer may already be gone entirely; that is the other
-                // direction's business, not an error of this one.
-                let _ = SockRef::from(to).shutdown(Shutdown::Write);
-                return Ok(total);
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        let mut sent = 0;
-        while sent < n {
-            to.writable().await?;
-            match to.try_write(&buf[sent..n]) {
-                Ok(m) => sent += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        let mut buf = vec![0; BUF_SIZE];
+        loop {
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => {
+                    shutdown_write(to);
+                    return Ok(total);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
+            };
+            let mut sent = 0;
+            while sent < n {
+                match to.try_write(&buf[sent..n]) {
+                    Ok(m) => sent += m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                    Err(e) => return Err(e),
+                }
             }
+            total += n as u64;
         }
-        total += n as u64;
     }
 }
 
@@ -94,10 +141,11 @@ pub async fn forward(
     client: TcpStream,
     backend: TcpStream,
     cut: &CancellationToken,
+    mode: Mode,
 ) -> (Outcome, Transferred) {
     let mut moved = Transferred::default();
-    let up = pipe(&client, &backend);
-    let down = pipe(&backend, &client);
+    let up = one_way(&client, &backend, mode);
+    let down = one_way(&backend, &client, mode);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let outcome = loop {
@@ -121,4 +169,166 @@ pub async fn forward(
         reset(&backend);
     }
     (outcome, moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const T: Duration = Duration::from_secs(10);
+
+    /// A connected pair: (the end a test drives, the end sluice holds).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// client ⇄ [forward] ⇄ backend; returns the outer ends and the task.
+    async fn hop(
+        mode: Mode,
+        cut: CancellationToken,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(Outcome, Transferred)>,
+    ) {
+        let (client, client_side) = pair().await;
+        let (backend_side, backend) = pair().await;
+        let task =
+            tokio::spawn(async move { forward(client_side, backend_side, &cut, mode).await });
+        (client, backend, task)
+    }
+
+    fn payload(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    async fn half_close_both_ways(mode: Mode) {
+        let (client, backend, task) = hop(mode, CancellationToken::new()).await;
+        let up = payload(3 << 20, 1);
+        let down = payload(5 << 20, 2);
+        let (mut cr, mut cw) = client.into_split();
+        let (mut br, mut bw) = backend.into_split();
+        let sent = up.clone();
+        let writer = tokio::spawn(async move {
+            cw.write_all(&sent).await.unwrap();
+            cw.shutdown().await.unwrap(); // client half-closes first
+            cw
+        });
+        // The backend sees all of it, then EOF, while its own side is open.
+        let mut got = Vec::new();
+        tokio::time::timeout(T, br.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == up, "upstream bytes differ");
+        let _cw = writer.await.unwrap();
+        // The reply still flows after the client's FIN.
+        bw.write_all(&down).await.unwrap();
+        bw.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(T, cr.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == down, "downstream bytes differ");
+        let (outcome, moved) = tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert_eq!(outcome, Outcome::Closed);
+        assert_eq!(moved.client_to_backend, up.len() as u64);
+        assert_eq!(moved.backend_to_client, down.len() as u64);
+    }
+
+    async fn backend_reset_resets_client(mode: Mode) {
+        let (mut client, mut backend, task) = hop(mode, CancellationToken::new()).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        backend.read_exact(&mut b).await.unwrap();
+        SockRef::from(&backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(backend);
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(T, client.read_to_end(&mut rest))
+            .await
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(task.await.unwrap().0, Outcome::Reset);
+    }
+
+    async fn cut_resets_both(mode: Mode) {
+        let cut = CancellationToken::new();
+        let (mut client, mut backend, task) = hop(mode, cut.clone()).await;
+        client.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        backend.read_exact(&mut b).await.unwrap();
+        cut.cancel();
+        assert_eq!(task.await.unwrap().0, Outcome::Cut);
+        for s in [&mut client, &mut backend] {
+            let mut rest = Vec::new();
+            let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
+                .await
+                .unwrap();
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        }
+    }
+
+    #[tokio::test]
+    async fn splice_half_close_both_ways() {
+        half_close_both_ways(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_half_close_both_ways() {
+        half_close_both_ways(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_backend_reset_resets_client() {
+        backend_reset_resets_client(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_backend_reset_resets_client() {
+        backend_reset_resets_client(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_cut_resets_both() {
+        cut_resets_both(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_cut_resets_both() {
+        cut_resets_both(Mode::Copy).await;
+    }
+
+    /// An idle spliced connection holds no pipe: after an exchange, its
+    /// pipes are back in the pool while the connection stays open.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn idle_spliced_connection_returns_its_pipes() {
+        let (mut client, mut backend, task) = hop(Mode::Splice, CancellationToken::new()).await;
+        client.write_all(b"request").await.unwrap();
+        let mut b = [0u8; 7];
+        backend.read_exact(&mut b).await.unwrap();
+        backend.write_all(b"reply").await.unwrap();
+        let mut b = [0u8; 5];
+        client.read_exact(&mut b).await.unwrap();
+        // Both directions are now waiting for readability with no pipe.
+        // Other tests share the pool, so look for at least one pipe.
+        let deadline = std::time::Instant::now() + T;
+        while crate::splice::pooled() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no pipe returned");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!task.is_finished());
+        drop((client, backend));
+    }
 }
