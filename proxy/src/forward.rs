@@ -18,7 +18,10 @@
 use std::io;
 use std::net::Shutdown;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -61,63 +64,128 @@ pub fn reset(stream: &TcpStream) {
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// splice(2) through a pooled pipe (Linux); falls back to [`Mode::Copy`]
-    /// for a direction that cannot get a pipe, and is [`Mode::Copy`]
-    /// elsewhere.
+    /// Copy while reads are small; once a read fills the buffer (bulk),
+    /// splice the rest of that direction. The default: small exchanges
+    /// cost least through a buffer, bulk least through a pipe.
+    Auto,
+    /// splice(2) through a pooled pipe from the first byte (Linux). Falls
+    /// back to [`Mode::Copy`] for a direction that cannot get a pipe, and
+    /// is [`Mode::Copy`] elsewhere.
     Splice,
     /// read(2) into a userspace buffer, write(2) out of it.
     Copy,
 }
 
 impl Mode {
-    /// The mode of this process: `SLUICE_FORWARD=copy` forces the copy (a
-    /// diagnostic and benchmarking switch); splice otherwise.
+    /// The mode of this process: `SLUICE_FORWARD=copy|splice|auto` (a
+    /// diagnostic and benchmarking switch); [`Mode::Auto`] by default.
     pub fn from_env() -> Mode {
         static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
         *MODE.get_or_init(|| match std::env::var("SLUICE_FORWARD").as_deref() {
             Ok("copy") => Mode::Copy,
-            _ => Mode::Splice,
+            Ok("splice") => Mode::Splice,
+            _ => Mode::Auto,
         })
     }
 }
 
-/// Moves `from` → `to` until EOF, then shuts down `to`'s write side.
-async fn one_way(from: &TcpStream, to: &TcpStream, mode: Mode) -> io::Result<u64> {
+/// Moves `from` → `to` until EOF, then shuts down `to`'s write side
+/// (unless `others_done` says the other direction has ended too: the
+/// caller closes both sockets at once, which sends the FIN anyway).
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mode: Mode,
+    others_done: &AtomicBool,
+) -> io::Result<u64> {
     let mut total = 0;
     #[cfg(target_os = "linux")]
-    if mode == Mode::Splice {
-        match crate::splice::one_way(from, to).await? {
-            crate::splice::Spliced::Eof(n) => {
-                shutdown_write(to);
-                return Ok(n);
+    {
+        if mode == Mode::Auto {
+            match copy(from, to, 0, true).await? {
+                Copied::Eof(n) => {
+                    finish(to, others_done);
+                    return Ok(n);
+                }
+                Copied::Bulk(n) => total = n,
             }
-            crate::splice::Spliced::NoPipe(n) => total = n,
+        }
+        if mode != Mode::Copy {
+            match crate::splice::one_way(from, to, total).await? {
+                crate::splice::Spliced::Eof(n) => {
+                    finish(to, others_done);
+                    return Ok(n);
+                }
+                crate::splice::Spliced::NoPipe(n) => total = n,
+            }
         }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = mode;
-    copy(from, to, total).await
+    match copy(from, to, total, false).await? {
+        Copied::Eof(n) | Copied::Bulk(n) => {
+            finish(to, others_done);
+            Ok(n)
+        }
+    }
 }
 
-fn shutdown_write(to: &TcpStream) {
+/// This direction reached EOF: half-close towards `to`.
+fn finish(to: &TcpStream, others_done: &AtomicBool) {
+    if others_done.swap(true, Ordering::AcqRel) {
+        return;
+    }
     // The peer may already be gone entirely; that is the other direction's
     // business, not an error of this one.
     let _ = SockRef::from(to).shutdown(Shutdown::Write);
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
-/// `total` is what was already moved. The buffer is held only while data
-/// is in flight: it is dropped whenever `from` would block.
-async fn copy(from: &TcpStream, to: &TcpStream, mut total: u64) -> io::Result<u64> {
+enum Copied {
+    /// `from` reached EOF. Bytes moved in all.
+    Eof(u64),
+    /// A read filled the buffer (only when asked to stop there); everything
+    /// read was written. Bytes moved so far.
+    Bulk(u64),
+}
+
+/// Reads into `buf`. A short read also clears `from`'s read readiness (as
+/// tokio's own reads do): the socket is drained, so the next wait goes to
+/// epoll instead of spending a read(2) that fails with EAGAIN. Read-closed
+/// readiness is never cleared, so a FIN already queued is still seen.
+fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
+    let mut got = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        let mut sock: &socket2::Socket = &SockRef::from(from);
+        let n = io::Read::read(&mut sock, buf)?;
+        got = n;
+        if n > 0 && n < len {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
+    }
+}
+
+/// Copies `from` → `to` until EOF or, with `stop_on_full`, until a read
+/// fills the buffer. `total` is what was already moved. The buffer is held
+/// only while data is in flight: it is dropped whenever `from` would block.
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut total: u64,
+    stop_on_full: bool,
+) -> io::Result<Copied> {
     loop {
         from.readable().await?;
         let mut buf = vec![0; BUF_SIZE];
         loop {
-            let n = match from.try_read(&mut buf) {
-                Ok(0) => {
-                    shutdown_write(to);
-                    return Ok(total);
-                }
+            let n = match read_some(from, &mut buf) {
+                Ok(0) => return Ok(Copied::Eof(total)),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -131,6 +199,9 @@ async fn copy(from: &TcpStream, to: &TcpStream, mut total: u64) -> io::Result<u6
                 }
             }
             total += n as u64;
+            if stop_on_full && n == buf.len() {
+                return Ok(Copied::Bulk(total));
+            }
         }
     }
 }
@@ -144,8 +215,9 @@ pub async fn forward(
     mode: Mode,
 ) -> (Outcome, Transferred) {
     let mut moved = Transferred::default();
-    let up = one_way(&client, &backend, mode);
-    let down = one_way(&backend, &client, mode);
+    let others_done = AtomicBool::new(false);
+    let up = one_way(&client, &backend, mode, &others_done);
+    let down = one_way(&backend, &client, mode, &others_done);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let outcome = loop {
@@ -282,6 +354,21 @@ mod tests {
     #[tokio::test]
     async fn splice_half_close_both_ways() {
         half_close_both_ways(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn auto_half_close_both_ways() {
+        half_close_both_ways(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn auto_backend_reset_resets_client() {
+        backend_reset_resets_client(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn auto_cut_resets_both() {
+        cut_resets_both(Mode::Auto).await;
     }
 
     #[tokio::test]

@@ -84,8 +84,8 @@ pub enum Spliced {
 /// Moves bytes `from` → `to` through a pipe until EOF on `from` (returns
 /// without shutting anything down: that is the caller's business) or an
 /// error on either socket.
-pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<Spliced> {
-    let mut total = 0u64;
+/// `total` is what was already moved (by a copy that came first).
+pub async fn one_way(from: &TcpStream, to: &TcpStream, mut total: u64) -> io::Result<Spliced> {
     loop {
         from.readable().await?;
         let pipe = match Pipe::take() {
