@@ -24,6 +24,7 @@
 
 mod backend;
 mod churn;
+mod compare;
 mod report;
 mod rollout;
 mod sluice;
@@ -57,6 +58,9 @@ enum Cmd {
     Churn(churn::ChurnArgs),
     /// Bulk Gbit/s, direct vs sluice.
     Throughput(throughput::ThroughputArgs),
+    /// sluice vs direct, HAProxy and nginx side by side: short connections,
+    /// keep-alive requests, bulk, idle memory; proxy pinned to one CPU.
+    Compare(compare::CompareArgs),
     /// Run one built-in backend (for --target runs by hand).
     Serve(ServeArgs),
 }
@@ -91,6 +95,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Rollout(a) => rollout::run(a).await,
         Cmd::Churn(a) => churn::run(a).await,
         Cmd::Throughput(a) => throughput::run(a).await,
+        Cmd::Compare(a) => compare::run(a).await,
         Cmd::Serve(a) => serve(a).await,
     }
 }

@@ -239,6 +239,18 @@ impl Sluice {
         listen: SocketAddr,
         log_filter: Option<&str>,
     ) -> Result<Self> {
+        Self::start_with_env(bin, args, cfg, listen, log_filter, &[]).await
+    }
+
+    /// [`Sluice::start`], with extra environment variables for sluice.
+    pub async fn start_with_env(
+        bin: &Path,
+        args: &SluiceArgs,
+        cfg: &Config,
+        listen: SocketAddr,
+        log_filter: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-bench-")
             .tempdir()
@@ -264,6 +276,7 @@ impl Sluice {
         {
             cmd.env("RUST_LOG", f);
         }
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -333,6 +346,11 @@ impl Sluice {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
     }
 
     pub fn listen(&self) -> SocketAddr {
