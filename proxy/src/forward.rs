@@ -20,6 +20,7 @@ use std::net::Shutdown;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures_util::FutureExt;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -174,6 +175,15 @@ fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// Copies `from` → `to` until EOF or, with `stop_on_full`, until a read
 /// fills the buffer. `total` is what was already moved. The buffer is held
 /// only while data is in flight: it is dropped whenever `from` would block.
+///
+/// When `from`'s peer has already half-closed (its FIN came with the data,
+/// as when a server writes its response and closes), a short read has
+/// taken everything before the FIN: that data is written with MSG_MORE and
+/// the direction ends without another read, so the FIN sent next leaves in
+/// the same segment as the data (one packet and one wake-up less for the
+/// receiver). A reset is never taken for a FIN: the event that reports a
+/// reset's read-closed also reports an error, and then the read goes on
+/// and fails as usual.
 async fn copy(
     from: &TcpStream,
     to: &TcpStream,
@@ -181,7 +191,8 @@ async fn copy(
     stop_on_full: bool,
 ) -> io::Result<Copied> {
     loop {
-        from.readable().await?;
+        let ready = from.ready(Interest::READABLE).await?;
+        let fin_queued = ready.is_read_closed() && !has_error(from);
         let mut buf = vec![0; BUF_SIZE];
         loop {
             let n = match read_some(from, &mut buf) {
@@ -190,20 +201,51 @@ async fn copy(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             };
-            let mut sent = 0;
-            while sent < n {
-                match to.try_write(&buf[sent..n]) {
-                    Ok(m) => sent += m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
-                    Err(e) => return Err(e),
-                }
-            }
+            let last = fin_queued && n < buf.len();
+            write_all(to, &buf[..n], last).await?;
             total += n as u64;
+            if last {
+                return Ok(Copied::Eof(total));
+            }
             if stop_on_full && n == buf.len() {
                 return Ok(Copied::Bulk(total));
             }
         }
     }
+}
+
+/// Whether `s` has error readiness (a reset sets it in the same event as
+/// read-closed; a FIN does not). No system call.
+fn has_error(s: &TcpStream) -> bool {
+    match s.ready(Interest::ERROR).now_or_never() {
+        Some(Ok(r)) => r.is_error(),
+        Some(Err(_)) => true,
+        None => false,
+    }
+}
+
+/// Writes all of `buf` to `to`; with `more`, tells the kernel more follows
+/// at once (MSG_MORE, Linux): the FIN the caller sends next joins the data.
+async fn write_all(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    let flags = if more { libc::MSG_MORE } else { 0 };
+    #[cfg(not(target_os = "linux"))]
+    let flags = {
+        let _ = more;
+        0
+    };
+    let mut sent = 0;
+    while sent < buf.len() {
+        let r = to.try_io(Interest::WRITABLE, || {
+            SockRef::from(to).send_with_flags(&buf[sent..], flags)
+        });
+        match r {
+            Ok(m) => sent += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Forwards between `client` and `backend` until both directions end, one
@@ -349,6 +391,81 @@ mod tests {
                 .unwrap();
             assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
         }
+    }
+
+    /// A server that writes its answer and closes at once: the client gets
+    /// the answer and then EOF (the FIN may travel with the data).
+    async fn reply_then_close(mode: Mode) {
+        let (mut client, mut backend, task) = hop(mode, CancellationToken::new()).await;
+        client.write_all(b"request").await.unwrap();
+        let mut b = [0u8; 7];
+        backend.read_exact(&mut b).await.unwrap();
+        backend.write_all(b"reply").await.unwrap();
+        drop(backend);
+        let mut got = Vec::new();
+        tokio::time::timeout(T, client.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"reply");
+        // The client can still send (its direction is open) and then close.
+        client.shutdown().await.unwrap();
+        let (outcome, moved) = tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert!(
+            outcome == Outcome::Closed || outcome == Outcome::Reset,
+            "{outcome:?}"
+        );
+        assert_eq!(moved.backend_to_client, 5);
+    }
+
+    /// A server that writes and then aborts: the client sees a reset, never
+    /// a clean end.
+    async fn reply_then_reset(mode: Mode) {
+        let (mut client, mut backend, task) = hop(mode, CancellationToken::new()).await;
+        client.write_all(b"request").await.unwrap();
+        let mut b = [0u8; 7];
+        backend.read_exact(&mut b).await.unwrap();
+        backend.write_all(b"reply").await.unwrap();
+        SockRef::from(&backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(backend);
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(T, client.read_to_end(&mut got))
+            .await
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(task.await.unwrap().0, Outcome::Reset);
+    }
+
+    #[tokio::test]
+    async fn auto_reply_then_close() {
+        reply_then_close(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn copy_reply_then_close() {
+        reply_then_close(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_reply_then_close() {
+        reply_then_close(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn auto_reply_then_reset() {
+        reply_then_reset(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn copy_reply_then_reset() {
+        reply_then_reset(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_reply_then_reset() {
+        reply_then_reset(Mode::Splice).await;
     }
 
     #[tokio::test]
