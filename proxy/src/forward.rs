@@ -174,7 +174,8 @@ fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Copies `from` → `to` until EOF or, with `stop_on_full`, until a read
 /// fills the buffer. `total` is what was already moved. The buffer is held
-/// only while data is in flight: it is dropped whenever `from` would block.
+/// only while data is in flight: it goes back to the pool whenever `from`
+/// would block.
 ///
 /// When `from`'s peer has already half-closed (its FIN came with the data,
 /// as when a server writes its response and closes), a short read has
@@ -193,7 +194,7 @@ async fn copy(
     loop {
         let ready = from.ready(Interest::READABLE).await?;
         let fin_queued = ready.is_read_closed() && !has_error(from);
-        let mut buf = vec![0; BUF_SIZE];
+        let mut buf = Buf::take();
         loop {
             let n = match read_some(from, &mut buf) {
                 Ok(0) => return Ok(Copied::Eof(total)),
@@ -211,6 +212,56 @@ async fn copy(
                 return Ok(Copied::Bulk(total));
             }
         }
+    }
+}
+
+/// A copy buffer from a small per-thread pool: reused buffers save the
+/// allocation and the zeroing of a fresh one per read cycle. Returned to
+/// the pool on drop; the pool keeps at most [`POOL_MAX`] per thread.
+struct Buf(Vec<u8>);
+
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Buf {
+    fn take() -> Buf {
+        // try_with: a buffer may be taken or dropped while the thread exits.
+        let pooled = POOL
+            .try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+            .ok()
+            .flatten();
+        Buf(pooled.unwrap_or_else(|| vec![0; BUF_SIZE]))
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        // Contents left over are never read: every read overwrites the
+        // prefix it reports.
+        let _ = POOL.try_with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut()
+                && p.len() < POOL_MAX
+            {
+                p.push(buf);
+            }
+        });
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
     }
 }
 
