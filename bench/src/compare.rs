@@ -825,6 +825,18 @@ async fn start_proxy(
 
 // ---------------------------------------------------------------- backends
 
+/// A listener with a deep accept queue: bursts of connections (the idle
+/// figure opens hundreds at once) must not overflow it, or a proxy's short
+/// dial timeout turns the dropped SYN into a failed connection.
+fn listen_backlog(addr: SocketAddr) -> Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(TcpListener::from_std(s.into())?)
+}
+
 /// The backends, in their own single-threaded runtime on their own thread
 /// (pinned to the load CPU too): like a separate server process, so data
 /// does not go from client to server within one thread's hot cache.
@@ -848,8 +860,7 @@ impl Backends {
                         .enable_all()
                         .build()?;
                     let (http, bulk) = rt.block_on(async {
-                        let l = TcpListener::bind(SocketAddr::new(sluice::lo_in(5, 1), 0))
-                            .await
+                        let l = listen_backlog(SocketAddr::new(sluice::lo_in(5, 1), 0))
                             .context("binding the HTTP backend")?;
                         let http = l.local_addr()?;
                         tokio::spawn(http_backend(l, Arc::new(AtomicBool::new(false))));
