@@ -76,6 +76,14 @@ pub struct CompareArgs {
         default_value = "short,keepalive,bulk,idle"
     )]
     pub figures: Vec<Figure>,
+    /// Another sluice binary (say, a build of an older commit), measured as
+    /// the `baseline` path.
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<PathBuf>,
+    /// Measure every path this many times, one after the other (the
+    /// spread between rounds shows how noisy the machine is).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// CPU the proxy is pinned to.
     #[arg(long, default_value_t = 0)]
     pub proxy_cpu: usize,
@@ -87,6 +95,11 @@ pub struct CompareArgs {
     /// with wrk or iperf3).
     #[arg(long, value_name = "DURATION")]
     pub serve_for: Option<humantime::Duration>,
+    /// With --serve-for: point the proxies' bulk frontends at this server
+    /// instead of the built-in sink (e.g. `iperf3 -s`, to cross-check the
+    /// bulk figures with iperf3).
+    #[arg(long, value_name = "IP:PORT")]
+    pub bulk_backend: Option<SocketAddr>,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -101,6 +114,8 @@ pub enum PathKind {
     Sluice,
     SluiceCopy,
     SluiceSplice,
+    /// The sluice binary given with --baseline (e.g. an older build).
+    Baseline,
     Haproxy,
     Nginx,
 }
@@ -112,6 +127,7 @@ impl PathKind {
             PathKind::Sluice => "sluice",
             PathKind::SluiceCopy => "sluice-copy",
             PathKind::SluiceSplice => "sluice-splice",
+            PathKind::Baseline => "baseline",
             PathKind::Haproxy => "haproxy",
             PathKind::Nginx => "nginx",
         }
@@ -720,8 +736,15 @@ async fn start_proxy(
             running: None,
             _dir: None,
         })),
-        PathKind::Sluice | PathKind::SluiceCopy | PathKind::SluiceSplice => {
-            let bin = sluice::locate(args.sluice.sluice.as_deref())?;
+        PathKind::Sluice | PathKind::SluiceCopy | PathKind::SluiceSplice | PathKind::Baseline => {
+            let bin = if kind == PathKind::Baseline {
+                match &args.baseline {
+                    Some(b) => b.clone(),
+                    None => return Ok(None),
+                }
+            } else {
+                sluice::locate(args.sluice.sluice.as_deref())?
+            };
             let cfg = Config {
                 services: vec![
                     // The readiness probe of Sluice::start speaks the bench
@@ -930,7 +953,8 @@ struct Report {
     concurrency: usize,
     proxy_cpu: usize,
     load_cpu: usize,
-    paths: Vec<PathResult>,
+    /// One list of paths per round.
+    rounds: Vec<Vec<PathResult>>,
 }
 
 async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResult {
@@ -1117,6 +1141,10 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
         "--concurrency must be in 1..=1024"
     );
     anyhow::ensure!(args.idle <= 100_000, "--idle must be at most 100000");
+    anyhow::ensure!(
+        (1..=10).contains(&args.rounds),
+        "--rounds must be in 1..=10"
+    );
     let cpus = allowed_cpus();
     anyhow::ensure!(
         cpus.contains(&args.proxy_cpu) && cpus.contains(&args.load_cpu),
@@ -1141,7 +1169,17 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
     }
 
     let backends = Backends::start(args.load_cpu)?;
-    let (b_http, b_bulk) = (backends.http, backends.bulk.addr());
+    let b_http = backends.http;
+    let b_bulk = match args.bulk_backend {
+        Some(a) => {
+            anyhow::ensure!(
+                a.ip().is_loopback() && args.serve_for.is_some(),
+                "--bulk-backend needs a loopback address and --serve-for"
+            );
+            a
+        }
+        None => backends.bulk.addr(),
+    };
     let bulk_backend = &backends.bulk;
 
     if !args.json {
@@ -1150,52 +1188,70 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
             args.seconds, args.concurrency, args.proxy_cpu, args.load_cpu
         );
     }
-    let mut results = Vec::new();
+    let mut rounds: Vec<Vec<PathResult>> = Vec::new();
     let mut proxies = Vec::new();
-    for &kind in &args.paths {
-        let started = start_proxy(kind, args.proxy_cpu, args.load_cpu, &args, b_http, b_bulk).await;
-        let mut proxy = match started {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                results.push(PathResult {
-                    path: kind,
-                    skipped: Some("not installed".into()),
-                    short: None,
-                    keepalive: None,
-                    bulk: None,
-                    idle: None,
-                });
+    let n_rounds = if args.serve_for.is_some() {
+        1
+    } else {
+        args.rounds
+    };
+    for round in 0..n_rounds {
+        let mut results = Vec::new();
+        for &kind in &args.paths {
+            let started =
+                start_proxy(kind, args.proxy_cpu, args.load_cpu, &args, b_http, b_bulk).await;
+            let mut proxy = match started {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    results.push(PathResult {
+                        path: kind,
+                        skipped: Some(if kind == PathKind::Baseline {
+                            "no --baseline binary".into()
+                        } else {
+                            "not installed".into()
+                        }),
+                        short: None,
+                        keepalive: None,
+                        bulk: None,
+                        idle: None,
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    results.push(PathResult {
+                        path: kind,
+                        skipped: Some(format!("failed to start: {e:#}")),
+                        short: None,
+                        keepalive: None,
+                        bulk: None,
+                        idle: None,
+                    });
+                    continue;
+                }
+            };
+            if args.serve_for.is_some() {
+                println!(
+                    "{:<13} http {}  bulk {}  pid {}",
+                    kind.name(),
+                    proxy.http,
+                    proxy.bulk,
+                    proxy.pid().map_or("-".into(), |p| p.to_string())
+                );
+                proxies.push(proxy);
                 continue;
             }
-            Err(e) => {
-                results.push(PathResult {
-                    path: kind,
-                    skipped: Some(format!("failed to start: {e:#}")),
-                    short: None,
-                    keepalive: None,
-                    bulk: None,
-                    idle: None,
-                });
-                continue;
+            if !args.json {
+                eprintln!(
+                    "compare: round {} of {n_rounds}: measuring {}",
+                    round + 1,
+                    kind.name()
+                );
             }
-        };
-        if args.serve_for.is_some() {
-            println!(
-                "{:<13} http {}  bulk {}  pid {}",
-                kind.name(),
-                proxy.http,
-                proxy.bulk,
-                proxy.pid().map_or("-".into(), |p| p.to_string())
-            );
-            proxies.push(proxy);
-            continue;
+            let r = measure(&proxy, &args, bulk_backend).await;
+            proxy.stop().await;
+            results.push(r);
         }
-        if !args.json {
-            eprintln!("compare: measuring {}", kind.name());
-        }
-        let r = measure(&proxy, &args, bulk_backend).await;
-        proxy.stop().await;
-        results.push(r);
+        rounds.push(results);
     }
     if let Some(d) = args.serve_for {
         println!("backends: http {b_http} (HTTP/1.1), bulk {b_bulk} (SINK/SOURCE); up for {d}");
@@ -1206,7 +1262,7 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let errors = results.iter().any(|r| {
+    let errors = rounds.iter().flatten().any(|r| {
         r.short.as_ref().is_some_and(|s| s.errors > 0)
             || r.keepalive.as_ref().is_some_and(|s| s.errors > 0)
             || r.bulk.as_ref().is_some_and(|b| b.error.is_some())
@@ -1218,12 +1274,17 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
         concurrency: args.concurrency,
         proxy_cpu: args.proxy_cpu,
         load_cpu: args.load_cpu,
-        paths: results,
+        rounds,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", table(&report.paths));
+        for (i, paths) in report.rounds.iter().enumerate() {
+            if report.rounds.len() > 1 {
+                println!("round {} of {}:", i + 1, report.rounds.len());
+            }
+            print!("{}", table(paths));
+        }
         println!(
             "short/s: {c} workers, one Connection: close request each; cpu10k: proxy CPU s per 10k short connections (/proc/PID/stat);\n\
              keep/s: {c} keep-alive connections; p50/p99: keep-alive request latency; Gbit/s: one upload to a sink; KiB/idle: VmRSS growth per idle connection.",
