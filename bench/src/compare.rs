@@ -725,6 +725,7 @@ async fn start_proxy(
     args: &CompareArgs,
     b_http: SocketAddr,
     b_bulk: SocketAddr,
+    b_sink: SocketAddr,
 ) -> Result<Option<Proxy>> {
     let http = listen_addr()?;
     let bulk = listen_addr()?;
@@ -745,10 +746,17 @@ async fn start_proxy(
             } else {
                 sluice::locate(args.sluice.sluice.as_deref())?
             };
+            let probe = listen_addr()?;
             let cfg = Config {
                 services: vec![
                     // The readiness probe of Sluice::start speaks the bench
-                    // backend's protocol: list the bulk service first.
+                    // backend's protocol: it goes to the built-in sink.
+                    ServiceCfg {
+                        name: "probe".into(),
+                        listen: probe,
+                        policy: "round-robin".into(),
+                        backends: vec![BackendCfg::ready(b_sink)],
+                    },
                     ServiceCfg {
                         name: "bulk".into(),
                         listen: bulk,
@@ -778,7 +786,7 @@ async fn start_proxy(
             // (the only one of the load runtime) moves to the proxy's CPU
             // for the start, then everything moves back.
             pin_thread(cpu)?;
-            let s = Sluice::start_with_env(&bin, &args.sluice, &cfg, bulk, None, &env).await;
+            let s = Sluice::start_with_env(&bin, &args.sluice, &cfg, probe, None, &env).await;
             pin_process(load_cpu)?;
             Ok(Some(Proxy {
                 kind,
@@ -1170,6 +1178,7 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
 
     let backends = Backends::start(args.load_cpu)?;
     let b_http = backends.http;
+    let b_sink = backends.bulk.addr();
     let b_bulk = match args.bulk_backend {
         Some(a) => {
             anyhow::ensure!(
@@ -1198,8 +1207,16 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
     for round in 0..n_rounds {
         let mut results = Vec::new();
         for &kind in &args.paths {
-            let started =
-                start_proxy(kind, args.proxy_cpu, args.load_cpu, &args, b_http, b_bulk).await;
+            let started = start_proxy(
+                kind,
+                args.proxy_cpu,
+                args.load_cpu,
+                &args,
+                b_http,
+                b_bulk,
+                b_sink,
+            )
+            .await;
             let mut proxy = match started {
                 Ok(Some(p)) => p,
                 Ok(None) => {
