@@ -395,15 +395,21 @@ mod tests {
             .unwrap();
         assert!(got == up, "upstream bytes differ");
         let _cw = writer.await.unwrap();
-        // The reply still flows after the client's FIN.
-        bw.write_all(&down).await.unwrap();
-        bw.shutdown().await.unwrap();
+        // The reply still flows after the client's FIN (written while the
+        // client reads: more than the socket buffers may hold).
+        let sent = down.clone();
+        let writer = tokio::spawn(async move {
+            bw.write_all(&sent).await.unwrap();
+            bw.shutdown().await.unwrap();
+            bw
+        });
         let mut got = Vec::new();
         tokio::time::timeout(T, cr.read_to_end(&mut got))
             .await
             .unwrap()
             .unwrap();
         assert!(got == down, "downstream bytes differ");
+        let _bw = tokio::time::timeout(T, writer).await.unwrap().unwrap();
         let (outcome, moved) = tokio::time::timeout(T, task).await.unwrap().unwrap();
         assert_eq!(outcome, Outcome::Closed);
         assert_eq!(moved.client_to_backend, up.len() as u64);
