@@ -23,8 +23,10 @@ use tokio::net::TcpStream;
 /// 64 KiB is kept if the request is refused). Only the pages of data in
 /// flight are ever allocated, not the capacity.
 const PIPE_SIZE: i32 = 256 * 1024;
-/// Largest number of empty pipes kept for reuse.
-const POOL_MAX: usize = 1024;
+/// Largest number of empty pipes kept for reuse. Each holds two
+/// descriptors, taken from the same limit as connections: keep it small.
+/// Bulk flows amortise a pipe's creation; small exchanges use no pipe.
+const POOL_MAX: usize = 64;
 
 /// An empty pipe, or one whose content is accounted for by its user.
 #[derive(Debug)]
