@@ -43,6 +43,7 @@ macro_rules! outln {
 
 mod backend;
 mod churn;
+mod compare;
 mod control;
 mod netns;
 mod report;
@@ -81,6 +82,9 @@ enum Cmd {
     /// Control-plane scale: index build, single-slice updates, publish,
     /// memory, for thousands of Services.
     Control(control::ControlArgs),
+    /// sluice vs direct, HAProxy and nginx side by side: short connections,
+    /// keep-alive requests, bulk, idle memory; proxy pinned to one CPU.
+    Compare(compare::CompareArgs),
     /// Run one built-in backend (for --target runs by hand).
     Serve(ServeArgs),
     /// Internal: a pod's backend inside a network namespace (`rollout --netns`).
@@ -119,6 +123,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Rollout(a) => rollout::run(a).await,
         Cmd::Churn(a) => churn::run(a).await,
         Cmd::Throughput(a) => throughput::run(a).await,
+        Cmd::Compare(a) => compare::run(a).await,
         Cmd::Serve(a) => serve(a).await,
         Cmd::Control(a) => control::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::NetnsPod(a) => netns::pod::run(a).await,

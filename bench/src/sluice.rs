@@ -284,11 +284,24 @@ impl Sluice {
         listen: SocketAddr,
         log_filter: Option<&str>,
     ) -> Result<Self> {
-        Self::start_with(bin, args, &[], cfg, listen, log_filter).await
+        Self::start_with(bin, args, &[], cfg, listen, log_filter, &[]).await
+    }
+
+    /// [`Sluice::start`], with extra environment variables for sluice.
+    pub async fn start_with_env(
+        bin: &Path,
+        args: &SluiceArgs,
+        cfg: &Config,
+        listen: SocketAddr,
+        log_filter: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::start_with(bin, args, &[], cfg, listen, log_filter, env).await
     }
 
     /// [`Sluice::start`] with `extra` flags appended to sluice's command
-    /// line (e.g. `--vip-interface`, for `rollout --netns`).
+    /// line (e.g. `--vip-interface`, for `rollout --netns`) and extra
+    /// environment variables.
     pub async fn start_with(
         bin: &Path,
         args: &SluiceArgs,
@@ -296,6 +309,7 @@ impl Sluice {
         cfg: &Config,
         listen: SocketAddr,
         log_filter: Option<&str>,
+        env: &[(&str, &str)],
     ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-bench-")
@@ -336,6 +350,7 @@ impl Sluice {
             let addr = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
             cmd.env("SLUICE_HEALTHZ_BIND_ADDRESS", addr.to_string());
         }
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -408,6 +423,7 @@ impl Sluice {
         }
     }
 
+    /// The process id.
     pub fn pid(&self) -> i32 {
         self.pid.as_raw()
     }

@@ -66,7 +66,17 @@ pub async fn dial(
         kind: classify(&source),
         source,
     };
+    // Non-blocking from the start on Linux: two fcntl(2) fewer per dial.
+    #[cfg(target_os = "linux")]
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::STREAM.nonblocking(),
+        None,
+    )
+    .map_err(fail)?;
+    #[cfg(not(target_os = "linux"))]
     let socket = Socket::new(Domain::for_address(backend), Type::STREAM, None).map_err(fail)?;
+    #[cfg(not(target_os = "linux"))]
     socket.set_nonblocking(true).map_err(fail)?;
     socket.set_tcp_nodelay(true).map_err(fail)?;
     if let Some(src) = source {

@@ -1,9 +1,12 @@
 //! Moving bytes between a client and its backend.
 //!
 //! Both directions run in one task over shared references to the two
-//! sockets. Each direction waits for readability *before* it takes a buffer,
-//! so an idle connection holds no buffer at all; the buffer is allocated on
-//! the first byte and kept while the connection lives.
+//! sockets. On Linux each direction splices through a pipe taken from a pool
+//! (see [`crate::splice`]); elsewhere, or when no pipe can be had, it copies
+//! through a userspace buffer. Either way a direction waits for readability
+//! *before* it takes a pipe or a buffer and gives it back as soon as the
+//! source would block with nothing left to write, so an idle connection
+//! holds neither.
 //!
 //! Semantics, as a client and a backend expect of a transparent L4 hop:
 //! - EOF on one side shuts down only the write side towards the other peer
@@ -15,7 +18,11 @@
 use std::io;
 use std::net::Shutdown;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::FutureExt;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -55,37 +62,241 @@ pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
-async fn pipe(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut total = 0u64;
-    loop {
-        from.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; BUF_SIZE];
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                // The peer may already be gone entirely; that is the other
-                // direction's business, not an error of this one.
-                let _ = SockRef::from(to).shutdown(Shutdown::Write);
-                return Ok(total);
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        let mut sent = 0;
-        while sent < n {
-            to.writable().await?;
-            match to.try_write(&buf[sent..n]) {
-                Ok(m) => sent += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        total += n as u64;
+/// How bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Copy while reads are small; once a read fills the buffer (bulk),
+    /// splice the rest of that direction. The default: small exchanges
+    /// cost least through a buffer, bulk least through a pipe.
+    Auto,
+    /// splice(2) through a pooled pipe from the first byte (Linux). Falls
+    /// back to [`Mode::Copy`] for a direction that cannot get a pipe, and
+    /// is [`Mode::Copy`] elsewhere.
+    Splice,
+    /// read(2) into a userspace buffer, write(2) out of it.
+    Copy,
+}
+
+impl Mode {
+    /// The mode of this process: `SLUICE_FORWARD=copy|splice|auto` (a
+    /// diagnostic and benchmarking switch); [`Mode::Auto`] by default.
+    pub fn from_env() -> Mode {
+        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("SLUICE_FORWARD").as_deref() {
+            Ok("copy") => Mode::Copy,
+            Ok("splice") => Mode::Splice,
+            _ => Mode::Auto,
+        })
     }
+}
+
+/// Moves `from` → `to` until EOF, then shuts down `to`'s write side
+/// (unless `others_done` says the other direction has ended too: the
+/// caller closes both sockets at once, which sends the FIN anyway).
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mode: Mode,
+    others_done: &AtomicBool,
+) -> io::Result<u64> {
+    let mut total = 0;
+    #[cfg(target_os = "linux")]
+    {
+        if mode == Mode::Auto {
+            match copy(from, to, 0, true).await? {
+                Copied::Eof(n) => {
+                    finish(to, others_done);
+                    return Ok(n);
+                }
+                Copied::Bulk(n) => total = n,
+            }
+        }
+        if mode != Mode::Copy {
+            match crate::splice::one_way(from, to, total).await? {
+                crate::splice::Spliced::Eof(n) => {
+                    finish(to, others_done);
+                    return Ok(n);
+                }
+                crate::splice::Spliced::NoPipe(n) => total = n,
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mode;
+    match copy(from, to, total, false).await? {
+        Copied::Eof(n) | Copied::Bulk(n) => {
+            finish(to, others_done);
+            Ok(n)
+        }
+    }
+}
+
+/// This direction reached EOF: half-close towards `to`.
+fn finish(to: &TcpStream, others_done: &AtomicBool) {
+    if others_done.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // The peer may already be gone entirely; that is the other direction's
+    // business, not an error of this one.
+    let _ = SockRef::from(to).shutdown(Shutdown::Write);
+}
+
+enum Copied {
+    /// `from` reached EOF. Bytes moved in all.
+    Eof(u64),
+    /// A read filled the buffer (only when asked to stop there); everything
+    /// read was written. Bytes moved so far.
+    Bulk(u64),
+}
+
+/// Reads into `buf`. A short read also clears `from`'s read readiness (as
+/// tokio's own reads do): the socket is drained, so the next wait goes to
+/// epoll instead of spending a read(2) that fails with EAGAIN. Read-closed
+/// readiness is never cleared, so a FIN already queued is still seen.
+fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
+    let mut got = 0;
+    let r = from.try_io(Interest::READABLE, || {
+        let mut sock: &socket2::Socket = &SockRef::from(from);
+        let n = io::Read::read(&mut sock, buf)?;
+        got = n;
+        if n > 0 && n < len {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
+    }
+}
+
+/// Copies `from` → `to` until EOF or, with `stop_on_full`, until a read
+/// fills the buffer. `total` is what was already moved. The buffer is held
+/// only while data is in flight: it goes back to the pool whenever `from`
+/// would block.
+///
+/// When `from`'s peer has already half-closed (its FIN came with the data,
+/// as when a server writes its response and closes), a short read has
+/// taken everything before the FIN: that data is written with MSG_MORE and
+/// the direction ends without another read, so the FIN sent next leaves in
+/// the same segment as the data (one packet and one wake-up less for the
+/// receiver). A reset is never taken for a FIN: the event that reports a
+/// reset's read-closed also reports an error, and then the read goes on
+/// and fails as usual.
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut total: u64,
+    stop_on_full: bool,
+) -> io::Result<Copied> {
+    loop {
+        let ready = from.ready(Interest::READABLE).await?;
+        let fin_queued = ready.is_read_closed() && !has_error(from);
+        let mut buf = Buf::take();
+        loop {
+            let n = match read_some(from, &mut buf) {
+                Ok(0) => return Ok(Copied::Eof(total)),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            let last = fin_queued && n < buf.len();
+            write_all(to, &buf[..n], last).await?;
+            total += n as u64;
+            if last {
+                return Ok(Copied::Eof(total));
+            }
+            if stop_on_full && n == buf.len() {
+                return Ok(Copied::Bulk(total));
+            }
+        }
+    }
+}
+
+/// A copy buffer from a small per-thread pool: reused buffers save the
+/// allocation and the zeroing of a fresh one per read cycle. Returned to
+/// the pool on drop; the pool keeps at most [`POOL_MAX`] per thread.
+struct Buf(Vec<u8>);
+
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Buf {
+    fn take() -> Buf {
+        // try_with: a buffer may be taken or dropped while the thread exits.
+        let pooled = POOL
+            .try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+            .ok()
+            .flatten();
+        Buf(pooled.unwrap_or_else(|| vec![0; BUF_SIZE]))
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        // Contents left over are never read: every read overwrites the
+        // prefix it reports.
+        let _ = POOL.try_with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut()
+                && p.len() < POOL_MAX
+            {
+                p.push(buf);
+            }
+        });
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+/// Whether `s` has error readiness (a reset sets it in the same event as
+/// read-closed; a FIN does not). No system call.
+fn has_error(s: &TcpStream) -> bool {
+    match s.ready(Interest::ERROR).now_or_never() {
+        Some(Ok(r)) => r.is_error(),
+        Some(Err(_)) => true,
+        None => false,
+    }
+}
+
+/// Writes all of `buf` to `to`; with `more`, tells the kernel more follows
+/// at once (MSG_MORE, Linux): the FIN the caller sends next joins the data.
+async fn write_all(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    let flags = if more { libc::MSG_MORE } else { 0 };
+    #[cfg(not(target_os = "linux"))]
+    let flags = {
+        let _ = more;
+        0
+    };
+    let mut sent = 0;
+    while sent < buf.len() {
+        let r = to.try_io(Interest::WRITABLE, || {
+            SockRef::from(to).send_with_flags(&buf[sent..], flags)
+        });
+        match r {
+            Ok(m) => sent += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Forwards between `client` and `backend` until both directions end, one
@@ -94,10 +305,12 @@ pub async fn forward(
     client: TcpStream,
     backend: TcpStream,
     cut: &CancellationToken,
+    mode: Mode,
 ) -> (Outcome, Transferred) {
     let mut moved = Transferred::default();
-    let up = pipe(&client, &backend);
-    let down = pipe(&backend, &client);
+    let others_done = AtomicBool::new(false);
+    let up = one_way(&client, &backend, mode, &others_done);
+    let down = one_way(&backend, &client, mode, &others_done);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let outcome = loop {
@@ -121,4 +334,262 @@ pub async fn forward(
         reset(&backend);
     }
     (outcome, moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const T: Duration = Duration::from_secs(10);
+
+    /// A connected pair: (the end a test drives, the end sluice holds).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// client ⇄ [forward] ⇄ backend; returns the outer ends and the task.
+    async fn hop(
+        mode: Mode,
+        cut: CancellationToken,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(Outcome, Transferred)>,
+    ) {
+        let (client, client_side) = pair().await;
+        let (backend_side, backend) = pair().await;
+        let task =
+            tokio::spawn(async move { forward(client_side, backend_side, &cut, mode).await });
+        (client, backend, task)
+    }
+
+    fn payload(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    async fn half_close_both_ways(mode: Mode) {
+        let (client, backend, task) = hop(mode, CancellationToken::new()).await;
+        let up = payload(3 << 20, 1);
+        let down = payload(5 << 20, 2);
+        let (mut cr, mut cw) = client.into_split();
+        let (mut br, mut bw) = backend.into_split();
+        let sent = up.clone();
+        let writer = tokio::spawn(async move {
+            cw.write_all(&sent).await.unwrap();
+            cw.shutdown().await.unwrap(); // client half-closes first
+            cw
+        });
+        // The backend sees all of it, then EOF, while its own side is open.
+        let mut got = Vec::new();
+        tokio::time::timeout(T, br.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == up, "upstream bytes differ");
+        let _cw = writer.await.unwrap();
+        // The reply still flows after the client's FIN (written while the
+        // client reads: more than the socket buffers may hold).
+        let sent = down.clone();
+        let writer = tokio::spawn(async move {
+            bw.write_all(&sent).await.unwrap();
+            bw.shutdown().await.unwrap();
+            bw
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(T, cr.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == down, "downstream bytes differ");
+        let _bw = tokio::time::timeout(T, writer).await.unwrap().unwrap();
+        let (outcome, moved) = tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert_eq!(outcome, Outcome::Closed);
+        assert_eq!(moved.client_to_backend, up.len() as u64);
+        assert_eq!(moved.backend_to_client, down.len() as u64);
+    }
+
+    async fn backend_reset_resets_client(mode: Mode) {
+        let (mut client, mut backend, task) = hop(mode, CancellationToken::new()).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        backend.read_exact(&mut b).await.unwrap();
+        SockRef::from(&backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(backend);
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(T, client.read_to_end(&mut rest))
+            .await
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(task.await.unwrap().0, Outcome::Reset);
+    }
+
+    async fn cut_resets_both(mode: Mode) {
+        let cut = CancellationToken::new();
+        let (mut client, mut backend, task) = hop(mode, cut.clone()).await;
+        client.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        backend.read_exact(&mut b).await.unwrap();
+        cut.cancel();
+        assert_eq!(task.await.unwrap().0, Outcome::Cut);
+        for s in [&mut client, &mut backend] {
+            let mut rest = Vec::new();
+            let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
+                .await
+                .unwrap();
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        }
+    }
+
+    /// A server that writes its answer and closes at once: the client gets
+    /// the answer and then EOF (the FIN may travel with the data).
+    async fn reply_then_close(mode: Mode) {
+        let (mut client, mut backend, task) = hop(mode, CancellationToken::new()).await;
+        client.write_all(b"request").await.unwrap();
+        let mut b = [0u8; 7];
+        backend.read_exact(&mut b).await.unwrap();
+        backend.write_all(b"reply").await.unwrap();
+        drop(backend);
+        let mut got = Vec::new();
+        tokio::time::timeout(T, client.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"reply");
+        // The client can still send (its direction is open) and then close.
+        client.shutdown().await.unwrap();
+        let (outcome, moved) = tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert!(
+            outcome == Outcome::Closed || outcome == Outcome::Reset,
+            "{outcome:?}"
+        );
+        assert_eq!(moved.backend_to_client, 5);
+    }
+
+    /// A server that writes and then aborts: the client sees a reset, never
+    /// a clean end.
+    async fn reply_then_reset(mode: Mode) {
+        let (mut client, mut backend, task) = hop(mode, CancellationToken::new()).await;
+        client.write_all(b"request").await.unwrap();
+        let mut b = [0u8; 7];
+        backend.read_exact(&mut b).await.unwrap();
+        backend.write_all(b"reply").await.unwrap();
+        SockRef::from(&backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(backend);
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(T, client.read_to_end(&mut got))
+            .await
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(task.await.unwrap().0, Outcome::Reset);
+    }
+
+    #[tokio::test]
+    async fn auto_reply_then_close() {
+        reply_then_close(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn copy_reply_then_close() {
+        reply_then_close(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_reply_then_close() {
+        reply_then_close(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn auto_reply_then_reset() {
+        reply_then_reset(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn copy_reply_then_reset() {
+        reply_then_reset(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_reply_then_reset() {
+        reply_then_reset(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn splice_half_close_both_ways() {
+        half_close_both_ways(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn auto_half_close_both_ways() {
+        half_close_both_ways(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn auto_backend_reset_resets_client() {
+        backend_reset_resets_client(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn auto_cut_resets_both() {
+        cut_resets_both(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn copy_half_close_both_ways() {
+        half_close_both_ways(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_backend_reset_resets_client() {
+        backend_reset_resets_client(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_backend_reset_resets_client() {
+        backend_reset_resets_client(Mode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_cut_resets_both() {
+        cut_resets_both(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_cut_resets_both() {
+        cut_resets_both(Mode::Copy).await;
+    }
+
+    /// An idle spliced connection holds no pipe: after an exchange, its
+    /// pipes are back in the pool while the connection stays open.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn idle_spliced_connection_returns_its_pipes() {
+        let (mut client, mut backend, task) = hop(Mode::Splice, CancellationToken::new()).await;
+        client.write_all(b"request").await.unwrap();
+        let mut b = [0u8; 7];
+        backend.read_exact(&mut b).await.unwrap();
+        backend.write_all(b"reply").await.unwrap();
+        let mut b = [0u8; 5];
+        client.read_exact(&mut b).await.unwrap();
+        // Both directions are now waiting for readability with no pipe.
+        // Other tests share the pool, so look for at least one pipe.
+        let deadline = std::time::Instant::now() + T;
+        while crate::splice::pooled() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no pipe returned");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!task.is_finished());
+        drop((client, backend));
+    }
 }

@@ -11,6 +11,7 @@
 //!   and the classification of dial failures.
 //! - [`forward`]: bidirectional forwarding with half-close and reset
 //!   propagation.
+//! - `splice` (Linux): zero-copy forwarding through pooled pipes.
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
 //! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
@@ -27,6 +28,8 @@ pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod server;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod tracker;
 pub mod vip;
 

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::balance::{PickContext, ServiceRuntime, pick};
 use crate::connect::dial;
-use crate::forward::{Outcome, forward, reset};
+use crate::forward::{Mode, Outcome, forward, reset};
 use crate::listener::bind_tcp;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::tracker::{Tracker, TrackerConfig};
@@ -305,7 +305,8 @@ impl Proxy {
                         info!(backend = %addr, "backend accepts connections again");
                     }
                     debug!(client = %peer, listen = %key, backend = %addr, attempts = tried.len() + 1, "connected");
-                    let (outcome, moved) = forward(client, backend, guard.cut_token()).await;
+                    let (outcome, moved) =
+                        forward(client, backend, guard.cut_token(), Mode::from_env()).await;
                     metrics.ended(outcome);
                     metrics.bytes_up.inc_by(moved.client_to_backend);
                     metrics.bytes_down.inc_by(moved.backend_to_client);

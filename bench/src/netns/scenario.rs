@@ -300,6 +300,7 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                     &Config::single(SERVICE, vip_sa, table.clone()),
                     vip_sa,
                     Some(SLUICE_LOG),
+                    &[],
                 )
                 .await?,
             )
