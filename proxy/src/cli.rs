@@ -100,8 +100,9 @@ pub struct Args {
 
     /// Assign every Service IP sluice serves to this existing device (e.g.
     /// `lo`, or an `ifb` device), as IPVS mode does with `kube-ipvs0`, and
-    /// remove the ones it no longer serves. Without this flag the file
-    /// source leaves addresses alone.
+    /// remove the ones it no longer serves. Default with the Kubernetes
+    /// source: `sluice0`, a dummy device created if missing; the file
+    /// source leaves addresses alone unless this flag is given.
     #[arg(long, env = "SLUICE_VIP_INTERFACE", value_name = "NAME")]
     pub vip_interface: Option<String>,
 

@@ -105,8 +105,11 @@ async fn run(args: Args) -> ExitCode {
         });
     }
 
-    if let Some(name) = args.vip_interface.as_deref() {
-        match VipDevice::open(Some(name)).await {
+    // The Kubernetes source owns the node's Service IPs: on `sluice0` (a
+    // dummy device, created if missing) unless --vip-interface names another.
+    // The file source touches addresses only when asked to.
+    if args.vip_interface.is_some() || args.config.is_none() {
+        match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => {
                 tokio::spawn(sync_vips(device, publisher.clone()));
             }

@@ -191,6 +191,9 @@ async fn traffic_follows_the_apiserver() {
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .args(["--node-name", "node-a"])
+        // Service IPs here are loopback ones, which sluice leaves alone;
+        // `lo` spares the test a dummy device (this kernel has none).
+        .args(["--vip-interface", "lo"])
         .arg("--healthz-bind-address=")
         .arg("--metrics-bind-address=")
         .args(["--connect-timeout", "300ms"])
@@ -331,6 +334,7 @@ async fn traffic_follows_the_apiserver() {
 fn unreadable_kubeconfig_exits_64_naming_it() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["--kubeconfig", "/nonexistent/kubeconfig"])
+        .args(["--vip-interface", "lo"])
         .arg("--healthz-bind-address=")
         .arg("--metrics-bind-address=")
         .output()
