@@ -26,7 +26,7 @@ use crate::workload::{Outcome, request};
 #[derive(Debug, Clone, clap::Args)]
 pub struct SluiceArgs {
     /// The sluice binary. Default: `sluice` next to this executable (built
-    /// first with `$CARGO build -p sluice-bench -p sluice` when run by cargo).
+    /// first with `$CARGO build -p sluice-bench -p sluice --bin sluice` when run by cargo).
     #[arg(long, value_name = "PATH")]
     pub sluice: Option<PathBuf>,
     /// Passed to sluice as --connect-timeout (e.g. 300ms); sluice's default
