@@ -473,11 +473,28 @@ fn listener_on_vip_of_down_device_accepts() {
                 conn.write_all(&buf).await.unwrap();
                 peer
             });
-            let mut client =
-                tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(vip))
-                    .await
-                    .expect("connect timed out")
-                    .unwrap();
+            // Right after the namespace is made, a connect can briefly find
+            // no route ("Network is unreachable", seen about one run in
+            // three): retry that for a bounded time, fail on anything else.
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            let mut client = loop {
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(vip),
+                )
+                .await
+                .expect("connect timed out")
+                {
+                    Ok(c) => break c,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NetworkUnreachable
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("connect to {vip}: {e}"),
+                }
+            };
             client.write_all(b"hello").await.unwrap();
             let mut back = [0u8; 5];
             client.read_exact(&mut back).await.unwrap();
