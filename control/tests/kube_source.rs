@@ -424,6 +424,26 @@ async fn programming_latency_is_measured_from_the_trigger_time() {
     .await;
     let us = h.stats.last_programming_latency_us.load(Ordering::Relaxed);
     assert!((1_000_000..10_000_000).contains(&us), "latency {us} µs");
+    // The histogram exported on /metrics saw that change, in seconds.
+    let mut reg = prometheus_client::registry::Registry::default();
+    reg.register("npl", "", h.stats.programming_latency.clone());
+    reg.register("build", "", h.stats.build_duration.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("npl"), 1, "{text}");
+    assert!(count("build") >= 2, "{text}");
+    let sum: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("npl_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!((1.0..10.0).contains(&sum), "{text}");
 }
 
 #[tokio::test]

@@ -70,6 +70,7 @@ fn raise_fd_limit() {
 
 async fn run(args: Args) -> ExitCode {
     let publisher = Arc::new(Publisher::new());
+    let mut metrics = Metrics::new();
     let reload = Arc::new(Notify::new());
     if let Some(config) = &args.config {
         let first = match file::load(config) {
@@ -87,11 +88,24 @@ async fn run(args: Args) -> ExitCode {
             reload.clone(),
         ));
     } else {
+        let stats = Arc::new(kube::KubeStats::default());
+        let registry = metrics.registry_mut();
+        registry.register(
+            "table_build_duration_seconds",
+            "Duration of each table build from Kubernetes objects",
+            stats.build_duration.clone(),
+        );
+        registry.register(
+            "network_programming_latency_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the table that carries it going live",
+            stats.programming_latency.clone(),
+        );
         let opts = kube::KubeOptions {
             kubeconfig: args.kubeconfig.clone(),
             node_name: args.node_name.clone(),
             node_addresses: args.node_addresses.clone(),
             coalesce: args.min_sync_period,
+            stats,
             ..kube::KubeOptions::default()
         };
         let publisher = publisher.clone();
@@ -125,7 +139,7 @@ async fn run(args: Args) -> ExitCode {
         error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;
     }
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(metrics);
     let proxy = Proxy::new(args.proxy_config(), publisher.clone(), metrics.clone());
     let admin = Arc::new(Admin {
         publisher,

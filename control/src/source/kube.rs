@@ -36,6 +36,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::time::Instant;
 
 use super::healthcheck::HealthResponders;
@@ -83,9 +84,18 @@ impl Default for KubeOptions {
     }
 }
 
-/// What the source did, for metrics and tests.
-#[derive(Debug, Default)]
+/// What the source did, for metrics and tests. The histograms are
+/// registered in the daemon's `/metrics` (as
+/// `sluice_table_build_duration_seconds` and
+/// `sluice_network_programming_latency_seconds`).
+#[derive(Debug)]
 pub struct KubeStats {
+    /// Duration of each incremental index rebuild.
+    pub build_duration: Histogram,
+    /// For each EndpointSlice change carrying
+    /// `endpoints.kubernetes.io/last-change-trigger-time`: from that time to
+    /// the publish that made it live.
+    pub programming_latency: Histogram,
     /// Table builds (incremental index rebuilds) run.
     pub builds: AtomicU64,
     /// Tables published (builds that changed something, plus the first).
@@ -103,6 +113,25 @@ pub struct KubeStats {
     pub last_programming_latency_us: AtomicU64,
     /// Largest network programming latency seen, in microseconds.
     pub max_programming_latency_us: AtomicU64,
+}
+
+impl Default for KubeStats {
+    fn default() -> Self {
+        KubeStats {
+            // 10 µs .. ~5 s
+            build_duration: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            // 1 ms .. ~65 s
+            programming_latency: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            builds: AtomicU64::new(0),
+            publishes: AtomicU64::new(0),
+            watch_errors: AtomicU64::new(0),
+            relists: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            skipped_ports: AtomicU64::new(0),
+            last_programming_latency_us: AtomicU64::new(0),
+            max_programming_latency_us: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Fatal set-up errors of the Kubernetes source.
@@ -402,7 +431,11 @@ impl Source {
     /// Builds and publishes if the table changed (always on the first call).
     fn build_and_publish(&mut self, publisher: &Publisher, first: bool) {
         self.stats.builds.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let changed = self.index.build();
+        self.stats
+            .build_duration
+            .observe(started.elapsed().as_secs_f64());
         let triggers = self.index.take_trigger_times();
         if !(changed || first) {
             publisher.settle_unchanged();
@@ -412,12 +445,19 @@ impl Source {
         let len = table.len();
         let generation = publisher.publish_changed(table);
         self.stats.publishes.fetch_add(1, Ordering::Relaxed);
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i128::try_from(d.as_nanos()).ok());
+        if let Some(now) = now_ns {
+            for &t in &triggers {
+                self.stats
+                    .programming_latency
+                    .observe((now - t).max(0) as f64 / 1e9);
+            }
+        }
         let latency = triggers.iter().max().and_then(|&newest| {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .ok()?
-                .as_nanos();
-            let now = i128::try_from(now).ok()?;
+            let now = now_ns?;
             // The oldest trigger in the batch waited the longest.
             let oldest = triggers.iter().min().copied().unwrap_or(newest);
             u64::try_from((now - oldest).max(0) / 1_000).ok()
