@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::report::{self, Summary};
-use crate::sluice::{self, BackendCfg, Config, MetricsSummary, Sluice, SluiceArgs, StopReport};
+use crate::sluice::{self, MetricsSummary, Sluice, SluiceArgs, StopReport};
 use crate::workload::{LoadResult, LoadSpec, closed_loop, open_loop};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -216,17 +216,7 @@ pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
         let addrs: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
         let mut proxy = None;
         if !args.direct {
-            let bin = sluice::locate(args.sluice.sluice.as_deref())?;
-            let listen = SocketAddr::new(
-                sluice::lo(1),
-                sluice::free_port(std::net::Ipv4Addr::LOCALHOST)?,
-            );
-            let cfg = Config::single(
-                "churn",
-                listen,
-                addrs.iter().map(|a| BackendCfg::ready(*a)).collect(),
-            );
-            proxy = Some(Sluice::start(&bin, &args.sluice, &cfg, listen, None).await?);
+            proxy = Some(Sluice::start_in_front("churn", &args.sluice, &addrs).await?);
         }
         if !args.json {
             outln!(

@@ -277,6 +277,23 @@ impl Sluice {
     /// a request through `listen` to succeed.
     ///
     /// `log_filter` becomes sluice's RUST_LOG unless RUST_LOG is already set.
+    /// Locates sluice and starts it on a free loopback port with one
+    /// service named `name` over `backends`, all ready.
+    pub async fn start_in_front(
+        name: &str,
+        args: &SluiceArgs,
+        backends: &[SocketAddr],
+    ) -> Result<Self> {
+        let bin = locate(args.sluice.as_deref())?;
+        let listen = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
+        let cfg = Config::single(
+            name,
+            listen,
+            backends.iter().map(|a| BackendCfg::ready(*a)).collect(),
+        );
+        Self::start(&bin, args, &cfg, listen, None).await
+    }
+
     pub async fn start(
         bin: &Path,
         args: &SluiceArgs,

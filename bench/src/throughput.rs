@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
-use crate::sluice::{self, BackendCfg, Config, Sluice, SluiceArgs, StopReport};
+use crate::sluice::{self, Sluice, SluiceArgs, StopReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,17 +212,8 @@ pub async fn run(args: ThroughputArgs) -> Result<ExitCode> {
         let backend = Backend::start("bulk-1", SocketAddr::new(sluice::lo_in(4, 1), 0)).await?;
         let mut proxy = None;
         if !args.direct {
-            let bin = sluice::locate(args.sluice.sluice.as_deref())?;
-            let listen = SocketAddr::new(
-                sluice::lo(1),
-                sluice::free_port(std::net::Ipv4Addr::LOCALHOST)?,
-            );
-            let cfg = Config::single(
-                "throughput",
-                listen,
-                vec![BackendCfg::ready(backend.addr())],
-            );
-            proxy = Some(Sluice::start(&bin, &args.sluice, &cfg, listen, None).await?);
+            proxy =
+                Some(Sluice::start_in_front("throughput", &args.sluice, &[backend.addr()]).await?);
         }
         out.direct = Some(measure(backend.addr(), &args).await);
         if let Some(p) = proxy.as_mut() {

@@ -72,19 +72,11 @@ impl Publisher {
     /// Only one task may publish (the source's); the swap itself is atomic.
     pub fn publish(&self, table: Table) -> Option<u64> {
         let current = self.live.load();
-        *self.pending() = None;
         if *current.table == table && current.generation > 0 {
+            self.settle_unchanged();
             return None;
         }
-        let generation = current.generation + 1;
-        self.live.store(Arc::new(Snapshot {
-            table: Arc::new(table),
-            generation,
-            published_at: Instant::now(),
-            published_wall: SystemTime::now(),
-        }));
-        self.changed.send_replace(generation);
-        Some(generation)
+        Some(self.publish_changed(table))
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
