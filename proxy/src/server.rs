@@ -281,6 +281,8 @@ impl Proxy {
         runtime: &ServiceRuntime,
         metrics: &ServiceMetrics,
     ) {
+        // On Linux the listener's TCP_NODELAY is inherited (see listener.rs).
+        #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
         let mut tried: Vec<SocketAddr> = Vec::new();
         while tried.len() < self.config.max_attempts {
