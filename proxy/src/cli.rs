@@ -98,6 +98,15 @@ pub struct Args {
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Data-plane threads. Each runs its own event loop with its own
+    /// listener for every Service address (one SO_REUSEPORT group per
+    /// address), and a connection stays on the thread that accepted it.
+    /// Default: the number of CPUs sluice may use (affinity mask, cgroup
+    /// quota). 0: no dedicated threads, one listener per address, and
+    /// connections spread over the shared runtime by work stealing.
+    #[arg(long, env = "SLUICE_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub workers: Option<u16>,
+
     /// Assign every Service IP sluice serves to this existing device (e.g.
     /// `lo`, or an `ifb` device), as IPVS mode does with `kube-ipvs0`, and
     /// remove the ones it no longer serves. Default with the Kubernetes
@@ -147,6 +156,12 @@ fn bind_address(s: &str) -> Result<String, String> {
 }
 
 impl Args {
+    /// Data-plane threads to start (see `--workers`).
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .map_or_else(crate::workers::default_count, usize::from)
+    }
+
     pub fn proxy_config(&self) -> ProxyConfig {
         ProxyConfig {
             connect_timeout: self.connect_timeout,

@@ -4,6 +4,8 @@
 //! - [`server`]: the [`Proxy`]: listeners that follow the live table, the
 //!   accept loops, per-connection handling (pick, dial, retry, forward) and
 //!   graceful shutdown.
+//! - [`workers`]: data-plane threads, one event loop per core, each with
+//!   its own listener per address.
 //! - [`listener`]: shareable listening sockets (SO_REUSEPORT, IP_FREEBIND).
 //! - [`balance`]: the pure backend pick (round robin, least connections by
 //!   two random choices, client-IP affinity).
@@ -32,5 +34,6 @@ pub mod server;
 pub mod splice;
 pub mod tracker;
 pub mod vip;
+pub mod workers;
 
 pub use server::{Proxy, ProxyConfig, ShutdownReport};

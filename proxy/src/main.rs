@@ -13,6 +13,7 @@ use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::vip::{VipDevice, service_ips};
+use sluice_proxy::workers::Workers;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +45,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args))
+    let workers = match Workers::start(args.worker_count()) {
+        Ok(w) => w,
+        Err(e) => {
+            error!(error = %e, "cannot start the data-plane workers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run(args, workers.handles()));
+    // The proxy has stopped: its connections are gone, the workers are idle.
+    drop(workers);
+    code
 }
 
 fn init_logs(format: LogFormat) {
@@ -68,7 +79,7 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(args: Args) -> ExitCode {
+async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let publisher = Arc::new(Publisher::new());
     let mut metrics = Metrics::new();
     let reload = Arc::new(Notify::new());
@@ -140,7 +151,13 @@ async fn run(args: Args) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let metrics = Arc::new(metrics);
-    let proxy = Proxy::new(args.proxy_config(), publisher.clone(), metrics.clone());
+    info!(workers = workers.len(), "data plane");
+    let proxy = Proxy::with_workers(
+        args.proxy_config(),
+        publisher.clone(),
+        metrics.clone(),
+        workers,
+    );
     let admin = Arc::new(Admin {
         publisher,
         tracker: proxy.tracker().clone(),

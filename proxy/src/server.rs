@@ -8,7 +8,11 @@
 //!    connections carry on and drain like any other).
 //!
 //! Each listener runs an accept loop: take a connection permit (the global
-//! limit), accept, spawn [`Proxy::handle`]. A connection loads the live table
+//! limit), accept, spawn [`Proxy::handle`]. With data-plane workers
+//! ([`crate::workers`]) every address gets one listener per worker, in one
+//! SO_REUSEPORT group, each accept loop on its worker's event loop, and
+//! connections stay on the worker that accepted them; without, one
+//! listener per address on the runtime that runs the proxy. A connection loads the live table
 //! once per dial attempt, picks an eligible backend, dials it with a short
 //! timeout, and on failure ejects that backend and tries another, up to a
 //! bounded number of attempts; nothing has reached the client yet, so the
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use sluice_control::{ListenKey, Protocol, Publisher, Table, TableDiff};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -69,17 +74,32 @@ pub struct Proxy {
     limit: Arc<Semaphore>,
     connections: TaskTracker,
     shutdown_cut: CancellationToken,
+    /// Data-plane event loops; empty: the proxy's own runtime.
+    workers: Vec<Handle>,
 }
 
 struct Listening {
     runtime: Arc<ServiceRuntime>,
     service: String,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per listener (per worker).
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Proxy {
+    /// A proxy that accepts and forwards on the runtime that runs it.
     pub fn new(config: ProxyConfig, publisher: Arc<Publisher>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::with_workers(config, publisher, metrics, Vec::new())
+    }
+
+    /// A proxy that accepts and forwards on `workers` (one listener per
+    /// worker and address); on its own runtime when `workers` is empty.
+    pub fn with_workers(
+        config: ProxyConfig,
+        publisher: Arc<Publisher>,
+        metrics: Arc<Metrics>,
+        workers: Vec<Handle>,
+    ) -> Arc<Self> {
         let shutdown_cut = CancellationToken::new();
         Arc::new(Self {
             tracker: Arc::new(Tracker::new(
@@ -93,6 +113,7 @@ impl Proxy {
             metrics,
             connections: TaskTracker::new(),
             shutdown_cut,
+            workers,
         })
     }
 
@@ -182,28 +203,38 @@ impl Proxy {
                 }
                 continue;
             }
-            match bind_tcp(key.addr) {
-                Ok(listener) => {
+            match self.bind(key.addr) {
+                Ok(listeners) => {
                     if failed.remove(key) {
                         info!(listen = %key, "bind succeeded after earlier failure");
                     }
-                    info!(listen = %key, service = %service.name, "listening");
+                    info!(listen = %key, service = %service.name, listeners = listeners.len(), "listening");
                     let runtime = Arc::new(ServiceRuntime::default());
+                    let metrics = Arc::new(self.metrics.service(&service.name));
                     let stop = CancellationToken::new();
-                    let task = tokio::spawn(self.clone().accept_loop(
-                        *key,
-                        listener,
-                        runtime.clone(),
-                        self.metrics.service(&service.name),
-                        stop.clone(),
-                    ));
+                    let tasks = listeners
+                        .into_iter()
+                        .map(|(listener, worker)| {
+                            let task = self.clone().accept_loop(
+                                *key,
+                                listener,
+                                runtime.clone(),
+                                metrics.clone(),
+                                stop.clone(),
+                            );
+                            match worker {
+                                Some(worker) => worker.spawn(task),
+                                None => tokio::spawn(task),
+                            }
+                        })
+                        .collect();
                     listening.insert(
                         *key,
                         Listening {
                             runtime,
                             service: service.name.clone(),
                             stop,
-                            task,
+                            tasks,
                         },
                     );
                 }
@@ -214,6 +245,25 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Binds the listeners of one address: one per worker, each registered
+    /// with its worker's event loop, or one on the current runtime. All or
+    /// none: on error the ones already bound are closed.
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<Vec<(TcpListener, Option<&Handle>)>> {
+        if self.workers.is_empty() {
+            return Ok(vec![(bind_tcp(addr)?, None)]);
+        }
+        let mut bound = Vec::with_capacity(self.workers.len());
+        let mut addr = addr;
+        for worker in &self.workers {
+            let _entered = worker.enter();
+            let listener = bind_tcp(addr)?;
+            // Port 0: the rest of the group joins the port the first got.
+            addr = listener.local_addr()?;
+            bound.push((listener, Some(worker)));
+        }
+        Ok(bound)
     }
 
     fn expire_affinity(&self, table: &Table, listening: &HashMap<ListenKey, Listening>) {
@@ -230,10 +280,9 @@ impl Proxy {
         key: ListenKey,
         listener: TcpListener,
         runtime: Arc<ServiceRuntime>,
-        metrics: ServiceMetrics,
+        metrics: Arc<ServiceMetrics>,
         stop: CancellationToken,
     ) {
-        let metrics = Arc::new(metrics);
         let mut backoff = Duration::from_millis(5);
         loop {
             let permit = tokio::select! {
@@ -338,7 +387,9 @@ impl Proxy {
             l.stop.cancel();
         }
         for (_, l) in listening {
-            let _ = l.task.await;
+            for task in l.tasks {
+                let _ = task.await;
+            }
         }
         self.connections.close();
         let open_at_stop = self.connections.len();

@@ -435,3 +435,42 @@ async fn admin_endpoints_report_health_metrics_and_the_live_table() {
     );
     drop(open);
 }
+
+/// Listening TCP sockets on `port` in this network namespace (from
+/// /proc/net/tcp: local address, state 0A = LISTEN).
+fn listeners_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let want = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+        })
+        .count()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn every_worker_listens_and_serves() {
+    let a = Backend::start("a", Mode::Echo).await;
+    for (workers, listeners) in [("3", 3), ("0", 1)] {
+        let listen = listen_addr();
+        let _s = Sluice::start(
+            &config(listen, &[(a.addr, "ready")]),
+            &["--workers", workers],
+        );
+        assert_eq!(
+            listeners_on(listen.port()),
+            listeners,
+            "--workers {workers}"
+        );
+        // Clients come from distinct ports, so the kernel hashes them over
+        // the group; every one must be served whichever listener took it.
+        for _ in 0..24 {
+            let (_, name) = connect_named(listen).await;
+            assert_eq!(name, "a", "--workers {workers}");
+        }
+    }
+}
