@@ -60,9 +60,11 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 8_000)]
     pub idle: usize,
     /// Paths to measure, in order. `sluice` forwards as it does by default
-    /// (copy small reads, splice bulk); `sluice-copy` and `sluice-splice`
-    /// force one way (SLUICE_FORWARD=copy|splice). haproxy and nginx are
-    /// skipped when not installed.
+    /// (copy small reads, splice bulk; one worker per CPU it may use);
+    /// `sluice-copy` and `sluice-splice` force one way of forwarding
+    /// (SLUICE_FORWARD=copy|splice); `sluice-shared` runs without workers
+    /// (SLUICE_WORKERS=0: one listener, the shared runtime). haproxy and
+    /// nginx are skipped when not installed.
     #[arg(
         long,
         value_delimiter = ',',
@@ -114,6 +116,7 @@ pub enum PathKind {
     Sluice,
     SluiceCopy,
     SluiceSplice,
+    SluiceShared,
     /// The sluice binary given with --baseline (e.g. an older build).
     Baseline,
     Haproxy,
@@ -127,6 +130,7 @@ impl PathKind {
             PathKind::Sluice => "sluice",
             PathKind::SluiceCopy => "sluice-copy",
             PathKind::SluiceSplice => "sluice-splice",
+            PathKind::SluiceShared => "sluice-shared",
             PathKind::Baseline => "baseline",
             PathKind::Haproxy => "haproxy",
             PathKind::Nginx => "nginx",
@@ -475,6 +479,9 @@ pub struct Bulk {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_cpu_s: Option<f64>,
+    /// Proxy CPU seconds per GB (10^9 bytes) moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_cpu_s_per_gb: Option<f64>,
 }
 
 /// One connection streams to the sink for `secs`, then half-closes. The
@@ -523,6 +530,7 @@ async fn bulk_upload(target: SocketAddr, secs: f64, sink: &Backend) -> Bulk {
                 gbit_s: round3(bytes as f64 * 8.0 / secs / 1e9),
                 error: None,
                 proxy_cpu_s: None,
+                proxy_cpu_s_per_gb: None,
             }
         }
         Err(e) => Bulk {
@@ -737,7 +745,11 @@ async fn start_proxy(
             running: None,
             _dir: None,
         })),
-        PathKind::Sluice | PathKind::SluiceCopy | PathKind::SluiceSplice | PathKind::Baseline => {
+        PathKind::Sluice
+        | PathKind::SluiceCopy
+        | PathKind::SluiceSplice
+        | PathKind::SluiceShared
+        | PathKind::Baseline => {
             let bin = if kind == PathKind::Baseline {
                 match &args.baseline {
                     Some(b) => b.clone(),
@@ -780,6 +792,7 @@ async fn start_proxy(
             match kind {
                 PathKind::SluiceCopy => env.push(("SLUICE_FORWARD", "copy")),
                 PathKind::SluiceSplice => env.push(("SLUICE_FORWARD", "splice")),
+                PathKind::SluiceShared => env.push(("SLUICE_WORKERS", "0")),
                 _ => {}
             }
             // The child inherits the spawning thread's affinity: this thread
@@ -1005,6 +1018,9 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
                 let mut b = bulk_upload(proxy.bulk, args.seconds, sink).await;
                 if let (Some(a), Some(c)) = (c0, cpu()) {
                     b.proxy_cpu_s = Some(round3(c - a));
+                    if b.bytes > 0 && b.error.is_none() {
+                        b.proxy_cpu_s_per_gb = Some(round3((c - a) / b.bytes as f64 * 1e9));
+                    }
                 }
                 out.bulk = Some(b);
             }
@@ -1048,10 +1064,25 @@ fn table(results: &[PathResult]) -> String {
         .and_then(|r| r.short.as_ref())
         .and_then(|s| s.proxy_cpu_s_per_10k)
         .unwrap_or(0.0);
+    let h_kcpu = haproxy
+        .and_then(|r| r.keepalive.as_ref())
+        .and_then(|k| k.proxy_cpu_s_per_10k)
+        .unwrap_or(0.0);
+    let h_gb = haproxy
+        .and_then(|r| r.bulk.as_ref())
+        .and_then(|b| b.proxy_cpu_s_per_gb)
+        .unwrap_or(0.0);
+    let cell = |x: f64| {
+        if x > 0.0 {
+            format!("{x:.3}")
+        } else {
+            "-".to_string()
+        }
+    };
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<13} {:>9} {:>6} {:>6} {:>7} {:>6} | {:>9} {:>6} {:>7} {:>7} | {:>7} {:>6} | {:>8}",
+        "{:<13} {:>9} {:>6} {:>6} {:>7} {:>6} | {:>9} {:>6} {:>7} {:>7} {:>7} {:>6} | {:>7} {:>6} {:>6} {:>6} | {:>8}",
         "path",
         "short/s",
         "/dir",
@@ -1062,8 +1093,12 @@ fn table(results: &[PathResult]) -> String {
         "/dir",
         "p50ms",
         "p99ms",
+        "cpu10k",
+        "/hap",
         "Gbit/s",
         "/dir",
+        "s/GB",
+        "/hap",
         "KiB/idle"
     );
     for r in results {
@@ -1074,37 +1109,46 @@ fn table(results: &[PathResult]) -> String {
         let (s, s_err, cpu) = r.short.as_ref().map_or((0.0, 0, 0.0), |s| {
             (s.per_s, s.errors, s.proxy_cpu_s_per_10k.unwrap_or(0.0))
         });
-        let (k, k50, k99, k_err) = r.keepalive.as_ref().map_or((0.0, 0.0, 0.0, 0), |k| {
-            (k.per_s, k.p50_ms, k.p99_ms, k.errors)
+        let (k, k50, k99, k_err, kcpu) =
+            r.keepalive.as_ref().map_or((0.0, 0.0, 0.0, 0, 0.0), |k| {
+                (
+                    k.per_s,
+                    k.p50_ms,
+                    k.p99_ms,
+                    k.errors,
+                    k.proxy_cpu_s_per_10k.unwrap_or(0.0),
+                )
+            });
+        let (b, b_err, gb) = r.bulk.as_ref().map_or((0.0, false, 0.0), |b| {
+            (
+                b.gbit_s,
+                b.error.is_some(),
+                b.proxy_cpu_s_per_gb.unwrap_or(0.0),
+            )
         });
-        let (b, b_err) = r
-            .bulk
-            .as_ref()
-            .map_or((0.0, false), |b| (b.gbit_s, b.error.is_some()));
         let idle = r
             .idle
             .as_ref()
             .map_or("-".to_string(), |i| format!("{:.2}", i.kib_per_connection));
-        let cpu_s = if cpu > 0.0 {
-            format!("{cpu:.3}")
-        } else {
-            "-".into()
-        };
         let _ = writeln!(
             t,
-            "{:<13} {:>9.0} {:>6} {:>6} {:>7} {:>6} | {:>9.0} {:>6} {:>7.3} {:>7.3} | {:>7.2} {:>6} | {:>8}",
+            "{:<13} {:>9.0} {:>6} {:>6} {:>7} {:>6} | {:>9.0} {:>6} {:>7.3} {:>7.3} {:>7} {:>6} | {:>7.2} {:>6} {:>6} {:>6} | {:>8}",
             r.path.name(),
             s,
             ratio(s, d_short),
             ratio(s, h_short),
-            cpu_s,
+            cell(cpu),
             ratio(cpu, h_cpu),
             k,
             ratio(k, d_keep),
             k50,
             k99,
+            cell(kcpu),
+            ratio(kcpu, h_kcpu),
             b,
             ratio(b, d_bulk),
+            cell(gb),
+            ratio(gb, h_gb),
             idle,
         );
         let mut errs = Vec::new();
@@ -1303,8 +1347,9 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
             print!("{}", table(paths));
         }
         println!(
-            "short/s: {c} workers, one Connection: close request each; cpu10k: proxy CPU s per 10k short connections (/proc/PID/stat);\n\
-             keep/s: {c} keep-alive connections; p50/p99: keep-alive request latency; Gbit/s: one upload to a sink; KiB/idle: VmRSS growth per idle connection.",
+            "short/s: {c} workers, one Connection: close request each; cpu10k: proxy CPU s (/proc/PID/stat) per 10k connections, or per 10k requests after keep/s;\n\
+             keep/s: {c} keep-alive connections; p50/p99: keep-alive request latency; Gbit/s: one upload to a sink; s/GB: proxy CPU s per GB moved;\n\
+             KiB/idle: VmRSS growth per idle connection.",
             c = args.concurrency
         );
     }

@@ -210,6 +210,46 @@ fn throughput_moves_bytes_direct_and_through_sluice() {
 }
 
 #[test]
+fn compare_measures_every_figure_on_each_path() {
+    let (code, v, stderr) = bench(&[
+        "compare",
+        "--json",
+        "--seconds",
+        "0.5",
+        "--idle",
+        "200",
+        "--paths",
+        "direct,sluice,sluice-shared",
+    ]);
+    let ctx = format!("{v:#}\nstderr:\n{stderr}");
+    assert_eq!(code, 0, "{ctx}");
+    let round = v["rounds"][0].as_array().unwrap();
+    let names: Vec<&str> = round.iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(names, ["direct", "sluice", "sluice-shared"], "{ctx}");
+    for p in round {
+        for fig in ["short", "keepalive"] {
+            assert!(p[fig]["ok"].as_u64().unwrap() > 0, "{fig}: {ctx}");
+            assert_eq!(p[fig]["errors"], 0, "{fig}: {ctx}");
+        }
+        assert!(p["bulk"]["bytes"].as_u64().unwrap() > 0, "{ctx}");
+        assert!(p["bulk"]["error"].is_null(), "{ctx}");
+        if p["path"] != "direct" {
+            // CPU figures come from the proxy's /proc/PID/stat.
+            assert!(
+                p["short"]["proxy_cpu_s_per_10k"].as_f64().unwrap() > 0.0,
+                "{ctx}"
+            );
+            assert!(
+                p["bulk"]["proxy_cpu_s_per_gb"].as_f64().unwrap() > 0.0,
+                "{ctx}"
+            );
+            assert_eq!(p["idle"]["connections"], 200, "{ctx}");
+            assert_eq!(p["idle"]["failed"], 0, "{ctx}");
+        }
+    }
+}
+
+#[test]
 fn ctrl_c_kills_sluice_and_removes_its_dir() {
     use std::io::{BufRead, BufReader};
     use std::time::{Duration, Instant};
