@@ -78,6 +78,12 @@ pub struct CompareArgs {
         default_value = "short,keepalive,bulk,idle"
     )]
     pub figures: Vec<Figure>,
+    /// Data-plane workers of the `sluice`, `sluice-copy` and
+    /// `sluice-splice` paths (SLUICE_WORKERS); default: sluice's own (one
+    /// per CPU it may use: one, pinned to --proxy-cpu). With more than one,
+    /// the table says how the short phase's CPU time split between them.
+    #[arg(long, value_name = "N")]
+    pub sluice_workers: Option<u16>,
     /// Another sluice binary (say, a build of an older commit), measured as
     /// the `baseline` path.
     #[arg(long, value_name = "PATH")]
@@ -211,7 +217,12 @@ fn raise_nofile() -> u64 {
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_seconds_at(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime from a stat(5) file (a process's or a thread's).
+fn cpu_seconds_at(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name, which may contain spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -223,6 +234,27 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
         .flatten()
         .unwrap_or(100) as f64;
     Some((utime + stime) as f64 / tck)
+}
+
+/// utime + stime of each data-plane worker thread of `pid` (named
+/// `sluice-worker-I`), in seconds, ordered by name.
+fn worker_cpu_seconds(pid: u32) -> Vec<(String, f64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    let mut out: Vec<(String, f64)> = dir
+        .filter_map(|e| {
+            let tid = e.ok()?.file_name().to_str()?.parse::<u32>().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let comm = comm.trim();
+            comm.starts_with("sluice-worker-").then(|| {
+                let cpu = cpu_seconds_at(&format!("/proc/{pid}/task/{tid}/stat"))?;
+                Some((comm.to_string(), cpu))
+            })?
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// VmRSS of `pid`, in KiB.
@@ -361,6 +393,10 @@ pub struct Rate {
     /// (keep-alive).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_cpu_s_per_10k: Option<f64>,
+    /// sluice with several workers: each worker thread's share of the
+    /// workers' CPU time over the phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_cpu_share: Option<Vec<f64>>,
 }
 
 fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
@@ -378,6 +414,7 @@ fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
         p99_ms: ms(h, 0.99),
         proxy_cpu_s: None,
         proxy_cpu_s_per_10k: None,
+        worker_cpu_share: None,
     }
 }
 
@@ -795,6 +832,12 @@ async fn start_proxy(
                 PathKind::SluiceShared => env.push(("SLUICE_WORKERS", "0")),
                 _ => {}
             }
+            let workers = args.sluice_workers.map(|n| n.to_string());
+            if let (Some(n), PathKind::Sluice | PathKind::SluiceCopy | PathKind::SluiceSplice) =
+                (&workers, kind)
+            {
+                env.push(("SLUICE_WORKERS", n));
+            }
             // The child inherits the spawning thread's affinity: this thread
             // (the only one of the load runtime) moves to the proxy's CPU
             // for the start, then everything moves back.
@@ -993,6 +1036,7 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
         match fig {
             Figure::Short => {
                 let c0 = cpu();
+                let w0 = pid.map(worker_cpu_seconds).unwrap_or_default();
                 let mut r = short_load(proxy.http, args.concurrency, args.seconds).await;
                 if let (Some(a), Some(b)) = (c0, cpu()) {
                     r.proxy_cpu_s = Some(round3(b - a));
@@ -1000,6 +1044,8 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
                         r.proxy_cpu_s_per_10k = Some(round3((b - a) / r.ok as f64 * 1e4));
                     }
                 }
+                let w1 = pid.map(worker_cpu_seconds).unwrap_or_default();
+                r.worker_cpu_share = worker_shares(&w0, &w1);
                 out.short = Some(r);
             }
             Figure::Keepalive => {
@@ -1034,6 +1080,23 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     out
+}
+
+/// Each worker's share of the CPU time the workers used between two
+/// snapshots; `None` with fewer than two workers.
+fn worker_shares(before: &[(String, f64)], after: &[(String, f64)]) -> Option<Vec<f64>> {
+    if after.len() < 2 {
+        return None;
+    }
+    let used: Vec<f64> = after
+        .iter()
+        .map(|(name, b)| {
+            let a = before.iter().find(|(n, _)| n == name).map_or(0.0, |x| x.1);
+            (b - a).max(0.0)
+        })
+        .collect();
+    let total: f64 = used.iter().sum();
+    (total > 0.0).then(|| used.iter().map(|u| round3(u / total)).collect())
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -1178,6 +1241,18 @@ fn table(results: &[PathResult]) -> String {
         }
         if !errs.is_empty() {
             let _ = writeln!(t, "{:<13} ERRORS: {}", "", errs.join("; "));
+        }
+        if let Some(shares) = r.short.as_ref().and_then(|s| s.worker_cpu_share.as_ref()) {
+            let pct: Vec<String> = shares
+                .iter()
+                .map(|x| format!("{:.0}%", x * 100.0))
+                .collect();
+            let _ = writeln!(
+                t,
+                "{:<13} workers' CPU split over the short phase: {}",
+                "",
+                pct.join(" / ")
+            );
         }
     }
     t
