@@ -17,7 +17,6 @@
 //! its share of new ones.
 
 use std::io;
-use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
 use tokio_util::sync::CancellationToken;
@@ -47,7 +46,7 @@ impl Workers {
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-worker-{i}"))
-                .spawn(move || runtime.block_on(tick_until(stop)))?;
+                .spawn(move || runtime.block_on(stop.cancelled()))?;
             workers.threads.push(thread);
         }
         Ok(workers)
@@ -74,33 +73,6 @@ impl Drop for Workers {
             // A worker thread runs no code of its own that could panic; a
             // panicking task is caught by its runtime.
             let _ = t.join();
-        }
-    }
-}
-
-/// Period of a worker's idle timer (see [`tick_until`]).
-const TICK: Duration = Duration::from_millis(250);
-
-/// Runs until `stop` fires, keeping a timer of at most [`TICK`] pending.
-///
-/// Every connection arms a timer (its dial timeout, `--connect-timeout`,
-/// 300 ms by default).
-/// tokio's time driver wakes its event loop through an eventfd `write(2)`
-/// whenever a new timer expires before the earliest wake-up it has already
-/// planned, which with no other timer pending is every time: one system
-/// call and one extra `epoll_wait` wake-up per connection. With a timer
-/// that never lies further than [`TICK`] ahead, every dial timeout longer
-/// than [`TICK`] expires after the planned wake-up and costs nothing more
-/// than its insertion (measured: 1.06 → 0.07 `write(2)` per short
-/// connection); the price is four idle wake-ups a second per worker. A
-/// shorter connect timeout only brings the extra wake-up back.
-async fn tick_until(stop: CancellationToken) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
         }
     }
 }
