@@ -111,6 +111,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             "From an EndpointSlice's last-change-trigger-time to the table that carries it going live",
             stats.programming_latency.clone(),
         );
+        registry.register_collector(Box::new(stats.clone()));
         let opts = kube::KubeOptions {
             kubeconfig: args.kubeconfig.clone(),
             node_name: args.node_name.clone(),

@@ -187,6 +187,10 @@ async fn traffic_follows_the_apiserver() {
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     let log = dir.path().join("sluice.log");
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("--kubeconfig")
         .arg(&kubeconfig)
@@ -195,7 +199,7 @@ async fn traffic_follows_the_apiserver() {
         // `lo` spares the test a dummy device (this kernel has none).
         .args(["--vip-interface", "lo"])
         .arg("--healthz-bind-address=")
-        .arg("--metrics-bind-address=")
+        .arg(format!("--metrics-bind-address={metrics_addr}"))
         .args(["--connect-timeout", "300ms"])
         .env("RUST_LOG", "info,sluice_control=debug")
         .stdout(Stdio::null())
@@ -327,7 +331,39 @@ async fn traffic_follows_the_apiserver() {
             .map(|r| format!("{} {:?}", r.path, r.query))
             .collect::<Vec<_>>()
     );
+    // The source's counters reach /metrics: the first lists and the relist
+    // after the outage (3 kinds, then at least one), and the outage's watch
+    // errors.
+    let metrics = scrape(metrics_addr).await;
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(counter("sluice_kube_relists_total") >= 4, "{metrics}");
+    assert!(counter("sluice_kube_watch_errors_total") >= 1, "{metrics}");
+    assert!(
+        counter("sluice_kube_table_publishes_total") >= 3,
+        "{metrics}"
+    );
     drop(daemon);
+}
+
+/// GET /metrics, the whole body.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
+        .await
+        .unwrap();
+    out
 }
 
 #[test]

@@ -36,6 +36,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Config};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::time::Instant;
 
@@ -87,7 +90,8 @@ impl Default for KubeOptions {
 /// What the source did, for metrics and tests. The histograms are
 /// registered in the daemon's `/metrics` (as
 /// `sluice_table_build_duration_seconds` and
-/// `sluice_network_programming_latency_seconds`).
+/// `sluice_network_programming_latency_seconds`), the counters through
+/// this type's [`Collector`] (read at each scrape, `sluice_kube_*_total`).
 #[derive(Debug)]
 pub struct KubeStats {
     /// Duration of each incremental index rebuild.
@@ -113,6 +117,49 @@ pub struct KubeStats {
     pub last_programming_latency_us: AtomicU64,
     /// Largest network programming latency seen, in microseconds.
     pub max_programming_latency_us: AtomicU64,
+}
+
+impl Collector for KubeStats {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counters = [
+            (
+                "kube_table_builds",
+                "Table builds (incremental index rebuilds) from Kubernetes objects",
+                &self.builds,
+            ),
+            (
+                "kube_table_publishes",
+                "Tables published by the Kubernetes source (builds that changed something, and the first)",
+                &self.publishes,
+            ),
+            (
+                "kube_watch_errors",
+                "Errors of the Services, EndpointSlices and Node watches (each is retried with backoff)",
+                &self.watch_errors,
+            ),
+            (
+                "kube_relists",
+                "Complete lists (initial or after a watch restart) applied, all kinds",
+                &self.relists,
+            ),
+            (
+                "kube_malformed_objects",
+                "Objects skipped as malformed (logged with what was wrong)",
+                &self.malformed,
+            ),
+            (
+                "kube_skipped_service_ports",
+                "Service ports not served because their protocol is not TCP",
+                &self.skipped_ports,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for KubeStats {
@@ -616,5 +663,35 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_exported_at_each_scrape() {
+        let stats = Arc::new(KubeStats::default());
+        let mut registry = prometheus_client::registry::Registry::with_prefix("sluice");
+        registry.register_collector(Box::new(stats.clone()));
+        stats.relists.fetch_add(3, Ordering::Relaxed);
+        stats.malformed.fetch_add(1, Ordering::Relaxed);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("sluice_kube_relists_total 3\n"), "{text}");
+        assert!(
+            text.contains("sluice_kube_malformed_objects_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_kube_watch_errors_total 0\n"),
+            "{text}"
+        );
+        // Read at scrape time, not at registration.
+        stats.relists.fetch_add(1, Ordering::Relaxed);
+        text.clear();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("sluice_kube_relists_total 4\n"), "{text}");
     }
 }
