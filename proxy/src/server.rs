@@ -7,8 +7,8 @@
 //!    listeners of addresses that left the table (their established
 //!    connections carry on and drain like any other).
 //!
-//! Each listener runs an accept loop: take a connection permit (the global
-//! limit), accept, spawn [`Proxy::handle`]. With data-plane workers
+//! Each listener runs an accept loop: accept, take a connection permit (the
+//! global limit; at the limit, wait for one), spawn [`Proxy::handle`]. With data-plane workers
 //! ([`crate::workers`]) every address gets one listener per worker, in one
 //! SO_REUSEPORT group, each accept loop on its worker's event loop, and
 //! connections stay on the worker that accepted them; without, one
@@ -285,39 +285,53 @@ impl Proxy {
     ) {
         let mut backoff = Duration::from_millis(5);
         loop {
-            let permit = tokio::select! {
-                p = self.limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return, // the semaphore is never closed
-                },
-                _ = stop.cancelled() => return,
-            };
             let accepted = tokio::select! {
                 r = listener.accept() => r,
                 _ = stop.cancelled() => return,
             };
-            match accepted {
-                Ok((client, peer)) => {
-                    backoff = Duration::from_millis(5);
-                    metrics.accepted.inc();
-                    let this = self.clone();
-                    let runtime = runtime.clone();
-                    let metrics = metrics.clone();
-                    self.connections.spawn(async move {
-                        metrics.active.inc();
-                        this.handle(client, peer, key, &runtime, &metrics).await;
-                        metrics.active.dec();
-                        drop(permit);
-                    });
-                }
+            let (client, peer) = match accepted {
+                Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin; the listener itself stays open.
                     warn!(listen = %key, error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
                 }
-            }
+            };
+            backoff = Duration::from_millis(5);
+            // A permit of the global limit, taken only once a connection is
+            // here: an idle loop holds none (there is one loop per worker
+            // and address). At the limit this loop waits with the one
+            // connection it accepted; further ones wait in the backlog.
+            let permit = match self.limit.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    debug!(listen = %key, "connection limit reached: waiting for a connection to end");
+                    tokio::select! {
+                        p = self.limit.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return, // the semaphore is never closed
+                        },
+                        // The accepted client is dropped (closed) with us.
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            };
+            metrics.accepted.inc();
+            let this = self.clone();
+            let runtime = runtime.clone();
+            let metrics = metrics.clone();
+            self.connections.spawn(async move {
+                metrics.active.inc();
+                this.handle(client, peer, key, &runtime, &metrics).await;
+                metrics.active.dec();
+                drop(permit);
+            });
         }
     }
 

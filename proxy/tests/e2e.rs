@@ -474,3 +474,40 @@ async fn every_worker_listens_and_serves() {
         }
     }
 }
+
+/// `--max-connections` bounds connections being served, over all services
+/// and workers: at the limit a new client waits (accepted, not yet dialed)
+/// until a connection ends. Idle accept loops (4 workers × 2 services
+/// here) hold no share of the limit.
+#[tokio::test]
+async fn connection_limit_is_shared_by_all_workers_and_services() {
+    let a = Backend::start("a", Mode::Echo).await;
+    let first = listen_addr();
+    let second = listen_addr();
+    let yaml = format!(
+        "{}  - name: second\n    listen: {second}\n    backends:\n      - address: {}\n",
+        config(first, &[(a.addr, "ready")]),
+        a.addr
+    );
+    let _s = Sluice::start(&yaml, &["--workers", "4", "--max-connections", "2"]);
+    // Every listener of both services serves, one connection at a time
+    // (clients from distinct ports land on different listeners).
+    for listen in [first, second] {
+        for _ in 0..12 {
+            let (_, name) = connect_named(listen).await;
+            assert_eq!(name, "a");
+        }
+    }
+    // Two connections held: the limit is reached.
+    let (held, _) = connect_named(first).await;
+    let (_held2, _) = connect_named(second).await;
+    let mut third = TcpStream::connect(second).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), read_line(&mut third))
+            .await
+            .is_err(),
+        "a third connection was served beyond --max-connections 2"
+    );
+    drop(held);
+    assert_eq!(read_line(&mut third).await, "a", "served once a slot freed");
+}
