@@ -237,7 +237,7 @@ fn cpu_seconds_at(path: &str) -> Option<f64> {
 }
 
 /// utime + stime of each data-plane worker thread of `pid` (named
-/// `sluice-worker-I`), in seconds, ordered by name.
+/// `sluice-wI`), in seconds, by thread id.
 fn worker_cpu_seconds(pid: u32) -> Vec<(String, f64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return vec![];
@@ -247,9 +247,12 @@ fn worker_cpu_seconds(pid: u32) -> Vec<(String, f64)> {
             let tid = e.ok()?.file_name().to_str()?.parse::<u32>().ok()?;
             let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
             let comm = comm.trim();
-            comm.starts_with("sluice-worker-").then(|| {
+            let worker = comm
+                .strip_prefix("sluice-w")
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
+            worker.then(|| {
                 let cpu = cpu_seconds_at(&format!("/proc/{pid}/task/{tid}/stat"))?;
-                Some((comm.to_string(), cpu))
+                Some((tid.to_string(), cpu))
             })?
         })
         .collect();

@@ -102,8 +102,9 @@ pub struct Args {
     /// listener for every Service address (one SO_REUSEPORT group per
     /// address), and a connection stays on the thread that accepted it.
     /// Default: the number of CPUs sluice may use (affinity mask, cgroup
-    /// quota). 0: no dedicated threads, one listener per address, and
-    /// connections spread over the shared runtime by work stealing.
+    /// quota), at most 4. 0: no dedicated threads, one listener per
+    /// address, and connections spread over the shared runtime by work
+    /// stealing.
     #[arg(long, env = "SLUICE_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub workers: Option<u16>,
 

@@ -35,17 +35,23 @@ fn main() -> ExitCode {
     };
     init_logs(args.log_format);
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = args.worker_count();
+    // With data-plane workers the main runtime only runs the control plane
+    // (sources, table builds, reconciler, admin endpoints): two threads,
+    // so a long table build never stalls the admin endpoints. Without, it
+    // carries the connections too: one thread per CPU.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(2);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
-    let workers = match Workers::start(args.worker_count()) {
+    let workers = match Workers::start(workers) {
         Ok(w) => w,
         Err(e) => {
             error!(error = %e, "cannot start the data-plane workers");

@@ -10,8 +10,9 @@
 //! connection path; what is shared (the live table, the backend tracker,
 //! the connection limit, metrics) is read through atomics and short locks.
 //!
-//! The control plane (sources, the reconciler, drain timers, admin
-//! endpoints) stays on the main runtime. The trade-off is nginx's with
+//! The control plane (sources, the reconciler, admin endpoints) stays on
+//! the main runtime; drain timers run wherever the backend's drain started
+//! (the reconciler, or a worker whose connection found it draining). The trade-off is nginx's with
 //! `reuseport`: the kernel hashes connections to listeners without looking
 //! at how busy each worker is, so a worker stuck on heavy connections keeps
 //! its share of new ones.
@@ -31,7 +32,8 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `n` worker threads (named `sluice-worker-I`).
+    /// Starts `n` worker threads, named `sluice-wI` (Linux keeps 15 bytes
+    /// of a thread's name: these stay whole up to worker 9,999,999).
     pub fn start(n: usize) -> io::Result<Workers> {
         let stop = CancellationToken::new();
         let mut workers = Workers {
@@ -45,7 +47,7 @@ impl Workers {
             workers.handles.push(runtime.handle().clone());
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("sluice-worker-{i}"))
+                .name(format!("sluice-w{i}"))
                 .spawn(move || runtime.block_on(stop.cancelled()))?;
             workers.threads.push(thread);
         }
@@ -77,10 +79,20 @@ impl Drop for Workers {
     }
 }
 
+/// Most workers started by default (see [`default_count`]).
+pub const DEFAULT_MAX: usize = 4;
+
 /// The default number of workers: the CPUs this process may use (its
-/// affinity mask and cgroup CPU quota, as the standard library reads them).
+/// affinity mask and cgroup CPU quota, as the standard library reads them),
+/// at most [`DEFAULT_MAX`]. Each worker holds its own listener for every
+/// Service address (~5.7 KiB of kernel memory each, measured), so the
+/// default stays small: a node with 10,000 Service ports holds 40,000
+/// listeners. Four cores of a proxy whose cost is mostly the kernel's carry
+/// tens of thousands of new connections a second; more is a flag away.
 pub fn default_count() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(DEFAULT_MAX)
 }
 
 #[cfg(test)]
@@ -103,7 +115,7 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        assert_eq!(names, ["sluice-worker-0", "sluice-worker-1"]);
+        assert_eq!(names, ["sluice-w0", "sluice-w1"]);
         drop(workers); // joins both threads
     }
 }
