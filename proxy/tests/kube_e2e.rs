@@ -353,9 +353,19 @@ async fn traffic_follows_the_apiserver() {
     drop(daemon);
 }
 
-/// GET /metrics, the whole body.
+/// GET /metrics, the whole body. The metrics listener may still be coming
+/// up (its bind is retried): connect for a bounded time.
 async fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut s = loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "metrics at {addr}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
         .await
         .unwrap();
