@@ -4,7 +4,7 @@
 //! endpoints for it and 503 otherwise, with kube-proxy's JSON body, so that
 //! cloud load balancers send traffic only to nodes that can serve it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,7 +27,13 @@ pub struct HealthResponders {
     ip: IpAddr,
     state: Shared,
     listeners: HashMap<u16, JoinHandle<()>>,
+    /// Wanted ports whose bind failed (say, still held by the kube-proxy
+    /// being replaced): retried by [`HealthResponders::retry`].
+    failed: HashSet<u16>,
 }
+
+/// How often the source retries health-check ports it could not bind.
+pub const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for HealthResponders {
     fn drop(&mut self) {
@@ -48,12 +54,14 @@ impl HealthResponders {
             ip,
             state: Arc::default(),
             listeners: HashMap::new(),
+            failed: HashSet::new(),
         }
     }
 
     /// Makes the responders answer for exactly `checks`: opens listeners on
     /// new ports, closes those no longer wanted, updates counts. A port that
-    /// cannot be bound is logged (and retried on the next update).
+    /// cannot be bound is logged once and remembered: [`Self::incomplete`]
+    /// says so, and the next update (or [`Self::retry`]) tries it again.
     pub async fn update(&mut self, checks: &[HealthCheck]) {
         {
             let mut st = lock(&self.state);
@@ -69,6 +77,8 @@ impl HealthResponders {
             }
             keep
         });
+        self.failed
+            .retain(|port| checks.iter().any(|c| c.port == *port));
         for c in checks {
             if self.listeners.contains_key(&c.port) {
                 continue;
@@ -76,16 +86,34 @@ impl HealthResponders {
             let addr = SocketAddr::new(self.ip, c.port);
             match TcpListener::bind(addr).await {
                 Ok(l) => {
+                    if self.failed.remove(&c.port) {
+                        tracing::info!(%addr, service = %c.service, "health check port bound after earlier failure");
+                    }
                     tracing::info!(%addr, service = %c.service, "health check responder listening");
                     let st = self.state.clone();
                     self.listeners
                         .insert(c.port, tokio::spawn(serve(l, c.port, st)));
                 }
                 Err(e) => {
-                    tracing::warn!(%addr, service = %c.service, error = %e, "cannot bind health check port");
+                    if self.failed.insert(c.port) {
+                        tracing::warn!(%addr, service = %c.service, error = %e, "cannot bind health check port; retrying every {RETRY:?}");
+                    } else {
+                        tracing::debug!(%addr, service = %c.service, error = %e, "health check port still cannot be bound");
+                    }
                 }
             }
         }
+    }
+
+    /// Whether some wanted port has no listener (its bind failed).
+    pub fn incomplete(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// Tries the ports whose bind failed again, with the current checks.
+    pub async fn retry(&mut self) {
+        let checks: Vec<HealthCheck> = lock(&self.state).values().cloned().collect();
+        self.update(&checks).await;
     }
 
     /// Ports currently listened on.
@@ -98,8 +126,14 @@ impl HealthResponders {
 
 async fn serve(listener: TcpListener, port: u16, state: Shared) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: do not spin.
+                tracing::warn!(port, error = %e, "health check accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let st = state.clone();
         tokio::spawn(async move {
@@ -137,4 +171,40 @@ fn respond(check: Option<&HealthCheck>) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::ObjectRef;
+
+    fn check(port: u16) -> HealthCheck {
+        HealthCheck {
+            service: ObjectRef {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            port,
+            local_endpoints: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_port_held_elsewhere_is_retried_until_it_binds() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let mut r = HealthResponders::new("127.0.0.1".parse().unwrap());
+        r.update(&[check(port)]).await;
+        assert!(r.ports().is_empty());
+        assert!(r.incomplete());
+        r.retry().await;
+        assert!(r.incomplete(), "still held");
+        drop(held);
+        r.retry().await;
+        assert_eq!(r.ports(), [port]);
+        assert!(!r.incomplete());
+        // A port no longer wanted is forgotten, bound or not.
+        r.update(&[]).await;
+        assert!(r.ports().is_empty() && !r.incomplete());
+    }
 }

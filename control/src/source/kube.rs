@@ -593,15 +593,28 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         stats: opts.stats.clone(),
     };
     let mut health = HealthResponders::new(opts.health_check_ip);
+    let mut health_retry_at: Option<Instant> = None;
     let mut published = false;
     let mut last_build: Option<Instant> = None;
     loop {
         let due = last_build.map(|t| t + opts.coalesce);
         let waiting = published && src.index.is_dirty();
+        let mut retry_health = false;
         let next = tokio::select! {
             ev = events.next() => Some(ev),
             () = sleep_until_opt(due), if waiting => None,
+            () = sleep_until_opt(health_retry_at), if health_retry_at.is_some() => {
+                retry_health = true;
+                None
+            }
         };
+        if retry_health {
+            // Health-check ports that could not be bound (held by the
+            // kube-proxy being replaced, say): try them again, on a clock
+            // of their own so that a busy watch cannot starve the retry.
+            health.retry().await;
+            health_retry_at = None;
+        }
         match next {
             Some(Some(first)) => {
                 src.take(first, &publisher);
@@ -638,6 +651,11 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         }
         if src.index.take_health_changed() {
             health.update(&src.index.health_checks()).await;
+        }
+        if !health.incomplete() {
+            health_retry_at = None;
+        } else if health_retry_at.is_none() {
+            health_retry_at = Some(Instant::now() + super::healthcheck::RETRY);
         }
     }
 }
