@@ -8,15 +8,17 @@
 //!    connections carry on and drain like any other).
 //!
 //! Each listener runs an accept loop: accept, take a connection permit (the
-//! global limit; at the limit, wait for one), spawn [`Proxy::handle`]. With data-plane workers
-//! ([`crate::workers`]) every address gets one listener per worker, in one
-//! SO_REUSEPORT group, each accept loop on its worker's event loop, and
-//! connections stay on the worker that accepted them; without, one
-//! listener per address on the runtime that runs the proxy. A connection loads the live table
-//! once per dial attempt, picks an eligible backend, dials it with a short
-//! timeout, and on failure ejects that backend and tries another, up to a
-//! bounded number of attempts; nothing has reached the client yet, so the
-//! client never sees the failed dial. When no eligible backend is left the
+//! global limit; at the limit, wait for one), spawn [`Proxy::handle`]. With
+//! data-plane workers ([`crate::workers`]) every address gets one listener
+//! per worker, in one SO_REUSEPORT group, each accept loop on its worker's
+//! event loop, and connections stay on the worker that accepted them;
+//! without, one listener per address on the runtime that runs the proxy.
+//!
+//! A connection loads the live table once per dial attempt, picks an
+//! eligible backend, dials it with a short timeout, and on failure ejects
+//! that backend and tries another, up to a bounded number of attempts;
+//! nothing has reached the client yet, so the client never sees the failed
+//! dial. When no eligible backend is left the
 //! client is reset at once.
 //!
 //! On shutdown every listener closes at once, connections get the grace
