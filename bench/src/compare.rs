@@ -402,6 +402,19 @@ pub struct Rate {
     pub worker_cpu_share: Option<Vec<f64>>,
 }
 
+impl Rate {
+    /// Records the proxy's CPU time over the phase, from its CPU seconds
+    /// before and after (none when either could not be read).
+    fn set_proxy_cpu(&mut self, before: Option<f64>, after: Option<f64>) {
+        if let (Some(a), Some(b)) = (before, after) {
+            self.proxy_cpu_s = Some(round3(b - a));
+            if self.ok > 0 {
+                self.proxy_cpu_s_per_10k = Some(round3((b - a) / self.ok as f64 * 1e4));
+            }
+        }
+    }
+}
+
 fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
     let secs = elapsed.as_secs_f64();
     Rate {
@@ -1041,12 +1054,7 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
                 let c0 = cpu();
                 let w0 = pid.map(worker_cpu_seconds).unwrap_or_default();
                 let mut r = short_load(proxy.http, args.concurrency, args.seconds).await;
-                if let (Some(a), Some(b)) = (c0, cpu()) {
-                    r.proxy_cpu_s = Some(round3(b - a));
-                    if r.ok > 0 {
-                        r.proxy_cpu_s_per_10k = Some(round3((b - a) / r.ok as f64 * 1e4));
-                    }
-                }
+                r.set_proxy_cpu(c0, cpu());
                 let w1 = pid.map(worker_cpu_seconds).unwrap_or_default();
                 r.worker_cpu_share = worker_shares(&w0, &w1);
                 out.short = Some(r);
@@ -1054,12 +1062,7 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
             Figure::Keepalive => {
                 let c0 = cpu();
                 let mut r = keepalive_load(proxy.http, args.concurrency, args.seconds).await;
-                if let (Some(a), Some(b)) = (c0, cpu()) {
-                    r.proxy_cpu_s = Some(round3(b - a));
-                    if r.ok > 0 {
-                        r.proxy_cpu_s_per_10k = Some(round3((b - a) / r.ok as f64 * 1e4));
-                    }
-                }
+                r.set_proxy_cpu(c0, cpu());
                 out.keepalive = Some(r);
             }
             Figure::Bulk => {
