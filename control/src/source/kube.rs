@@ -224,6 +224,26 @@ async fn load_config(opts: &KubeOptions) -> Result<Config, KubeSourceError> {
     }
 }
 
+/// Why the apiserver that `opts` leads to would be reached only through a
+/// Service that sluice itself serves (see [`super::apiserver`]), or `None`.
+/// Loads the configuration as [`run`] will, without connecting.
+pub async fn reached_through_service(
+    opts: &KubeOptions,
+) -> Result<Option<String>, KubeSourceError> {
+    let config = load_config(opts).await?;
+    let url = &config.cluster_url;
+    let default_port = if url.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
+    Ok(super::apiserver::reached_through_service(
+        url.host().unwrap_or_default(),
+        url.port_u16().unwrap_or(default_port),
+        |name| std::env::var(name).ok(),
+    ))
+}
+
 /// Runs the Kubernetes source until the process ends. Returns `Err` only
 /// for fatal set-up errors (configuration, client).
 pub async fn run(opts: KubeOptions, publisher: Arc<Publisher>) -> Result<(), KubeSourceError> {
