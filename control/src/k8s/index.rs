@@ -96,7 +96,8 @@ pub struct Index {
     node_name: Option<String>,
     /// Node addresses given by the operator; when empty the Node's are used.
     fixed_addresses: Vec<IpAddr>,
-    node: NodeInfo,
+    /// This node's Node, once seen.
+    node: Option<NodeInfo>,
     services: HashMap<ObjectRef, Arc<ServiceInfo>>,
     /// Slice (`namespace/slice-name`) to the Service that owns it.
     slice_owner: HashMap<ObjectRef, ObjectRef>,
@@ -196,25 +197,21 @@ impl Index {
     ) -> Vec<Malformed> {
         let mut errors = Vec::new();
         // Absent from `next` means deleted, so kept versions go in explicitly.
-        let mut next: HashMap<K::Key, Option<K::Info>> = HashMap::new();
-        let kept = |idx: &Self, key: &K::Key| K::get(idx, key).cloned();
-        for key in keep {
-            next.insert(key.clone(), kept(self, key));
-        }
+        let mut next: HashMap<K::Key, Option<K::Info>> = (keep.iter())
+            .map(|key| (key.clone(), K::get(self, key).cloned()))
+            .collect();
         for obj in items {
             let key = K::key(obj.metadata());
-            match (obj.info(self), key) {
-                (Ok(info), Some(key)) => {
-                    next.insert(key, info);
-                }
-                (Ok(_), None) => {}
-                (Err(e), key) => {
+            let info = match obj.info(self) {
+                Ok(info) => info,
+                Err(e) => {
                     self.stats.malformed += 1;
                     errors.push(e);
-                    if let Some(key) = key {
-                        next.insert(key.clone(), kept(self, &key));
-                    }
+                    key.as_ref().and_then(|key| K::get(self, key)).cloned()
                 }
+            };
+            if let Some(key) = key {
+                next.insert(key, info);
             }
         }
         for key in K::keys(self) {
@@ -239,10 +236,9 @@ impl Index {
     }
 
     fn node_addresses(&self) -> &[IpAddr] {
-        if self.fixed_addresses.is_empty() {
-            &self.node.addresses
-        } else {
-            &self.fixed_addresses
+        match &self.node {
+            Some(node) if self.fixed_addresses.is_empty() => &node.addresses,
+            _ => &self.fixed_addresses,
         }
     }
 
@@ -446,7 +442,7 @@ impl Index {
     /// carries `hints.forZones` and one of them names this zone (kube-proxy's
     /// rule; only ready endpoints are considered, as kube-proxy does).
     fn topology_zone(&self, eps: &[(SocketAddr, &EndpointInfo)]) -> Option<&str> {
-        let zone = self.node.zone.as_deref()?;
+        let zone = self.node.as_ref()?.zone.as_deref()?;
         let mut any_ready = false;
         let mut hit = false;
         for (_, e) in eps.iter().filter(|(_, e)| e.conditions.ready) {
@@ -567,29 +563,24 @@ impl Watched for Node {
     }
 
     fn info(&self, index: &Index) -> Result<Option<NodeInfo>, Malformed> {
-        let ours = self
-            .metadata
-            .name
-            .as_deref()
-            .is_some_and(|n| index.is_this_node(n));
+        let ours = Self::key(&self.metadata).is_some_and(|n| index.is_this_node(&n));
         Ok(ours.then(|| node_info(self)))
     }
 
     fn get<'a>(index: &'a Index, key: &String) -> Option<&'a NodeInfo> {
-        (index.is_this_node(key) && index.node != NodeInfo::default()).then_some(&index.node)
+        index.node.as_ref().filter(|_| index.is_this_node(key))
     }
 
     fn keys(index: &Index) -> Vec<String> {
-        let held = index
-            .node_name
+        index
+            .node
             .iter()
-            .filter(|n| Self::get(index, n).is_some());
-        held.cloned().collect()
+            .filter_map(|_| index.node_name.clone())
+            .collect()
     }
 
     fn set(index: &mut Index, key: String, info: Option<NodeInfo>) {
-        let info = info.unwrap_or_default();
-        if index.is_this_node(&key) && info != index.node {
+        if index.is_this_node(&key) {
             // Zone and addresses feed every Service: rare, so rebuild all.
             index.node = info;
             index.dirty.extend(index.services.keys().cloned());

@@ -543,6 +543,31 @@ fn node_address_change_moves_node_ports() {
 }
 
 #[test]
+fn node_relist_and_delete_take_the_generic_path() {
+    let mut idx = index();
+    let mut svc = mk_service("default", "np", "10.96.0.30", &[("", 80)]);
+    spec(&mut svc).type_ = Some("NodePort".into());
+    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(31000);
+    idx.apply(&svc).unwrap();
+    let ours = mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]);
+    let other = mk_node("node-b", None, &[("InternalIP", "192.0.2.11")]);
+    assert!(idx.reset([&other, &ours], &[]).is_empty());
+    let node_port = |idx: &mut Index| built(idx).get(&key("192.0.2.10:31000")).is_some();
+    assert!(node_port(&mut idx));
+    // Relisted but undecodable: the previous version stays.
+    idx.reset::<Node>([], &[NODE.to_owned()]);
+    assert!(!idx.is_dirty());
+    // Deleted while the watch was down: the relist without it removes it.
+    idx.reset([&other], &[]);
+    assert!(!node_port(&mut idx));
+    assert_eq!(idx.table().len(), 1, "the cluster IP stays");
+    idx.apply(&ours).unwrap();
+    assert!(node_port(&mut idx));
+    idx.delete::<Node>(&NODE.to_owned());
+    assert!(!node_port(&mut idx));
+}
+
+#[test]
 fn headless_external_name_and_other_proxies_are_skipped() {
     let mut idx = index();
     idx.apply(&mk_service("d", "headless", "None", &[("", 80)]))
