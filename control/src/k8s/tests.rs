@@ -60,6 +60,14 @@ fn mk_service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, i32)]) -> 
     }
 }
 
+/// NodePort Service `default/np`: 10.96.0.30:80, node port 31000.
+fn mk_node_port_service() -> K8sService {
+    let mut svc = mk_service("default", "np", "10.96.0.30", &[("", 80)]);
+    spec(&mut svc).type_ = Some("NodePort".into());
+    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(31000);
+    svc
+}
+
 fn spec(svc: &mut K8sService) -> &mut ServiceSpec {
     svc.spec.as_mut().unwrap()
 }
@@ -521,10 +529,7 @@ fn external_lb_and_node_port_addresses() {
 #[test]
 fn node_address_change_moves_node_ports() {
     let mut idx = index();
-    let mut svc = mk_service("default", "np", "10.96.0.30", &[("", 80)]);
-    spec(&mut svc).type_ = Some("NodePort".into());
-    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(31000);
-    idx.apply(&svc).unwrap();
+    idx.apply(&mk_node_port_service()).unwrap();
     let t = built(&mut idx);
     assert_eq!(t.len(), 1, "no node address known yet");
     idx.apply(&mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]))
@@ -545,10 +550,7 @@ fn node_address_change_moves_node_ports() {
 #[test]
 fn node_relist_and_delete_take_the_generic_path() {
     let mut idx = index();
-    let mut svc = mk_service("default", "np", "10.96.0.30", &[("", 80)]);
-    spec(&mut svc).type_ = Some("NodePort".into());
-    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(31000);
-    idx.apply(&svc).unwrap();
+    idx.apply(&mk_node_port_service()).unwrap();
     let ours = mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]);
     let other = mk_node("node-b", None, &[("InternalIP", "192.0.2.11")]);
     assert!(idx.reset([&other, &ours], &[]).is_empty());
