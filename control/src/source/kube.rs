@@ -355,25 +355,16 @@ fn log_malformed(errors: impl IntoIterator<Item = Malformed>, stats: &KubeStats)
     }
 }
 
-fn undecodable<K: Watched>(meta: &ObjectMeta, error: &str) -> Malformed {
-    Malformed::new(K::KIND, meta, format!("does not decode: {error}"))
-}
-
-/// Splits a list into decoded objects and the keys of undecodable ones
-/// (logged).
-fn split<K: Watched>(items: Vec<Lenient<K>>, stats: &KubeStats) -> (Vec<K>, Vec<K::Key>) {
-    let mut good = Vec::with_capacity(items.len());
-    let mut bad = Vec::new();
-    for item in items {
-        match item {
-            Lenient::Ok(k) => good.push(k),
-            Lenient::Bad { meta, error } => {
-                log_malformed([undecodable::<K>(&meta, &error)], stats);
-                bad.extend(K::key(&meta));
-            }
+/// The object, or (logged as malformed) the key of one that does not decode.
+fn decoded<K: Watched>(item: Lenient<K>, stats: &KubeStats) -> Result<K, Option<K::Key>> {
+    match item {
+        Lenient::Ok(k) => Ok(k),
+        Lenient::Bad { meta, error } => {
+            let reason = format!("does not decode: {error}");
+            log_malformed([Malformed::new(K::KIND, &meta, reason)], stats);
+            Err(K::key(&meta))
         }
     }
-    (good, bad)
 }
 
 struct Source {
@@ -415,12 +406,19 @@ impl Source {
                 stats.relists.fetch_add(1, Ordering::Relaxed);
                 self.listed.insert(K::KIND);
                 tracing::info!(kind = K::KIND, count = items.len(), "objects listed");
-                let (good, keep) = split(items, stats);
+                let (mut good, mut keep) = (Vec::new(), Vec::new());
+                for item in items {
+                    match decoded(item, stats) {
+                        Ok(k) => good.push(k),
+                        Err(key) => keep.extend(key),
+                    }
+                }
                 log_malformed(self.index.reset(&good, &keep), stats);
             }
-            Change::Apply(Lenient::Ok(o)) => log_malformed(self.index.apply(&o).err(), stats),
-            Change::Apply(Lenient::Bad { meta, error }) => {
-                log_malformed([undecodable::<K>(&meta, &error)], stats);
+            Change::Apply(o) => {
+                if let Ok(o) = decoded(o, stats) {
+                    log_malformed(self.index.apply(&o).err(), stats);
+                }
             }
             Change::Delete(o) => {
                 if let Some(key) = K::key(o.meta()) {
