@@ -254,9 +254,9 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let mut index = Index::new(Some("node0".into()), vec![]);
     let (a0, b0) = allocs();
     let t0 = Instant::now();
-    let errs = index.reset_services(services.iter());
+    let errs = index.reset(&services, &[]);
     anyhow::ensure!(errs.is_empty(), "malformed services: {errs:?}");
-    let errs = index.reset_slices(slices.iter());
+    let errs = index.reset(&slices, &[]);
     anyhow::ensure!(errs.is_empty(), "malformed slices: {errs:?}");
     index.build();
     publisher.publish_changed(index.table().clone());
@@ -291,7 +291,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     for slice in &updates {
         let t = Instant::now();
         index
-            .apply_slice(slice)
+            .apply(slice)
             .map_err(|e| anyhow::anyhow!("update rejected: {e}"))?;
         let changed = index.build();
         anyhow::ensure!(changed, "an update changed nothing");
@@ -325,7 +325,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             });
         }
         index
-            .apply_slice(&s)
+            .apply(&s)
             .map_err(|e| anyhow::anyhow!("update rejected: {e}"))?;
         index.build();
         let next = Arc::new(index.table().clone());
