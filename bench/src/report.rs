@@ -72,11 +72,11 @@ pub struct Second {
     pub events: Vec<String>,
 }
 
-fn round3(x: f64) -> f64 {
+pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn new_hist() -> Histogram<u64> {
+pub fn new_hist() -> Histogram<u64> {
     // 1 µs .. 1 h, 3 significant digits: constant, valid bounds.
     match Histogram::new_with_bounds(1, 3_600_000_000, 3) {
         Ok(h) => h,
@@ -84,12 +84,12 @@ fn new_hist() -> Histogram<u64> {
     }
 }
 
-fn record(h: &mut Histogram<u64>, d: Duration) {
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
     let us = (d.as_micros() as u64).max(1);
     h.saturating_record(us);
 }
 
-fn q_ms(h: &Histogram<u64>, q: f64) -> f64 {
+pub fn q_ms(h: &Histogram<u64>, q: f64) -> f64 {
     if h.is_empty() {
         0.0
     } else {
