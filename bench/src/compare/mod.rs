@@ -48,6 +48,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::check;
 use crate::sluice::SluiceArgs;
 use backends::Backends;
 use cpu::{
@@ -252,19 +253,10 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
 }
 
 async fn body(args: CompareArgs) -> Result<ExitCode> {
-    anyhow::ensure!(
-        args.seconds > 0.0 && args.seconds <= 60.0,
-        "--seconds must be in (0, 60]"
-    );
-    anyhow::ensure!(
-        (1..=1024).contains(&args.concurrency),
-        "--concurrency must be in 1..=1024"
-    );
-    anyhow::ensure!(args.idle <= 100_000, "--idle must be at most 100000");
-    anyhow::ensure!(
-        (1..=10).contains(&args.rounds),
-        "--rounds must be in 1..=10"
-    );
+    check::positive_at_most("--seconds", args.seconds, 60.0)?;
+    check::in_range("--concurrency", args.concurrency, 1..=1024)?;
+    check::in_range("--idle", args.idle, 0..=100_000)?;
+    check::in_range("--rounds", args.rounds, 1..=10)?;
     let cpus = allowed_cpus();
     anyhow::ensure!(
         cpus.contains(&args.proxy_cpu) && cpus.contains(&args.load_cpu),
