@@ -142,17 +142,10 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    fn name(self) -> &'static str {
-        match self {
-            PathKind::Direct => "direct",
-            PathKind::Sluice => "sluice",
-            PathKind::SluiceCopy => "sluice-copy",
-            PathKind::SluiceSplice => "sluice-splice",
-            PathKind::SluiceShared => "sluice-shared",
-            PathKind::Baseline => "baseline",
-            PathKind::Haproxy => "haproxy",
-            PathKind::Nginx => "nginx",
-        }
+    /// Its name on the command line (`sluice-copy`), which the table uses.
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map_or_else(String::new, |v| v.get_name().to_string())
     }
 }
 

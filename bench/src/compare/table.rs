@@ -189,6 +189,12 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_named_as_on_the_command_line() {
+        assert_eq!(PathKind::SluiceCopy.name(), "sluice-copy");
+        assert_eq!(PathKind::Haproxy.name(), "haproxy");
+    }
+
+    #[test]
     fn table_has_ratios_to_direct_and_haproxy_and_names_errors() {
         let mut sluice = path(PathKind::Sluice, 0.5, Some(2.0));
         sluice.short = Some(Rate {
