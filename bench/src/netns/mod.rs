@@ -31,8 +31,7 @@ use tokio::sync::watch;
 pub use pod::PodArgs;
 
 use crate::check;
-use crate::plan::{self, RolloutArgs};
-pub use crate::plan::{Arp, Via};
+use crate::plan::{self, Arp, RolloutArgs, Via};
 use crate::report::{self, Event, Second, Summary};
 use crate::sluice::{self, LogCounts, MetricsSummary, StopReport};
 use crate::workload::Outcome;
