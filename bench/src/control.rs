@@ -230,14 +230,9 @@ fn summary(h: &Histogram<u64>) -> String {
 
 /// Runs the scale bench and prints its figures.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.services > 0 && args.endpoints > 0,
-        "need at least one service and endpoint"
-    );
-    anyhow::ensure!(
-        args.services <= 65_535,
-        "--services at most 65535 (cluster IPs are 10.96.x.y)"
-    );
+    // Cluster IPs are 10.96.x.y: at most 65535 Services.
+    crate::check::in_range("--services", args.services, 1..=65_535)?;
+    anyhow::ensure!(args.endpoints > 0, "--endpoints must be at least 1");
     let (a0, _) = allocs();
     let probe = Box::new(1u64);
     let counting = allocs().0 > a0;
