@@ -261,7 +261,16 @@ impl Tracker {
     /// for a cooldown that doubles per consecutive failure. Dials that were
     /// already under way when the current ejection began failed for the
     /// same reason and do not lengthen it. Returns the cooldown in force.
+    ///
+    /// A [`DialErrorKind::Local`] failure (sluice out of descriptors,
+    /// buffers or source ports) is sluice's own saturation, not the
+    /// backend's: it is counted and ejects nothing (zero cooldown), so
+    /// exhaustion never spreads into ejections of healthy backends.
     pub fn dial_failed(&self, addr: SocketAddr, kind: DialErrorKind, started: Instant) -> Duration {
+        if kind == DialErrorKind::Local {
+            self.metrics.local_dial_error();
+            return Duration::ZERO;
+        }
         let state = self.state(addr);
         state.metrics.dial_failed(kind);
         let now = Instant::now();
@@ -446,6 +455,27 @@ mod tests {
         assert!(t.dial_succeeded(b));
         assert!(!t.is_ejected(b, now));
         assert_eq!(fail(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn local_resource_failures_eject_nothing() {
+        let metrics = Arc::new(Metrics::new());
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            metrics.clone(),
+        );
+        let b = addr("10.0.0.1:80");
+        for _ in 0..5 {
+            assert_eq!(
+                t.dial_failed(b, DialErrorKind::Local, Instant::now()),
+                Duration::ZERO
+            );
+        }
+        assert!(!t.is_ejected(b, Instant::now()));
+        let text = metrics.render();
+        assert!(text.contains("sluice_local_dial_errors_total 5"), "{text}");
+        assert!(text.contains("sluice_ejections_total 0"), "{text}");
     }
 
     #[test]
