@@ -29,13 +29,16 @@
 //!         weight: 1                # default 1; 0 = no new connections
 //! ```
 //!
+//! The schema is declared once, as [`ConfigDoc`] and the types it holds;
+//! tests and `sluice-bench` write files with them ([`ConfigDoc::to_yaml`]).
+//!
 //! Unknown or repeated fields, nulls, wrong types, port 0, and a listen
 //! address used by two services are errors. An error is one line:
 //! `FILE:LINE:COLUMN: WHERE: REASON`, the position being that of the node at
 //! fault (the value, the repeated key, or the mapping missing a field) and
 //! WHERE naming the service by its 0-based index and name, e.g.
-//! `sluice.yaml:12:18: services[1] "api": backend 10.0.0.1:99999: invalid
-//! socket address (...)`.
+//! `sluice.yaml:12:18: services[1] "api": backend 10.0.0.1:80: weight:
+//! expected an integer in 0..=4294967295, found -1`.
 //!
 //! An empty file is an error, not an empty table, so that a file caught
 //! half-written by a non-atomic editor does not tear every listener down;
@@ -78,6 +81,7 @@ mod doc;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod tree;
 
 pub use doc::{AffinityDoc, BackendDoc, ConfigDoc, ServiceDoc, ToYamlError};
 
@@ -106,8 +110,8 @@ pub enum ConfigError {
         path: String,
         /// Where the problem is; `None` when the parser cannot tell.
         position: Option<Position>,
-        /// The reason, e.g. `services[1] "api": backend 10.0.0.1:99999:
-        /// invalid socket address (...)`.
+        /// The reason, e.g. `services[1] "api": backend 10.0.0.1:80:
+        /// weight: expected an integer in 0..=4294967295, found -1`.
         message: String,
     },
 }
