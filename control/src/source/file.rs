@@ -291,9 +291,9 @@ impl FileWatcher {
         let mut ticker = tokio::time::interval(self.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let forced = tokio::select! {
-                _ = ticker.tick() => false,
-                () = self.reload.notified() => true,
+            let reload = tokio::select! {
+                _ = ticker.tick() => Reload::Polled,
+                () = self.reload.notified() => Reload::Forced,
             };
             let path = self.tracker.path.clone();
             let read = match tokio::task::spawn_blocking(move || read(&path)).await {
@@ -303,18 +303,28 @@ impl FileWatcher {
                     source: io::Error::other(join.to_string()),
                 }),
             };
-            self.tracker.check(read, forced, &self.publisher);
+            self.tracker.check(read, reload, &self.publisher);
             let error = self.tracker.error().map(str::to_owned);
             self.status.send_modify(|s| {
                 s.checks += 1;
                 s.error = error;
             });
-            if forced {
+            if reload == Reload::Forced {
                 // Restart the period: the file was just read.
                 ticker.reset();
             }
         }
     }
+}
+
+/// Why a check runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reload {
+    /// The poll interval elapsed: parse only bytes that changed.
+    Polled,
+    /// Told to (SIGHUP): parse, and report an error, even if the bytes are
+    /// the same.
+    Forced,
 }
 
 /// What one check did (returned for tests; the loop only logs).
@@ -369,9 +379,10 @@ impl Tracker {
     fn check(
         &mut self,
         read: Result<Vec<u8>, ConfigError>,
-        forced: bool,
+        reload: Reload,
         publisher: &Publisher,
     ) -> Outcome {
+        let forced = reload == Reload::Forced;
         let bytes = match read {
             Ok(bytes) => bytes,
             Err(err) => {

@@ -853,11 +853,20 @@ fn read_err(kind: io::ErrorKind) -> Result<Vec<u8>, ConfigError> {
 fn tracker_publishes_good_content_once() {
     let p = Publisher::new();
     let mut t = Tracker::new("t.yaml".into());
-    assert_eq!(t.check(Ok(TWO.into()), false, &p), Outcome::Published(1));
-    assert_eq!(t.check(Ok(TWO.into()), false, &p), Outcome::SameContent);
+    assert_eq!(
+        t.check(Ok(TWO.into()), Reload::Polled, &p),
+        Outcome::Published(1)
+    );
+    assert_eq!(
+        t.check(Ok(TWO.into()), Reload::Polled, &p),
+        Outcome::SameContent
+    );
     // Same table in different bytes: parsed, nothing published.
     let reordered = format!("# a comment\n{TWO}");
-    assert_eq!(t.check(Ok(reordered.into()), false, &p), Outcome::SameTable);
+    assert_eq!(
+        t.check(Ok(reordered.into()), Reload::Polled, &p),
+        Outcome::SameTable
+    );
     assert_eq!(p.snapshot().generation, 1);
     assert_eq!(t.error(), None);
 }
@@ -866,25 +875,31 @@ fn tracker_publishes_good_content_once() {
 fn tracker_keeps_the_last_good_table_on_bad_content() {
     let p = Publisher::new();
     let mut t = Tracker::new("t.yaml".into());
-    t.check(Ok(TWO.into()), false, &p);
+    t.check(Ok(TWO.into()), Reload::Polled, &p);
     let live = p.load();
     let bad = "services: [{ name: a }]\n";
     assert_eq!(
-        t.check(Ok(bad.into()), false, &p),
+        t.check(Ok(bad.into()), Reload::Polled, &p),
         Outcome::Failed { logged: true }
     );
     // The same bad bytes again: not parsed, not logged again.
-    assert_eq!(t.check(Ok(bad.into()), false, &p), Outcome::SameContent);
+    assert_eq!(
+        t.check(Ok(bad.into()), Reload::Polled, &p),
+        Outcome::SameContent
+    );
     assert_eq!(p.snapshot().generation, 1);
     assert_eq!(*p.load(), *live);
     assert!(t.error().unwrap().contains("missing field \"listen\""));
     // A reload (SIGHUP) reports it again.
     assert_eq!(
-        t.check(Ok(bad.into()), true, &p),
+        t.check(Ok(bad.into()), Reload::Forced, &p),
         Outcome::Failed { logged: true }
     );
     // Back to the good content: valid again, same table, no new generation.
-    assert_eq!(t.check(Ok(TWO.into()), false, &p), Outcome::SameTable);
+    assert_eq!(
+        t.check(Ok(TWO.into()), Reload::Polled, &p),
+        Outcome::SameTable
+    );
     assert_eq!(t.error(), None);
 }
 
@@ -892,28 +907,35 @@ fn tracker_keeps_the_last_good_table_on_bad_content() {
 fn tracker_logs_a_read_error_once_per_distinct_error() {
     let p = Publisher::new();
     let mut t = Tracker::new("t.yaml".into());
-    t.check(Ok(TWO.into()), false, &p);
+    t.check(Ok(TWO.into()), Reload::Polled, &p);
     let missing = || read_err(io::ErrorKind::NotFound);
     assert_eq!(
-        t.check(missing(), false, &p),
+        t.check(missing(), Reload::Polled, &p),
         Outcome::Failed { logged: true }
     );
     assert_eq!(
-        t.check(missing(), false, &p),
+        t.check(missing(), Reload::Polled, &p),
         Outcome::Failed { logged: false }
     );
     assert_eq!(
-        t.check(missing(), false, &p),
+        t.check(missing(), Reload::Polled, &p),
         Outcome::Failed { logged: false }
     );
     assert_eq!(
-        t.check(read_err(io::ErrorKind::PermissionDenied), false, &p),
+        t.check(
+            read_err(io::ErrorKind::PermissionDenied),
+            Reload::Polled,
+            &p
+        ),
         Outcome::Failed { logged: true }
     );
     assert_eq!(p.snapshot().generation, 1);
     assert!(t.error().unwrap().starts_with("t.yaml: cannot read: "));
     // The file is back with the same bytes: parsed again, error cleared.
-    assert_eq!(t.check(Ok(TWO.into()), false, &p), Outcome::SameTable);
+    assert_eq!(
+        t.check(Ok(TWO.into()), Reload::Polled, &p),
+        Outcome::SameTable
+    );
     assert_eq!(t.error(), None);
 }
 
@@ -923,12 +945,12 @@ fn tracker_after_read_error_finds_bad_content_still_bad() {
     let mut t = Tracker::new("t.yaml".into());
     let bad = "services: 1\n";
     assert_eq!(
-        t.check(Ok(bad.into()), false, &p),
+        t.check(Ok(bad.into()), Reload::Polled, &p),
         Outcome::Failed { logged: true }
     );
-    t.check(read_err(io::ErrorKind::NotFound), false, &p);
+    t.check(read_err(io::ErrorKind::NotFound), Reload::Polled, &p);
     assert_eq!(
-        t.check(Ok(bad.into()), false, &p),
+        t.check(Ok(bad.into()), Reload::Polled, &p),
         Outcome::Failed { logged: true }
     );
     assert!(t.error().unwrap().contains("services: expected a list"));
@@ -1005,17 +1027,17 @@ fn logs_say_what_changed_once() {
   - { name: c, listen: 127.0.0.1:3, backends: [] }
 ";
     let lines = logs(|| {
-        t.check(Ok(TWO.into()), false, &p);
+        t.check(Ok(TWO.into()), Reload::Polled, &p);
         for _ in 0..5 {
-            t.check(Ok(TWO.into()), false, &p);
+            t.check(Ok(TWO.into()), Reload::Polled, &p);
         }
         for _ in 0..5 {
-            t.check(Ok(bad.into()), false, &p);
+            t.check(Ok(bad.into()), Reload::Polled, &p);
         }
         for _ in 0..5 {
-            t.check(read_err(io::ErrorKind::NotFound), false, &p);
+            t.check(read_err(io::ErrorKind::NotFound), Reload::Polled, &p);
         }
-        t.check(Ok(v2.into()), false, &p);
+        t.check(Ok(v2.into()), Reload::Polled, &p);
     });
     assert_eq!(
         lines,
