@@ -1069,6 +1069,7 @@ fn documents_round_trip_through_yaml() {
             .with_affinity(600),
     ]);
     let text = doc.to_yaml().unwrap();
+    assert_eq!(serde_saphyr::from_str::<ConfigDoc>(&text).unwrap(), doc);
     let table = parse("t.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let backend = |a: &str, conditions, weight| crate::table::Backend {
         addr: addr(a),
