@@ -158,109 +158,82 @@ fn failure(err: &Error, tree: Option<&At>) -> Failure {
         _ => &path[..],
     };
     let node = tree.and_then(|t| tree::find(t, &path));
-    let found = Found(node.map(|n| &n.value));
-    // Errors about a value point at it, even when the parser was at its key.
-    let mut at_value = || position = node.map(tree::pos).or(position);
-    let (path, reason) = match err {
+    let found = |expected: &str| {
+        format!(
+            "expected {expected}, found {}",
+            Found(node.map(|n| &n.value))
+        )
+    };
+    let last = match path.last() {
+        Some(Seg::Key(k)) => k.as_str(),
+        _ => "value",
+    };
+    let invalid_yaml = |reason: &str| Failure {
+        position,
+        message: format!("invalid YAML: {reason}"),
+    };
+    // (whether the error is about a key of `owner`, the reason)
+    let (about_key, reason) = match err {
         Error::SerdeUnknownField {
             field, expected, ..
-        } => (
-            owner,
-            format!(
-                "unknown field {} (valid: {})",
-                Quoted(field),
-                expected.join(", ")
-            ),
-        ),
-        Error::DuplicateMappingKey { key, .. } => (
-            owner,
-            format!(
-                "field {} given twice",
-                Quoted(key.as_deref().unwrap_or("?"))
-            ),
-        ),
+        } => {
+            let valid = expected.join(", ");
+            (
+                true,
+                format!("unknown field {} (valid: {valid})", Quoted(field)),
+            )
+        }
+        Error::DuplicateMappingKey { key, .. } => {
+            let key = Quoted(key.as_deref().unwrap_or("?"));
+            (true, format!("field {key} given twice"))
+        }
         Error::SerdeMissingField { field, .. } => {
             // At the mapping missing it, not where the parser noticed.
-            position = tree
-                .and_then(|t| tree::find(t, owner))
-                .map(tree::pos)
-                .or(position);
+            let mapping = tree.and_then(|t| tree::find(t, owner));
+            position = mapping.map(tree::pos).or(position);
             (
-                owner,
+                true,
                 format!("missing field {}{}", Quoted(field), help(field)),
             )
         }
         Error::SerdeUnknownVariant {
             variant, expected, ..
         } => {
-            at_value();
-            let what = match path.last() {
-                Some(Seg::Key(k)) => k.as_str(),
-                _ => "value",
-            };
             let valid = expected.join(", ");
             (
-                &path[..],
-                format!("unknown {what} {} (valid: {valid})", Quoted(variant)),
+                false,
+                format!("unknown {last} {} (valid: {valid})", Quoted(variant)),
             )
         }
-        Error::Eof { .. } => (
-            &path[..],
-            format!("expected a mapping with a `services:` list, found {found}"),
-        ),
-        Error::MultipleDocuments { .. } => {
-            (&path[..], "invalid YAML: more than one document".to_owned())
-        }
-        Error::Message { msg, .. } => {
-            at_value();
-            (&path[..], msg.clone())
-        }
+        Error::Eof { .. } => (false, found("a mapping with a `services:` list")),
+        Error::Message { msg, .. } => (false, msg.clone()),
         Error::SerdeInvalidType { expected, .. } | Error::SerdeInvalidValue { expected, .. } => {
-            at_value();
-            (&path[..], format!("expected {expected}, found {found}"))
+            (false, found(expected))
         }
-        Error::Unexpected { expected, .. } if node.is_some() => {
-            at_value();
-            let help = match path.last() {
-                Some(Seg::Key(k)) => help(k),
-                _ => "",
-            };
-            (
-                &path[..],
-                format!("expected {}{help}, found {found}", expecting(expected)),
-            )
-        }
-        Error::QuotingRequired { .. } if node.is_some() => {
-            at_value();
-            (
-                &path[..],
-                format!("expected a string (quoted), found {found}"),
-            )
-        }
-        Error::InvalidScalar { ty, .. } if node.is_some() => {
-            at_value();
-            (
-                &path[..],
-                format!("expected {}, found {found}", expecting(ty)),
-            )
-        }
-        Error::InvalidBooleanStrict { .. } => {
-            at_value();
-            (&path[..], format!("expected true or false, found {found}"))
-        }
+        Error::InvalidBooleanStrict { .. } => (false, found("true or false")),
+        Error::Unexpected { expected, .. } if node.is_some() => (
+            false,
+            found(&format!("{}{}", expecting(expected), help(last))),
+        ),
+        Error::InvalidScalar { ty, .. } if node.is_some() => (false, found(&expecting(ty))),
+        Error::QuotingRequired { .. } if node.is_some() => (false, found("a string (quoted)")),
+        Error::MultipleDocuments { .. } => return invalid_yaml("more than one document"),
         other => {
             let shown = other.to_string();
-            let reason = match position {
+            return invalid_yaml(&match position {
                 Some((line, column)) => {
                     shown.replacen(&format!(" at line {line}, column {column}"), "", 1)
                 }
                 None => shown,
-            };
-            return Failure {
-                position,
-                message: format!("invalid YAML: {reason}"),
-            };
+            });
         }
+    };
+    let path = if about_key {
+        owner
+    } else {
+        // About a value: at it, even when the parser was at its key.
+        position = node.map(tree::pos).or(position);
+        &path[..]
     };
     Failure {
         position,
