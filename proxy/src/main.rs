@@ -310,7 +310,17 @@ async fn sync_nft(port: u16, publisher: Arc<Publisher>, metrics: Arc<Metrics>) {
     let mut changes = publisher.subscribe();
     let mut programmer = Programmer::new();
     loop {
-        let want = Ruleset::from_table(&publisher.load(), port);
+        let snapshot = publisher.snapshot();
+        if snapshot.generation == 0 {
+            // No source has spoken yet: leave the table a previous sluice
+            // left as it is (adopted at the first table) rather than
+            // emptying it until the first full list.
+            if changes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let want = Ruleset::from_table(&snapshot.table, port);
         let complete = match programmer.sync(&want).await {
             Ok(Synced::Unchanged) => true,
             Ok(how) => {
