@@ -232,3 +232,41 @@ impl Args {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("sluice").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn bind_is_the_default_interception() {
+        let args = parse(&["--config", "x.yaml"]);
+        assert_eq!(args.intercept, Intercept::Bind);
+        assert_eq!(args.proxy_config().intercept_port, None);
+        assert!(!args.cleanup);
+    }
+
+    #[test]
+    fn nftables_interception_takes_the_intercept_port() {
+        let args = parse(&["--config", "x.yaml", "--intercept", "nftables"]);
+        assert_eq!(
+            args.proxy_config().intercept_port,
+            Some(DEFAULT_INTERCEPT_PORT)
+        );
+        let args = parse(&["--intercept", "nftables", "--intercept-port", "20000"]);
+        assert_eq!(args.proxy_config().intercept_port, Some(20000));
+        assert!(
+            Args::try_parse_from(["sluice", "--intercept", "tproxy"]).is_err(),
+            "unknown modes are refused"
+        );
+        assert!(Args::try_parse_from(["sluice", "--intercept-port", "0"]).is_err());
+    }
+
+    #[test]
+    fn cleanup_parses_alone() {
+        assert!(parse(&["--cleanup"]).cleanup);
+    }
+}
