@@ -219,6 +219,10 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         workers,
     );
     if args.intercept == Intercept::Nftables {
+        if let Err(e) = nft::check().await {
+            eprintln!("sluice: --intercept nftables: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
         // Listen first, then steer: a redirected connection never meets a
         // closed port because of us.
         if let Err(e) = proxy.start_intercept() {

@@ -230,6 +230,12 @@ pub enum NftError {
     Failed { status: String, stderr: String },
 }
 
+/// Whether `nft` is installed and may read the ruleset (permissions): run
+/// at start so that a missing `nft` stops sluice with a clear message.
+pub async fn check() -> Result<(), NftError> {
+    apply("list tables\n").await
+}
+
 /// Runs `nft -f -` with `script` on stdin: one transaction.
 pub async fn apply(script: &str) -> Result<(), NftError> {
     apply_with("nft", script).await

@@ -464,3 +464,25 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
 fn first_line(listing: &str) -> &str {
     listing.lines().next().unwrap_or_default()
 }
+
+#[test]
+fn nftables_mode_without_nft_exits_64_naming_the_package() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    // A PATH without nft; the node namespace is not even needed.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--intercept", "nftables"])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`nftables`"), "{stderr}");
+}
