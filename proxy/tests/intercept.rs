@@ -5,9 +5,12 @@
 //! port. Needs root, `ip` and `nft`; skipped with a message otherwise.
 //!
 //! ```text
-//!   ext (192.168.50.1) --veth-- node: eth0 192.168.50.10, br0 10.244.0.1/24
-//!                                        |-- client pod 10.244.0.10
-//!                                        '-- backend pod 10.244.0.20:8080
+//!   ext 192.168.50.1 --veth-- node: eth0 192.168.50.10
+//!                                   br0 10.244.0.1/24, fd00:244::1/64
+//!                                    |-- client pod 10.244.0.10, fd00:244::10
+//!                                    '-- backend pod 10.244.0.20, fd00:244::20 (:8080)
+//!                                   vrouted 10.244.1.1/24 (no bridge)
+//!                                    '-- routed client pod 10.244.1.10
 //! ```
 //!
 //! Every namespace, process and thread made here is removed on drop, also
@@ -30,6 +33,8 @@ const VIP: &str = "10.96.0.10:80";
 const VIP_OTHER: &str = "10.96.0.11:8443";
 const NODE_PORT: &str = "192.168.50.10:30080";
 const BACKEND: &str = "10.244.0.20:8080";
+const VIP6: &str = "[fd00:96::10]:80";
+const BACKEND6: &str = "[fd00:244::20]:8080";
 const INTERCEPT_PORT: u16 = 10261;
 const METRICS: &str = "127.0.0.1:10249";
 
@@ -254,6 +259,8 @@ struct Node {
     client: Netns,
     backend: Netns,
     ext: Netns,
+    /// A pod on a point-to-point veth, routed by the node (no bridge).
+    routed: Netns,
 }
 
 impl Node {
@@ -262,14 +269,16 @@ impl Node {
         let client = Netns::new("pod");
         let backend = Netns::new("be");
         let ext = Netns::new("ext");
+        let routed = Netns::new("routed");
         // br_netfilter: bridged pod traffic goes through the IP hooks.
         node.exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
         node.ip(&["link", "add", "br0", "type", "bridge"]);
         node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"]);
+        node.ip(&["addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"]);
         node.ip(&["link", "set", "br0", "up"]);
-        for (pod, host_end, ip) in [
-            (&client, "vclient", "10.244.0.10/24"),
-            (&backend, "vbackend", "10.244.0.20/24"),
+        for (pod, host_end, ip, ip6) in [
+            (&client, "vclient", "10.244.0.10/24", "fd00:244::10/64"),
+            (&backend, "vbackend", "10.244.0.20/24", "fd00:244::20/64"),
         ] {
             node.ip(&[
                 "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
@@ -277,21 +286,44 @@ impl Node {
             node.ip(&["link", "set", host_end, "master", "br0", "up"]);
             pod.ip(&["addr", "add", ip, "dev", "eth0"]);
             pod.ip(&["link", "set", "eth0", "up"]);
+            pod.ip(&["addr", "add", ip6, "dev", "eth0", "nodad"]);
             pod.ip(&["route", "add", "default", "via", "10.244.0.1"]);
+            pod.ip(&["-6", "route", "add", "default", "via", "fd00:244::1"]);
         }
+        node.ip(&[
+            "link",
+            "add",
+            "vrouted",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &routed.name,
+        ]);
+        node.ip(&["addr", "add", "10.244.1.1/24", "dev", "vrouted"]);
+        node.ip(&["link", "set", "vrouted", "up"]);
+        routed.ip(&["addr", "add", "10.244.1.10/24", "dev", "eth0"]);
+        routed.ip(&["link", "set", "eth0", "up"]);
+        routed.ip(&["route", "add", "default", "via", "10.244.1.1"]);
         node.ip(&[
             "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &ext.name,
         ]);
         node.ip(&["addr", "add", "192.168.50.10/24", "dev", "eth0"]);
         node.ip(&["link", "set", "eth0", "up"]);
+        node.ip(&["addr", "add", "fd00:50::10/64", "dev", "eth0", "nodad"]);
         node.ip(&["route", "add", "default", "via", "192.168.50.1"]);
+        node.ip(&["-6", "route", "add", "default", "via", "fd00:50::1"]);
         ext.ip(&["addr", "add", "192.168.50.1/24", "dev", "eth0"]);
+        ext.ip(&["addr", "add", "fd00:50::1/64", "dev", "eth0", "nodad"]);
         ext.ip(&["link", "set", "eth0", "up"]);
         Node {
             node,
             client,
             backend,
             ext,
+            routed,
         }
     }
 
@@ -342,7 +374,8 @@ fn write_config(dir: &Path) -> PathBuf {
             "services:\n\
              - name: default/web:http\n  listen: {VIP}\n  backends:\n  - address: {BACKEND}\n\
              - name: default/web:https\n  listen: {VIP_OTHER}\n  backends:\n  - address: {BACKEND}\n\
-             - name: default/web:nodeport\n  listen: {NODE_PORT}\n  backends:\n  - address: {BACKEND}\n"
+             - name: default/web:nodeport\n  listen: {NODE_PORT}\n  backends:\n  - address: {BACKEND}\n\
+             - name: default/web6:http\n  listen: \"{VIP6}\"\n  backends:\n  - address: \"{BACKEND6}\"\n"
         ),
     )
     .unwrap();
@@ -369,6 +402,7 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let _backend = Server::start(&net.backend, BACKEND, "backend\n");
+    let _backend6 = Server::start(&net.backend, BACKEND6, "backend6\n");
     // (c) A hostNetwork process on 0.0.0.0:80, the port of a Service.
     let _host = Server::start(&net.node, "0.0.0.0:80", "host\n");
     let mut sluice = Sluice::start(&net.node, &config, dir.path().join("sluice.log"));
@@ -387,6 +421,14 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
     net.node.fetch_until(VIP, "backend\n", ready).unwrap();
     net.node.fetch_until(NODE_PORT, "backend\n", ready).unwrap();
     net.ext.fetch_until(NODE_PORT, "backend\n", ready).unwrap();
+    // A pod on a routed (point-to-point) veth, not on the bridge.
+    net.routed.fetch_until(VIP, "backend\n", ready).unwrap();
+    net.routed
+        .fetch_until(NODE_PORT, "backend\n", ready)
+        .unwrap();
+    // IPv6: IP6T_SO_ORIGINAL_DST, from a pod and from the node.
+    net.client.fetch_until(VIP6, "backend6\n", ready).unwrap();
+    net.node.fetch_until(VIP6, "backend6\n", ready).unwrap();
     // (c) The hostNetwork listener on port 80 keeps serving its own
     // addresses, from the node and from pods.
     assert_eq!(net.node.fetch("127.0.0.1:80").unwrap(), "host\n");
@@ -396,12 +438,13 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
 
     // (d) No Service IP on any device of the node.
     let addrs = net.node.exec(&["ip", "-o", "address", "show"]);
-    for vip in ["10.96.0.10", "10.96.0.11"] {
+    for vip in ["10.96.0.10", "10.96.0.11", "fd00:96::10"] {
         assert!(!addrs.contains(vip), "{vip} is on a device:\n{addrs}");
     }
     let table = net.nft_table(false).expect("sluice's table exists");
     assert!(table.contains("10.96.0.10 . tcp . 80"), "{table}");
     assert!(table.contains("192.168.50.10 . tcp . 30080"), "{table}");
+    assert!(table.contains("fd00:96::10 . tcp . 80"), "{table}");
 
     // (e) The intercept port itself serves nothing: direct connections,
     // from a pod and from the node, are reset without a byte.
