@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use sluice_control::{ListenKey, Protocol, Publisher, Table, TableDiff};
+use sluice_control::{ListenKey, Protocol, Publisher, Service, Table, TableDiff};
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
@@ -56,6 +56,35 @@ use crate::forward::{Mode, Outcome, forward, reset};
 use crate::listener::bind_tcp;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::tracker::{Tracker, TrackerConfig};
+
+/// Intercept mode: how long a redirected connection that arrives before
+/// the first table (a restarted sluice whose nftables table was adopted,
+/// while its source still lists) waits for it before it is reset.
+const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
+
+/// The service at `key` in the live table. Before the first table
+/// (generation 0) waits for it, at most `bound`; after, answers at once.
+async fn service_at(
+    publisher: &Publisher,
+    key: &ListenKey,
+    bound: Duration,
+) -> Option<Arc<Service>> {
+    let mut changes = publisher.subscribe();
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let snapshot = publisher.snapshot();
+        if let Some(service) = snapshot.table.get(key) {
+            return Some(service.clone());
+        }
+        if snapshot.generation > 0 {
+            return None;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return None,
+        }
+    }
+}
 
 /// Data-plane settings (from the command line).
 #[derive(Debug, Clone)]
@@ -387,7 +416,7 @@ impl Proxy {
 
     /// Intercept mode: the listen key a redirected connection was meant
     /// for, and its route; `Err(reason)` when it must be reset.
-    fn route(&self, client: &TcpStream) -> Result<(ListenKey, Route), &'static str> {
+    async fn route(&self, client: &TcpStream) -> Result<(ListenKey, Route), &'static str> {
         const NO_ORIGINAL: &str = "no_original_destination";
         let local = client.local_addr().map_err(|_| NO_ORIGINAL)?;
         let sock = SockRef::from(client);
@@ -404,8 +433,9 @@ impl Proxy {
             return Err("direct");
         }
         let key = ListenKey::tcp(original);
-        let table = self.publisher.load();
-        let service = table.get(&key).ok_or("not_a_service")?;
+        let service = service_at(&self.publisher, &key, FIRST_TABLE_WAIT)
+            .await
+            .ok_or("not_a_service")?;
         if let Some(route) = self.routes.get(&key)
             && route.service == service.name
         {
@@ -458,17 +488,9 @@ impl Proxy {
                 }
             };
             backoff = Duration::from_millis(5);
-            let (key, route) = match &target {
-                Target::Service(key, route) => (*key, route.clone()),
-                Target::Intercept => match self.route(&client) {
-                    Ok(r) => r,
-                    Err(reason) => {
-                        self.metrics.intercept_rejected(reason);
-                        debug!(client = %peer, listen = %listen, reason, "not redirected Service traffic: reset");
-                        reset(&client);
-                        continue;
-                    }
-                },
+            let fixed = match &target {
+                Target::Service(key, route) => Some((*key, route.clone())),
+                Target::Intercept => None,
             };
             // A permit of the global limit, taken only once a connection is
             // here: an idle loop holds none (there is one loop per worker
@@ -477,7 +499,7 @@ impl Proxy {
             let permit = match self.limit.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
-                    debug!(listen = %key, "connection limit reached: waiting for a connection to end");
+                    debug!(listen = %listen, "connection limit reached: waiting for a connection to end");
                     tokio::select! {
                         p = self.limit.clone().acquire_owned() => match p {
                             Ok(p) => p,
@@ -488,12 +510,24 @@ impl Proxy {
                     }
                 }
             };
-            let Route {
-                runtime, metrics, ..
-            } = route;
-            metrics.accepted.inc();
             let this = self.clone();
             self.connections.spawn(async move {
+                let (key, route) = match fixed {
+                    Some(fixed) => fixed,
+                    None => match this.route(&client).await {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            this.metrics.intercept_rejected(reason);
+                            debug!(client = %peer, listen = %listen, reason, "not redirected Service traffic: reset");
+                            reset(&client);
+                            return;
+                        }
+                    },
+                };
+                let Route {
+                    runtime, metrics, ..
+                } = route;
+                metrics.accepted.inc();
                 metrics.active.inc();
                 this.handle(client, peer, key, &runtime, &metrics).await;
                 metrics.active.dec();
@@ -612,5 +646,66 @@ impl Proxy {
         }
         info!(open_at_stop, cut, "shutdown complete");
         ShutdownReport { open_at_stop, cut }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_control::Policy;
+
+    fn one_service(key: ListenKey) -> Table {
+        let mut t = Table::new();
+        t.insert(
+            key,
+            Arc::new(Service::new("web", Policy::RoundRobin, None, Vec::new())),
+        );
+        t
+    }
+
+    #[tokio::test]
+    async fn before_the_first_table_a_lookup_waits_for_it() {
+        let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
+        let publisher = Arc::new(Publisher::new());
+        let later = publisher.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            later.publish(one_service(key));
+        });
+        let found = service_at(&publisher, &key, Duration::from_secs(5)).await;
+        assert_eq!(found.unwrap().name, "web");
+    }
+
+    #[tokio::test]
+    async fn before_the_first_table_the_wait_is_bounded() {
+        let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
+        let publisher = Publisher::new();
+        let start = Instant::now();
+        assert!(
+            service_at(&publisher, &key, Duration::from_millis(50))
+                .await
+                .is_none()
+        );
+        assert!(start.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn after_the_first_table_an_unknown_key_is_refused_at_once() {
+        let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
+        let other = ListenKey::tcp("10.96.0.11:80".parse().unwrap());
+        let publisher = Publisher::new();
+        publisher.publish(one_service(key));
+        let start = Instant::now();
+        assert!(
+            service_at(&publisher, &other, Duration::from_secs(5))
+                .await
+                .is_none()
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(
+            service_at(&publisher, &key, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
     }
 }
