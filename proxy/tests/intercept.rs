@@ -37,6 +37,8 @@ const VIP6: &str = "[fd00:96::10]:80";
 const BACKEND6: &str = "[fd00:244::20]:8080";
 const INTERCEPT_PORT: u16 = 10261;
 const METRICS: &str = "127.0.0.1:10249";
+/// Per network namespace (Linux >= 5.3), present once br_netfilter is loaded.
+const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
 fn skip_reason() -> Option<String> {
     if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
@@ -87,6 +89,16 @@ impl Netns {
         let mut all = vec!["netns", "exec", &self.name];
         all.extend_from_slice(cmd);
         run("ip", &all)
+    }
+
+    /// Sets a sysctl of this namespace (`/proc/sys/net` is the opener's
+    /// namespace's).
+    fn set_sysctl(&self, path: &'static str, value: &'static str) {
+        self.on(move || std::fs::write(path, value).unwrap());
+    }
+
+    fn sysctl(&self, path: &'static str) -> String {
+        self.on(move || std::fs::read_to_string(path).unwrap().trim().to_owned())
     }
 
     /// Runs `f` on a thread inside the namespace (its sockets are the
@@ -271,7 +283,7 @@ impl Node {
         let ext = Netns::new("ext");
         let routed = Netns::new("routed");
         // br_netfilter: bridged pod traffic goes through the IP hooks.
-        node.exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+        node.set_sysctl(BRIDGE_NF_CALL_IPTABLES, "1");
         node.ip(&["link", "add", "br0", "type", "bridge"]);
         node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"]);
         node.ip(&["addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"]);
@@ -388,17 +400,12 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
         eprintln!("skipped: {why}");
         return;
     }
-    let net = Node::build();
-    if std::fs::metadata("/proc/sys/net/bridge").is_err() {
+    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
         eprintln!("skipped: br_netfilter is not loaded (modprobe br_netfilter)");
         return;
     }
-    assert_eq!(
-        net.node
-            .exec(&["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"])
-            .trim(),
-        "1"
-    );
+    let net = Node::build();
+    assert_eq!(net.node.sysctl(BRIDGE_NF_CALL_IPTABLES), "1");
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let _backend = Server::start(&net.backend, BACKEND, "backend\n");
