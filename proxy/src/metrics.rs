@@ -111,6 +111,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterceptLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -138,6 +143,9 @@ pub struct Metrics {
     pub drain_cut: Counter,
     pub table_generation: Gauge,
     pub table_publishes: Counter,
+    intercept_rejected: Family<InterceptLabels, Counter>,
+    /// Failed syncs of sluice's nftables table (`--intercept nftables`).
+    pub nft_sync_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -166,6 +174,8 @@ impl Metrics {
             drain_cut: Counter::default(),
             table_generation: Gauge::default(),
             table_publishes: Counter::default(),
+            intercept_rejected: Family::default(),
+            nft_sync_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -248,6 +258,16 @@ impl Metrics {
             "Tables made live (equal tables are not counted)",
             m.table_publishes.clone(),
         );
+        registry.register(
+            "intercept_rejected_connections",
+            "Connections reset at the intercept port because they were not redirected Service traffic, per reason",
+            m.intercept_rejected.clone(),
+        );
+        registry.register(
+            "nft_sync_failures",
+            "Failed syncs of sluice's nftables table (retried)",
+            m.nft_sync_failures.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -256,6 +276,14 @@ impl Metrics {
             .set(1);
         registry.register("build_info", "sluice's version; always 1", build);
         Metrics { registry, ..m }
+    }
+
+    /// Counts a connection reset at the intercept port (`reason`: one of a
+    /// few fixed strings).
+    pub fn intercept_rejected(&self, reason: &'static str) {
+        self.intercept_rejected
+            .get_or_create(&InterceptLabels { reason })
+            .inc();
     }
 
     /// A dial failed for want of a local resource (see
