@@ -92,6 +92,9 @@ pub async fn dial(
     #[cfg(not(target_os = "linux"))]
     socket.set_nonblocking(true).map_err(fail)?;
     socket.set_tcp_nodelay(true).map_err(fail)?;
+    socket
+        .set_tcp_keepalive(&crate::listener::BACKEND_KEEPALIVE)
+        .map_err(fail)?;
     if let Some(src) = source {
         socket.bind(&src.into()).map_err(fail)?;
     }
@@ -186,6 +189,10 @@ mod tests {
             .unwrap();
         let (_, peer) = l.accept().await.unwrap();
         assert_eq!(peer.ip(), src.ip());
+        assert!(
+            socket2::SockRef::from(&s).keepalive().unwrap(),
+            "keepalive on the backend side"
+        );
         assert_eq!(s.local_addr().unwrap().ip(), src.ip());
     }
 }
