@@ -51,10 +51,7 @@ pub struct DialError {
 }
 
 fn classify(e: &io::Error) -> DialErrorKind {
-    #[cfg(unix)]
-    if let Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) =
-        e.raw_os_error()
-    {
+    if crate::saturation::local_resource(e).is_some() {
         return DialErrorKind::Local;
     }
     match e.kind() {

@@ -17,6 +17,8 @@
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
 //! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
+//! - [`saturation`]: sluice's own resource exhaustion (descriptors, buffers,
+//!   ports) as a streak that `/healthz` reports; never a backend's fault.
 //! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
 //! - [`nft`]: sluice's own nftables table (`--intercept nftables`): the
 //!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
@@ -32,6 +34,7 @@ pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod nft;
+pub mod saturation;
 pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;

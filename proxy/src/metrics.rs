@@ -137,6 +137,10 @@ pub struct Metrics {
     backend_ejections: Family<BackendLabels, Counter>,
     /// Dials that failed for want of a local resource: never ejections.
     local_dial_errors: Counter,
+    accept_errors: Counter,
+    limit_waits: Counter,
+    /// Local resource exhaustion, for `/healthz`.
+    pub saturation: crate::saturation::Saturation,
     /// From a backend's drain start to its last connection's end.
     pub drain_duration: Histogram,
     /// Connections cut because their backend's drain timeout expired.
@@ -170,6 +174,9 @@ impl Metrics {
             ejections: Counter::default(),
             backend_ejections: Family::default(),
             local_dial_errors: Counter::default(),
+            accept_errors: Counter::default(),
+            limit_waits: Counter::default(),
+            saturation: Default::default(),
             drain_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             drain_cut: Counter::default(),
             table_generation: Gauge::default(),
@@ -234,6 +241,16 @@ impl Metrics {
             m.local_dial_errors.clone(),
         );
         registry.register(
+            "accept_errors",
+            "Failed accept(2) calls (running out of descriptors and the like); the accept loop backs off",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "connection_limit_waits",
+            "Accepted connections that had to wait for a --max-connections permit",
+            m.limit_waits.clone(),
+        );
+        registry.register(
             "backend_ejections",
             "Ejections, per backend still tracked",
             m.backend_ejections.clone(),
@@ -290,6 +307,20 @@ impl Metrics {
     /// [`DialErrorKind::Local`]).
     pub fn local_dial_error(&self) {
         self.local_dial_errors.inc();
+    }
+
+    /// An accept failed; local resource exhaustion also feeds
+    /// [`Self::saturation`].
+    pub fn accept_error(&self, e: &std::io::Error) {
+        self.accept_errors.inc();
+        if let Some(what) = crate::saturation::local_resource(e) {
+            self.saturation.record(std::time::Instant::now(), what);
+        }
+    }
+
+    /// An accepted connection waits for a `--max-connections` permit.
+    pub fn limit_wait(&self) {
+        self.limit_waits.inc();
     }
 
     /// Extra metrics registered by other parts (e.g. the control plane).

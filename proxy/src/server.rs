@@ -127,7 +127,12 @@ pub struct Proxy {
     /// Intercept mode: stops the intercept accept loops.
     intercept_stop: CancellationToken,
     intercept_tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// When the connection limit was last reported at warn level.
+    limit_warned: Mutex<Option<Instant>>,
 }
+
+/// The connection limit is reported at warn level at most this often.
+const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What a connection to one listen key needs besides the table.
 #[derive(Clone)]
@@ -184,7 +189,24 @@ impl Proxy {
             routes: DashMap::new(),
             intercept_stop: CancellationToken::new(),
             intercept_tasks: Mutex::new(Vec::new()),
+            limit_warned: Mutex::new(None),
         })
+    }
+
+    /// Warns that `--max-connections` is reached, at most once per
+    /// [`LIMIT_WARN_EVERY`] (every wait is counted in
+    /// `sluice_connection_limit_waits_total`).
+    fn warn_limit_reached(&self) {
+        let now = Instant::now();
+        let mut last = self.limit_warned.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= LIMIT_WARN_EVERY) {
+            *last = Some(now);
+            warn!(
+                max_connections = self.config.max_connections,
+                "connection limit reached: new connections wait in the accept backlog \
+                 (sluice_connection_limit_waits_total counts them)"
+            );
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -478,7 +500,8 @@ impl Proxy {
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin; the listener itself stays open.
-                    warn!(listen = %listen, error = %e, "accept failed");
+                    self.metrics.accept_error(&e);
+                    warn!(listen = %listen, error = %e, ?backoff, "accept failed; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => return,
@@ -499,6 +522,8 @@ impl Proxy {
             let permit = match self.limit.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
+                    self.metrics.limit_wait();
+                    self.warn_limit_reached();
                     debug!(listen = %listen, "connection limit reached: waiting for a connection to end");
                     tokio::select! {
                         p = self.limit.clone().acquire_owned() => match p {
@@ -583,6 +608,9 @@ impl Proxy {
                 }
                 Err(e) => {
                     drop(guard);
+                    if let Some(what) = crate::saturation::local_resource(&e.source) {
+                        self.metrics.saturation.record(now, what);
+                    }
                     let cooldown = self.tracker.dial_failed(addr, e.kind, now);
                     debug!(client = %peer, service = %service.name, error = %e, ?cooldown, "dial failed; backend ejected");
                     tried.push(addr);
