@@ -66,11 +66,47 @@ pub enum Endpoints {
     Metrics,
 }
 
+/// Descriptors each admin listener holds back (open on `/dev/null`) for
+/// the moment the process runs out: when `accept` fails for want of a
+/// descriptor, one is closed and the accept retried at once, so `/healthz`
+/// and `/metrics` still answer while the data plane is exhausted (the data
+/// plane's accept loops are backing off then, so the freed slot goes to
+/// the admin connection). Refilled after each accept, as far as possible.
+const RESERVE: usize = 2;
+
+#[derive(Debug, Default)]
+struct Reserve(Vec<std::fs::File>);
+
+impl Reserve {
+    fn refill(&mut self) {
+        while self.0.len() < RESERVE {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.0.push(f),
+                Err(_) => return, // still exhausted: next time
+            }
+        }
+    }
+
+    /// Frees one held descriptor; false when none is left.
+    fn release(&mut self) -> bool {
+        self.0.pop().is_some()
+    }
+}
+
 /// Serves `endpoints` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, endpoints: Endpoints) {
+    let mut reserve = Reserve::default();
+    reserve.refill();
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
+            Ok(a) => {
+                reserve.refill();
+                a
+            }
+            Err(e) if crate::saturation::local_resource(&e).is_some() && reserve.release() => {
+                debug!(error = %e, ?endpoints, "admin accept: using a reserved descriptor");
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
