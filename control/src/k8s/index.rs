@@ -290,16 +290,7 @@ impl Index {
                     if cluster.is_empty() && external.is_empty() {
                         continue;
                     }
-                    let eps: Vec<(SocketAddr, &EndpointInfo)> = slices
-                        .values()
-                        .filter(|s| s.family == family)
-                        .filter_map(|s| s.ports.get(&port.name).map(|p| (s, *p)))
-                        .flat_map(|(s, p)| {
-                            s.endpoints
-                                .iter()
-                                .map(move |e| (SocketAddr::new(e.ip, p), e))
-                        })
-                        .collect();
+                    let eps = self.merged_endpoints(slices, family, &port.name);
                     // Both variants share one entry when their policies agree.
                     let mut made: Option<(TrafficPolicy, Arc<Service>)> = None;
                     for (variant, addrs) in
@@ -397,6 +388,42 @@ impl Index {
                 }
             }
         }
+    }
+
+    /// The endpoints of one port and family over every slice of a Service,
+    /// each address once. An address listed in several slices (a new pod
+    /// reusing the IP of a terminating one) keeps its most usable copy, as
+    /// kube-proxy does: ready over serving over terminating, then the local
+    /// one; among equal copies the first slice by name wins.
+    fn merged_endpoints<'a>(
+        &self,
+        slices: &'a BTreeMap<String, Arc<SliceInfo>>,
+        family: Family,
+        port: &str,
+    ) -> Vec<(SocketAddr, &'a EndpointInfo)> {
+        let usability = |e: &EndpointInfo| {
+            let c = e.conditions;
+            (c.ready, c.serving, !c.terminating, self.is_local(e))
+        };
+        let mut eps: Vec<(SocketAddr, &EndpointInfo)> = Vec::new();
+        let mut at: HashMap<SocketAddr, usize> = HashMap::new();
+        for s in slices.values().filter(|s| s.family == family) {
+            let Some(&p) = s.ports.get(port) else {
+                continue;
+            };
+            for e in &s.endpoints {
+                let addr = SocketAddr::new(e.ip, p);
+                match at.get(&addr).and_then(|&i| eps.get_mut(i)) {
+                    Some(kept) if usability(e) > usability(kept.1) => kept.1 = e,
+                    Some(_) => {}
+                    None => {
+                        at.insert(addr, eps.len());
+                        eps.push((addr, e));
+                    }
+                }
+            }
+        }
+        eps
     }
 
     fn is_local(&self, ep: &EndpointInfo) -> bool {

@@ -3,7 +3,9 @@
 //!
 //! Rules implemented (see issue 3):
 //! - Slices join their Service through `kubernetes.io/service-name`; all
-//!   slices of a Service are merged and an address is kept once. IPv4 and
+//!   slices of a Service are merged and an address is kept once: its most
+//!   usable copy (ready over serving over terminating, as kube-proxy), so a
+//!   new pod reusing a terminating pod's IP gets new connections. IPv4 and
 //!   IPv6 slices are served (each listen IP gets endpoints of its family);
 //!   FQDN slices are ignored. An endpoint's first address is its address.
 //! - Conditions default as the API says (`ready` unset: true; `serving`

@@ -1226,3 +1226,78 @@ fn type_change_removes_external_addresses() {
     assert!(t.get(&key("192.0.2.10:30080")).is_none());
     assert_eq!(t.len(), 1);
 }
+
+#[test]
+fn duplicate_address_keeps_the_most_ready_copy() {
+    // A new pod reuses the IP of a terminating one; the terminating copy sits
+    // in the slice whose name sorts first.
+    let mut idx = web_index();
+    idx.apply(&mk_slice(
+        "default",
+        "web-0",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep_cond("10.0.0.9", Some(false), Some(true), Some(true))],
+    ))
+    .unwrap();
+    idx.apply(&mk_slice(
+        "default",
+        "web-2",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.9")],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    let s = svc_at(&t, "10.96.0.10:80");
+    let copies: Vec<_> = s
+        .backends()
+        .iter()
+        .filter(|b| b.addr == sa("10.0.0.9:8080"))
+        .collect();
+    assert_eq!(copies.len(), 1, "kept once");
+    assert_eq!(copies[0].conditions, Conditions::READY);
+    assert_eq!(
+        eligible(&s),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.9:8080"])
+    );
+    // Serving (not ready, not terminating) beats serving-terminating too.
+    idx.apply(&mk_slice(
+        "default",
+        "web-2",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep_cond("10.0.0.9", Some(false), Some(true), Some(false))],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    let s = svc_at(&t, "10.96.0.10:80");
+    let b = s
+        .backends()
+        .iter()
+        .find(|b| b.addr == sa("10.0.0.9:8080"))
+        .unwrap();
+    assert!(!b.conditions.terminating, "{:?}", b.conditions);
+    // Equal copies: the first slice by name is kept (deterministic).
+    idx.apply(&mk_slice(
+        "default",
+        "web-2",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep_cond("10.0.0.9", Some(false), Some(true), Some(true))],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        svc_at(&t, "10.96.0.10:80")
+            .backends()
+            .iter()
+            .filter(|b| b.addr == sa("10.0.0.9:8080"))
+            .count(),
+        1
+    );
+}
