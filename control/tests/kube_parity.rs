@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -137,4 +138,33 @@ async fn reused_ip_of_a_terminating_pod_takes_new_connections() {
         eligible(t, "10.96.0.10:80") == Some(vec!["10.0.0.1:8080".into(), "10.0.0.9:8080".into()])
     })
     .await;
+}
+
+#[tokio::test]
+async fn one_bad_field_is_skipped_and_the_rest_of_the_object_served() {
+    let api = ApiServer::start().await.unwrap();
+    let mut web = service("web", &["10.96.0.10"]);
+    web["spec"]["externalIPs"] = json!(["not-an-ip", "127.0.0.20"]);
+    api.apply_json(web).unwrap();
+    api.apply_json(endpoint_slice(
+        "web-a",
+        "web",
+        vec![
+            endpoint("10.0.0.1", true, true, false),
+            endpoint("10.0.0.999", true, true, false),
+            endpoint("010.000.000.002", true, true, false),
+        ],
+    ))
+    .unwrap();
+    let run = Running::new(api).await;
+    let both = Some(vec!["10.0.0.1:8080".into(), "10.0.0.2:8080".into()]);
+    let t = run
+        .until("web served with its good fields", |t| {
+            eligible(t, "10.96.0.10:80") == both
+        })
+        .await;
+    assert_eq!(eligible(&t, "127.0.0.20:80"), both);
+    assert_eq!(t.len(), 2);
+    assert_eq!(run.stats.skipped_fields.load(Ordering::Relaxed), 2);
+    assert_eq!(run.stats.malformed.load(Ordering::Relaxed), 0);
 }

@@ -65,6 +65,11 @@ pub struct IndexStats {
     pub skipped_ports: u64,
     /// Listen keys claimed by more than one Service (counted per rebuild).
     pub conflicts: u64,
+    /// Bad fields skipped while the rest of their object is used: addresses
+    /// that do not parse, ports out of range, endpoints without an address
+    /// or of the wrong family (counted once per object version that
+    /// introduces them).
+    pub skipped_fields: u64,
 }
 
 /// A kind of object the index is fed. [`Index::apply`], [`Index::delete`]
@@ -228,6 +233,30 @@ impl Index {
     fn store<K: Watched>(&mut self, key: K::Key, info: Option<K::Info>) {
         if K::get(self, &key) != info.as_ref() {
             K::set(self, key, info);
+        }
+    }
+
+    /// Counts the bad fields a new version of an object skips that its
+    /// previous version did not, and logs them, once for the object.
+    fn note_skipped(
+        &mut self,
+        kind: &'static str,
+        key: &ObjectRef,
+        old: Option<&[String]>,
+        skipped: &[String],
+    ) {
+        let new: Vec<&String> = skipped
+            .iter()
+            .filter(|s| !old.is_some_and(|old| old.contains(s)))
+            .collect();
+        if !new.is_empty() {
+            self.stats.skipped_fields += new.len() as u64;
+            tracing::warn!(
+                kind,
+                object = %key,
+                skipped = ?new,
+                "skipping bad fields; the rest of the object is used"
+            );
         }
     }
 
@@ -509,6 +538,8 @@ impl Watched for K8sService {
                 index.services.remove(&key);
             }
             Some(info) => {
+                let old_skipped = index.services.get(&key).map(|o| o.skipped.clone());
+                index.note_skipped("Service", &key, old_skipped.as_deref(), &info.skipped);
                 let old = index.services.get(&key);
                 for p in &info.skipped_ports {
                     let seen = old.is_some_and(|o| o.skipped_ports.contains(p));
@@ -554,6 +585,10 @@ impl Watched for EndpointSlice {
     }
 
     fn set(index: &mut Index, key: ObjectRef, info: Option<SliceInfo>) {
+        if let Some(info) = &info {
+            let old = Self::get(index, &key).map(|o| o.skipped.clone());
+            index.note_skipped("EndpointSlice", &key, old.as_deref(), &info.skipped);
+        }
         if let Some(old_owner) = index.slice_owner.remove(&key) {
             if let Some(m) = index.slices.get_mut(&old_owner) {
                 m.remove(&key.name);

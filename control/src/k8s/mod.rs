@@ -27,8 +27,13 @@
 //! - Topology hints: for cluster-wide traffic, when every ready endpoint has
 //!   `hints.forZones` and one names this node's zone, only ready endpoints
 //!   hinted for the zone are used.
-//! - A malformed object is rejected with its namespace/name; the previous
-//!   version of that object stays, everything else updates.
+//! - A bad element (an address that does not parse, even with kube-proxy's
+//!   sloppy IPv4 parse that takes leading zeros; a port out of range; an
+//!   endpoint without an address or of the other family) is left out,
+//!   counted and logged once per object; the rest of the object is used.
+//! - A malformed object (no name, no spec, an affinity timeout out of range)
+//!   is rejected with its namespace/name; the previous version of that
+//!   object stays, everything else updates.
 
 pub mod convert;
 pub mod index;

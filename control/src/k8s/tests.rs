@@ -894,32 +894,32 @@ fn dual_stack_each_family_gets_its_endpoints() {
 }
 
 #[test]
-fn malformed_slice_is_rejected_and_the_rest_updates() {
+fn bad_slice_fields_are_skipped_and_the_rest_served() {
     let mut idx = web_index();
     idx.apply(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
         .unwrap();
     built(&mut idx);
-    let bad = mk_slice(
+    let mut bad = mk_slice(
         "default",
         "web-1",
         "web",
         "IPv4",
-        &[("http", 8080)],
-        vec![ep("10.0.0.1"), ep("not-an-ip")],
+        &[("http", 8080), ("zero", 0)],
+        vec![
+            ep("10.0.0.1"),
+            ep("not-an-ip"),
+            ep("fd00::1"),         // not IPv4
+            Endpoint::default(),   // no address
+            ep("010.000.000.002"), // kube-proxy's sloppy parse: 10.0.0.2
+        ],
     );
-    let err = idx.apply(&bad).unwrap_err();
-    assert!(err.to_string().contains("default/web-1"), "{err}");
-    assert!(err.to_string().contains("not-an-ip"), "{err}");
-    let mut v6_in_v4 = bad.clone();
-    v6_in_v4.endpoints = Some(vec![ep("fd00::1")]);
-    assert!(idx.apply(&v6_in_v4).is_err());
-    let mut no_addr = bad.clone();
-    no_addr.endpoints = Some(vec![Endpoint::default()]);
-    assert!(idx.apply(&no_addr).is_err());
-    let mut bad_port = bad.clone();
-    bad_port.endpoints = Some(vec![ep("10.0.0.1")]);
-    bad_port.ports.as_mut().unwrap()[0].port = Some(70000);
-    assert!(idx.apply(&bad_port).is_err());
+    bad.ports.as_mut().unwrap().push(EndpointPort {
+        name: Some("big".into()),
+        port: Some(70000),
+        protocol: Some("TCP".into()),
+        app_protocol: None,
+    });
+    idx.apply(&bad).unwrap();
     // Other objects still update.
     idx.apply(&mk_slice(
         "default",
@@ -934,34 +934,101 @@ fn malformed_slice_is_rejected_and_the_rest_updates() {
     assert_eq!(
         eligible(&svc_at(&t, "10.96.0.10:80")),
         addrs(&["10.0.0.1:8080", "10.0.0.2:8080"]),
-        "last good version of web-1 kept"
+        "the good endpoints of web-1 are used"
     );
     assert_eq!(
         eligible(&svc_at(&t, "10.96.0.12:80")),
         addrs(&["10.0.2.1:80"])
     );
-    assert_eq!(idx.stats().malformed, 4);
+    assert_eq!(idx.stats().malformed, 0);
+    assert_eq!(idx.stats().skipped_fields, 5, "3 endpoints, 2 ports");
+    // The same object again: not counted again.
+    idx.apply(&bad).unwrap();
+    assert_eq!(idx.stats().skipped_fields, 5);
+    // A nameless slice is still malformed as a whole.
+    bad.metadata.name = None;
+    let err = idx.apply(&bad).unwrap_err();
+    assert!(err.to_string().contains("no namespace or name"), "{err}");
+    assert_eq!(idx.stats().malformed, 1);
+}
+
+#[test]
+fn bad_service_fields_are_skipped_and_the_rest_served() {
+    let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
+    let mut svc = mk_service(
+        "d",
+        "s",
+        "10.96.0.3",
+        &[("http", 80), ("zero", 0), ("admin", 81)],
+    );
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_ips = Some(vec![
+            "nope".into(),
+            "203.000.113.007".into(), // sloppy: 203.0.113.7
+        ]);
+        let ports = s.ports.as_mut().unwrap();
+        ports[0].node_port = Some(30080);
+        ports[2].node_port = Some(70000);
+    }
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![
+                LoadBalancerIngress {
+                    ip: Some("203.0.113.300".into()),
+                    ..Default::default()
+                },
+                LoadBalancerIngress {
+                    ip: Some("203.0.113.8".into()),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        conditions: None,
+    });
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "10.96.0.3:80",
+            "10.96.0.3:81",
+            "192.0.2.10:30080",
+            "203.0.113.7:80",
+            "203.0.113.7:81",
+            "203.0.113.8:80",
+            "203.0.113.8:81",
+        ]
+    );
+    assert_eq!(idx.stats().skipped_fields, 4);
+    assert_eq!(idx.stats().malformed, 0);
+    idx.apply(&svc).unwrap();
+    assert_eq!(idx.stats().skipped_fields, 4, "counted once per object");
+    // A bad cluster IP is skipped too: the good one of the pair is served.
+    let mut pair = mk_service("d", "pair", "10.96.0.300", &[("", 80)]);
+    spec(&mut pair).cluster_ips = Some(vec!["10.96.0.300".into(), "10.96.0.4".into()]);
+    idx.apply(&pair).unwrap();
+    let t = built(&mut idx);
+    assert!(t.get(&key("10.96.0.4:80")).is_some());
+    assert_eq!(idx.stats().skipped_fields, 5);
 }
 
 #[test]
 fn malformed_service_is_rejected() {
     let mut idx = index();
-    let err = idx
-        .apply(&mk_service("d", "bad", "10.96.0.300", &[("", 80)]))
-        .unwrap_err();
-    assert_eq!(err.object, "d/bad");
-    assert!(err.reason.contains("10.96.0.300"), "{err}");
-    let err = idx
-        .apply(&mk_service("d", "bad", "10.96.0.3", &[("", 0)]))
-        .unwrap_err();
-    assert!(err.reason.contains("out of range"), "{err}");
-    let mut ext = mk_service("d", "bad", "10.96.0.3", &[("", 80)]);
-    spec(&mut ext).external_ips = Some(vec!["nope".into()]);
-    assert!(idx.apply(&ext).is_err());
     let mut nameless = mk_service("d", "x", "10.96.0.3", &[("", 80)]);
     nameless.metadata.name = None;
     assert!(idx.apply(&nameless).is_err());
+    let mut specless = mk_service("d", "bad", "10.96.0.3", &[("", 80)]);
+    specless.spec = None;
+    let err = idx.apply(&specless).unwrap_err();
+    assert_eq!(err.object, "d/bad");
+    assert!(err.reason.contains("no spec"), "{err}");
     assert!(built(&mut idx).is_empty());
+    assert_eq!(idx.stats().malformed, 2);
 }
 
 #[test]
@@ -1038,26 +1105,23 @@ fn relist_replaces_everything_and_touches_only_what_changed() {
 fn relist_keeps_last_good_version_of_a_malformed_object() {
     let mut idx = web_index();
     built(&mut idx);
-    let mut bad = mk_slice(
-        "default",
-        "web-1",
-        "web",
-        "IPv4",
-        &[("http", 8080)],
-        vec![ep("bogus")],
-    );
+    let mut bad = mk_service("default", "web", "10.96.0.11", &[("http", 80)]);
+    spec(&mut bad).session_affinity = Some("ClientIP".into());
+    spec(&mut bad).session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(86_401),
+        }),
+    });
     let errs = idx.reset([&bad], &[]);
     assert_eq!(errs.len(), 1);
-    assert_eq!(errs[0].object, "default/web-1");
-    assert!(!idx.build(), "old web-1 kept");
+    assert_eq!(errs[0].object, "default/web");
+    assert!(!idx.build(), "old web kept");
     assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.10:80")).len(), 2);
-    bad.endpoints = Some(vec![ep("10.0.0.5")]);
+    spec(&mut bad).session_affinity_config = None;
     assert!(idx.reset([&bad], &[]).is_empty());
     assert!(idx.build());
-    assert_eq!(
-        eligible(&svc_at(idx.table(), "10.96.0.10:80")),
-        addrs(&["10.0.0.5:8080"])
-    );
+    assert!(idx.table().get(&key("10.96.0.10:80")).is_none());
+    assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.11:80")).len(), 2);
 }
 
 #[test]
