@@ -316,7 +316,11 @@ impl Index {
                     {
                         external.extend(at(self.node_addresses(), np));
                     }
-                    if cluster.is_empty() && external.is_empty() {
+                    // kube-proxy serves a Service only in the families of
+                    // its cluster IPs: an IPv4-only Service gets no IPv6
+                    // node port or external address, and a Service without
+                    // a cluster IP (not allocated yet) nothing.
+                    if cluster.is_empty() {
                         continue;
                     }
                     let eps = self.merged_endpoints(slices, family, &port.name);
@@ -347,7 +351,9 @@ impl Index {
                     }
                 }
             }
-            if let Some(port) = info.health_check_node_port {
+            if let Some(port) = info.health_check_node_port
+                && !info.cluster_ips.is_empty()
+            {
                 let mut local: Vec<IpAddr> = slices
                     .values()
                     .flat_map(|s| s.endpoints.iter())

@@ -16,7 +16,9 @@
 //!   protocols are logged once and counted.
 //! - Listen keys: every `clusterIPs` entry, `externalIPs`, load-balancer
 //!   ingress IPs (not `ipMode: Proxy`), and `nodePort` on the node addresses
-//!   for NodePort and LoadBalancer Services. Headless and ExternalName
+//!   for NodePort and LoadBalancer Services, each only in the IP families
+//!   of the Service's cluster IPs (kube-proxy ignores a Service in a family
+//!   where it has none; without any cluster IP, nothing). Headless and ExternalName
 //!   Services, and those labelled `service.kubernetes.io/service-proxy-name`,
 //!   are skipped.
 //! - `internalTrafficPolicy: Local` (cluster IPs) and

@@ -1192,9 +1192,12 @@ fn single_slice_update_touches_only_its_service() {
 fn conflicting_claims_resolve_by_name_and_hand_over() {
     let mut idx = index();
     for name in ["a", "b"] {
-        let mut svc = mk_service("d", name, &format!("10.96.2.{}", name.len()), &[("", 80)]);
-        spec(&mut svc).cluster_ips = Some(vec![]);
-        spec(&mut svc).cluster_ip = None;
+        let cluster_ip = if name == "a" {
+            "10.96.2.1"
+        } else {
+            "10.96.2.2"
+        };
+        let mut svc = mk_service("d", name, cluster_ip, &[("", 80)]);
         spec(&mut svc).external_ips = Some(vec!["203.0.113.50".into()]);
         idx.apply(&svc).unwrap();
     }
@@ -1364,4 +1367,56 @@ fn duplicate_address_keeps_the_most_ready_copy() {
             .count(),
         1
     );
+}
+
+#[test]
+fn a_service_is_served_only_in_the_families_of_its_cluster_ips() {
+    let node_ips = vec![
+        "192.0.2.10".parse().unwrap(),
+        "2001:db8::10".parse().unwrap(),
+    ];
+    let mut idx = Index::new(Some(NODE.into()), node_ips);
+    let mut svc = mk_service("d", "v4", "10.96.0.7", &[("", 80)]);
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_ips = Some(vec!["203.0.113.7".into(), "2001:db8:1::7".into()]);
+        s.ports.as_mut().unwrap()[0].node_port = Some(30007);
+    }
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some("2001:db8:2::7".into()),
+                ..Default::default()
+            }]),
+        }),
+        conditions: None,
+    });
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec!["10.96.0.7:80", "192.0.2.10:30007", "203.0.113.7:80"],
+        "no IPv6 listener for an IPv4-only Service"
+    );
+    // Dual-stack: both families.
+    spec(&mut svc).cluster_ips = Some(vec!["10.96.0.7".into(), "fd00::7".into()]);
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    for k in [
+        "[fd00::7]:80",
+        "[2001:db8::10]:30007",
+        "[2001:db8:1::7]:80",
+        "[2001:db8:2::7]:80",
+    ] {
+        assert!(t.get(&key(k)).is_some(), "{k}");
+    }
+    assert_eq!(t.len(), 7);
+    // No cluster IP at all (not allocated yet): not served, as kube-proxy.
+    spec(&mut svc).cluster_ips = Some(vec![]);
+    spec(&mut svc).cluster_ip = Some(String::new());
+    idx.apply(&svc).unwrap();
+    assert!(built(&mut idx).is_empty());
 }
