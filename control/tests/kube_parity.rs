@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sluice_apiserver_fixture::ApiServer;
+use sluice_apiserver_fixture::{ApiServer, Kind};
 use sluice_control::source::kube::{KubeOptions, KubeStats, run};
 use sluice_control::{ListenKey, Publisher, Table};
 
@@ -167,4 +167,61 @@ async fn one_bad_field_is_skipped_and_the_rest_of_the_object_served() {
     assert_eq!(t.len(), 2);
     assert_eq!(run.stats.skipped_fields.load(Ordering::Relaxed), 2);
     assert_eq!(run.stats.malformed.load(Ordering::Relaxed), 0);
+}
+
+/// This node, `node-a`, in zone `z1` at 127.0.0.2.
+fn this_node() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}]},
+    })
+}
+
+/// `endpoint(ip)` ready, with `hints` (e.g. `{"forZones": [{"name": "z1"}]}`).
+fn hinted(ip: &str, hints: Value) -> Value {
+    let mut ep = endpoint(ip, true, true, false);
+    ep["hints"] = hints;
+    ep
+}
+
+#[tokio::test]
+async fn node_ports_stay_when_the_node_is_deleted_or_missing_from_a_relist() {
+    let api = ApiServer::start().await.unwrap();
+    api.apply_json(this_node()).unwrap();
+    let mut np = service("np", &["10.96.0.30"]);
+    np["spec"]["type"] = json!("NodePort");
+    np["spec"]["ports"][0]["nodePort"] = json!(30080);
+    api.apply_json(np).unwrap();
+    // Zone hints show when the Node is gone: without its zone they are unused.
+    api.apply_json(endpoint_slice(
+        "np-a",
+        "np",
+        vec![
+            hinted("10.0.0.1", json!({"forZones": [{"name": "z1"}]})),
+            hinted("10.0.0.2", json!({"forZones": [{"name": "z2"}]})),
+        ],
+    ))
+    .unwrap();
+    let run = Running::new(api).await;
+    let hints_used = |t: &Table| eligible(t, "127.0.0.2:30080").is_some_and(|e| e.len() == 1);
+    let hints_unused = |t: &Table| eligible(t, "10.96.0.30:80").is_some_and(|e| e.len() == 2);
+    run.until("node port on the Node's address", hints_used)
+        .await;
+    // Deleted, watch live.
+    run.api.delete(Kind::Node, "", "node-a").unwrap();
+    let t = run.until("Node deletion seen", hints_unused).await;
+    assert!(
+        eligible(&t, "127.0.0.2:30080").is_some(),
+        "node port kept on the last known address"
+    );
+    // Back, then deleted while the watch is down: the relist misses it.
+    run.api.apply_json(this_node()).unwrap();
+    run.until("Node back", hints_used).await;
+    run.api.kill_connections();
+    run.api.delete(Kind::Node, "", "node-a").unwrap();
+    run.api.compact();
+    let t = run.until("relist without the Node", hints_unused).await;
+    assert!(eligible(&t, "127.0.0.2:30080").is_some());
+    assert!(run.api.list_count(Kind::Node) >= 2, "a relist happened");
 }

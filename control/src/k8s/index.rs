@@ -103,6 +103,9 @@ pub struct Index {
     fixed_addresses: Vec<IpAddr>,
     /// This node's Node, once seen.
     node: Option<NodeInfo>,
+    /// The addresses of this node's Node when it was last seen: node ports
+    /// stay there when the Node is deleted or missing from a relist.
+    last_node_addresses: Vec<IpAddr>,
     services: HashMap<ObjectRef, Arc<ServiceInfo>>,
     /// Slice (`namespace/slice-name`) to the Service that owns it.
     slice_owner: HashMap<ObjectRef, ObjectRef>,
@@ -266,8 +269,9 @@ impl Index {
 
     fn node_addresses(&self) -> &[IpAddr] {
         match &self.node {
-            Some(node) if self.fixed_addresses.is_empty() => &node.addresses,
-            _ => &self.fixed_addresses,
+            _ if !self.fixed_addresses.is_empty() => &self.fixed_addresses,
+            Some(node) => &node.addresses,
+            None => &self.last_node_addresses,
         }
     }
 
@@ -650,6 +654,13 @@ impl Watched for Node {
     fn set(index: &mut Index, key: String, info: Option<NodeInfo>) {
         if index.is_this_node(&key) {
             // Zone and addresses feed every Service: rare, so rebuild all.
+            // A Node deleted (or missing from a relist) leaves its addresses
+            // to serve node ports on, as kube-proxy keeps the addresses it
+            // found at start-up; its zone goes (hints unused), as in
+            // kube-proxy.
+            if let Some(old) = index.node.take() {
+                index.last_node_addresses = old.addresses;
+            }
             index.node = info;
             index.dirty.extend(index.services.keys().cloned());
         }

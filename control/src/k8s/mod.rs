@@ -21,6 +21,9 @@
 //!   where it has none; without any cluster IP, nothing). Headless and ExternalName
 //!   Services, and those labelled `service.kubernetes.io/service-proxy-name`,
 //!   are skipped.
+//! - When this node's Node is deleted or missing from a relist, node ports
+//!   stay on its last known addresses (kube-proxy keeps the addresses it
+//!   found at start-up); its zone is forgotten, so zone hints are unused.
 //! - `internalTrafficPolicy: Local` (cluster IPs) and
 //!   `externalTrafficPolicy: Local` (external IPs, LB IPs, node ports): only
 //!   endpoints on this node, no fallback. `healthCheckNodePort` entries are

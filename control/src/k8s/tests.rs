@@ -548,7 +548,7 @@ fn node_address_change_moves_node_ports() {
 }
 
 #[test]
-fn node_relist_and_delete_take_the_generic_path() {
+fn node_deleted_or_missing_from_a_relist_keeps_its_addresses() {
     let mut idx = index();
     idx.apply(&mk_node_port_service()).unwrap();
     let ours = mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]);
@@ -559,14 +559,50 @@ fn node_relist_and_delete_take_the_generic_path() {
     // Relisted but undecodable: the previous version stays.
     idx.reset::<Node>([], &[NODE.to_owned()]);
     assert!(!idx.is_dirty());
-    // Deleted while the watch was down: the relist without it removes it.
+    // Deleted while the watch was down: the relist without it removes the
+    // Node, but node ports stay on its last known addresses (kube-proxy
+    // keeps the addresses it found at start-up).
     idx.reset([&other], &[]);
-    assert!(!node_port(&mut idx));
-    assert_eq!(idx.table().len(), 1, "the cluster IP stays");
-    idx.apply(&ours).unwrap();
     assert!(node_port(&mut idx));
+    assert_eq!(idx.table().len(), 2, "the cluster IP and the node port");
+    // Deleted: the same.
+    idx.apply(&ours).unwrap();
     idx.delete::<Node>(&NODE.to_owned());
+    assert!(node_port(&mut idx));
+    // Back with another address: the node port moves.
+    idx.apply(&mk_node(NODE, None, &[("InternalIP", "192.0.2.12")]))
+        .unwrap();
     assert!(!node_port(&mut idx));
+    assert!(idx.table().get(&key("192.0.2.12:31000")).is_some());
+}
+
+#[test]
+fn deleted_node_keeps_addresses_but_not_its_zone() {
+    let mut idx = index();
+    idx.apply(&mk_node(NODE, Some("z1"), &[("InternalIP", "192.0.2.10")]))
+        .unwrap();
+    let mut svc = mk_node_port_service();
+    spec(&mut svc).traffic_distribution = Some("PreferClose".into());
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
+        "default",
+        "np-1",
+        "np",
+        "IPv4",
+        &[("", 80)],
+        vec![ep_zones("10.0.0.1", &["z1"]), ep_zones("10.0.0.2", &["z2"])],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.30:80").eligible_len(), 1);
+    idx.delete::<Node>(&NODE.to_owned());
+    let t = built(&mut idx);
+    assert_eq!(
+        svc_at(&t, "10.96.0.30:80").eligible_len(),
+        2,
+        "no zone known: hints unused, as kube-proxy"
+    );
+    assert_eq!(svc_at(&t, "192.0.2.10:31000").eligible_len(), 2);
 }
 
 #[test]
