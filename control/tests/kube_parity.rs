@@ -225,3 +225,42 @@ async fn node_ports_stay_when_the_node_is_deleted_or_missing_from_a_relist() {
     assert!(eligible(&t, "127.0.0.2:30080").is_some());
     assert!(run.api.list_count(Kind::Node) >= 2, "a relist happened");
 }
+
+#[tokio::test]
+async fn prefer_same_node_uses_the_endpoints_hinted_for_this_node() {
+    let api = ApiServer::start().await.unwrap();
+    let mut web = service("web", &["10.96.0.10"]);
+    web["spec"]["trafficDistribution"] = json!("PreferSameNode");
+    api.apply_json(web).unwrap();
+    let for_node = |node: &str| json!({"forNodes": [{"name": node}], "forZones": [{"name": "z1"}]});
+    api.apply_json(endpoint_slice(
+        "web-a",
+        "web",
+        vec![
+            hinted("10.0.0.1", for_node("node-a")),
+            hinted("10.0.0.2", for_node("node-b")),
+        ],
+    ))
+    .unwrap();
+    let run = Running::new(api).await;
+    run.until("only the endpoint on this node", |t| {
+        eligible(t, "10.96.0.10:80") == Some(vec!["10.0.0.1:8080".into()])
+    })
+    .await;
+    // This node's endpoint goes: no endpoint is hinted for it, so hints
+    // are unused and the rest of the cluster serves.
+    run.api
+        .apply_json(endpoint_slice(
+            "web-a",
+            "web",
+            vec![
+                hinted("10.0.0.2", for_node("node-b")),
+                hinted("10.0.0.3", for_node("node-c")),
+            ],
+        ))
+        .unwrap();
+    run.until("fallback to every endpoint", |t| {
+        eligible(t, "10.96.0.10:80") == Some(vec!["10.0.0.2:8080".into(), "10.0.0.3:8080".into()])
+    })
+    .await;
+}

@@ -352,6 +352,9 @@ pub struct EndpointInfo {
     pub node_name: Option<String>,
     /// `hints.forZones`; `None` when the endpoint carries no zone hint.
     pub zones: Option<Vec<String>>,
+    /// `hints.forNodes` (`trafficDistribution: PreferSameNode`); `None` when
+    /// the endpoint carries no node hint.
+    pub nodes: Option<Vec<String>>,
 }
 
 /// What the index needs of an EndpointSlice.
@@ -430,17 +433,19 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Malformed>
             serving: c.and_then(|c| c.serving).unwrap_or(ready),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         };
-        let zones = ep
-            .hints
-            .as_ref()
-            .and_then(|h| h.for_zones.as_ref())
+        let hints = ep.hints.as_ref();
+        let zones = (hints.and_then(|h| h.for_zones.as_ref()))
             .filter(|z| !z.is_empty())
             .map(|z| z.iter().map(|z| z.name.clone()).collect());
+        let nodes = (hints.and_then(|h| h.for_nodes.as_ref()))
+            .filter(|n| !n.is_empty())
+            .map(|n| n.iter().map(|n| n.name.clone()).collect());
         endpoints.push(EndpointInfo {
             ip,
             conditions,
             node_name: ep.node_name.clone(),
             zones,
+            nodes,
         });
     }
     let trigger_time_ns = meta

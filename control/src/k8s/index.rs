@@ -483,17 +483,12 @@ impl Index {
                 .filter(|(_, e)| self.is_local(e))
                 .map(|(a, e)| Backend::new(*a, e.conditions))
                 .collect()
-        } else if let Some(zone) = self.topology_zone(eps) {
-            // Ready endpoints hinted for this zone; others that are not
-            // ready stay listed (for draining) but no fallback to them
+        } else if let Some(topology) = self.topology(eps) {
+            // Ready endpoints hinted for this node or zone; others that are
+            // not ready stay listed (for draining) but no fallback to them
             // happens since a ready one exists.
             eps.iter()
-                .filter(|(_, e)| {
-                    !e.conditions.ready
-                        || e.zones
-                            .as_ref()
-                            .is_some_and(|z| z.iter().any(|z| z == zone))
-                })
+                .filter(|(_, e)| !e.conditions.ready || topology.admits(e))
                 .map(|(a, e)| Backend::new(*a, e.conditions))
                 .collect()
         } else {
@@ -504,21 +499,45 @@ impl Index {
         Service::new(name, Policy::RoundRobin, info.affinity, backends)
     }
 
-    /// This node's zone when topology hints apply: every ready endpoint
-    /// carries `hints.forZones` and one of them names this zone (kube-proxy's
-    /// rule; only ready endpoints are considered, as kube-proxy does).
-    fn topology_zone(&self, eps: &[(SocketAddr, &EndpointInfo)]) -> Option<&str> {
-        let zone = self.node.as_ref()?.zone.as_deref()?;
-        let mut any_ready = false;
-        let mut hit = false;
-        for (_, e) in eps.iter().filter(|(_, e)| e.conditions.ready) {
-            any_ready = true;
-            match &e.zones {
-                None => return None,
-                Some(z) => hit |= z.iter().any(|z| z == zone),
+    /// Which topology hints apply, kube-proxy's rule (only ready endpoints
+    /// are considered): node hints when every ready endpoint carries
+    /// `hints.forNodes` and one names this node; else zone hints when every
+    /// ready endpoint carries `hints.forZones` and one names this node's
+    /// zone; else none.
+    fn topology(&self, eps: &[(SocketAddr, &EndpointInfo)]) -> Option<Topology<'_>> {
+        let ready = || eps.iter().map(|(_, e)| e).filter(|e| e.conditions.ready);
+        let hinted = |hints: fn(&EndpointInfo) -> Option<&Vec<String>>, name: &str| {
+            let mut any = false;
+            for e in ready() {
+                any |= hints(e)?.iter().any(|n| n == name);
             }
+            any.then_some(())
+        };
+        if let Some(node) = self.node_name.as_deref()
+            && hinted(|e| e.nodes.as_ref(), node).is_some()
+        {
+            return Some(Topology::Node(node));
         }
-        (any_ready && hit).then_some(zone)
+        let zone = self.node.as_ref()?.zone.as_deref()?;
+        hinted(|e| e.zones.as_ref(), zone).map(|()| Topology::Zone(zone))
+    }
+}
+
+/// The topology hints in use for a Service port: this node's name or zone.
+#[derive(Debug, Clone, Copy)]
+enum Topology<'a> {
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+impl Topology<'_> {
+    /// Whether an endpoint is hinted for this node (or zone).
+    fn admits(self, e: &EndpointInfo) -> bool {
+        let (hints, name) = match self {
+            Topology::Node(node) => (&e.nodes, node),
+            Topology::Zone(zone) => (&e.zones, zone),
+        };
+        hints.as_ref().is_some_and(|h| h.iter().any(|h| h == name))
     }
 }
 

@@ -29,9 +29,12 @@
 //!   endpoints on this node, no fallback. `healthCheckNodePort` entries are
 //!   reported by [`Index::health_checks`].
 //! - `sessionAffinity: ClientIP` with its timeout (default 10800 s).
-//! - Topology hints: for cluster-wide traffic, when every ready endpoint has
+//! - Topology hints (kube-proxy's rule), for cluster-wide traffic: when
+//!   every ready endpoint has `hints.forNodes` and one names this node
+//!   (`trafficDistribution: PreferSameNode`), only ready endpoints hinted
+//!   for this node are used; otherwise, when every ready endpoint has
 //!   `hints.forZones` and one names this node's zone, only ready endpoints
-//!   hinted for the zone are used.
+//!   hinted for the zone.
 //! - A bad element (an address that does not parse, even with kube-proxy's
 //!   sloppy IPv4 parse that takes leading zeros; a port out of range; an
 //!   endpoint without an address or of the other family) is left out,

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
     Service as K8sService, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -1455,4 +1455,77 @@ fn a_service_is_served_only_in_the_families_of_its_cluster_ips() {
     spec(&mut svc).cluster_ip = Some(String::new());
     idx.apply(&svc).unwrap();
     assert!(built(&mut idx).is_empty());
+}
+
+/// `ep(ip)` with `hints.forZones` and `hints.forNodes`.
+fn ep_hints(ip: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
+    Endpoint {
+        hints: Some(EndpointHints {
+            for_zones: Some(
+                zones
+                    .iter()
+                    .map(|z| ForZone {
+                        name: z.to_string(),
+                    })
+                    .collect(),
+            ),
+            for_nodes: Some(
+                nodes
+                    .iter()
+                    .map(|n| ForNode {
+                        name: n.to_string(),
+                    })
+                    .collect(),
+            ),
+        }),
+        ..ep(ip)
+    }
+}
+
+#[test]
+fn same_node_hints_before_zone_hints() {
+    let hinted = || {
+        vec![
+            ep_hints("10.0.0.1", &["z1"], &[NODE]),
+            ep_hints("10.0.0.2", &["z1"], &["node-b"]),
+            ep_hints("10.0.0.3", &["z2"], &["node-c"]),
+        ]
+    };
+    // trafficDistribution: PreferSameNode; this node is hinted.
+    let t = zoned_index(Some("z1"), hinted());
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80"])
+    );
+    // Node hints need no zone.
+    let t = zoned_index(None, hinted());
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80"])
+    );
+    // No endpoint for this node: zone hints apply.
+    let mut elsewhere = hinted();
+    elsewhere.remove(0);
+    elsewhere.push(ep_hints("10.0.0.4", &["z1"], &["node-d"]));
+    let t = zoned_index(Some("z1"), elsewhere);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.2:80", "10.0.0.4:80"])
+    );
+    // A ready endpoint without a node hint: zone hints apply.
+    let mut partial = hinted();
+    partial.push(ep_zones("10.0.0.5", &["z1"]));
+    let t = zoned_index(Some("z1"), partial);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.5:80"])
+    );
+    // A not-ready endpoint without hints does not disable them.
+    let mut with_unready = hinted();
+    with_unready.push(ep_cond("10.0.0.6", Some(false), Some(true), Some(true)));
+    let t = zoned_index(Some("z1"), with_unready);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80"])
+    );
 }
