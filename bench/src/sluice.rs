@@ -214,7 +214,7 @@ fn is_fresh(bin: &Path, root: &Path) -> bool {
 /// Writes `cfg` to `path` atomically: a temp file in the same directory,
 /// then rename.
 pub fn write_config_atomic(path: &Path, cfg: &Config) -> Result<()> {
-    let yaml = serde_yaml::to_string(cfg).context("serializing config")?;
+    let yaml = serde_saphyr::to_string(cfg).context("serializing config")?;
     let dir = path.parent().context("config path has no directory")?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".sluice-config-")
@@ -824,8 +824,8 @@ sluice_table_generation 8
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.yaml");
         write_config_atomic(&p, &cfg).unwrap();
-        let v: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         let svc = &v["services"][0];
         assert_eq!(svc["listen"].as_str(), Some("127.0.0.1:8080"));
         assert_eq!(svc["policy"].as_str(), Some("round-robin"));
