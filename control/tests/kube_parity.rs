@@ -62,7 +62,12 @@ impl Drop for Running {
 }
 
 impl Running {
-    async fn new(api: ApiServer) -> Self {
+    /// A fixture apiserver holding `objects`, and the source watching it.
+    async fn start(objects: Vec<Value>) -> Self {
+        let api = ApiServer::start().await.unwrap();
+        for obj in objects {
+            api.apply_json(obj).unwrap();
+        }
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("config");
         api.write_kubeconfig(&kubeconfig).unwrap();
@@ -98,6 +103,13 @@ impl Running {
         let keys: Vec<_> = self.publisher.load().keys().copied().collect();
         panic!("never happened: {what}; table keys: {keys:?}");
     }
+
+    /// Waits until the backends eligible at `addr` are `want` (sorted).
+    async fn until_eligible(&self, what: &str, addr: &str, want: &[&str]) -> Arc<Table> {
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        self.until(what, |t| eligible(t, addr).as_ref() == Some(&want))
+            .await
+    }
 }
 
 /// The eligible backends at `addr`, sorted; `None` without an entry.
@@ -110,22 +122,15 @@ fn eligible(t: &Table, addr: &str) -> Option<Vec<String>> {
 
 #[tokio::test]
 async fn reused_ip_of_a_terminating_pod_takes_new_connections() {
-    let api = ApiServer::start().await.unwrap();
-    api.apply_json(service("web", &["10.96.0.10"])).unwrap();
-    api.apply_json(endpoint_slice(
-        "web-a",
-        "web",
-        vec![
-            endpoint("10.0.0.1", true, true, false),
-            endpoint("10.0.0.9", false, true, true),
-        ],
-    ))
-    .unwrap();
-    let run = Running::new(api).await;
-    run.until("old pod draining", |t| {
-        eligible(t, "10.96.0.10:80") == Some(vec!["10.0.0.1:8080".into()])
-    })
-    .await;
+    let old_pod = endpoint("10.0.0.9", false, true, true);
+    let eps = vec![endpoint("10.0.0.1", true, true, false), old_pod];
+    let web = vec![
+        service("web", &["10.96.0.10"]),
+        endpoint_slice("web-a", "web", eps),
+    ];
+    let run = Running::start(web).await;
+    run.until_eligible("old pod draining", "10.96.0.10:80", &["10.0.0.1:8080"])
+        .await;
     // A new pod gets 10.0.0.9 and lands in a slice sorting after web-a.
     run.api
         .apply_json(endpoint_slice(
@@ -134,36 +139,23 @@ async fn reused_ip_of_a_terminating_pod_takes_new_connections() {
             vec![endpoint("10.0.0.9", true, true, false)],
         ))
         .unwrap();
-    run.until("the new pod on the reused IP is eligible", |t| {
-        eligible(t, "10.96.0.10:80") == Some(vec!["10.0.0.1:8080".into(), "10.0.0.9:8080".into()])
-    })
-    .await;
+    let both = ["10.0.0.1:8080", "10.0.0.9:8080"];
+    run.until_eligible("the new pod on the reused IP", "10.96.0.10:80", &both)
+        .await;
 }
 
 #[tokio::test]
 async fn one_bad_field_is_skipped_and_the_rest_of_the_object_served() {
-    let api = ApiServer::start().await.unwrap();
     let mut web = service("web", &["10.96.0.10"]);
     web["spec"]["externalIPs"] = json!(["not-an-ip", "127.0.0.20"]);
-    api.apply_json(web).unwrap();
-    api.apply_json(endpoint_slice(
-        "web-a",
-        "web",
-        vec![
-            endpoint("10.0.0.1", true, true, false),
-            endpoint("10.0.0.999", true, true, false),
-            endpoint("010.000.000.002", true, true, false),
-        ],
-    ))
-    .unwrap();
-    let run = Running::new(api).await;
-    let both = Some(vec!["10.0.0.1:8080".into(), "10.0.0.2:8080".into()]);
+    let ready = ["10.0.0.1", "10.0.0.999", "010.000.000.002"];
+    let eps = ready.map(|ip| endpoint(ip, true, true, false)).to_vec();
+    let run = Running::start(vec![web, endpoint_slice("web-a", "web", eps)]).await;
+    let both = ["10.0.0.1:8080", "10.0.0.2:8080"];
     let t = run
-        .until("web served with its good fields", |t| {
-            eligible(t, "10.96.0.10:80") == both
-        })
+        .until_eligible("web served with its good fields", "10.96.0.10:80", &both)
         .await;
-    assert_eq!(eligible(&t, "127.0.0.20:80"), both);
+    assert_eq!(eligible(&t, "127.0.0.20:80").unwrap(), both);
     assert_eq!(t.len(), 2);
     assert_eq!(run.stats.skipped_fields.load(Ordering::Relaxed), 2);
     assert_eq!(run.stats.malformed.load(Ordering::Relaxed), 0);
@@ -187,23 +179,15 @@ fn hinted(ip: &str, hints: Value) -> Value {
 
 #[tokio::test]
 async fn node_ports_stay_when_the_node_is_deleted_or_missing_from_a_relist() {
-    let api = ApiServer::start().await.unwrap();
-    api.apply_json(this_node()).unwrap();
     let mut np = service("np", &["10.96.0.30"]);
     np["spec"]["type"] = json!("NodePort");
     np["spec"]["ports"][0]["nodePort"] = json!(30080);
-    api.apply_json(np).unwrap();
     // Zone hints show when the Node is gone: without its zone they are unused.
-    api.apply_json(endpoint_slice(
-        "np-a",
-        "np",
-        vec![
-            hinted("10.0.0.1", json!({"forZones": [{"name": "z1"}]})),
-            hinted("10.0.0.2", json!({"forZones": [{"name": "z2"}]})),
-        ],
-    ))
-    .unwrap();
-    let run = Running::new(api).await;
+    let eps = vec![
+        hinted("10.0.0.1", json!({"forZones": [{"name": "z1"}]})),
+        hinted("10.0.0.2", json!({"forZones": [{"name": "z2"}]})),
+    ];
+    let run = Running::start(vec![this_node(), np, endpoint_slice("np-a", "np", eps)]).await;
     let hints_used = |t: &Table| eligible(t, "127.0.0.2:30080").is_some_and(|e| e.len() == 1);
     let hints_unused = |t: &Table| eligible(t, "10.96.0.30:80").is_some_and(|e| e.len() == 2);
     run.until("node port on the Node's address", hints_used)
@@ -228,24 +212,19 @@ async fn node_ports_stay_when_the_node_is_deleted_or_missing_from_a_relist() {
 
 #[tokio::test]
 async fn prefer_same_node_uses_the_endpoints_hinted_for_this_node() {
-    let api = ApiServer::start().await.unwrap();
     let mut web = service("web", &["10.96.0.10"]);
     web["spec"]["trafficDistribution"] = json!("PreferSameNode");
-    api.apply_json(web).unwrap();
     let for_node = |node: &str| json!({"forNodes": [{"name": node}], "forZones": [{"name": "z1"}]});
-    api.apply_json(endpoint_slice(
-        "web-a",
-        "web",
-        vec![
-            hinted("10.0.0.1", for_node("node-a")),
-            hinted("10.0.0.2", for_node("node-b")),
-        ],
-    ))
-    .unwrap();
-    let run = Running::new(api).await;
-    run.until("only the endpoint on this node", |t| {
-        eligible(t, "10.96.0.10:80") == Some(vec!["10.0.0.1:8080".into()])
-    })
+    let eps = vec![
+        hinted("10.0.0.1", for_node("node-a")),
+        hinted("10.0.0.2", for_node("node-b")),
+    ];
+    let run = Running::start(vec![web, endpoint_slice("web-a", "web", eps)]).await;
+    run.until_eligible(
+        "only this node's endpoint",
+        "10.96.0.10:80",
+        &["10.0.0.1:8080"],
+    )
     .await;
     // This node's endpoint goes: no endpoint is hinted for it, so hints
     // are unused and the rest of the cluster serves.
@@ -259,8 +238,7 @@ async fn prefer_same_node_uses_the_endpoints_hinted_for_this_node() {
             ],
         ))
         .unwrap();
-    run.until("fallback to every endpoint", |t| {
-        eligible(t, "10.96.0.10:80") == Some(vec!["10.0.0.2:8080".into(), "10.0.0.3:8080".into()])
-    })
-    .await;
+    let rest = ["10.0.0.2:8080", "10.0.0.3:8080"];
+    run.until_eligible("fallback to every endpoint", "10.96.0.10:80", &rest)
+        .await;
 }

@@ -206,6 +206,27 @@ fn eligible(s: &Service) -> Vec<SocketAddr> {
     v
 }
 
+/// Every listen address of a table, as text, sorted.
+fn listen_addrs(t: &Table) -> Vec<String> {
+    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
+    keys.sort();
+    keys
+}
+
+/// A Service status with load-balancer ingress `ips`.
+fn lb_status(ips: &[&str]) -> Option<ServiceStatus> {
+    let ingress = ips.iter().map(|ip| LoadBalancerIngress {
+        ip: Some(ip.to_string()),
+        ..Default::default()
+    });
+    Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(ingress.collect()),
+        }),
+        conditions: None,
+    })
+}
+
 fn addrs(v: &[&str]) -> Vec<SocketAddr> {
     let mut v: Vec<_> = v.iter().map(|s| sa(s)).collect();
     v.sort();
@@ -492,10 +513,8 @@ fn external_lb_and_node_port_addresses() {
     ))
     .unwrap();
     let t = built(&mut idx);
-    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        listen_addrs(&t),
         vec![
             "10.96.0.10:80",
             "192.0.2.10:30080",
@@ -1008,27 +1027,11 @@ fn bad_service_fields_are_skipped_and_the_rest_served() {
         ports[0].node_port = Some(30080);
         ports[2].node_port = Some(70000);
     }
-    svc.status = Some(ServiceStatus {
-        load_balancer: Some(LoadBalancerStatus {
-            ingress: Some(vec![
-                LoadBalancerIngress {
-                    ip: Some("203.0.113.300".into()),
-                    ..Default::default()
-                },
-                LoadBalancerIngress {
-                    ip: Some("203.0.113.8".into()),
-                    ..Default::default()
-                },
-            ]),
-        }),
-        conditions: None,
-    });
+    svc.status = lb_status(&["203.0.113.300", "203.0.113.8"]);
     idx.apply(&svc).unwrap();
     let t = built(&mut idx);
-    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        listen_addrs(&t),
         vec![
             "10.96.0.3:80",
             "10.96.0.3:81",
@@ -1335,73 +1338,31 @@ fn duplicate_address_keeps_the_most_ready_copy() {
     // A new pod reuses the IP of a terminating one; the terminating copy sits
     // in the slice whose name sorts first.
     let mut idx = web_index();
-    idx.apply(&mk_slice(
-        "default",
-        "web-0",
-        "web",
-        "IPv4",
-        &[("http", 8080)],
-        vec![ep_cond("10.0.0.9", Some(false), Some(true), Some(true))],
-    ))
-    .unwrap();
-    idx.apply(&mk_slice(
-        "default",
-        "web-2",
-        "web",
-        "IPv4",
-        &[("http", 8080)],
-        vec![ep("10.0.0.9")],
-    ))
-    .unwrap();
-    let t = built(&mut idx);
-    let s = svc_at(&t, "10.96.0.10:80");
-    let copies: Vec<_> = s
-        .backends()
-        .iter()
-        .filter(|b| b.addr == sa("10.0.0.9:8080"))
-        .collect();
-    assert_eq!(copies.len(), 1, "kept once");
-    assert_eq!(copies[0].conditions, Conditions::READY);
-    assert_eq!(
-        eligible(&s),
-        addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.9:8080"])
-    );
-    // Serving (not ready, not terminating) beats serving-terminating too.
-    idx.apply(&mk_slice(
-        "default",
-        "web-2",
-        "web",
-        "IPv4",
-        &[("http", 8080)],
-        vec![ep_cond("10.0.0.9", Some(false), Some(true), Some(false))],
-    ))
-    .unwrap();
-    let t = built(&mut idx);
-    let s = svc_at(&t, "10.96.0.10:80");
-    let b = s
-        .backends()
-        .iter()
-        .find(|b| b.addr == sa("10.0.0.9:8080"))
-        .unwrap();
-    assert!(!b.conditions.terminating, "{:?}", b.conditions);
-    // Equal copies: the first slice by name is kept (deterministic).
-    idx.apply(&mk_slice(
-        "default",
-        "web-2",
-        "web",
-        "IPv4",
-        &[("http", 8080)],
-        vec![ep_cond("10.0.0.9", Some(false), Some(true), Some(true))],
-    ))
-    .unwrap();
-    let t = built(&mut idx);
-    assert_eq!(
-        svc_at(&t, "10.96.0.10:80")
-            .backends()
-            .iter()
+    let slice = |name: &str, conditions: (bool, bool, bool)| {
+        let (ready, serving, terminating) = conditions;
+        let ep = ep_cond("10.0.0.9", Some(ready), Some(serving), Some(terminating));
+        mk_slice("default", name, "web", "IPv4", &[("http", 8080)], vec![ep])
+    };
+    idx.apply(&slice("web-0", (false, true, true))).unwrap();
+    // The copies of 10.0.0.9 in the table once web-2 has `conditions`.
+    let mut copies = |conditions| {
+        idx.apply(&slice("web-2", conditions)).unwrap();
+        let s = svc_at(&built(&mut idx), "10.96.0.10:80");
+        (s.backends().iter())
             .filter(|b| b.addr == sa("10.0.0.9:8080"))
-            .count(),
-        1
+            .map(|b| b.conditions)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(copies((true, true, false)), [Conditions::READY]);
+    // Serving (not ready, not terminating) beats serving-terminating too.
+    let serving = copies((false, true, false));
+    assert!(serving.len() == 1 && !serving[0].terminating, "{serving:?}");
+    // Equal copies: one is kept (the first slice's).
+    assert_eq!(copies((false, true, true)), [Conditions::TERMINATING]);
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
     );
 }
 
@@ -1419,21 +1380,11 @@ fn a_service_is_served_only_in_the_families_of_its_cluster_ips() {
         s.external_ips = Some(vec!["203.0.113.7".into(), "2001:db8:1::7".into()]);
         s.ports.as_mut().unwrap()[0].node_port = Some(30007);
     }
-    svc.status = Some(ServiceStatus {
-        load_balancer: Some(LoadBalancerStatus {
-            ingress: Some(vec![LoadBalancerIngress {
-                ip: Some("2001:db8:2::7".into()),
-                ..Default::default()
-            }]),
-        }),
-        conditions: None,
-    });
+    svc.status = lb_status(&["2001:db8:2::7"]);
     idx.apply(&svc).unwrap();
     let t = built(&mut idx);
-    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        listen_addrs(&t),
         vec!["10.96.0.7:80", "192.0.2.10:30007", "203.0.113.7:80"],
         "no IPv6 listener for an IPv4-only Service"
     );
