@@ -125,6 +125,8 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let mut metrics = Metrics::new();
     let reload = Arc::new(Notify::new());
     let mut warnings = Vec::new();
+    let started = std::time::Instant::now();
+    let node_eligible = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if let Some(config) = &args.config {
         let first = match file::load(config) {
             Ok(t) => t,
@@ -146,6 +148,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             node_name: args.node_name.clone(),
             node_addresses: args.node_addresses.clone(),
             coalesce: args.min_sync_period,
+            node_eligible: node_eligible.clone(),
             ..kube::KubeOptions::default()
         };
         match kube::reached_through_service(&opts).await {
@@ -241,6 +244,8 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         metrics,
         health_timeout: args.healthz_timeout,
         warnings,
+        node_eligible,
+        started,
     });
     for (addr, endpoints) in [
         (args.healthz_bind_address, Endpoints::Health),

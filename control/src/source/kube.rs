@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
@@ -74,6 +74,10 @@ pub struct KubeOptions {
     /// Where `healthCheckNodePort` responders listen (kube-proxy: all
     /// addresses, the default).
     pub health_check_ip: IpAddr,
+    /// Kept equal to [`Index::node_eligible`] (share the `Arc` to read it):
+    /// false while this node's Node is being deleted or carries the
+    /// cluster autoscaler's deletion taint.
+    pub node_eligible: Arc<AtomicBool>,
 }
 
 impl Default for KubeOptions {
@@ -85,6 +89,7 @@ impl Default for KubeOptions {
             coalesce: DEFAULT_COALESCE,
             stats: Arc::default(),
             health_check_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            node_eligible: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -578,6 +583,13 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
                 if src.published && !src.index.is_dirty() {
                     // The input changed nothing the table depends on.
                     publisher.settle_unchanged();
+                }
+                let eligible = src.index.node_eligible();
+                if opts.node_eligible.swap(eligible, Ordering::Relaxed) != eligible {
+                    tracing::info!(
+                        eligible,
+                        "node eligibility for load-balancer traffic changed (/healthz nodeEligible)"
+                    );
                 }
             }
             Some(None) => {
