@@ -452,6 +452,9 @@ mod tests {
         let opts = Options::new("/bin/sh").args(["-c", "echo no table here >&2; exit 3"]);
         let err = Daemon::start(opts).await.err().unwrap();
         let msg = format!("{err:#}");
-        assert!(msg.contains("exited") && msg.contains("no table here"), "{msg}");
+        assert!(
+            msg.contains("exited") && msg.contains("no table here"),
+            "{msg}"
+        );
     }
 }

@@ -58,7 +58,12 @@ mod tests {
             req
         });
         assert_eq!(get(addr, "/readyz").await.unwrap(), (503, "no\n".into()));
-        assert!(server.await.unwrap().starts_with("GET /readyz HTTP/1.0\r\n"));
+        assert!(
+            server
+                .await
+                .unwrap()
+                .starts_with("GET /readyz HTTP/1.0\r\n")
+        );
         let err = get(addr, "/x").await.unwrap_err();
         assert!(err.to_string().contains(&format!("{addr}/x")), "{err}");
     }

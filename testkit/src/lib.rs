@@ -45,7 +45,10 @@ mod tests {
     fn metric_reads_one_exact_series() {
         let text = "# TYPE sluice_table_generation gauge\nsluice_table_generation 7\nsluice_table_generation_x 9\nsluice_closed_total{reason=\"cut\"} 2\n";
         assert_eq!(metric(text, "sluice_table_generation"), Some(7.0));
-        assert_eq!(metric(text, "sluice_closed_total{reason=\"cut\"}"), Some(2.0));
+        assert_eq!(
+            metric(text, "sluice_closed_total{reason=\"cut\"}"),
+            Some(2.0)
+        );
         assert_eq!(metric(text, "sluice_closed_total"), None);
         assert_eq!(metric(text, "absent"), None);
     }
