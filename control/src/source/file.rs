@@ -74,9 +74,12 @@ use tokio::sync::Notify;
 use crate::publish::Publisher;
 use crate::table::Table;
 
+mod doc;
 mod schema;
 #[cfg(test)]
 mod tests;
+
+pub use doc::{AffinityDoc, BackendDoc, ConfigDoc, ServiceDoc, ToYamlError};
 
 /// A file larger than this is refused (a config is a few KiB).
 pub const MAX_FILE_BYTES: u64 = 16 << 20;

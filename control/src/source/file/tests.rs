@@ -990,3 +990,61 @@ fn logs_say_what_changed_once() {
         ]
     );
 }
+
+// ---- the document types ----
+
+#[test]
+fn documents_round_trip_through_yaml() {
+    let doc = ConfigDoc::new(vec![
+        ServiceDoc::new(
+            "web",
+            addr("127.0.0.1:8080"),
+            vec![
+                BackendDoc::ready(addr("10.0.0.1:80")),
+                BackendDoc::terminating(addr("10.0.0.2:80")).with_weight(3),
+                BackendDoc::not_ready(addr("10.0.0.3:80")).with_weight(0),
+            ],
+        ),
+        ServiceDoc::new("api", addr("[::1]:8443"), vec![])
+            .with_policy(Policy::LeastConnections)
+            .with_affinity(600),
+    ]);
+    let text = doc.to_yaml().unwrap();
+    let table = parse("t.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let backend = |a: &str, conditions, weight| crate::table::Backend {
+        addr: addr(a),
+        conditions,
+        weight,
+    };
+    let not_ready = Conditions {
+        ready: false,
+        serving: false,
+        terminating: false,
+    };
+    let mut want = Table::new();
+    want.insert(
+        ListenKey::tcp(addr("127.0.0.1:8080")),
+        Arc::new(crate::table::Service::new(
+            "web",
+            Policy::RoundRobin,
+            None,
+            vec![
+                backend("10.0.0.1:80", Conditions::READY, 1),
+                backend("10.0.0.2:80", Conditions::TERMINATING, 3),
+                backend("10.0.0.3:80", not_ready, 0),
+            ],
+        )),
+    );
+    want.insert(
+        ListenKey::tcp(addr("[::1]:8443")),
+        Arc::new(crate::table::Service::new(
+            "api",
+            Policy::LeastConnections,
+            Some(Affinity {
+                timeout: Duration::from_secs(600),
+            }),
+            vec![],
+        )),
+    );
+    assert_eq!(table, want, "{text}");
+}

@@ -1,0 +1,173 @@
+//! The file's schema, declared once: what `sluice --config FILE` reads and
+//! what tests and `sluice-bench` write.
+//!
+//! These are plain serde documents. Parsing one only checks the YAML shape
+//! and types; the rules across fields (unique listen addresses and backends,
+//! ranges, port 0, protocol) are checked when the file source turns it into
+//! a [`crate::Table`] (see [`super::parse`]).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::table::{Affinity, Policy, Protocol};
+
+/// The whole file: `services:` and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConfigDoc {
+    /// Keyed by `listen`; `services: []` is an empty table.
+    pub services: Vec<ServiceDoc>,
+}
+
+/// One entry of `services:`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceDoc {
+    /// Non-empty; used in logs and metrics.
+    pub name: String,
+    /// IP:port; IPv6 quoted in YAML (`"[::1]:8080"`).
+    pub listen: SocketAddr,
+    /// Only `tcp` is served.
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub policy: Policy,
+    /// Client-IP affinity; `affinity: {}` for the default timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<AffinityDoc>,
+    /// `backends: []` for none.
+    pub backends: Vec<BackendDoc>,
+}
+
+/// `affinity:` of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AffinityDoc {
+    /// 1..=86400, as Kubernetes validates
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    #[serde(default = "AffinityDoc::default_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+/// One entry of `backends:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendDoc {
+    /// Unique within the service.
+    pub address: SocketAddr,
+    #[serde(default = "yes")]
+    pub ready: bool,
+    /// Unset means the same as `ready` (as in Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<bool>,
+    #[serde(default)]
+    pub terminating: bool,
+    /// 0 means no new connections.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Why a document could not be written as YAML.
+pub type ToYamlError = serde_saphyr::ser::Error;
+
+impl ConfigDoc {
+    pub fn new(services: Vec<ServiceDoc>) -> Self {
+        Self { services }
+    }
+
+    /// The document as the file source reads it.
+    pub fn to_yaml(&self) -> Result<String, ToYamlError> {
+        serde_saphyr::to_string(self)
+    }
+}
+
+impl From<ServiceDoc> for ConfigDoc {
+    fn from(service: ServiceDoc) -> Self {
+        Self::new(vec![service])
+    }
+}
+
+impl ServiceDoc {
+    /// A TCP, round-robin service without affinity.
+    pub fn new(name: impl Into<String>, listen: SocketAddr, backends: Vec<BackendDoc>) -> Self {
+        Self {
+            name: name.into(),
+            listen,
+            protocol: Protocol::Tcp,
+            policy: Policy::RoundRobin,
+            affinity: None,
+            backends,
+        }
+    }
+
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Client-IP affinity with this timeout (whole seconds).
+    pub fn with_affinity(mut self, timeout_seconds: u64) -> Self {
+        self.affinity = Some(AffinityDoc { timeout_seconds });
+        self
+    }
+}
+
+impl AffinityDoc {
+    fn default_timeout_seconds() -> u64 {
+        Affinity::DEFAULT_TIMEOUT.as_secs()
+    }
+}
+
+impl Default for AffinityDoc {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: Self::default_timeout_seconds(),
+        }
+    }
+}
+
+impl BackendDoc {
+    /// Ready (so serving), not terminating, weight 1.
+    pub fn ready(address: SocketAddr) -> Self {
+        Self {
+            address,
+            ready: true,
+            serving: None,
+            terminating: false,
+            weight: 1,
+        }
+    }
+
+    /// Neither ready nor serving: never picked.
+    pub fn not_ready(address: SocketAddr) -> Self {
+        Self {
+            ready: false,
+            ..Self::ready(address)
+        }
+    }
+
+    /// Terminating but still serving: what Kubernetes shows during a pod's
+    /// grace period.
+    pub fn terminating(address: SocketAddr) -> Self {
+        Self {
+            ready: false,
+            serving: Some(true),
+            terminating: true,
+            ..Self::ready(address)
+        }
+    }
+
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
