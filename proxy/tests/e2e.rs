@@ -7,6 +7,8 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use sluice_control::Policy;
+use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
 use sluice_testkit::backend::{self, Backend, Event, Mode};
 use sluice_testkit::daemon::Signal;
 use sluice_testkit::{Daemon, Options, free_addr, http, metric};
@@ -19,14 +21,24 @@ fn listen_addr() -> SocketAddr {
     free_addr().unwrap()
 }
 
-/// sluice on the file `yaml`, with `extra` flags, its first table live.
-async fn start(yaml: &str, extra: &[&str]) -> Daemon {
+/// sluice on a file with `config`, with `extra` flags, its first table
+/// live.
+async fn start(config: impl Into<ConfigDoc>, extra: &[&str]) -> Daemon {
     let opts = Options::new(env!("CARGO_BIN_EXE_sluice"))
-        .config(yaml)
+        .config(yaml(config))
         .args(["--config-poll-interval", "100ms"])
         .args(extra.iter().copied())
         .log_filter("info");
     Daemon::start(opts).await.unwrap()
+}
+
+fn yaml(config: impl Into<ConfigDoc>) -> String {
+    config.into().to_yaml().unwrap()
+}
+
+/// Replaces the config and waits until its table is live; its generation.
+async fn reload(s: &mut Daemon, config: impl Into<ConfigDoc>) -> u64 {
+    s.reload_and_wait(&yaml(config)).await.unwrap()
 }
 
 async fn connect_named(addr: SocketAddr) -> (TcpStream, String) {
@@ -37,29 +49,25 @@ async fn read_line(s: &mut TcpStream) -> String {
     backend::read_line(s).await.unwrap()
 }
 
-/// A YAML config with one service on `listen` and the given backends,
-/// each `(addr, state)` where state is one of ready|terminating|
-/// terminating-not-serving|not-ready.
-fn config(listen: SocketAddr, backends: &[(SocketAddr, &str)]) -> String {
-    if backends.is_empty() {
-        return format!("services:\n  - name: test\n    listen: {listen}\n    backends: []\n");
-    }
-    let mut y = format!("services:\n  - name: test\n    listen: {listen}\n    backends:\n");
-    for (a, state) in backends {
-        y.push_str(&format!("      - address: {a}\n"));
-        match *state {
-            "ready" => {}
-            "terminating" => y.push_str(
-                "        ready: false\n        serving: true\n        terminating: true\n",
-            ),
-            "terminating-not-serving" => y.push_str(
-                "        ready: false\n        serving: false\n        terminating: true\n",
-            ),
-            "not-ready" => y.push_str("        ready: false\n"),
-            other => panic!("unknown state {other}"),
-        }
-    }
-    y
+/// Service `test` on `listen` over `backends`, each `(addr, state)` where
+/// state is one of ready|terminating|terminating-not-serving.
+fn config(listen: SocketAddr, backends: &[(SocketAddr, &str)]) -> ServiceDoc {
+    let backend = |&(a, state): &(SocketAddr, &str)| match state {
+        "ready" => BackendDoc::ready(a),
+        "terminating" => BackendDoc::terminating(a),
+        "terminating-not-serving" => BackendDoc {
+            serving: Some(false),
+            ..BackendDoc::terminating(a)
+        },
+        other => panic!("unknown state {other}"),
+    };
+    ServiceDoc::new("test", listen, backends.iter().map(backend).collect())
+}
+
+/// Services `test` on `first` and `second` on `second`, both over `backend`.
+fn two(first: SocketAddr, second: SocketAddr, backend: SocketAddr) -> ConfigDoc {
+    let one = |name, listen| ServiceDoc::new(name, listen, vec![BackendDoc::ready(backend)]);
+    ConfigDoc::new(vec![one("test", first), one("second", second)])
 }
 
 /// Reads until EOF; `Err(kind)` if the connection fails instead.
@@ -107,11 +115,7 @@ async fn forwards_both_ways_and_balances_round_robin() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let b = Backend::start("b", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let _s = start(
-        &config(listen, &[(a.addr, "ready"), (b.addr, "ready")]),
-        &[],
-    )
-    .await;
+    let _s = start(config(listen, &[(a.addr, "ready"), (b.addr, "ready")]), &[]).await;
     let mut seen = Vec::new();
     for i in 0..4 {
         let (mut c, name) = connect_named(listen).await;
@@ -129,7 +133,7 @@ async fn forwards_both_ways_and_balances_round_robin() {
 async fn large_payload_is_forwarded_byte_for_byte() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let _s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let _s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     let (c, name) = connect_named(listen).await;
     assert_eq!(name, "a");
     let payload: Vec<u8> = (0..24u32 << 20)
@@ -155,7 +159,7 @@ async fn large_payload_is_forwarded_byte_for_byte() {
 async fn client_half_close_reaches_backend_and_reply_still_flows() {
     let mut a = Backend::start("a", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let _s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let _s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     let (mut c, _) = connect_named(listen).await;
     c.write_all(b"request").await.unwrap();
     c.shutdown().await.unwrap(); // FIN towards sluice
@@ -170,7 +174,7 @@ async fn client_half_close_reaches_backend_and_reply_still_flows() {
 async fn backend_half_close_reaches_client_and_client_can_still_send() {
     let mut a = Backend::start("a", Mode::CloseThenSink).await.unwrap();
     let listen = listen_addr();
-    let _s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let _s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     let mut c = TcpStream::connect(listen).await.unwrap();
     let mut bye = [0u8; 3];
     c.read_exact(&mut bye).await.unwrap();
@@ -187,7 +191,7 @@ async fn backend_half_close_reaches_client_and_client_can_still_send() {
 async fn backend_reset_reaches_client_as_reset() {
     let a = Backend::start("a", Mode::ResetAfterRead).await.unwrap();
     let listen = listen_addr();
-    let _s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let _s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     let mut c = TcpStream::connect(listen).await.unwrap();
     c.write_all(b"x").await.unwrap();
     assert_eq!(read_to_end(&mut c).await, Err(ErrorKind::ConnectionReset));
@@ -197,7 +201,7 @@ async fn backend_reset_reaches_client_as_reset() {
 async fn client_reset_reaches_backend_as_reset() {
     let mut a = Backend::start("a", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let _s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let _s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     let (c, _) = connect_named(listen).await;
     assert_eq!(a.next_event(T).await.unwrap(), Event::Accepted);
     c.set_zero_linger().unwrap();
@@ -214,7 +218,7 @@ async fn refused_backend_is_retried_on_another_and_ejected() {
     let mut live = Backend::start("live", Mode::Echo).await.unwrap();
     let listen = listen_addr();
     let s = start(
-        &config(listen, &[(dead, "ready"), (live.addr, "ready")]),
+        config(listen, &[(dead, "ready"), (live.addr, "ready")]),
         &["--log-format", "text"],
     )
     .await;
@@ -229,7 +233,7 @@ async fn refused_backend_is_retried_on_another_and_ejected() {
 
     // With only the dead backend, the client is reset at once.
     let listen = listen_addr();
-    let _s = start(&config(listen, &[(dead, "ready")]), &[]).await;
+    let _s = start(config(listen, &[(dead, "ready")]), &[]).await;
     let started = Instant::now();
     assert_refused_by_proxy(listen).await;
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -241,19 +245,18 @@ async fn terminating_backend_gets_no_new_connection_but_keeps_its_own_until_drai
     let new = Backend::start("new", Mode::Echo).await.unwrap();
     let listen = listen_addr();
     let mut s = start(
-        &config(listen, &[(old.addr, "ready")]),
+        config(listen, &[(old.addr, "ready")]),
         &["--drain-timeout", "2s"],
     )
     .await;
     let (mut established, name) = connect_named(listen).await;
     assert_eq!(name, "old");
 
-    s.reload_and_wait(&config(
-        listen,
-        &[(old.addr, "terminating"), (new.addr, "ready")],
-    ))
-    .await
-    .unwrap();
+    reload(
+        &mut s,
+        config(listen, &[(old.addr, "terminating"), (new.addr, "ready")]),
+    )
+    .await;
     for _ in 0..10 {
         let (_, name) = connect_named(listen).await;
         assert_eq!(name, "new", "a terminating backend got a new connection");
@@ -275,11 +278,9 @@ async fn removed_backend_drains_established_connection() {
     let old = Backend::start("old", Mode::Echo).await.unwrap();
     let new = Backend::start("new", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let mut s = start(&config(listen, &[(old.addr, "ready")]), &[]).await;
+    let mut s = start(config(listen, &[(old.addr, "ready")]), &[]).await;
     let (mut established, _) = connect_named(listen).await;
-    s.reload_and_wait(&config(listen, &[(new.addr, "ready")]))
-        .await
-        .unwrap();
+    reload(&mut s, config(listen, &[(new.addr, "ready")])).await;
     let (_, name) = connect_named(listen).await;
     assert_eq!(name, "new");
     established.write_all(b"ping\n").await.unwrap();
@@ -294,7 +295,7 @@ async fn terminating_fallback_serves_when_nothing_is_ready() {
     let b = Backend::start("b", Mode::Echo).await.unwrap();
     let listen = listen_addr();
     let mut s = start(
-        &config(
+        config(
             listen,
             &[(a.addr, "terminating"), (b.addr, "terminating-not-serving")],
         ),
@@ -305,9 +306,11 @@ async fn terminating_fallback_serves_when_nothing_is_ready() {
         let (_, name) = connect_named(listen).await;
         assert_eq!(name, "a", "only the serving terminating backend");
     }
-    s.reload_and_wait(&config(listen, &[(b.addr, "terminating-not-serving")]))
-        .await
-        .unwrap();
+    reload(
+        &mut s,
+        config(listen, &[(b.addr, "terminating-not-serving")]),
+    )
+    .await;
     assert_refused_by_proxy(listen).await;
 }
 
@@ -316,7 +319,7 @@ async fn broken_config_keeps_the_last_good_table_serving() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let b = Backend::start("b", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let mut s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let mut s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     s.reload("services:\n  - name: test\n    listen: not-an-address\n")
         .unwrap();
     // SIGHUP makes sluice read it at once; the error (with its line) is
@@ -332,10 +335,10 @@ async fn broken_config_keeps_the_last_good_table_serving() {
         assert_eq!(name, "a");
     }
     // A later good file applies.
-    let generation = s
-        .reload_and_wait(&config(listen, &[(b.addr, "ready")]))
-        .await;
-    assert_eq!(generation.unwrap(), 2);
+    assert_eq!(
+        reload(&mut s, config(listen, &[(b.addr, "ready")])).await,
+        2
+    );
     let (_, name) = connect_named(listen).await;
     assert_eq!(name, "b");
 }
@@ -345,19 +348,12 @@ async fn listeners_follow_services_added_and_removed() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let first = listen_addr();
     let second = listen_addr();
-    let mut s = start(&config(first, &[(a.addr, "ready")]), &[]).await;
+    let mut s = start(config(first, &[(a.addr, "ready")]), &[]).await;
     assert!(TcpStream::connect(second).await.is_err());
-    let both = format!(
-        "{}  - name: second\n    listen: {second}\n    backends:\n      - address: {}\n",
-        config(first, &[(a.addr, "ready")]),
-        a.addr
-    );
-    s.reload_and_wait(&both).await.unwrap();
+    reload(&mut s, two(first, second, a.addr)).await;
     let (_, name) = connect_named(second).await;
     assert_eq!(name, "a");
-    s.reload_and_wait(&config(second, &[(a.addr, "ready")]))
-        .await
-        .unwrap();
+    reload(&mut s, config(second, &[(a.addr, "ready")])).await;
     let deadline = Instant::now() + T;
     while TcpStream::connect(first).await.is_ok() {
         assert!(Instant::now() < deadline, "removed service still accepts");
@@ -369,7 +365,7 @@ async fn listeners_follow_services_added_and_removed() {
 async fn sigterm_stops_accepting_and_drains_open_connections() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let mut s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let mut s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     let (mut open, _) = connect_named(listen).await;
     s.signal(Signal::SIGTERM).unwrap();
     let deadline = Instant::now() + T;
@@ -390,7 +386,7 @@ async fn sigterm_cuts_what_outlives_the_grace_period() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let listen = listen_addr();
     let mut s = start(
-        &config(listen, &[(a.addr, "ready")]),
+        config(listen, &[(a.addr, "ready")]),
         &["--shutdown-grace", "1s"],
     )
     .await;
@@ -415,11 +411,8 @@ async fn least_connections_avoids_the_busy_backend() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let b = Backend::start("b", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let yaml = config(listen, &[(a.addr, "ready"), (b.addr, "ready")]).replace(
-        "    backends:",
-        "    policy: least-connections\n    backends:",
-    );
-    let _s = start(&yaml, &[]).await;
+    let config = config(listen, &[(a.addr, "ready"), (b.addr, "ready")]);
+    let _s = start(config.with_policy(Policy::LeastConnections), &[]).await;
     // Hold connections open; least-connections must keep them even.
     let mut held = Vec::new();
     for _ in 0..20 {
@@ -434,11 +427,8 @@ async fn client_ip_affinity_sticks() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let b = Backend::start("b", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let yaml = config(listen, &[(a.addr, "ready"), (b.addr, "ready")]).replace(
-        "    backends:",
-        "    affinity:\n      timeoutSeconds: 60\n    backends:",
-    );
-    let _s = start(&yaml, &[]).await;
+    let config = config(listen, &[(a.addr, "ready"), (b.addr, "ready")]);
+    let _s = start(config.with_affinity(60), &[]).await;
     let names: HashSet<String> = {
         let mut names = HashSet::new();
         for _ in 0..6 {
@@ -469,7 +459,7 @@ async fn bad_flag_exits_64_with_one_line() {
 async fn admin_endpoints_report_health_metrics_and_the_live_table() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let listen = listen_addr();
-    let s = start(&config(listen, &[(a.addr, "ready")]), &[]).await;
+    let s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
     assert_eq!(http::get(s.health(), "/readyz").await.unwrap().0, 200);
     let (status, body) = http::get(s.health(), "/healthz").await.unwrap();
     assert_eq!(status, 200);
@@ -535,7 +525,7 @@ async fn every_worker_listens_and_serves() {
     for (workers, listeners) in [("3", 3), ("0", 1)] {
         let listen = listen_addr();
         let _s = start(
-            &config(listen, &[(a.addr, "ready")]),
+            config(listen, &[(a.addr, "ready")]),
             &["--workers", workers],
         )
         .await;
@@ -562,12 +552,11 @@ async fn connection_limit_is_shared_by_all_workers_and_services() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let first = listen_addr();
     let second = listen_addr();
-    let yaml = format!(
-        "{}  - name: second\n    listen: {second}\n    backends:\n      - address: {}\n",
-        config(first, &[(a.addr, "ready")]),
-        a.addr
-    );
-    let _s = start(&yaml, &["--workers", "4", "--max-connections", "2"]).await;
+    let _s = start(
+        two(first, second, a.addr),
+        &["--workers", "4", "--max-connections", "2"],
+    )
+    .await;
     // Every listener of both services serves, one connection at a time
     // (clients from distinct ports land on different listeners).
     for listen in [first, second] {
