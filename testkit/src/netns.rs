@@ -165,7 +165,7 @@ impl Netns {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(tokio::time::timeout(within, f()))
+            rt.block_on(async move { tokio::time::timeout(within, f()).await })
                 .with_context(|| format!("timed out after {within:?} in netns {name}"))
         })
     }
@@ -174,5 +174,26 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         remove(&self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_runs_inside_and_the_namespace_goes_on_drop() {
+        let ns = Netns::new(format!("sluice-kit-{}", std::process::id())).unwrap();
+        let name = ns.name().to_string();
+        let links = ns
+            .block_on(Duration::from_secs(5), || async {
+                std::fs::read_to_string("/proc/thread-self/net/dev").unwrap()
+            })
+            .unwrap();
+        // Only `lo` lives in a fresh namespace.
+        assert_eq!(links.lines().skip(2).count(), 1, "{links}");
+        assert!(links.contains("lo:"), "{links}");
+        drop(ns);
+        assert!(!exists(&name));
     }
 }
