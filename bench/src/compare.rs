@@ -816,24 +816,9 @@ async fn start_proxy(
                 services: vec![
                     // The readiness probe of Sluice::start speaks the bench
                     // backend's protocol: it goes to the built-in sink.
-                    ServiceCfg {
-                        name: "probe".into(),
-                        listen: probe,
-                        policy: "round-robin".into(),
-                        backends: vec![BackendCfg::ready(b_sink)],
-                    },
-                    ServiceCfg {
-                        name: "bulk".into(),
-                        listen: bulk,
-                        policy: "round-robin".into(),
-                        backends: vec![BackendCfg::ready(b_bulk)],
-                    },
-                    ServiceCfg {
-                        name: "http".into(),
-                        listen: http,
-                        policy: "round-robin".into(),
-                        backends: vec![BackendCfg::ready(b_http)],
-                    },
+                    ServiceCfg::new("probe", probe, vec![BackendCfg::ready(b_sink)]),
+                    ServiceCfg::new("bulk", bulk, vec![BackendCfg::ready(b_bulk)]),
+                    ServiceCfg::new("http", http, vec![BackendCfg::ready(b_http)]),
                 ],
             };
             // No admin endpoints: nothing to measure there, and their

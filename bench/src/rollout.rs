@@ -264,7 +264,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     let mut sluice = Sluice::start(
         &bin,
         &args.sluice,
-        &Config::single("rollout", listen, table.clone()),
+        &Config::from(sluice::ServiceCfg::new("rollout", listen, table.clone())),
         listen,
         Some(SLUICE_LOG),
     )
@@ -357,7 +357,11 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         if dirty {
             let before = sluice.generation();
             sluice
-                .update(&Config::single("rollout", listen, table.clone()))
+                .update(&Config::from(sluice::ServiceCfg::new(
+                    "rollout",
+                    listen,
+                    table.clone(),
+                )))
                 .with_context(|| format!("updating sluice's config\n{}", sluice.log_tail(20)))?;
             writes.push((Instant::now(), before));
         }
