@@ -214,26 +214,28 @@ impl Sluice {
         log_filter: Option<&str>,
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        let mut opts = Options::new(bin)
-            .config(cfg.to_yaml().context("writing sluice's config")?)
-            .args(["--log-format", "text"])
-            .keep_dir(args.keep_logs);
+        let mut flags = vec!["--log-format".to_string(), "text".into()];
         if let Some(t) = args.connect_timeout {
-            opts = opts.args(["--connect-timeout".to_string(), t.to_string()]);
+            flags.extend(["--connect-timeout".into(), t.to_string()]);
         }
         if let Some(n) = args.max_attempts {
-            opts = opts.args(["--max-attempts".to_string(), n.to_string()]);
+            flags.extend(["--max-attempts".into(), n.to_string()]);
         }
-        opts = opts.args(extra);
-        if let Some(f) = log_filter {
-            opts = opts.log_filter(f);
-        }
+        flags.extend_from_slice(extra);
         let admin = !env
             .iter()
             .any(|(k, v)| k.ends_with("_BIND_ADDRESS") && v.is_empty());
-        for (k, v) in env {
-            opts = opts.env(k, v);
-        }
+        let opts = Options {
+            config: Some(cfg.to_yaml().context("writing sluice's config")?),
+            args: flags,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log_filter: log_filter.map(String::from),
+            keep_dir: args.keep_logs,
+            ..Options::new(bin)
+        };
         let mut daemon = if admin {
             Daemon::start(opts).await?
         } else {

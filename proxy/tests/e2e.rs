@@ -24,11 +24,13 @@ fn listen_addr() -> SocketAddr {
 /// sluice on a file with `config`, with `extra` flags, its first table
 /// live.
 async fn start(config: impl Into<ConfigDoc>, extra: &[&str]) -> Daemon {
-    let opts = Options::new(env!("CARGO_BIN_EXE_sluice"))
-        .config(yaml(config))
-        .args(["--config-poll-interval", "100ms"])
-        .args(extra.iter().copied())
-        .log_filter("info");
+    let args = ["--config-poll-interval", "100ms"].iter().chain(extra);
+    let opts = Options {
+        config: Some(yaml(config)),
+        args: args.map(|a| a.to_string()).collect(),
+        log_filter: Some("info".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
     Daemon::start(opts).await.unwrap()
 }
 

@@ -133,14 +133,20 @@ async fn traffic_follows_the_apiserver() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let opts = Options::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["--kubeconfig".as_ref(), kubeconfig.as_os_str()])
-        .args(["--node-name", "node-a"])
+    let kubeconfig = kubeconfig.display().to_string();
+    let args = [
+        ["--kubeconfig", &kubeconfig],
+        ["--node-name", "node-a"],
         // Service IPs here are loopback ones, which sluice leaves alone;
         // `lo` spares the test a dummy device (this kernel has none).
-        .args(["--vip-interface", "lo"])
-        .args(["--connect-timeout", "300ms"])
-        .log_filter("info,sluice_control=debug");
+        ["--vip-interface", "lo"],
+        ["--connect-timeout", "300ms"],
+    ];
+    let opts = Options {
+        args: args.concat().iter().map(|a| a.to_string()).collect(),
+        log_filter: Some("info,sluice_control=debug".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
     let daemon = Daemon::start(opts).await.unwrap();
 
     // 1. The first lists make the first table: both Services answer.

@@ -7,7 +7,6 @@
 //! connection made after it is seen meets that table. The log is only
 //! shown, as a tail in failure messages.
 
-use std::ffi::OsString;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,59 +27,31 @@ use crate::{free_addr, http, metric};
 /// How long [`Daemon::start`] waits for the first table.
 pub const READY_WITHIN: Duration = Duration::from_secs(15);
 
-/// How to start sluice.
-#[derive(Debug, Clone)]
+/// How to start sluice: `Options { config: Some(yaml), ..Options::new(bin) }`.
+#[derive(Debug, Clone, Default)]
 pub struct Options {
-    bin: PathBuf,
-    config: Option<String>,
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    log_filter: Option<String>,
-    keep_dir: bool,
+    pub bin: PathBuf,
+    /// Written to `sluice.yaml` in the daemon's directory, passed as
+    /// `--config`.
+    pub config: Option<String>,
+    /// Flags appended to sluice's command line.
+    pub args: Vec<String>,
+    /// Environment variables for sluice.
+    pub env: Vec<(String, String)>,
+    /// sluice's RUST_LOG, unless RUST_LOG is already set.
+    pub log_filter: Option<String>,
+    /// Keep the directory (config, log) after the daemon is gone.
+    pub keep_dir: bool,
 }
 
 impl Options {
     /// The binary at `bin`, no config file, no extra flag.
     pub fn new(bin: impl Into<PathBuf>) -> Self {
+        let bin = bin.into();
         Self {
-            bin: bin.into(),
-            config: None,
-            args: Vec::new(),
-            env: Vec::new(),
-            log_filter: None,
-            keep_dir: false,
+            bin,
+            ..Self::default()
         }
-    }
-
-    /// Written to `sluice.yaml` in the daemon's directory and passed as
-    /// `--config`.
-    pub fn config(mut self, yaml: impl Into<String>) -> Self {
-        self.config = Some(yaml.into());
-        self
-    }
-
-    /// Flags appended to sluice's command line.
-    pub fn args<S: Into<OsString>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
-        self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    /// An environment variable for sluice.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// sluice's RUST_LOG, unless RUST_LOG is already set.
-    pub fn log_filter(mut self, filter: impl Into<String>) -> Self {
-        self.log_filter = Some(filter.into());
-        self
-    }
-
-    /// Keep the directory (config, log) after the daemon is gone.
-    pub fn keep_dir(mut self, keep: bool) -> Self {
-        self.keep_dir = keep;
-        self
     }
 }
 
@@ -102,7 +73,7 @@ pub struct StopReport {
 pub struct Daemon {
     child: Child,
     pid: Pid,
-    dir: Option<tempfile::TempDir>,
+    _dir: Option<tempfile::TempDir>,
     dir_path: PathBuf,
     config: PathBuf,
     log: PathBuf,
@@ -173,7 +144,7 @@ impl Daemon {
         Ok(Self {
             child,
             pid,
-            dir,
+            _dir: dir,
             dir_path,
             config,
             log,
@@ -351,7 +322,6 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tail(50));
         }
-        let _ = self.dir.take();
     }
 }
 
@@ -449,7 +419,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_daemon_that_exits_at_once_is_an_error_with_its_log() {
-        let opts = Options::new("/bin/sh").args(["-c", "echo no table here >&2; exit 3"]);
+        let args = ["-c", "echo no table here >&2; exit 3"]
+            .map(String::from)
+            .to_vec();
+        let opts = Options {
+            args,
+            ..Options::new("/bin/sh")
+        };
         let err = Daemon::start(opts).await.err().unwrap();
         let msg = format!("{err:#}");
         assert!(
