@@ -11,6 +11,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::check;
 use crate::report::{self, Summary};
 use crate::sluice::{self, MetricsSummary, Sluice, SluiceArgs, StopReport};
 use crate::workload::{LoadResult, LoadSpec, closed_loop, open_loop};
@@ -157,20 +158,14 @@ fn phase(r: &LoadResult) -> Phase {
 }
 
 pub async fn run(args: ChurnArgs) -> Result<ExitCode> {
-    anyhow::ensure!(
-        args.seconds > 0.0 && args.seconds <= 300.0,
-        "--seconds must be in (0, 300]"
-    );
+    check::positive_at_most("--seconds", args.seconds, 300.0)?;
     if let Some(r) = args.rate {
-        anyhow::ensure!(r > 0.0 && r <= 200_000.0, "--rate must be in (0, 200000]");
+        check::positive_at_most("--rate", r, 200_000.0)?;
     }
     if let Some(c) = args.concurrency {
-        anyhow::ensure!((1..=4096).contains(&c), "--concurrency must be in 1..=4096");
+        check::in_range("--concurrency", c, 1..=4096)?;
     }
-    anyhow::ensure!(
-        (1..=50).contains(&args.backends),
-        "--backends must be in 1..=50"
-    );
+    check::in_range("--backends", args.backends, 1..=50)?;
     let mode = if args.concurrency.is_some() {
         Mode::Closed
     } else {

@@ -230,14 +230,9 @@ fn summary(h: &Histogram<u64>) -> String {
 
 /// Runs the scale bench and prints its figures.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.services > 0 && args.endpoints > 0,
-        "need at least one service and endpoint"
-    );
-    anyhow::ensure!(
-        args.services <= 65_535,
-        "--services at most 65535 (cluster IPs are 10.96.x.y)"
-    );
+    // Cluster IPs are 10.96.x.y: at most 65535 Services.
+    crate::check::in_range("--services", args.services, 1..=65_535)?;
+    anyhow::ensure!(args.endpoints > 0, "--endpoints must be at least 1");
     let (a0, _) = allocs();
     let probe = Box::new(1u64);
     let counting = allocs().0 > a0;
@@ -254,9 +249,9 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let mut index = Index::new(Some("node0".into()), vec![]);
     let (a0, b0) = allocs();
     let t0 = Instant::now();
-    let errs = index.reset_services(services.iter());
+    let errs = index.reset(&services, &[]);
     anyhow::ensure!(errs.is_empty(), "malformed services: {errs:?}");
-    let errs = index.reset_slices(slices.iter());
+    let errs = index.reset(&slices, &[]);
     anyhow::ensure!(errs.is_empty(), "malformed slices: {errs:?}");
     index.build();
     publisher.publish_changed(index.table().clone());
@@ -291,7 +286,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     for slice in &updates {
         let t = Instant::now();
         index
-            .apply_slice(slice)
+            .apply(slice)
             .map_err(|e| anyhow::anyhow!("update rejected: {e}"))?;
         let changed = index.build();
         anyhow::ensure!(changed, "an update changed nothing");
@@ -325,7 +320,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
             });
         }
         index
-            .apply_slice(&s)
+            .apply(&s)
             .map_err(|e| anyhow::anyhow!("update rejected: {e}"))?;
         index.build();
         let next = Arc::new(index.table().clone());

@@ -17,8 +17,11 @@
 //!   events, text and JSON forms.
 //! - [`sluice`]: locating/building, starting, reconfiguring (atomic write +
 //!   SIGHUP), following the log of, and stopping the daemon.
-//! - [`rollout`], [`churn`], [`throughput`]: the scenarios; [`netns`]: the
-//!   rollout on a mini node in network namespaces, against nftables DNAT.
+//! - [`plan`]: the rolling update's options and schedule, shared by
+//!   [`rollout`] (on loopback) and [`netns`] (the rollout on a mini node in
+//!   network namespaces, against nftables DNAT).
+//! - [`churn`], [`throughput`], [`compare`]: the other scenarios.
+//! - [`check`]: range checks of command-line values.
 //! - [`control`]: the control-plane scale bench (counting allocator).
 //!
 //! Every address is loopback; every loop is bounded in count and time;
@@ -42,10 +45,12 @@ macro_rules! outln {
 }
 
 mod backend;
+mod check;
 mod churn;
 mod compare;
 mod control;
 mod netns;
+mod plan;
 mod report;
 mod rollout;
 mod sluice;
@@ -74,7 +79,7 @@ struct Cli {
 enum Cmd {
     /// Rolling update of every backend under open-loop load through sluice,
     /// with a lagging table; exits non-zero on any client-visible error.
-    Rollout(rollout::RolloutArgs),
+    Rollout(plan::RolloutArgs),
     /// Short-lived connections per second and latency, direct vs sluice.
     Churn(churn::ChurnArgs),
     /// Bulk Gbit/s, direct vs sluice.

@@ -72,11 +72,11 @@ pub struct Second {
     pub events: Vec<String>,
 }
 
-fn round3(x: f64) -> f64 {
+pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn new_hist() -> Histogram<u64> {
+pub fn new_hist() -> Histogram<u64> {
     // 1 µs .. 1 h, 3 significant digits: constant, valid bounds.
     match Histogram::new_with_bounds(1, 3_600_000_000, 3) {
         Ok(h) => h,
@@ -84,12 +84,12 @@ fn new_hist() -> Histogram<u64> {
     }
 }
 
-fn record(h: &mut Histogram<u64>, d: Duration) {
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
     let us = (d.as_micros() as u64).max(1);
     h.saturating_record(us);
 }
 
-fn q_ms(h: &Histogram<u64>, q: f64) -> f64 {
+pub fn q_ms(h: &Histogram<u64>, q: f64) -> f64 {
     if h.is_empty() {
         0.0
     } else {
@@ -261,36 +261,27 @@ pub fn summary_text(label: &str, s: &Summary) -> String {
         s.start_late_max_ms,
         width = label.len()
     );
-    if s.error_total > 0 {
-        let kinds: Vec<String> = s
-            .errors
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:width$}  errors: {}",
-            "",
-            kinds.join(" "),
-            width = label.len()
-        );
-    }
-    if !s.served_by.is_empty() {
-        let by: Vec<String> = s
-            .served_by
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:width$}  served by: {}",
-            "",
-            by.join(" "),
-            width = label.len()
-        );
-    }
+    counts_line(&mut out, label.len(), "errors", &s.errors);
+    counts_line(&mut out, label.len(), "served by", &s.served_by);
     out
+}
+
+/// `what: k=n k=n` for the non-zero counts, indented `width`; nothing when
+/// every count is zero.
+fn counts_line<K: std::fmt::Display>(
+    out: &mut String,
+    width: usize,
+    what: &str,
+    counts: &BTreeMap<K, u64>,
+) {
+    let kv: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    if !kv.is_empty() {
+        let _ = writeln!(out, "{:width$}  {what}: {}", "", kv.join(" "));
+    }
 }
 
 #[cfg(test)]
@@ -411,5 +402,17 @@ mod tests {
         let text = timeline_text(&tl);
         assert!(text.contains("old-1 killed"));
         assert_eq!(text.lines().count(), 4);
+    }
+
+    #[test]
+    fn summary_text_lists_errors_and_backends_only_when_there_are_some() {
+        let s = summarize(&sample(), Duration::from_secs(2));
+        let text = summary_text("via x", &s);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[2], "       errors: empty=1 refused=1");
+        assert_eq!(lines[3], "       served by: a=50 b=50");
+        let quiet = summary_text("x", &summarize(&[], Duration::ZERO));
+        assert_eq!(quiet.lines().count(), 2, "{quiet}");
     }
 }

@@ -1,17 +1,7 @@
-//! The rolling-update scenario: old backends replaced one by one by new
-//! ones while open-loop clients with reused source ports go through sluice,
-//! and the table (sluice's config file) follows the world `--lag` late.
-//!
-//! For backend i (t = a_i, a_0 = warm-up, a_{i+1} = b_i):
-//! - world  a_i:           new-i starts, ready
-//! - table  a_i + lag:     new-i added (ready)
-//! - world  b_i = a_i+lag: old-i terminating (still serving)
-//! - table  b_i + lag:     old-i ready=false serving=true terminating=true
-//! - world  c_i = b_i+grace: old-i dies: listener closed, connections RST
-//! - table  c_i + lag:     old-i removed
-//!
-//! Between c_i and b_i + lag the table still lists a dead backend as ready:
-//! only sluice's dial retry keeps that from the clients.
+//! The rolling-update scenario on loopback: old backends replaced one by
+//! one by new ones while open-loop clients with reused source ports go
+//! through sluice, and the table (sluice's config file) follows the world
+//! `--lag` late, on the schedule of [`crate::plan`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,136 +14,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::check;
+use crate::plan::{self, Action, Death, RolloutArgs, SLUICE_LOG};
 use crate::report::{self, Event, Second, Summary};
-use crate::sluice::{
-    self, BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
-};
+use crate::sluice::{self, BackendCfg, Config, LogCounts, MetricsSummary, Sluice, StopReport};
 use crate::workload::{LoadSpec, PortPool, open_loop};
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct RolloutArgs {
-    /// New connections per second (open loop).
-    #[arg(long, default_value_t = 200.0)]
-    pub rate: f64,
-    /// Length of the load; default: the rollout schedule plus 1s.
-    #[arg(long, value_name = "DURATION")]
-    pub duration: Option<humantime::Duration>,
-    /// Control-plane lag: the table reflects each world event this late (>= 1s).
-    #[arg(long, default_value = "1.5s", value_name = "DURATION")]
-    pub lag: humantime::Duration,
-    /// Time from "terminating" to the old backend's death.
-    #[arg(long, default_value = "300ms", value_name = "DURATION")]
-    pub grace: humantime::Duration,
-    /// How an old backend dies: `refuse` (process gone: dials refused at
-    /// once) or `blackhole` (network gone: SYNs vanish, dials time out).
-    #[arg(long, value_enum, default_value_t = Death::Refuse)]
-    pub death: Death,
-    /// Number of old backends, each replaced by a new one.
-    #[arg(long, default_value_t = 3)]
-    pub backends: u8,
-    /// Load before the first event.
-    #[arg(long, default_value = "1s", value_name = "DURATION")]
-    pub warmup: humantime::Duration,
-    /// Per-connection client deadline.
-    #[arg(long, default_value = "3s", value_name = "DURATION")]
-    pub client_timeout: humantime::Duration,
-    /// Size of the source-port pool clients bind from.
-    #[arg(long, default_value_t = 64)]
-    pub source_ports: u16,
-    /// First port of the pool (default: random in 20000..30000).
-    #[arg(long)]
-    pub source_port_base: Option<u16>,
-    /// Print exactly one JSON object on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// Exit 0 even if clients saw errors.
-    #[arg(long)]
-    pub allow_errors: bool,
-    #[command(flatten)]
-    pub sluice: SluiceArgs,
-    /// `--netns` and its options: the same rollout on a mini node in
-    /// network namespaces (see `crate::netns`).
-    #[command(flatten)]
-    pub netns: crate::netns::NetnsArgs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Death {
-    /// Listener closed, connections RST: dials get ECONNREFUSED.
-    Refuse,
-    /// Then new SYNs are dropped: dials hang until sluice's connect timeout.
-    Blackhole,
-}
-
-/// One step of the scenario.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// World: new-i starts and is ready.
-    StartNew(usize),
-    /// World: old-i is told to terminate (keeps serving).
-    WorldTerminating(usize),
-    /// World: old-i dies.
-    Kill(usize),
-    /// Table: new-i added, ready.
-    TableAdd(usize),
-    /// Table: old-i terminating (serving).
-    TableTerminating(usize),
-    /// Table: old-i removed.
-    TableRemove(usize),
-}
-
-impl Action {
-    fn is_table(self) -> bool {
-        matches!(
-            self,
-            Action::TableAdd(_) | Action::TableTerminating(_) | Action::TableRemove(_)
-        )
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Planned {
-    pub at: Duration,
-    pub action: Action,
-}
-
-/// The schedule, sorted by time; at equal times world events come first.
-pub fn plan(n: usize, warmup: Duration, lag: Duration, grace: Duration) -> Vec<Planned> {
-    let mut v = Vec::with_capacity(n * 6);
-    let mut a = warmup;
-    for i in 0..n {
-        let b = a + lag;
-        let c = b + grace;
-        v.push(Planned {
-            at: a,
-            action: Action::StartNew(i),
-        });
-        v.push(Planned {
-            at: a + lag,
-            action: Action::TableAdd(i),
-        });
-        v.push(Planned {
-            at: b,
-            action: Action::WorldTerminating(i),
-        });
-        v.push(Planned {
-            at: b + lag,
-            action: Action::TableTerminating(i),
-        });
-        v.push(Planned {
-            at: c,
-            action: Action::Kill(i),
-        });
-        v.push(Planned {
-            at: c + lag,
-            action: Action::TableRemove(i),
-        });
-        a = b;
-    }
-    v.sort_by_key(|p| (p.at, p.action.is_table()));
-    v
-}
 
 /// What `--json` prints.
 #[derive(Debug, Serialize)]
@@ -204,11 +69,6 @@ fn new_addr(i: usize) -> SocketAddr {
     SocketAddr::new(sluice::lo_in(2, i + 1), 0)
 }
 
-/// sluice's RUST_LOG for this scenario (unless RUST_LOG is set): its
-/// per-connection debug lines say which dials failed and which client
-/// connections needed a retry.
-const SLUICE_LOG: &str = "info,sluice_proxy::server=debug";
-
 fn random_base() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -220,36 +80,13 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
     let lag: Duration = args.lag.into();
     let grace: Duration = args.grace.into();
     let warmup: Duration = args.warmup.into();
-    anyhow::ensure!(
-        lag >= Duration::from_secs(1),
-        "--lag must be >= 1s (got {})",
-        args.lag
-    );
-    anyhow::ensure!(
-        args.rate > 0.0 && args.rate <= 50_000.0,
-        "--rate must be in (0, 50000] (got {})",
-        args.rate
-    );
-    anyhow::ensure!(
-        (1..=200).contains(&args.backends),
-        "--backends must be in 1..=200 (got {})",
-        args.backends
-    );
+    plan::check_lag(lag)?;
+    check::positive_at_most("--rate", args.rate, 50_000.0)?;
+    check::in_range("--backends", args.backends, 1..=200)?;
     let n = args.backends as usize;
-    let schedule = plan(n, warmup, lag, grace);
+    let schedule = plan::plan(n, warmup, lag, grace);
     let last = schedule.last().map(|p| p.at).unwrap_or(warmup);
-    let min_duration = last + Duration::from_secs(1);
-    let duration: Duration = args.duration.map(Into::into).unwrap_or(min_duration);
-    anyhow::ensure!(
-        duration >= min_duration,
-        "--duration {} is shorter than the rollout schedule ({:.1}s)",
-        humantime::format_duration(duration),
-        min_duration.as_secs_f64()
-    );
-    anyhow::ensure!(
-        duration <= Duration::from_secs(600),
-        "--duration must be at most 10 minutes"
-    );
+    let duration = plan::load_duration(args.duration, last)?;
 
     let bin = sluice::locate(args.sluice.sluice.as_deref())?;
     let mut olds = Vec::with_capacity(n);
@@ -516,58 +353,4 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         eprintln!("sluice-bench: logs kept in {}", sluice.dir().display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(p: &[Planned], a: Action) -> Duration {
-        p.iter().find(|x| x.action == a).unwrap().at
-    }
-
-    #[test]
-    fn plan_follows_world_with_lag() {
-        let s = Duration::from_secs_f64;
-        let p = plan(3, s(1.0), s(1.5), s(0.3));
-        assert_eq!(p.len(), 18);
-        assert!(p.windows(2).all(|w| w[0].at <= w[1].at));
-        for i in 0..3 {
-            let start = at(&p, Action::StartNew(i));
-            assert_eq!(at(&p, Action::TableAdd(i)), start + s(1.5));
-            let term = at(&p, Action::WorldTerminating(i));
-            assert_eq!(term, start + s(1.5));
-            assert_eq!(at(&p, Action::TableTerminating(i)), term + s(1.5));
-            let kill = at(&p, Action::Kill(i));
-            assert_eq!(kill, term + s(0.3));
-            assert_eq!(at(&p, Action::TableRemove(i)), kill + s(1.5));
-            // The dead backend is still listed ready for lag - grace.
-            assert!(kill < at(&p, Action::TableTerminating(i)));
-        }
-        assert_eq!(
-            at(&p, Action::StartNew(1)),
-            at(&p, Action::WorldTerminating(0))
-        );
-        assert_eq!(p.last().unwrap().action, Action::TableRemove(2));
-        assert!((p.last().unwrap().at.as_secs_f64() - 7.3).abs() < 1e-9);
-    }
-
-    #[test]
-    fn world_before_table_at_the_same_instant() {
-        let s = Duration::from_secs_f64;
-        let p = plan(2, s(1.0), s(1.0), s(0.5));
-        let same: Vec<Action> = p
-            .iter()
-            .filter(|x| x.at == s(2.0))
-            .map(|x| x.action)
-            .collect();
-        assert_eq!(
-            same,
-            vec![
-                Action::WorldTerminating(0),
-                Action::StartNew(1),
-                Action::TableAdd(0)
-            ]
-        );
-    }
 }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
+use crate::check;
 use crate::sluice::{self, Sluice, SluiceArgs, StopReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -183,14 +184,8 @@ fn line(label: &str, m: &Measured) -> String {
 }
 
 pub async fn run(args: ThroughputArgs) -> Result<ExitCode> {
-    anyhow::ensure!(
-        args.seconds > 0.0 && args.seconds <= 120.0,
-        "--seconds must be in (0, 120]"
-    );
-    anyhow::ensure!(
-        (1..=256).contains(&args.connections),
-        "--connections must be in 1..=256"
-    );
+    check::positive_at_most("--seconds", args.seconds, 120.0)?;
+    check::in_range("--connections", args.connections, 1..=256)?;
     let mut out = ThroughputReport {
         scenario: "throughput",
         direction: args.direction,

@@ -6,7 +6,8 @@
 //!   tells subscribers a new generation exists; equal tables are no-ops.
 //! - [`source`]: producers of tables: [`source::file`] (a YAML file, reloaded
 //!   on change) and [`source::kube`] (Services and EndpointSlices watched
-//!   with kube-rs).
+//!   with kube-rs); [`source::apiserver`] tells when the apiserver would be
+//!   reached only through a Service sluice serves itself.
 //! - [`k8s`]: the pure index turning Kubernetes objects into a table.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 

@@ -34,6 +34,8 @@ const HEALTHZ_ARG: &str = "--healthz-bind-address=0.0.0.0:10256";
 const METRICS_ARG: &str = "--metrics-bind-address=127.0.0.1:10249";
 const CAPS: [&str; 2] = ["NET_ADMIN", "NET_BIND_SERVICE"];
 const MIN_GRACE_SECONDS: i64 = 30;
+const REQUIRE_DIRECT_ARG: &str = "--require-direct-apiserver";
+const APISERVER_CONFIGMAP: &str = "sluice-apiserver";
 
 fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -433,12 +435,16 @@ fn check_pod(pod: &PodSpec, account: &str, p: &mut Vec<String>) {
             pod.host_network
         ));
     }
-    if pod.dns_policy.as_deref() != Some("ClusterFirstWithHostNet") {
+    if pod.dns_policy.as_deref() != Some("Default") {
         p.push(format!(
-            "DaemonSet: dnsPolicy is {:?}, want ClusterFirstWithHostNet (hostNetwork pods)",
+            "DaemonSet: dnsPolicy is {:?}, want Default: cluster DNS is a Service only sluice serves",
             pod.dns_policy
         ));
     }
+    if pod.dns_config.is_some() || pod.host_aliases.is_some() {
+        p.push("DaemonSet: dnsConfig/hostAliases: sluice resolves with the node's resolver".into());
+    }
+    check_no_service_dependency(pod, p);
     if pod.priority_class_name.as_deref() != Some("system-node-critical") {
         p.push(format!(
             "DaemonSet: priorityClassName is {:?}, want system-node-critical",
@@ -475,6 +481,41 @@ fn check_pod(pod: &PodSpec, account: &str, p: &mut Vec<String>) {
     check_container(c, pod, p);
 }
 
+/// Nothing in the pod spec names a Service (cluster DNS names): sluice must
+/// start on a node where no Service is reachable yet.
+fn check_no_service_dependency(pod: &PodSpec, p: &mut Vec<String>) {
+    fn walk(v: &Value, path: &str, p: &mut Vec<String>) {
+        match v {
+            Value::String(s) => {
+                let lower = s.to_ascii_lowercase();
+                if [".svc", "cluster.local", "kubernetes.default"]
+                    .iter()
+                    .any(|n| lower.contains(n))
+                {
+                    p.push(format!(
+                        "DaemonSet: {path} is {s:?}, a Service name: sluice cannot depend on Services"
+                    ));
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}/{i}"), p);
+                }
+            }
+            Value::Object(map) => {
+                for (k, item) in map {
+                    walk(item, &format!("{path}/{k}"), p);
+                }
+            }
+            _ => {}
+        }
+    }
+    match serde_json::to_value(pod) {
+        Ok(v) => walk(&v, "spec.template.spec", p),
+        Err(e) => p.push(format!("DaemonSet: pod spec does not serialize: {e}")),
+    }
+}
+
 fn check_container(c: &Container, pod: &PodSpec, p: &mut Vec<String>) {
     if c.command.is_some() {
         p.push(
@@ -492,6 +533,28 @@ fn check_container(c: &Container, pod: &PodSpec, p: &mut Vec<String>) {
         p.push(format!(
             "DaemonSet: {a:?}: sluice uses the in-cluster config"
         ));
+    }
+    if !args.iter().any(|a| a == REQUIRE_DIRECT_ARG) {
+        p.push(format!(
+            "DaemonSet: container args {args:?} lack {REQUIRE_DIRECT_ARG:?}: sluice would start \
+             with the apiserver reachable only through a Service it serves"
+        ));
+    }
+    let apiserver_ref = c
+        .env_from
+        .iter()
+        .flatten()
+        .filter_map(|e| e.config_map_ref.as_ref())
+        .find(|r| r.name == APISERVER_CONFIGMAP);
+    match apiserver_ref {
+        None => p.push(format!(
+            "DaemonSet: no envFrom configMapRef {APISERVER_CONFIGMAP:?}: the apiserver's real address"
+        )),
+        Some(r) if r.optional == Some(true) => p.push(format!(
+            "DaemonSet: configMapRef {APISERVER_CONFIGMAP:?} is optional: without it sluice \
+             would reach the apiserver through a Service it serves"
+        )),
+        Some(_) => {}
     }
 
     let node_name = c.env.iter().flatten().find(|e| e.name == "NODE_NAME");
@@ -1032,6 +1095,27 @@ fn daemonset_pod_level_points_fail_when_broken() {
             Box::new(|d| *at(d, &format!("{POD}/dnsPolicy")) = "ClusterFirst".into()),
         ),
         (
+            "dnsPolicy",
+            Box::new(|d| *at(d, &format!("{POD}/dnsPolicy")) = "ClusterFirstWithHostNet".into()),
+        ),
+        (
+            "dnsConfig/hostAliases",
+            Box::new(|d| {
+                at(d, POD).as_object_mut().unwrap().insert(
+                    "dnsConfig".into(),
+                    serde_json::json!({"nameservers": ["10.96.0.10"]}),
+                );
+            }),
+        ),
+        (
+            "a Service name",
+            Box::new(|d| {
+                *at(d, &format!("{CONTAINER}/env/0")) = serde_json::json!(
+                    {"name": "KUBERNETES_SERVICE_HOST", "value": "kubernetes.default.svc"}
+                )
+            }),
+        ),
+        (
             "priorityClassName",
             Box::new(|d| {
                 *at(d, &format!("{POD}/priorityClassName")) = "system-cluster-critical".into()
@@ -1094,6 +1178,20 @@ fn daemonset_container_points_fail_when_broken() {
                 *at(d, &format!("{CONTAINER}/args/0")) =
                     "--healthz-bind-address=0.0.0.0:10257".into()
             }),
+        ),
+        (
+            "lack \"--require-direct-apiserver\"",
+            Box::new(|d| *at(d, &format!("{CONTAINER}/args/2")) = "--log-format=json".into()),
+        ),
+        (
+            "configMapRef \"sluice-apiserver\" is optional",
+            Box::new(|d| {
+                *at(d, &format!("{CONTAINER}/envFrom/0/configMapRef/optional")) = true.into()
+            }),
+        ),
+        (
+            "no envFrom configMapRef \"sluice-apiserver\"",
+            Box::new(|d| *at(d, &format!("{CONTAINER}/envFrom")) = serde_json::json!([])),
         ),
         (
             "lack \"--metrics-bind-address=127.0.0.1:10249\"",

@@ -5,7 +5,8 @@
 //!   `/healthz` and `/livez` answer 200 while the live table reflects the
 //!   sources' input, that is, no input has waited longer than the health
 //!   timeout for a publish (kube-proxy's rule), and 503 otherwise or before
-//!   the first table; the body is `{"lastUpdated": …, "currentTime": …}`.
+//!   the first table; the body is `{"lastUpdated": …, "currentTime": …,
+//!   "warnings": […]}`, the warnings being set-up problems to fix.
 //!   `/readyz` answers 200 once the first complete table is live.
 //! - the metrics address (`--metrics-bind-address`, default
 //!   `127.0.0.1:10249`): `/metrics` (Prometheus text) and `/debug/table`
@@ -37,6 +38,10 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Input waiting longer than this for a publish makes `/healthz` 503.
     pub health_timeout: Duration,
+    /// Set-up problems that do not stop sluice but that an operator must
+    /// fix (say, an apiserver reached only through a Service sluice serves),
+    /// listed in `/healthz`'s body.
+    pub warnings: Vec<String>,
 }
 
 /// Which endpoints a listener serves.
@@ -73,18 +78,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, endpoints: Endpoint
     }
 }
 
-/// Binds an admin listener; `None` when `addr` is empty (disabled).
-pub async fn bind(addr: &str) -> std::io::Result<Option<TcpListener>> {
-    if addr.is_empty() {
-        return Ok(None);
-    }
-    let addr: SocketAddr = addr.parse().map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{addr:?} is not an IP:port: {e}"),
-        )
-    })?;
-    TcpListener::bind(addr).await.map(Some)
+/// Binds an admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -147,6 +143,7 @@ impl Admin {
         let body = json!({
             "lastUpdated": rfc3339(snap.published_wall),
             "currentTime": rfc3339(SystemTime::now()),
+            "warnings": self.warnings,
         });
         respond(status, "application/json", body.to_string())
     }
@@ -210,6 +207,7 @@ impl Admin {
 mod tests {
     use super::*;
     use crate::tracker::TrackerConfig;
+    use http_body_util::BodyExt;
     use sluice_control::Table;
     use tokio_util::sync::CancellationToken;
 
@@ -225,6 +223,7 @@ mod tests {
             tracker: Arc::new(Tracker::new(cfg, CancellationToken::new(), metrics.clone())),
             metrics,
             health_timeout: timeout,
+            warnings: vec!["fix me".into()],
         }
     }
 
@@ -240,5 +239,15 @@ mod tests {
         assert!(!a.is_healthy(Instant::now() + Duration::from_secs(61)));
         a.publisher.publish(Table::new());
         assert!(a.is_healthy(Instant::now() + Duration::from_secs(61)));
+    }
+
+    #[tokio::test]
+    async fn healthz_lists_the_warnings() {
+        let a = mk_admin(Duration::from_secs(60));
+        a.publisher.publish(Table::new());
+        let body = a.healthz().into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["warnings"], json!(["fix me"]), "{v}");
+        assert!(v["lastUpdated"].is_string(), "{v}");
     }
 }

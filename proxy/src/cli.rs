@@ -1,5 +1,6 @@
 //! The `sluice` command line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -40,6 +41,18 @@ pub struct Args {
     /// Kubernetes source: the kubeconfig to use.
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes source: refuse to start (exit 64) when the apiserver
+    /// would be reached only through the in-cluster `kubernetes` Service
+    /// address (KUBERNETES_SERVICE_HOST/PORT) or a Service DNS name, which
+    /// sluice itself serves. Without this flag that is a warning, logged at
+    /// start and shown on /healthz.
+    #[arg(
+        long,
+        env = "SLUICE_REQUIRE_DIRECT_APISERVER",
+        conflicts_with = "config"
+    )]
+    pub require_direct_apiserver: bool,
 
     /// Kubernetes source: this node's name (local traffic policies,
     /// topology zone). The DaemonSet sets NODE_NAME from the downward API.
@@ -121,20 +134,18 @@ pub struct Args {
         long,
         env = "SLUICE_HEALTHZ_BIND_ADDRESS",
         default_value = "0.0.0.0:10256",
-        value_parser = bind_address,
         value_name = "IP:PORT"
     )]
-    pub healthz_bind_address: String,
+    pub healthz_bind_address: BindAddress,
 
     /// Serve /metrics and /debug/table here (empty: disabled).
     #[arg(
         long,
         env = "SLUICE_METRICS_BIND_ADDRESS",
         default_value = "127.0.0.1:10249",
-        value_parser = bind_address,
         value_name = "IP:PORT"
     )]
-    pub metrics_bind_address: String,
+    pub metrics_bind_address: BindAddress,
 
     /// /healthz turns 503 when source input has waited this long for a
     /// table publish.
@@ -146,14 +157,21 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
-/// An `IP:PORT` to bind, or empty for "disabled".
-fn bind_address(s: &str) -> Result<String, String> {
-    if s.is_empty() {
-        return Ok(String::new());
+/// An `IP:PORT` to bind, or `None` when given empty ("disabled").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindAddress(pub Option<SocketAddr>);
+
+impl std::str::FromStr for BindAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Ok(Self(None));
+        }
+        s.parse::<SocketAddr>()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("{s:?} is not IP:PORT ({e})"))
     }
-    s.parse::<std::net::SocketAddr>()
-        .map(|a| a.to_string())
-        .map_err(|e| format!("{s:?} is not IP:PORT ({e})"))
 }
 
 impl Args {

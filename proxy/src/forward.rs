@@ -103,7 +103,7 @@ async fn one_way(
     #[cfg(target_os = "linux")]
     {
         if mode == Mode::Auto {
-            match copy(from, to, 0, true).await? {
+            match copy(from, to, 0, Until::EofOrFull).await? {
                 Copied::Eof(n) => {
                     finish(to, others_done);
                     return Ok(n);
@@ -123,7 +123,7 @@ async fn one_way(
     }
     #[cfg(not(target_os = "linux"))]
     let _ = mode;
-    match copy(from, to, total, false).await? {
+    match copy(from, to, total, Until::Eof).await? {
         Copied::Eof(n) | Copied::Bulk(n) => {
             finish(to, others_done);
             Ok(n)
@@ -172,8 +172,18 @@ fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Copies `from` → `to` until EOF or, with `stop_on_full`, until a read
-/// fills the buffer. `total` is what was already moved. The buffer is held
+/// When [`copy`] stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// At EOF (or a FIN queued behind the data).
+    Eof,
+    /// Also at the first read that fills the buffer: the direction carries
+    /// bulk data, worth handing to splice.
+    EofOrFull,
+}
+
+/// Copies `from` → `to` until EOF or, with [`Until::EofOrFull`], until a
+/// read fills the buffer. `total` is what was already moved. The buffer is held
 /// only while data is in flight: it goes back to the pool whenever `from`
 /// would block.
 ///
@@ -189,7 +199,7 @@ async fn copy(
     from: &TcpStream,
     to: &TcpStream,
     mut total: u64,
-    stop_on_full: bool,
+    until: Until,
 ) -> io::Result<Copied> {
     loop {
         let ready = from.ready(Interest::READABLE).await?;
@@ -208,7 +218,7 @@ async fn copy(
             if last {
                 return Ok(Copied::Eof(total));
             }
-            if stop_on_full && n == buf.len() {
+            if until == Until::EofOrFull && n == buf.len() {
                 return Ok(Copied::Bulk(total));
             }
         }

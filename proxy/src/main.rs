@@ -2,6 +2,7 @@
 //! signal, drain, exit.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use sluice_control::Publisher;
 use sluice_control::source::{file, kube};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
-use sluice_proxy::cli::{Args, EXIT_USAGE, LogFormat};
+use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, LogFormat};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::vip::{VipDevice, service_ips};
 use sluice_proxy::workers::Workers;
@@ -89,6 +90,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let publisher = Arc::new(Publisher::new());
     let mut metrics = Metrics::new();
     let reload = Arc::new(Notify::new());
+    let mut warnings = Vec::new();
     if let Some(config) = &args.config {
         let first = match file::load(config) {
             Ok(t) => t,
@@ -105,6 +107,28 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             reload.clone(),
         ));
     } else {
+        let opts = kube::KubeOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            node_name: args.node_name.clone(),
+            node_addresses: args.node_addresses.clone(),
+            coalesce: args.min_sync_period,
+            ..kube::KubeOptions::default()
+        };
+        match kube::reached_through_service(&opts).await {
+            Ok(None) => {}
+            Ok(Some(why)) if args.require_direct_apiserver => {
+                eprintln!("sluice: refusing to start (--require-direct-apiserver): {why}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+            Ok(Some(why)) => {
+                warn!("{why}");
+                warnings.push(why);
+            }
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+        }
         let stats = Arc::new(kube::KubeStats::default());
         let registry = metrics.registry_mut();
         registry.register(
@@ -118,14 +142,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             stats.programming_latency.clone(),
         );
         registry.register_collector(Box::new(stats.clone()));
-        let opts = kube::KubeOptions {
-            kubeconfig: args.kubeconfig.clone(),
-            node_name: args.node_name.clone(),
-            node_addresses: args.node_addresses.clone(),
-            coalesce: args.min_sync_period,
-            stats,
-            ..kube::KubeOptions::default()
-        };
+        let opts = kube::KubeOptions { stats, ..opts };
         let publisher = publisher.clone();
         tokio::spawn(async move {
             // Returns only on a fatal set-up error (bad kubeconfig): nothing
@@ -170,12 +187,15 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         tracker: proxy.tracker().clone(),
         metrics,
         health_timeout: args.healthz_timeout,
+        warnings,
     });
     for (addr, endpoints) in [
-        (args.healthz_bind_address.clone(), Endpoints::Health),
-        (args.metrics_bind_address.clone(), Endpoints::Metrics),
+        (args.healthz_bind_address, Endpoints::Health),
+        (args.metrics_bind_address, Endpoints::Metrics),
     ] {
-        tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
+        if let BindAddress(Some(addr)) = addr {
+            tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
+        }
     }
     let report = proxy.run(stop).await;
     if report.cut > 0 {
@@ -245,12 +265,11 @@ async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
 /// Binds and serves one admin listener. A bind failure (say, the port is
 /// still held by the kube-proxy being replaced) is logged and retried: the
 /// proxy keeps serving meanwhile.
-async fn serve_admin(addr: String, admin: Arc<Admin>, endpoints: Endpoints) {
+async fn serve_admin(addr: SocketAddr, admin: Arc<Admin>, endpoints: Endpoints) {
     let mut logged = false;
     loop {
-        match admin::bind(&addr).await {
-            Ok(None) => return,
-            Ok(Some(listener)) => {
+        match admin::bind(addr).await {
+            Ok(listener) => {
                 info!(address = %addr, ?endpoints, "admin endpoints listening");
                 return admin::serve(listener, admin, endpoints).await;
             }

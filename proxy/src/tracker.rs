@@ -50,20 +50,40 @@ pub struct BackendState {
 
 #[derive(Debug)]
 struct Inner {
-    consecutive_failures: u32,
-    /// When the current ejection began: failures of dials started before
-    /// it were caused by the same outage and do not lengthen it.
-    ejected_at: Option<Instant>,
-    ejected_until: Option<Instant>,
-    /// After the cooldown, one dial at a time probes a failing backend;
-    /// the others still skip it until that dial succeeds.
-    probing: bool,
-    /// Set while the backend is not eligible in the live table.
-    draining_since: Option<Instant>,
+    health: Health,
+    drain: Drain,
     /// Cancelled when the drain timeout cuts this backend's connections.
     cut: CancellationToken,
-    /// The current drain's duration was recorded (its last connection ended).
-    drain_recorded: bool,
+}
+
+/// Whether dials to a backend have been failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// The last dial succeeded (or none was made).
+    Healthy,
+    /// Ejected after `failures` consecutive failed dials: no new picks
+    /// before `until`. After it, one dial at a time probes the backend
+    /// (`probing`) while the others still skip it, until a dial succeeds.
+    Failing {
+        failures: u32,
+        /// When the current ejection began: failures of dials started
+        /// before it were caused by the same outage and do not lengthen it.
+        since: Instant,
+        until: Instant,
+        probing: bool,
+    },
+}
+
+/// Whether the backend is eligible in the live table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    Serving,
+    /// Not eligible since `since`; `recorded` once the drain's duration was
+    /// observed (its last connection ended).
+    Draining {
+        since: Instant,
+        recorded: bool,
+    },
 }
 
 impl BackendState {
@@ -83,19 +103,23 @@ impl BackendState {
 
     /// The instant until which this backend is ejected, if it is now.
     pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
-        self.lock().ejected_until.filter(|&t| t > now)
+        match self.lock().health {
+            Health::Failing { until, .. } if until > now => Some(until),
+            _ => None,
+        }
     }
 
     /// Whether new picks must skip this backend: it is in its cooldown, or
     /// the cooldown is over and a probing dial is under way.
     pub fn is_ejected(&self, now: Instant) -> bool {
-        let inner = self.lock();
-        inner.ejected_until.is_some_and(|t| t > now)
-            || (inner.consecutive_failures > 0 && inner.probing)
+        match self.lock().health {
+            Health::Healthy => false,
+            Health::Failing { until, probing, .. } => until > now || probing,
+        }
     }
 
     pub fn is_draining(&self) -> bool {
-        self.lock().draining_since.is_some()
+        matches!(self.lock().drain, Drain::Draining { .. })
     }
 }
 
@@ -123,10 +147,12 @@ impl Drop for ConnGuard {
         self.state.metrics.active.dec();
         if self.state.active.fetch_sub(1, Ordering::Relaxed) == 1 {
             let mut inner = self.state.lock();
-            if let Some(since) = inner.draining_since
-                && !inner.drain_recorded
+            if let Drain::Draining {
+                since,
+                recorded: recorded @ false,
+            } = &mut inner.drain
             {
-                inner.drain_recorded = true;
+                *recorded = true;
                 self.metrics
                     .drain_duration
                     .observe(since.elapsed().as_secs_f64());
@@ -175,13 +201,9 @@ impl Tracker {
                     addr,
                     active: AtomicUsize::new(0),
                     inner: Mutex::new(Inner {
-                        consecutive_failures: 0,
-                        ejected_at: None,
-                        ejected_until: None,
-                        probing: false,
-                        draining_since: None,
+                        health: Health::Healthy,
+                        drain: Drain::Serving,
                         cut: self.shutdown_cut.child_token(),
-                        drain_recorded: false,
                     }),
                     metrics: self.metrics.backend(&addr.to_string()),
                 })
@@ -220,8 +242,8 @@ impl Tracker {
         state.metrics.active.inc();
         let cut = {
             let mut inner = state.lock();
-            if inner.consecutive_failures > 0 {
-                inner.probing = true;
+            if let Health::Failing { probing, .. } = &mut inner.health {
+                *probing = true;
             }
             inner.cut.clone()
         };
@@ -241,25 +263,29 @@ impl Tracker {
         state.metrics.dial_failed(kind);
         let now = Instant::now();
         let mut inner = state.lock();
-        if let (Some(at), Some(until)) = (inner.ejected_at, inner.ejected_until)
-            && started < at
-        {
-            return until.saturating_duration_since(at);
-        }
-        if inner.ejected_until.is_none_or(|t| t <= now) && inner.consecutive_failures == 0 {
-            state.metrics.ejected();
-            tracing::info!(backend = %addr, reason = kind.as_str(), "backend ejected after a failed dial");
-        }
-        inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
-        let doublings = inner.consecutive_failures.saturating_sub(1).min(16);
+        let failures = match inner.health {
+            Health::Failing { since, until, .. } if started < since => {
+                return until.saturating_duration_since(since);
+            }
+            Health::Failing { failures, .. } => failures.saturating_add(1),
+            Health::Healthy => {
+                state.metrics.ejected();
+                tracing::info!(backend = %addr, reason = kind.as_str(), "backend ejected after a failed dial");
+                1
+            }
+        };
+        let doublings = (failures - 1).min(16);
         let cooldown = self
             .config
             .eject_base
             .saturating_mul(1u32 << doublings)
             .min(self.config.eject_max);
-        inner.ejected_at = Some(now);
-        inner.ejected_until = Some(now + cooldown);
-        inner.probing = false;
+        inner.health = Health::Failing {
+            failures,
+            since: now,
+            until: now + cooldown,
+            probing: false,
+        };
         cooldown
     }
 
@@ -271,11 +297,8 @@ impl Tracker {
         };
         state.metrics.connections.inc();
         let mut inner = state.lock();
-        let was_failing = inner.consecutive_failures > 0;
-        inner.consecutive_failures = 0;
-        inner.ejected_at = None;
-        inner.ejected_until = None;
-        inner.probing = false;
+        let was_failing = inner.health != Health::Healthy;
+        inner.health = Health::Healthy;
         was_failing
     }
 
@@ -294,7 +317,7 @@ impl Tracker {
         self.eligible.store(Arc::new(Some(eligible.clone())));
         self.backends.retain(|addr, state| {
             if eligible.contains(addr) {
-                state.lock().draining_since = None;
+                state.lock().drain = Drain::Serving;
                 return true;
             }
             if state.active() == 0 && !listed.contains(addr) {
@@ -309,12 +332,14 @@ impl Tracker {
     fn start_drain(&self, state: &Arc<BackendState>) {
         let since = {
             let mut inner = state.lock();
-            if inner.draining_since.is_some() {
+            if let Drain::Draining { .. } = inner.drain {
                 return;
             }
             let now = Instant::now();
-            inner.draining_since = Some(now);
-            inner.drain_recorded = false;
+            inner.drain = Drain::Draining {
+                since: now,
+                recorded: false,
+            };
             now
         };
         if state.active() > 0 {
@@ -328,7 +353,7 @@ impl Tracker {
             tokio::time::sleep(timeout).await;
             let cut = {
                 let mut inner = state.lock();
-                if inner.draining_since != Some(since) {
+                if !matches!(inner.drain, Drain::Draining { since: s, .. } if s == since) {
                     return; // eligible again, or a newer drain started
                 }
                 std::mem::replace(&mut inner.cut, fresh.child_token())

@@ -21,7 +21,6 @@ pub mod scenario;
 pub mod topo;
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -31,88 +30,11 @@ use tokio::sync::watch;
 
 pub use pod::PodArgs;
 
+use crate::check;
+use crate::plan::{self, Arp, RolloutArgs, Via};
 use crate::report::{self, Event, Second, Summary};
-use crate::rollout::RolloutArgs;
 use crate::sluice::{self, LogCounts, MetricsSummary, StopReport};
 use crate::workload::Outcome;
-
-/// The data path clients go through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Via {
-    /// sluice in the node's namespace, VIP on an ifb device.
-    Sluice,
-    /// nftables DNAT in kube-proxy's nftables shape.
-    Nft,
-}
-
-/// The node's ARP entry for the dead pod once its namespace is gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Arp {
-    /// Still REACHABLE with the old MAC: SYNs vanish (black hole).
-    Fresh,
-    /// Set to FAILED when the namespace goes: each connect waits for ARP
-    /// (~3 s) and ends in `No route to host`.
-    Failed,
-}
-
-impl Via {
-    fn as_str(self) -> &'static str {
-        match self {
-            Via::Sluice => "sluice",
-            Via::Nft => "nft",
-        }
-    }
-}
-
-impl Arp {
-    fn as_str(self) -> &'static str {
-        match self {
-            Arp::Fresh => "fresh",
-            Arp::Failed => "failed",
-        }
-    }
-}
-
-/// Options of `rollout --netns`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct NetnsArgs {
-    /// Run the rollout on a mini node in network namespaces (needs root,
-    /// iproute2; nftables for --via nft). With --netns, --lag defaults to
-    /// 3s, --client-timeout to 5s and --source-ports to 1024.
-    #[arg(long)]
-    pub netns: bool,
-    /// Data paths to run, comma-separated: sluice, nft.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "sluice",
-        requires = "netns"
-    )]
-    pub via: Vec<Via>,
-    /// ARP variants to run, comma-separated: fresh, failed.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "fresh,failed",
-        requires = "netns"
-    )]
-    pub arp: Vec<Arp>,
-    /// From an old pod's death to the deletion of its namespace.
-    #[arg(
-        long,
-        default_value = "500ms",
-        value_name = "DURATION",
-        requires = "netns"
-    )]
-    pub ns_delay: humantime::Duration,
-    /// Write the timelines as an SVG plot to this file.
-    #[arg(long, value_name = "FILE.svg", requires = "netns")]
-    pub plot: Option<PathBuf>,
-}
 
 /// Whether `id` (a `rollout` option) was given on the command line, so
 /// that `--netns` can have its own defaults for the shared options.
@@ -262,36 +184,21 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
     let grace: Duration = a.grace.into();
     let warmup: Duration = a.warmup.into();
     let ns_delay: Duration = a.netns.ns_delay.into();
-    anyhow::ensure!(
-        lag >= Duration::from_secs(1),
-        "--lag must be >= 1s (got {})",
-        humantime::format_duration(lag)
-    );
+    plan::check_lag(lag)?;
     anyhow::ensure!(
         grace + ns_delay < lag,
         "--grace + --ns-delay must be under --lag, or the table drops the old pod before its namespace is gone"
     );
-    anyhow::ensure!(
-        a.rate > 0.0 && a.rate <= 5_000.0,
-        "--rate must be in (0, 5000] with --netns (got {})",
-        a.rate
-    );
-    anyhow::ensure!(
-        (1..=topo::MAX_PODS).contains(&(a.backends as usize)),
-        "--backends must be in 1..={} with --netns (got {})",
-        topo::MAX_PODS,
-        a.backends
-    );
+    check::positive_at_most("--rate with --netns", a.rate, 5_000.0)?;
+    check::in_range(
+        "--backends with --netns",
+        a.backends as usize,
+        1..=topo::MAX_PODS,
+    )?;
     let n = a.backends as usize;
     let schedule = scenario::steps(n, warmup, lag, grace, ns_delay);
     let last = schedule.last().map(|s| s.0).unwrap_or(warmup);
-    let min_duration = last + Duration::from_secs(1);
-    let duration: Duration = a.duration.map(Into::into).unwrap_or(min_duration);
-    anyhow::ensure!(
-        duration >= min_duration && duration <= Duration::from_secs(600),
-        "--duration must cover the rollout schedule ({:.1}s) and be at most 10 minutes",
-        min_duration.as_secs_f64()
-    );
+    let duration = plan::load_duration(a.duration, last)?;
     let vias = dedup(&a.netns.via);
     let arps = dedup(&a.netns.arp);
     if vias.contains(&Via::Nft) {

@@ -35,9 +35,8 @@ use tokio::sync::{oneshot, watch};
 use super::nft;
 use super::pod::Pod;
 use super::topo::{self, BRIDGE, CLIENT_IP, Gen, Names, POD_PORT, VIP, VIP_DEV, VIP_PORT};
-use super::{Arp, Via};
+use crate::plan::{Action, Arp, SLUICE_LOG, Via, plan};
 use crate::report::Event;
-use crate::rollout::{Action, plan};
 use crate::sluice::{
     BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
 };
@@ -45,10 +44,6 @@ use crate::workload::{LoadResult, LoadSpec, Outcome, PortPool, open_loop, reques
 
 /// The service's name in sluice's config and in the nft chain names.
 pub const SERVICE: &str = "rollout";
-
-/// sluice's RUST_LOG (unless RUST_LOG is set): its per-connection debug
-/// lines say which dials failed and which connections needed a retry.
-const SLUICE_LOG: &str = "info,sluice_proxy::server=debug";
 
 /// Everything one run needs.
 #[derive(Debug, Clone)]
@@ -82,12 +77,7 @@ pub enum Step {
 
 impl Step {
     fn is_table(self) -> bool {
-        matches!(
-            self,
-            Step::Rollout(Action::TableAdd(_))
-                | Step::Rollout(Action::TableTerminating(_))
-                | Step::Rollout(Action::TableRemove(_))
-        )
+        matches!(self, Step::Rollout(a) if a.is_table())
     }
 }
 

@@ -69,7 +69,7 @@ pub struct Malformed {
 }
 
 impl Malformed {
-    fn new(kind: &'static str, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
+    pub fn new(kind: &'static str, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
         let object = match (&meta.namespace, &meta.name) {
             (Some(ns), Some(n)) => format!("{ns}/{n}"),
             (None, Some(n)) => n.clone(),
@@ -129,6 +129,24 @@ pub struct SkippedPort {
     pub protocol: String,
 }
 
+/// Which endpoints serve a kind of traffic: all of them (`Cluster`, topology
+/// hints applying) or only this node's (`Local`, no fallback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+impl TrafficPolicy {
+    /// A `*TrafficPolicy` field: unset or anything but `Local` is `Cluster`.
+    fn of(field: Option<&str>) -> Self {
+        match field {
+            Some("Local") => TrafficPolicy::Local,
+            _ => TrafficPolicy::Cluster,
+        }
+    }
+}
+
 /// What the index needs of a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceInfo {
@@ -141,10 +159,10 @@ pub struct ServiceInfo {
     pub load_balancer_ips: Vec<IpAddr>,
     /// Type NodePort or LoadBalancer: `nodePort` is served on node addresses.
     pub node_ports: bool,
-    /// `internalTrafficPolicy: Local`.
-    pub internal_local: bool,
-    /// `externalTrafficPolicy: Local`.
-    pub external_local: bool,
+    /// `internalTrafficPolicy`: for cluster IPs.
+    pub internal_policy: TrafficPolicy,
+    /// `externalTrafficPolicy`: for external IPs, LB IPs and node ports.
+    pub external_policy: TrafficPolicy,
     pub affinity: Option<Affinity>,
     /// Served only for LoadBalancer Services with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
@@ -267,9 +285,9 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         }
         _ => None,
     };
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let external_policy = TrafficPolicy::of(spec.external_traffic_policy.as_deref());
     let health_check_node_port = match spec.health_check_node_port {
-        Some(p) if type_ == "LoadBalancer" && external_local => Some(
+        Some(p) if type_ == "LoadBalancer" && external_policy == TrafficPolicy::Local => Some(
             parse_port(p).ok_or_else(|| bad(format!("healthCheckNodePort {p} out of range")))?,
         ),
         _ => None,
@@ -281,8 +299,8 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         external_ips,
         load_balancer_ips,
         node_ports,
-        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        external_local,
+        internal_policy: TrafficPolicy::of(spec.internal_traffic_policy.as_deref()),
+        external_policy,
         affinity,
         health_check_node_port,
     }))

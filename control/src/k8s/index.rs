@@ -1,8 +1,9 @@
 //! The index: Services, EndpointSlices and this node's Node in, a [`Table`] out.
 //!
-//! Pure and synchronous: the watcher source feeds it objects
-//! ([`Index::apply_service`], [`Index::delete_slice`], [`Index::reset_slices`]
-//! on a relist, ...) and calls [`Index::build`] when it wants a table. Each
+//! Pure and synchronous: the watcher source feeds it objects of every
+//! [`Watched`] kind through three generic entry points ([`Index::apply`],
+//! [`Index::delete`], and [`Index::reset`] on a relist) and calls
+//! [`Index::build`] when it wants a table. Each
 //! change marks the Services it touches dirty; `build` recomputes only those
 //! and patches the working table (a persistent map) key by key, so one
 //! EndpointSlice change costs O(size of that Service + log n), not O(n).
@@ -10,15 +11,18 @@
 //! The rules are kube-proxy's; see the module docs of [`crate::k8s`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{Metadata, Resource};
 
 use super::convert::{
-    EndpointInfo, Family, Malformed, NodeInfo, ObjectRef, ServiceInfo, SliceInfo, node_info,
-    service_info, slice_info,
+    EndpointInfo, Family, Malformed, NodeInfo, ObjectRef, ServiceInfo, SliceInfo, TrafficPolicy,
+    node_info, service_info, slice_info,
 };
 use crate::table::{Backend, ListenKey, Policy, Service, Table};
 
@@ -31,10 +35,16 @@ enum Variant {
     External,
 }
 
-/// A Service's claim on a listen key: its entry name and variant. When two
-/// Services claim one key (a user error, e.g. the same externalIP twice), the
-/// smallest claim wins, deterministically, and a warning is logged.
-type Claim = (String, Variant);
+/// The table entry a Service makes for one port and variant: what claims a
+/// listen key. When two Services claim one key (a user error, e.g. the same
+/// externalIP twice), the smallest claim (by name, then variant) wins,
+/// deterministically, and a warning is logged.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct EntryId {
+    /// `namespace/service:port` (see [`super::convert::ServicePortInfo::entry_name`]).
+    name: String,
+    variant: Variant,
+}
 
 /// A `healthCheckNodePort` to answer, with what to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,21 +67,45 @@ pub struct IndexStats {
     pub conflicts: u64,
 }
 
+/// A kind of object the index is fed. [`Index::apply`], [`Index::delete`]
+/// and [`Index::reset`] are written once over it: feeding the index one
+/// more kind (Namespaces, a CRD) is one impl.
+pub trait Watched: Resource + Metadata<Ty = ObjectMeta> {
+    /// How the index names one object of the kind.
+    type Key: Clone + Eq + Hash;
+    /// What the index keeps of one object.
+    type Info: Clone + PartialEq;
+    /// The key, from the metadata alone (objects that do not decode are
+    /// deleted and kept by it too); `None` when a name is missing.
+    fn key(meta: &ObjectMeta) -> Option<Self::Key>;
+    /// What the index keeps of the object; `Ok(None)` when the index leaves
+    /// it alone (a previous version is then removed).
+    fn info(&self, index: &Index) -> Result<Option<Self::Info>, Malformed>;
+    /// The version the index holds.
+    fn get<'a>(index: &'a Index, key: &Self::Key) -> Option<&'a Self::Info>;
+    /// The keys of every object of the kind the index holds.
+    fn keys(index: &Index) -> Vec<Self::Key>;
+    /// Stores (`Some`) or removes (`None`) a changed object and marks the
+    /// Services it feeds dirty.
+    fn set(index: &mut Index, key: Self::Key, info: Option<Self::Info>);
+}
+
 /// Services and EndpointSlices, indexed for incremental table builds.
 #[derive(Debug, Default)]
 pub struct Index {
     node_name: Option<String>,
     /// Node addresses given by the operator; when empty the Node's are used.
     fixed_addresses: Vec<IpAddr>,
-    node: NodeInfo,
+    /// This node's Node, once seen.
+    node: Option<NodeInfo>,
     services: HashMap<ObjectRef, Arc<ServiceInfo>>,
     /// Slice (`namespace/slice-name`) to the Service that owns it.
     slice_owner: HashMap<ObjectRef, ObjectRef>,
     /// Service to its slices, by slice name (ordered: deterministic merges).
     slices: HashMap<ObjectRef, BTreeMap<String, Arc<SliceInfo>>>,
     /// What each Service put in the table, to take it out again.
-    contributed: HashMap<ObjectRef, Vec<(ListenKey, Claim)>>,
-    claims: HashMap<ListenKey, BTreeMap<Claim, Arc<Service>>>,
+    contributed: HashMap<ObjectRef, Vec<(ListenKey, EntryId)>>,
+    claims: HashMap<ListenKey, BTreeMap<EntryId, Arc<Service>>>,
     health: HashMap<ObjectRef, HealthCheck>,
     /// `health` changed since the last `take_health_changed`.
     health_changed: bool,
@@ -133,282 +167,78 @@ impl Index {
         !self.dirty.is_empty()
     }
 
-    // ----- Services -------------------------------------------------------
+    // ----- Objects ----------------------------------------------------------
 
-    /// Adds or replaces a Service. A malformed Service is rejected and its
+    /// Adds or replaces an object. A malformed one is rejected and its
     /// previous version (if any) stays.
-    pub fn apply_service(&mut self, svc: &K8sService) -> Result<(), Malformed> {
-        match service_info(svc) {
-            Err(e) => {
-                self.stats.malformed += 1;
-                Err(e)
-            }
-            Ok(info) => {
-                // service_info checked the reference.
-                if let Some(key) = ObjectRef::of(&svc.metadata) {
-                    self.set_service(key, info);
-                }
-                Ok(())
-            }
+    pub fn apply<K: Watched>(&mut self, obj: &K) -> Result<(), Malformed> {
+        let info = obj.info(self);
+        let info = info.inspect_err(|_| self.stats.malformed += 1)?;
+        if let Some(key) = K::key(obj.metadata()) {
+            self.store::<K>(key, info);
         }
+        Ok(())
     }
 
-    pub fn delete_service(&mut self, svc: &K8sService) {
-        if let Some(key) = ObjectRef::of(&svc.metadata) {
-            self.set_service(key, None);
-        }
+    /// Removes an object by key (also for objects that did not decode).
+    pub fn delete<K: Watched>(&mut self, key: &K::Key) {
+        self.store::<K>(key.clone(), None);
     }
 
-    /// Deletes a Service by reference (for objects that did not decode).
-    pub fn delete_service_ref(&mut self, key: &ObjectRef) {
-        self.set_service(key.clone(), None);
-    }
-
-    /// Replaces every Service by `items` (a relist). Returns the malformed
-    /// ones; for each, a previous good version is kept.
-    pub fn reset_services<'a>(
+    /// Replaces every object of kind `K` by `items` (a relist): objects
+    /// missing from it are removed (deleted while the watch was down).
+    /// `keep` names listed objects that could not even be decoded. For
+    /// those, and for each malformed one (returned), the previous version
+    /// (if any) stays.
+    pub fn reset<'a, K: Watched + 'a>(
         &mut self,
-        items: impl IntoIterator<Item = &'a K8sService>,
-    ) -> Vec<Malformed> {
-        self.reset_services_keeping(items, &[])
-    }
-
-    /// [`Index::reset_services`], where `keep` names listed Services that
-    /// could not even be decoded: their previous version (if any) stays.
-    pub fn reset_services_keeping<'a>(
-        &mut self,
-        items: impl IntoIterator<Item = &'a K8sService>,
-        keep: &[ObjectRef],
+        items: impl IntoIterator<Item = &'a K>,
+        keep: &[K::Key],
     ) -> Vec<Malformed> {
         let mut errors = Vec::new();
-        let mut next: HashMap<ObjectRef, Option<ServiceInfo>> = HashMap::new();
-        for key in keep {
-            let old = self.services.get(key).map(|s| (**s).clone());
-            next.insert(key.clone(), old);
-        }
-        for svc in items {
-            let Some(key) = ObjectRef::of(&svc.metadata) else {
-                if let Err(e) = service_info(svc) {
-                    self.stats.malformed += 1;
-                    errors.push(e);
-                }
-                continue;
-            };
-            match service_info(svc) {
-                Ok(info) => {
-                    next.insert(key, info);
-                }
+        // Absent from `next` means deleted, so kept versions go in explicitly.
+        let mut next: HashMap<K::Key, Option<K::Info>> = (keep.iter())
+            .map(|key| (key.clone(), K::get(self, key).cloned()))
+            .collect();
+        for obj in items {
+            let key = K::key(obj.metadata());
+            let info = match obj.info(self) {
+                Ok(info) => info,
                 Err(e) => {
                     self.stats.malformed += 1;
                     errors.push(e);
-                    // Keep the last good version: absent from `next` means
-                    // deleted, so carry it over explicitly.
-                    let old = self.services.get(&key).map(|s| (**s).clone());
-                    next.insert(key, old);
+                    key.as_ref().and_then(|key| K::get(self, key)).cloned()
                 }
+            };
+            if let Some(key) = key {
+                next.insert(key, info);
             }
         }
-        let gone: Vec<ObjectRef> = self
-            .services
-            .keys()
-            .filter(|k| !next.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.set_service(key, None);
+        for key in K::keys(self) {
+            if !next.contains_key(&key) {
+                self.store::<K>(key, None);
+            }
         }
         for (key, info) in next {
-            self.set_service(key, info);
+            self.store::<K>(key, info);
         }
         errors
     }
 
-    fn set_service(&mut self, key: ObjectRef, info: Option<ServiceInfo>) {
-        let old = self.services.get(&key);
-        if old.map(|o| &**o) == info.as_ref() {
-            return;
-        }
-        match info {
-            None => {
-                self.services.remove(&key);
-            }
-            Some(info) => {
-                for p in &info.skipped_ports {
-                    let seen = old.is_some_and(|o| o.skipped_ports.contains(p));
-                    if !seen {
-                        self.stats.skipped_ports += 1;
-                        tracing::info!(
-                            service = %key,
-                            port = p.port,
-                            name = %p.name,
-                            protocol = %p.protocol,
-                            "skipping non-TCP service port"
-                        );
-                    }
-                }
-                self.services.insert(key.clone(), Arc::new(info));
-            }
-        }
-        self.dirty.insert(key);
-    }
-
-    // ----- EndpointSlices -------------------------------------------------
-
-    /// Adds or replaces an EndpointSlice. A malformed slice is rejected and
-    /// its previous version (if any) stays.
-    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Result<(), Malformed> {
-        match slice_info(slice) {
-            Err(e) => {
-                self.stats.malformed += 1;
-                Err(e)
-            }
-            Ok(info) => {
-                if let Some(key) = ObjectRef::of(&slice.metadata) {
-                    self.set_slice(key, info);
-                }
-                Ok(())
-            }
+    fn store<K: Watched>(&mut self, key: K::Key, info: Option<K::Info>) {
+        if K::get(self, &key) != info.as_ref() {
+            K::set(self, key, info);
         }
     }
 
-    pub fn delete_slice(&mut self, slice: &EndpointSlice) {
-        if let Some(key) = ObjectRef::of(&slice.metadata) {
-            self.set_slice(key, None);
-        }
-    }
-
-    /// Deletes an EndpointSlice by reference (for objects that did not
-    /// decode).
-    pub fn delete_slice_ref(&mut self, key: &ObjectRef) {
-        self.set_slice(key.clone(), None);
-    }
-
-    /// Replaces every EndpointSlice by `items` (a relist). Returns the
-    /// malformed ones; for each, a previous good version is kept.
-    pub fn reset_slices<'a>(
-        &mut self,
-        items: impl IntoIterator<Item = &'a EndpointSlice>,
-    ) -> Vec<Malformed> {
-        self.reset_slices_keeping(items, &[])
-    }
-
-    /// [`Index::reset_slices`], where `keep` names listed slices that could
-    /// not even be decoded: their previous version (if any) stays.
-    pub fn reset_slices_keeping<'a>(
-        &mut self,
-        items: impl IntoIterator<Item = &'a EndpointSlice>,
-        keep: &[ObjectRef],
-    ) -> Vec<Malformed> {
-        let mut errors = Vec::new();
-        let mut next: HashMap<ObjectRef, Option<SliceInfo>> = HashMap::new();
-        for key in keep {
-            let old = self.current_slice(key).map(|s| (**s).clone());
-            next.insert(key.clone(), old);
-        }
-        for slice in items {
-            let Some(key) = ObjectRef::of(&slice.metadata) else {
-                if let Err(e) = slice_info(slice) {
-                    self.stats.malformed += 1;
-                    errors.push(e);
-                }
-                continue;
-            };
-            match slice_info(slice) {
-                Ok(info) => {
-                    next.insert(key, info);
-                }
-                Err(e) => {
-                    self.stats.malformed += 1;
-                    errors.push(e);
-                    let old = self.current_slice(&key).map(|s| (**s).clone());
-                    next.insert(key, old);
-                }
-            }
-        }
-        let gone: Vec<ObjectRef> = self
-            .slice_owner
-            .keys()
-            .filter(|k| !next.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.set_slice(key, None);
-        }
-        for (key, info) in next {
-            self.set_slice(key, info);
-        }
-        errors
-    }
-
-    fn current_slice(&self, key: &ObjectRef) -> Option<&Arc<SliceInfo>> {
-        let owner = self.slice_owner.get(key)?;
-        self.slices.get(owner)?.get(&key.name)
-    }
-
-    fn set_slice(&mut self, key: ObjectRef, info: Option<SliceInfo>) {
-        if self.current_slice(&key).map(|s| &**s) == info.as_ref() {
-            return;
-        }
-        if let Some(old_owner) = self.slice_owner.remove(&key) {
-            if let Some(m) = self.slices.get_mut(&old_owner) {
-                m.remove(&key.name);
-                if m.is_empty() {
-                    self.slices.remove(&old_owner);
-                }
-            }
-            self.dirty.insert(old_owner);
-        }
-        if let Some(info) = info {
-            if let Some(t) = info.trigger_time_ns {
-                self.triggers.push(t);
-            }
-            let owner = ObjectRef::new(key.namespace.clone(), info.service.clone());
-            self.slices
-                .entry(owner.clone())
-                .or_default()
-                .insert(key.name.clone(), Arc::new(info));
-            self.slice_owner.insert(key, owner.clone());
-            self.dirty.insert(owner);
-        }
-    }
-
-    // ----- Node -----------------------------------------------------------
-
-    /// Applies this node's Node object (others are ignored).
-    pub fn apply_node(&mut self, node: &Node) {
-        if self.node_name.is_some() && node.metadata.name == self.node_name {
-            self.set_node(node_info(node));
-        }
-    }
-
-    pub fn delete_node(&mut self, node: &Node) {
-        if self.node_name.is_some() && node.metadata.name == self.node_name {
-            self.set_node(NodeInfo::default());
-        }
-    }
-
-    /// Replaces the Node (a relist).
-    pub fn reset_nodes<'a>(&mut self, items: impl IntoIterator<Item = &'a Node>) {
-        let ours = items
-            .into_iter()
-            .find(|n| self.node_name.is_some() && n.metadata.name == self.node_name);
-        self.set_node(ours.map(node_info).unwrap_or_default());
-    }
-
-    fn set_node(&mut self, info: NodeInfo) {
-        if info == self.node {
-            return;
-        }
-        // Zone and addresses feed every Service: rare, so rebuild all.
-        self.node = info;
-        self.dirty.extend(self.services.keys().cloned());
+    fn is_this_node(&self, name: &str) -> bool {
+        self.node_name.as_deref() == Some(name)
     }
 
     fn node_addresses(&self) -> &[IpAddr] {
-        if self.fixed_addresses.is_empty() {
-            &self.node.addresses
-        } else {
-            &self.fixed_addresses
+        match &self.node {
+            Some(node) if self.fixed_addresses.is_empty() => &node.addresses,
+            _ => &self.fixed_addresses,
         }
     }
 
@@ -439,30 +269,23 @@ impl Index {
         if let Some(info) = self.services.get(key).cloned() {
             let empty = BTreeMap::new();
             let slices = self.slices.get(key).unwrap_or(&empty);
-            let mut claims: Vec<(ListenKey, Claim, Arc<Service>)> = Vec::new();
+            let mut claims: Vec<(ListenKey, EntryId, Arc<Service>)> = Vec::new();
             for port in &info.ports {
                 let name = port.entry_name(key);
                 for family in [Family::V4, Family::V6] {
-                    let of = |ips: &[IpAddr]| -> Vec<IpAddr> {
+                    let at = |ips: &[IpAddr], port: u16| -> Vec<SocketAddr> {
                         ips.iter()
                             .filter(|ip| Family::of(ip) == family)
-                            .copied()
+                            .map(|ip| SocketAddr::new(*ip, port))
                             .collect()
                     };
-                    let cluster = of(&info.cluster_ips);
-                    let mut external: Vec<SocketAddr> = of(&info.external_ips)
-                        .into_iter()
-                        .chain(of(&info.load_balancer_ips))
-                        .map(|ip| SocketAddr::new(ip, port.port))
-                        .collect();
+                    let cluster = at(&info.cluster_ips, port.port);
+                    let mut external = at(&info.external_ips, port.port);
+                    external.extend(at(&info.load_balancer_ips, port.port));
                     if info.node_ports
                         && let Some(np) = port.node_port
                     {
-                        external.extend(
-                            of(self.node_addresses())
-                                .into_iter()
-                                .map(|ip| SocketAddr::new(ip, np)),
-                        );
+                        external.extend(at(self.node_addresses(), np));
                     }
                     if cluster.is_empty() && external.is_empty() {
                         continue;
@@ -477,40 +300,29 @@ impl Index {
                                 .map(move |e| (SocketAddr::new(e.ip, p), e))
                         })
                         .collect();
-                    let cluster_svc = (!cluster.is_empty()).then(|| {
-                        Arc::new(self.make_service(&name, &info, &eps, info.internal_local))
-                    });
-                    let external_svc = if external.is_empty() {
-                        None
-                    } else {
-                        match &cluster_svc {
-                            Some(c) if !info.internal_local && !info.external_local => {
-                                Some(c.clone())
-                            }
-                            _ => Some(Arc::new(self.make_service(
-                                &name,
-                                &info,
-                                &eps,
-                                info.external_local,
-                            ))),
+                    // Both variants share one entry when their policies agree.
+                    let mut made: Option<(TrafficPolicy, Arc<Service>)> = None;
+                    for (variant, addrs) in
+                        [(Variant::Cluster, cluster), (Variant::External, external)]
+                    {
+                        if addrs.is_empty() {
+                            continue;
                         }
-                    };
-                    if let Some(svc) = cluster_svc {
-                        for ip in cluster {
-                            claims.push((
-                                ListenKey::tcp(SocketAddr::new(ip, port.port)),
-                                (name.clone(), Variant::Cluster),
-                                svc.clone(),
-                            ));
-                        }
-                    }
-                    if let Some(svc) = external_svc {
-                        for addr in external {
-                            claims.push((
-                                ListenKey::tcp(addr),
-                                (name.clone(), Variant::External),
-                                svc.clone(),
-                            ));
+                        let policy = match variant {
+                            Variant::Cluster => info.internal_policy,
+                            Variant::External => info.external_policy,
+                        };
+                        let svc = match &made {
+                            Some((p, svc)) if *p == policy => svc.clone(),
+                            _ => Arc::new(self.make_service(&name, &info, &eps, policy)),
+                        };
+                        made = Some((policy, svc.clone()));
+                        for addr in addrs {
+                            let id = EntryId {
+                                name: name.clone(),
+                                variant,
+                            };
+                            claims.push((ListenKey::tcp(addr), id, svc.clone()));
                         }
                     }
                 }
@@ -536,12 +348,12 @@ impl Index {
             let mut contributed = Vec::with_capacity(claims.len());
             for (lk, claim, svc) in claims {
                 let entry = self.claims.entry(lk).or_default();
-                if let Some(((other, _), _)) = entry.iter().find(|((n, _), _)| *n != claim.0) {
+                if let Some(other) = entry.keys().find(|other| other.name != claim.name) {
                     self.stats.conflicts += 1;
                     tracing::warn!(
                         listen = %lk,
-                        service = %claim.0,
-                        other = %other,
+                        service = %claim.name,
+                        other = %other.name,
                         "two services claim one address; the first by name wins"
                     );
                 }
@@ -591,16 +403,16 @@ impl Index {
         self.node_name.is_some() && ep.node_name == self.node_name
     }
 
-    /// The entry for one port and family: local endpoints when `local`, else
+    /// The entry for one port and family under `policy`: local endpoints, or
     /// topology-filtered ones. Eligibility is decided by [`Service::new`].
     fn make_service(
         &self,
         name: &str,
         info: &ServiceInfo,
         eps: &[(SocketAddr, &EndpointInfo)],
-        local: bool,
+        policy: TrafficPolicy,
     ) -> Service {
-        let backends: Vec<Backend> = if local {
+        let backends: Vec<Backend> = if policy == TrafficPolicy::Local {
             eps.iter()
                 .filter(|(_, e)| self.is_local(e))
                 .map(|(a, e)| Backend::new(*a, e.conditions))
@@ -630,7 +442,7 @@ impl Index {
     /// carries `hints.forZones` and one of them names this zone (kube-proxy's
     /// rule; only ready endpoints are considered, as kube-proxy does).
     fn topology_zone(&self, eps: &[(SocketAddr, &EndpointInfo)]) -> Option<&str> {
-        let zone = self.node.zone.as_deref()?;
+        let zone = self.node.as_ref()?.zone.as_deref()?;
         let mut any_ready = false;
         let mut hit = false;
         for (_, e) in eps.iter().filter(|(_, e)| e.conditions.ready) {
@@ -641,5 +453,137 @@ impl Index {
             }
         }
         (any_ready && hit).then_some(zone)
+    }
+}
+
+impl Watched for K8sService {
+    type Key = ObjectRef;
+    type Info = ServiceInfo;
+
+    fn key(meta: &ObjectMeta) -> Option<ObjectRef> {
+        ObjectRef::of(meta)
+    }
+
+    fn info(&self, _: &Index) -> Result<Option<ServiceInfo>, Malformed> {
+        service_info(self)
+    }
+
+    fn get<'a>(index: &'a Index, key: &ObjectRef) -> Option<&'a ServiceInfo> {
+        index.services.get(key).map(|s| &**s)
+    }
+
+    fn keys(index: &Index) -> Vec<ObjectRef> {
+        index.services.keys().cloned().collect()
+    }
+
+    fn set(index: &mut Index, key: ObjectRef, info: Option<ServiceInfo>) {
+        match info {
+            None => {
+                index.services.remove(&key);
+            }
+            Some(info) => {
+                let old = index.services.get(&key);
+                for p in &info.skipped_ports {
+                    let seen = old.is_some_and(|o| o.skipped_ports.contains(p));
+                    if !seen {
+                        index.stats.skipped_ports += 1;
+                        tracing::info!(
+                            service = %key,
+                            port = p.port,
+                            name = %p.name,
+                            protocol = %p.protocol,
+                            "skipping non-TCP service port"
+                        );
+                    }
+                }
+                index.services.insert(key.clone(), Arc::new(info));
+            }
+        }
+        index.dirty.insert(key);
+    }
+}
+
+/// A slice is keyed by its own `namespace/name` and stored under the
+/// Service it names, which it marks dirty (and the one it left, if any).
+impl Watched for EndpointSlice {
+    type Key = ObjectRef;
+    type Info = SliceInfo;
+
+    fn key(meta: &ObjectMeta) -> Option<ObjectRef> {
+        ObjectRef::of(meta)
+    }
+
+    fn info(&self, _: &Index) -> Result<Option<SliceInfo>, Malformed> {
+        slice_info(self)
+    }
+
+    fn get<'a>(index: &'a Index, key: &ObjectRef) -> Option<&'a SliceInfo> {
+        let owner = index.slice_owner.get(key)?;
+        index.slices.get(owner)?.get(&key.name).map(|s| &**s)
+    }
+
+    fn keys(index: &Index) -> Vec<ObjectRef> {
+        index.slice_owner.keys().cloned().collect()
+    }
+
+    fn set(index: &mut Index, key: ObjectRef, info: Option<SliceInfo>) {
+        if let Some(old_owner) = index.slice_owner.remove(&key) {
+            if let Some(m) = index.slices.get_mut(&old_owner) {
+                m.remove(&key.name);
+                if m.is_empty() {
+                    index.slices.remove(&old_owner);
+                }
+            }
+            index.dirty.insert(old_owner);
+        }
+        if let Some(info) = info {
+            if let Some(t) = info.trigger_time_ns {
+                index.triggers.push(t);
+            }
+            let owner = ObjectRef::new(key.namespace.clone(), info.service.clone());
+            index
+                .slices
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.name.clone(), Arc::new(info));
+            index.slice_owner.insert(key, owner.clone());
+            index.dirty.insert(owner);
+        }
+    }
+}
+
+/// Only this node's Node is kept (its zone and addresses); others are left
+/// alone. A Node is cluster-scoped: keyed by name.
+impl Watched for Node {
+    type Key = String;
+    type Info = NodeInfo;
+
+    fn key(meta: &ObjectMeta) -> Option<String> {
+        meta.name.clone().filter(|n| !n.is_empty())
+    }
+
+    fn info(&self, index: &Index) -> Result<Option<NodeInfo>, Malformed> {
+        let ours = Self::key(&self.metadata).is_some_and(|n| index.is_this_node(&n));
+        Ok(ours.then(|| node_info(self)))
+    }
+
+    fn get<'a>(index: &'a Index, key: &String) -> Option<&'a NodeInfo> {
+        index.node.as_ref().filter(|_| index.is_this_node(key))
+    }
+
+    fn keys(index: &Index) -> Vec<String> {
+        index
+            .node
+            .iter()
+            .filter_map(|_| index.node_name.clone())
+            .collect()
+    }
+
+    fn set(index: &mut Index, key: String, info: Option<NodeInfo>) {
+        if index.is_this_node(&key) {
+            // Zone and addresses feed every Service: rare, so rebuild all.
+            index.node = info;
+            index.dirty.extend(index.services.keys().cloned());
+        }
     }
 }

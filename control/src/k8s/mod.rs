@@ -32,7 +32,7 @@ pub mod convert;
 pub mod index;
 
 pub use convert::{Malformed, ObjectRef};
-pub use index::{HealthCheck, Index, IndexStats};
+pub use index::{HealthCheck, Index, IndexStats, Watched};
 
 #[cfg(test)]
 mod tests;

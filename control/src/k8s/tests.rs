@@ -60,6 +60,14 @@ fn mk_service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, i32)]) -> 
     }
 }
 
+/// NodePort Service `default/np`: 10.96.0.30:80, node port 31000.
+fn mk_node_port_service() -> K8sService {
+    let mut svc = mk_service("default", "np", "10.96.0.30", &[("", 80)]);
+    spec(&mut svc).type_ = Some("NodePort".into());
+    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(31000);
+    svc
+}
+
 fn spec(svc: &mut K8sService) -> &mut ServiceSpec {
     svc.spec.as_mut().unwrap()
 }
@@ -207,9 +215,9 @@ fn addrs(v: &[&str]) -> Vec<SocketAddr> {
 /// The common case: web on 10.96.0.10, ports http 80 -> 8080.
 fn web_index() -> Index {
     let mut idx = index();
-    idx.apply_service(&mk_service("default", "web", "10.96.0.10", &[("http", 80)]))
+    idx.apply(&mk_service("default", "web", "10.96.0.10", &[("http", 80)]))
         .unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "default",
         "web-1",
         "web",
@@ -235,9 +243,9 @@ fn service_and_slice_make_an_entry_named_after_the_port() {
 #[test]
 fn unnamed_port_is_named_by_number() {
     let mut idx = index();
-    idx.apply_service(&mk_service("ns", "db", "10.96.0.11", &[("", 5432)]))
+    idx.apply(&mk_service("ns", "db", "10.96.0.11", &[("", 5432)]))
         .unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "ns",
         "db-x",
         "db",
@@ -255,7 +263,7 @@ fn unnamed_port_is_named_by_number() {
 #[test]
 fn slices_merge_and_duplicates_are_kept_once() {
     let mut idx = web_index();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "default",
         "web-2",
         "web",
@@ -271,7 +279,7 @@ fn slices_merge_and_duplicates_are_kept_once() {
         addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])
     );
     // Deleting one slice keeps the other's endpoints.
-    idx.delete_slice(&mk_slice("default", "web-1", "web", "IPv4", &[], vec![]));
+    idx.delete::<EndpointSlice>(&ObjectRef::new("default", "web-1"));
     let t = built(&mut idx);
     assert_eq!(
         all(&svc_at(&t, "10.96.0.10:80")),
@@ -282,7 +290,7 @@ fn slices_merge_and_duplicates_are_kept_once() {
 #[test]
 fn named_port_resolves_per_slice() {
     let mut idx = web_index();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "default",
         "web-2",
         "web",
@@ -292,7 +300,7 @@ fn named_port_resolves_per_slice() {
     ))
     .unwrap();
     // A slice without the port contributes nothing to it.
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "default",
         "web-3",
         "web",
@@ -311,9 +319,9 @@ fn named_port_resolves_per_slice() {
 #[test]
 fn conditions_default_as_the_api_says() {
     let mut idx = index();
-    idx.apply_service(&mk_service("d", "s", "10.96.0.1", &[("", 80)]))
+    idx.apply(&mk_service("d", "s", "10.96.0.1", &[("", 80)]))
         .unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "d",
         "s-1",
         "s",
@@ -361,7 +369,7 @@ fn conditions_default_as_the_api_says() {
 fn terminating_serving_endpoints_only_when_none_ready() {
     let mut idx = web_index();
     let rolling = |eps| mk_slice("default", "web-1", "web", "IPv4", &[("http", 8080)], eps);
-    idx.apply_slice(&rolling(vec![
+    idx.apply(&rolling(vec![
         ep_cond("10.0.0.1", Some(false), Some(true), Some(true)),
         ep("10.0.0.2"),
     ]))
@@ -372,7 +380,7 @@ fn terminating_serving_endpoints_only_when_none_ready() {
         addrs(&["10.0.0.2:8080"])
     );
     // Both terminating: the serving one takes new connections.
-    idx.apply_slice(&rolling(vec![
+    idx.apply(&rolling(vec![
         ep_cond("10.0.0.1", Some(false), Some(true), Some(true)),
         ep_cond("10.0.0.2", Some(false), Some(false), Some(true)),
     ]))
@@ -383,7 +391,7 @@ fn terminating_serving_endpoints_only_when_none_ready() {
         addrs(&["10.0.0.1:8080"])
     );
     // None serving: nothing.
-    idx.apply_slice(&rolling(vec![ep_cond(
+    idx.apply(&rolling(vec![ep_cond(
         "10.0.0.1",
         Some(false),
         Some(false),
@@ -412,7 +420,7 @@ fn non_tcp_ports_are_skipped_and_counted() {
     };
     sctp.node_port = None;
     spec(&mut svc).ports.as_mut().unwrap().push(sctp);
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&svc).unwrap();
     let mut slice = mk_slice(
         "kube-system",
         "dns-1",
@@ -422,20 +430,20 @@ fn non_tcp_ports_are_skipped_and_counted() {
         vec![ep("10.0.5.5")],
     );
     slice.ports.as_mut().unwrap()[1].protocol = Some("UDP".into());
-    idx.apply_slice(&slice).unwrap();
+    idx.apply(&slice).unwrap();
     let t = built(&mut idx);
     assert_eq!(t.len(), 1, "only the TCP port is served");
     assert_eq!(svc_at(&t, "10.96.0.53:53").name, "kube-system/dns:dns-tcp");
     assert_eq!(idx.stats().skipped_ports, 2);
     // Re-applying the same Service does not count again.
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&svc).unwrap();
     assert_eq!(idx.stats().skipped_ports, 2);
 }
 
 #[test]
 fn external_lb_and_node_port_addresses() {
     let mut idx = Index::new(Some(NODE.into()), vec![]);
-    idx.apply_node(&mk_node(
+    idx.apply(&mk_node(
         NODE,
         None,
         &[
@@ -443,7 +451,8 @@ fn external_lb_and_node_port_addresses() {
             ("Hostname", "node-a"),
             ("ExternalIP", "198.51.100.10"),
         ],
-    ));
+    ))
+    .unwrap();
     let mut svc = mk_service("default", "web", "10.96.0.10", &[("http", 80)]);
     {
         let s = spec(&mut svc);
@@ -472,8 +481,8 @@ fn external_lb_and_node_port_addresses() {
         }),
         conditions: None,
     });
-    idx.apply_service(&svc).unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
         "default",
         "web-1",
         "web",
@@ -501,8 +510,9 @@ fn external_lb_and_node_port_addresses() {
 
     // Operator-given node addresses win over the Node's.
     let mut idx2 = Index::new(Some(NODE.into()), vec!["127.0.0.1".parse().unwrap()]);
-    idx2.apply_node(&mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]));
-    idx2.apply_service(&svc).unwrap();
+    idx2.apply(&mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]))
+        .unwrap();
+    idx2.apply(&svc).unwrap();
     let t2 = built(&mut idx2);
     assert!(t2.get(&key("127.0.0.1:30080")).is_some());
     assert!(t2.get(&key("192.0.2.10:30080")).is_none());
@@ -510,7 +520,7 @@ fn external_lb_and_node_port_addresses() {
     // A ClusterIP Service with a stray nodePort gets no node port.
     let mut plain = mk_service("default", "plain", "10.96.0.20", &[("http", 80)]);
     spec(&mut plain).ports.as_mut().unwrap()[0].node_port = Some(30081);
-    idx.apply_service(&plain).unwrap();
+    idx.apply(&plain).unwrap();
     let t = built(&mut idx);
     assert!(t.get(&key("192.0.2.10:30081")).is_none());
     assert!(t.get(&key("10.96.0.20:80")).is_some());
@@ -519,37 +529,59 @@ fn external_lb_and_node_port_addresses() {
 #[test]
 fn node_address_change_moves_node_ports() {
     let mut idx = index();
-    let mut svc = mk_service("default", "np", "10.96.0.30", &[("", 80)]);
-    spec(&mut svc).type_ = Some("NodePort".into());
-    spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(31000);
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&mk_node_port_service()).unwrap();
     let t = built(&mut idx);
     assert_eq!(t.len(), 1, "no node address known yet");
-    idx.apply_node(&mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]));
+    idx.apply(&mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]))
+        .unwrap();
     // Another node's object is ignored.
-    idx.apply_node(&mk_node("node-b", None, &[("InternalIP", "192.0.2.11")]));
+    idx.apply(&mk_node("node-b", None, &[("InternalIP", "192.0.2.11")]))
+        .unwrap();
     let t = built(&mut idx);
     assert!(t.get(&key("192.0.2.10:31000")).is_some());
     assert!(t.get(&key("192.0.2.11:31000")).is_none());
-    idx.apply_node(&mk_node(NODE, None, &[("InternalIP", "192.0.2.12")]));
+    idx.apply(&mk_node(NODE, None, &[("InternalIP", "192.0.2.12")]))
+        .unwrap();
     let t = built(&mut idx);
     assert!(t.get(&key("192.0.2.10:31000")).is_none());
     assert!(t.get(&key("192.0.2.12:31000")).is_some());
 }
 
 #[test]
+fn node_relist_and_delete_take_the_generic_path() {
+    let mut idx = index();
+    idx.apply(&mk_node_port_service()).unwrap();
+    let ours = mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]);
+    let other = mk_node("node-b", None, &[("InternalIP", "192.0.2.11")]);
+    assert!(idx.reset([&other, &ours], &[]).is_empty());
+    let node_port = |idx: &mut Index| built(idx).get(&key("192.0.2.10:31000")).is_some();
+    assert!(node_port(&mut idx));
+    // Relisted but undecodable: the previous version stays.
+    idx.reset::<Node>([], &[NODE.to_owned()]);
+    assert!(!idx.is_dirty());
+    // Deleted while the watch was down: the relist without it removes it.
+    idx.reset([&other], &[]);
+    assert!(!node_port(&mut idx));
+    assert_eq!(idx.table().len(), 1, "the cluster IP stays");
+    idx.apply(&ours).unwrap();
+    assert!(node_port(&mut idx));
+    idx.delete::<Node>(&NODE.to_owned());
+    assert!(!node_port(&mut idx));
+}
+
+#[test]
 fn headless_external_name_and_other_proxies_are_skipped() {
     let mut idx = index();
-    idx.apply_service(&mk_service("d", "headless", "None", &[("", 80)]))
+    idx.apply(&mk_service("d", "headless", "None", &[("", 80)]))
         .unwrap();
     let mut en = mk_service("d", "ext", "", &[("", 80)]);
     spec(&mut en).type_ = Some("ExternalName".into());
     spec(&mut en).external_name = Some("example.org".into());
-    idx.apply_service(&en).unwrap();
+    idx.apply(&en).unwrap();
     let mut other = mk_service("d", "other", "10.96.0.40", &[("", 80)]);
-    idx.apply_service(&other).unwrap();
+    idx.apply(&other).unwrap();
     for name in ["headless", "ext", "other"] {
-        idx.apply_slice(&mk_slice(
+        idx.apply(&mk_slice(
             "d",
             &format!("{name}-1"),
             name,
@@ -566,7 +598,7 @@ fn headless_external_name_and_other_proxies_are_skipped() {
         SERVICE_PROXY_NAME_LABEL.into(),
         "someone-else".into(),
     )]));
-    idx.apply_service(&other).unwrap();
+    idx.apply(&other).unwrap();
     let t = built(&mut idx);
     assert!(t.is_empty());
     assert_eq!(idx.service_count(), 0);
@@ -583,12 +615,12 @@ fn fqdn_and_unlabelled_slices_are_ignored() {
         &[("http", 8080)],
         vec![ep("example.org")],
     );
-    idx.apply_slice(&fqdn).unwrap();
+    idx.apply(&fqdn).unwrap();
     fqdn.address_type = "IPv4".into();
     fqdn.metadata.name = Some("web-nolabel".into());
     fqdn.metadata.labels = None;
     fqdn.endpoints = Some(vec![ep("10.0.0.99")]);
-    idx.apply_slice(&fqdn).unwrap();
+    idx.apply(&fqdn).unwrap();
     let t = built(&mut idx);
     assert_eq!(
         all(&svc_at(&t, "10.96.0.10:80")),
@@ -602,8 +634,8 @@ fn internal_traffic_policy_local_uses_only_this_node() {
     let mut svc = mk_service("d", "s", "10.96.0.1", &[("", 80)]);
     spec(&mut svc).internal_traffic_policy = Some("Local".into());
     spec(&mut svc).external_ips = Some(vec!["203.0.113.1".into()]);
-    idx.apply_service(&svc).unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
         "d",
         "s-1",
         "s",
@@ -623,7 +655,7 @@ fn internal_traffic_policy_local_uses_only_this_node() {
         addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
     );
     // No local endpoint: no endpoint at all, no fallback.
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "d",
         "s-1",
         "s",
@@ -642,8 +674,8 @@ fn local_policy_without_node_name_selects_nothing() {
     let mut idx = Index::new(None, vec![]);
     let mut svc = mk_service("d", "s", "10.96.0.1", &[("", 80)]);
     spec(&mut svc).internal_traffic_policy = Some("Local".into());
-    idx.apply_service(&svc).unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
         "d",
         "s-1",
         "s",
@@ -668,8 +700,8 @@ fn external_traffic_policy_local_and_health_check() {
         s.external_ips = Some(vec!["203.0.113.2".into()]);
         s.ports.as_mut().unwrap()[0].node_port = Some(30002);
     }
-    idx.apply_service(&svc).unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
         "d",
         "lb-1",
         "lb",
@@ -712,7 +744,7 @@ fn external_traffic_policy_local_and_health_check() {
     );
     // The local ready endpoint goes: the local terminating one serves
     // (fallback within local), the health check says 0.
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "d",
         "lb-1",
         "lb",
@@ -736,7 +768,7 @@ fn external_traffic_policy_local_and_health_check() {
     assert_eq!(idx.health_checks()[0].local_endpoints, 0);
     // Cluster policy: no health check.
     spec(&mut svc).external_traffic_policy = Some("Cluster".into());
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&svc).unwrap();
     built(&mut idx);
     assert!(idx.health_checks().is_empty());
 }
@@ -746,7 +778,7 @@ fn session_affinity_client_ip() {
     let mut idx = web_index();
     let mut svc = mk_service("default", "web", "10.96.0.10", &[("http", 80)]);
     spec(&mut svc).session_affinity = Some("ClientIP".into());
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&svc).unwrap();
     let t = built(&mut idx);
     assert_eq!(
         svc_at(&t, "10.96.0.10:80").affinity.unwrap().timeout,
@@ -757,7 +789,7 @@ fn session_affinity_client_ip() {
             timeout_seconds: Some(60),
         }),
     });
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&svc).unwrap();
     let t = built(&mut idx);
     assert_eq!(
         svc_at(&t, "10.96.0.10:80").affinity.unwrap().timeout,
@@ -769,7 +801,7 @@ fn session_affinity_client_ip() {
             timeout_seconds: Some(0),
         }),
     });
-    let err = idx.apply_service(&svc).unwrap_err();
+    let err = idx.apply(&svc).unwrap_err();
     assert!(err.to_string().contains("default/web"), "{err}");
     assert!(err.to_string().contains("timeoutSeconds"), "{err}");
     let t = built(&mut idx);
@@ -781,11 +813,11 @@ fn session_affinity_client_ip() {
 
 fn zoned_index(node_zone: Option<&str>, eps: Vec<Endpoint>) -> Table {
     let mut idx = index();
-    idx.apply_node(&mk_node(NODE, node_zone, &[]));
+    idx.apply(&mk_node(NODE, node_zone, &[])).unwrap();
     let mut svc = mk_service("d", "s", "10.96.0.1", &[("", 80)]);
     spec(&mut svc).traffic_distribution = Some("PreferClose".into());
-    idx.apply_service(&svc).unwrap();
-    idx.apply_slice(&mk_slice("d", "s-1", "s", "IPv4", &[("", 80)], eps))
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice("d", "s-1", "s", "IPv4", &[("", 80)], eps))
         .unwrap();
     built(&mut idx)
 }
@@ -830,8 +862,8 @@ fn dual_stack_each_family_gets_its_endpoints() {
     let mut idx = index();
     let mut svc = mk_service("d", "ds", "10.96.0.5", &[("", 80)]);
     spec(&mut svc).cluster_ips = Some(vec!["10.96.0.5".into(), "fd00::5".into()]);
-    idx.apply_service(&svc).unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
         "d",
         "ds-v4",
         "ds",
@@ -840,7 +872,7 @@ fn dual_stack_each_family_gets_its_endpoints() {
         vec![ep("10.0.0.1")],
     ))
     .unwrap();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "d",
         "ds-v6",
         "ds",
@@ -864,7 +896,7 @@ fn dual_stack_each_family_gets_its_endpoints() {
 #[test]
 fn malformed_slice_is_rejected_and_the_rest_updates() {
     let mut idx = web_index();
-    idx.apply_service(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
+    idx.apply(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
         .unwrap();
     built(&mut idx);
     let bad = mk_slice(
@@ -875,21 +907,21 @@ fn malformed_slice_is_rejected_and_the_rest_updates() {
         &[("http", 8080)],
         vec![ep("10.0.0.1"), ep("not-an-ip")],
     );
-    let err = idx.apply_slice(&bad).unwrap_err();
+    let err = idx.apply(&bad).unwrap_err();
     assert!(err.to_string().contains("default/web-1"), "{err}");
     assert!(err.to_string().contains("not-an-ip"), "{err}");
     let mut v6_in_v4 = bad.clone();
     v6_in_v4.endpoints = Some(vec![ep("fd00::1")]);
-    assert!(idx.apply_slice(&v6_in_v4).is_err());
+    assert!(idx.apply(&v6_in_v4).is_err());
     let mut no_addr = bad.clone();
     no_addr.endpoints = Some(vec![Endpoint::default()]);
-    assert!(idx.apply_slice(&no_addr).is_err());
+    assert!(idx.apply(&no_addr).is_err());
     let mut bad_port = bad.clone();
     bad_port.endpoints = Some(vec![ep("10.0.0.1")]);
     bad_port.ports.as_mut().unwrap()[0].port = Some(70000);
-    assert!(idx.apply_slice(&bad_port).is_err());
+    assert!(idx.apply(&bad_port).is_err());
     // Other objects still update.
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "default",
         "api-1",
         "api",
@@ -915,20 +947,20 @@ fn malformed_slice_is_rejected_and_the_rest_updates() {
 fn malformed_service_is_rejected() {
     let mut idx = index();
     let err = idx
-        .apply_service(&mk_service("d", "bad", "10.96.0.300", &[("", 80)]))
+        .apply(&mk_service("d", "bad", "10.96.0.300", &[("", 80)]))
         .unwrap_err();
     assert_eq!(err.object, "d/bad");
     assert!(err.reason.contains("10.96.0.300"), "{err}");
     let err = idx
-        .apply_service(&mk_service("d", "bad", "10.96.0.3", &[("", 0)]))
+        .apply(&mk_service("d", "bad", "10.96.0.3", &[("", 0)]))
         .unwrap_err();
     assert!(err.reason.contains("out of range"), "{err}");
     let mut ext = mk_service("d", "bad", "10.96.0.3", &[("", 80)]);
     spec(&mut ext).external_ips = Some(vec!["nope".into()]);
-    assert!(idx.apply_service(&ext).is_err());
+    assert!(idx.apply(&ext).is_err());
     let mut nameless = mk_service("d", "x", "10.96.0.3", &[("", 80)]);
     nameless.metadata.name = None;
-    assert!(idx.apply_service(&nameless).is_err());
+    assert!(idx.apply(&nameless).is_err());
     assert!(built(&mut idx).is_empty());
 }
 
@@ -936,11 +968,11 @@ fn malformed_service_is_rejected() {
 fn deleting_the_service_removes_its_keys_and_slices_wait_for_it() {
     let mut idx = web_index();
     built(&mut idx);
-    idx.delete_service(&mk_service("default", "web", "10.96.0.10", &[]));
+    idx.delete::<K8sService>(&ObjectRef::new("default", "web"));
     assert!(idx.build());
     assert!(idx.table().is_empty());
     // The slices are still indexed: the Service coming back finds them.
-    idx.apply_service(&mk_service("default", "web", "10.96.0.10", &[("http", 80)]))
+    idx.apply(&mk_service("default", "web", "10.96.0.10", &[("http", 80)]))
         .unwrap();
     let t = built(&mut idx);
     assert_eq!(eligible(&svc_at(&t, "10.96.0.10:80")).len(), 2);
@@ -949,7 +981,7 @@ fn deleting_the_service_removes_its_keys_and_slices_wait_for_it() {
 #[test]
 fn slice_before_service_is_kept() {
     let mut idx = index();
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "d",
         "s-1",
         "s",
@@ -959,7 +991,7 @@ fn slice_before_service_is_kept() {
     ))
     .unwrap();
     assert!(!idx.build(), "no Service yet: no entry");
-    idx.apply_service(&mk_service("d", "s", "10.96.0.1", &[("", 80)]))
+    idx.apply(&mk_service("d", "s", "10.96.0.1", &[("", 80)]))
         .unwrap();
     let t = built(&mut idx);
     assert_eq!(
@@ -971,7 +1003,7 @@ fn slice_before_service_is_kept() {
 #[test]
 fn relist_replaces_everything_and_touches_only_what_changed() {
     let mut idx = web_index();
-    idx.apply_service(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
+    idx.apply(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
         .unwrap();
     let keep_slice = mk_slice(
         "default",
@@ -981,12 +1013,12 @@ fn relist_replaces_everything_and_touches_only_what_changed() {
         &[("", 80)],
         vec![ep("10.0.2.1")],
     );
-    idx.apply_slice(&keep_slice).unwrap();
+    idx.apply(&keep_slice).unwrap();
     let before = built(&mut idx);
     // Relist: web and its slice were deleted while disconnected; api unchanged.
     let services = [mk_service("default", "api", "10.96.0.12", &[("", 80)])];
-    assert!(idx.reset_services(services.iter()).is_empty());
-    assert!(idx.reset_slices([&keep_slice]).is_empty());
+    assert!(idx.reset(&services, &[]).is_empty());
+    assert!(idx.reset([&keep_slice], &[]).is_empty());
     assert!(idx.build());
     let after = idx.table().clone();
     assert_eq!(after.len(), 1);
@@ -996,8 +1028,8 @@ fn relist_replaces_everything_and_touches_only_what_changed() {
         after.get(&key("10.96.0.12:80")).unwrap()
     ));
     // Relisting the same again changes nothing.
-    idx.reset_services(services.iter());
-    idx.reset_slices([&keep_slice]);
+    idx.reset(&services, &[]);
+    idx.reset([&keep_slice], &[]);
     assert!(!idx.is_dirty());
     assert!(!idx.build());
 }
@@ -1014,13 +1046,13 @@ fn relist_keeps_last_good_version_of_a_malformed_object() {
         &[("http", 8080)],
         vec![ep("bogus")],
     );
-    let errs = idx.reset_slices([&bad]);
+    let errs = idx.reset([&bad], &[]);
     assert_eq!(errs.len(), 1);
     assert_eq!(errs[0].object, "default/web-1");
     assert!(!idx.build(), "old web-1 kept");
     assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.10:80")).len(), 2);
     bad.endpoints = Some(vec![ep("10.0.0.5")]);
-    assert!(idx.reset_slices([&bad]).is_empty());
+    assert!(idx.reset([&bad], &[]).is_empty());
     assert!(idx.build());
     assert_eq!(
         eligible(&svc_at(idx.table(), "10.96.0.10:80")),
@@ -1033,14 +1065,14 @@ fn single_slice_update_touches_only_its_service() {
     let mut idx = index();
     for i in 0..50u8 {
         let name = format!("s{i}");
-        idx.apply_service(&mk_service(
+        idx.apply(&mk_service(
             "d",
             &name,
             &format!("10.96.1.{i}"),
             &[("", 80)],
         ))
         .unwrap();
-        idx.apply_slice(&mk_slice(
+        idx.apply(&mk_slice(
             "d",
             &format!("{name}-1"),
             &name,
@@ -1051,7 +1083,7 @@ fn single_slice_update_touches_only_its_service() {
         .unwrap();
     }
     let before = built(&mut idx);
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "d",
         "s7-1",
         "s7",
@@ -1079,7 +1111,7 @@ fn single_slice_update_touches_only_its_service() {
         addrs(&["10.1.1.7:80"])
     );
     // Re-applying an identical slice changes nothing.
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "d",
         "s7-1",
         "s7",
@@ -1100,12 +1132,12 @@ fn conflicting_claims_resolve_by_name_and_hand_over() {
         spec(&mut svc).cluster_ips = Some(vec![]);
         spec(&mut svc).cluster_ip = None;
         spec(&mut svc).external_ips = Some(vec!["203.0.113.50".into()]);
-        idx.apply_service(&svc).unwrap();
+        idx.apply(&svc).unwrap();
     }
     let t = built(&mut idx);
     assert_eq!(svc_at(&t, "203.0.113.50:80").name, "d/a:80");
     assert!(idx.stats().conflicts >= 1);
-    idx.delete_service(&mk_service("d", "a", "", &[]));
+    idx.delete::<K8sService>(&ObjectRef::new("d", "a"));
     let t = built(&mut idx);
     assert_eq!(svc_at(&t, "203.0.113.50:80").name, "d/b:80");
 }
@@ -1126,7 +1158,7 @@ fn trigger_times_are_collected_for_latency() {
         TRIGGER_TIME_ANNOTATION.into(),
         "2026-01-02T03:04:05Z".into(),
     )]));
-    idx.apply_slice(&s).unwrap();
+    idx.apply(&s).unwrap();
     assert_eq!(
         idx.take_trigger_times(),
         vec![1_767_323_045_000_000_000i128]
@@ -1141,15 +1173,15 @@ fn relist_keeps_undecodable_objects_by_reference() {
     // Both web and its slice came back from the relist as undecodable.
     let web = ObjectRef::new("default", "web");
     let web1 = ObjectRef::new("default", "web-1");
-    idx.reset_services_keeping(std::iter::empty(), std::slice::from_ref(&web));
-    idx.reset_slices_keeping(std::iter::empty(), std::slice::from_ref(&web1));
+    idx.reset::<K8sService>([], std::slice::from_ref(&web));
+    idx.reset::<EndpointSlice>([], std::slice::from_ref(&web1));
     assert!(!idx.build(), "previous versions kept");
     assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.10:80")).len(), 2);
     // Without keep, the same relist removes them.
-    idx.reset_slices(std::iter::empty());
+    idx.reset::<EndpointSlice>([], &[]);
     assert!(idx.build());
     assert_eq!(svc_at(idx.table(), "10.96.0.10:80").eligible_len(), 0);
-    idx.delete_service_ref(&web);
+    idx.delete::<K8sService>(&web);
     assert!(idx.build());
     assert!(idx.table().is_empty());
 }
@@ -1157,12 +1189,12 @@ fn relist_keeps_undecodable_objects_by_reference() {
 #[test]
 fn relabelled_slice_moves_to_its_new_service() {
     let mut idx = web_index();
-    idx.apply_service(&mk_service("default", "api", "10.96.0.12", &[("http", 80)]))
+    idx.apply(&mk_service("default", "api", "10.96.0.12", &[("http", 80)]))
         .unwrap();
     let t = built(&mut idx);
     assert_eq!(svc_at(&t, "10.96.0.12:80").backends().len(), 0);
     // The same slice now names 'api'.
-    idx.apply_slice(&mk_slice(
+    idx.apply(&mk_slice(
         "default",
         "web-1",
         "api",
@@ -1185,11 +1217,11 @@ fn type_change_removes_external_addresses() {
     let mut svc = mk_service("default", "web", "10.96.0.10", &[("http", 80)]);
     spec(&mut svc).type_ = Some("NodePort".into());
     spec(&mut svc).ports.as_mut().unwrap()[0].node_port = Some(30080);
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&svc).unwrap();
     let t = built(&mut idx);
     assert!(t.get(&key("192.0.2.10:30080")).is_some());
     spec(&mut svc).type_ = Some("ClusterIP".into());
-    idx.apply_service(&svc).unwrap();
+    idx.apply(&svc).unwrap();
     let t = built(&mut idx);
     assert!(t.get(&key("192.0.2.10:30080")).is_none());
     assert_eq!(t.len(), 1);

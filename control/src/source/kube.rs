@@ -22,6 +22,7 @@
 //!   trigger to the publish is logged and kept in [`KubeStats`].
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client, Config};
+use kube::{Api, Client, Config, Resource as _};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -43,7 +44,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::time::Instant;
 
 use super::healthcheck::HealthResponders;
-use crate::k8s::{Index, Malformed, ObjectRef};
+use crate::k8s::{Index, Malformed, Watched};
 use crate::publish::Publisher;
 
 /// Default coalescing interval: at most one table build per this much time.
@@ -224,6 +225,26 @@ async fn load_config(opts: &KubeOptions) -> Result<Config, KubeSourceError> {
     }
 }
 
+/// Why the apiserver that `opts` leads to would be reached only through a
+/// Service that sluice itself serves (see [`super::apiserver`]), or `None`.
+/// Loads the configuration as [`run`] will, without connecting.
+pub async fn reached_through_service(
+    opts: &KubeOptions,
+) -> Result<Option<String>, KubeSourceError> {
+    let config = load_config(opts).await?;
+    let url = &config.cluster_url;
+    let default_port = if url.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
+    Ok(super::apiserver::reached_through_service(
+        url.host().unwrap_or_default(),
+        url.port_u16().unwrap_or(default_port),
+        |name| std::env::var(name).ok(),
+    ))
+}
+
 /// Runs the Kubernetes source until the process ends. Returns `Err` only
 /// for fatal set-up errors (configuration, client).
 pub async fn run(opts: KubeOptions, publisher: Arc<Publisher>) -> Result<(), KubeSourceError> {
@@ -294,189 +315,147 @@ impl<K: kube::Resource<DynamicType = ()>> kube::Resource for Lenient<K> {
     }
 }
 
-/// One event of any watched kind.
-#[allow(clippy::large_enum_variant)] // moved once per event; boxing would only add an allocation
-enum Ev {
-    Service(Event<Lenient<Service>>),
-    Slice(Event<Lenient<EndpointSlice>>),
-    Node(Event<Lenient<Node>>),
-}
+/// One watch event of some kind, bound to the generic code that applies it
+/// ([`Source::take`]): the streams of every kind merge into one of these.
+type Input = Box<dyn FnOnce(&mut Source, &Publisher) + Send>;
 
-/// A kind's relist buffer and whether it has been listed once.
-struct Relist<K> {
-    buffer: Option<Vec<Lenient<K>>>,
-    listed: bool,
-}
-
-impl<K> Default for Relist<K> {
-    fn default() -> Self {
-        Self {
-            buffer: None,
-            listed: false,
-        }
-    }
-}
-
-impl<K> Relist<K> {
-    /// Folds one event: the complete list at `InitDone`, or the object of
-    /// an `Apply`/`Delete` to handle at once.
-    fn fold(&mut self, ev: Event<Lenient<K>>) -> Folded<K> {
-        match ev {
-            Event::Init => {
-                self.buffer = Some(Vec::new());
-                Folded::Nothing
-            }
-            Event::InitApply(o) => match &mut self.buffer {
-                Some(b) => {
-                    b.push(o);
-                    Folded::Nothing
-                }
-                // Not expected from the watcher; treat as a plain apply.
-                None => Folded::Apply(o),
-            },
-            Event::InitDone => {
-                self.listed = true;
-                Folded::Listed(self.buffer.take().unwrap_or_default())
-            }
-            Event::Apply(o) => Folded::Apply(o),
-            Event::Delete(o) => Folded::Delete(o),
-        }
-    }
-}
-
-enum Folded<K> {
-    Nothing,
+/// A watch event once a (re)list is buffered: like kube's reflector store,
+/// objects are collected from `Init` to `InitDone` and then replace their
+/// kind in the index whole, so objects deleted while the watch was down
+/// (which arrive as no `Delete`) disappear.
+enum Change<K> {
+    /// `Init` or `InitApply`: buffered, nothing to apply yet.
+    Buffered,
     Listed(Vec<Lenient<K>>),
     Apply(Lenient<K>),
     Delete(Lenient<K>),
 }
 
-fn log_malformed(errors: &[Malformed], stats: &KubeStats) {
+fn fold<K>(buffer: &mut Option<Vec<Lenient<K>>>, ev: Event<Lenient<K>>) -> Change<K> {
+    match ev {
+        Event::Init => {
+            *buffer = Some(Vec::new());
+            Change::Buffered
+        }
+        Event::InitApply(o) => match buffer {
+            Some(b) => {
+                b.push(o);
+                Change::Buffered
+            }
+            // Not expected from the watcher; treat as a plain apply.
+            None => Change::Apply(o),
+        },
+        Event::InitDone => Change::Listed(buffer.take().unwrap_or_default()),
+        Event::Apply(o) => Change::Apply(o),
+        Event::Delete(o) => Change::Delete(o),
+    }
+}
+
+/// The watch of every `K` that `config` selects, as inputs. With
+/// `.default_backoff()`, errors are retried and the stream never ends.
+fn watch<K>(client: &Client, config: watcher::Config) -> BoxStream<'static, Input>
+where
+    K: Watched + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut buffer = None;
+    watcher::watcher(Api::<Lenient<K>>::all(client.clone()), config)
+        .default_backoff()
+        .map(move |ev| {
+            let change = ev.map(|ev| fold(&mut buffer, ev));
+            Box::new(move |src: &mut Source, publisher: &Publisher| src.take(change, publisher))
+                as Input
+        })
+        .boxed()
+}
+
+fn log_malformed(errors: impl IntoIterator<Item = Malformed>, stats: &KubeStats) {
     for e in errors {
         stats.malformed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(kind = e.kind, object = %e.object, reason = %e.reason, "skipping malformed object");
     }
 }
 
-fn undecodable(kind: &'static str, meta: &ObjectMeta, error: &str) -> Malformed {
-    Malformed {
-        kind,
-        object: match (&meta.namespace, &meta.name) {
-            (Some(ns), Some(n)) => format!("{ns}/{n}"),
-            (_, Some(n)) => n.clone(),
-            _ => "<no name>".to_owned(),
-        },
-        reason: format!("does not decode: {error}"),
-    }
-}
-
-/// Splits a list into decoded objects and the references of undecodable
-/// ones (logged).
-fn split<K>(
-    kind: &'static str,
-    items: Vec<Lenient<K>>,
-    stats: &KubeStats,
-) -> (Vec<K>, Vec<ObjectRef>) {
-    let mut good = Vec::with_capacity(items.len());
-    let mut bad = Vec::new();
-    for item in items {
-        match item {
-            Lenient::Ok(k) => good.push(k),
-            Lenient::Bad { meta, error } => {
-                log_malformed(&[undecodable(kind, &meta, &error)], stats);
-                if let Some(r) = ObjectRef::of(&meta) {
-                    bad.push(r);
-                }
-            }
+/// The object, or (logged as malformed) the key of one that does not decode.
+fn decoded<K: Watched>(item: Lenient<K>, stats: &KubeStats) -> Result<K, Option<K::Key>> {
+    match item {
+        Lenient::Ok(k) => Ok(k),
+        Lenient::Bad { meta, error } => {
+            let reason = format!("does not decode: {error}");
+            log_malformed([Malformed::new(K::KIND, &meta, reason)], stats);
+            Err(K::key(&meta))
         }
     }
-    (good, bad)
 }
 
 struct Source {
     index: Index,
-    services: Relist<Service>,
-    slices: Relist<EndpointSlice>,
-    nodes: Relist<Node>,
-    watch_nodes: bool,
+    /// Kinds watched, and those listed once: ready when all are.
+    kinds: usize,
+    listed: HashSet<&'static str>,
+    /// The first table (generation 1) was published.
+    published: bool,
     stats: Arc<KubeStats>,
 }
 
 impl Source {
     fn ready(&self) -> bool {
-        self.services.listed && self.slices.listed && (self.nodes.listed || !self.watch_nodes)
+        self.listed.len() == self.kinds
     }
 
-    fn handle(&mut self, ev: Ev) {
-        let stats = self.stats.clone();
-        let one = |r: Result<(), Malformed>| {
-            if let Err(e) = r {
-                log_malformed(&[e], &stats);
+    /// Applies one event of kind `K`'s watch: the one path of every kind.
+    fn take<K: Watched>(
+        &mut self,
+        change: Result<Change<K>, watcher::Error>,
+        publisher: &Publisher,
+    ) {
+        let stats = &*self.stats;
+        let change = match change {
+            Ok(change) => change,
+            Err(e) => {
+                stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(kind = K::KIND, error = %e, "watch error; retrying with backoff, last table keeps serving");
+                return;
             }
         };
-        let bad = |kind, meta: &ObjectMeta, error: &str| {
-            log_malformed(&[undecodable(kind, meta, error)], &stats);
-        };
-        match ev {
-            Ev::Service(ev) => match self.services.fold(ev) {
-                Folded::Nothing => {}
-                Folded::Listed(items) => {
-                    stats.relists.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(count = items.len(), "services listed");
-                    let (good, keep) = split("Service", items, &stats);
-                    log_malformed(
-                        &self.index.reset_services_keeping(good.iter(), &keep),
-                        &stats,
-                    );
-                }
-                Folded::Apply(Lenient::Ok(o)) => one(self.index.apply_service(&o)),
-                Folded::Apply(Lenient::Bad { meta, error }) => bad("Service", &meta, &error),
-                Folded::Delete(Lenient::Ok(o)) => self.index.delete_service(&o),
-                Folded::Delete(Lenient::Bad { meta, .. }) => {
-                    if let Some(r) = ObjectRef::of(&meta) {
-                        self.index.delete_service_ref(&r);
+        // Input that may change the table: the health rule (kube-proxy's)
+        // watches how long it waits for a publish.
+        publisher.mark_pending();
+        match change {
+            Change::Buffered => {}
+            Change::Listed(items) => {
+                stats.relists.fetch_add(1, Ordering::Relaxed);
+                self.listed.insert(K::KIND);
+                tracing::info!(kind = K::KIND, count = items.len(), "objects listed");
+                let (mut good, mut keep) = (Vec::new(), Vec::new());
+                for item in items {
+                    match decoded(item, stats) {
+                        Ok(k) => good.push(k),
+                        Err(key) => keep.extend(key),
                     }
                 }
-            },
-            Ev::Slice(ev) => match self.slices.fold(ev) {
-                Folded::Nothing => {}
-                Folded::Listed(items) => {
-                    stats.relists.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(count = items.len(), "endpointslices listed");
-                    let (good, keep) = split("EndpointSlice", items, &stats);
-                    log_malformed(&self.index.reset_slices_keeping(good.iter(), &keep), &stats);
+                log_malformed(self.index.reset(&good, &keep), stats);
+            }
+            Change::Apply(o) => {
+                if let Ok(o) = decoded(o, stats) {
+                    log_malformed(self.index.apply(&o).err(), stats);
                 }
-                Folded::Apply(Lenient::Ok(o)) => one(self.index.apply_slice(&o)),
-                Folded::Apply(Lenient::Bad { meta, error }) => {
-                    bad("EndpointSlice", &meta, &error);
+            }
+            Change::Delete(o) => {
+                if let Some(key) = K::key(o.meta()) {
+                    self.index.delete::<K>(&key);
                 }
-                Folded::Delete(Lenient::Ok(o)) => self.index.delete_slice(&o),
-                Folded::Delete(Lenient::Bad { meta, .. }) => {
-                    if let Some(r) = ObjectRef::of(&meta) {
-                        self.index.delete_slice_ref(&r);
-                    }
-                }
-            },
-            Ev::Node(ev) => match self.nodes.fold(ev) {
-                Folded::Nothing => {}
-                Folded::Listed(items) => {
-                    stats.relists.fetch_add(1, Ordering::Relaxed);
-                    let (good, _) = split("Node", items, &stats);
-                    self.index.reset_nodes(good.iter());
-                }
-                Folded::Apply(Lenient::Ok(o)) => self.index.apply_node(&o),
-                Folded::Apply(Lenient::Bad { meta, error }) => bad("Node", &meta, &error),
-                Folded::Delete(Lenient::Ok(o)) => self.index.delete_node(&o),
-                Folded::Delete(Lenient::Bad { .. }) => {}
-            },
+            }
         }
-        self.stats
+        stats
             .skipped_ports
             .store(self.index.stats().skipped_ports, Ordering::Relaxed);
     }
 
-    /// Builds and publishes if the table changed (always on the first call).
-    fn build_and_publish(&mut self, publisher: &Publisher, first: bool) {
+    /// Builds, and publishes if the table changed or nothing was published
+    /// yet (the first table makes the source ready).
+    fn build_and_publish(&mut self, publisher: &Publisher) {
+        let first = !self.published;
+        self.published = true;
         self.stats.builds.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let changed = self.index.build();
@@ -530,32 +509,6 @@ impl Source {
     }
 }
 
-fn watch_stream<K>(
-    api: Api<Lenient<K>>,
-    config: watcher::Config,
-    wrap: fn(Event<Lenient<K>>) -> Ev,
-) -> BoxStream<'static, Result<Ev, (&'static str, watcher::Error)>>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
-    let kind = K::kind(&());
-    let kind: &'static str = match kind.as_ref() {
-        "Service" => "Service",
-        "EndpointSlice" => "EndpointSlice",
-        "Node" => "Node",
-        _ => "object",
-    };
-    watcher::watcher(api, config)
-        .default_backoff()
-        .map(move |r| r.map(wrap).map_err(|e| (kind, e)))
-        .boxed()
-}
-
 /// Runs the source on an existing client (what [`run`] does after loading
 /// the configuration). Runs until the process ends.
 pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<Publisher>) {
@@ -565,40 +518,27 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         );
     }
     let mut streams = vec![
-        watch_stream(
-            Api::<Lenient<Service>>::all(client.clone()),
-            watcher::Config::default(),
-            Ev::Service,
-        ),
-        watch_stream(
-            Api::<Lenient<EndpointSlice>>::all(client.clone()),
-            watcher::Config::default(),
-            Ev::Slice,
-        ),
+        watch::<Service>(&client, watcher::Config::default()),
+        watch::<EndpointSlice>(&client, watcher::Config::default()),
     ];
     if let Some(name) = &opts.node_name {
-        streams.push(watch_stream(
-            Api::<Lenient<Node>>::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={name}")),
-            Ev::Node,
-        ));
+        let by_name = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        streams.push(watch::<Node>(&client, by_name));
     }
-    let mut events = futures::stream::select_all(streams);
     let mut src = Source {
         index: Index::new(opts.node_name.clone(), opts.node_addresses.clone()),
-        services: Relist::default(),
-        slices: Relist::default(),
-        nodes: Relist::default(),
-        watch_nodes: opts.node_name.is_some(),
+        kinds: streams.len(),
+        listed: HashSet::new(),
+        published: false,
         stats: opts.stats.clone(),
     };
+    let mut events = futures::stream::select_all(streams);
     let mut health = HealthResponders::new(opts.health_check_ip);
     let mut health_retry_at: Option<Instant> = None;
-    let mut published = false;
     let mut last_build: Option<Instant> = None;
     loop {
         let due = last_build.map(|t| t + opts.coalesce);
-        let waiting = published && src.index.is_dirty();
+        let waiting = src.published && src.index.is_dirty();
         let mut retry_health = false;
         let next = tokio::select! {
             ev = events.next() => Some(ev),
@@ -616,16 +556,16 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
             health_retry_at = None;
         }
         match next {
-            Some(Some(first)) => {
-                src.take(first, &publisher);
+            Some(Some(input)) => {
+                input(&mut src, &publisher);
                 // Apply whatever else is already buffered before deciding.
                 for _ in 0..MAX_DRAIN {
                     match events.next().now_or_never() {
-                        Some(Some(ev)) => src.take(ev, &publisher),
+                        Some(Some(input)) => input(&mut src, &publisher),
                         _ => break,
                     }
                 }
-                if published && !src.index.is_dirty() {
+                if src.published && !src.index.is_dirty() {
                     // The input changed nothing the table depends on.
                     publisher.settle_unchanged();
                 }
@@ -641,12 +581,8 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
             continue;
         }
         let now = Instant::now();
-        if !published {
-            src.build_and_publish(&publisher, true);
-            published = true;
-            last_build = Some(now);
-        } else if src.index.is_dirty() && due.is_none_or(|d| now >= d) {
-            src.build_and_publish(&publisher, false);
+        if !src.published || (src.index.is_dirty() && due.is_none_or(|d| now >= d)) {
+            src.build_and_publish(&publisher);
             last_build = Some(now);
         }
         if src.index.take_health_changed() {
@@ -656,23 +592,6 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
             health_retry_at = None;
         } else if health_retry_at.is_none() {
             health_retry_at = Some(Instant::now() + super::healthcheck::RETRY);
-        }
-    }
-}
-
-impl Source {
-    fn take(&mut self, ev: Result<Ev, (&'static str, watcher::Error)>, publisher: &Publisher) {
-        match ev {
-            Ok(ev) => {
-                // Input that may change the table: the health rule
-                // (kube-proxy's) watches how long it waits for a publish.
-                publisher.mark_pending();
-                self.handle(ev);
-            }
-            Err((kind, e)) => {
-                self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(kind, error = %e, "watch error; retrying with backoff, last table keeps serving");
-            }
         }
     }
 }
