@@ -5,7 +5,9 @@
 //! Failures are classified into the kinds an operator sees in rollouts
 //! ([`DialErrorKind`]): refused (process gone, namespace alive), unreachable
 //! (`No route to host` after ARP gave up), timeout (the black hole while the
-//! node still has an ARP entry for a vanished pod), other.
+//! node still has an ARP entry for a vanished pod), local (sluice itself
+//! ran out of descriptors, buffers, memory or source ports: never the
+//! backend's fault, so it never ejects one), other.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,6 +23,9 @@ pub enum DialErrorKind {
     Refused,
     Unreachable,
     Timeout,
+    /// A local resource ran out (EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    /// EADDRNOTAVAIL): sluice's own saturation.
+    Local,
     Other,
 }
 
@@ -30,6 +35,7 @@ impl DialErrorKind {
             DialErrorKind::Refused => "refused",
             DialErrorKind::Unreachable => "unreachable",
             DialErrorKind::Timeout => "timeout",
+            DialErrorKind::Local => "local",
             DialErrorKind::Other => "other",
         }
     }
@@ -45,6 +51,12 @@ pub struct DialError {
 }
 
 fn classify(e: &io::Error) -> DialErrorKind {
+    #[cfg(unix)]
+    if let Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) =
+        e.raw_os_error()
+    {
+        return DialErrorKind::Local;
+    }
     match e.kind() {
         io::ErrorKind::ConnectionRefused => DialErrorKind::Refused,
         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
@@ -147,6 +159,22 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.kind, DialErrorKind::Refused);
         assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    #[test]
+    fn local_resource_errors_are_classified_local() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert_eq!(classify(&e), DialErrorKind::Local, "{e}");
+        }
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(classify(&refused), DialErrorKind::Refused);
     }
 
     #[tokio::test]

@@ -58,7 +58,7 @@ macro_rules! label_values {
 
 label_values!(CloseReason { Closed => "closed", Reset => "reset", Cut => "cut", NoBackend => "no_backend" });
 label_values!(Direction { ClientToBackend => "client_to_backend", BackendToClient => "backend_to_client" });
-label_values!(DialReason { Refused => "refused", Unreachable => "unreachable", Timeout => "timeout", Other => "other" });
+label_values!(DialReason { Refused => "refused", Unreachable => "unreachable", Timeout => "timeout", Local => "local", Other => "other" });
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
@@ -83,6 +83,7 @@ pub enum DialReason {
     Refused,
     Unreachable,
     Timeout,
+    Local,
     Other,
 }
 
@@ -92,6 +93,7 @@ impl From<DialErrorKind> for DialReason {
             DialErrorKind::Refused => DialReason::Refused,
             DialErrorKind::Unreachable => DialReason::Unreachable,
             DialErrorKind::Timeout => DialReason::Timeout,
+            DialErrorKind::Local => DialReason::Local,
             DialErrorKind::Other => DialReason::Other,
         }
     }
@@ -128,6 +130,8 @@ pub struct Metrics {
     backend_dial_failures: Family<DialLabels, Counter>,
     ejections: Counter,
     backend_ejections: Family<BackendLabels, Counter>,
+    /// Dials that failed for want of a local resource: never ejections.
+    local_dial_errors: Counter,
     /// From a backend's drain start to its last connection's end.
     pub drain_duration: Histogram,
     /// Connections cut because their backend's drain timeout expired.
@@ -157,6 +161,7 @@ impl Metrics {
             backend_dial_failures: Family::default(),
             ejections: Counter::default(),
             backend_ejections: Family::default(),
+            local_dial_errors: Counter::default(),
             drain_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             drain_cut: Counter::default(),
             table_generation: Gauge::default(),
@@ -214,6 +219,11 @@ impl Metrics {
             m.ejections.clone(),
         );
         registry.register(
+            "local_dial_errors",
+            "Dials that failed because sluice ran out of a local resource (descriptors, socket buffers, memory, source ports); they eject no backend",
+            m.local_dial_errors.clone(),
+        );
+        registry.register(
             "backend_ejections",
             "Ejections, per backend still tracked",
             m.backend_ejections.clone(),
@@ -246,6 +256,12 @@ impl Metrics {
             .set(1);
         registry.register("build_info", "sluice's version; always 1", build);
         Metrics { registry, ..m }
+    }
+
+    /// A dial failed for want of a local resource (see
+    /// [`DialErrorKind::Local`]).
+    pub fn local_dial_error(&self) {
+        self.local_dial_errors.inc();
     }
 
     /// Extra metrics registered by other parts (e.g. the control plane).
@@ -416,6 +432,9 @@ impl BackendMetrics {
             DialErrorKind::Unreachable => &self.unreachable,
             DialErrorKind::Timeout => &self.timeout,
             DialErrorKind::Other => &self.other,
+            // sluice's own saturation: counted process-wide by the tracker
+            // (`Metrics::local_dial_error`), never against a backend.
+            DialErrorKind::Local => return,
         };
         counters.iter().for_each(|c| {
             c.inc();

@@ -7,10 +7,13 @@
 //! - whether a failed dial ejected it from new picks, and until when
 //!   (a cooldown that doubles per consecutive failure, up to a maximum,
 //!   and ends as soon as a dial to it succeeds);
-//! - whether it is draining: no longer eligible for new connections in the
-//!   live table. Its established connections keep flowing until they close
-//!   or the drain timeout fires, which cancels the backend's cut token and
-//!   so every connection still holding it.
+//! - whether it is draining: terminating, or gone from the live table. Its
+//!   established connections keep flowing until they close or the drain
+//!   timeout fires, which cancels the backend's cut token and so every
+//!   connection still holding it. A backend that is only unready (or at
+//!   weight 0) gets no new connections but is not drained: as behind
+//!   kube-proxy, unready means "no new connections", not "cut existing
+//!   ones", so a flapping readiness probe never cuts a long-lived stream.
 //!
 //! [`Tracker::on_table`] is called by the reconciler after every publish.
 
@@ -166,9 +169,9 @@ impl Drop for ConnGuard {
 pub struct Tracker {
     config: TrackerConfig,
     backends: DashMap<SocketAddr, Arc<BackendState>>,
-    /// Addresses eligible for new connections in the live table (`None`
-    /// until the first table was applied).
-    eligible: ArcSwap<Option<HashSet<SocketAddr>>>,
+    /// Addresses the live table keeps (see [`Tracker::on_table`]; `None`
+    /// until the first table was applied): any other is drained.
+    kept: ArcSwap<Option<HashSet<SocketAddr>>>,
     /// Parent of every cut token: cancelled at the end of the shutdown grace.
     shutdown_cut: CancellationToken,
     metrics: Arc<Metrics>,
@@ -184,7 +187,7 @@ impl Tracker {
             metrics,
             config,
             backends: DashMap::new(),
-            eligible: ArcSwap::from_pointee(None),
+            kept: ArcSwap::from_pointee(None),
             shutdown_cut,
         }
     }
@@ -211,9 +214,9 @@ impl Tracker {
             .clone();
         // A connection that picked this backend from a table that has since
         // been replaced may create its entry after `on_table` ran: check the
-        // newest eligibility so it is drained like the others.
+        // newest table so it is drained like the others.
         if self
-            .eligible
+            .kept
             .load()
             .as_ref()
             .as_ref()
@@ -258,7 +261,16 @@ impl Tracker {
     /// for a cooldown that doubles per consecutive failure. Dials that were
     /// already under way when the current ejection began failed for the
     /// same reason and do not lengthen it. Returns the cooldown in force.
+    ///
+    /// A [`DialErrorKind::Local`] failure (sluice out of descriptors,
+    /// buffers or source ports) is sluice's own saturation, not the
+    /// backend's: it is counted and ejects nothing (zero cooldown), so
+    /// exhaustion never spreads into ejections of healthy backends.
     pub fn dial_failed(&self, addr: SocketAddr, kind: DialErrorKind, started: Instant) -> Duration {
+        if kind == DialErrorKind::Local {
+            self.metrics.local_dial_error();
+            return Duration::ZERO;
+        }
         let state = self.state(addr);
         state.metrics.dial_failed(kind);
         let now = Instant::now();
@@ -302,21 +314,27 @@ impl Tracker {
         was_failing
     }
 
-    /// Applies a newly published table: backends no longer eligible start
-    /// draining (their drain timer starts now), backends eligible again stop,
-    /// and idle state of backends that left the table is forgotten.
+    /// Applies a newly published table. The table keeps a backend that
+    /// some Service still picks, or lists as not terminating (unready or at
+    /// weight 0: no new connections, established ones untouched). Any other
+    /// backend (terminating everywhere it is listed, or gone) starts
+    /// draining, its drain timer starting now; a kept backend stops
+    /// draining; idle state of backends that left the table is forgotten.
     pub fn on_table(self: &Arc<Self>, table: &Table) {
-        let eligible: HashSet<SocketAddr> = table
-            .iter()
-            .flat_map(|(_, s)| s.eligible_iter().map(|b| b.addr))
-            .collect();
-        let listed: HashSet<SocketAddr> = table
-            .iter()
-            .flat_map(|(_, s)| s.backends().iter().map(|b| b.addr))
-            .collect();
-        self.eligible.store(Arc::new(Some(eligible.clone())));
+        let mut listed = HashSet::new();
+        let mut kept = HashSet::new();
+        for (_, service) in table.iter() {
+            kept.extend(service.eligible_iter().map(|b| b.addr));
+            for b in service.backends() {
+                listed.insert(b.addr);
+                if !b.conditions.terminating {
+                    kept.insert(b.addr);
+                }
+            }
+        }
+        self.kept.store(Arc::new(Some(kept.clone())));
         self.backends.retain(|addr, state| {
-            if eligible.contains(addr) {
+            if kept.contains(addr) {
                 state.lock().drain = Drain::Serving;
                 return true;
             }
@@ -440,6 +458,27 @@ mod tests {
     }
 
     #[test]
+    fn local_resource_failures_eject_nothing() {
+        let metrics = Arc::new(Metrics::new());
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            metrics.clone(),
+        );
+        let b = addr("10.0.0.1:80");
+        for _ in 0..5 {
+            assert_eq!(
+                t.dial_failed(b, DialErrorKind::Local, Instant::now()),
+                Duration::ZERO
+            );
+        }
+        assert!(!t.is_ejected(b, Instant::now()));
+        let text = metrics.render();
+        assert!(text.contains("sluice_local_dial_errors_total 5"), "{text}");
+        assert!(text.contains("sluice_ejections_total 0"), "{text}");
+    }
+
+    #[test]
     fn dials_already_under_way_do_not_lengthen_the_ejection() {
         let t = Tracker::new(
             cfg(Duration::from_secs(1)),
@@ -526,6 +565,53 @@ mod tests {
         assert!(!gb.cut_token().is_cancelled(), "b is serving again");
         // A new connection to a cut backend gets a fresh token.
         assert!(!t.connect(a).cut_token().is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unready_or_weight_zero_backends_keep_their_connections_past_the_drain_timeout() {
+        let t = Arc::new(Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        ));
+        let (a, b) = (addr("10.0.0.1:80"), addr("10.0.0.2:80"));
+        t.on_table(&mk_table(&[
+            ("10.0.0.1:80", Conditions::READY),
+            ("10.0.0.2:80", Conditions::READY),
+        ]));
+        let ga = t.connect(a);
+        let gb = t.connect(b);
+        // a's readiness probe fails (not terminating); b is set to weight 0.
+        let unready = Conditions {
+            ready: false,
+            serving: false,
+            terminating: false,
+        };
+        let mut table = mk_table(&[("10.0.0.1:80", unready), ("10.0.0.3:80", Conditions::READY)]);
+        let key = ListenKey::tcp(addr("127.0.0.2:80"));
+        let mut zero = Backend::new(b, Conditions::READY);
+        zero.weight = 0;
+        table.insert(
+            key,
+            Arc::new(Service::new("z", Policy::RoundRobin, None, vec![zero])),
+        );
+        t.on_table(&table);
+        assert!(!t.backends.get(&a).unwrap().is_draining());
+        assert!(!t.backends.get(&b).unwrap().is_draining());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!ga.cut_token().is_cancelled(), "unready: kept");
+        assert!(!gb.cut_token().is_cancelled(), "weight 0: kept");
+        // Once a terminates, its drain starts and the timeout cuts it.
+        t.on_table(&mk_table(&[
+            ("10.0.0.1:80", Conditions::TERMINATING),
+            ("10.0.0.3:80", Conditions::READY),
+        ]));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(ga.cut_token().is_cancelled(), "terminating: drained");
+        assert!(
+            gb.cut_token().is_cancelled(),
+            "gone from the table: drained"
+        );
     }
 
     #[tokio::test(start_paused = true)]

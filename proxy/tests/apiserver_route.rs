@@ -50,72 +50,106 @@ fn service_account(dir: &Path) {
 
 /// `sluice` in Kubernetes mode with nothing but the in-cluster environment
 /// (plus `extra_env`), in a mount namespace whose /run holds the
-/// ServiceAccount files.
-fn in_cluster_sluice(
-    dir: &Path,
-    api_port: u16,
+/// ServiceAccount files, its stderr in `log`, /healthz on `health`.
+struct InCluster {
+    child: Child,
+    log: std::path::PathBuf,
     health: std::net::SocketAddr,
-    args: &[&str],
-    extra_env: &[(&str, &str)],
-) -> Child {
-    const SCRIPT: &str = r#"set -e
+    _api: ApiServer,
+    _dir: tempfile::TempDir,
+}
+
+impl InCluster {
+    async fn start(args: &[&str], extra_env: &[(&str, &str)]) -> InCluster {
+        const SCRIPT: &str = r#"set -e
 mount -t tmpfs sluice-test /run
 mkdir -p /run/secrets/kubernetes.io/serviceaccount
 cp "$SA_DIR/token" "$SA_DIR/ca.crt" "$SA_DIR/namespace" /run/secrets/kubernetes.io/serviceaccount/
 exec "$@""#;
-    let sa = dir.join("sa");
-    std::fs::create_dir_all(&sa).unwrap();
-    service_account(&sa);
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "sh",
-        "-c",
-        SCRIPT,
-    ])
-    .arg("sh")
-    .arg(env!("CARGO_BIN_EXE_sluice"))
-    .args(["--node-name", "node-a", "--vip-interface", "lo"])
-    .arg(format!("--healthz-bind-address={health}"))
-    .arg("--metrics-bind-address=")
-    .args(args)
-    .env_clear()
-    .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-    // No ~/.kube/config, no KUBECONFIG: the in-cluster config it is.
-    .env("HOME", dir)
-    .env("SA_DIR", &sa)
-    .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-    .env("KUBERNETES_SERVICE_PORT", api_port.to_string())
-    .envs(extra_env.iter().copied())
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(dir.join("sluice.log")).unwrap());
-    cmd.spawn().unwrap()
-}
-
-/// Polls `/healthz` until it answers, returning its JSON body.
-async fn healthz_body(health: std::net::SocketAddr, log: &Path) -> serde_json::Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok((_, body)) = http::get(health, "/healthz").await
-            && let Ok(v) = serde_json::from_str(&body)
-        {
-            return v;
+        let api = ApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sa = dir.path().join("sa");
+        std::fs::create_dir_all(&sa).unwrap();
+        service_account(&sa);
+        let log = dir.path().join("sluice.log");
+        let health = free_addr().unwrap();
+        let child = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                SCRIPT,
+            ])
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--node-name", "node-a", "--vip-interface", "lo"])
+            .arg(format!("--healthz-bind-address={health}"))
+            .arg("--metrics-bind-address=")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            // No ~/.kube/config, no KUBECONFIG: the in-cluster config it is.
+            .env("HOME", dir.path())
+            .env("SA_DIR", &sa)
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", api.addr().port().to_string())
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        InCluster {
+            child,
+            log,
+            health,
+            _api: api,
+            _dir: dir,
         }
-        assert!(
-            Instant::now() < deadline,
-            "no /healthz within {WAIT:?}; log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `/healthz` until it answers, returning its JSON body.
+    async fn healthz_body(&self) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok((_, body)) = http::get(self.health, "/healthz").await
+                && let Ok(v) = serde_json::from_str(&body)
+            {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no /healthz within {WAIT:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded) for the process to exit on its own.
+    async fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "still running after {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+impl Drop for InCluster {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test]
@@ -123,20 +157,14 @@ async fn in_cluster_service_address_is_a_warning_at_start_and_on_healthz() {
     if !root() {
         return;
     }
-    let api = ApiServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("sluice.log");
-    let health = free_addr().unwrap();
-    let child = in_cluster_sluice(dir.path(), api.addr().port(), health, &[], &[]);
-    let body = healthz_body(health, &log).await;
-    stop(child);
-
+    let sluice = InCluster::start(&[], &[]).await;
+    let body = sluice.healthz_body().await;
     let warnings = body["warnings"].as_array().cloned().unwrap_or_default();
     assert_eq!(warnings.len(), 1, "{body}");
     let w = warnings[0].as_str().unwrap_or_default();
     assert!(w.contains("KUBERNETES_SERVICE_HOST"), "{w}");
     assert!(w.contains("sluice-apiserver"), "names the fix: {w}");
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = sluice.log_text();
     let line = text
         .lines()
         .find(|l| l.contains("KUBERNETES_SERVICE_HOST"))
@@ -149,22 +177,15 @@ async fn an_overridden_in_cluster_address_is_no_warning() {
     if !root() {
         return;
     }
-    let api = ApiServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("sluice.log");
-    let health = free_addr().unwrap();
     // The kubelet's record of the `kubernetes` Service names another
     // address: KUBERNETES_SERVICE_HOST/PORT were overridden with the
     // apiserver's own, as the sluice-apiserver ConfigMap does.
-    let child = in_cluster_sluice(
-        dir.path(),
-        api.addr().port(),
-        health,
+    let sluice = InCluster::start(
         &["--require-direct-apiserver"],
         &[("KUBERNETES_PORT", "tcp://10.96.0.1:443")],
-    );
-    let body = healthz_body(health, &log).await;
-    stop(child);
+    )
+    .await;
+    let body = sluice.healthz_body().await;
     assert_eq!(body["warnings"], serde_json::json!([]), "{body}");
 }
 
@@ -173,29 +194,10 @@ async fn require_direct_apiserver_refuses_to_start_with_exit_64() {
     if !root() {
         return;
     }
-    let api = ApiServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let health = free_addr().unwrap();
-    let mut child = in_cluster_sluice(
-        dir.path(),
-        api.addr().port(),
-        health,
-        &["--require-direct-apiserver"],
-        &[],
-    );
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            stop(child);
-            panic!("still running after {WAIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let text = std::fs::read_to_string(dir.path().join("sluice.log")).unwrap();
-    assert_eq!(status.code(), Some(64), "{text}");
+    let mut sluice = InCluster::start(&["--require-direct-apiserver"], &[]).await;
+    let code = sluice.exit_code().await;
+    let text = sluice.log_text();
+    assert_eq!(code, Some(64), "{text}");
     assert!(text.contains("--require-direct-apiserver"), "{text}");
     assert!(text.contains("KUBERNETES_SERVICE_HOST"), "{text}");
     assert!(text.contains("sluice-apiserver"), "{text}");
