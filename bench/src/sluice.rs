@@ -147,8 +147,9 @@ fn is_fresh(bin: &Path, root: &Path) -> bool {
     inputs.iter().all(|t| t.is_some_and(|t| t <= built))
 }
 
-/// A running sluice. Dropping it kills the process (SIGKILL) and removes
-/// its directory (unless logs are kept).
+/// A running sluice serving `listen`, with the generations it made live.
+/// Dropping it kills the process (SIGKILL) and removes its directory
+/// (unless logs are kept).
 pub struct Sluice {
     daemon: Daemon,
     listen: SocketAddr,
@@ -256,11 +257,6 @@ impl Sluice {
         })
     }
 
-    /// The process id.
-    pub fn pid(&self) -> i32 {
-        self.daemon.pid()
-    }
-
     pub fn listen(&self) -> SocketAddr {
         self.listen
     }
@@ -285,16 +281,6 @@ impl Sluice {
         self.daemon.signal(Signal::SIGHUP)
     }
 
-    /// Whether the process is still running.
-    pub fn running(&mut self) -> bool {
-        self.daemon.running()
-    }
-
-    /// SIGTERM, then waits up to `timeout` before SIGKILL.
-    pub async fn stop(&mut self, timeout: Duration) -> StopReport {
-        self.daemon.stop(timeout).await
-    }
-
     /// The dial outcomes of the last [`Sluice::scrape_metrics`] (zeros
     /// before one).
     pub fn log_counts(&self) -> LogCounts {
@@ -312,15 +298,19 @@ impl Sluice {
         }
         Some(m)
     }
+}
 
-    /// The last `n` lines of sluice's log, for error messages.
-    pub fn log_tail(&self, n: usize) -> String {
-        self.daemon.log_tail(n)
+/// The kit's [`Daemon`]: pid, running, stop, log tail, directory.
+impl std::ops::Deref for Sluice {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
     }
+}
 
-    /// The directory holding config and log (kept only with --keep-logs).
-    pub fn dir(&self) -> &Path {
-        self.daemon.dir()
+impl std::ops::DerefMut for Sluice {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
     }
 }
 

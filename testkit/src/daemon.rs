@@ -73,8 +73,7 @@ pub struct StopReport {
 pub struct Daemon {
     child: Child,
     pid: Pid,
-    _dir: Option<tempfile::TempDir>,
-    dir_path: PathBuf,
+    dir: tempfile::TempDir,
     config: PathBuf,
     log: PathBuf,
     health: SocketAddr,
@@ -105,11 +104,11 @@ impl Daemon {
     pub fn spawn(opts: Options) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-")
+            .disable_cleanup(opts.keep_dir)
             .tempdir()
             .context("creating sluice's directory")?;
-        let dir_path = dir.path().to_path_buf();
-        let config = dir_path.join("sluice.yaml");
-        let log = dir_path.join("sluice.log");
+        let config = dir.path().join("sluice.yaml");
+        let log = dir.path().join("sluice.log");
         let mut cmd = Command::new(&opts.bin);
         if let Some(yaml) = &opts.config {
             write_atomic(&config, yaml)?;
@@ -135,17 +134,10 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("starting {}", opts.bin.display()))?;
         let pid = Pid::from_raw(child.id().context("sluice has no pid")? as i32);
-        let dir = if opts.keep_dir {
-            let _ = dir.keep();
-            None
-        } else {
-            Some(dir)
-        };
         Ok(Self {
             child,
             pid,
-            _dir: dir,
-            dir_path,
+            dir,
             config,
             log,
             health,
@@ -169,7 +161,7 @@ impl Daemon {
 
     /// The directory holding config and log.
     pub fn dir(&self) -> &Path {
-        &self.dir_path
+        self.dir.path()
     }
 
     /// `/metrics`, the whole text.
@@ -258,30 +250,19 @@ impl Daemon {
     /// SIGTERM, then waits up to `within` before SIGKILL.
     pub async fn stop(&mut self, within: Duration) -> StopReport {
         let t = Instant::now();
-        let status = match self.child.try_wait() {
-            Ok(Some(status)) => Some(status),
-            _ => {
-                let _ = self.signal(Signal::SIGTERM);
-                self.wait_exit(within).await.ok()
-            }
-        };
-        let stop_s = (t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
-        match status {
-            Some(status) => StopReport {
-                exit_code: status.code(),
-                stop_s,
-                killed: false,
-                clean: status.success(),
-            },
-            None => {
-                let _ = self.child.kill().await;
-                StopReport {
-                    exit_code: None,
-                    stop_s,
-                    killed: true,
-                    clean: false,
-                }
-            }
+        if self.running() {
+            let _ = self.signal(Signal::SIGTERM);
+        }
+        let status = tokio::time::timeout(within, self.child.wait()).await;
+        let status = status.ok().and_then(Result::ok);
+        if status.is_none() {
+            let _ = self.child.kill().await;
+        }
+        StopReport {
+            exit_code: status.and_then(|s| s.code()),
+            stop_s: (t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+            killed: status.is_none(),
+            clean: status.is_some_and(|s| s.success()),
         }
     }
 
