@@ -98,12 +98,14 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         sluice::free_port(std::net::Ipv4Addr::LOCALHOST)?,
     );
     let mut table: Vec<BackendCfg> = olds.iter().map(|b| BackendCfg::ready(b.addr())).collect();
-    let mut sluice = Sluice::start(
+    let mut sluice = Sluice::start_with(
         &bin,
         &args.sluice,
+        &[],
         &Config::from(sluice::ServiceCfg::new("rollout", listen, table.clone())),
         listen,
         Some(SLUICE_LOG),
+        &[],
     )
     .await?;
 

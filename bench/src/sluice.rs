@@ -171,38 +171,14 @@ impl Sluice {
         let listen = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
         let backends = backends.iter().map(|a| BackendCfg::ready(*a)).collect();
         let cfg = ServiceCfg::new(name, listen, backends).into();
-        Self::start(&bin, args, &cfg, listen, None).await
+        Self::start_with(&bin, args, &[], &cfg, listen, None, &[]).await
     }
 
-    /// Writes `cfg`, starts sluice on it, waits for its first table and for
-    /// a request through `listen` to succeed.
-    ///
-    /// `log_filter` becomes sluice's RUST_LOG unless RUST_LOG is already set.
-    pub async fn start(
-        bin: &Path,
-        args: &SluiceArgs,
-        cfg: &Config,
-        listen: SocketAddr,
-        log_filter: Option<&str>,
-    ) -> Result<Self> {
-        Self::start_with(bin, args, &[], cfg, listen, log_filter, &[]).await
-    }
-
-    /// [`Sluice::start`], with extra environment variables for sluice.
-    pub async fn start_with_env(
-        bin: &Path,
-        args: &SluiceArgs,
-        cfg: &Config,
-        listen: SocketAddr,
-        log_filter: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        Self::start_with(bin, args, &[], cfg, listen, log_filter, env).await
-    }
-
-    /// [`Sluice::start`] with `extra` flags appended to sluice's command
-    /// line (e.g. `--vip-interface`, for `rollout --netns`) and extra
-    /// environment variables. An empty `SLUICE_*_BIND_ADDRESS` in `env`
+    /// Writes `cfg`, starts sluice on it with `extra` flags (e.g.
+    /// `--vip-interface`, for `rollout --netns`) and `env`, waits for its
+    /// first table and for a request through `listen` to succeed.
+    /// `log_filter` becomes sluice's RUST_LOG unless RUST_LOG is already
+    /// set. An empty `SLUICE_*_BIND_ADDRESS` in `env`
     /// turns the admin endpoints off: then only the request through
     /// `listen` tells that sluice is up, and it has no generations or
     /// counters to report.
@@ -263,7 +239,7 @@ impl Sluice {
 
     /// Last generation seen live.
     pub fn generation(&self) -> u64 {
-        self.generations.as_ref().map_or(0, Generations::latest)
+        self.generations_seen().last().map_or(0, |g| g.1)
     }
 
     /// Every generation seen live, with when it was seen.

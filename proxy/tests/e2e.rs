@@ -462,30 +462,30 @@ async fn admin_endpoints_report_health_metrics_and_the_live_table() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();
     let listen = listen_addr();
     let s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
-    assert_eq!(http::get(s.health(), "/readyz").await.unwrap().0, 200);
-    let (status, body) = http::get(s.health(), "/healthz").await.unwrap();
+    assert_eq!(http::get(s.health, "/readyz").await.unwrap().0, 200);
+    let (status, body) = http::get(s.health, "/healthz").await.unwrap();
     assert_eq!(status, 200);
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(
         health["lastUpdated"].is_string() && health["currentTime"].is_string(),
         "{body}"
     );
-    assert_eq!(http::get(s.health(), "/livez").await.unwrap().0, 200);
+    assert_eq!(http::get(s.health, "/livez").await.unwrap().0, 200);
     assert_eq!(
-        http::get(s.health(), "/metrics").await.unwrap().0,
+        http::get(s.health, "/metrics").await.unwrap().0,
         404,
         "metrics only on the metrics address"
     );
 
     let (open, _) = connect_named(listen).await;
-    let (_, table) = http::get(s.metrics(), "/debug/table").await.unwrap();
+    let (_, table) = http::get(s.metrics, "/debug/table").await.unwrap();
     let table: serde_json::Value = serde_json::from_str(&table).unwrap();
     let backend = &table["services"][0]["backends"][0];
     assert_eq!(backend["address"], a.addr.to_string());
     assert_eq!(backend["active"], 1, "{table}");
     assert_eq!(backend["state"], "ready");
 
-    let (status, metrics) = http::get(s.metrics(), "/metrics").await.unwrap();
+    let (status, metrics) = http::get(s.metrics, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     assert!(
         metrics.contains("sluice_connections_accepted_total{service=\"test\"} 1"),

@@ -24,9 +24,6 @@ use tokio::task::JoinHandle;
 
 use crate::{free_addr, http, metric};
 
-/// How long [`Daemon::start`] waits for the first table.
-pub const READY_WITHIN: Duration = Duration::from_secs(15);
-
 /// How to start sluice: `Options { config: Some(yaml), ..Options::new(bin) }`.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -76,8 +73,10 @@ pub struct Daemon {
     dir: tempfile::TempDir,
     config: PathBuf,
     log: PathBuf,
-    health: SocketAddr,
-    metrics: SocketAddr,
+    /// Where `/healthz`, `/livez` and `/readyz` answer.
+    pub health: SocketAddr,
+    /// Where `/metrics` and `/debug/table` answer.
+    pub metrics: SocketAddr,
 }
 
 /// The address sluice will use for an admin listener: the one already in
@@ -92,11 +91,11 @@ fn admin_addr(cmd: &mut Command, var: &str) -> Result<SocketAddr> {
 }
 
 impl Daemon {
-    /// Starts sluice and waits (up to [`READY_WITHIN`]) until `/readyz`
-    /// answers 200 and the data plane has applied generation 1.
+    /// Starts sluice and waits (15 s at most) until `/readyz` answers 200
+    /// and the data plane has applied generation 1.
     pub async fn start(opts: Options) -> Result<Self> {
         let mut d = Self::spawn(opts)?;
-        d.wait_generation(1, READY_WITHIN).await?;
+        d.wait_generation(1, Duration::from_secs(15)).await?;
         Ok(d)
     }
 
@@ -147,16 +146,6 @@ impl Daemon {
 
     pub fn pid(&self) -> i32 {
         self.pid.as_raw()
-    }
-
-    /// Where `/healthz`, `/livez` and `/readyz` answer.
-    pub fn health(&self) -> SocketAddr {
-        self.health
-    }
-
-    /// Where `/metrics` and `/debug/table` answer.
-    pub fn metrics(&self) -> SocketAddr {
-        self.metrics
     }
 
     /// The directory holding config and log.
@@ -318,11 +307,6 @@ impl Generations {
     /// Every generation seen, in order, with when it was first seen.
     pub fn seen(&self) -> Vec<(Instant, u64)> {
         self.seen.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    /// The last generation seen (0 before any).
-    pub fn latest(&self) -> u64 {
-        self.seen().last().map_or(0, |s| s.1)
     }
 }
 

@@ -171,7 +171,7 @@ pub async fn start_proxy(
             let probe = listen_addr()?;
             let cfg = Config {
                 services: vec![
-                    // The readiness probe of Sluice::start speaks the bench
+                    // The readiness probe of Sluice::start_with speaks the bench
                     // backend's protocol: it goes to the built-in sink.
                     ServiceCfg::new("probe", probe, vec![BackendCfg::ready(b_sink)]),
                     ServiceCfg::new("bulk", bulk, vec![BackendCfg::ready(b_bulk)]),
@@ -200,7 +200,7 @@ pub async fn start_proxy(
             // (the only one of the load runtime) moves to the proxy's CPU
             // for the start, then everything moves back.
             pin_thread(cpu)?;
-            let s = Sluice::start_with_env(&bin, &args.sluice, &cfg, probe, None, &env).await;
+            let s = Sluice::start_with(&bin, &args.sluice, &[], &cfg, probe, None, &env).await;
             pin_process(load_cpu)?;
             Ok(Some(Proxy {
                 kind,
