@@ -9,7 +9,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
 use sluice_apiserver_fixture::builders::{slice, svc, with_port};
 use sluice_apiserver_fixture::{ApiServer, Kind};
 use sluice_testkit::backend::{Backend, Mode};
@@ -72,17 +71,6 @@ async fn until_all(addr: SocketAddr, what: &str, n: usize, f: impl Fn(&Option<St
     }
 }
 
-/// Service `name` at `ip`:`port`.
-fn service(name: &str, ip: &str, port: u16) -> Value {
-    with_port(svc(name, ip), port)
-}
-
-/// EndpointSlice `name` of `svc`, endpoints `(ip, ready, terminating)` on
-/// `port`.
-fn endpoints(name: &str, svc: &str, port: u16, eps: &[(&str, bool, bool)]) -> Value {
-    with_port(slice(name, svc, eps), port)
-}
-
 /// A port free on both `a` and `b` (bound then released).
 fn common_port(addrs: &[&str]) -> u16 {
     for _ in 0..50 {
@@ -112,23 +100,16 @@ async fn traffic_follows_the_apiserver() {
     let other = SocketAddr::new(ip("127.0.0.51"), vport);
 
     let api = ApiServer::start().await.unwrap();
-    api.apply_json(service("web", "127.0.0.50", vport)).unwrap();
-    api.apply_json(endpoints(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.2", true, false)],
-    ))
-    .unwrap();
-    api.apply_json(service("other", "127.0.0.51", vport))
+    // Web's endpoints `(ip, ready, terminating)`, all on `bport`.
+    let web_eps = |eps: &[(&str, bool, bool)]| with_port(slice("web-1", "web", eps), bport);
+    api.apply_json(with_port(svc("web", "127.0.0.50"), vport))
         .unwrap();
-    api.apply_json(endpoints(
-        "other-1",
-        "other",
-        bport,
-        &[("127.0.0.4", true, false)],
-    ))
-    .unwrap();
+    api.apply_json(web_eps(&[("127.0.0.2", true, false)]))
+        .unwrap();
+    api.apply_json(with_port(svc("other", "127.0.0.51"), vport))
+        .unwrap();
+    let other_eps = slice("other-1", "other", &[("127.0.0.4", true, false)]);
+    api.apply_json(with_port(other_eps, bport)).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -154,12 +135,10 @@ async fn traffic_follows_the_apiserver() {
     until_all(other, "other served by C", 3, |g| g.as_deref() == Some("C")).await;
 
     // 2. Scale up: A and B both get connections.
-    api.apply_json(endpoints(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.2", true, false), ("127.0.0.3", true, false)],
-    ))
+    api.apply_json(web_eps(&[
+        ("127.0.0.2", true, false),
+        ("127.0.0.3", true, false),
+    ]))
     .unwrap();
     let deadline = Instant::now() + WAIT;
     let mut seen = std::collections::BTreeSet::new();
@@ -172,25 +151,18 @@ async fn traffic_follows_the_apiserver() {
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["A", "B"]);
 
     // 3. A removed: only B.
-    api.apply_json(endpoints(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.3", true, false)],
-    ))
-    .unwrap();
+    api.apply_json(web_eps(&[("127.0.0.3", true, false)]))
+        .unwrap();
     until_all(web, "only B", 10, |g| g.as_deref() == Some("B")).await;
 
     // 4. B terminating (still serving), C ready: new connections go to C
     //    only, while an established connection to B keeps flowing.
     let (name, mut established) = open(web).await.unwrap();
     assert_eq!(name, "B");
-    api.apply_json(endpoints(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.3", false, true), ("127.0.0.4", true, false)],
-    ))
+    api.apply_json(web_eps(&[
+        ("127.0.0.3", false, true),
+        ("127.0.0.4", true, false),
+    ]))
     .unwrap();
     until_all(web, "C takes new connections", 1, |g| {
         g.as_deref() == Some("C")
@@ -227,13 +199,8 @@ async fn traffic_follows_the_apiserver() {
     api.delete(Kind::EndpointSlice, "default", "other-1")
         .unwrap();
     api.delete(Kind::Service, "default", "other").unwrap();
-    api.apply_json(endpoints(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.2", true, false)],
-    ))
-    .unwrap();
+    api.apply_json(web_eps(&[("127.0.0.2", true, false)]))
+        .unwrap();
     api.compact();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // The last table keeps serving during the outage.
