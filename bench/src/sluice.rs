@@ -155,8 +155,8 @@ pub struct Sluice {
     listen: SocketAddr,
     /// None when the caller turned the admin endpoints off.
     generations: Option<Generations>,
-    /// The counters of the last [`Sluice::scrape_metrics`].
-    scraped: Mutex<Option<MetricsSummary>>,
+    /// The dial outcomes of the last [`Sluice::scrape_metrics`].
+    scraped: Mutex<LogCounts>,
 }
 
 impl Sluice {
@@ -229,7 +229,7 @@ impl Sluice {
             generations: admin.then(|| daemon.follow_generations(Duration::from_millis(5))),
             daemon,
             listen,
-            scraped: Mutex::new(None),
+            scraped: Mutex::default(),
         })
     }
 
@@ -260,8 +260,7 @@ impl Sluice {
     /// The dial outcomes of the last [`Sluice::scrape_metrics`] (zeros
     /// before one).
     pub fn log_counts(&self) -> LogCounts {
-        let scraped = self.scraped.lock().map(|m| m.clone()).unwrap_or_default();
-        scraped.as_ref().map(LogCounts::from).unwrap_or_default()
+        self.scraped.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// sluice's counters from its /metrics endpoint; `None` when it has
@@ -270,7 +269,7 @@ impl Sluice {
         self.generations.as_ref()?;
         let m = parse_metrics(&self.daemon.scrape().await.ok()?);
         if let Ok(mut s) = self.scraped.lock() {
-            *s = Some(m.clone());
+            *s = LogCounts::from(&m);
         }
         Some(m)
     }

@@ -24,6 +24,9 @@ use tokio::task::JoinHandle;
 
 use crate::{free_addr, http, metric};
 
+const CONFIG: &str = "sluice.yaml";
+const LOG: &str = "sluice.log";
+
 /// How to start sluice: `Options { config: Some(yaml), ..Options::new(bin) }`.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -70,9 +73,8 @@ pub struct StopReport {
 pub struct Daemon {
     child: Child,
     pid: Pid,
+    /// Holds `sluice.yaml` and `sluice.log`.
     dir: tempfile::TempDir,
-    config: PathBuf,
-    log: PathBuf,
     /// Where `/healthz`, `/livez` and `/readyz` answer.
     pub health: SocketAddr,
     /// Where `/metrics` and `/debug/table` answer.
@@ -106,8 +108,7 @@ impl Daemon {
             .disable_cleanup(opts.keep_dir)
             .tempdir()
             .context("creating sluice's directory")?;
-        let config = dir.path().join("sluice.yaml");
-        let log = dir.path().join("sluice.log");
+        let (config, log) = (dir.path().join(CONFIG), dir.path().join(LOG));
         let mut cmd = Command::new(&opts.bin);
         if let Some(yaml) = &opts.config {
             write_atomic(&config, yaml)?;
@@ -137,8 +138,6 @@ impl Daemon {
             child,
             pid,
             dir,
-            config,
-            log,
             health,
             metrics,
         })
@@ -200,7 +199,7 @@ impl Daemon {
 
     /// Replaces the config file atomically (a temp file renamed over it).
     pub fn write_config(&self, yaml: &str) -> Result<()> {
-        write_atomic(&self.config, yaml)
+        write_atomic(&self.dir.path().join(CONFIG), yaml)
     }
 
     /// [`Daemon::write_config`], then SIGHUP.
@@ -281,8 +280,8 @@ impl Daemon {
     /// The last `n` lines of the log, indented, for failure messages;
     /// per-connection "connected" debug lines are left out.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        tail(&text, n, &self.log)
+        let log = self.dir.path().join(LOG);
+        tail(&std::fs::read_to_string(&log).unwrap_or_default(), n, &log)
     }
 }
 
