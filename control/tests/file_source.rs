@@ -94,8 +94,8 @@ fn load_error_is_one_line_with_file_line_and_reason() {
     assert_eq!(
         e.to_string(),
         format!(
-            "{}:5:18: services[0] \"api\": backend 10.0.0.1:99999: invalid socket address \
-             (expected IP:port (IPv6 quoted: \"[::1]:80\"))",
+            "{}:5:18: services[0] \"api\": backends[0]: address: invalid socket address \
+             \"10.0.0.1:99999\" (expected IP:port (IPv6 quoted: \"[::1]:80\"))",
             path.display()
         )
     );

@@ -67,7 +67,7 @@ struct Pod {
 
 fn daemonset_pod() -> Pod {
     let text = std::fs::read_to_string(deploy_dir().join("daemonset.yaml")).unwrap();
-    let ds: DaemonSet = serde_yaml::from_str(&text).unwrap();
+    let ds: DaemonSet = serde_saphyr::from_str(&text).unwrap();
     let pod = ds.spec.template.spec.unwrap();
     let sc = pod.containers[0].security_context.clone().unwrap();
     let pod_sc = pod.security_context.unwrap_or_default();

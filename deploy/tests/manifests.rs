@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Container, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
-use serde::de::{Deserialize, DeserializeOwned};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 const APP_LABEL: &str = "app.kubernetes.io/name";
@@ -58,7 +58,7 @@ struct Doc {
 /// The `resources` of kustomization.yaml, after checking its keys.
 fn kustomization_resources(text: &str) -> Result<Vec<String>, String> {
     let value: Value =
-        serde_yaml::from_str(text).map_err(|e| format!("kustomization.yaml: {e}"))?;
+        serde_saphyr::from_str(text).map_err(|e| format!("kustomization.yaml: {e}"))?;
     let map = value
         .as_object()
         .ok_or("kustomization.yaml: not a mapping")?;
@@ -114,8 +114,9 @@ fn yaml_files(dir: &Path, rel: &Path, out: &mut BTreeSet<String>) {
 /// Splits a manifest into its YAML documents (empty documents skipped).
 fn parse_docs(file: &str, text: &str) -> Result<Vec<Doc>, String> {
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = Value::deserialize(de).map_err(|e| format!("{file}: document {i}: {e}"))?;
+    let values: Vec<Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| format!("{file}: {e}"))?;
+    for value in values {
         if !value.is_null() {
             docs.push(Doc {
                 file: file.to_owned(),

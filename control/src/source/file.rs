@@ -29,13 +29,16 @@
 //!         weight: 1                # default 1; 0 = no new connections
 //! ```
 //!
+//! The schema is declared once, as [`ConfigDoc`] and the types it holds;
+//! tests and `sluice-bench` write files with them ([`ConfigDoc::to_yaml`]).
+//!
 //! Unknown or repeated fields, nulls, wrong types, port 0, and a listen
 //! address used by two services are errors. An error is one line:
 //! `FILE:LINE:COLUMN: WHERE: REASON`, the position being that of the node at
 //! fault (the value, the repeated key, or the mapping missing a field) and
 //! WHERE naming the service by its 0-based index and name, e.g.
-//! `sluice.yaml:12:18: services[1] "api": backend 10.0.0.1:99999: invalid
-//! socket address (...)`.
+//! `sluice.yaml:12:18: services[1] "api": backend 10.0.0.1:80: weight:
+//! expected an integer in 0..=4294967295, found -1`.
 //!
 //! An empty file is an error, not an empty table, so that a file caught
 //! half-written by a non-atomic editor does not tear every listener down;
@@ -78,6 +81,7 @@ mod doc;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod tree;
 
 pub use doc::{AffinityDoc, BackendDoc, ConfigDoc, ServiceDoc, ToYamlError};
 
@@ -106,8 +110,8 @@ pub enum ConfigError {
         path: String,
         /// Where the problem is; `None` when the parser cannot tell.
         position: Option<Position>,
-        /// The reason, e.g. `services[1] "api": backend 10.0.0.1:99999:
-        /// invalid socket address (...)`.
+        /// The reason, e.g. `services[1] "api": backend 10.0.0.1:80:
+        /// weight: expected an integer in 0..=4294967295, found -1`.
         message: String,
     },
 }
@@ -287,9 +291,9 @@ impl FileWatcher {
         let mut ticker = tokio::time::interval(self.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let forced = tokio::select! {
-                _ = ticker.tick() => false,
-                () = self.reload.notified() => true,
+            let reload = tokio::select! {
+                _ = ticker.tick() => Reload::Polled,
+                () = self.reload.notified() => Reload::Forced,
             };
             let path = self.tracker.path.clone();
             let read = match tokio::task::spawn_blocking(move || read(&path)).await {
@@ -299,18 +303,28 @@ impl FileWatcher {
                     source: io::Error::other(join.to_string()),
                 }),
             };
-            self.tracker.check(read, forced, &self.publisher);
+            self.tracker.check(read, reload, &self.publisher);
             let error = self.tracker.error().map(str::to_owned);
             self.status.send_modify(|s| {
                 s.checks += 1;
                 s.error = error;
             });
-            if forced {
+            if reload == Reload::Forced {
                 // Restart the period: the file was just read.
                 ticker.reset();
             }
         }
     }
+}
+
+/// Why a check runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reload {
+    /// The poll interval elapsed: parse only bytes that changed.
+    Polled,
+    /// Told to (SIGHUP): parse, and report an error, even if the bytes are
+    /// the same.
+    Forced,
 }
 
 /// What one check did (returned for tests; the loop only logs).
@@ -365,9 +379,10 @@ impl Tracker {
     fn check(
         &mut self,
         read: Result<Vec<u8>, ConfigError>,
-        forced: bool,
+        reload: Reload,
         publisher: &Publisher,
     ) -> Outcome {
+        let forced = reload == Reload::Forced;
         let bytes = match read {
             Ok(bytes) => bytes,
             Err(err) => {

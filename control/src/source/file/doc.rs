@@ -6,10 +6,13 @@
 //! ranges, port 0, protocol) are checked when the file source turns it into
 //! a [`crate::Table`] (see [`super::parse`]).
 
+use std::fmt;
 use std::net::SocketAddr;
 
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
+use super::tree::Quoted;
 use crate::table::{Affinity, Policy, Protocol};
 
 /// The whole file: `services:` and nothing else.
@@ -27,6 +30,7 @@ pub struct ServiceDoc {
     /// Non-empty; used in logs and metrics.
     pub name: String,
     /// IP:port; IPv6 quoted in YAML (`"[::1]:8080"`).
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Only `tcp` is served.
     #[serde(default)]
@@ -34,7 +38,11 @@ pub struct ServiceDoc {
     #[serde(default)]
     pub policy: Policy,
     /// Client-IP affinity; `affinity: {}` for the default timeout.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "some",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub affinity: Option<AffinityDoc>,
     /// `backends: []` for none.
     pub backends: Vec<BackendDoc>,
@@ -47,7 +55,7 @@ pub struct AffinityDoc {
     /// 1..=86400, as Kubernetes validates
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     #[serde(default = "AffinityDoc::default_timeout_seconds")]
-    pub timeout_seconds: u64,
+    pub timeout_seconds: i64,
 }
 
 /// One entry of `backends:`.
@@ -55,17 +63,55 @@ pub struct AffinityDoc {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BackendDoc {
     /// Unique within the service.
+    #[serde(deserialize_with = "socket_addr")]
     pub address: SocketAddr,
     #[serde(default = "yes")]
     pub ready: bool,
     /// Unset means the same as `ready` (as in Kubernetes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "some",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub serving: Option<bool>,
     #[serde(default)]
     pub terminating: bool,
     /// 0 means no new connections.
     #[serde(default = "one")]
     pub weight: u32,
+}
+
+/// What `listen` and `address` hold.
+const ADDRESS: &str = "IP:port (IPv6 quoted: \"[::1]:80\")";
+
+/// An optional field that, when given, is not null (`affinity:` alone is a
+/// mistake, not the default).
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(de: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(de).map(Some)
+}
+
+/// A socket address, with messages that say how to write one.
+fn socket_addr<'de, D: Deserializer<'de>>(de: D) -> Result<SocketAddr, D::Error> {
+    struct Addr;
+
+    impl Visitor<'_> for Addr {
+        type Value = SocketAddr;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(ADDRESS)
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<SocketAddr, E> {
+            s.parse().map_err(|_| {
+                E::custom(format_args!(
+                    "invalid socket address {} (expected {ADDRESS})",
+                    Quoted(s)
+                ))
+            })
+        }
+    }
+
+    de.deserialize_any(Addr)
 }
 
 fn yes() -> bool {
@@ -115,15 +161,19 @@ impl ServiceDoc {
     }
 
     /// Client-IP affinity with this timeout (whole seconds).
-    pub fn with_affinity(mut self, timeout_seconds: u64) -> Self {
+    pub fn with_affinity(mut self, timeout_seconds: i64) -> Self {
         self.affinity = Some(AffinityDoc { timeout_seconds });
         self
     }
 }
 
 impl AffinityDoc {
-    fn default_timeout_seconds() -> u64 {
-        Affinity::DEFAULT_TIMEOUT.as_secs()
+    fn default_timeout_seconds() -> i64 {
+        // 10800: fits.
+        Affinity::DEFAULT_TIMEOUT
+            .as_secs()
+            .try_into()
+            .unwrap_or(i64::MAX)
     }
 }
 
