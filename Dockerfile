@@ -35,12 +35,19 @@ FROM debian:bookworm-slim AS runtime
 # leaves no copy to lose them, and `setcap -v` fails the build if they did not
 # stick. A bind mount brings the binary in without a second copy of it in the
 # image; libcap2-bin (setcap) is removed again in the same layer.
+#
+# `nft` (package nftables) programs sluice's table with --intercept nftables
+# and --cleanup. sluice runs it as a child: a non-root process's file
+# capabilities do not pass through execve(), so `nft` carries NET_ADMIN
+# itself.
 RUN --mount=type=bind,from=build,source=/out/sluice,target=/tmp/sluice \
     apt-get update \
-    && apt-get install -y --no-install-recommends libcap2-bin \
+    && apt-get install -y --no-install-recommends libcap2-bin nftables \
     && install -m 0755 /tmp/sluice /usr/local/bin/sluice \
     && setcap cap_net_admin,cap_net_bind_service+ep /usr/local/bin/sluice \
     && setcap -v cap_net_admin,cap_net_bind_service+ep /usr/local/bin/sluice \
+    && setcap cap_net_admin+ep /usr/sbin/nft \
+    && setcap -v cap_net_admin+ep /usr/sbin/nft \
     && apt-get purge -y --auto-remove libcap2-bin \
     && rm -rf /var/lib/apt/lists/*
 # Numeric, so runAsNonRoot can verify it without an /etc/passwd entry; the

@@ -6,7 +6,12 @@
 //!   sources' input, that is, no input has waited longer than the health
 //!   timeout for a publish (kube-proxy's rule), and 503 otherwise or before
 //!   the first table; the body is `{"lastUpdated": …, "currentTime": …,
-//!   "warnings": […]}`, the warnings being set-up problems to fix.
+//!   "warnings": […], "saturated": …}`, the warnings being set-up problems
+//!   to fix. `/healthz` is also 503 while sluice has been running out of
+//!   local resources (descriptors, buffers, ports) for [`SATURATED_AFTER`]
+//!   (`saturated` says what), so that load balancers stop sending to the
+//!   node; `/livez` ignores that, so the kubelet never restarts a process
+//!   that is only full.
 //!   `/readyz` answers 200 once the first complete table is live.
 //! - the metrics address (`--metrics-bind-address`, default
 //!   `127.0.0.1:10249`): `/metrics` (Prometheus text) and `/debug/table`
@@ -31,6 +36,9 @@ use tracing::{debug, warn};
 use crate::metrics::Metrics;
 use crate::tracker::Tracker;
 
+/// How long local resource errors must go on before `/healthz` turns 503.
+pub const SATURATED_AFTER: Duration = Duration::from_secs(30);
+
 /// What the endpoints read.
 pub struct Admin {
     pub publisher: Arc<Publisher>,
@@ -44,6 +52,13 @@ pub struct Admin {
     pub warnings: Vec<String>,
 }
 
+/// `/healthz` (the node may take traffic) or `/livez` (the process works).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Health,
+    Liveness,
+}
+
 /// Which endpoints a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoints {
@@ -51,11 +66,47 @@ pub enum Endpoints {
     Metrics,
 }
 
+/// Descriptors each admin listener holds back (open on `/dev/null`) for
+/// the moment the process runs out: when `accept` fails for want of a
+/// descriptor, one is closed and the accept retried at once, so `/healthz`
+/// and `/metrics` still answer while the data plane is exhausted (the data
+/// plane's accept loops are backing off then, so the freed slot goes to
+/// the admin connection). Refilled after each accept, as far as possible.
+const RESERVE: usize = 2;
+
+#[derive(Debug, Default)]
+struct Reserve(Vec<std::fs::File>);
+
+impl Reserve {
+    fn refill(&mut self) {
+        while self.0.len() < RESERVE {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.0.push(f),
+                Err(_) => return, // still exhausted: next time
+            }
+        }
+    }
+
+    /// Frees one held descriptor; false when none is left.
+    fn release(&mut self) -> bool {
+        self.0.pop().is_some()
+    }
+}
+
 /// Serves `endpoints` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, endpoints: Endpoints) {
+    let mut reserve = Reserve::default();
+    reserve.refill();
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
+            Ok(a) => {
+                reserve.refill();
+                a
+            }
+            Err(e) if crate::saturation::local_resource(&e).is_some() && reserve.release() => {
+                debug!(error = %e, ?endpoints, "admin accept: using a reserved descriptor");
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -106,7 +157,8 @@ impl Admin {
             );
         }
         match (endpoints, req.uri().path()) {
-            (Endpoints::Health, "/healthz" | "/livez") => self.healthz(),
+            (Endpoints::Health, "/healthz") => self.healthz(Probe::Health),
+            (Endpoints::Health, "/livez") => self.healthz(Probe::Liveness),
             (Endpoints::Health, "/readyz") => self.readyz(),
             (Endpoints::Metrics, "/metrics") => respond(
                 StatusCode::OK,
@@ -133,9 +185,12 @@ impl Admin {
         snap.generation > 0 && !waiting_too_long
     }
 
-    fn healthz(&self) -> Response<Full<Bytes>> {
+    fn healthz(&self, probe: Probe) -> Response<Full<Bytes>> {
         let snap = self.publisher.snapshot();
-        let status = if self.is_healthy(Instant::now()) {
+        let now = Instant::now();
+        let saturated = self.metrics.saturation.persisting(now, SATURATED_AFTER);
+        let healthy = self.is_healthy(now) && (probe == Probe::Liveness || saturated.is_none());
+        let status = if healthy {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
@@ -144,6 +199,7 @@ impl Admin {
             "lastUpdated": rfc3339(snap.published_wall),
             "currentTime": rfc3339(SystemTime::now()),
             "warnings": self.warnings,
+            "saturated": saturated.map(|what| format!("running out of {what}")),
         });
         respond(status, "application/json", body.to_string())
     }
@@ -242,10 +298,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn persisting_saturation_fails_healthz_but_not_livez() {
+        let a = mk_admin(Duration::from_secs(60));
+        a.publisher.publish(Table::new());
+        assert_eq!(a.healthz(Probe::Health).status(), StatusCode::OK);
+        // Descriptors have been running out for longer than SATURATED_AFTER.
+        let Some(start) = Instant::now().checked_sub(SATURATED_AFTER + Duration::from_secs(1))
+        else {
+            return; // the clock started less than that ago
+        };
+        let mut t = start;
+        while t <= Instant::now() {
+            a.metrics
+                .saturation
+                .record(t, "file descriptors (process limit)");
+            t += Duration::from_secs(1);
+        }
+        let health = a.healthz(Probe::Health);
+        assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = health.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["saturated"]
+                .as_str()
+                .unwrap()
+                .contains("file descriptors"),
+            "{v}"
+        );
+        assert_eq!(a.healthz(Probe::Liveness).status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
     async fn healthz_lists_the_warnings() {
         let a = mk_admin(Duration::from_secs(60));
         a.publisher.publish(Table::new());
-        let body = a.healthz().into_body().collect().await.unwrap().to_bytes();
+        let body = a
+            .healthz(Probe::Health)
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["warnings"], json!(["fix me"]), "{v}");
         assert!(v["lastUpdated"].is_string(), "{v}");

@@ -12,6 +12,22 @@ use crate::tracker::TrackerConfig;
 /// Exit status for a bad flag or configuration (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
+/// How Service traffic reaches sluice (`--intercept`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Intercept {
+    /// A listening socket per Service address (Service IPs on a device
+    /// with the Kubernetes source).
+    Bind,
+    /// sluice's own nftables table redirects Service traffic to the
+    /// intercept port; no Service IP is put on any device.
+    Nftables,
+}
+
+/// Default of `--intercept-port`: not used by any Kubernetes component
+/// (kubelet 10248/10250/10255, kube-proxy 10249/10256, controller managers
+/// 10257/10258, scheduler 10259).
+pub const DEFAULT_INTERCEPT_PORT: u16 = 10261;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -129,6 +145,23 @@ pub struct Args {
     #[arg(long, env = "SLUICE_VIP_INTERFACE", value_name = "NAME")]
     pub vip_interface: Option<String>,
 
+    /// How Service traffic reaches sluice: `bind` (a listening socket per
+    /// Service address) or `nftables` (sluice's table `inet sluice`
+    /// redirects it to --intercept-port; see docs/operations.md).
+    #[arg(long, env = "SLUICE_INTERCEPT", value_enum, default_value = "bind")]
+    pub intercept: Intercept,
+
+    /// With --intercept nftables: the port, on 0.0.0.0 and [::], that
+    /// redirected Service traffic reaches. Direct connections are reset.
+    #[arg(long, env = "SLUICE_INTERCEPT_PORT", default_value_t = DEFAULT_INTERCEPT_PORT, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub intercept_port: u16,
+
+    /// Remove sluice's nftables table (`inet sluice`) and exit, like
+    /// kube-proxy's flag of that name. Every other exit leaves the table in
+    /// place, so that a restarted sluice adopts it.
+    #[arg(long)]
+    pub cleanup: bool,
+
     /// Serve /healthz, /livez and /readyz here (empty: disabled).
     #[arg(
         long,
@@ -192,6 +225,48 @@ impl Args {
             },
             max_connections: self.max_connections.max(1),
             shutdown_grace: self.shutdown_grace,
+            intercept_port: match self.intercept {
+                Intercept::Bind => None,
+                Intercept::Nftables => Some(self.intercept_port),
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("sluice").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn bind_is_the_default_interception() {
+        let args = parse(&["--config", "x.yaml"]);
+        assert_eq!(args.intercept, Intercept::Bind);
+        assert_eq!(args.proxy_config().intercept_port, None);
+        assert!(!args.cleanup);
+    }
+
+    #[test]
+    fn nftables_interception_takes_the_intercept_port() {
+        let args = parse(&["--config", "x.yaml", "--intercept", "nftables"]);
+        assert_eq!(
+            args.proxy_config().intercept_port,
+            Some(DEFAULT_INTERCEPT_PORT)
+        );
+        let args = parse(&["--intercept", "nftables", "--intercept-port", "20000"]);
+        assert_eq!(args.proxy_config().intercept_port, Some(20000));
+        assert!(
+            Args::try_parse_from(["sluice", "--intercept", "tproxy"]).is_err(),
+            "unknown modes are refused"
+        );
+        assert!(Args::try_parse_from(["sluice", "--intercept-port", "0"]).is_err());
+    }
+
+    #[test]
+    fn cleanup_parses_alone() {
+        assert!(parse(&["--cleanup"]).cleanup);
     }
 }

@@ -51,10 +51,7 @@ pub struct DialError {
 }
 
 fn classify(e: &io::Error) -> DialErrorKind {
-    #[cfg(unix)]
-    if let Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) =
-        e.raw_os_error()
-    {
+    if crate::saturation::local_resource(e).is_some() {
         return DialErrorKind::Local;
     }
     match e.kind() {
@@ -92,6 +89,9 @@ pub async fn dial(
     #[cfg(not(target_os = "linux"))]
     socket.set_nonblocking(true).map_err(fail)?;
     socket.set_tcp_nodelay(true).map_err(fail)?;
+    socket
+        .set_tcp_keepalive(&crate::listener::BACKEND_KEEPALIVE)
+        .map_err(fail)?;
     if let Some(src) = source {
         socket.bind(&src.into()).map_err(fail)?;
     }
@@ -186,6 +186,10 @@ mod tests {
             .unwrap();
         let (_, peer) = l.accept().await.unwrap();
         assert_eq!(peer.ip(), src.ip());
+        assert!(
+            socket2::SockRef::from(&s).keepalive().unwrap(),
+            "keepalive on the backend side"
+        );
         assert_eq!(s.local_addr().unwrap().ip(), src.ip());
     }
 }

@@ -17,7 +17,11 @@
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
 //! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
+//! - [`saturation`]: sluice's own resource exhaustion (descriptors, buffers,
+//!   ports) as a streak that `/healthz` reports; never a backend's fault.
 //! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
+//! - [`nft`]: sluice's own nftables table (`--intercept nftables`): the
+//!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
 //! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -29,6 +33,8 @@ pub mod connect;
 pub mod forward;
 pub mod listener;
 pub mod metrics;
+pub mod nft;
+pub mod saturation;
 pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;

@@ -11,8 +11,9 @@ use sluice_control::Publisher;
 use sluice_control::source::{file, kube};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
-use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, LogFormat};
+use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
 use sluice_proxy::metrics::Metrics;
+use sluice_proxy::nft::{self, Programmer, Ruleset, Synced};
 use sluice_proxy::vip::{VipDevice, service_ips};
 use sluice_proxy::workers::Workers;
 use tokio::signal::unix::{SignalKind, signal};
@@ -35,6 +36,15 @@ fn main() -> ExitCode {
         }
     };
     init_logs(args.log_format);
+    if args.cleanup {
+        return cleanup();
+    }
+    if args.intercept == Intercept::Nftables && args.vip_interface.is_some() {
+        eprintln!(
+            "sluice: --vip-interface has no use with --intercept nftables (no Service IP is put on any device)"
+        );
+        return ExitCode::from(EXIT_USAGE as u8);
+    }
     raise_fd_limit();
     let workers = args.worker_count();
     // With data-plane workers the main runtime only runs the control plane
@@ -63,6 +73,30 @@ fn main() -> ExitCode {
     // The proxy has stopped: its connections are gone, the workers are idle.
     drop(workers);
     code
+}
+
+/// `sluice --cleanup`: removes sluice's nftables table and exits.
+fn cleanup() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(nft::apply(&nft::cleanup_script())) {
+        Ok(()) => {
+            info!(table = nft::TABLE, "removed sluice's nftables table");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice: --cleanup: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logs(format: LogFormat) {
@@ -156,8 +190,10 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
 
     // The Kubernetes source owns the node's Service IPs: on `sluice0` (a
     // dummy device, created if missing) unless --vip-interface names another.
-    // The file source touches addresses only when asked to.
-    if args.vip_interface.is_some() || args.config.is_none() {
+    // The file source touches addresses only when asked to. With
+    // --intercept nftables no Service IP is put on any device.
+    let bind_mode = args.intercept == Intercept::Bind;
+    if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => {
                 tokio::spawn(sync_vips(device, publisher.clone()));
@@ -182,6 +218,23 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         metrics.clone(),
         workers,
     );
+    if args.intercept == Intercept::Nftables {
+        if let Err(e) = nft::check().await {
+            eprintln!("sluice: --intercept nftables: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+        // Listen first, then steer: a redirected connection never meets a
+        // closed port because of us.
+        if let Err(e) = proxy.start_intercept() {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+        tokio::spawn(sync_nft(
+            args.intercept_port,
+            publisher.clone(),
+            metrics.clone(),
+        ));
+    }
     let admin = Arc::new(Admin {
         publisher,
         tracker: proxy.tracker().clone(),
@@ -248,17 +301,69 @@ async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
                 false
             }
         };
-        let retry = async {
-            if complete {
-                std::future::pending::<()>().await
-            } else {
-                tokio::time::sleep(std::time::Duration::from_secs(5)).await
+        if !next_sync(&mut changes, complete).await {
+            return;
+        }
+    }
+}
+
+/// Keeps sluice's nftables table equal to the live table's Service
+/// addresses, retrying a failed sync every few seconds until it succeeds.
+/// The table is left in place on exit (see `--cleanup`).
+async fn sync_nft(port: u16, publisher: Arc<Publisher>, metrics: Arc<Metrics>) {
+    let mut changes = publisher.subscribe();
+    let mut programmer = Programmer::new();
+    loop {
+        let snapshot = publisher.snapshot();
+        if snapshot.generation == 0 {
+            // No source has spoken yet: leave the table a previous sluice
+            // left as it is (adopted at the first table) rather than
+            // emptying it until the first full list.
+            if changes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let want = Ruleset::from_table(&snapshot.table, port);
+        let complete = match programmer.sync(&want).await {
+            Ok(Synced::Unchanged) => true,
+            Ok(how) => {
+                info!(
+                    table = nft::TABLE,
+                    elements = want.elements.len(),
+                    ?how,
+                    "nftables table synced"
+                );
+                true
+            }
+            Err(e) => {
+                metrics.nft_sync_failures.inc();
+                error!(
+                    table = nft::TABLE,
+                    "cannot sync the nftables table; retrying in 5s: {e}"
+                );
+                false
             }
         };
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = retry => {}
+        if !next_sync(&mut changes, complete).await {
+            return;
         }
+    }
+}
+
+/// Waits for the next table publish, or at most 5 s after an incomplete
+/// sync (a retry). False when the publisher is gone.
+async fn next_sync(changes: &mut tokio::sync::watch::Receiver<u64>, complete: bool) -> bool {
+    let retry = async {
+        if complete {
+            std::future::pending::<()>().await
+        } else {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await
+        }
+    };
+    tokio::select! {
+        changed = changes.changed() => changed.is_ok(),
+        _ = retry => true,
     }
 }
 

@@ -111,6 +111,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterceptLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -132,12 +137,19 @@ pub struct Metrics {
     backend_ejections: Family<BackendLabels, Counter>,
     /// Dials that failed for want of a local resource: never ejections.
     local_dial_errors: Counter,
+    accept_errors: Counter,
+    limit_waits: Counter,
+    /// Local resource exhaustion, for `/healthz`.
+    pub saturation: crate::saturation::Saturation,
     /// From a backend's drain start to its last connection's end.
     pub drain_duration: Histogram,
     /// Connections cut because their backend's drain timeout expired.
     pub drain_cut: Counter,
     pub table_generation: Gauge,
     pub table_publishes: Counter,
+    intercept_rejected: Family<InterceptLabels, Counter>,
+    /// Failed syncs of sluice's nftables table (`--intercept nftables`).
+    pub nft_sync_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -162,10 +174,15 @@ impl Metrics {
             ejections: Counter::default(),
             backend_ejections: Family::default(),
             local_dial_errors: Counter::default(),
+            accept_errors: Counter::default(),
+            limit_waits: Counter::default(),
+            saturation: Default::default(),
             drain_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             drain_cut: Counter::default(),
             table_generation: Gauge::default(),
             table_publishes: Counter::default(),
+            intercept_rejected: Family::default(),
+            nft_sync_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -224,6 +241,16 @@ impl Metrics {
             m.local_dial_errors.clone(),
         );
         registry.register(
+            "accept_errors",
+            "Failed accept(2) calls (running out of descriptors and the like); the accept loop backs off",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "connection_limit_waits",
+            "Accepted connections that had to wait for a --max-connections permit",
+            m.limit_waits.clone(),
+        );
+        registry.register(
             "backend_ejections",
             "Ejections, per backend still tracked",
             m.backend_ejections.clone(),
@@ -248,6 +275,16 @@ impl Metrics {
             "Tables made live (equal tables are not counted)",
             m.table_publishes.clone(),
         );
+        registry.register(
+            "intercept_rejected_connections",
+            "Connections reset at the intercept port because they were not redirected Service traffic, per reason",
+            m.intercept_rejected.clone(),
+        );
+        registry.register(
+            "nft_sync_failures",
+            "Failed syncs of sluice's nftables table (retried)",
+            m.nft_sync_failures.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -258,10 +295,32 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Counts a connection reset at the intercept port (`reason`: one of a
+    /// few fixed strings).
+    pub fn intercept_rejected(&self, reason: &'static str) {
+        self.intercept_rejected
+            .get_or_create(&InterceptLabels { reason })
+            .inc();
+    }
+
     /// A dial failed for want of a local resource (see
     /// [`DialErrorKind::Local`]).
     pub fn local_dial_error(&self) {
         self.local_dial_errors.inc();
+    }
+
+    /// An accept failed; local resource exhaustion also feeds
+    /// [`Self::saturation`].
+    pub fn accept_error(&self, e: &std::io::Error) {
+        self.accept_errors.inc();
+        if let Some(what) = crate::saturation::local_resource(e) {
+            self.saturation.record(std::time::Instant::now(), what);
+        }
+    }
+
+    /// An accepted connection waits for a `--max-connections` permit.
+    pub fn limit_wait(&self) {
+        self.limit_waits.inc();
     }
 
     /// Extra metrics registered by other parts (e.g. the control plane).

@@ -21,15 +21,27 @@
 //! dial. When no eligible backend is left the
 //! client is reset at once.
 //!
+//! With `--intercept nftables` ([`ProxyConfig::intercept_port`]) no
+//! listener is bound per Service address: sluice's nftables table
+//! ([`crate::nft`]) redirects Service traffic to one intercept port
+//! (0.0.0.0 and [::], one listener per worker), and each accepted
+//! connection is routed by its original destination
+//! (`getsockopt(SO_ORIGINAL_DST)`), looked up in the live table as a
+//! [`ListenKey`]. A connection that was not redirected to a Service (no
+//! original destination, the intercept port itself, or an address that is
+//! no Service) is reset at once and counted, never proxied.
+//!
 //! On shutdown every listener closes at once, connections get the grace
 //! period to finish, and whatever is left is cut and counted.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_control::{ListenKey, Protocol, Publisher, Table, TableDiff};
+use dashmap::DashMap;
+use sluice_control::{ListenKey, Protocol, Publisher, Service, Table, TableDiff};
+use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
@@ -45,6 +57,35 @@ use crate::listener::bind_tcp;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::tracker::{Tracker, TrackerConfig};
 
+/// Intercept mode: how long a redirected connection that arrives before
+/// the first table (a restarted sluice whose nftables table was adopted,
+/// while its source still lists) waits for it before it is reset.
+const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
+
+/// The service at `key` in the live table. Before the first table
+/// (generation 0) waits for it, at most `bound`; after, answers at once.
+async fn service_at(
+    publisher: &Publisher,
+    key: &ListenKey,
+    bound: Duration,
+) -> Option<Arc<Service>> {
+    let mut changes = publisher.subscribe();
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let snapshot = publisher.snapshot();
+        if let Some(service) = snapshot.table.get(key) {
+            return Some(service.clone());
+        }
+        if snapshot.generation > 0 {
+            return None;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return None,
+        }
+    }
+}
+
 /// Data-plane settings (from the command line).
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -57,6 +98,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// How long connections may finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// `Some(port)`: Service traffic arrives redirected at this port
+    /// (`--intercept nftables`), no listener is bound per Service address.
+    pub intercept_port: Option<u16>,
 }
 
 /// What a shutdown did.
@@ -78,6 +122,32 @@ pub struct Proxy {
     shutdown_cut: CancellationToken,
     /// Data-plane event loops; empty: the proxy's own runtime.
     workers: Vec<Handle>,
+    /// Intercept mode: per-key state of the Services reached so far.
+    routes: DashMap<ListenKey, Route>,
+    /// Intercept mode: stops the intercept accept loops.
+    intercept_stop: CancellationToken,
+    intercept_tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// When the connection limit was last reported at warn level.
+    limit_warned: Mutex<Option<Instant>>,
+}
+
+/// The connection limit is reported at warn level at most this often.
+const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What a connection to one listen key needs besides the table.
+#[derive(Clone)]
+struct Route {
+    runtime: Arc<ServiceRuntime>,
+    metrics: Arc<ServiceMetrics>,
+    service: String,
+}
+
+/// Where an accept loop's connections go.
+enum Target {
+    /// A listener bound on the Service's own address.
+    Service(ListenKey, Route),
+    /// The intercept port: routed by original destination.
+    Intercept,
 }
 
 struct Listening {
@@ -116,7 +186,27 @@ impl Proxy {
             connections: TaskTracker::new(),
             shutdown_cut,
             workers,
+            routes: DashMap::new(),
+            intercept_stop: CancellationToken::new(),
+            intercept_tasks: Mutex::new(Vec::new()),
+            limit_warned: Mutex::new(None),
         })
+    }
+
+    /// Warns that `--max-connections` is reached, at most once per
+    /// [`LIMIT_WARN_EVERY`] (every wait is counted in
+    /// `sluice_connection_limit_waits_total`).
+    fn warn_limit_reached(&self) {
+        let now = Instant::now();
+        let mut last = self.limit_warned.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= LIMIT_WARN_EVERY) {
+            *last = Some(now);
+            warn!(
+                max_connections = self.config.max_connections,
+                "connection limit reached: new connections wait in the accept backlog \
+                 (sluice_connection_limit_waits_total counts them)"
+            );
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -125,6 +215,54 @@ impl Proxy {
 
     pub fn tracker(&self) -> &Arc<Tracker> {
         &self.tracker
+    }
+
+    /// Intercept mode: binds the intercept listeners (0.0.0.0, required;
+    /// [::], skipped with a warning when IPv6 is unavailable), one per
+    /// worker, and starts their accept loops. Returns the bound addresses;
+    /// none without `intercept_port`.
+    pub fn start_intercept(self: &Arc<Self>) -> std::io::Result<Vec<SocketAddr>> {
+        let Some(port) = self.config.intercept_port else {
+            return Ok(Vec::new());
+        };
+        let mut bound = Vec::new();
+        for addr in [
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        ] {
+            let listeners = match self.bind(addr) {
+                Ok(l) => l,
+                Err(e) if addr.is_ipv6() => {
+                    warn!(address = %addr, error = %e, "cannot bind the IPv6 intercept listener: IPv6 Services are not served");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot bind the intercept port {addr}: {e}"),
+                    ));
+                }
+            };
+            info!(address = %addr, listeners = listeners.len(), "intercept port listening");
+            bound.push(addr);
+            let mut tasks = self
+                .intercept_tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (listener, worker) in listeners {
+                let task = self.clone().accept_loop(
+                    ListenKey::tcp(addr),
+                    listener,
+                    Target::Intercept,
+                    self.intercept_stop.clone(),
+                );
+                tasks.push(match worker {
+                    Some(worker) => worker.spawn(task),
+                    None => tokio::spawn(task),
+                });
+            }
+        }
+        Ok(bound)
     }
 
     /// Follows the table until `stop` fires, then shuts down gracefully.
@@ -179,6 +317,10 @@ impl Proxy {
         listening: &mut HashMap<ListenKey, Listening>,
         failed: &mut HashSet<ListenKey>,
     ) {
+        if self.config.intercept_port.is_some() {
+            self.prune_routes(table);
+            return;
+        }
         let mut closed = Vec::new();
         listening.retain(|key, l| {
             let keep = table.get(key).is_some();
@@ -211,8 +353,8 @@ impl Proxy {
                         info!(listen = %key, "bind succeeded after earlier failure");
                     }
                     info!(listen = %key, service = %service.name, listeners = listeners.len(), "listening");
-                    let runtime = Arc::new(ServiceRuntime::default());
-                    let metrics = Arc::new(self.metrics.service(&service.name));
+                    let route = self.new_route(&service.name);
+                    let runtime = route.runtime.clone();
                     let stop = CancellationToken::new();
                     let tasks = listeners
                         .into_iter()
@@ -220,8 +362,7 @@ impl Proxy {
                             let task = self.clone().accept_loop(
                                 *key,
                                 listener,
-                                runtime.clone(),
-                                metrics.clone(),
+                                Target::Service(*key, route.clone()),
                                 stop.clone(),
                             );
                             match worker {
@@ -268,21 +409,84 @@ impl Proxy {
         Ok(bound)
     }
 
-    fn expire_affinity(&self, table: &Table, listening: &HashMap<ListenKey, Listening>) {
-        let now = Instant::now();
-        for (key, l) in listening {
-            if let Some(aff) = table.get(key).and_then(|s| s.affinity) {
-                l.runtime.expire_affinity(aff.timeout, now);
+    fn new_route(&self, service: &str) -> Route {
+        Route {
+            runtime: Arc::new(ServiceRuntime::default()),
+            metrics: Arc::new(self.metrics.service(service)),
+            service: service.to_string(),
+        }
+    }
+
+    /// Intercept mode: forgets the routes of keys that left the table (or
+    /// now lead to another service), and their metrics when no route of
+    /// the same service is left.
+    fn prune_routes(&self, table: &Table) {
+        let mut closed = Vec::new();
+        self.routes.retain(|key, r| {
+            let keep = table.get(key).is_some_and(|s| s.name == r.service);
+            if !keep {
+                closed.push(r.service.clone());
+            }
+            keep
+        });
+        for name in closed {
+            if !self.routes.iter().any(|r| r.service == name) {
+                self.metrics.forget_service(&name);
             }
         }
     }
 
+    /// Intercept mode: the listen key a redirected connection was meant
+    /// for, and its route; `Err(reason)` when it must be reset.
+    async fn route(&self, client: &TcpStream) -> Result<(ListenKey, Route), &'static str> {
+        const NO_ORIGINAL: &str = "no_original_destination";
+        let local = client.local_addr().map_err(|_| NO_ORIGINAL)?;
+        let sock = SockRef::from(client);
+        let original = match local {
+            SocketAddr::V4(_) => sock.original_dst_v4(),
+            SocketAddr::V6(_) => sock.original_dst_v6(),
+        };
+        let original = original
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or(NO_ORIGINAL)?;
+        if original == local {
+            // Not redirected: someone dialed the intercept port itself.
+            return Err("direct");
+        }
+        let key = ListenKey::tcp(original);
+        let service = service_at(&self.publisher, &key, FIRST_TABLE_WAIT)
+            .await
+            .ok_or("not_a_service")?;
+        if let Some(route) = self.routes.get(&key)
+            && route.service == service.name
+        {
+            return Ok((key, route.clone()));
+        }
+        let route = self.new_route(&service.name);
+        self.routes.insert(key, route.clone());
+        Ok((key, route))
+    }
+
+    fn expire_affinity(&self, table: &Table, listening: &HashMap<ListenKey, Listening>) {
+        let now = Instant::now();
+        let runtimes = listening
+            .iter()
+            .map(|(key, l)| (*key, l.runtime.clone()))
+            .chain(self.routes.iter().map(|r| (*r.key(), r.runtime.clone())));
+        for (key, runtime) in runtimes {
+            if let Some(aff) = table.get(&key).and_then(|s| s.affinity) {
+                runtime.expire_affinity(aff.timeout, now);
+            }
+        }
+    }
+
+    /// Accepts on `listener` (whose address `listen` names) until `stop`.
     async fn accept_loop(
         self: Arc<Self>,
-        key: ListenKey,
+        listen: ListenKey,
         listener: TcpListener,
-        runtime: Arc<ServiceRuntime>,
-        metrics: Arc<ServiceMetrics>,
+        target: Target,
         stop: CancellationToken,
     ) {
         let mut backoff = Duration::from_millis(5);
@@ -296,7 +500,8 @@ impl Proxy {
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin; the listener itself stays open.
-                    warn!(listen = %key, error = %e, "accept failed");
+                    self.metrics.accept_error(&e);
+                    warn!(listen = %listen, error = %e, ?backoff, "accept failed; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.cancelled() => return,
@@ -306,6 +511,10 @@ impl Proxy {
                 }
             };
             backoff = Duration::from_millis(5);
+            let fixed = match &target {
+                Target::Service(key, route) => Some((*key, route.clone())),
+                Target::Intercept => None,
+            };
             // A permit of the global limit, taken only once a connection is
             // here: an idle loop holds none (there is one loop per worker
             // and address). At the limit this loop waits with the one
@@ -313,7 +522,9 @@ impl Proxy {
             let permit = match self.limit.clone().try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
-                    debug!(listen = %key, "connection limit reached: waiting for a connection to end");
+                    self.metrics.limit_wait();
+                    self.warn_limit_reached();
+                    debug!(listen = %listen, "connection limit reached: waiting for a connection to end");
                     tokio::select! {
                         p = self.limit.clone().acquire_owned() => match p {
                             Ok(p) => p,
@@ -324,11 +535,24 @@ impl Proxy {
                     }
                 }
             };
-            metrics.accepted.inc();
             let this = self.clone();
-            let runtime = runtime.clone();
-            let metrics = metrics.clone();
             self.connections.spawn(async move {
+                let (key, route) = match fixed {
+                    Some(fixed) => fixed,
+                    None => match this.route(&client).await {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            this.metrics.intercept_rejected(reason);
+                            debug!(client = %peer, listen = %listen, reason, "not redirected Service traffic: reset");
+                            reset(&client);
+                            return;
+                        }
+                    },
+                };
+                let Route {
+                    runtime, metrics, ..
+                } = route;
+                metrics.accepted.inc();
                 metrics.active.inc();
                 this.handle(client, peer, key, &runtime, &metrics).await;
                 metrics.active.dec();
@@ -384,6 +608,9 @@ impl Proxy {
                 }
                 Err(e) => {
                     drop(guard);
+                    if let Some(what) = crate::saturation::local_resource(&e.source) {
+                        self.metrics.saturation.record(now, what);
+                    }
                     let cooldown = self.tracker.dial_failed(addr, e.kind, now);
                     debug!(client = %peer, service = %service.name, error = %e, ?cooldown, "dial failed; backend ejected");
                     tried.push(addr);
@@ -401,6 +628,16 @@ impl Proxy {
     async fn shutdown(&self, listening: HashMap<ListenKey, Listening>) -> ShutdownReport {
         for l in listening.values() {
             l.stop.cancel();
+        }
+        self.intercept_stop.cancel();
+        let intercept = std::mem::take(
+            &mut *self
+                .intercept_tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for task in intercept {
+            let _ = task.await;
         }
         for (_, l) in listening {
             for task in l.tasks {
@@ -437,5 +674,66 @@ impl Proxy {
         }
         info!(open_at_stop, cut, "shutdown complete");
         ShutdownReport { open_at_stop, cut }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_control::Policy;
+
+    fn one_service(key: ListenKey) -> Table {
+        let mut t = Table::new();
+        t.insert(
+            key,
+            Arc::new(Service::new("web", Policy::RoundRobin, None, Vec::new())),
+        );
+        t
+    }
+
+    #[tokio::test]
+    async fn before_the_first_table_a_lookup_waits_for_it() {
+        let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
+        let publisher = Arc::new(Publisher::new());
+        let later = publisher.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            later.publish(one_service(key));
+        });
+        let found = service_at(&publisher, &key, Duration::from_secs(5)).await;
+        assert_eq!(found.unwrap().name, "web");
+    }
+
+    #[tokio::test]
+    async fn before_the_first_table_the_wait_is_bounded() {
+        let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
+        let publisher = Publisher::new();
+        let start = Instant::now();
+        assert!(
+            service_at(&publisher, &key, Duration::from_millis(50))
+                .await
+                .is_none()
+        );
+        assert!(start.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn after_the_first_table_an_unknown_key_is_refused_at_once() {
+        let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
+        let other = ListenKey::tcp("10.96.0.11:80".parse().unwrap());
+        let publisher = Publisher::new();
+        publisher.publish(one_service(key));
+        let start = Instant::now();
+        assert!(
+            service_at(&publisher, &other, Duration::from_secs(5))
+                .await
+                .is_none()
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(
+            service_at(&publisher, &key, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
     }
 }

@@ -1,0 +1,538 @@
+//! `--intercept nftables` in a mini node: the `sluice` binary runs in a
+//! "node" network namespace whose pods sit on a Linux bridge with
+//! br_netfilter on (`bridge-nf-call-iptables=1`, as kubeadm requires), and
+//! sluice's own nftables table redirects Service traffic to its intercept
+//! port. Needs root, `ip` and `nft`; skipped with a message otherwise.
+//!
+//! ```text
+//!   ext 192.168.50.1 --veth-- node: eth0 192.168.50.10
+//!                                   br0 10.244.0.1/24, fd00:244::1/64
+//!                                    |-- client pod 10.244.0.10, fd00:244::10
+//!                                    '-- backend pod 10.244.0.20, fd00:244::20 (:8080)
+//!                                   vrouted 10.244.1.1/24 (no bridge)
+//!                                    '-- routed client pod 10.244.1.10
+//! ```
+//!
+//! Every namespace, process and thread made here is removed on drop, also
+//! when an assertion fails; every wait is bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+
+const VIP: &str = "10.96.0.10:80";
+const VIP_OTHER: &str = "10.96.0.11:8443";
+const NODE_PORT: &str = "192.168.50.10:30080";
+const BACKEND: &str = "10.244.0.20:8080";
+const VIP6: &str = "[fd00:96::10]:80";
+const BACKEND6: &str = "[fd00:244::20]:8080";
+const INTERCEPT_PORT: u16 = 10261;
+const METRICS: &str = "127.0.0.1:10249";
+/// Per network namespace (Linux >= 5.3), present once br_netfilter is loaded.
+const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+fn skip_reason() -> Option<String> {
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return Some("not root".into());
+    }
+    for tool in ["ip", "nft"] {
+        let found = Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    None
+}
+
+/// A network namespace; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "sluice-icpt-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    /// Runs a command inside the namespace; its output, which must be a
+    /// success.
+    fn exec(&self, cmd: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(cmd);
+        run("ip", &all)
+    }
+
+    /// Sets a sysctl of this namespace (`/proc/sys/net` is the opener's
+    /// namespace's).
+    fn set_sysctl(&self, path: &'static str, value: &'static str) {
+        self.on(move || std::fs::write(path, value).unwrap());
+    }
+
+    fn sysctl(&self, path: &'static str) -> String {
+        self.on(move || std::fs::read_to_string(path).unwrap().trim().to_owned())
+    }
+
+    /// Runs `f` on a thread inside the namespace (its sockets are the
+    /// namespace's).
+    fn on<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Connects to `addr` from inside the namespace and reads the reply.
+    fn fetch(&self, addr: &str) -> std::io::Result<String> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        self.on(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+    }
+
+    /// `fetch` until it answers `want`, for at most `within`.
+    fn fetch_until(&self, addr: &str, want: &str, within: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let got = self.fetch(addr);
+            if matches!(&got, Ok(s) if s == want) {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                return Err(format!(
+                    "{addr} from {} never answered {want:?} within {within:?}; last: {got:?}",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn enter(path: &Path) {
+    let ns = File::open(path).unwrap();
+    setns(&ns, CloneFlags::CLONE_NEWNET).unwrap();
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TCP server on a thread inside a namespace: answers every connection
+/// with `reply` and closes. Stopped on drop.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &Netns, addr: &str, reply: &'static str) -> Server {
+        let path = ns.path();
+        let addr: SocketAddr = addr.parse().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            enter(&path);
+            let listener = TcpListener::bind(addr).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(reply.as_bytes());
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        Server {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The `sluice` binary running in the node namespace; killed on drop (its
+/// log is printed if the test is failing).
+struct Sluice {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Sluice {
+    fn start(node: &Netns, config: &Path, log: PathBuf) -> Sluice {
+        let out = File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.name, env!("CARGO_BIN_EXE_sluice")])
+            .arg("--config")
+            .arg(config)
+            .args(["--intercept", "nftables"])
+            .args(["--intercept-port", &INTERCEPT_PORT.to_string()])
+            .args(["--healthz-bind-address", ""])
+            .args(["--metrics-bind-address", METRICS])
+            .args(["--workers", "2"])
+            .env("RUST_LOG", "sluice=debug,sluice_proxy=debug,info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Sluice { child, log }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("--- sluice log ---\n{log}--- end ---");
+        }
+    }
+}
+
+/// The mini node. Field order is drop order: processes and threads first,
+/// then the namespaces.
+struct Node {
+    node: Netns,
+    client: Netns,
+    backend: Netns,
+    ext: Netns,
+    /// A pod on a point-to-point veth, routed by the node (no bridge).
+    routed: Netns,
+}
+
+impl Node {
+    fn build() -> Node {
+        let node = Netns::new("node");
+        let client = Netns::new("pod");
+        let backend = Netns::new("be");
+        let ext = Netns::new("ext");
+        let routed = Netns::new("routed");
+        // br_netfilter: bridged pod traffic goes through the IP hooks.
+        node.set_sysctl(BRIDGE_NF_CALL_IPTABLES, "1");
+        node.ip(&["link", "add", "br0", "type", "bridge"]);
+        node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"]);
+        node.ip(&["addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"]);
+        node.ip(&["link", "set", "br0", "up"]);
+        for (pod, host_end, ip, ip6) in [
+            (&client, "vclient", "10.244.0.10/24", "fd00:244::10/64"),
+            (&backend, "vbackend", "10.244.0.20/24", "fd00:244::20/64"),
+        ] {
+            node.ip(&[
+                "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+            ]);
+            node.ip(&["link", "set", host_end, "master", "br0", "up"]);
+            pod.ip(&["addr", "add", ip, "dev", "eth0"]);
+            pod.ip(&["link", "set", "eth0", "up"]);
+            pod.ip(&["addr", "add", ip6, "dev", "eth0", "nodad"]);
+            pod.ip(&["route", "add", "default", "via", "10.244.0.1"]);
+            pod.ip(&["-6", "route", "add", "default", "via", "fd00:244::1"]);
+        }
+        node.ip(&[
+            "link",
+            "add",
+            "vrouted",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &routed.name,
+        ]);
+        node.ip(&["addr", "add", "10.244.1.1/24", "dev", "vrouted"]);
+        node.ip(&["link", "set", "vrouted", "up"]);
+        routed.ip(&["addr", "add", "10.244.1.10/24", "dev", "eth0"]);
+        routed.ip(&["link", "set", "eth0", "up"]);
+        routed.ip(&["route", "add", "default", "via", "10.244.1.1"]);
+        node.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &ext.name,
+        ]);
+        node.ip(&["addr", "add", "192.168.50.10/24", "dev", "eth0"]);
+        node.ip(&["link", "set", "eth0", "up"]);
+        node.ip(&["addr", "add", "fd00:50::10/64", "dev", "eth0", "nodad"]);
+        node.ip(&["route", "add", "default", "via", "192.168.50.1"]);
+        node.ip(&["-6", "route", "add", "default", "via", "fd00:50::1"]);
+        ext.ip(&["addr", "add", "192.168.50.1/24", "dev", "eth0"]);
+        ext.ip(&["addr", "add", "fd00:50::1/64", "dev", "eth0", "nodad"]);
+        ext.ip(&["link", "set", "eth0", "up"]);
+        Node {
+            node,
+            client,
+            backend,
+            ext,
+            routed,
+        }
+    }
+
+    /// `nft list table inet sluice` in the node (`None`: no such table).
+    fn nft_table(&self, handles: bool) -> Option<String> {
+        let mut args = vec!["netns", "exec", &self.node.name, "nft"];
+        if handles {
+            args.push("-a");
+        }
+        args.extend(["list", "table", "inet", "sluice"]);
+        let out = Command::new("ip").args(&args).output().unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The node's `/metrics`.
+    fn metrics(&self) -> String {
+        let addr: SocketAddr = METRICS.parse().unwrap();
+        self.node.on(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+    }
+}
+
+/// Whether the connection is reset or closed before any byte arrives.
+fn refused_or_reset(got: &std::io::Result<String>) -> bool {
+    match got {
+        Ok(s) => s.is_empty(),
+        Err(e) => matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+        ),
+    }
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let path = dir.join("sluice.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "services:\n\
+             - name: default/web:http\n  listen: {VIP}\n  backends:\n  - address: {BACKEND}\n\
+             - name: default/web:https\n  listen: {VIP_OTHER}\n  backends:\n  - address: {BACKEND}\n\
+             - name: default/web:nodeport\n  listen: {NODE_PORT}\n  backends:\n  - address: {BACKEND}\n\
+             - name: default/web6:http\n  listen: \"{VIP6}\"\n  backends:\n  - address: \"{BACKEND6}\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
+        eprintln!("skipped: br_netfilter is not loaded (modprobe br_netfilter)");
+        return;
+    }
+    let net = Node::build();
+    assert_eq!(net.node.sysctl(BRIDGE_NF_CALL_IPTABLES), "1");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let _backend = Server::start(&net.backend, BACKEND, "backend\n");
+    let _backend6 = Server::start(&net.backend, BACKEND6, "backend6\n");
+    // (c) A hostNetwork process on 0.0.0.0:80, the port of a Service.
+    let _host = Server::start(&net.node, "0.0.0.0:80", "host\n");
+    let mut sluice = Sluice::start(&net.node, &config, dir.path().join("sluice.log"));
+    let ready = Duration::from_secs(10);
+
+    // (a) A pod reaches the ClusterIP through sluice, and the NodePort.
+    net.client.fetch_until(VIP, "backend\n", ready).unwrap();
+    net.client
+        .fetch_until(VIP_OTHER, "backend\n", ready)
+        .unwrap();
+    net.client
+        .fetch_until(NODE_PORT, "backend\n", ready)
+        .unwrap();
+    // (b) So does the node itself (output hook), and an outside client
+    // reaches the NodePort.
+    net.node.fetch_until(VIP, "backend\n", ready).unwrap();
+    net.node.fetch_until(NODE_PORT, "backend\n", ready).unwrap();
+    net.ext.fetch_until(NODE_PORT, "backend\n", ready).unwrap();
+    // A pod on a routed (point-to-point) veth, not on the bridge.
+    net.routed.fetch_until(VIP, "backend\n", ready).unwrap();
+    net.routed
+        .fetch_until(NODE_PORT, "backend\n", ready)
+        .unwrap();
+    // IPv6: IP6T_SO_ORIGINAL_DST, from a pod and from the node.
+    net.client.fetch_until(VIP6, "backend6\n", ready).unwrap();
+    net.node.fetch_until(VIP6, "backend6\n", ready).unwrap();
+    // (c) The hostNetwork listener on port 80 keeps serving its own
+    // addresses, from the node and from pods.
+    assert_eq!(net.node.fetch("127.0.0.1:80").unwrap(), "host\n");
+    assert_eq!(net.node.fetch("10.244.0.1:80").unwrap(), "host\n");
+    assert_eq!(net.client.fetch("10.244.0.1:80").unwrap(), "host\n");
+    assert_eq!(net.client.fetch(VIP).unwrap(), "backend\n");
+
+    // (d) No Service IP on any device of the node.
+    let addrs = net.node.exec(&["ip", "-o", "address", "show"]);
+    for vip in ["10.96.0.10", "10.96.0.11", "fd00:96::10"] {
+        assert!(!addrs.contains(vip), "{vip} is on a device:\n{addrs}");
+    }
+    let table = net.nft_table(false).expect("sluice's table exists");
+    assert!(table.contains("10.96.0.10 . tcp . 80"), "{table}");
+    assert!(table.contains("192.168.50.10 . tcp . 30080"), "{table}");
+    assert!(table.contains("fd00:96::10 . tcp . 80"), "{table}");
+
+    // (e) The intercept port itself serves nothing: direct connections,
+    // from a pod and from the node, are reset without a byte.
+    let direct = format!("10.244.0.1:{INTERCEPT_PORT}");
+    let got = net.client.fetch(&direct);
+    assert!(refused_or_reset(&got), "direct from a pod: {got:?}");
+    let got = net.node.fetch(&format!("127.0.0.1:{INTERCEPT_PORT}"));
+    assert!(refused_or_reset(&got), "direct from the node: {got:?}");
+    let metrics = net.metrics();
+    let rejected = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_intercept_rejected_connections_total{reason=\"direct\"}"))
+        .unwrap_or_else(|| panic!("no rejected-connection metric:\n{metrics}"));
+    let count: f64 = rejected.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 2.0, "{rejected}");
+
+    // (f) SIGKILL leaves the table in place; while no sluice listens the
+    // redirected connect is refused; a restart adopts the same table (same
+    // handle: flushed and refilled, never deleted) and serves again.
+    let before = net.nft_table(true).unwrap();
+    sluice.kill();
+    let after_kill = net.nft_table(true).expect("table survives SIGKILL");
+    assert_eq!(first_line(&after_kill), first_line(&before));
+    assert!(after_kill.contains("10.96.0.10 . tcp . 80"));
+    let got = net.client.fetch(VIP);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "with no sluice: {got:?}"
+    );
+    let mut sluice = Sluice::start(&net.node, &config, dir.path().join("sluice2.log"));
+    net.client.fetch_until(VIP, "backend\n", ready).unwrap();
+    net.node.fetch_until(VIP, "backend\n", ready).unwrap();
+    let adopted = net.nft_table(true).unwrap();
+    assert_eq!(
+        first_line(&adopted),
+        first_line(&before),
+        "the table was recreated, not adopted:\n{adopted}"
+    );
+
+    // `sluice --cleanup` removes the table and exits 0.
+    sluice.kill();
+    let cleanup = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.node.name,
+            env!("CARGO_BIN_EXE_sluice"),
+        ])
+        .arg("--cleanup")
+        .output()
+        .unwrap();
+    assert!(cleanup.status.success(), "{cleanup:?}");
+    assert!(net.nft_table(false).is_none(), "table left after --cleanup");
+    // Without the table a Service address is just an unrouted address again.
+    let got = net.client.fetch(VIP);
+    assert!(got.is_err(), "{got:?}");
+}
+
+/// `table inet sluice { # handle N`: names the table instance.
+fn first_line(listing: &str) -> &str {
+    listing.lines().next().unwrap_or_default()
+}
+
+#[test]
+fn nftables_mode_without_nft_exits_64_naming_the_package() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    // A PATH without nft; the node namespace is not even needed.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--intercept", "nftables"])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`nftables`"), "{stderr}");
+}
