@@ -31,6 +31,8 @@ const LOG: &str = "sluice.log";
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     pub bin: PathBuf,
+    /// A command sluice runs under, e.g. `ip netns exec NAME`.
+    pub prefix: Vec<String>,
     /// Written to `sluice.yaml` in the daemon's directory, passed as
     /// `--config`.
     pub config: Option<String>,
@@ -109,7 +111,14 @@ impl Daemon {
             .tempdir()
             .context("creating sluice's directory")?;
         let (config, log) = (dir.path().join(CONFIG), dir.path().join(LOG));
-        let mut cmd = Command::new(&opts.bin);
+        let mut cmd = match opts.prefix.split_first() {
+            Some((wrapper, args)) => {
+                let mut cmd = Command::new(wrapper);
+                cmd.args(args).arg(&opts.bin);
+                cmd
+            }
+            None => Command::new(&opts.bin),
+        };
         if let Some(yaml) = &opts.config {
             write_atomic(&config, yaml)?;
             cmd.arg("--config").arg(&config);
