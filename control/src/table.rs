@@ -107,7 +107,9 @@ impl Default for Conditions {
 pub struct Backend {
     pub addr: SocketAddr,
     pub conditions: Conditions,
-    /// Relative weight; 0 means "never a new connection" (IPVS's drain).
+    /// Relative weight: the share of new connections round robin gives it,
+    /// and what least connections divides its active connections by; 0
+    /// means "never a new connection" (IPVS's drain).
     pub weight: u32,
 }
 
@@ -162,12 +164,83 @@ pub struct Service {
     backends: Vec<Backend>,
     /// Indexes into `backends` of those that may receive new connections.
     eligible: Vec<usize>,
+    /// When eligible backends have unequal weights: one cycle of turns
+    /// (positions in `eligible`), each backend's turns in proportion to its
+    /// weight and spread evenly over the cycle. Empty when weights are
+    /// equal: turn `k` is then position `k mod n`.
+    turns: Vec<u32>,
+}
+
+/// Longest cycle of weighted turns kept per service; larger weight ratios
+/// are scaled down to fit (every backend keeping at least one turn).
+const MAX_TURNS: u64 = 4096;
+
+/// One cycle of smooth weighted round robin over `weights` (all > 0):
+/// backend `i` gets `w_i / g` turns per cycle (`g` their gcd; scaled to
+/// about [`MAX_TURNS`] when larger), each turn placed at the middle of its
+/// share of the cycle, so a heavy backend's turns interleave with the light
+/// ones' instead of coming in one run. O(turns × log n).
+fn weighted_turns(weights: &[u64]) -> Vec<u32> {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let mut w: Vec<u64> = weights.iter().map(|w| w / g).collect();
+    let total: u64 = w.iter().sum();
+    if total > MAX_TURNS {
+        for w in &mut w {
+            *w = (u128::from(*w) * u128::from(MAX_TURNS) / u128::from(total)).max(1) as u64;
+        }
+    }
+    // Turn c (0-based) of backend i of n is due at (c + φ_i) / w_i of the
+    // cycle, φ_i = (i + 1/2) / n: evenly spaced, and light backends out of
+    // each other's way. The earliest due turn goes next (ties: lower index).
+    let n = w.len() as u64;
+    #[derive(PartialEq, Eq)]
+    struct Due {
+        /// (c + φ_i) · 2n, an integer: 2cn + 2i + 1.
+        at: u64,
+        step: u64,
+        weight: u64,
+        index: u32,
+    }
+    impl Ord for Due {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            // Reversed (the heap pops the largest): earlier is greater.
+            let when = |d: &Due, by: &Due| u128::from(d.at) * u128::from(by.weight);
+            (when(other, self).cmp(&when(self, other))).then(other.index.cmp(&self.index))
+        }
+    }
+    impl PartialOrd for Due {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    let mut heap: std::collections::BinaryHeap<Due> = (w.iter().zip(0u32..))
+        .map(|(&weight, index)| Due {
+            at: 2 * u64::from(index) + 1,
+            step: 0,
+            weight,
+            index,
+        })
+        .collect();
+    let mut turns = Vec::with_capacity(usize::try_from(w.iter().sum::<u64>()).unwrap_or(0));
+    while let Some(mut due) = heap.pop() {
+        turns.push(due.index);
+        due.step += 1;
+        due.at += 2 * n;
+        if due.step < due.weight {
+            heap.push(due);
+        }
+    }
+    turns
 }
 
 impl Service {
     /// Builds a service and computes its eligible set:
     /// ready backends with a weight; when none, serving-and-terminating ones
-    /// (ProxyTerminatingEndpoints); otherwise none.
+    /// (ProxyTerminatingEndpoints); otherwise none. Weights are relative:
+    /// see [`Service::weighted_turn`].
     /// Duplicate addresses keep their first occurrence.
     pub fn new(
         name: impl Into<String>,
@@ -195,12 +268,33 @@ impl Service {
                 .map(|(i, _)| i)
                 .collect();
         }
+        let weights: Vec<u64> = (eligible.iter())
+            .filter_map(|&i| backends.get(i))
+            .map(|b| u64::from(b.weight))
+            .collect();
+        let turns = if weights.windows(2).all(|w| w[0] == w[1]) {
+            Vec::new()
+        } else {
+            weighted_turns(&weights)
+        };
         Self {
             name: name.into(),
             policy,
             affinity,
             backends,
             eligible,
+            turns,
+        }
+    }
+
+    /// The position (in the eligible set) of turn `k` of weighted round
+    /// robin: over a cycle, each eligible backend gets turns in proportion
+    /// to its weight, spread evenly. With equal weights, `k mod n`.
+    /// Needs `eligible_len() > 0` (returns 0 otherwise).
+    pub fn weighted_turn(&self, k: usize) -> usize {
+        match self.turns.len() {
+            0 => k.checked_rem(self.eligible.len()).unwrap_or(0),
+            len => self.turns.get(k % len).map_or(0, |&i| i as usize),
         }
     }
 
@@ -366,6 +460,44 @@ mod tests {
         );
         assert_eq!(eligible(&s), vec![addr("10.0.0.2:80")]);
         assert_eq!(s.backends().len(), 2);
+    }
+
+    #[test]
+    fn weighted_turns_follow_weights_in_a_bounded_cycle() {
+        let mk = |weights: &[u32]| {
+            let backends = (weights.iter().zip(1u8..))
+                .map(|(&weight, i)| Backend {
+                    weight,
+                    ..Backend::new(SocketAddr::from(([10, 0, 0, i], 80)), Conditions::READY)
+                })
+                .collect();
+            Service::new("t", Policy::RoundRobin, None, backends)
+        };
+        let shares = |s: &Service, len: usize| {
+            let mut c = vec![0; s.eligible_len()];
+            for k in 0..len {
+                c[s.weighted_turn(k)] += 1;
+            }
+            c
+        };
+        // Reduced by the gcd: a cycle of 6.
+        let s = mk(&[2, 4, 6]);
+        assert_eq!(s.turns.len(), 6);
+        assert_eq!(shares(&s, 6), vec![1, 2, 3]);
+        // Equal weights: no cycle kept, plain rotation.
+        let s = mk(&[7, 7, 7]);
+        assert!(s.turns.is_empty());
+        assert_eq!(
+            (0..4).map(|k| s.weighted_turn(k)).collect::<Vec<_>>(),
+            [0, 1, 2, 0]
+        );
+        // Huge ratios are scaled into a bounded cycle; every backend keeps a turn.
+        let s = mk(&[u32::MAX, 1, 0]);
+        assert_eq!(s.eligible_len(), 2, "weight 0 drains");
+        assert!(s.turns.len() as u64 <= MAX_TURNS + 2, "{}", s.turns.len());
+        assert_eq!(shares(&s, s.turns.len())[1], 1);
+        // No eligible backend: position 0, no panic.
+        assert_eq!(mk(&[0]).weighted_turn(5), 0);
     }
 
     #[test]

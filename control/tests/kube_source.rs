@@ -301,17 +301,20 @@ async fn malformed_object_is_skipped_and_the_rest_updates() {
     let h = start(fixture_with_web().await, None, Duration::from_millis(20)).await;
     h.wait_for("ready", |t| t.get(&key("10.96.0.10:80")).is_some())
         .await;
-    h.api
-        .apply_json(slice("web-1", "web", &[("10.0.0.999", true, false)]))
-        .unwrap();
+    // Malformed as a whole (a bad field alone is skipped: kube_parity.rs).
+    let mut bad = svc("web", "10.96.0.10");
+    bad["spec"]["sessionAffinity"] = json!("ClientIP");
+    bad["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 0}});
+    h.api.apply_json(bad).unwrap();
     h.api.apply_json(svc("api", "10.96.0.11")).unwrap();
     h.wait_for("api added", |t| t.get(&key("10.96.0.11:80")).is_some())
         .await;
     let t = h.publisher.load();
+    assert!(t.get(&key("10.96.0.10:80")).unwrap().affinity.is_none());
     assert_eq!(
         backends(&t, "10.96.0.10:80"),
         Some(vec!["10.0.0.1:8080".into()]),
-        "last good version of web-1 kept"
+        "last good version of web kept"
     );
     assert!(h.stats.malformed.load(Ordering::Relaxed) >= 1);
 }

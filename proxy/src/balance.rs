@@ -10,8 +10,9 @@
 //! Order of preference:
 //! 1. the client's affinity backend, while it stays eligible, unexcluded and
 //!    not ejected, and the entry has not timed out;
-//! 2. the service policy (round robin, or power of two choices over active
-//!    connections) among eligible backends that are neither excluded (already
+//! 2. the service policy (smooth weighted round robin, or power of two
+//!    weighted choices over active connections per unit of weight) among
+//!    eligible backends that are neither excluded (already
 //!    tried for this connection) nor ejected (failed a recent dial);
 //! 3. when every remaining backend is ejected, the policy among those that
 //!    were not tried yet: trying a backend in cooldown beats refusing the
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use sluice_control::{Policy, Service};
+use sluice_control::{Backend, Policy, Service};
 
 use crate::tracker::Tracker;
 
@@ -132,19 +133,27 @@ fn choose<H: Health>(
     let walk = |start: usize| {
         (0..n)
             .filter_map(|k| service.eligible((start + k) % n))
-            .map(|b| b.addr)
-            .find(|&a| ok(a))
+            .find(|b| ok(b.addr))
     };
     match service.policy {
-        Policy::RoundRobin => walk(rt.cursor.fetch_add(1, Ordering::Relaxed) % n),
+        // Smooth weighted round robin (plain rotation for equal weights).
+        Policy::RoundRobin => {
+            let turn = rt.cursor.fetch_add(1, Ordering::Relaxed);
+            walk(service.weighted_turn(turn)).map(|b| b.addr)
+        }
+        // Two draws in proportion to weight; the one with fewer active
+        // connections per unit of weight wins (ties: the first).
         Policy::LeastConnections => {
-            let a = walk(fastrand::usize(..n))?;
-            let b = walk(fastrand::usize(..n))?;
-            if ctx.health.active(b) < ctx.health.active(a) {
-                Some(b)
+            let a = walk(service.weighted_turn(fastrand::usize(..)))?;
+            let b = walk(service.weighted_turn(fastrand::usize(..)))?;
+            let load = |x: &Backend, by: &Backend| {
+                ctx.health.active(x.addr) as u128 * u128::from(by.weight)
+            };
+            Some(if load(b, a) < load(a, b) {
+                b.addr
             } else {
-                Some(a)
-            }
+                a.addr
+            })
         }
     }
 }
@@ -152,7 +161,7 @@ fn choose<H: Health>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_control::{Affinity, Backend, Conditions};
+    use sluice_control::{Affinity, Conditions};
     use std::collections::{HashMap, HashSet};
 
     #[derive(Default)]
@@ -305,5 +314,73 @@ mod tests {
         assert_ne!(pick(&s, &rt, &later), Some(first));
         rt.expire_affinity(Duration::from_secs(10), later.now + Duration::from_secs(11));
         assert_eq!(rt.affinity_entries(), 0);
+    }
+
+    fn mk_weighted(policy: Policy, weights: &[u32]) -> Service {
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Backend {
+                weight: *w,
+                ..Backend::new(addr(i as u8 + 1), Conditions::READY)
+            })
+            .collect();
+        Service::new("test", policy, None, backends)
+    }
+
+    fn counts(picks: &[SocketAddr]) -> HashMap<SocketAddr, usize> {
+        let mut c = HashMap::new();
+        for p in picks {
+            *c.entry(*p).or_default() += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_follows_weights_smoothly() {
+        let s = mk_weighted(Policy::RoundRobin, &[5, 1, 1]);
+        let rt = ServiceRuntime::default();
+        let h = FakeHealth::default();
+        let picks: Vec<_> = (0..700)
+            .map(|_| pick(&s, &rt, &ctx(&h, &[])).unwrap())
+            .collect();
+        let c = counts(&picks);
+        assert_eq!((c[&addr(1)], c[&addr(2)], c[&addr(3)]), (500, 100, 100));
+        // Smooth: the heavy backend's turns are spread, not in one run.
+        let longest = picks
+            .chunk_by(|a, b| a == b)
+            .map(<[SocketAddr]>::len)
+            .max()
+            .unwrap();
+        assert!(longest <= 3, "{:?}", &picks[..14]);
+        // Equal weights: plain rotation.
+        let s = mk_weighted(Policy::RoundRobin, &[3, 3]);
+        let picks: Vec<_> = (0..4)
+            .map(|_| pick(&s, &rt, &ctx(&h, &[])).unwrap())
+            .collect();
+        assert_eq!(counts(&picks)[&addr(1)], 2);
+        assert_ne!(picks[0], picks[1]);
+    }
+
+    #[test]
+    fn least_connections_weighs_active_connections_by_weight() {
+        let s = mk_weighted(Policy::LeastConnections, &[4, 1]);
+        let rt = ServiceRuntime::default();
+        // 10 connections on weight 4 (2.5 each) is less loaded than 5 on
+        // weight 1.
+        let h = FakeHealth {
+            active: HashMap::from([(addr(1), 10), (addr(2), 5)]),
+            ..Default::default()
+        };
+        let to_heavy = (0..400)
+            .filter(|_| pick(&s, &rt, &ctx(&h, &[])) == Some(addr(1)))
+            .count();
+        assert!(to_heavy > 360, "heavy backend picked {to_heavy}/400 times");
+        // Idle: new connections follow the weights (draws are weighted).
+        let idle = FakeHealth::default();
+        let to_heavy = (0..1000)
+            .filter(|_| pick(&s, &rt, &ctx(&idle, &[])) == Some(addr(1)))
+            .count();
+        assert!((700..=900).contains(&to_heavy), "{to_heavy}/1000");
     }
 }

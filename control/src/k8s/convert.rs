@@ -166,10 +166,35 @@ pub struct ServiceInfo {
     pub affinity: Option<Affinity>,
     /// Served only for LoadBalancer Services with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
+    /// Fields left out because they are bad (an address that does not
+    /// parse, a port out of range), each saying what and why; the rest of
+    /// the Service is used, as kube-proxy does.
+    pub skipped: Vec<String>,
 }
 
-fn parse_ip(s: &str) -> Option<IpAddr> {
-    s.trim().parse().ok()
+/// Parses an address as kube-proxy does (`ParseIPSloppy`): also IPv4 with
+/// leading zeros, read as decimal (`010.000.000.001` is 10.0.0.1).
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    s.parse().ok().or_else(|| parse_ipv4_leading_zeros(s))
+}
+
+fn parse_ipv4_leading_zeros(s: &str) -> Option<IpAddr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits = part.trim_start_matches('0');
+        *octet = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().ok()?
+        };
+    }
+    parts.next().is_none().then(|| IpAddr::from(octets))
 }
 
 fn parse_port(p: i32) -> Option<u16> {
@@ -209,39 +234,47 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
     if cluster_strings.contains(&"None") {
         return Ok(None); // headless
     }
-    let mut cluster_ips = Vec::with_capacity(cluster_strings.len());
-    for s in cluster_strings.iter().filter(|s| !s.is_empty()) {
-        cluster_ips.push(parse_ip(s).ok_or_else(|| bad(format!("clusterIP {s:?} is not an IP")))?);
-    }
-    let mut external_ips = Vec::new();
-    for s in spec.external_ips.iter().flatten() {
-        external_ips
-            .push(parse_ip(s).ok_or_else(|| bad(format!("externalIP {s:?} is not an IP")))?);
-    }
-    let mut load_balancer_ips = Vec::new();
+    let mut skipped = Vec::new();
+    let mut ips = |field: &str, strings: &mut dyn Iterator<Item = &str>| -> Vec<IpAddr> {
+        let mut ips = Vec::new();
+        for s in strings {
+            match parse_ip(s) {
+                Some(ip) => ips.push(ip),
+                None => skipped.push(format!("{field} {s:?} is not an IP")),
+            }
+        }
+        ips
+    };
+    let cluster_ips = ips(
+        "clusterIP",
+        &mut cluster_strings.iter().copied().filter(|s| !s.is_empty()),
+    );
+    let external_ips = ips(
+        "externalIP",
+        &mut spec.external_ips.iter().flatten().map(String::as_str),
+    );
     let ingress = svc
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
-    for ing in ingress.into_iter().flatten() {
-        if ing.ip_mode.as_deref() == Some("Proxy") {
-            continue;
-        }
-        if let Some(s) = &ing.ip {
-            load_balancer_ips.push(
-                parse_ip(s)
-                    .ok_or_else(|| bad(format!("loadBalancer ingress ip {s:?} is not an IP")))?,
-            );
-        }
-    }
+    let load_balancer_ips = ips(
+        "loadBalancer ingress ip",
+        &mut ingress
+            .into_iter()
+            .flatten()
+            .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|ing| ing.ip.as_deref()),
+    );
     let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
     let mut ports = Vec::new();
     let mut skipped_ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         let name = p.name.clone().unwrap_or_default();
-        let port = parse_port(p.port)
-            .ok_or_else(|| bad(format!("port {:?} number {} out of range", name, p.port)))?;
+        let Some(port) = parse_port(p.port) else {
+            skipped.push(format!("port {:?} number {} out of range", name, p.port));
+            continue;
+        };
         if !is_tcp(p.protocol.as_deref()) {
             skipped_ports.push(SkippedPort {
                 name,
@@ -251,10 +284,10 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
             continue;
         }
         let node_port = match p.node_port {
-            Some(n) if node_ports => Some(
-                parse_port(n)
-                    .ok_or_else(|| bad(format!("port {name:?} nodePort {n} out of range")))?,
-            ),
+            Some(n) if node_ports => parse_port(n).or_else(|| {
+                skipped.push(format!("port {name:?} nodePort {n} out of range"));
+                None
+            }),
             _ => None,
         };
         ports.push(ServicePortInfo {
@@ -287,9 +320,12 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
     };
     let external_policy = TrafficPolicy::of(spec.external_traffic_policy.as_deref());
     let health_check_node_port = match spec.health_check_node_port {
-        Some(p) if type_ == "LoadBalancer" && external_policy == TrafficPolicy::Local => Some(
-            parse_port(p).ok_or_else(|| bad(format!("healthCheckNodePort {p} out of range")))?,
-        ),
+        Some(p) if type_ == "LoadBalancer" && external_policy == TrafficPolicy::Local => {
+            parse_port(p).or_else(|| {
+                skipped.push(format!("healthCheckNodePort {p} out of range"));
+                None
+            })
+        }
         _ => None,
     };
     Ok(Some(ServiceInfo {
@@ -303,6 +339,7 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         external_policy,
         affinity,
         health_check_node_port,
+        skipped,
     }))
 }
 
@@ -315,6 +352,9 @@ pub struct EndpointInfo {
     pub node_name: Option<String>,
     /// `hints.forZones`; `None` when the endpoint carries no zone hint.
     pub zones: Option<Vec<String>>,
+    /// `hints.forNodes` (`trafficDistribution: PreferSameNode`); `None` when
+    /// the endpoint carries no node hint.
+    pub nodes: Option<Vec<String>>,
 }
 
 /// What the index needs of an EndpointSlice.
@@ -329,6 +369,10 @@ pub struct SliceInfo {
     /// `endpoints.kubernetes.io/last-change-trigger-time`, in nanoseconds
     /// since the Unix epoch, when present and parseable.
     pub trigger_time_ns: Option<i128>,
+    /// Ports and endpoints left out because they are bad (port out of range,
+    /// no address, an address that does not parse or is of the other
+    /// family), each saying what and why; the rest of the slice is used.
+    pub skipped: Vec<String>,
 }
 
 /// Converts an EndpointSlice. `Ok(None)`: FQDN (or unknown) address type, or
@@ -352,6 +396,7 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Malformed>
     else {
         return Ok(None);
     };
+    let mut skipped = Vec::new();
     let mut ports = BTreeMap::new();
     for p in slice.ports.iter().flatten() {
         if !is_tcp(p.protocol.as_deref()) {
@@ -359,22 +404,27 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Malformed>
         }
         let name = p.name.clone().unwrap_or_default();
         let Some(num) = p.port else { continue };
-        let port = parse_port(num)
-            .ok_or_else(|| bad(format!("port {name:?} number {num} out of range")))?;
-        ports.insert(name, port);
+        match parse_port(num) {
+            Some(port) => {
+                ports.insert(name, port);
+            }
+            None => skipped.push(format!("port {name:?} number {num} out of range")),
+        }
     }
     let mut endpoints = Vec::new();
-    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+    for ep in slice.endpoints.iter().flatten() {
         let Some(first) = ep.addresses.first() else {
-            return Err(bad(format!("endpoint {i} has no address")));
+            skipped.push("an endpoint has no address".to_owned());
+            continue;
         };
-        let ip = parse_ip(first)
-            .ok_or_else(|| bad(format!("endpoint {i} address {first:?} is not an IP")))?;
+        let Some(ip) = parse_ip(first) else {
+            skipped.push(format!("endpoint address {first:?} is not an IP"));
+            continue;
+        };
         if Family::of(&ip) != family {
-            return Err(bad(format!(
-                "endpoint {i} address {first} is not {}",
-                slice.address_type
-            )));
+            let address_type = &slice.address_type;
+            skipped.push(format!("endpoint address {first} is not {address_type}"));
+            continue;
         }
         let c = ep.conditions.as_ref();
         let ready = c.and_then(|c| c.ready).unwrap_or(true);
@@ -383,17 +433,19 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Malformed>
             serving: c.and_then(|c| c.serving).unwrap_or(ready),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         };
-        let zones = ep
-            .hints
-            .as_ref()
-            .and_then(|h| h.for_zones.as_ref())
+        let hints = ep.hints.as_ref();
+        let zones = (hints.and_then(|h| h.for_zones.as_ref()))
             .filter(|z| !z.is_empty())
             .map(|z| z.iter().map(|z| z.name.clone()).collect());
+        let nodes = (hints.and_then(|h| h.for_nodes.as_ref()))
+            .filter(|n| !n.is_empty())
+            .map(|n| n.iter().map(|n| n.name.clone()).collect());
         endpoints.push(EndpointInfo {
             ip,
             conditions,
             node_name: ep.node_name.clone(),
             zones,
+            nodes,
         });
     }
     let trigger_time_ns = meta
@@ -408,6 +460,7 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Malformed>
         ports,
         endpoints,
         trigger_time_ns,
+        skipped,
     }))
 }
 

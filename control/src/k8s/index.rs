@@ -65,6 +65,11 @@ pub struct IndexStats {
     pub skipped_ports: u64,
     /// Listen keys claimed by more than one Service (counted per rebuild).
     pub conflicts: u64,
+    /// Bad fields skipped while the rest of their object is used: addresses
+    /// that do not parse, ports out of range, endpoints without an address
+    /// or of the wrong family (counted once per object version that
+    /// introduces them).
+    pub skipped_fields: u64,
 }
 
 /// A kind of object the index is fed. [`Index::apply`], [`Index::delete`]
@@ -98,6 +103,9 @@ pub struct Index {
     fixed_addresses: Vec<IpAddr>,
     /// This node's Node, once seen.
     node: Option<NodeInfo>,
+    /// The addresses of this node's Node when it was last seen: node ports
+    /// stay there when the Node is deleted or missing from a relist.
+    last_node_addresses: Vec<IpAddr>,
     services: HashMap<ObjectRef, Arc<ServiceInfo>>,
     /// Slice (`namespace/slice-name`) to the Service that owns it.
     slice_owner: HashMap<ObjectRef, ObjectRef>,
@@ -231,14 +239,39 @@ impl Index {
         }
     }
 
+    /// Counts the bad fields a new version of an object skips that its
+    /// previous version did not, and logs them, once for the object.
+    fn note_skipped(
+        &mut self,
+        kind: &'static str,
+        key: &ObjectRef,
+        old: Option<&[String]>,
+        skipped: &[String],
+    ) {
+        let new: Vec<&String> = skipped
+            .iter()
+            .filter(|s| !old.is_some_and(|old| old.contains(s)))
+            .collect();
+        if !new.is_empty() {
+            self.stats.skipped_fields += new.len() as u64;
+            tracing::warn!(
+                kind,
+                object = %key,
+                skipped = ?new,
+                "skipping bad fields; the rest of the object is used"
+            );
+        }
+    }
+
     fn is_this_node(&self, name: &str) -> bool {
         self.node_name.as_deref() == Some(name)
     }
 
     fn node_addresses(&self) -> &[IpAddr] {
         match &self.node {
-            Some(node) if self.fixed_addresses.is_empty() => &node.addresses,
-            _ => &self.fixed_addresses,
+            _ if !self.fixed_addresses.is_empty() => &self.fixed_addresses,
+            Some(node) => &node.addresses,
+            None => &self.last_node_addresses,
         }
     }
 
@@ -287,19 +320,14 @@ impl Index {
                     {
                         external.extend(at(self.node_addresses(), np));
                     }
-                    if cluster.is_empty() && external.is_empty() {
+                    // kube-proxy serves a Service only in the families of
+                    // its cluster IPs: an IPv4-only Service gets no IPv6
+                    // node port or external address, and a Service without
+                    // a cluster IP (not allocated yet) nothing.
+                    if cluster.is_empty() {
                         continue;
                     }
-                    let eps: Vec<(SocketAddr, &EndpointInfo)> = slices
-                        .values()
-                        .filter(|s| s.family == family)
-                        .filter_map(|s| s.ports.get(&port.name).map(|p| (s, *p)))
-                        .flat_map(|(s, p)| {
-                            s.endpoints
-                                .iter()
-                                .map(move |e| (SocketAddr::new(e.ip, p), e))
-                        })
-                        .collect();
+                    let eps = self.merged_endpoints(slices, family, &port.name);
                     // Both variants share one entry when their policies agree.
                     let mut made: Option<(TrafficPolicy, Arc<Service>)> = None;
                     for (variant, addrs) in
@@ -327,7 +355,9 @@ impl Index {
                     }
                 }
             }
-            if let Some(port) = info.health_check_node_port {
+            if let Some(port) = info.health_check_node_port
+                && !info.cluster_ips.is_empty()
+            {
                 let mut local: Vec<IpAddr> = slices
                     .values()
                     .flat_map(|s| s.endpoints.iter())
@@ -399,6 +429,42 @@ impl Index {
         }
     }
 
+    /// The endpoints of one port and family over every slice of a Service,
+    /// each address once. An address listed in several slices (a new pod
+    /// reusing the IP of a terminating one) keeps its most usable copy, as
+    /// kube-proxy does: ready over serving over terminating, then the local
+    /// one; among equal copies the first slice by name wins.
+    fn merged_endpoints<'a>(
+        &self,
+        slices: &'a BTreeMap<String, Arc<SliceInfo>>,
+        family: Family,
+        port: &str,
+    ) -> Vec<(SocketAddr, &'a EndpointInfo)> {
+        let usability = |e: &EndpointInfo| {
+            let c = e.conditions;
+            (c.ready, c.serving, !c.terminating, self.is_local(e))
+        };
+        let mut eps: Vec<(SocketAddr, &EndpointInfo)> = Vec::new();
+        let mut at: HashMap<SocketAddr, usize> = HashMap::new();
+        for s in slices.values().filter(|s| s.family == family) {
+            let Some(&p) = s.ports.get(port) else {
+                continue;
+            };
+            for e in &s.endpoints {
+                let addr = SocketAddr::new(e.ip, p);
+                match at.get(&addr).and_then(|&i| eps.get_mut(i)) {
+                    Some(kept) if usability(e) > usability(kept.1) => kept.1 = e,
+                    Some(_) => {}
+                    None => {
+                        at.insert(addr, eps.len());
+                        eps.push((addr, e));
+                    }
+                }
+            }
+        }
+        eps
+    }
+
     fn is_local(&self, ep: &EndpointInfo) -> bool {
         self.node_name.is_some() && ep.node_name == self.node_name
     }
@@ -417,17 +483,12 @@ impl Index {
                 .filter(|(_, e)| self.is_local(e))
                 .map(|(a, e)| Backend::new(*a, e.conditions))
                 .collect()
-        } else if let Some(zone) = self.topology_zone(eps) {
-            // Ready endpoints hinted for this zone; others that are not
-            // ready stay listed (for draining) but no fallback to them
+        } else if let Some(topology) = self.topology(eps) {
+            // Ready endpoints hinted for this node or zone; others that are
+            // not ready stay listed (for draining) but no fallback to them
             // happens since a ready one exists.
             eps.iter()
-                .filter(|(_, e)| {
-                    !e.conditions.ready
-                        || e.zones
-                            .as_ref()
-                            .is_some_and(|z| z.iter().any(|z| z == zone))
-                })
+                .filter(|(_, e)| !e.conditions.ready || topology.admits(e))
                 .map(|(a, e)| Backend::new(*a, e.conditions))
                 .collect()
         } else {
@@ -438,21 +499,45 @@ impl Index {
         Service::new(name, Policy::RoundRobin, info.affinity, backends)
     }
 
-    /// This node's zone when topology hints apply: every ready endpoint
-    /// carries `hints.forZones` and one of them names this zone (kube-proxy's
-    /// rule; only ready endpoints are considered, as kube-proxy does).
-    fn topology_zone(&self, eps: &[(SocketAddr, &EndpointInfo)]) -> Option<&str> {
-        let zone = self.node.as_ref()?.zone.as_deref()?;
-        let mut any_ready = false;
-        let mut hit = false;
-        for (_, e) in eps.iter().filter(|(_, e)| e.conditions.ready) {
-            any_ready = true;
-            match &e.zones {
-                None => return None,
-                Some(z) => hit |= z.iter().any(|z| z == zone),
+    /// Which topology hints apply, kube-proxy's rule (only ready endpoints
+    /// are considered): node hints when every ready endpoint carries
+    /// `hints.forNodes` and one names this node; else zone hints when every
+    /// ready endpoint carries `hints.forZones` and one names this node's
+    /// zone; else none.
+    fn topology(&self, eps: &[(SocketAddr, &EndpointInfo)]) -> Option<Topology<'_>> {
+        let ready = || eps.iter().map(|(_, e)| e).filter(|e| e.conditions.ready);
+        let hinted = |hints: fn(&EndpointInfo) -> Option<&Vec<String>>, name: &str| {
+            let mut any = false;
+            for e in ready() {
+                any |= hints(e)?.iter().any(|n| n == name);
             }
+            any.then_some(())
+        };
+        if let Some(node) = self.node_name.as_deref()
+            && hinted(|e| e.nodes.as_ref(), node).is_some()
+        {
+            return Some(Topology::Node(node));
         }
-        (any_ready && hit).then_some(zone)
+        let zone = self.node.as_ref()?.zone.as_deref()?;
+        hinted(|e| e.zones.as_ref(), zone).map(|()| Topology::Zone(zone))
+    }
+}
+
+/// The topology hints in use for a Service port: this node's name or zone.
+#[derive(Debug, Clone, Copy)]
+enum Topology<'a> {
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+impl Topology<'_> {
+    /// Whether an endpoint is hinted for this node (or zone).
+    fn admits(self, e: &EndpointInfo) -> bool {
+        let (hints, name) = match self {
+            Topology::Node(node) => (&e.nodes, node),
+            Topology::Zone(zone) => (&e.zones, zone),
+        };
+        hints.as_ref().is_some_and(|h| h.iter().any(|h| h == name))
     }
 }
 
@@ -482,6 +567,8 @@ impl Watched for K8sService {
                 index.services.remove(&key);
             }
             Some(info) => {
+                let old_skipped = index.services.get(&key).map(|o| o.skipped.clone());
+                index.note_skipped("Service", &key, old_skipped.as_deref(), &info.skipped);
                 let old = index.services.get(&key);
                 for p in &info.skipped_ports {
                     let seen = old.is_some_and(|o| o.skipped_ports.contains(p));
@@ -527,6 +614,10 @@ impl Watched for EndpointSlice {
     }
 
     fn set(index: &mut Index, key: ObjectRef, info: Option<SliceInfo>) {
+        if let Some(info) = &info {
+            let old = Self::get(index, &key).map(|o| o.skipped.clone());
+            index.note_skipped("EndpointSlice", &key, old.as_deref(), &info.skipped);
+        }
         if let Some(old_owner) = index.slice_owner.remove(&key) {
             if let Some(m) = index.slices.get_mut(&old_owner) {
                 m.remove(&key.name);
@@ -582,6 +673,13 @@ impl Watched for Node {
     fn set(index: &mut Index, key: String, info: Option<NodeInfo>) {
         if index.is_this_node(&key) {
             // Zone and addresses feed every Service: rare, so rebuild all.
+            // A Node deleted (or missing from a relist) leaves its addresses
+            // to serve node ports on, as kube-proxy keeps the addresses it
+            // found at start-up; its zone goes (hints unused), as in
+            // kube-proxy.
+            if let Some(old) = index.node.take() {
+                index.last_node_addresses = old.addresses;
+            }
             index.node = info;
             index.dirty.extend(index.services.keys().cloned());
         }

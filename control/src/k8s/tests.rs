@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
     Service as K8sService, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -204,6 +204,27 @@ fn eligible(s: &Service) -> Vec<SocketAddr> {
     let mut v: Vec<_> = s.eligible_iter().map(|b| b.addr).collect();
     v.sort();
     v
+}
+
+/// Every listen address of a table, as text, sorted.
+fn listen_addrs(t: &Table) -> Vec<String> {
+    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
+    keys.sort();
+    keys
+}
+
+/// A Service status with load-balancer ingress `ips`.
+fn lb_status(ips: &[&str]) -> Option<ServiceStatus> {
+    let ingress = ips.iter().map(|ip| LoadBalancerIngress {
+        ip: Some(ip.to_string()),
+        ..Default::default()
+    });
+    Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(ingress.collect()),
+        }),
+        conditions: None,
+    })
 }
 
 fn addrs(v: &[&str]) -> Vec<SocketAddr> {
@@ -492,10 +513,8 @@ fn external_lb_and_node_port_addresses() {
     ))
     .unwrap();
     let t = built(&mut idx);
-    let mut keys: Vec<String> = t.keys().map(|k| k.addr.to_string()).collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        listen_addrs(&t),
         vec![
             "10.96.0.10:80",
             "192.0.2.10:30080",
@@ -548,7 +567,7 @@ fn node_address_change_moves_node_ports() {
 }
 
 #[test]
-fn node_relist_and_delete_take_the_generic_path() {
+fn node_deleted_or_missing_from_a_relist_keeps_its_addresses() {
     let mut idx = index();
     idx.apply(&mk_node_port_service()).unwrap();
     let ours = mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]);
@@ -559,14 +578,50 @@ fn node_relist_and_delete_take_the_generic_path() {
     // Relisted but undecodable: the previous version stays.
     idx.reset::<Node>([], &[NODE.to_owned()]);
     assert!(!idx.is_dirty());
-    // Deleted while the watch was down: the relist without it removes it.
+    // Deleted while the watch was down: the relist without it removes the
+    // Node, but node ports stay on its last known addresses (kube-proxy
+    // keeps the addresses it found at start-up).
     idx.reset([&other], &[]);
-    assert!(!node_port(&mut idx));
-    assert_eq!(idx.table().len(), 1, "the cluster IP stays");
-    idx.apply(&ours).unwrap();
     assert!(node_port(&mut idx));
+    assert_eq!(idx.table().len(), 2, "the cluster IP and the node port");
+    // Deleted: the same.
+    idx.apply(&ours).unwrap();
     idx.delete::<Node>(&NODE.to_owned());
+    assert!(node_port(&mut idx));
+    // Back with another address: the node port moves.
+    idx.apply(&mk_node(NODE, None, &[("InternalIP", "192.0.2.12")]))
+        .unwrap();
     assert!(!node_port(&mut idx));
+    assert!(idx.table().get(&key("192.0.2.12:31000")).is_some());
+}
+
+#[test]
+fn deleted_node_keeps_addresses_but_not_its_zone() {
+    let mut idx = index();
+    idx.apply(&mk_node(NODE, Some("z1"), &[("InternalIP", "192.0.2.10")]))
+        .unwrap();
+    let mut svc = mk_node_port_service();
+    spec(&mut svc).traffic_distribution = Some("PreferClose".into());
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
+        "default",
+        "np-1",
+        "np",
+        "IPv4",
+        &[("", 80)],
+        vec![ep_zones("10.0.0.1", &["z1"]), ep_zones("10.0.0.2", &["z2"])],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(svc_at(&t, "10.96.0.30:80").eligible_len(), 1);
+    idx.delete::<Node>(&NODE.to_owned());
+    let t = built(&mut idx);
+    assert_eq!(
+        svc_at(&t, "10.96.0.30:80").eligible_len(),
+        2,
+        "no zone known: hints unused, as kube-proxy"
+    );
+    assert_eq!(svc_at(&t, "192.0.2.10:31000").eligible_len(), 2);
 }
 
 #[test]
@@ -894,32 +949,32 @@ fn dual_stack_each_family_gets_its_endpoints() {
 }
 
 #[test]
-fn malformed_slice_is_rejected_and_the_rest_updates() {
+fn bad_slice_fields_are_skipped_and_the_rest_served() {
     let mut idx = web_index();
     idx.apply(&mk_service("default", "api", "10.96.0.12", &[("", 80)]))
         .unwrap();
     built(&mut idx);
-    let bad = mk_slice(
+    let mut bad = mk_slice(
         "default",
         "web-1",
         "web",
         "IPv4",
-        &[("http", 8080)],
-        vec![ep("10.0.0.1"), ep("not-an-ip")],
+        &[("http", 8080), ("zero", 0)],
+        vec![
+            ep("10.0.0.1"),
+            ep("not-an-ip"),
+            ep("fd00::1"),         // not IPv4
+            Endpoint::default(),   // no address
+            ep("010.000.000.002"), // kube-proxy's sloppy parse: 10.0.0.2
+        ],
     );
-    let err = idx.apply(&bad).unwrap_err();
-    assert!(err.to_string().contains("default/web-1"), "{err}");
-    assert!(err.to_string().contains("not-an-ip"), "{err}");
-    let mut v6_in_v4 = bad.clone();
-    v6_in_v4.endpoints = Some(vec![ep("fd00::1")]);
-    assert!(idx.apply(&v6_in_v4).is_err());
-    let mut no_addr = bad.clone();
-    no_addr.endpoints = Some(vec![Endpoint::default()]);
-    assert!(idx.apply(&no_addr).is_err());
-    let mut bad_port = bad.clone();
-    bad_port.endpoints = Some(vec![ep("10.0.0.1")]);
-    bad_port.ports.as_mut().unwrap()[0].port = Some(70000);
-    assert!(idx.apply(&bad_port).is_err());
+    bad.ports.as_mut().unwrap().push(EndpointPort {
+        name: Some("big".into()),
+        port: Some(70000),
+        protocol: Some("TCP".into()),
+        app_protocol: None,
+    });
+    idx.apply(&bad).unwrap();
     // Other objects still update.
     idx.apply(&mk_slice(
         "default",
@@ -934,34 +989,85 @@ fn malformed_slice_is_rejected_and_the_rest_updates() {
     assert_eq!(
         eligible(&svc_at(&t, "10.96.0.10:80")),
         addrs(&["10.0.0.1:8080", "10.0.0.2:8080"]),
-        "last good version of web-1 kept"
+        "the good endpoints of web-1 are used"
     );
     assert_eq!(
         eligible(&svc_at(&t, "10.96.0.12:80")),
         addrs(&["10.0.2.1:80"])
     );
-    assert_eq!(idx.stats().malformed, 4);
+    assert_eq!(idx.stats().malformed, 0);
+    assert_eq!(idx.stats().skipped_fields, 5, "3 endpoints, 2 ports");
+    // The same object again: not counted again.
+    idx.apply(&bad).unwrap();
+    assert_eq!(idx.stats().skipped_fields, 5);
+    // A nameless slice is still malformed as a whole.
+    bad.metadata.name = None;
+    let err = idx.apply(&bad).unwrap_err();
+    assert!(err.to_string().contains("no namespace or name"), "{err}");
+    assert_eq!(idx.stats().malformed, 1);
+}
+
+#[test]
+fn bad_service_fields_are_skipped_and_the_rest_served() {
+    let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
+    let mut svc = mk_service(
+        "d",
+        "s",
+        "10.96.0.3",
+        &[("http", 80), ("zero", 0), ("admin", 81)],
+    );
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_ips = Some(vec![
+            "nope".into(),
+            "203.000.113.007".into(), // sloppy: 203.0.113.7
+        ]);
+        let ports = s.ports.as_mut().unwrap();
+        ports[0].node_port = Some(30080);
+        ports[2].node_port = Some(70000);
+    }
+    svc.status = lb_status(&["203.0.113.300", "203.0.113.8"]);
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        listen_addrs(&t),
+        vec![
+            "10.96.0.3:80",
+            "10.96.0.3:81",
+            "192.0.2.10:30080",
+            "203.0.113.7:80",
+            "203.0.113.7:81",
+            "203.0.113.8:80",
+            "203.0.113.8:81",
+        ]
+    );
+    assert_eq!(idx.stats().skipped_fields, 4);
+    assert_eq!(idx.stats().malformed, 0);
+    idx.apply(&svc).unwrap();
+    assert_eq!(idx.stats().skipped_fields, 4, "counted once per object");
+    // A bad cluster IP is skipped too: the good one of the pair is served.
+    let mut pair = mk_service("d", "pair", "10.96.0.300", &[("", 80)]);
+    spec(&mut pair).cluster_ips = Some(vec!["10.96.0.300".into(), "10.96.0.4".into()]);
+    idx.apply(&pair).unwrap();
+    let t = built(&mut idx);
+    assert!(t.get(&key("10.96.0.4:80")).is_some());
+    assert_eq!(idx.stats().skipped_fields, 5);
 }
 
 #[test]
 fn malformed_service_is_rejected() {
     let mut idx = index();
-    let err = idx
-        .apply(&mk_service("d", "bad", "10.96.0.300", &[("", 80)]))
-        .unwrap_err();
-    assert_eq!(err.object, "d/bad");
-    assert!(err.reason.contains("10.96.0.300"), "{err}");
-    let err = idx
-        .apply(&mk_service("d", "bad", "10.96.0.3", &[("", 0)]))
-        .unwrap_err();
-    assert!(err.reason.contains("out of range"), "{err}");
-    let mut ext = mk_service("d", "bad", "10.96.0.3", &[("", 80)]);
-    spec(&mut ext).external_ips = Some(vec!["nope".into()]);
-    assert!(idx.apply(&ext).is_err());
     let mut nameless = mk_service("d", "x", "10.96.0.3", &[("", 80)]);
     nameless.metadata.name = None;
     assert!(idx.apply(&nameless).is_err());
+    let mut specless = mk_service("d", "bad", "10.96.0.3", &[("", 80)]);
+    specless.spec = None;
+    let err = idx.apply(&specless).unwrap_err();
+    assert_eq!(err.object, "d/bad");
+    assert!(err.reason.contains("no spec"), "{err}");
     assert!(built(&mut idx).is_empty());
+    assert_eq!(idx.stats().malformed, 2);
 }
 
 #[test]
@@ -1038,26 +1144,23 @@ fn relist_replaces_everything_and_touches_only_what_changed() {
 fn relist_keeps_last_good_version_of_a_malformed_object() {
     let mut idx = web_index();
     built(&mut idx);
-    let mut bad = mk_slice(
-        "default",
-        "web-1",
-        "web",
-        "IPv4",
-        &[("http", 8080)],
-        vec![ep("bogus")],
-    );
+    let mut bad = mk_service("default", "web", "10.96.0.11", &[("http", 80)]);
+    spec(&mut bad).session_affinity = Some("ClientIP".into());
+    spec(&mut bad).session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(86_401),
+        }),
+    });
     let errs = idx.reset([&bad], &[]);
     assert_eq!(errs.len(), 1);
-    assert_eq!(errs[0].object, "default/web-1");
-    assert!(!idx.build(), "old web-1 kept");
+    assert_eq!(errs[0].object, "default/web");
+    assert!(!idx.build(), "old web kept");
     assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.10:80")).len(), 2);
-    bad.endpoints = Some(vec![ep("10.0.0.5")]);
+    spec(&mut bad).session_affinity_config = None;
     assert!(idx.reset([&bad], &[]).is_empty());
     assert!(idx.build());
-    assert_eq!(
-        eligible(&svc_at(idx.table(), "10.96.0.10:80")),
-        addrs(&["10.0.0.5:8080"])
-    );
+    assert!(idx.table().get(&key("10.96.0.10:80")).is_none());
+    assert_eq!(eligible(&svc_at(idx.table(), "10.96.0.11:80")).len(), 2);
 }
 
 #[test]
@@ -1128,9 +1231,12 @@ fn single_slice_update_touches_only_its_service() {
 fn conflicting_claims_resolve_by_name_and_hand_over() {
     let mut idx = index();
     for name in ["a", "b"] {
-        let mut svc = mk_service("d", name, &format!("10.96.2.{}", name.len()), &[("", 80)]);
-        spec(&mut svc).cluster_ips = Some(vec![]);
-        spec(&mut svc).cluster_ip = None;
+        let cluster_ip = if name == "a" {
+            "10.96.2.1"
+        } else {
+            "10.96.2.2"
+        };
+        let mut svc = mk_service("d", name, cluster_ip, &[("", 80)]);
         spec(&mut svc).external_ips = Some(vec!["203.0.113.50".into()]);
         idx.apply(&svc).unwrap();
     }
@@ -1225,4 +1331,152 @@ fn type_change_removes_external_addresses() {
     let t = built(&mut idx);
     assert!(t.get(&key("192.0.2.10:30080")).is_none());
     assert_eq!(t.len(), 1);
+}
+
+#[test]
+fn duplicate_address_keeps_the_most_ready_copy() {
+    // A new pod reuses the IP of a terminating one; the terminating copy sits
+    // in the slice whose name sorts first.
+    let mut idx = web_index();
+    let slice = |name: &str, conditions: (bool, bool, bool)| {
+        let (ready, serving, terminating) = conditions;
+        let ep = ep_cond("10.0.0.9", Some(ready), Some(serving), Some(terminating));
+        mk_slice("default", name, "web", "IPv4", &[("http", 8080)], vec![ep])
+    };
+    idx.apply(&slice("web-0", (false, true, true))).unwrap();
+    // The copies of 10.0.0.9 in the table once web-2 has `conditions`.
+    let mut copies = |conditions| {
+        idx.apply(&slice("web-2", conditions)).unwrap();
+        let s = svc_at(&built(&mut idx), "10.96.0.10:80");
+        (s.backends().iter())
+            .filter(|b| b.addr == sa("10.0.0.9:8080"))
+            .map(|b| b.conditions)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(copies((true, true, false)), [Conditions::READY]);
+    // Serving (not ready, not terminating) beats serving-terminating too.
+    let serving = copies((false, true, false));
+    assert!(serving.len() == 1 && !serving[0].terminating, "{serving:?}");
+    // Equal copies: one is kept (the first slice's).
+    assert_eq!(copies((false, true, true)), [Conditions::TERMINATING]);
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.10:80")),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+}
+
+#[test]
+fn a_service_is_served_only_in_the_families_of_its_cluster_ips() {
+    let node_ips = vec![
+        "192.0.2.10".parse().unwrap(),
+        "2001:db8::10".parse().unwrap(),
+    ];
+    let mut idx = Index::new(Some(NODE.into()), node_ips);
+    let mut svc = mk_service("d", "v4", "10.96.0.7", &[("", 80)]);
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_ips = Some(vec!["203.0.113.7".into(), "2001:db8:1::7".into()]);
+        s.ports.as_mut().unwrap()[0].node_port = Some(30007);
+    }
+    svc.status = lb_status(&["2001:db8:2::7"]);
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        listen_addrs(&t),
+        vec!["10.96.0.7:80", "192.0.2.10:30007", "203.0.113.7:80"],
+        "no IPv6 listener for an IPv4-only Service"
+    );
+    // Dual-stack: both families.
+    spec(&mut svc).cluster_ips = Some(vec!["10.96.0.7".into(), "fd00::7".into()]);
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    for k in [
+        "[fd00::7]:80",
+        "[2001:db8::10]:30007",
+        "[2001:db8:1::7]:80",
+        "[2001:db8:2::7]:80",
+    ] {
+        assert!(t.get(&key(k)).is_some(), "{k}");
+    }
+    assert_eq!(t.len(), 7);
+    // No cluster IP at all (not allocated yet): not served, as kube-proxy.
+    spec(&mut svc).cluster_ips = Some(vec![]);
+    spec(&mut svc).cluster_ip = Some(String::new());
+    idx.apply(&svc).unwrap();
+    assert!(built(&mut idx).is_empty());
+}
+
+/// `ep(ip)` with `hints.forZones` and `hints.forNodes`.
+fn ep_hints(ip: &str, zones: &[&str], nodes: &[&str]) -> Endpoint {
+    Endpoint {
+        hints: Some(EndpointHints {
+            for_zones: Some(
+                zones
+                    .iter()
+                    .map(|z| ForZone {
+                        name: z.to_string(),
+                    })
+                    .collect(),
+            ),
+            for_nodes: Some(
+                nodes
+                    .iter()
+                    .map(|n| ForNode {
+                        name: n.to_string(),
+                    })
+                    .collect(),
+            ),
+        }),
+        ..ep(ip)
+    }
+}
+
+#[test]
+fn same_node_hints_before_zone_hints() {
+    let hinted = || {
+        vec![
+            ep_hints("10.0.0.1", &["z1"], &[NODE]),
+            ep_hints("10.0.0.2", &["z1"], &["node-b"]),
+            ep_hints("10.0.0.3", &["z2"], &["node-c"]),
+        ]
+    };
+    // trafficDistribution: PreferSameNode; this node is hinted.
+    let t = zoned_index(Some("z1"), hinted());
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80"])
+    );
+    // Node hints need no zone.
+    let t = zoned_index(None, hinted());
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80"])
+    );
+    // No endpoint for this node: zone hints apply.
+    let mut elsewhere = hinted();
+    elsewhere.remove(0);
+    elsewhere.push(ep_hints("10.0.0.4", &["z1"], &["node-d"]));
+    let t = zoned_index(Some("z1"), elsewhere);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.2:80", "10.0.0.4:80"])
+    );
+    // A ready endpoint without a node hint: zone hints apply.
+    let mut partial = hinted();
+    partial.push(ep_zones("10.0.0.5", &["z1"]));
+    let t = zoned_index(Some("z1"), partial);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.5:80"])
+    );
+    // A not-ready endpoint without hints does not disable them.
+    let mut with_unready = hinted();
+    with_unready.push(ep_cond("10.0.0.6", Some(false), Some(true), Some(true)));
+    let t = zoned_index(Some("z1"), with_unready);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.1:80")),
+        addrs(&["10.0.0.1:80"])
+    );
 }

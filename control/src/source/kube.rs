@@ -14,7 +14,8 @@
 //! - Coalescing: at most one table build per `coalesce` interval. A change
 //!   after a quiet interval is built at once; changes during the interval
 //!   wait for its end and are built together.
-//! - Malformed objects are logged with namespace/name and skipped.
+//! - Malformed objects are logged with namespace/name and skipped; a bad
+//!   field of an object that is otherwise used is left out, logged, counted.
 //! - `healthCheckNodePort`s of LoadBalancer Services with
 //!   `externalTrafficPolicy: Local` answer 200 (local endpoints) or 503.
 //! - Network programming latency: for slices carrying
@@ -113,6 +114,9 @@ pub struct KubeStats {
     pub malformed: AtomicU64,
     /// Non-TCP Service ports skipped.
     pub skipped_ports: AtomicU64,
+    /// Bad fields (addresses, ports, endpoints) skipped in objects that are
+    /// otherwise used.
+    pub skipped_fields: AtomicU64,
     /// Network programming latency of the last publish that carried an
     /// EndpointSlice trigger time, in microseconds (the largest in it).
     pub last_programming_latency_us: AtomicU64,
@@ -153,6 +157,11 @@ impl Collector for KubeStats {
                 "Service ports not served because their protocol is not TCP",
                 &self.skipped_ports,
             ),
+            (
+                "kube_skipped_fields",
+                "Bad addresses, ports and endpoints left out of Services and EndpointSlices that are otherwise used (logged with what was wrong)",
+                &self.skipped_fields,
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value.load(Ordering::Relaxed));
@@ -176,6 +185,7 @@ impl Default for KubeStats {
             relists: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             skipped_ports: AtomicU64::new(0),
+            skipped_fields: AtomicU64::new(0),
             last_programming_latency_us: AtomicU64::new(0),
             max_programming_latency_us: AtomicU64::new(0),
         }
@@ -446,9 +456,9 @@ impl Source {
                 }
             }
         }
-        stats
-            .skipped_ports
-            .store(self.index.stats().skipped_ports, Ordering::Relaxed);
+        let index_stats = self.index.stats();
+        (stats.skipped_ports).store(index_stats.skipped_ports, Ordering::Relaxed);
+        (stats.skipped_fields).store(index_stats.skipped_fields, Ordering::Relaxed);
     }
 
     /// Builds, and publishes if the table changed or nothing was published
@@ -623,6 +633,10 @@ mod tests {
         );
         assert!(
             text.contains("sluice_kube_watch_errors_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_kube_skipped_fields_total 0\n"),
             "{text}"
         );
         // Read at scrape time, not at registration.
