@@ -179,6 +179,22 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             stats.programming_latency.clone(),
         );
         registry.register_collector(Box::new(stats.clone()));
+        // kube-proxy's names for the same histograms and its last-sync
+        // gauge, for the dashboards and alerts operators already have.
+        let compat = metrics.unprefixed_registry_mut();
+        compat.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "sluice: duration of each table build from Kubernetes objects (kube-proxy: SyncProxyRules latency)",
+            stats.build_duration.clone(),
+        );
+        compat.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the table that carries it going live (kube-proxy: in-cluster network programming latency)",
+            stats.programming_latency.clone(),
+        );
+        compat.register_collector(Box::new(sluice_proxy::compat_metrics::LastSync(
+            publisher.clone(),
+        )));
         let opts = kube::KubeOptions { stats, ..opts };
         let publisher = publisher.clone();
         tokio::spawn(async move {

@@ -214,6 +214,18 @@ async fn a_node_being_removed_fails_healthz_but_not_livez() {
         (200, &json!(true)),
         "{body}"
     );
+    // kube-proxy's metric names and the process series, for existing
+    // dashboards.
+    let text = s.scrape().await.unwrap();
+    for series in [
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_count",
+        "process_open_fds",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metric(&text, series).is_some(), "{series} missing:\n{text}");
+    }
 
     // The cluster autoscaler marks the node for removal.
     api.apply_json(node(json!([
