@@ -7,7 +7,7 @@
 //! live one changes nothing and wakes nobody.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -96,6 +96,19 @@ impl Publisher {
     /// Since when input has been waiting for a publish, if it is.
     pub fn pending_since(&self) -> Option<Instant> {
         *self.pending()
+    }
+
+    /// kube-proxy's health rule: healthy unless source input has waited
+    /// longer than `timeout` for a publish, counting the process start
+    /// (`started`) as input until the first table, so that a starting
+    /// proxy is healthy for one timeout.
+    pub fn is_healthy(&self, now: Instant, timeout: Duration, started: Instant) -> bool {
+        let starting = (self.snapshot().generation == 0).then_some(started);
+        let oldest = match (self.pending_since(), starting) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        oldest.is_none_or(|t| now.saturating_duration_since(t) <= timeout)
     }
 
     /// When the live table was last confirmed to reflect all input (any

@@ -187,12 +187,8 @@ impl Admin {
     /// healthy until the first table is one timeout late (kube-proxy's
     /// rule).
     pub fn is_healthy(&self, now: Instant) -> bool {
-        let started = (self.publisher.snapshot().generation == 0).then_some(self.started);
-        let oldest = match (self.publisher.pending_since(), started) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        oldest.is_none_or(|t| now.saturating_duration_since(t) <= self.health_timeout)
+        self.publisher
+            .is_healthy(now, self.health_timeout, self.started)
     }
 
     fn healthz(&self, probe: Probe) -> Response<Full<Bytes>> {

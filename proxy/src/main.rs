@@ -149,6 +149,8 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             node_addresses: args.node_addresses.clone(),
             coalesce: args.min_sync_period,
             node_eligible: node_eligible.clone(),
+            health_timeout: args.healthz_timeout,
+            started,
             ..kube::KubeOptions::default()
         };
         match kube::reached_through_service(&opts).await {

@@ -78,6 +78,10 @@ pub struct KubeOptions {
     /// false while this node's Node is being deleted or carries the
     /// cluster autoscaler's deletion taint.
     pub node_eligible: Arc<AtomicBool>,
+    /// `/healthz`'s timeout and the process start, for the responders'
+    /// `serviceProxyHealthy` (the same rule as `/healthz`).
+    pub health_timeout: Duration,
+    pub started: std::time::Instant,
 }
 
 impl Default for KubeOptions {
@@ -90,6 +94,8 @@ impl Default for KubeOptions {
             stats: Arc::default(),
             health_check_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             node_eligible: Arc::new(AtomicBool::new(true)),
+            health_timeout: Duration::from_secs(60),
+            started: std::time::Instant::now(),
         }
     }
 }
@@ -548,7 +554,12 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         stats: opts.stats.clone(),
     };
     let mut events = futures::stream::select_all(streams);
-    let mut health = HealthResponders::new(opts.health_check_ip);
+    let proxy_healthy = {
+        let publisher = publisher.clone();
+        let (timeout, started) = (opts.health_timeout, opts.started);
+        Arc::new(move || publisher.is_healthy(std::time::Instant::now(), timeout, started))
+    };
+    let mut health = HealthResponders::new(opts.health_check_ip, proxy_healthy);
     let mut health_retry_at: Option<Instant> = None;
     let mut last_build: Option<Instant> = None;
     loop {
