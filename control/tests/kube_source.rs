@@ -77,6 +77,7 @@ async fn start(api: ApiServer, node: Option<&str>, coalesce: Duration) -> Harnes
         coalesce,
         stats: stats.clone(),
         health_check_ip: [127, 0, 0, 1].into(),
+        ..KubeOptions::default()
     };
     let p = publisher.clone();
     let task = tokio::spawn(async move {

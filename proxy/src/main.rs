@@ -146,6 +146,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             node_name: args.node_name.clone(),
             node_addresses: args.node_addresses.clone(),
             coalesce: args.min_sync_period,
+            scheduler: args.scheduler,
             ..kube::KubeOptions::default()
         };
         match kube::reached_through_service(&opts).await {
