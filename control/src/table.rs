@@ -689,17 +689,20 @@ mod tests {
         assert_eq!(s.backends().len(), 2);
     }
 
+    /// Ready backends 10.0.0.1:80, .2, ... with these weights.
+    fn weighted(policy: Policy, weights: &[u32]) -> Service {
+        let backends = (weights.iter().zip(1u8..))
+            .map(|(&weight, i)| Backend {
+                weight,
+                ..Backend::new(SocketAddr::from(([10, 0, 0, i], 80)), Conditions::READY)
+            })
+            .collect();
+        Service::new("t", policy, None, backends)
+    }
+
     #[test]
     fn weighted_turns_follow_weights_in_a_bounded_cycle() {
-        let mk = |weights: &[u32]| {
-            let backends = (weights.iter().zip(1u8..))
-                .map(|(&weight, i)| Backend {
-                    weight,
-                    ..Backend::new(SocketAddr::from(([10, 0, 0, i], 80)), Conditions::READY)
-                })
-                .collect();
-            Service::new("t", Policy::RoundRobin, None, backends)
-        };
+        let mk = |weights: &[u32]| weighted(Policy::RoundRobin, weights);
         let shares = |s: &Service, len: usize| {
             let mut c = vec![0; s.eligible_len()];
             for k in 0..len {
@@ -749,13 +752,7 @@ mod tests {
     }
 
     fn maglev(weights: &[u32]) -> Service {
-        let backends = (weights.iter().zip(1u8..))
-            .map(|(&weight, i)| Backend {
-                weight,
-                ..Backend::new(SocketAddr::from(([10, 0, 0, i], 80)), Conditions::READY)
-            })
-            .collect();
-        Service::new("t", Policy::Maglev, None, backends)
+        weighted(Policy::Maglev, weights)
     }
 
     /// Slots per eligible position.
