@@ -20,6 +20,8 @@
 //! It is a test fixture: no auth, no TLS, everything in memory.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod builders;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -98,12 +98,14 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         sluice::free_port(std::net::Ipv4Addr::LOCALHOST)?,
     );
     let mut table: Vec<BackendCfg> = olds.iter().map(|b| BackendCfg::ready(b.addr())).collect();
-    let mut sluice = Sluice::start(
+    let mut sluice = Sluice::start_with(
         &bin,
         &args.sluice,
-        &Config::single("rollout", listen, table.clone()),
+        &[],
+        &Config::from(sluice::ServiceCfg::new("rollout", listen, table.clone())),
         listen,
         Some(SLUICE_LOG),
+        &[],
     )
     .await?;
 
@@ -194,7 +196,11 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
         if dirty {
             let before = sluice.generation();
             sluice
-                .update(&Config::single("rollout", listen, table.clone()))
+                .update(&Config::from(sluice::ServiceCfg::new(
+                    "rollout",
+                    listen,
+                    table.clone(),
+                )))
                 .with_context(|| format!("updating sluice's config\n{}", sluice.log_tail(20)))?;
             writes.push((Instant::now(), before));
         }

@@ -1,26 +1,29 @@
-//! Running the real `sluice` daemon: finding (and, under cargo, building)
-//! the binary, writing its YAML config atomically, SIGHUP, following its log
-//! for `table live generation=N`, SIGTERM at the end, and its log tail when
-//! something went wrong.
+//! Running the real `sluice` daemon for the scenarios: finding (and, under
+//! cargo, building) the binary, its config from the schema's documents, and
+//! the kit's [`Daemon`] to start it, follow its generations, read its
+//! counters and stop it. Nothing is read from its log but its tail in error
+//! messages.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde::Serialize;
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use sluice_testkit::daemon::{Generations, Signal};
+use sluice_testkit::{Daemon, Options};
 
 use crate::workload::{Outcome, request};
+
+/// The config file's documents, under the names the scenarios use.
+pub use sluice_control::source::file::{
+    BackendDoc as BackendCfg, ConfigDoc as Config, ServiceDoc as ServiceCfg,
+};
+pub use sluice_testkit::{StopReport, free_port};
 
 /// Options about the daemon shared by every subcommand that runs it.
 #[derive(Debug, Clone, clap::Args)]
@@ -39,73 +42,6 @@ pub struct SluiceArgs {
     /// Keep sluice's config and log directory and print its path.
     #[arg(long)]
     pub keep_logs: bool,
-}
-
-/// The YAML config file sluice reads (see examples/basic.yaml).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Config {
-    pub services: Vec<ServiceCfg>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ServiceCfg {
-    pub name: String,
-    pub listen: SocketAddr,
-    pub policy: String,
-    pub backends: Vec<BackendCfg>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BackendCfg {
-    pub address: SocketAddr,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-    pub weight: u32,
-}
-
-impl BackendCfg {
-    pub fn ready(address: SocketAddr) -> Self {
-        Self {
-            address,
-            ready: true,
-            serving: true,
-            terminating: false,
-            weight: 1,
-        }
-    }
-
-    /// Terminating but still serving: what Kubernetes shows during a pod's
-    /// grace period.
-    pub fn terminating(address: SocketAddr) -> Self {
-        Self {
-            address,
-            ready: false,
-            serving: true,
-            terminating: true,
-            weight: 1,
-        }
-    }
-}
-
-impl Config {
-    /// One round-robin service.
-    pub fn single(name: &str, listen: SocketAddr, backends: Vec<BackendCfg>) -> Self {
-        Self {
-            services: vec![ServiceCfg {
-                name: name.to_string(),
-                listen,
-                policy: "round-robin".to_string(),
-                backends,
-            }],
-        }
-    }
-}
-
-/// A loopback port free right now on `ip` (bind :0, read it, close).
-pub fn free_port(ip: Ipv4Addr) -> Result<u16> {
-    let l = std::net::TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;
-    Ok(l.local_addr()?.port())
 }
 
 /// The profile directory of the running executable (`target/<profile>`),
@@ -211,72 +147,19 @@ fn is_fresh(bin: &Path, root: &Path) -> bool {
     inputs.iter().all(|t| t.is_some_and(|t| t <= built))
 }
 
-/// Writes `cfg` to `path` atomically: a temp file in the same directory,
-/// then rename.
-pub fn write_config_atomic(path: &Path, cfg: &Config) -> Result<()> {
-    let yaml = serde_saphyr::to_string(cfg).context("serializing config")?;
-    let dir = path.parent().context("config path has no directory")?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".sluice-config-")
-        .tempfile_in(dir)
-        .with_context(|| format!("temp file in {}", dir.display()))?;
-    tmp.write_all(yaml.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("renaming config into {}", path.display()))?;
-    Ok(())
-}
-
-/// Extracts N from a log line containing `table live generation=N`.
-pub fn parse_generation(line: &str) -> Option<u64> {
-    let i = line.find("table live generation=")?;
-    let rest = &line[i + "table live generation=".len()..];
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
-/// A running sluice. Dropping it kills the process (SIGKILL) and removes
-/// its directory (unless logs are kept).
+/// A running sluice serving `listen`, with the generations it made live.
+/// Dropping it kills the process (SIGKILL) and removes its directory
+/// (unless logs are kept).
 pub struct Sluice {
-    child: Child,
-    pid: Pid,
-    dir: Option<tempfile::TempDir>,
-    dir_path: PathBuf,
-    config_path: PathBuf,
-    log_path: PathBuf,
+    daemon: Daemon,
     listen: SocketAddr,
-    /// Where sluice serves /metrics (set through SLUICE_METRICS_BIND_ADDRESS).
-    metrics: Option<SocketAddr>,
-    gen_rx: watch::Receiver<u64>,
-    seen: Arc<Mutex<Vec<(Instant, u64)>>>,
-    follower: JoinHandle<()>,
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        self.follower.abort();
-        // kill_on_drop sends SIGKILL when `child` drops.
-    }
-}
-
-/// How sluice ended after SIGTERM.
-#[derive(Debug, Clone, Serialize)]
-pub struct StopReport {
-    /// Exit code, when it exited on its own.
-    pub exit_code: Option<i32>,
-    /// Seconds from SIGTERM to exit.
-    pub stop_s: f64,
-    /// True when it had to be killed.
-    pub killed: bool,
-    pub clean: bool,
+    /// None when the caller turned the admin endpoints off.
+    generations: Option<Generations>,
+    /// The dial outcomes of the last [`Sluice::scrape_metrics`].
+    scraped: Mutex<LogCounts>,
 }
 
 impl Sluice {
-    /// Writes `cfg`, starts sluice on it, waits for its first table and for
-    /// a request through `listen` to succeed.
-    ///
-    /// `log_filter` becomes sluice's RUST_LOG unless RUST_LOG is already set.
     /// Locates sluice and starts it on a free loopback port with one
     /// service named `name` over `backends`, all ready.
     pub async fn start_in_front(
@@ -286,39 +169,19 @@ impl Sluice {
     ) -> Result<Self> {
         let bin = locate(args.sluice.as_deref())?;
         let listen = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
-        let cfg = Config::single(
-            name,
-            listen,
-            backends.iter().map(|a| BackendCfg::ready(*a)).collect(),
-        );
-        Self::start(&bin, args, &cfg, listen, None).await
+        let backends = backends.iter().map(|a| BackendCfg::ready(*a)).collect();
+        let cfg = ServiceCfg::new(name, listen, backends).into();
+        Self::start_with(&bin, args, &[], &cfg, listen, None, &[]).await
     }
 
-    pub async fn start(
-        bin: &Path,
-        args: &SluiceArgs,
-        cfg: &Config,
-        listen: SocketAddr,
-        log_filter: Option<&str>,
-    ) -> Result<Self> {
-        Self::start_with(bin, args, &[], cfg, listen, log_filter, &[]).await
-    }
-
-    /// [`Sluice::start`], with extra environment variables for sluice.
-    pub async fn start_with_env(
-        bin: &Path,
-        args: &SluiceArgs,
-        cfg: &Config,
-        listen: SocketAddr,
-        log_filter: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        Self::start_with(bin, args, &[], cfg, listen, log_filter, env).await
-    }
-
-    /// [`Sluice::start`] with `extra` flags appended to sluice's command
-    /// line (e.g. `--vip-interface`, for `rollout --netns`) and extra
-    /// environment variables.
+    /// Writes `cfg`, starts sluice on it with `extra` flags (e.g.
+    /// `--vip-interface`, for `rollout --netns`) and `env`, waits for its
+    /// first table and for a request through `listen` to succeed.
+    /// `log_filter` becomes sluice's RUST_LOG unless RUST_LOG is already
+    /// set. An empty `SLUICE_*_BIND_ADDRESS` in `env`
+    /// turns the admin endpoints off: then only the request through
+    /// `listen` tells that sluice is up, and it has no generations or
+    /// counters to report.
     pub async fn start_with(
         bin: &Path,
         args: &SluiceArgs,
@@ -328,227 +191,124 @@ impl Sluice {
         log_filter: Option<&str>,
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("sluice-bench-")
-            .tempdir()
-            .context("creating temp dir")?;
-        let dir_path = dir.path().to_path_buf();
-        let config_path = dir_path.join("sluice.yaml");
-        let log_path = dir_path.join("sluice.log");
-        write_config_atomic(&config_path, cfg)?;
-        let log = std::fs::File::create(&log_path).context("creating sluice log")?;
-        let log2 = log.try_clone()?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--config")
-            .arg(&config_path)
-            .args(["--log-format", "text"]);
+        let mut flags = vec!["--log-format".to_string(), "text".into()];
         if let Some(t) = args.connect_timeout {
-            cmd.arg("--connect-timeout").arg(t.to_string());
+            flags.extend(["--connect-timeout".into(), t.to_string()]);
         }
         if let Some(n) = args.max_attempts {
-            cmd.arg("--max-attempts").arg(n.to_string());
+            flags.extend(["--max-attempts".into(), n.to_string()]);
         }
-        cmd.args(extra);
-        if let Some(f) = log_filter
-            && std::env::var_os("RUST_LOG").is_none()
-        {
-            cmd.env("RUST_LOG", f);
-        }
-        // Admin endpoints on free loopback ports, not the fixed defaults
-        // (0.0.0.0:10256, 127.0.0.1:10249) that parallel runs would share.
-        // Environment rather than flags: harmless to a sluice without them.
-        let mut metrics = None;
-        if std::env::var_os("SLUICE_METRICS_BIND_ADDRESS").is_none() {
-            let addr = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
-            cmd.env("SLUICE_METRICS_BIND_ADDRESS", addr.to_string());
-            metrics = Some(addr);
-        }
-        if std::env::var_os("SLUICE_HEALTHZ_BIND_ADDRESS").is_none() {
-            let addr = SocketAddr::new(lo(1), free_port(Ipv4Addr::LOCALHOST)?);
-            cmd.env("SLUICE_HEALTHZ_BIND_ADDRESS", addr.to_string());
-        }
-        cmd.envs(env.iter().copied());
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = Pid::from_raw(child.id().context("sluice has no pid")? as i32);
-        let (gen_tx, gen_rx) = watch::channel(0);
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let follower = tokio::spawn(follow_log(log_path.clone(), gen_tx, seen.clone()));
-        let mut s = Self {
-            child,
-            pid,
-            dir: Some(dir),
-            dir_path,
-            config_path,
-            log_path,
-            listen,
-            metrics,
-            gen_rx,
-            seen,
-            follower,
+        flags.extend_from_slice(extra);
+        let admin = !env
+            .iter()
+            .any(|(k, v)| k.ends_with("_BIND_ADDRESS") && v.is_empty());
+        let opts = Options {
+            config: Some(cfg.to_yaml().context("writing sluice's config")?),
+            args: flags,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log_filter: log_filter.map(String::from),
+            keep_dir: args.keep_logs,
+            ..Options::new(bin)
+        };
+        let mut daemon = if admin {
+            Daemon::start(opts).await?
+        } else {
+            Daemon::spawn(opts)?
         };
         if args.keep_logs {
-            if let Some(d) = s.dir.take() {
-                let _ = d.keep();
-            }
             eprintln!(
                 "sluice-bench: sluice config and log in {}",
-                s.dir_path.display()
+                daemon.dir().display()
             );
         }
-        s.wait_ready().await?;
-        Ok(s)
-    }
-
-    async fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("sluice exited at start ({status})\n{}", self.log_tail(30));
-            }
-            if *self.gen_rx.borrow() >= 1 {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "sluice logged no `table live generation=` within 15s\n{}",
-                    self.log_tail(30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let local = AtomicU64::new(0);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let o = request(self.listen, 0, None, &local, Duration::from_secs(2)).await;
-            if matches!(o, Outcome::Ok(_)) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no request through sluice at {} succeeded within 5s (last: {o:?})\n{}",
-                    self.listen,
-                    self.log_tail(30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> i32 {
-        self.pid.as_raw()
+        wait_serving(&mut daemon, listen).await?;
+        Ok(Self {
+            generations: admin.then(|| daemon.follow_generations(Duration::from_millis(5))),
+            daemon,
+            listen,
+            scraped: Mutex::default(),
+        })
     }
 
     pub fn listen(&self) -> SocketAddr {
         self.listen
     }
 
-    /// Last generation seen in the log.
+    /// Last generation seen live.
     pub fn generation(&self) -> u64 {
-        *self.gen_rx.borrow()
+        self.generations_seen().last().map_or(0, |g| g.1)
     }
 
-    /// Every `table live generation=N` line seen, with when it was seen.
+    /// Every generation seen live, with when it was seen.
     pub fn generations_seen(&self) -> Vec<(Instant, u64)> {
-        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+        self.generations
+            .as_ref()
+            .map(Generations::seen)
+            .unwrap_or_default()
     }
 
     /// Replaces the config atomically and sends SIGHUP.
     pub fn update(&self, cfg: &Config) -> Result<()> {
-        write_config_atomic(&self.config_path, cfg)?;
-        kill(self.pid, Signal::SIGHUP).context("SIGHUP to sluice")?;
-        Ok(())
+        let yaml = cfg.to_yaml().context("writing sluice's config")?;
+        self.daemon.write_config(&yaml)?;
+        self.daemon.signal(Signal::SIGHUP)
     }
 
-    /// Whether the process is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGTERM, then waits up to `timeout` before SIGKILL.
-    pub async fn stop(&mut self, timeout: Duration) -> StopReport {
-        let t = Instant::now();
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return report(status, 0.0, false);
-        }
-        let _ = kill(self.pid, Signal::SIGTERM);
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(status)) => report(status, t.elapsed().as_secs_f64(), false),
-            _ => {
-                let _ = self.child.kill().await;
-                StopReport {
-                    exit_code: None,
-                    stop_s: t.elapsed().as_secs_f64(),
-                    killed: true,
-                    clean: false,
-                }
-            }
-        }
-    }
-
-    /// What sluice's debug log says about dials (zero when not logged).
+    /// The dial outcomes of the last [`Sluice::scrape_metrics`] (zeros
+    /// before one).
     pub fn log_counts(&self) -> LogCounts {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        count_log(&text)
+        self.scraped.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// sluice's counters from its /metrics endpoint; `None` when it has
-    /// none or it did not answer within 2s.
+    /// none or it did not answer.
     pub async fn scrape_metrics(&self) -> Option<MetricsSummary> {
-        let addr = self.metrics?;
-        let text = tokio::time::timeout(Duration::from_secs(2), http_get(addr, "/metrics"))
-            .await
-            .ok()?
-            .ok()?;
-        Some(parse_metrics(&text))
-    }
-
-    /// The last `n` lines of sluice's log, indented, for error messages;
-    /// per-connection "connected" debug lines are left out.
-    pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        tail(&text, n, &self.log_path)
-    }
-
-    /// The directory holding config and log (kept only with --keep-logs).
-    pub fn dir(&self) -> &Path {
-        &self.dir_path
+        self.generations.as_ref()?;
+        let m = parse_metrics(&self.daemon.scrape().await.ok()?);
+        if let Ok(mut s) = self.scraped.lock() {
+            *s = LogCounts::from(&m);
+        }
+        Some(m)
     }
 }
 
-fn report(status: ExitStatus, stop_s: f64, killed: bool) -> StopReport {
-    StopReport {
-        exit_code: status.code(),
-        stop_s: (stop_s * 1000.0).round() / 1000.0,
-        killed,
-        clean: status.success(),
+/// The kit's [`Daemon`]: pid, running, stop, log tail, directory.
+impl std::ops::Deref for Sluice {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
     }
 }
 
-/// One plain HTTP/1.0 GET; the body of a 200 answer.
-async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    (&mut s).take(16 << 20).read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no end of HTTP headers")?;
-    let status = head.lines().next().unwrap_or("");
-    anyhow::ensure!(
-        status.split_whitespace().nth(1) == Some("200"),
-        "GET {path}: {status}"
-    );
-    Ok(body.to_string())
+impl std::ops::DerefMut for Sluice {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+}
+
+/// Waits (5 s at most) until a request through sluice at `listen` succeeds.
+async fn wait_serving(daemon: &mut Daemon, listen: SocketAddr) -> Result<()> {
+    let local = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = request(listen, 0, None, &local, Duration::from_secs(2)).await;
+        if matches!(o, Outcome::Ok(_)) {
+            return Ok(());
+        }
+        if !daemon.running() {
+            bail!("sluice exited at start\n{}", daemon.log_tail(30));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no request through sluice at {listen} succeeded within 5s (last: {o:?})\n{}",
+                daemon.log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The counters of sluice's /metrics that tell what the proxy hid.
@@ -607,107 +367,31 @@ pub fn parse_metrics(text: &str) -> MetricsSummary {
     m
 }
 
-fn is_connected_line(line: &str) -> bool {
-    line.contains("DEBUG") && line.contains(" connected ")
-}
-
-fn tail(text: &str, n: usize, path: &Path) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    let lines: Vec<&str> = all
-        .iter()
-        .copied()
-        .filter(|l| !is_connected_line(l))
-        .collect();
-    let from = lines.len().saturating_sub(n);
-    let mut out = format!(
-        "--- last {} lines of sluice's log ({}{}) ---\n",
-        lines.len() - from,
-        path.display(),
-        if lines.len() < all.len() {
-            format!(
-                ", {} per-connection lines left out",
-                all.len() - lines.len()
-            )
-        } else {
-            String::new()
-        }
-    );
-    for l in &lines[from..] {
-        out.push_str("  ");
-        out.push_str(l);
-        out.push('\n');
-    }
-    out
-}
-
-/// Dial outcomes read from sluice's log (its `sluice_proxy::server` debug
-/// lines); all zero when that level is not logged.
+/// Dial outcomes, from sluice's /metrics counters (its debug log is not
+/// read): what the reports show as `sluice_log`.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct LogCounts {
-    /// "dial failed; backend ejected" lines: dials sluice retried.
+    /// Failed dials (`sluice_dial_failures_total`).
     pub dial_failures: u64,
-    /// "connected" lines with attempts > 1: client connections that needed
-    /// a retry and were saved by it.
+    /// Dials retried on another backend (`sluice_dial_retries_total`).
     pub retried_connections: u64,
-    /// "connected" lines.
+    /// Client connections that got a backend: accepted and not closed for
+    /// lack of one.
     pub connected: u64,
-    /// "no backend left" lines: clients sluice had to reset.
+    /// Clients reset for lack of a backend
+    /// (`sluice_connections_closed_total{reason="no_backend"}`).
     pub no_backend_left: u64,
 }
 
-pub fn count_log(text: &str) -> LogCounts {
-    let mut c = LogCounts::default();
-    for line in text.lines() {
-        if line.contains("dial failed") {
-            c.dial_failures += 1;
-        } else if line.contains("no backend left") {
-            c.no_backend_left += 1;
-        } else if is_connected_line(line) {
-            c.connected += 1;
-            let attempts = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("attempts="))
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(1);
-            if attempts > 1 {
-                c.retried_connections += 1;
-            }
+impl From<&MetricsSummary> for LogCounts {
+    fn from(m: &MetricsSummary) -> Self {
+        let no_backend = m.connections_closed.get("no_backend").copied().unwrap_or(0);
+        Self {
+            dial_failures: m.dial_failures_total,
+            retried_connections: m.dial_retries,
+            connected: m.connections_accepted.saturating_sub(no_backend),
+            no_backend_left: no_backend,
         }
-    }
-    c
-}
-
-/// Follows the log file (reading only what was appended), publishing every
-/// generation it announces.
-async fn follow_log(path: PathBuf, tx: watch::Sender<u64>, seen: Arc<Mutex<Vec<(Instant, u64)>>>) {
-    use tokio::io::AsyncReadExt;
-    let mut file = None;
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        if file.is_none() {
-            file = tokio::fs::File::open(&path).await.ok();
-        }
-        if let Some(f) = file.as_mut()
-            && f.read_to_end(&mut pending).await.is_ok()
-        {
-            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=nl).collect();
-                if let Some(g) = parse_generation(&String::from_utf8_lossy(&line)) {
-                    let now = Instant::now();
-                    if let Ok(mut v) = seen.lock() {
-                        v.push((now, g));
-                    }
-                    tx.send_if_modified(|cur| {
-                        let changed = g > *cur;
-                        if changed {
-                            *cur = g;
-                        }
-                        changed
-                    });
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -729,48 +413,6 @@ pub fn lo_in(third: u8, last: usize) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn generation_is_parsed_from_text_and_json_like_lines() {
-        assert_eq!(
-            parse_generation(
-                "2026-01-01T00:00:00Z  INFO sluice: table live generation=12 services=1"
-            ),
-            Some(12)
-        );
-        assert_eq!(parse_generation("table live generation=3\n"), Some(3));
-        assert_eq!(parse_generation("table live generation="), None);
-        assert_eq!(parse_generation("config rejected"), None);
-    }
-
-    #[test]
-    fn dial_outcomes_are_counted_from_the_log() {
-        let log = "\
-2026-11-25T18:03:39Z DEBUG sluice_proxy::server: connected client=127.0.0.1:1 listen=127.0.0.1:2/tcp backend=127.0.2.1:3 attempts=1
-2026-11-25T18:03:39Z DEBUG sluice_proxy::server: dial failed; backend ejected client=127.0.0.1:1 service=r error=dial 127.0.1.1:3: refused cooldown=1s
-2026-11-25T18:03:39Z DEBUG sluice_proxy::server: connected client=127.0.0.1:1 listen=127.0.0.1:2/tcp backend=127.0.2.1:3 attempts=2
-2026-11-25T18:03:39Z DEBUG sluice_proxy::server: no backend left: resetting client client=127.0.0.1:5 tried=3
-2026-11-25T18:03:39Z  INFO sluice_proxy::server: table live generation=3
-";
-        assert_eq!(
-            count_log(log),
-            LogCounts {
-                dial_failures: 1,
-                retried_connections: 1,
-                connected: 2,
-                no_backend_left: 1,
-            }
-        );
-    }
-
-    #[test]
-    fn log_tail_leaves_out_per_connection_lines() {
-        let log = "a INFO listening\nb DEBUG x: connected client=1 attempts=1\nc DEBUG x: dial failed; backend ejected\nd INFO SIGTERM\n";
-        let t = tail(log, 2, Path::new("/l"));
-        assert!(t.contains("1 per-connection lines left out"), "{t}");
-        assert!(t.contains("dial failed") && t.contains("SIGTERM"), "{t}");
-        assert!(!t.contains("listening") && !t.contains("attempts=1"), "{t}");
-    }
 
     #[test]
     fn metrics_counters_are_summed_by_reason() {
@@ -795,6 +437,9 @@ sluice_table_generation 8
         assert_eq!(m.connections_accepted, 1661);
         assert_eq!(m.connections_closed["reset"], 1);
         assert_eq!(m.backend_ejections, 2);
+        let c = LogCounts::from(&m);
+        assert_eq!((c.dial_failures, c.retried_connections), (7, 7));
+        assert_eq!((c.connected, c.no_backend_left), (1661, 0));
     }
 
     #[test]
@@ -809,33 +454,5 @@ sluice_table_generation 8
             profile_args(&d),
             vec!["--profile".to_string(), "bench-prof".into()]
         );
-    }
-
-    #[test]
-    fn config_yaml_has_the_file_source_shape() {
-        let cfg = Config::single(
-            "web",
-            "127.0.0.1:8080".parse().unwrap(),
-            vec![
-                BackendCfg::ready("127.0.0.11:9000".parse().unwrap()),
-                BackendCfg::terminating("127.0.0.12:9000".parse().unwrap()),
-            ],
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.yaml");
-        write_config_atomic(&p, &cfg).unwrap();
-        let v: serde_json::Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        let svc = &v["services"][0];
-        assert_eq!(svc["listen"].as_str(), Some("127.0.0.1:8080"));
-        assert_eq!(svc["policy"].as_str(), Some("round-robin"));
-        assert_eq!(
-            svc["backends"][1]["address"].as_str(),
-            Some("127.0.0.12:9000")
-        );
-        assert_eq!(svc["backends"][1]["ready"].as_bool(), Some(false));
-        assert_eq!(svc["backends"][1]["terminating"].as_bool(), Some(true));
-        // Only the config itself is left behind.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -7,7 +7,7 @@
 //! live one changes nothing and wakes nobody.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -34,6 +34,9 @@ pub struct Publisher {
     /// table yet (kube-proxy's health rule: unhealthy when an update waits
     /// too long).
     pending_since: Mutex<Option<Instant>>,
+    /// When the live table was last confirmed to reflect all input (a
+    /// publish, changed or not): kube-proxy's `lastUpdated`.
+    synced_wall: Mutex<SystemTime>,
 }
 
 impl Default for Publisher {
@@ -54,6 +57,7 @@ impl Publisher {
             }),
             changed,
             pending_since: Mutex::new(None),
+            synced_wall: Mutex::new(SystemTime::now()),
         }
     }
 
@@ -94,12 +98,36 @@ impl Publisher {
         *self.pending()
     }
 
+    /// kube-proxy's health rule: healthy unless source input has waited
+    /// longer than `timeout` for a publish, counting the process start
+    /// (`started`) as input until the first table, so that a starting
+    /// proxy is healthy for one timeout.
+    pub fn is_healthy(&self, now: Instant, timeout: Duration, started: Instant) -> bool {
+        let starting = (self.snapshot().generation == 0).then_some(started);
+        let oldest = match (self.pending_since(), starting) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        oldest.is_none_or(|t| now.saturating_duration_since(t) <= timeout)
+    }
+
+    /// When the live table was last confirmed to reflect all input (any
+    /// publish, changed or not; the start before the first).
+    pub fn last_synced(&self) -> SystemTime {
+        *self.synced_wall.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn settle(&self) {
+        *self.pending() = None;
+        *self.synced_wall.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::now();
+    }
+
     /// Makes `table` live without comparing it to the live one: for a
     /// caller that already knows it differs (the Kubernetes index tracks
     /// which keys changed), so that publishing costs O(1) rather than a
     /// full-table comparison. Returns the new generation.
     pub fn publish_changed(&self, table: Table) -> u64 {
-        *self.pending() = None;
+        self.settle();
         let generation = self.live.load().generation + 1;
         self.live.store(Arc::new(Snapshot {
             table: Arc::new(table),
@@ -115,7 +143,7 @@ impl Publisher {
     /// knows, without a full comparison): clears the pending mark as an
     /// equal `publish` would.
     pub fn settle_unchanged(&self) {
-        *self.pending() = None;
+        self.settle();
     }
 
     /// A receiver that sees every generation change (the latest, not each).

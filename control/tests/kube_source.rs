@@ -6,37 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{Value, json};
+use serde_json::json;
+use sluice_apiserver_fixture::builders::{slice, svc};
 use sluice_apiserver_fixture::{ApiServer, Kind};
 use sluice_control::source::kube::{KubeOptions, KubeStats, run};
 use sluice_control::{ListenKey, Publisher, Table};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn svc(name: &str, ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": "default", "name": name},
-        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
-    })
-}
-
-/// A slice with endpoints `(ip, ready, terminating)` on port 8080.
-fn slice(name: &str, svc: &str, eps: &[(&str, bool, bool)]) -> Value {
-    let eps: Vec<Value> = eps
-        .iter()
-        .map(|(ip, ready, term)| {
-            json!({"addresses": [ip], "conditions": {"ready": ready, "serving": true, "terminating": term}})
-        })
-        .collect();
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"namespace": "default", "name": name, "labels": {"kubernetes.io/service-name": svc}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": eps,
-    })
-}
 
 fn key(s: &str) -> ListenKey {
     ListenKey::tcp(s.parse().unwrap())
@@ -462,21 +438,9 @@ async fn unreadable_kubeconfig_is_a_clear_error() {
 
 /// GET / on 127.0.0.1:port; the status code, or None when refused.
 async fn http_status(port: u16) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    sluice_testkit::http::get(([127, 0, 0, 1], port).into(), "/")
         .await
-        .ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    Some((code, body))
+        .ok()
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Full;
@@ -50,6 +51,13 @@ pub struct Admin {
     /// fix (say, an apiserver reached only through a Service sluice serves),
     /// listed in `/healthz`'s body.
     pub warnings: Vec<String>,
+    /// This node may take load-balancer traffic (kube-proxy's
+    /// `nodeEligible`): false while its Node is being deleted or tainted
+    /// `ToBeDeletedByClusterAutoscaler`. Always true with a file config.
+    pub node_eligible: Arc<AtomicBool>,
+    /// When the process started: before its first table, sluice reports
+    /// healthy for one health timeout (as kube-proxy does while starting).
+    pub started: Instant,
 }
 
 /// `/healthz` (the node may take traffic) or `/livez` (the process works).
@@ -174,30 +182,30 @@ impl Admin {
         }
     }
 
-    /// Healthy when a first table is live and no source input has waited
-    /// longer than the health timeout.
+    /// Healthy when no source input has waited longer than the health
+    /// timeout for a publish, counting the start as input: while starting,
+    /// healthy until the first table is one timeout late (kube-proxy's
+    /// rule).
     pub fn is_healthy(&self, now: Instant) -> bool {
-        let snap = self.publisher.snapshot();
-        let waiting_too_long = self
-            .publisher
-            .pending_since()
-            .is_some_and(|t| now.saturating_duration_since(t) > self.health_timeout);
-        snap.generation > 0 && !waiting_too_long
+        self.publisher
+            .is_healthy(now, self.health_timeout, self.started)
     }
 
     fn healthz(&self, probe: Probe) -> Response<Full<Bytes>> {
-        let snap = self.publisher.snapshot();
         let now = Instant::now();
         let saturated = self.metrics.saturation.persisting(now, SATURATED_AFTER);
-        let healthy = self.is_healthy(now) && (probe == Probe::Liveness || saturated.is_none());
+        let node_eligible = self.node_eligible.load(Ordering::Relaxed);
+        let healthy = self.is_healthy(now)
+            && (probe == Probe::Liveness || (saturated.is_none() && node_eligible));
         let status = if healthy {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
         let body = json!({
-            "lastUpdated": rfc3339(snap.published_wall),
+            "lastUpdated": rfc3339(self.publisher.last_synced()),
             "currentTime": rfc3339(SystemTime::now()),
+            "nodeEligible": node_eligible,
             "warnings": self.warnings,
             "saturated": saturated.map(|what| format!("running out of {what}")),
         });
@@ -280,16 +288,31 @@ mod tests {
             metrics,
             health_timeout: timeout,
             warnings: vec!["fix me".into()],
+            node_eligible: Arc::new(AtomicBool::new(true)),
+            started: Instant::now(),
         }
     }
 
+    async fn get(a: &Admin, probe: Probe) -> (StatusCode, Value) {
+        let r = a.healthz(probe);
+        let status = r.status();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
     #[test]
-    fn unhealthy_before_the_first_table_and_when_input_waits_too_long() {
+    fn healthy_while_starting_then_unhealthy_when_input_waits_too_long() {
         let a = mk_admin(Duration::from_secs(60));
         let now = Instant::now();
-        assert!(!a.is_healthy(now), "no table yet");
+        // No table yet: healthy for one timeout after the start, as
+        // kube-proxy is while it starts.
+        assert!(a.is_healthy(now), "starting");
+        assert!(
+            !a.is_healthy(now + Duration::from_secs(61)),
+            "first table too late"
+        );
         a.publisher.publish(Table::new());
-        assert!(a.is_healthy(now));
+        assert!(a.is_healthy(now + Duration::from_secs(61)));
         a.publisher.mark_pending();
         assert!(a.is_healthy(Instant::now() + Duration::from_secs(59)));
         assert!(!a.is_healthy(Instant::now() + Duration::from_secs(61)));
@@ -326,6 +349,34 @@ mod tests {
             "{v}"
         );
         assert_eq!(a.healthz(Probe::Liveness).status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_node_being_removed_fails_healthz_but_not_livez() {
+        let a = mk_admin(Duration::from_secs(60));
+        a.publisher.publish(Table::new());
+        let (status, body) = get(&a, Probe::Health).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["nodeEligible"], json!(true), "{body}");
+        a.node_eligible.store(false, Ordering::Relaxed);
+        let (status, body) = get(&a, Probe::Health).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["nodeEligible"], json!(false), "{body}");
+        assert_eq!(get(&a, Probe::Liveness).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn last_updated_follows_unchanged_publishes_too() {
+        let a = mk_admin(Duration::from_secs(60));
+        a.publisher.publish(Table::new());
+        let (_, first) = get(&a, Probe::Health).await;
+        std::thread::sleep(Duration::from_millis(5));
+        a.publisher.settle_unchanged();
+        let (_, later) = get(&a, Probe::Health).await;
+        assert!(
+            later["lastUpdated"].as_str() > first["lastUpdated"].as_str(),
+            "{first} then {later}"
+        );
     }
 
     #[tokio::test]

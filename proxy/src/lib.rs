@@ -19,6 +19,8 @@
 //! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
 //! - [`saturation`]: sluice's own resource exhaustion (descriptors, buffers,
 //!   ports) as a streak that `/healthz` reports; never a backend's fault.
+//! - [`compat_metrics`]: `process_*` and kube-proxy's metric names where
+//!   the meaning is the same.
 //! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
 //! - [`nft`]: sluice's own nftables table (`--intercept nftables`): the
 //!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
@@ -29,6 +31,7 @@
 pub mod admin;
 pub mod balance;
 pub mod cli;
+pub mod compat_metrics;
 pub mod connect;
 pub mod forward;
 pub mod listener;

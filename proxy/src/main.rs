@@ -125,6 +125,8 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let mut metrics = Metrics::new();
     let reload = Arc::new(Notify::new());
     let mut warnings = Vec::new();
+    let started = std::time::Instant::now();
+    let node_eligible = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if let Some(config) = &args.config {
         let first = match file::load(config) {
             Ok(t) => t,
@@ -147,6 +149,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             node_addresses: args.node_addresses.clone(),
             coalesce: args.min_sync_period,
             scheduler: args.scheduler,
+            node_eligible: node_eligible.clone(),
+            health_timeout: args.healthz_timeout,
+            started,
             ..kube::KubeOptions::default()
         };
         match kube::reached_through_service(&opts).await {
@@ -177,6 +182,22 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             stats.programming_latency.clone(),
         );
         registry.register_collector(Box::new(stats.clone()));
+        // kube-proxy's names for the same histograms and its last-sync
+        // gauge, for the dashboards and alerts operators already have.
+        let compat = metrics.unprefixed_registry_mut();
+        compat.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "sluice: duration of each table build from Kubernetes objects (kube-proxy: SyncProxyRules latency)",
+            stats.build_duration.clone(),
+        );
+        compat.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the table that carries it going live (kube-proxy: in-cluster network programming latency)",
+            stats.programming_latency.clone(),
+        );
+        compat.register_collector(Box::new(sluice_proxy::compat_metrics::LastSync(
+            publisher.clone(),
+        )));
         let opts = kube::KubeOptions { stats, ..opts };
         let publisher = publisher.clone();
         tokio::spawn(async move {
@@ -242,6 +263,8 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         metrics,
         health_timeout: args.healthz_timeout,
         warnings,
+        node_eligible,
+        started,
     });
     for (addr, endpoints) in [
         (args.healthz_bind_address, Endpoints::Health),

@@ -160,7 +160,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("sluice");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(crate::compat_metrics::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("sluice");
         let m = Metrics {
             accepted: Family::default(),
             active: Family::default(),
@@ -292,7 +294,10 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "sluice's version; always 1", build);
-        Metrics { registry, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// Counts a connection reset at the intercept port (`reason`: one of a
@@ -323,8 +328,15 @@ impl Metrics {
         self.limit_waits.inc();
     }
 
-    /// Extra metrics registered by other parts (e.g. the control plane).
+    /// Extra metrics registered by other parts (e.g. the control plane),
+    /// named `sluice_*`.
     pub fn registry_mut(&mut self) -> &mut Registry {
+        self.registry.sub_registry_with_prefix("sluice")
+    }
+
+    /// Extra metrics under names of their own, without sluice's prefix
+    /// (kube-proxy's, where the meaning is the same).
+    pub fn unprefixed_registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
     }
 

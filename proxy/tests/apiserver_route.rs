@@ -11,14 +11,13 @@
 //! (`unshare --mount`), never on the host's /run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_apiserver_fixture::ApiServer;
+use sluice_testkit::{free_addr, http};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -73,7 +72,7 @@ exec "$@""#;
         std::fs::create_dir_all(&sa).unwrap();
         service_account(&sa);
         let log = dir.path().join("sluice.log");
-        let health = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+        let health = free_addr().unwrap();
         let child = Command::new("unshare")
             .args([
                 "--mount",
@@ -119,11 +118,10 @@ exec "$@""#;
     async fn healthz_body(&self) -> serde_json::Value {
         let deadline = Instant::now() + WAIT;
         loop {
-            if tokio::net::TcpStream::connect(self.health).await.is_ok() {
-                let (_, body) = support::http_get(self.health, "/healthz").await;
-                if let Ok(v) = serde_json::from_str(&body) {
-                    return v;
-                }
+            if let Ok((_, body)) = http::get(self.health, "/healthz").await
+                && let Ok(v) = serde_json::from_str(&body)
+            {
+                return v;
             }
             assert!(
                 Instant::now() < deadline,

@@ -17,17 +17,17 @@
 //! when an assertion fails; every wait is bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
+use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+use sluice_testkit::daemon::Signal;
+use sluice_testkit::{Daemon, Options, http, metric, netns};
 
 const VIP: &str = "10.96.0.10:80";
 const VIP_OTHER: &str = "10.96.0.11:8443";
@@ -36,7 +36,6 @@ const BACKEND: &str = "10.244.0.20:8080";
 const VIP6: &str = "[fd00:96::10]:80";
 const BACKEND6: &str = "[fd00:244::20]:8080";
 const INTERCEPT_PORT: u16 = 10261;
-const METRICS: &str = "127.0.0.1:10249";
 /// Per network namespace (Linux >= 5.3), present once br_netfilter is loaded.
 const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
@@ -58,37 +57,35 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-/// A network namespace; deleted on drop.
-struct Netns {
-    name: String,
-}
+/// A network namespace; deleted (with what runs in it) on drop.
+struct Netns(netns::Netns);
 
 impl Netns {
     fn new(tag: &str) -> Netns {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "sluice-icpt-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("sluice-icpt-{tag}-{}-{n}", std::process::id());
+        Netns(netns::Netns::new(name).unwrap())
+    }
+
+    fn name(&self) -> &str {
+        self.0.name()
     }
 
     fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all);
+        self.0.ip(args).unwrap();
     }
 
     /// Runs a command inside the namespace; its output, which must be a
     /// success.
     fn exec(&self, cmd: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(cmd);
-        run("ip", &all)
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.name()])
+            .args(cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Sets a sysctl of this namespace (`/proc/sys/net` is the opener's
@@ -104,17 +101,7 @@ impl Netns {
     /// Runs `f` on a thread inside the namespace (its sockets are the
     /// namespace's).
     fn on<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            enter(&path);
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
+        netns::in_netns(self.name(), move || Ok(f())).unwrap()
     }
 
     /// Connects to `addr` from inside the namespace and reads the reply.
@@ -140,7 +127,7 @@ impl Netns {
             if start.elapsed() > within {
                 return Err(format!(
                     "{addr} from {} never answered {want:?} within {within:?}; last: {got:?}",
-                    self.name
+                    self.name()
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -148,27 +135,9 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn enter(path: &Path) {
-    let ns = File::open(path).unwrap();
-    setns(&ns, CloneFlags::CLONE_NEWNET).unwrap();
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A veth pair: `dev` in `a`, `peer` in `b`.
+fn veth(a: &Netns, dev: &str, b: &Netns, peer: &str) {
+    netns::add_veth(a.name(), dev, b.name(), peer).unwrap();
 }
 
 /// A TCP server on a thread inside a namespace: answers every connection
@@ -180,13 +149,13 @@ struct Server {
 
 impl Server {
     fn start(ns: &Netns, addr: &str, reply: &'static str) -> Server {
-        let path = ns.path();
+        let name = ns.name().to_owned();
         let addr: SocketAddr = addr.parse().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
-            enter(&path);
+            netns::enter(&name).unwrap();
             let listener = TcpListener::bind(addr).unwrap();
             listener.set_nonblocking(true).unwrap();
             ready_tx.send(()).unwrap();
@@ -220,48 +189,30 @@ impl Drop for Server {
     }
 }
 
-/// The `sluice` binary running in the node namespace; killed on drop (its
-/// log is printed if the test is failing).
-struct Sluice {
-    child: Child,
-    log: PathBuf,
+/// The `sluice` binary running in the node namespace on `config`; killed
+/// on drop (its log is printed if the test is failing).
+fn start_sluice(node: &Netns, config: &ConfigDoc) -> Daemon {
+    let flags = [
+        ["--intercept", "nftables"],
+        ["--intercept-port", &INTERCEPT_PORT.to_string()],
+        ["--workers", "2"],
+    ];
+    let opts = Options {
+        prefix: ["ip", "netns", "exec", node.name()]
+            .map(String::from)
+            .to_vec(),
+        config: Some(config.to_yaml().unwrap()),
+        args: flags.concat().iter().map(|f| f.to_string()).collect(),
+        log_filter: Some("sluice=debug,sluice_proxy=debug,info".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    Daemon::spawn(opts).unwrap()
 }
 
-impl Sluice {
-    fn start(node: &Netns, config: &Path, log: PathBuf) -> Sluice {
-        let out = File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.name, env!("CARGO_BIN_EXE_sluice")])
-            .arg("--config")
-            .arg(config)
-            .args(["--intercept", "nftables"])
-            .args(["--intercept-port", &INTERCEPT_PORT.to_string()])
-            .args(["--healthz-bind-address", ""])
-            .args(["--metrics-bind-address", METRICS])
-            .args(["--workers", "2"])
-            .env("RUST_LOG", "sluice=debug,sluice_proxy=debug,info")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Sluice { child, log }
-    }
-
-    /// SIGKILL, and wait for the process to be gone.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("--- sluice log ---\n{log}--- end ---");
-        }
-    }
+/// SIGKILL, and wait for the process to be gone.
+async fn kill(sluice: &mut Daemon) {
+    sluice.signal(Signal::SIGKILL).unwrap();
+    sluice.wait_exit(Duration::from_secs(5)).await.unwrap();
 }
 
 /// The mini node. Field order is drop order: processes and threads first,
@@ -292,9 +243,7 @@ impl Node {
             (&client, "vclient", "10.244.0.10/24", "fd00:244::10/64"),
             (&backend, "vbackend", "10.244.0.20/24", "fd00:244::20/64"),
         ] {
-            node.ip(&[
-                "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
-            ]);
+            veth(&node, host_end, pod, "eth0");
             node.ip(&["link", "set", host_end, "master", "br0", "up"]);
             pod.ip(&["addr", "add", ip, "dev", "eth0"]);
             pod.ip(&["link", "set", "eth0", "up"]);
@@ -302,26 +251,13 @@ impl Node {
             pod.ip(&["route", "add", "default", "via", "10.244.0.1"]);
             pod.ip(&["-6", "route", "add", "default", "via", "fd00:244::1"]);
         }
-        node.ip(&[
-            "link",
-            "add",
-            "vrouted",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &routed.name,
-        ]);
+        veth(&node, "vrouted", &routed, "eth0");
         node.ip(&["addr", "add", "10.244.1.1/24", "dev", "vrouted"]);
         node.ip(&["link", "set", "vrouted", "up"]);
         routed.ip(&["addr", "add", "10.244.1.10/24", "dev", "eth0"]);
         routed.ip(&["link", "set", "eth0", "up"]);
         routed.ip(&["route", "add", "default", "via", "10.244.1.1"]);
-        node.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &ext.name,
-        ]);
+        veth(&node, "eth0", &ext, "eth0");
         node.ip(&["addr", "add", "192.168.50.10/24", "dev", "eth0"]);
         node.ip(&["link", "set", "eth0", "up"]);
         node.ip(&["addr", "add", "fd00:50::10/64", "dev", "eth0", "nodad"]);
@@ -341,7 +277,7 @@ impl Node {
 
     /// `nft list table inet sluice` in the node (`None`: no such table).
     fn nft_table(&self, handles: bool) -> Option<String> {
-        let mut args = vec!["netns", "exec", &self.node.name, "nft"];
+        let mut args = vec!["netns", "exec", self.node.name(), "nft"];
         if handles {
             args.push("-a");
         }
@@ -352,18 +288,16 @@ impl Node {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The node's `/metrics`.
-    fn metrics(&self) -> String {
-        let addr: SocketAddr = METRICS.parse().unwrap();
-        self.node.on(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out
-        })
+    /// `/metrics` of `sluice`, which runs in the node.
+    fn metrics(&self, sluice: &Daemon) -> String {
+        let addr = sluice.metrics;
+        let got = self
+            .node
+            .0
+            .block_on(Duration::from_secs(5), move || async move {
+                http::get(addr, "/metrics").await
+            });
+        got.unwrap().unwrap().1
     }
 }
 
@@ -378,24 +312,22 @@ fn refused_or_reset(got: &std::io::Result<String>) -> bool {
     }
 }
 
-fn write_config(dir: &Path) -> PathBuf {
-    let path = dir.join("sluice.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "services:\n\
-             - name: default/web:http\n  listen: {VIP}\n  backends:\n  - address: {BACKEND}\n\
-             - name: default/web:https\n  listen: {VIP_OTHER}\n  backends:\n  - address: {BACKEND}\n\
-             - name: default/web:nodeport\n  listen: {NODE_PORT}\n  backends:\n  - address: {BACKEND}\n\
-             - name: default/web6:http\n  listen: \"{VIP6}\"\n  backends:\n  - address: \"{BACKEND6}\"\n"
-        ),
-    )
-    .unwrap();
-    path
+/// Four services, all to the backend pod.
+fn config() -> ConfigDoc {
+    let service = |name, listen: &str, backend: &str| {
+        let backend = BackendDoc::ready(backend.parse().unwrap());
+        ServiceDoc::new(name, listen.parse().unwrap(), vec![backend])
+    };
+    ConfigDoc::new(vec![
+        service("default/web:http", VIP, BACKEND),
+        service("default/web:https", VIP_OTHER, BACKEND),
+        service("default/web:nodeport", NODE_PORT, BACKEND),
+        service("default/web6:http", VIP6, BACKEND6),
+    ])
 }
 
-#[test]
-fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
+#[tokio::test]
+async fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
     if let Some(why) = skip_reason() {
         eprintln!("skipped: {why}");
         return;
@@ -406,13 +338,11 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
     }
     let net = Node::build();
     assert_eq!(net.node.sysctl(BRIDGE_NF_CALL_IPTABLES), "1");
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
     let _backend = Server::start(&net.backend, BACKEND, "backend\n");
     let _backend6 = Server::start(&net.backend, BACKEND6, "backend6\n");
     // (c) A hostNetwork process on 0.0.0.0:80, the port of a Service.
     let _host = Server::start(&net.node, "0.0.0.0:80", "host\n");
-    let mut sluice = Sluice::start(&net.node, &config, dir.path().join("sluice.log"));
+    let mut sluice = start_sluice(&net.node, &config());
     let ready = Duration::from_secs(10);
 
     // (a) A pod reaches the ClusterIP through sluice, and the NodePort.
@@ -460,19 +390,16 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
     assert!(refused_or_reset(&got), "direct from a pod: {got:?}");
     let got = net.node.fetch(&format!("127.0.0.1:{INTERCEPT_PORT}"));
     assert!(refused_or_reset(&got), "direct from the node: {got:?}");
-    let metrics = net.metrics();
-    let rejected = metrics
-        .lines()
-        .find(|l| l.starts_with("sluice_intercept_rejected_connections_total{reason=\"direct\"}"))
-        .unwrap_or_else(|| panic!("no rejected-connection metric:\n{metrics}"));
-    let count: f64 = rejected.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(count >= 2.0, "{rejected}");
+    let metrics = net.metrics(&sluice);
+    let rejected = "sluice_intercept_rejected_connections_total{reason=\"direct\"}";
+    let count = metric(&metrics, rejected);
+    assert!(count.is_some_and(|c| c >= 2.0), "{rejected}:\n{metrics}");
 
     // (f) SIGKILL leaves the table in place; while no sluice listens the
     // redirected connect is refused; a restart adopts the same table (same
     // handle: flushed and refilled, never deleted) and serves again.
     let before = net.nft_table(true).unwrap();
-    sluice.kill();
+    kill(&mut sluice).await;
     let after_kill = net.nft_table(true).expect("table survives SIGKILL");
     assert_eq!(first_line(&after_kill), first_line(&before));
     assert!(after_kill.contains("10.96.0.10 . tcp . 80"));
@@ -481,7 +408,7 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
         matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
         "with no sluice: {got:?}"
     );
-    let mut sluice = Sluice::start(&net.node, &config, dir.path().join("sluice2.log"));
+    let mut sluice = start_sluice(&net.node, &config());
     net.client.fetch_until(VIP, "backend\n", ready).unwrap();
     net.node.fetch_until(VIP, "backend\n", ready).unwrap();
     let adopted = net.nft_table(true).unwrap();
@@ -492,12 +419,12 @@ fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
     );
 
     // `sluice --cleanup` removes the table and exits 0.
-    sluice.kill();
+    kill(&mut sluice).await;
     let cleanup = Command::new("ip")
         .args([
             "netns",
             "exec",
-            &net.node.name,
+            net.node.name(),
             env!("CARGO_BIN_EXE_sluice"),
         ])
         .arg("--cleanup")
@@ -522,11 +449,12 @@ fn nftables_mode_without_nft_exits_64_naming_the_package() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path());
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(&path, config().to_yaml().unwrap()).unwrap();
     // A PATH without nft; the node namespace is not even needed.
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("--config")
-        .arg(&config)
+        .arg(&path)
         .args(["--intercept", "nftables"])
         .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
         .env("PATH", dir.path())

@@ -6,13 +6,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use sluice_apiserver_fixture::builders::{slice, svc, with_port};
 use sluice_apiserver_fixture::{ApiServer, Kind};
+use sluice_testkit::backend::{Backend, Mode};
+use sluice_testkit::{Daemon, Options, metric};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -22,28 +24,9 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// A backend on `addr` that greets each connection with its name, then
-/// echoes lines.
-async fn backend(addr: SocketAddr, name: &'static str) -> tokio::task::JoinHandle<()> {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
-                    return;
-                }
-                let (r, mut w) = s.split();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    })
+/// echoes.
+async fn backend(addr: SocketAddr, name: &str) -> Backend {
+    Backend::start_on(addr, name, Mode::Echo).await.unwrap()
 }
 
 /// Connects through sluice and returns the backend's name (None: refused,
@@ -88,55 +71,6 @@ async fn until_all(addr: SocketAddr, what: &str, n: usize, f: impl Fn(&Option<St
     }
 }
 
-fn svc(name: &str, cluster_ip: &str, port: u16) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": "default", "name": name},
-        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
-                 "ports": [{"name": "tcp", "port": port, "protocol": "TCP"}]},
-    })
-}
-
-/// `(ip, ready, serving, terminating)` endpoints on `port`.
-fn slice(name: &str, svc: &str, port: u16, eps: &[(&str, bool, bool, bool)]) -> Value {
-    let eps: Vec<Value> = eps
-        .iter()
-        .map(|(ip, ready, serving, term)| {
-            json!({"addresses": [ip], "nodeName": "node-a",
-                   "conditions": {"ready": ready, "serving": serving, "terminating": term}})
-        })
-        .collect();
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"namespace": "default", "name": name,
-                     "labels": {"kubernetes.io/service-name": svc}},
-        "addressType": "IPv4",
-        "ports": [{"name": "tcp", "port": port, "protocol": "TCP"}],
-        "endpoints": eps,
-    })
-}
-
-struct Daemon {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- sluice log ---\n{}", self.log());
-        }
-    }
-}
-
 /// A port free on both `a` and `b` (bound then released).
 fn common_port(addrs: &[&str]) -> u16 {
     for _ in 0..50 {
@@ -166,62 +100,45 @@ async fn traffic_follows_the_apiserver() {
     let other = SocketAddr::new(ip("127.0.0.51"), vport);
 
     let api = ApiServer::start().await.unwrap();
-    api.apply_json(svc("web", "127.0.0.50", vport)).unwrap();
-    api.apply_json(slice(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.2", true, true, false)],
-    ))
-    .unwrap();
-    api.apply_json(svc("other", "127.0.0.51", vport)).unwrap();
-    api.apply_json(slice(
-        "other-1",
-        "other",
-        bport,
-        &[("127.0.0.4", true, true, false)],
-    ))
-    .unwrap();
+    // Web's endpoints `(ip, ready, terminating)`, all on `bport`.
+    let web_eps = |eps: &[(&str, bool, bool)]| with_port(slice("web-1", "web", eps), bport);
+    api.apply_json(with_port(svc("web", "127.0.0.50"), vport))
+        .unwrap();
+    api.apply_json(web_eps(&[("127.0.0.2", true, false)]))
+        .unwrap();
+    api.apply_json(with_port(svc("other", "127.0.0.51"), vport))
+        .unwrap();
+    let other_eps = slice("other-1", "other", &[("127.0.0.4", true, false)]);
+    api.apply_json(with_port(other_eps, bport)).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let log = dir.path().join("sluice.log");
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--node-name", "node-a"])
+    let kubeconfig = kubeconfig.display().to_string();
+    let args = [
+        ["--kubeconfig", &kubeconfig],
+        ["--node-name", "node-a"],
         // Service IPs here are loopback ones, which sluice leaves alone;
         // `lo` spares the test a dummy device (this kernel has none).
-        .args(["--vip-interface", "lo"])
-        .arg("--healthz-bind-address=")
-        .arg(format!("--metrics-bind-address={metrics_addr}"))
-        .args(["--connect-timeout", "300ms"])
-        .env("RUST_LOG", "info,sluice_control=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon { child, log };
+        ["--vip-interface", "lo"],
+        ["--connect-timeout", "300ms"],
+    ];
+    let opts = Options {
+        args: args.concat().iter().map(|a| a.to_string()).collect(),
+        log_filter: Some("info,sluice_control=debug".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    let daemon = Daemon::start(opts).await.unwrap();
 
     // 1. The first lists make the first table: both Services answer.
     until_all(web, "web served by A", 3, |g| g.as_deref() == Some("A")).await;
     until_all(other, "other served by C", 3, |g| g.as_deref() == Some("C")).await;
 
     // 2. Scale up: A and B both get connections.
-    api.apply_json(slice(
-        "web-1",
-        "web",
-        bport,
-        &[
-            ("127.0.0.2", true, true, false),
-            ("127.0.0.3", true, true, false),
-        ],
-    ))
+    api.apply_json(web_eps(&[
+        ("127.0.0.2", true, false),
+        ("127.0.0.3", true, false),
+    ]))
     .unwrap();
     let deadline = Instant::now() + WAIT;
     let mut seen = std::collections::BTreeSet::new();
@@ -234,28 +151,18 @@ async fn traffic_follows_the_apiserver() {
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["A", "B"]);
 
     // 3. A removed: only B.
-    api.apply_json(slice(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.3", true, true, false)],
-    ))
-    .unwrap();
+    api.apply_json(web_eps(&[("127.0.0.3", true, false)]))
+        .unwrap();
     until_all(web, "only B", 10, |g| g.as_deref() == Some("B")).await;
 
     // 4. B terminating (still serving), C ready: new connections go to C
     //    only, while an established connection to B keeps flowing.
     let (name, mut established) = open(web).await.unwrap();
     assert_eq!(name, "B");
-    api.apply_json(slice(
-        "web-1",
-        "web",
-        bport,
-        &[
-            ("127.0.0.3", false, true, true),
-            ("127.0.0.4", true, true, false),
-        ],
-    ))
+    api.apply_json(web_eps(&[
+        ("127.0.0.3", false, true),
+        ("127.0.0.4", true, false),
+    ]))
     .unwrap();
     until_all(web, "C takes new connections", 1, |g| {
         g.as_deref() == Some("C")
@@ -292,13 +199,8 @@ async fn traffic_follows_the_apiserver() {
     api.delete(Kind::EndpointSlice, "default", "other-1")
         .unwrap();
     api.delete(Kind::Service, "default", "other").unwrap();
-    api.apply_json(slice(
-        "web-1",
-        "web",
-        bport,
-        &[("127.0.0.2", true, true, false)],
-    ))
-    .unwrap();
+    api.apply_json(web_eps(&[("127.0.0.2", true, false)]))
+        .unwrap();
     api.compact();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // The last table keeps serving during the outage.
@@ -334,46 +236,20 @@ async fn traffic_follows_the_apiserver() {
     // The source's counters reach /metrics: the first lists and the relist
     // after the outage (3 kinds, then at least one), and the outage's watch
     // errors.
-    let metrics = scrape(metrics_addr).await;
-    let counter = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
-            .trim()
-            .parse()
-            .unwrap()
+    let metrics = daemon.scrape().await.unwrap();
+    let counter = |name: &str| -> f64 {
+        metric(&metrics, name).unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
     };
-    assert!(counter("sluice_kube_relists_total") >= 4, "{metrics}");
-    assert!(counter("sluice_kube_watch_errors_total") >= 1, "{metrics}");
+    assert!(counter("sluice_kube_relists_total") >= 4.0, "{metrics}");
     assert!(
-        counter("sluice_kube_table_publishes_total") >= 3,
+        counter("sluice_kube_watch_errors_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        counter("sluice_kube_table_publishes_total") >= 3.0,
         "{metrics}"
     );
     drop(daemon);
-}
-
-/// GET /metrics, the whole body. The metrics listener may still be coming
-/// up (its bind is retried): connect for a bounded time.
-async fn scrape(addr: SocketAddr) -> String {
-    let deadline = Instant::now() + WAIT;
-    let mut s = loop {
-        match TcpStream::connect(addr).await {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "metrics at {addr}: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
-        .await
-        .unwrap();
-    out
 }
 
 #[test]

@@ -8,54 +8,35 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nix::sched::{CloneFlags, setns};
 use sluice_proxy::vip::{DEFAULT_INTERFACE, VipDevice, VipError};
+use sluice_testkit::netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A network namespace for one test; deleted on drop (also on panic).
-struct Netns {
-    name: String,
-}
+struct Netns(netns::Netns);
 
 impl Netns {
     fn new(tag: &str) -> Netns {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "sluice-test-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        // Local delivery (also to addresses on a down device) goes through lo.
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("sluice-test-{tag}-{}-{n}", std::process::id());
+        Netns(netns::Netns::new(name).unwrap())
     }
 
     /// Runs `ip -n NAME ARGS`, which must succeed (set-up only).
     fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all);
+        self.0.ip(args).unwrap();
     }
 
     /// Whether `ip -n NAME ARGS` succeeds.
     fn ip_ok(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .unwrap()
-            .status
-            .success()
+        self.0.ip(args).is_ok()
     }
 
     /// Adds an ifb device (left down).
@@ -63,16 +44,25 @@ impl Netns {
         self.ip(&["link", "add", dev, "type", "ifb"]);
     }
 
-    /// The addresses on `dev` as the kernel lists them to `ip`: (ip, prefix).
-    fn addrs(&self, dev: &str) -> BTreeSet<(IpAddr, u8)> {
+    /// `ip -n NAME -j ARGS`, parsed.
+    fn ip_json(&self, args: &[&str]) -> serde_json::Value {
         let out = Command::new("ip")
-            .args(["-n", &self.name, "-j", "address", "show", "dev", dev])
+            .args(["-n", self.0.name(), "-j"])
+            .args(args)
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The addresses on `dev` as the kernel lists them to `ip`: (ip, prefix).
+    fn addrs(&self, dev: &str) -> BTreeSet<(IpAddr, u8)> {
         let mut set = BTreeSet::new();
-        for link in json.as_array().unwrap() {
+        for link in self
+            .ip_json(&["address", "show", "dev", dev])
+            .as_array()
+            .unwrap()
+        {
             for info in link["addr_info"].as_array().unwrap() {
                 let ip: IpAddr = info["local"].as_str().unwrap().parse().unwrap();
                 let prefix = u8::try_from(info["prefixlen"].as_u64().unwrap()).unwrap();
@@ -84,12 +74,7 @@ impl Netns {
 
     /// Whether `dev` is administratively up.
     fn is_up(&self, dev: &str) -> bool {
-        let out = Command::new("ip")
-            .args(["-n", &self.name, "-j", "link", "show", "dev", dev])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let json = self.ip_json(&["link", "show", "dev", dev]);
         json[0]["flags"]
             .as_array()
             .unwrap()
@@ -109,40 +94,8 @@ impl Netns {
         Fut: Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/run/netns/{}", self.name);
-        let joined = std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap();
-            setns(&ns, CloneFlags::CLONE_NEWNET).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move { tokio::time::timeout(Duration::from_secs(30), f()).await })
-        })
-        .join();
-        match joined {
-            Ok(Ok(value)) => value,
-            Ok(Err(_)) => panic!("test body timed out in {}", self.name),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        self.0.block_on(Duration::from_secs(30), f).unwrap()
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
@@ -406,17 +359,15 @@ fn one_failing_address_does_not_stop_the_others() {
     let ns = Netns::new("fail");
     ns.add_ifb("vip0");
     // IPv6 off on the device: the kernel refuses IPv6 addresses there.
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.vip0.disable_ipv6=1",
-        ],
-    );
+    netns::ip(&[
+        "netns",
+        "exec",
+        ns.0.name(),
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.vip0.disable_ipv6=1",
+    ])
+    .unwrap();
     let report = ns.run(|| async {
         let mut dev = VipDevice::open(Some("vip0")).await.unwrap();
         dev.sync(&ips(&[
@@ -516,9 +467,7 @@ fn listener_on_vip_of_down_device_accepts() {
 #[test]
 fn ipv6_vip_on_down_dad_device_is_bindable_at_once() {
     let ns = Netns::new("dad");
-    ns.ip(&[
-        "link", "add", "vip0", "type", "veth", "peer", "name", "vip1",
-    ]);
+    netns::add_veth(ns.0.name(), "vip0", ns.0.name(), "vip1").unwrap();
     let bound = ns.run(|| async {
         let mut dev = VipDevice::open(Some("vip0")).await.unwrap();
         let report = dev.sync(&ips(&["2001:db8::8"])).await.unwrap();

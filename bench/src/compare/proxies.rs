@@ -171,26 +171,11 @@ pub async fn start_proxy(
             let probe = listen_addr()?;
             let cfg = Config {
                 services: vec![
-                    // The readiness probe of Sluice::start speaks the bench
+                    // The readiness probe of Sluice::start_with speaks the bench
                     // backend's protocol: it goes to the built-in sink.
-                    ServiceCfg {
-                        name: "probe".into(),
-                        listen: probe,
-                        policy: "round-robin".into(),
-                        backends: vec![BackendCfg::ready(b_sink)],
-                    },
-                    ServiceCfg {
-                        name: "bulk".into(),
-                        listen: bulk,
-                        policy: "round-robin".into(),
-                        backends: vec![BackendCfg::ready(b_bulk)],
-                    },
-                    ServiceCfg {
-                        name: "http".into(),
-                        listen: http,
-                        policy: "round-robin".into(),
-                        backends: vec![BackendCfg::ready(b_http)],
-                    },
+                    ServiceCfg::new("probe", probe, vec![BackendCfg::ready(b_sink)]),
+                    ServiceCfg::new("bulk", bulk, vec![BackendCfg::ready(b_bulk)]),
+                    ServiceCfg::new("http", http, vec![BackendCfg::ready(b_http)]),
                 ],
             };
             // No admin endpoints: nothing to measure there, and their
@@ -215,7 +200,7 @@ pub async fn start_proxy(
             // (the only one of the load runtime) moves to the proxy's CPU
             // for the start, then everything moves back.
             pin_thread(cpu)?;
-            let s = Sluice::start_with_env(&bin, &args.sluice, &cfg, probe, None, &env).await;
+            let s = Sluice::start_with(&bin, &args.sluice, &[], &cfg, probe, None, &env).await;
             pin_process(load_cpu)?;
             Ok(Some(Proxy {
                 kind,

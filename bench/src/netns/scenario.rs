@@ -219,7 +219,7 @@ fn nft_endpoints(table: &[BackendCfg]) -> Vec<SocketAddrV4> {
     }
     table
         .iter()
-        .filter(|b| b.serving && b.terminating)
+        .filter(|b| b.serving.unwrap_or(b.ready) && b.terminating)
         .filter_map(v4)
         .collect()
 }
@@ -287,7 +287,11 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                     bin,
                     &spec.sluice_args,
                     &extra,
-                    &Config::single(SERVICE, vip_sa, table.clone()),
+                    &Config::from(crate::sluice::ServiceCfg::new(
+                        SERVICE,
+                        vip_sa,
+                        table.clone(),
+                    )),
                     vip_sa,
                     Some(SLUICE_LOG),
                     &[],
@@ -410,7 +414,11 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
         if dirty {
             match &sluice {
                 Some(s) => s
-                    .update(&Config::single(SERVICE, vip_sa, table.clone()))
+                    .update(&Config::from(crate::sluice::ServiceCfg::new(
+                        SERVICE,
+                        vip_sa,
+                        table.clone(),
+                    )))
                     .with_context(|| format!("updating sluice's config\n{}", s.log_tail(20)))?,
                 None => {
                     let eps = nft_endpoints(&table);

@@ -13,13 +13,10 @@
 //! Every address exists only inside these namespaces, which have no link to
 //! the host's interfaces.
 
-use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt as _;
-use std::path::Path;
-use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use sluice_testkit::netns;
 
 /// Every namespace the bench creates starts with this.
 pub const PREFIX: &str = "sb-";
@@ -110,87 +107,7 @@ impl Names {
     }
 }
 
-fn describe(args: &[&str]) -> String {
-    format!("ip {}", args.join(" "))
-}
-
-/// Runs `ip ARGS`; an error names the command and quotes its stderr.
-pub fn ip(args: &[&str]) -> Result<()> {
-    run("ip", args, None)
-}
-
-/// Runs `prog ARGS` with `stdin` fed in.
-pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
-    use std::io::Write as _;
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting `{prog}` (is it installed?)"))?;
-    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
-        w.write_all(text.as_bytes())
-            .with_context(|| format!("writing to `{prog}`"))?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            if prog == "ip" {
-                describe(args)
-            } else {
-                format!("{prog} {}", args.join(" "))
-            },
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn ns_path(name: &str) -> String {
-    format!("/run/netns/{name}")
-}
-
-pub fn exists(name: &str) -> bool {
-    Path::new(&ns_path(name)).exists()
-}
-
-/// Moves the calling thread into namespace `name`, and checks it is there.
-/// Sockets and child processes the thread creates afterwards live there.
-pub fn enter(name: &str) -> Result<()> {
-    let path = ns_path(name);
-    let f = File::open(&path).with_context(|| format!("opening {path}"))?;
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("setns({path})"))?;
-    let want = std::fs::metadata(&path)?.ino();
-    let have = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
-    anyhow::ensure!(
-        want == have,
-        "after setns({path}) the thread is in netns inode {have}, not {want}"
-    );
-    Ok(())
-}
-
-/// Runs `f` on a fresh thread inside namespace `name`.
-pub fn in_netns<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        enter(&name)?;
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
-}
+pub use sluice_testkit::netns::{enter, in_netns, ip, remove, run};
 
 /// Writes a sysctl inside namespace `ns` (no dependency on `sysctl`).
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
@@ -220,8 +137,7 @@ impl Topology {
         let node = names.node();
         let client = names.client();
         let node_cidr = format!("{NODE_IP}/24");
-        ip(&["netns", "add", &node])?;
-        ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        netns::add(&node)?;
         // A fixed MAC, as CNI bridges set it: otherwise the bridge takes the
         // lowest MAC of its ports and changes it when that port's pod goes,
         // and every pod's ARP entry for the gateway turns into a black hole.
@@ -259,12 +175,8 @@ pub fn attach(names: &Names, ns: &str, veth_name: &str, addr: Ipv4Addr) -> Resul
     let node = names.node();
     let cidr = format!("{addr}/24");
     let gw = NODE_IP.to_string();
-    ip(&["netns", "add", ns])?;
-    ip(&["-n", ns, "link", "set", "lo", "up"])?;
-    ip(&[
-        "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", veth_name, "netns",
-        &node,
-    ])?;
+    netns::add(ns)?;
+    netns::add_veth(ns, "eth0", &node, veth_name)?;
     ip(&[
         "-n", &node, "link", "set", veth_name, "master", BRIDGE, "up",
     ])?;
@@ -272,34 +184,6 @@ pub fn attach(names: &Names, ns: &str, veth_name: &str, addr: Ipv4Addr) -> Resul
     ip(&["-n", ns, "link", "set", "eth0", "up"])?;
     ip(&["-n", ns, "route", "add", "default", "via", &gw])?;
     Ok(())
-}
-
-/// Kills every process in namespace `name`, then deletes it. Quiet and
-/// idempotent: for cleanup paths.
-pub fn remove(name: &str) {
-    if !exists(name) {
-        return;
-    }
-    if let Ok(out) = Command::new("ip")
-        .args(["netns", "pids", name])
-        .stderr(Stdio::null())
-        .output()
-    {
-        for pid in String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    let _ = Command::new("ip")
-        .args(["netns", "del", name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// The pid in a name `sb-<pid>-<run>-...` (None for any other name,

@@ -483,7 +483,14 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// `status.addresses` of type InternalIP and ExternalIP that parse.
     pub addresses: Vec<IpAddr>,
+    /// Not being removed: no deletion timestamp and no
+    /// `ToBeDeletedByClusterAutoscaler` taint (kube-proxy's rule for
+    /// `nodeEligible` on `/healthz`).
+    pub eligible: bool,
 }
+
+/// The taint the cluster autoscaler puts on a node it is removing.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// Converts a Node. Addresses that do not parse are left out.
 pub fn node_info(node: &Node) -> NodeInfo {
@@ -504,5 +511,15 @@ pub fn node_info(node: &Node) -> NodeInfo {
         .collect();
     addresses.sort();
     addresses.dedup();
-    NodeInfo { zone, addresses }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    let eligible = node.metadata.deletion_timestamp.is_none() && !tainted;
+    NodeInfo {
+        zone,
+        addresses,
+        eligible,
+    }
 }

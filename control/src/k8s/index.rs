@@ -103,6 +103,8 @@ pub struct Index {
     fixed_addresses: Vec<IpAddr>,
     /// This node's Node, once seen.
     node: Option<NodeInfo>,
+    /// This node's Node was seen once: its absence now means deleted.
+    node_seen: bool,
     /// The addresses of this node's Node when it was last seen: node ports
     /// stay there when the Node is deleted or missing from a relist.
     last_node_addresses: Vec<IpAddr>,
@@ -269,6 +271,18 @@ impl Index {
                 skipped = ?new,
                 "skipping bad fields; the rest of the object is used"
             );
+        }
+    }
+
+    /// Whether this node may take load-balancer traffic (kube-proxy's
+    /// `nodeEligible`): its Node is not being deleted and not tainted
+    /// `ToBeDeletedByClusterAutoscaler`. A Node deleted (or gone from a
+    /// relist) is not eligible; one never seen (no `--node-name`, or not
+    /// listed yet) is.
+    pub fn node_eligible(&self) -> bool {
+        match &self.node {
+            Some(node) => node.eligible,
+            None => !self.node_seen,
         }
     }
 
@@ -690,6 +704,7 @@ impl Watched for Node {
             if let Some(old) = index.node.take() {
                 index.last_node_addresses = old.addresses;
             }
+            index.node_seen |= info.is_some();
             index.node = info;
             index.dirty.extend(index.services.keys().cloned());
         }

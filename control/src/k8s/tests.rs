@@ -596,6 +596,43 @@ fn node_deleted_or_missing_from_a_relist_keeps_its_addresses() {
 }
 
 #[test]
+fn node_eligibility_follows_deletion_and_the_autoscaler_taint() {
+    use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let mut idx = index();
+    assert!(idx.node_eligible(), "never seen: eligible");
+    let ours = mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]);
+    idx.apply(&ours).unwrap();
+    assert!(idx.node_eligible());
+    let mut tainted = ours.clone();
+    tainted.spec = Some(NodeSpec {
+        taints: Some(vec![Taint {
+            key: "ToBeDeletedByClusterAutoscaler".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    idx.apply(&tainted).unwrap();
+    assert!(!idx.node_eligible(), "autoscaler taint");
+    idx.apply(&ours).unwrap();
+    assert!(idx.node_eligible(), "taint removed");
+    let mut deleting = ours.clone();
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    idx.apply(&deleting).unwrap();
+    assert!(!idx.node_eligible(), "deletion timestamp");
+    idx.apply(&ours).unwrap();
+    idx.delete::<Node>(&NODE.to_owned());
+    assert!(!idx.node_eligible(), "deleted");
+    // Another node's taint is not ours.
+    let mut idx = index();
+    let mut other = tainted.clone();
+    other.metadata.name = Some("node-b".into());
+    idx.apply(&other).unwrap();
+    assert!(idx.node_eligible());
+}
+
+#[test]
 fn deleted_node_keeps_addresses_but_not_its_zone() {
     let mut idx = index();
     idx.apply(&mk_node(NODE, Some("z1"), &[("InternalIP", "192.0.2.10")]))

@@ -1,8 +1,14 @@
 //! `healthCheckNodePort` responders, as kube-proxy runs them: for each
 //! LoadBalancer Service with `externalTrafficPolicy: Local`, an HTTP server
 //! on its health-check port answers 200 when this node has ready local
-//! endpoints for it and 503 otherwise, with kube-proxy's JSON body, so that
-//! cloud load balancers send traffic only to nodes that can serve it.
+//! endpoints for it **and** the proxy itself is healthy (kube-proxy's
+//! `serviceProxyHealthy`: the same rule as `/healthz`, without node
+//! eligibility), 503 otherwise, with kube-proxy's JSON body and its
+//! `X-Load-Balancing-Endpoint-Weight` header (the local endpoint count), so
+//! that cloud load balancers send traffic only to nodes that can serve it.
+//! The listener is dual-stack (`[::]` accepting IPv4 too) when the
+//! responders listen on all addresses and the node has IPv6; IPv4 only
+//! otherwise.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -22,9 +28,13 @@ use crate::k8s::HealthCheck;
 
 type Shared = Arc<Mutex<HashMap<u16, HealthCheck>>>;
 
+/// Whether the proxy itself is healthy (`serviceProxyHealthy`).
+pub type ProxyHealthy = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// The running responders, one listener per health-check port.
 pub struct HealthResponders {
     ip: IpAddr,
+    proxy_healthy: ProxyHealthy,
     state: Shared,
     listeners: HashMap<u16, JoinHandle<()>>,
     /// Wanted ports whose bind failed (say, still held by the kube-proxy
@@ -48,10 +58,12 @@ fn lock(s: &Shared) -> MutexGuard<'_, HashMap<u16, HealthCheck>> {
 }
 
 impl HealthResponders {
-    /// Responders will listen on `ip` (kube-proxy: all addresses).
-    pub fn new(ip: IpAddr) -> Self {
+    /// Responders will listen on `ip` (kube-proxy: all addresses) and
+    /// answer 200 only while `proxy_healthy` says so.
+    pub fn new(ip: IpAddr, proxy_healthy: ProxyHealthy) -> Self {
         Self {
             ip,
+            proxy_healthy,
             state: Arc::default(),
             listeners: HashMap::new(),
             failed: HashSet::new(),
@@ -84,15 +96,16 @@ impl HealthResponders {
                 continue;
             }
             let addr = SocketAddr::new(self.ip, c.port);
-            match TcpListener::bind(addr).await {
+            match bind(addr) {
                 Ok(l) => {
                     if self.failed.remove(&c.port) {
                         tracing::info!(%addr, service = %c.service, "health check port bound after earlier failure");
                     }
                     tracing::info!(%addr, service = %c.service, "health check responder listening");
                     let st = self.state.clone();
+                    let healthy = self.proxy_healthy.clone();
                     self.listeners
-                        .insert(c.port, tokio::spawn(serve(l, c.port, st)));
+                        .insert(c.port, tokio::spawn(serve(l, c.port, st, healthy)));
                 }
                 Err(e) => {
                     if self.failed.insert(c.port) {
@@ -124,7 +137,32 @@ impl HealthResponders {
     }
 }
 
-async fn serve(listener: TcpListener, port: u16, state: Shared) {
+/// Binds a health-check port. On the IPv4 wildcard, a dual-stack `[::]`
+/// listener when the node has IPv6 (it takes IPv4 connections too),
+/// else `0.0.0.0`.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let listen = |addr: SocketAddr, v6only: Option<bool>| -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if let Some(only) = v6only {
+            socket.set_only_v6(only)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(128)?;
+        TcpListener::from_std(socket.into())
+    };
+    if addr.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        let any6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port());
+        if let Ok(l) = listen(any6, Some(false)) {
+            return Ok(l);
+        }
+    }
+    listen(addr, None)
+}
+
+async fn serve(listener: TcpListener, port: u16, state: Shared, healthy: ProxyHealthy) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -136,10 +174,12 @@ async fn serve(listener: TcpListener, port: u16, state: Shared) {
             }
         };
         let st = state.clone();
+        let healthy = healthy.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |_req: Request<Incoming>| {
                 let answer = lock(&st).get(&port).cloned();
-                async move { Ok::<_, Infallible>(respond(answer.as_ref())) }
+                let proxy_healthy = healthy();
+                async move { Ok::<_, Infallible>(respond(answer.as_ref(), proxy_healthy)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -148,28 +188,37 @@ async fn serve(listener: TcpListener, port: u16, state: Shared) {
     }
 }
 
-/// kube-proxy's answer: 200 with local endpoints, 503 without.
-fn respond(check: Option<&HealthCheck>) -> Response<Full<Bytes>> {
-    let (code, body) = match check {
+/// kube-proxy's answer: 200 with local endpoints while the proxy is
+/// healthy, 503 otherwise; the endpoint count also in
+/// `X-Load-Balancing-Endpoint-Weight`.
+fn respond(check: Option<&HealthCheck>, proxy_healthy: bool) -> Response<Full<Bytes>> {
+    let (code, body, weight) = match check {
         Some(c) => (
-            if c.local_endpoints > 0 {
+            if c.local_endpoints > 0 && proxy_healthy {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             },
             format!(
-                "{{\"service\":{{\"namespace\":\"{}\",\"name\":\"{}\"}},\"localEndpoints\":{},\"serviceProxyHealthy\":true}}",
-                c.service.namespace, c.service.name, c.local_endpoints
+                "{{\"service\":{{\"namespace\":\"{}\",\"name\":\"{}\"}},\"localEndpoints\":{},\"serviceProxyHealthy\":{}}}",
+                c.service.namespace, c.service.name, c.local_endpoints, proxy_healthy
             ),
+            c.local_endpoints,
         ),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "{}".to_owned()),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "{}".to_owned(), 0),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = code;
-    r.headers_mut().insert(
+    let headers = r.headers_mut();
+    headers.insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        hyper::header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("x-load-balancing-endpoint-weight", weight.into());
     r
 }
 
@@ -189,11 +238,69 @@ mod tests {
         }
     }
 
+    fn header<'a>(r: &'a Response<Full<Bytes>>, name: &str) -> &'a str {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    #[test]
+    fn the_answer_needs_local_endpoints_and_a_healthy_proxy() {
+        let c = check(1);
+        let ok = respond(Some(&c), true);
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(header(&ok, "x-load-balancing-endpoint-weight"), "1");
+        let sick = respond(Some(&c), false);
+        assert_eq!(sick.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(header(&sick, "x-load-balancing-endpoint-weight"), "1");
+        let none = HealthCheck {
+            local_endpoints: 0,
+            ..check(1)
+        };
+        let empty = respond(Some(&none), true);
+        assert_eq!(empty.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(header(&empty, "x-load-balancing-endpoint-weight"), "0");
+    }
+
+    #[tokio::test]
+    async fn the_body_says_whether_the_proxy_is_healthy() {
+        use http_body_util::BodyExt;
+        let body = respond(Some(&check(1)), false)
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["serviceProxyHealthy"], serde_json::json!(false), "{v}");
+        assert_eq!(v["localEndpoints"], serde_json::json!(1), "{v}");
+    }
+
+    #[tokio::test]
+    async fn the_wildcard_listener_takes_ipv4_and_ipv6() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let l = bind(SocketAddr::new([0, 0, 0, 0].into(), port)).unwrap();
+        let v6 = l.local_addr().unwrap().is_ipv6();
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        if v6 {
+            tokio::net::TcpStream::connect(("::1", port)).await.unwrap();
+        } else {
+            eprintln!("no IPv6 here: IPv4 only");
+        }
+    }
+
     #[tokio::test]
     async fn a_port_held_elsewhere_is_retried_until_it_binds() {
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
-        let mut r = HealthResponders::new("127.0.0.1".parse().unwrap());
+        let mut r = HealthResponders::new("127.0.0.1".parse().unwrap(), Arc::new(|| true));
         r.update(&[check(port)]).await;
         assert!(r.ports().is_empty());
         assert!(r.incomplete());

@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
@@ -78,6 +78,14 @@ pub struct KubeOptions {
     /// The scheduler of Services without a (known) `sluice.io/scheduler`
     /// annotation (`--scheduler`).
     pub scheduler: Policy,
+    /// Kept equal to [`Index::node_eligible`] (share the `Arc` to read it):
+    /// false while this node's Node is being deleted or carries the
+    /// cluster autoscaler's deletion taint.
+    pub node_eligible: Arc<AtomicBool>,
+    /// `/healthz`'s timeout and the process start, for the responders'
+    /// `serviceProxyHealthy` (the same rule as `/healthz`).
+    pub health_timeout: Duration,
+    pub started: std::time::Instant,
 }
 
 impl Default for KubeOptions {
@@ -90,6 +98,9 @@ impl Default for KubeOptions {
             stats: Arc::default(),
             health_check_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             scheduler: Policy::default(),
+            node_eligible: Arc::new(AtomicBool::new(true)),
+            health_timeout: Duration::from_secs(60),
+            started: std::time::Instant::now(),
         }
     }
 }
@@ -549,7 +560,12 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         stats: opts.stats.clone(),
     };
     let mut events = futures::stream::select_all(streams);
-    let mut health = HealthResponders::new(opts.health_check_ip);
+    let proxy_healthy = {
+        let publisher = publisher.clone();
+        let (timeout, started) = (opts.health_timeout, opts.started);
+        Arc::new(move || publisher.is_healthy(std::time::Instant::now(), timeout, started))
+    };
+    let mut health = HealthResponders::new(opts.health_check_ip, proxy_healthy);
     let mut health_retry_at: Option<Instant> = None;
     let mut last_build: Option<Instant> = None;
     loop {
@@ -584,6 +600,13 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
                 if src.published && !src.index.is_dirty() {
                     // The input changed nothing the table depends on.
                     publisher.settle_unchanged();
+                }
+                let eligible = src.index.node_eligible();
+                if opts.node_eligible.swap(eligible, Ordering::Relaxed) != eligible {
+                    tracing::info!(
+                        eligible,
+                        "node eligibility for load-balancer traffic changed (/healthz nodeEligible)"
+                    );
                 }
             }
             Some(None) => {

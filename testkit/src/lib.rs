@@ -1,0 +1,61 @@
+//! The test kit shared by sluice's tests and `sluice-bench`: run the real
+//! `sluice` binary and learn its state from its admin endpoints
+//! ([`daemon`]), one HTTP GET for those endpoints ([`http`]), named echo
+//! backends ([`backend`]), and network namespaces ([`netns`]).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod backend;
+pub mod daemon;
+pub mod http;
+pub mod netns;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+pub use daemon::{Daemon, Options, StopReport};
+
+/// A TCP port free right now on `ip` (bound, read, released).
+pub fn free_port(ip: impl Into<IpAddr>) -> std::io::Result<u16> {
+    let ip = ip.into();
+    let l = std::net::TcpListener::bind((ip, 0))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("bind {ip}:0: {e}")))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// An address on 127.0.0.1 whose port is free right now.
+pub fn free_addr() -> std::io::Result<SocketAddr> {
+    Ok(SocketAddr::new(
+        Ipv4Addr::LOCALHOST.into(),
+        free_port(Ipv4Addr::LOCALHOST)?,
+    ))
+}
+
+/// The value of one series (`name` or `name{labels}`, written exactly as
+/// the exposition writes it) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_reads_one_exact_series() {
+        let text = "# TYPE sluice_table_generation gauge\nsluice_table_generation 7\nsluice_table_generation_x 9\nsluice_closed_total{reason=\"cut\"} 2\n";
+        assert_eq!(metric(text, "sluice_table_generation"), Some(7.0));
+        assert_eq!(
+            metric(text, "sluice_closed_total{reason=\"cut\"}"),
+            Some(2.0)
+        );
+        assert_eq!(metric(text, "sluice_closed_total"), None);
+        assert_eq!(metric(text, "absent"), None);
+    }
+
+    #[test]
+    fn free_port_is_bindable() {
+        let a = free_addr().unwrap();
+        std::net::TcpListener::bind(a).unwrap();
+    }
+}

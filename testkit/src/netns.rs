@@ -1,0 +1,199 @@
+//! Network namespaces driven through `ip` (iproute2): create and delete
+//! them, veth pairs between them, and code run inside one from a thread of
+//! its own (so every socket and child process it makes lives there).
+//! Needs root.
+
+use std::fs::File;
+use std::future::Future;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+/// Runs `prog ARGS` with `stdin` fed in; an error names the command and
+/// quotes its stderr.
+pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{prog}` (is it installed?)"))?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(text.as_bytes())
+            .with_context(|| format!("writing to `{prog}`"))?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`{prog} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `ip ARGS`.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args, None)
+}
+
+fn path(name: &str) -> String {
+    format!("/run/netns/{name}")
+}
+
+pub fn exists(name: &str) -> bool {
+    Path::new(&path(name)).exists()
+}
+
+/// Creates namespace `name` with `lo` up (local delivery, also to
+/// addresses on a down device, goes through it).
+pub fn add(name: &str) -> Result<()> {
+    ip(&["netns", "add", name])?;
+    ip(&["-n", name, "link", "set", "lo", "up"])
+}
+
+/// A veth pair: `dev` in namespace `ns`, its peer `peer` in `peer_ns`.
+pub fn add_veth(ns: &str, dev: &str, peer_ns: &str, peer: &str) -> Result<()> {
+    ip(&[
+        "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+    ])
+}
+
+/// Kills every process in namespace `name`, then deletes it. Quiet and
+/// idempotent: for cleanup paths.
+pub fn remove(name: &str) {
+    if !exists(name) {
+        return;
+    }
+    if let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", name])
+        .stderr(Stdio::null())
+        .output()
+    {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Moves the calling thread into namespace `name`, and checks it is there.
+/// Sockets and child processes the thread creates afterwards live there.
+pub fn enter(name: &str) -> Result<()> {
+    let path = path(name);
+    let f = File::open(&path).with_context(|| format!("opening {path}"))?;
+    setns(&f, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns({path})"))?;
+    let want = std::fs::metadata(&path)?.ino();
+    let have = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+    anyhow::ensure!(
+        want == have,
+        "after setns({path}) the thread is in netns inode {have}, not {want}"
+    );
+    Ok(())
+}
+
+/// Runs `f` on a fresh thread inside namespace `name`.
+pub fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let owned = name.to_string();
+    std::thread::spawn(move || {
+        enter(&owned)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in netns {name} panicked"))?
+}
+
+/// A namespace of one's own, deleted (with what runs in it) on drop, also
+/// on panic.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates namespace `name` ([`add`]).
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let ns = Self { name: name.into() };
+        add(&ns.name)?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        ip(&[&["-n", self.name.as_str()], args].concat())
+    }
+
+    /// Runs the future `f` makes inside the namespace, on a current-thread
+    /// runtime of its own, for at most `within`.
+    pub fn block_on<T, F, Fut>(&self, within: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let name = self.name.clone();
+        in_netns(&self.name, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move { tokio::time::timeout(within, f()).await })
+                .with_context(|| format!("timed out after {within:?} in netns {name}"))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        remove(&self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_runs_inside_and_the_namespace_goes_on_drop() {
+        let ns = Netns::new(format!("sluice-kit-{}", std::process::id())).unwrap();
+        let name = ns.name().to_string();
+        let links = ns
+            .block_on(Duration::from_secs(5), || async {
+                std::fs::read_to_string("/proc/thread-self/net/dev").unwrap()
+            })
+            .unwrap();
+        // Only `lo` lives in a fresh namespace.
+        assert_eq!(links.lines().skip(2).count(), 1, "{links}");
+        assert!(links.contains("lo:"), "{links}");
+        drop(ns);
+        assert!(!exists(&name));
+    }
+}
