@@ -5,7 +5,8 @@
 //! client-visible errors expected), `churn` (short-lived connections/s and
 //! latency, direct vs through sluice), `throughput` (bulk Gbit/s, direct vs
 //! through sluice), `control` (control-plane scale: index build and
-//! single-slice update cost for thousands of Services), `serve` (a built-in
+//! single-slice update cost for thousands of Services), `sched` (pick cost
+//! of each scheduler, Maglev's remapping), `serve` (a built-in
 //! backend on its own).
 //!
 //! Modules:
@@ -23,6 +24,7 @@
 //! - [`churn`], [`throughput`], [`compare`]: the other scenarios.
 //! - [`check`]: range checks of command-line values.
 //! - [`control`]: the control-plane scale bench (counting allocator).
+//! - [`sched`]: the schedulers' pick cost and Maglev's remapping.
 //!
 //! Every address is loopback; every loop is bounded in count and time;
 //! children are killed and temp dirs removed on exit, error, Ctrl-C and
@@ -53,6 +55,7 @@ mod netns;
 mod plan;
 mod report;
 mod rollout;
+mod sched;
 mod sluice;
 mod throughput;
 mod workload;
@@ -87,6 +90,9 @@ enum Cmd {
     /// Control-plane scale: index build, single-slice updates, publish,
     /// memory, for thousands of Services.
     Control(control::ControlArgs),
+    /// Schedulers: pick cost per connection of each; for Maglev and source
+    /// hashing, the clients remapped when one of N backends leaves or joins.
+    Sched(sched::SchedArgs),
     /// sluice vs direct, HAProxy and nginx side by side: short connections,
     /// keep-alive requests, bulk, idle memory; proxy pinned to one CPU.
     Compare(compare::CompareArgs),
@@ -131,6 +137,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Compare(a) => compare::run(a).await,
         Cmd::Serve(a) => serve(a).await,
         Cmd::Control(a) => control::run(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Sched(a) => sched::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::NetnsPod(a) => netns::pod::run(a).await,
     }
 }

@@ -11,7 +11,7 @@
 //! nothing here is mutable: a change is a new table, published whole.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,23 +123,187 @@ impl Backend {
     }
 }
 
-/// How a service spreads new connections over its eligible backends.
+/// How a service spreads new connections over its eligible backends (the
+/// scheduler, in IPVS's words).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
+    /// Smooth weighted round robin (IPVS `rr`/`wrr`).
     #[default]
     RoundRobin,
-    /// Power of two random choices over active connections.
+    /// Power of two random choices over active connections per unit of
+    /// weight (IPVS `lc`/`wlc`, sampled).
     LeastConnections,
+    /// Maglev consistent hashing of the client IP (IPVS `mh`): every node
+    /// with the same backends picks the same one for a client, and a
+    /// backend leaving moves only the clients it had (see
+    /// [`Service::hash_order`]).
+    Maglev,
+    /// The client IP's hash modulo the eligible backends, in proportion to
+    /// their weights (IPVS `sh`): the same on every node, but a change of
+    /// backends moves most clients.
+    SourceHash,
+}
+
+impl Policy {
+    /// Every policy, in the order the docs list them.
+    pub const ALL: [Policy; 4] = [
+        Policy::RoundRobin,
+        Policy::LeastConnections,
+        Policy::Maglev,
+        Policy::SourceHash,
+    ];
+
+    /// The name used in files, flags and annotations (`round-robin`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastConnections => "least-connections",
+            Policy::Maglev => "maglev",
+            Policy::SourceHash => "source-hash",
+        }
+    }
+
+    /// Whether the pick follows a hash of the client IP.
+    pub fn hashes_client(self) -> bool {
+        matches!(self, Policy::Maglev | Policy::SourceHash)
+    }
 }
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Policy::RoundRobin => "round-robin",
-            Policy::LeastConnections => "least-connections",
-        })
+        f.write_str(self.name())
     }
+}
+
+/// A scheduler name that is none of [`Policy::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduler {0:?} (valid: round-robin, least-connections, maglev, source-hash)")]
+pub struct UnknownPolicy(pub String);
+
+impl std::str::FromStr for Policy {
+    type Err = UnknownPolicy;
+
+    /// The exact [`Policy::name`].
+    fn from_str(s: &str) -> Result<Self, UnknownPolicy> {
+        (Policy::ALL.into_iter())
+            .find(|p| p.name() == s)
+            .ok_or_else(|| UnknownPolicy(s.to_owned()))
+    }
+}
+
+/// A fixed, documented hash: 64-bit FNV-1a over `parts`, then MurmurHash3's
+/// `fmix64` finaliser (FNV alone mixes the last bytes poorly into the low
+/// bits). Every node and every build of sluice computes the same value,
+/// which std's `DefaultHasher` does not promise.
+pub fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in parts.iter().copied().flatten() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The hash of a client address that [`Policy::Maglev`] and
+/// [`Policy::SourceHash`] pick by: its octets (an IPv4-mapped IPv6 address
+/// as the IPv4 one, so a client hashes alike on both kinds of listener).
+pub fn client_hash(ip: IpAddr) -> u64 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => stable_hash(&[&v4.octets()]),
+        IpAddr::V6(v6) => stable_hash(&[&v6.octets()]),
+    }
+}
+
+/// Entries of a Maglev lookup table: a prime (the Maglev paper's), about
+/// 100 per backend or more up to a thousand backends, so that shares stay
+/// within about 1% of even. 128 KiB per Maglev service entry.
+pub const MAGLEV_SIZE: usize = 65_537;
+
+/// Most eligible backends a hashing policy builds its table for (positions
+/// are `u16`, and `u16::MAX` marks an empty slot while Maglev fills).
+/// Beyond it the pick is the client hash modulo the eligible count, in
+/// listing order.
+const MAX_HASHED_BACKENDS: usize = u16::MAX as usize;
+
+/// Table entries a Maglev fallback walks (looking for a backend that is
+/// neither tried nor ejected) before it scans the eligible set in order.
+const MAGLEV_WALK: usize = 64;
+
+/// A hashing policy's table: slot to position in the eligible set. Derived
+/// from the service's policy and eligible backends, so it takes no part in
+/// comparing or hashing services (two equal services have equal tables).
+#[derive(Clone, Default)]
+struct Lookup(Arc<[u16]>);
+
+impl PartialEq for Lookup {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Lookup {}
+
+impl std::hash::Hash for Lookup {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+impl fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Lookup({} slots)", self.0.len())
+    }
+}
+
+/// Fills a Maglev lookup table (Eisenbud et al., NSDI 2016, section 3.4)
+/// for `backends` (address, turns per round, position in the eligible set;
+/// at most [`MAX_HASHED_BACKENDS`], sorted by address). Each backend's preference list is a
+/// permutation of the slots from two hashes of its address (offset, skip);
+/// in each round every backend, in address order, takes the next free slot
+/// of its list once per turn. So the table depends only on the set of
+/// (address, weight) pairs, not on the order they were listed in, and a
+/// heavier backend gets more slots. O(M log M) expected.
+fn maglev_lookup(backends: &[(SocketAddr, u64, u16)]) -> Lookup {
+    const EMPTY: u16 = u16::MAX;
+    let m = MAGLEV_SIZE as u64;
+    // (next slot to try, skip) per backend.
+    let mut lists: Vec<(u64, u64)> = (backends.iter())
+        .map(|(addr, _, _)| {
+            let ip: &[u8] = match addr.ip() {
+                IpAddr::V4(v4) => &v4.octets(),
+                IpAddr::V6(v6) => &v6.octets(),
+            };
+            let id = [ip, &addr.port().to_be_bytes()].concat();
+            let offset = stable_hash(&[b"offset", &id]) % m;
+            let skip = stable_hash(&[b"skip", &id]) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    if backends.iter().all(|b| b.1 == 0) {
+        return Lookup::default();
+    }
+    let mut slots = vec![EMPTY; MAGLEV_SIZE];
+    let mut filled = 0;
+    while filled < MAGLEV_SIZE {
+        for (&(_, turns, position), (next, skip)) in backends.iter().zip(&mut lists) {
+            for _ in 0..turns {
+                // M is prime and 0 < skip < M: the list visits every slot,
+                // so a free one is found while the table is not full.
+                while slots[*next as usize] != EMPTY {
+                    *next = (*next + *skip) % m;
+                }
+                slots[*next as usize] = position;
+                filled += 1;
+                if filled == MAGLEV_SIZE {
+                    return Lookup(slots.into());
+                }
+            }
+        }
+    }
+    Lookup(slots.into())
 }
 
 /// Client-IP session affinity (Kubernetes `sessionAffinity: ClientIP`).
@@ -169,18 +333,21 @@ pub struct Service {
     /// weight and spread evenly over the cycle. Empty when weights are
     /// equal: turn `k` is then position `k mod n`.
     turns: Vec<u32>,
+    /// Hashing policies: slot to position in the eligible set. Maglev's
+    /// table ([`MAGLEV_SIZE`] slots), or for source hashing one weighted
+    /// cycle over the eligible backends in address order. Empty for other
+    /// policies.
+    lookup: Lookup,
 }
 
 /// Longest cycle of weighted turns kept per service; larger weight ratios
 /// are scaled down to fit (every backend keeping at least one turn).
 const MAX_TURNS: u64 = 4096;
 
-/// One cycle of smooth weighted round robin over `weights` (all > 0):
-/// backend `i` gets `w_i / g` turns per cycle (`g` their gcd; scaled to
-/// about [`MAX_TURNS`] when larger), each turn placed at the middle of its
-/// share of the cycle, so a heavy backend's turns interleave with the light
-/// ones' instead of coming in one run. O(turns × log n).
-fn weighted_turns(weights: &[u64]) -> Vec<u32> {
+/// `weights` (all > 0) divided by their gcd, and scaled down to sum to
+/// about [`MAX_TURNS`] when larger (each keeping at least 1): the turns of
+/// each backend in one cycle (round robin) or one round (Maglev's fill).
+fn reduced_weights(weights: &[u64]) -> Vec<u64> {
     fn gcd(a: u64, b: u64) -> u64 {
         if b == 0 { a } else { gcd(b, a % b) }
     }
@@ -192,6 +359,16 @@ fn weighted_turns(weights: &[u64]) -> Vec<u32> {
             *w = (u128::from(*w) * u128::from(MAX_TURNS) / u128::from(total)).max(1) as u64;
         }
     }
+    w
+}
+
+/// One cycle of smooth weighted round robin over `weights` (all > 0):
+/// backend `i` gets `w_i / g` turns per cycle (`g` their gcd; scaled to
+/// about [`MAX_TURNS`] when larger), each turn placed at the middle of its
+/// share of the cycle, so a heavy backend's turns interleave with the light
+/// ones' instead of coming in one run. O(turns × log n).
+fn weighted_turns(weights: &[u64]) -> Vec<u32> {
+    let w = reduced_weights(weights);
     // Turn c (0-based) of backend i of n is due at (c + φ_i) / w_i of the
     // cycle, φ_i = (i + 1/2) / n: evenly spaced, and light backends out of
     // each other's way. The earliest due turn goes next (ties: lower index).
@@ -277,6 +454,28 @@ impl Service {
         } else {
             weighted_turns(&weights)
         };
+        let lookup = if policy.hashes_client() && eligible.len() <= MAX_HASHED_BACKENDS {
+            // By address: what every node agrees on, whatever the order
+            // the backends were listed in.
+            let mut ids: Vec<(SocketAddr, u64, u16)> = (eligible.iter())
+                .filter_map(|&i| backends.get(i))
+                .zip(reduced_weights(&weights))
+                .zip(0u16..)
+                .map(|((b, turns), position)| (b.addr, turns, position))
+                .collect();
+            ids.sort_unstable_by_key(|b| b.0);
+            match policy {
+                Policy::Maglev => maglev_lookup(&ids),
+                _ => {
+                    let w: Vec<u64> = ids.iter().map(|b| b.1).collect();
+                    let cycle = weighted_turns(&w);
+                    let slot = |i: usize| ids.get(i).map_or(0, |b| b.2);
+                    Lookup(cycle.iter().map(|&i| slot(i as usize)).collect())
+                }
+            }
+        } else {
+            Lookup::default()
+        };
         Self {
             name: name.into(),
             policy,
@@ -284,7 +483,35 @@ impl Service {
             backends,
             eligible,
             turns,
+            lookup,
         }
+    }
+
+    /// The eligible positions to offer client `hash` (see [`client_hash`])
+    /// under a hashing policy, best first. The first is one lookup: slot
+    /// `hash mod len` of the service's table (Maglev's, or for
+    /// [`Policy::SourceHash`] one weighted cycle in address order). Then
+    /// the next [`MAGLEV_WALK`] slots (for Maglev, other backends in an
+    /// order that differs from slot to slot, so the clients of a backend
+    /// that is down spread over the rest), then every position from the
+    /// first on: a pick that skips tried and ejected backends along it
+    /// still finds any that is left.
+    ///
+    /// Deterministic: the same on every node with the same eligible
+    /// backends (addresses and weights), whatever their listing order.
+    /// Empty when nothing is eligible.
+    pub fn hash_order(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
+        let n = self.eligible.len();
+        let slots: &[u16] = if n == 0 { &[] } else { &self.lookup.0 };
+        let start = hash.checked_rem(slots.len() as u64).unwrap_or(0) as usize;
+        let first = (slots.get(start))
+            .map_or(hash.checked_rem(n as u64).unwrap_or(0) as usize, |&p| {
+                usize::from(p)
+            });
+        let walk = (0..slots.len().min(MAGLEV_WALK + 1))
+            .filter_map(move |k| slots.get((start + k) % slots.len()))
+            .map(|&p| usize::from(p));
+        walk.chain((0..n).map(move |k| (first + k) % n))
     }
 
     /// The position (in the eligible set) of turn `k` of weighted round
@@ -462,17 +689,20 @@ mod tests {
         assert_eq!(s.backends().len(), 2);
     }
 
+    /// Ready backends 10.0.0.1:80, .2, ... with these weights.
+    fn weighted(policy: Policy, weights: &[u32]) -> Service {
+        let backends = (weights.iter().zip(1u8..))
+            .map(|(&weight, i)| Backend {
+                weight,
+                ..Backend::new(SocketAddr::from(([10, 0, 0, i], 80)), Conditions::READY)
+            })
+            .collect();
+        Service::new("t", policy, None, backends)
+    }
+
     #[test]
     fn weighted_turns_follow_weights_in_a_bounded_cycle() {
-        let mk = |weights: &[u32]| {
-            let backends = (weights.iter().zip(1u8..))
-                .map(|(&weight, i)| Backend {
-                    weight,
-                    ..Backend::new(SocketAddr::from(([10, 0, 0, i], 80)), Conditions::READY)
-                })
-                .collect();
-            Service::new("t", Policy::RoundRobin, None, backends)
-        };
+        let mk = |weights: &[u32]| weighted(Policy::RoundRobin, weights);
         let shares = |s: &Service, len: usize| {
             let mut c = vec![0; s.eligible_len()];
             for k in 0..len {
@@ -498,6 +728,76 @@ mod tests {
         assert_eq!(shares(&s, s.turns.len())[1], 1);
         // No eligible backend: position 0, no panic.
         assert_eq!(mk(&[0]).weighted_turn(5), 0);
+    }
+
+    #[test]
+    fn policies_parse_by_their_names() {
+        for p in Policy::ALL {
+            assert_eq!(p.name().parse::<Policy>(), Ok(p));
+            assert_eq!(p.to_string(), p.name());
+        }
+        let err = "Maglev".parse::<Policy>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown scheduler \"Maglev\" (valid: round-robin, least-connections, maglev, source-hash)"
+        );
+    }
+
+    #[test]
+    fn the_client_hash_is_fixed() {
+        // FNV-1a 64 then fmix64, computed independently of this code.
+        assert_eq!(client_hash([192, 0, 2, 1].into()), 0x8039_3182_6a22_88ea);
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_hash(mapped), 0x8039_3182_6a22_88ea);
+    }
+
+    fn maglev(weights: &[u32]) -> Service {
+        weighted(Policy::Maglev, weights)
+    }
+
+    /// Slots per eligible position.
+    fn slot_shares(s: &Service) -> Vec<usize> {
+        let mut c = vec![0; s.eligible_len()];
+        for &p in s.lookup.0.iter() {
+            c[usize::from(p)] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn maglev_table_is_full_even_and_weighted() {
+        let s = maglev(&[1; 10]);
+        assert_eq!(s.lookup.0.len(), MAGLEV_SIZE);
+        let even = MAGLEV_SIZE / 10;
+        for share in slot_shares(&s) {
+            assert!(share.abs_diff(even) <= even / 50, "{:?}", slot_shares(&s));
+        }
+        // Twice the weight, twice the slots.
+        let shares = slot_shares(&maglev(&[2, 1, 1]));
+        assert!(
+            shares[0].abs_diff(MAGLEV_SIZE / 2) < MAGLEV_SIZE / 100,
+            "{shares:?}"
+        );
+        assert!(
+            shares[1].abs_diff(shares[2]) < MAGLEV_SIZE / 100,
+            "{shares:?}"
+        );
+        // Weight 0 drains; other policies keep no table.
+        assert_eq!(slot_shares(&maglev(&[0, 3])), vec![MAGLEV_SIZE]);
+        let rr = Service::new("t", Policy::RoundRobin, None, s.backends().to_vec());
+        assert!(rr.lookup.0.is_empty());
+        assert!(maglev(&[]).hash_order(7).next().is_none());
+    }
+
+    #[test]
+    fn maglev_table_ignores_listing_order() {
+        let backends = maglev(&[1, 2, 3, 1]).backends().to_vec();
+        let mut reversed = backends.clone();
+        reversed.reverse();
+        let a = Service::new("t", Policy::Maglev, None, backends);
+        let b = Service::new("t", Policy::Maglev, None, reversed);
+        let at = |s: &Service, slot: usize| s.eligible(usize::from(s.lookup.0[slot])).unwrap().addr;
+        assert!((0..MAGLEV_SIZE).all(|i| at(&a, i) == at(&b, i)));
     }
 
     #[test]

@@ -10,10 +10,12 @@
 //! Order of preference:
 //! 1. the client's affinity backend, while it stays eligible, unexcluded and
 //!    not ejected, and the entry has not timed out;
-//! 2. the service policy (smooth weighted round robin, or power of two
-//!    weighted choices over active connections per unit of weight) among
-//!    eligible backends that are neither excluded (already
-//!    tried for this connection) nor ejected (failed a recent dial);
+//! 2. the service policy (smooth weighted round robin; power of two
+//!    weighted choices over active connections per unit of weight; Maglev
+//!    or plain hashing of the client IP, then the deterministic fallback
+//!    order of [`Service::hash_order`]) among eligible backends that are
+//!    neither excluded (already tried for this connection) nor ejected
+//!    (failed a recent dial);
 //! 3. when every remaining backend is ejected, the policy among those that
 //!    were not tried yet: trying a backend in cooldown beats refusing the
 //!    client.
@@ -23,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use sluice_control::table::client_hash;
 use sluice_control::{Backend, Policy, Service};
 
 use crate::tracker::Tracker;
@@ -155,6 +158,12 @@ fn choose<H: Health>(
                 a.addr
             })
         }
+        // One hash of the client IP and one lookup; a tried or ejected
+        // backend falls back along an order every node shares.
+        Policy::Maglev | Policy::SourceHash => (service.hash_order(client_hash(ctx.client_ip)))
+            .filter_map(|i| service.eligible(i))
+            .find(|b| ok(b.addr))
+            .map(|b| b.addr),
     }
 }
 
@@ -360,6 +369,155 @@ mod tests {
             .collect();
         assert_eq!(counts(&picks)[&addr(1)], 2);
         assert_ne!(picks[0], picks[1]);
+    }
+
+    /// `n` ready backends, listed in the given order of their numbers.
+    fn mk_hashed(policy: Policy, numbers: impl IntoIterator<Item = u8>) -> Service {
+        let backends = (numbers.into_iter())
+            .map(|i| Backend::new(addr(i), Conditions::READY))
+            .collect();
+        Service::new("test", policy, None, backends)
+    }
+
+    /// Client `i` of a pool of distinct addresses.
+    fn client(i: u32) -> IpAddr {
+        IpAddr::from((0xc000_0000u32 + i).to_be_bytes())
+    }
+
+    fn pick_for(s: &Service, ip: IpAddr, h: &FakeHealth, exclude: &[SocketAddr]) -> SocketAddr {
+        let c = PickContext {
+            client_ip: ip,
+            ..ctx(h, exclude)
+        };
+        pick(s, &ServiceRuntime::default(), &c).unwrap()
+    }
+
+    #[test]
+    fn maglev_picks_alike_on_independently_built_tables() {
+        // Two nodes: the same backends, listed in another order, fresh state.
+        let a = mk_hashed(Policy::Maglev, 1..=10);
+        let b = mk_hashed(Policy::Maglev, (1..=10).rev());
+        let h = FakeHealth::default();
+        let mut seen = HashSet::new();
+        for i in 0..2000 {
+            let got = pick_for(&a, client(i), &h, &[]);
+            assert_eq!(got, pick_for(&b, client(i), &h, &[]), "client {i}");
+            assert_eq!(got, pick_for(&a, client(i), &h, &[]), "client {i} again");
+            seen.insert(got);
+        }
+        assert_eq!(seen.len(), 10, "clients spread over every backend");
+    }
+
+    /// The fraction of `clients` whose pick differs between `a` and `b`.
+    fn remapped(a: &Service, b: &Service, clients: u32) -> f64 {
+        let h = FakeHealth::default();
+        let moved = (0..clients)
+            .filter(|&i| pick_for(a, client(i), &h, &[]) != pick_for(b, client(i), &h, &[]))
+            .count();
+        moved as f64 / f64::from(clients)
+    }
+
+    #[test]
+    fn maglev_moves_few_clients_when_a_backend_leaves() {
+        let n = 10;
+        let all = mk_hashed(Policy::Maglev, 1..=n);
+        let less = mk_hashed(Policy::Maglev, (1..=n).filter(|&i| i != 4));
+        let moved = remapped(&all, &less, 10_000);
+        // Ideal: the leaving backend's 1/N. Maglev adds a little churn.
+        assert!(moved <= 1.2 / f64::from(n), "{moved}");
+        assert!(moved >= 0.8 / f64::from(n), "{moved}");
+        // Plain source hashing moves most clients: what Maglev is for.
+        let all = mk_hashed(Policy::SourceHash, 1..=n);
+        let less = mk_hashed(Policy::SourceHash, (1..=n).filter(|&i| i != 4));
+        assert!(remapped(&all, &less, 10_000) > 0.5);
+    }
+
+    #[test]
+    fn source_hash_is_deterministic_and_follows_weights() {
+        let a = mk_hashed(Policy::SourceHash, 1..=5);
+        let b = mk_hashed(Policy::SourceHash, 1..=5);
+        let h = FakeHealth::default();
+        let mut seen = HashSet::new();
+        for i in 0..500 {
+            let got = pick_for(&a, client(i), &h, &[]);
+            assert_eq!(got, pick_for(&b, client(i), &h, &[]), "client {i}");
+            seen.insert(got);
+        }
+        assert_eq!(seen.len(), 5);
+        // Pinned across builds and versions of sluice: the hash of
+        // 192.0.2.1 is 4 mod 5, and the backends are taken in address order.
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        assert_eq!(client_hash(ip) % 5, 4);
+        assert_eq!(pick_for(&a, ip, &h, &[]), addr(5));
+        let reversed = mk_hashed(Policy::SourceHash, (1..=5).rev());
+        assert_eq!(pick_for(&reversed, ip, &h, &[]), addr(5));
+        let s = mk_weighted(Policy::SourceHash, &[3, 1]);
+        let heavy = (0..4000)
+            .filter(|&i| pick_for(&s, client(i), &h, &[]) == addr(1))
+            .count();
+        assert!((2800..=3200).contains(&heavy), "{heavy}/4000");
+    }
+
+    #[test]
+    fn hashed_picks_fall_back_deterministically_past_tried_and_ejected() {
+        for policy in [Policy::Maglev, Policy::SourceHash] {
+            let a = mk_hashed(policy, 1..=10);
+            let b = mk_hashed(policy, (1..=10).rev());
+            let none = FakeHealth::default();
+            let mut fallbacks = HashSet::new();
+            for i in 0..300 {
+                let first = pick_for(&a, client(i), &none, &[]);
+                let next = pick_for(&a, client(i), &none, &[first]);
+                assert_ne!(next, first, "{policy} client {i}");
+                assert_eq!(next, pick_for(&b, client(i), &none, &[first]));
+                // An ejected first choice falls back the same way.
+                let ejected = FakeHealth {
+                    ejected: HashSet::from([first]),
+                    ..Default::default()
+                };
+                assert_eq!(pick_for(&a, client(i), &ejected, &[]), next);
+                if first == addr(3) {
+                    fallbacks.insert(next);
+                }
+            }
+            if policy == Policy::Maglev {
+                // A backend's clients spread over the others when it is down.
+                assert!(fallbacks.len() >= 3, "{fallbacks:?}");
+            }
+            // Every backend is tried before giving up.
+            let mut tried = Vec::new();
+            while let Some(next) = pick(&a, &ServiceRuntime::default(), &ctx(&none, &tried)) {
+                tried.push(next);
+            }
+            assert_eq!(tried.len(), 10, "{policy}");
+        }
+    }
+
+    #[test]
+    fn affinity_holds_on_top_of_maglev() {
+        let aff = Some(Affinity {
+            timeout: Duration::from_secs(60),
+        });
+        let h = FakeHealth::default();
+        let rt = ServiceRuntime::default();
+        let mk = |n: u8| {
+            let backends = (1..=n)
+                .map(|i| Backend::new(addr(i), Conditions::READY))
+                .collect();
+            Service::new("test", Policy::Maglev, aff, backends)
+        };
+        // A client whose Maglev pick changes when a fourth backend comes.
+        let (three, four) = (mk(3), mk(4));
+        let ip = (0..1000)
+            .map(client)
+            .find(|&ip| pick_for(&three, ip, &h, &[]) != pick_for(&four, ip, &h, &[]))
+            .unwrap();
+        let c = PickContext {
+            client_ip: ip,
+            ..ctx(&h, &[])
+        };
+        let first = pick(&three, &rt, &c).unwrap();
+        assert_eq!(pick(&four, &rt, &c), Some(first), "the affinity entry wins");
     }
 
     #[test]

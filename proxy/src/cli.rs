@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use sluice_control::Policy;
 
 use crate::ProxyConfig;
 use crate::tracker::TrackerConfig;
@@ -84,6 +85,18 @@ pub struct Args {
         value_name = "IP,..."
     )]
     pub node_addresses: Vec<std::net::IpAddr>,
+
+    /// Kubernetes source: the scheduler of Services without a
+    /// `sluice.io/scheduler` annotation (or with an unknown one):
+    /// round-robin, least-connections, maglev (consistent hashing of the
+    /// client IP) or source-hash. A file config sets `policy:` per service.
+    #[arg(
+        long,
+        env = "SLUICE_SCHEDULER",
+        default_value = "round-robin",
+        value_name = "SCHEDULER"
+    )]
+    pub scheduler: Policy,
 
     /// Kubernetes source: at most one table build per this interval (bursts
     /// of changes are coalesced; a lone change after a quiet interval is
@@ -263,6 +276,19 @@ mod tests {
             "unknown modes are refused"
         );
         assert!(Args::try_parse_from(["sluice", "--intercept-port", "0"]).is_err());
+    }
+
+    #[test]
+    fn scheduler_defaults_to_round_robin_and_takes_every_policy() {
+        assert_eq!(parse(&[]).scheduler, Policy::RoundRobin);
+        for p in Policy::ALL {
+            assert_eq!(parse(&["--scheduler", p.name()]).scheduler, p);
+        }
+        let err = Args::try_parse_from(["sluice", "--scheduler", "wrr"]).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown scheduler \"wrr\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!   its own listener per address.
 //! - [`listener`]: shareable listening sockets (SO_REUSEPORT, IP_FREEBIND).
 //! - [`balance`]: the pure backend pick (round robin, least connections by
-//!   two random choices, client-IP affinity).
+//!   two random choices, Maglev and source hashing, client-IP affinity).
 //! - [`connect`]: the one dial function (timeout, optional source address)
 //!   and the classification of dial failures.
 //! - [`forward`]: bidirectional forwarding with half-close and reset

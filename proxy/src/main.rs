@@ -148,6 +148,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             node_name: args.node_name.clone(),
             node_addresses: args.node_addresses.clone(),
             coalesce: args.min_sync_period,
+            scheduler: args.scheduler,
             node_eligible: node_eligible.clone(),
             health_timeout: args.healthz_timeout,
             started,

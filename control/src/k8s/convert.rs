@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::table::{Affinity, Conditions};
+use crate::table::{Affinity, Conditions, Policy};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -23,6 +23,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Annotation on an EndpointSlice: when the change it carries was triggered.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Annotation on a Service choosing its scheduler (a [`Policy`] name);
+/// unset or unknown: the node default (`--scheduler`).
+pub const SCHEDULER_ANNOTATION: &str = "sluice.io/scheduler";
 /// Label on a Node naming its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
@@ -164,6 +167,9 @@ pub struct ServiceInfo {
     /// `externalTrafficPolicy`: for external IPs, LB IPs and node ports.
     pub external_policy: TrafficPolicy,
     pub affinity: Option<Affinity>,
+    /// `sluice.io/scheduler`, when set to a known scheduler; `None`: the
+    /// node default.
+    pub scheduler: Option<Policy>,
     /// Served only for LoadBalancer Services with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
     /// Fields left out because they are bad (an address that does not
@@ -328,6 +334,12 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         }
         _ => None,
     };
+    let annotation = (meta.annotations.as_ref()).and_then(|a| a.get(SCHEDULER_ANNOTATION));
+    let scheduler = annotation.and_then(|name| {
+        name.parse::<Policy>()
+            .inspect_err(|e| skipped.push(format!("annotation {SCHEDULER_ANNOTATION}: {e}")))
+            .ok()
+    });
     Ok(Some(ServiceInfo {
         ports,
         skipped_ports,
@@ -338,6 +350,7 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         internal_policy: TrafficPolicy::of(spec.internal_traffic_policy.as_deref()),
         external_policy,
         affinity,
+        scheduler,
         health_check_node_port,
         skipped,
     }))

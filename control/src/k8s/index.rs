@@ -125,6 +125,8 @@ pub struct Index {
     changed: bool,
     triggers: Vec<i128>,
     stats: IndexStats,
+    /// The scheduler of Services without a (known) `sluice.io/scheduler`.
+    default_policy: Policy,
 }
 
 impl Index {
@@ -138,6 +140,13 @@ impl Index {
             fixed_addresses: node_addresses,
             ..Self::default()
         }
+    }
+
+    /// Sets the scheduler of Services that name none (or an unknown one)
+    /// in `sluice.io/scheduler` (`--scheduler`; default round robin).
+    pub fn with_default_policy(mut self, policy: Policy) -> Self {
+        self.default_policy = policy;
+        self
     }
 
     /// The working table (what the last [`Index::build`] made).
@@ -510,7 +519,8 @@ impl Index {
                 .map(|(a, e)| Backend::new(*a, e.conditions))
                 .collect()
         };
-        Service::new(name, Policy::RoundRobin, info.affinity, backends)
+        let scheduler = info.scheduler.unwrap_or(self.default_policy);
+        Service::new(name, scheduler, info.affinity, backends)
     }
 
     /// Which topology hints apply, kube-proxy's rule (only ready endpoints
@@ -698,5 +708,76 @@ impl Watched for Node {
             index.node = info;
             index.dirty.extend(index.services.keys().cloned());
         }
+    }
+}
+
+#[cfg(test)]
+mod scheduler_tests {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+    use super::super::convert::SCHEDULER_ANNOTATION;
+    use super::*;
+
+    /// `default/web` on 10.96.0.1:80, with `sluice.io/scheduler` if given.
+    fn web(scheduler: Option<&str>) -> K8sService {
+        let annotations = scheduler.map(|s| [(SCHEDULER_ANNOTATION.to_owned(), s.to_owned())]);
+        K8sService {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some("web".into()),
+                annotations: annotations.map(Into::into),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ips: Some(vec!["10.96.0.1".into()]),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn scheduler_of(index: &mut Index, svc: &K8sService) -> Policy {
+        index.apply(svc).unwrap();
+        index.build();
+        let key = ListenKey::tcp(SocketAddr::from(([10, 96, 0, 1], 80)));
+        index.table().get(&key).unwrap().policy
+    }
+
+    #[test]
+    fn the_annotation_chooses_the_scheduler_over_the_node_default() {
+        let mut index = Index::new(None, vec![]);
+        assert_eq!(scheduler_of(&mut index, &web(None)), Policy::RoundRobin);
+        for p in Policy::ALL {
+            assert_eq!(scheduler_of(&mut index, &web(Some(p.name()))), p);
+        }
+        let mut index = Index::new(None, vec![]).with_default_policy(Policy::Maglev);
+        assert_eq!(scheduler_of(&mut index, &web(None)), Policy::Maglev);
+        let rr = web(Some("round-robin"));
+        assert_eq!(scheduler_of(&mut index, &rr), Policy::RoundRobin);
+        assert_eq!(index.stats().skipped_fields, 0);
+    }
+
+    #[test]
+    fn an_unknown_scheduler_is_skipped_once_per_version_for_the_default() {
+        let mut index = Index::new(None, vec![]).with_default_policy(Policy::SourceHash);
+        let bad = web(Some("Maglev"));
+        assert_eq!(scheduler_of(&mut index, &bad), Policy::SourceHash);
+        assert_eq!(index.stats().skipped_fields, 1);
+        assert_eq!(scheduler_of(&mut index, &bad), Policy::SourceHash);
+        assert_eq!(index.stats().skipped_fields, 1, "the same version again");
+        assert_eq!(
+            scheduler_of(&mut index, &web(Some("wrr"))),
+            Policy::SourceHash
+        );
+        assert_eq!(index.stats().skipped_fields, 2, "another bad value");
+        assert_eq!(
+            scheduler_of(&mut index, &web(Some("maglev"))),
+            Policy::Maglev
+        );
+        assert_eq!(index.stats().skipped_fields, 2);
     }
 }

@@ -19,7 +19,7 @@
 //!   - name: web                    # required, non-empty; logs and metrics
 //!     listen: 127.0.0.1:8080       # required; IPv6 quoted: "[::1]:8080"
 //!     protocol: tcp                # default tcp; udp is rejected (not served yet)
-//!     policy: round-robin          # default; or least-connections
+//!     policy: round-robin          # default; or least-connections, maglev, source-hash
 //!     affinity: { timeoutSeconds: 600 }  # optional; {} means 10800; 1..=86400
 //!     backends:                    # required; `backends: []` for none
 //!       - address: 10.0.0.1:9000   # required, unique within the service

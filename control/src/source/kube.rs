@@ -47,6 +47,7 @@ use tokio::time::Instant;
 use super::healthcheck::HealthResponders;
 use crate::k8s::{Index, Malformed, Watched};
 use crate::publish::Publisher;
+use crate::table::Policy;
 
 /// Default coalescing interval: at most one table build per this much time.
 pub const DEFAULT_COALESCE: Duration = Duration::from_millis(100);
@@ -74,6 +75,9 @@ pub struct KubeOptions {
     /// Where `healthCheckNodePort` responders listen (kube-proxy: all
     /// addresses, the default).
     pub health_check_ip: IpAddr,
+    /// The scheduler of Services without a (known) `sluice.io/scheduler`
+    /// annotation (`--scheduler`).
+    pub scheduler: Policy,
     /// Kept equal to [`Index::node_eligible`] (share the `Arc` to read it):
     /// false while this node's Node is being deleted or carries the
     /// cluster autoscaler's deletion taint.
@@ -93,6 +97,7 @@ impl Default for KubeOptions {
             coalesce: DEFAULT_COALESCE,
             stats: Arc::default(),
             health_check_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            scheduler: Policy::default(),
             node_eligible: Arc::new(AtomicBool::new(true)),
             health_timeout: Duration::from_secs(60),
             started: std::time::Instant::now(),
@@ -547,7 +552,8 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         streams.push(watch::<Node>(&client, by_name));
     }
     let mut src = Source {
-        index: Index::new(opts.node_name.clone(), opts.node_addresses.clone()),
+        index: Index::new(opts.node_name.clone(), opts.node_addresses.clone())
+            .with_default_policy(opts.scheduler),
         kinds: streams.len(),
         listed: HashSet::new(),
         published: false,

@@ -373,8 +373,15 @@ fn bad_policy_lists_valid_values() {
     assert_eq!((line, col), (4, 13));
     assert_eq!(
         msg,
-        "services[0] \"web\": policy: unknown policy \"random\" (valid: round-robin, least-connections)"
+        "services[0] \"web\": policy: unknown policy \"random\" (valid: round-robin, least-connections, maglev, source-hash)"
     );
+    // Every scheduler is a policy value.
+    for p in Policy::ALL {
+        let t = ok(&format!(
+            "services:\n  - {{name: web, listen: 127.0.0.1:80, policy: {p}, backends: []}}\n"
+        ));
+        assert_eq!(only(&t).1.policy, p);
+    }
 }
 
 #[test]
