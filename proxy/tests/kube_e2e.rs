@@ -71,19 +71,9 @@ async fn until_all(addr: SocketAddr, what: &str, n: usize, f: impl Fn(&Option<St
     }
 }
 
-/// A port free on both `a` and `b` (bound then released).
 fn common_port(addrs: &[&str]) -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind((ip(addrs[0]), 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        if addrs[1..]
-            .iter()
-            .all(|a| std::net::TcpListener::bind((ip(a), port)).is_ok())
-        {
-            return port;
-        }
-    }
-    panic!("no common free port");
+    let ips: Vec<IpAddr> = addrs.iter().map(|a| ip(a)).collect();
+    sluice_testkit::common_port(&ips).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

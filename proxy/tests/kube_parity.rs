@@ -25,19 +25,9 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// A port free on every one of `addrs`.
 fn common_port(addrs: &[&str]) -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind((ip(addrs[0]), 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        if addrs[1..]
-            .iter()
-            .all(|a| std::net::TcpListener::bind((ip(a), port)).is_ok())
-        {
-            return port;
-        }
-    }
-    panic!("no common free port");
+    let ips: Vec<IpAddr> = addrs.iter().map(|a| ip(a)).collect();
+    sluice_testkit::common_port(&ips).unwrap()
 }
 
 async fn hit(addr: SocketAddr) -> Option<String> {

@@ -21,6 +21,27 @@ pub fn free_port(ip: impl Into<IpAddr>) -> std::io::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// A TCP port free right now on every one of `ips` (an EndpointSlice has
+/// one port number for all its endpoints, so backends on several loopback
+/// addresses need one).
+pub fn common_port(ips: &[IpAddr]) -> std::io::Result<u16> {
+    let (first, rest) = ips
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("common_port of no address"))?;
+    for _ in 0..50 {
+        let port = free_port(*first)?;
+        if rest
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no port free on all of {ips:?}"
+    )))
+}
+
 /// An address on 127.0.0.1 whose port is free right now.
 pub fn free_addr() -> std::io::Result<SocketAddr> {
     Ok(SocketAddr::new(
