@@ -294,7 +294,7 @@ pub async fn run(args: RolloutArgs) -> Result<ExitCode> {
             .collect();
         outln!("backends answered: {}", counts.join(" "));
         outln!(
-            "sluice log: {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
+            "sluice (/metrics): {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
             sluice_log.dial_failures,
             sluice_log.retried_connections,
             sluice_log.no_backend_left

@@ -283,7 +283,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
                 );
                 if let Some(l) = &rep.sluice_log {
                     outln!(
-                        "sluice log: {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
+                        "sluice (/metrics): {} dials failed and were retried, {} client connections needed a retry, {} clients reset for lack of a backend",
                         l.dial_failures,
                         l.retried_connections,
                         l.no_backend_left
