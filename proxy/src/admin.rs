@@ -14,8 +14,10 @@
 //!   that is only full.
 //!   `/readyz` answers 200 once the first complete table is live.
 //! - the metrics address (`--metrics-bind-address`, default
-//!   `127.0.0.1:10249`): `/metrics` (Prometheus text) and `/debug/table`
-//!   (the live table as JSON, with active connections per backend).
+//!   `127.0.0.1:10249`): `/metrics` (Prometheus text), `/debug/table`
+//!   (the live table as JSON, with active connections per backend) and
+//!   `/debug/generation` (the generation the data plane has applied, as
+//!   one number: cheap enough to poll every few milliseconds).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -172,6 +174,11 @@ impl Admin {
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.metrics.render(),
+            ),
+            (Endpoints::Metrics, "/debug/generation") => respond(
+                StatusCode::OK,
+                "text/plain",
+                format!("{}\n", self.metrics.table_generation.get()),
             ),
             (Endpoints::Metrics, "/debug/table") => respond(
                 StatusCode::OK,
