@@ -69,7 +69,10 @@ async fn service_at(
     key: &ListenKey,
     bound: Duration,
 ) -> Option<Arc<Service>> {
-    let mut changes = publisher.subscribe();
+    // Subscribed only before the first table, and looked again after
+    // subscribing, so that a publish in between is not missed: a
+    // connection after the first table costs one pointer load.
+    let mut changes = None;
     let deadline = tokio::time::Instant::now() + bound;
     loop {
         let snapshot = publisher.snapshot();
@@ -79,7 +82,11 @@ async fn service_at(
         if snapshot.generation > 0 {
             return None;
         }
-        match tokio::time::timeout_at(deadline, changes.changed()).await {
+        let Some(rx) = changes.as_mut() else {
+            changes = Some(publisher.subscribe());
+            continue;
+        };
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
             Ok(Ok(())) => {}
             _ => return None,
         }
@@ -123,7 +130,7 @@ pub struct Proxy {
     /// Data-plane event loops; empty: the proxy's own runtime.
     workers: Vec<Handle>,
     /// Intercept mode: per-key state of the Services reached so far.
-    routes: DashMap<ListenKey, Route>,
+    routes: DashMap<ListenKey, Arc<Route>>,
     /// Intercept mode: stops the intercept accept loops.
     intercept_stop: CancellationToken,
     intercept_tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -134,8 +141,8 @@ pub struct Proxy {
 /// The connection limit is reported at warn level at most this often.
 const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// What a connection to one listen key needs besides the table.
-#[derive(Clone)]
+/// What a connection to one listen key needs besides the table; shared
+/// (one `Arc` clone per connection).
 struct Route {
     runtime: Arc<ServiceRuntime>,
     metrics: Arc<ServiceMetrics>,
@@ -145,7 +152,7 @@ struct Route {
 /// Where an accept loop's connections go.
 enum Target {
     /// A listener bound on the Service's own address.
-    Service(ListenKey, Route),
+    Service(ListenKey, Arc<Route>),
     /// The intercept port: routed by original destination.
     Intercept,
 }
@@ -409,12 +416,12 @@ impl Proxy {
         Ok(bound)
     }
 
-    fn new_route(&self, service: &str) -> Route {
-        Route {
+    fn new_route(&self, service: &str) -> Arc<Route> {
+        Arc::new(Route {
             runtime: Arc::new(ServiceRuntime::default()),
             metrics: Arc::new(self.metrics.service(service)),
             service: service.to_string(),
-        }
+        })
     }
 
     /// Intercept mode: forgets the routes of keys that left the table (or
@@ -438,7 +445,7 @@ impl Proxy {
 
     /// Intercept mode: the listen key a redirected connection was meant
     /// for, and its route; `Err(reason)` when it must be reset.
-    async fn route(&self, client: &TcpStream) -> Result<(ListenKey, Route), &'static str> {
+    async fn route(&self, client: &TcpStream) -> Result<(ListenKey, Arc<Route>), &'static str> {
         const NO_ORIGINAL: &str = "no_original_destination";
         let local = client.local_addr().map_err(|_| NO_ORIGINAL)?;
         let sock = SockRef::from(client);
@@ -551,10 +558,10 @@ impl Proxy {
                 };
                 let Route {
                     runtime, metrics, ..
-                } = route;
+                } = &*route;
                 metrics.accepted.inc();
                 metrics.active.inc();
-                this.handle(client, peer, key, &runtime, &metrics).await;
+                this.handle(client, peer, key, runtime, metrics).await;
                 metrics.active.dec();
                 drop(permit);
             });
