@@ -2,10 +2,11 @@
 //! environment only), its admin endpoints on free loopback ports, its
 //! stdout and stderr in a log file. What it is doing is read from those
 //! endpoints, never from its log: `/readyz` answers 200 once the first
-//! table is published, and `sluice_table_generation` on `/metrics` is the
-//! generation the data plane has applied (listeners reconciled), so a
-//! connection made after it is seen meets that table. The log is only
-//! shown, as a tail in failure messages.
+//! table is published, and `/debug/generation` (the
+//! `sluice_table_generation` gauge, one number) is the generation the data
+//! plane has applied (listeners reconciled), so a connection made after it
+//! is seen meets that table. The log is only shown, as a tail in failure
+//! messages.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use serde::Serialize;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::{free_addr, http, metric};
+use crate::{free_addr, http};
 
 const CONFIG: &str = "sluice.yaml";
 const LOG: &str = "sluice.log";
@@ -171,10 +172,7 @@ impl Daemon {
 
     /// The generation of the table the data plane has applied.
     pub async fn generation(&self) -> Result<u64> {
-        let text = self.scrape().await?;
-        let g = metric(&text, "sluice_table_generation")
-            .context("no sluice_table_generation in /metrics")?;
-        Ok(g as u64)
+        applied_generation(self.metrics).await
     }
 
     /// Waits until `/readyz` answers 200 and the data plane has applied
@@ -274,8 +272,7 @@ impl Daemon {
                 // One number, not the whole of /metrics: polled every few
                 // ms during a benchmark, it must cost the bench (which also
                 // runs the load and the backends) next to nothing.
-                if let Ok((200, text)) = http::get(addr, "/debug/generation").await
-                    && let Ok(g) = text.trim().parse::<u64>()
+                if let Ok(g) = applied_generation(addr).await
                     && g > last
                 {
                     last = g;
@@ -303,6 +300,19 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tail(50));
         }
+    }
+}
+
+/// `/debug/generation` on the metrics address `addr`: the generation the
+/// data plane has applied (the `sluice_table_generation` gauge), as one
+/// number.
+async fn applied_generation(addr: SocketAddr) -> Result<u64> {
+    match http::get(addr, "/debug/generation").await? {
+        (200, text) => text
+            .trim()
+            .parse()
+            .with_context(|| format!("/debug/generation: {text:?}")),
+        (status, body) => bail!("GET /debug/generation: {status} {body}"),
     }
 }
 
