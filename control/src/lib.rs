@@ -18,5 +18,5 @@ pub mod table;
 
 pub use publish::{Publisher, Snapshot};
 pub use table::{
-    Affinity, Backend, Conditions, ListenKey, Policy, Protocol, Service, Table, TableDiff,
+    Affinity, Backend, Conditions, ListenKey, Policy, Protocol, Service, Settings, Table, TableDiff,
 };

@@ -317,6 +317,14 @@ impl Affinity {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10_800);
 }
 
+/// Per-Service settings beyond scheduling and affinity. `Default` is what
+/// a Service without annotations or optional fields gets (kube-proxy's
+/// behaviour); each setting documents its source field or annotation.
+/// Set with [`Service::with_settings`], so that adding one touches no
+/// constructor call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Settings {}
+
 /// A service as reached on one listen address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Service {
@@ -324,6 +332,8 @@ pub struct Service {
     pub name: String,
     pub policy: Policy,
     pub affinity: Option<Affinity>,
+    /// Settings beyond scheduling: see [`Settings`].
+    pub settings: Settings,
     /// Every backend, whatever its state (for draining and the debug view).
     backends: Vec<Backend>,
     /// Indexes into `backends` of those that may receive new connections.
@@ -480,11 +490,18 @@ impl Service {
             name: name.into(),
             policy,
             affinity,
+            settings: Settings::default(),
             backends,
             eligible,
             turns,
             lookup,
         }
+    }
+
+    /// The same service with `settings`.
+    pub fn with_settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
     }
 
     /// The eligible positions to offer client `hash` (see [`client_hash`])
