@@ -50,8 +50,9 @@ pub struct Admin {
     /// Input waiting longer than this for a publish makes `/healthz` 503.
     pub health_timeout: Duration,
     /// Set-up problems that do not stop sluice but that an operator must
-    /// fix (say, an apiserver reached only through a Service sluice serves),
-    /// listed in `/healthz`'s body.
+    /// fix (say, an apiserver reached only through a Service sluice serves,
+    /// or kube-proxy leftovers: [`crate::leftovers`]), listed in
+    /// `/healthz`'s body.
     pub warnings: Vec<String>,
     /// This node may take load-balancer traffic (kube-proxy's
     /// `nodeEligible`): false while its Node is being deleted or tainted

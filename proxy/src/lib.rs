@@ -24,6 +24,8 @@
 //! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
 //! - [`nft`]: sluice's own nftables table (`--intercept nftables`): the
 //!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
+//! - [`leftovers`]: what kube-proxy (IPVS, iptables, nftables modes) left
+//!   on the node, checked at start for `/healthz` and a metric.
 //! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod compat_metrics;
 pub mod connect;
 pub mod forward;
+pub mod leftovers;
 pub mod listener;
 pub mod metrics;
 pub mod nft;

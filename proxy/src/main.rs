@@ -227,6 +227,11 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         }
     }
 
+    // A node: report what kube-proxy left on it (a half-migrated node).
+    if args.config.is_none() || args.intercept == Intercept::Nftables {
+        warnings.extend(sluice_proxy::leftovers::check_at_start(metrics.registry_mut()).await);
+    }
+
     let stop = CancellationToken::new();
     if let Err(e) = watch_signals(stop.clone(), reload) {
         error!(error = %e, "cannot install signal handlers");
