@@ -151,10 +151,31 @@ pub fn plan(n: usize, warmup: Duration, lag: Duration, grace: Duration) -> Vec<P
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
-    /// sluice in the node's namespace, VIP on an ifb device.
+    /// sluice in the node's namespace (see --intercept).
     Sluice,
     /// nftables DNAT in kube-proxy's nftables shape.
     Nft,
+}
+
+/// How sluice receives Service traffic on the mini node (`--intercept`,
+/// passed to sluice explicitly, whatever its own default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Intercept {
+    /// The VIP on an ifb device, a socket bound to it.
+    Bind,
+    /// sluice's own nftables table redirects the VIP to its intercept
+    /// port; no VIP on any device.
+    Nftables,
+}
+
+impl Intercept {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Intercept::Bind => "bind",
+            Intercept::Nftables => "nftables",
+        }
+    }
 }
 
 /// The node's ARP entry for the dead pod once its namespace is gone.
@@ -203,6 +224,18 @@ pub struct NetnsArgs {
         requires = "netns"
     )]
     pub via: Vec<Via>,
+    /// With --via sluice: how sluice receives the Service traffic,
+    /// comma-separated: bind (VIP on an ifb device, bound socket),
+    /// nftables (sluice's nftables table redirects it to sluice's
+    /// intercept port). Each is one sluice run per ARP variant.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "bind",
+        requires = "netns"
+    )]
+    pub intercept: Vec<Intercept>,
     /// ARP variants to run, comma-separated: fresh, failed.
     #[arg(
         long,

@@ -65,6 +65,8 @@ fn sluice_hides_vanishing_pods_that_the_kernel_path_shows() {
             "--json",
             "--via",
             "sluice,nft",
+            "--intercept",
+            "bind,nftables",
             "--arp",
             "fresh,failed",
             "--backends",
@@ -102,10 +104,18 @@ fn sluice_hides_vanishing_pods_that_the_kernel_path_shows() {
     assert_eq!(v["scenario"], "rollout-netns");
     assert_eq!(v["lag_s"], 2.0);
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 4, "{ctx}");
+    assert_eq!(runs.len(), 6, "{ctx}");
+    // sluice through its nftables redirect (no VIP on any device) as well
+    // as through a bound VIP: both must hide the vanishing pods.
+    let through = |i: &str| {
+        runs.iter()
+            .filter(|r| r["via"] == "sluice" && r["intercept"] == i)
+            .count()
+    };
+    assert_eq!((through("bind"), through("nftables")), (2, 2), "{ctx}");
 
     for r in runs.iter().filter(|r| r["via"] == "sluice") {
-        let arp = &r["arp"];
+        let arp = format!("{} {}", r["intercept"], r["arp"]);
         let attempted = r["attempted"].as_u64().unwrap();
         assert!(attempted >= 1000, "{arp}: only {attempted} attempts: {ctx}");
         assert_eq!(r["succeeded"].as_u64().unwrap(), attempted, "{arp}: {ctx}");

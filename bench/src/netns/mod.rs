@@ -31,7 +31,7 @@ use tokio::sync::watch;
 pub use pod::PodArgs;
 
 use crate::check;
-use crate::plan::{self, Arp, RolloutArgs, Via};
+use crate::plan::{self, Arp, Intercept, RolloutArgs, Via};
 use crate::report::{self, Event, Second, Summary};
 use crate::sluice::{self, LogCounts, MetricsSummary, StopReport};
 use crate::workload::Outcome;
@@ -54,6 +54,9 @@ fn given(id: &str) -> bool {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub via: Via,
+    /// How sluice received the traffic (via sluice only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<Intercept>,
     pub arp: Arp,
     #[serde(flatten)]
     pub summary: Summary,
@@ -76,6 +79,20 @@ pub struct RunReport {
     /// sluice: no client-visible error and a clean sluice. nft: the run
     /// happened (its errors are the finding, not a failure).
     pub pass: bool,
+}
+
+impl RunReport {
+    /// `sluice (nftables)`, `sluice (bind)`, `nft`.
+    pub fn label(&self) -> String {
+        via_label(self.via, self.intercept)
+    }
+}
+
+fn via_label(via: Via, intercept: Option<Intercept>) -> String {
+    match intercept {
+        Some(i) => format!("{} ({})", via.as_str(), i.as_str()),
+        None => via.as_str().to_string(),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -201,10 +218,22 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
     let duration = plan::load_duration(a.duration, last)?;
     let vias = dedup(&a.netns.via);
     let arps = dedup(&a.netns.arp);
-    if vias.contains(&Via::Nft) {
-        topo::run("nft", &["--version"], None)
-            .context("--via nft needs the `nft` command (apt-get install nftables)")?;
+    let intercepts = dedup(&a.netns.intercept);
+    if vias.contains(&Via::Nft)
+        || (vias.contains(&Via::Sluice) && intercepts.contains(&Intercept::Nftables))
+    {
+        topo::run("nft", &["--version"], None).context(
+            "--via nft and --intercept nftables need the `nft` command (apt-get install nftables)",
+        )?;
     }
+    // One entry per data path: sluice once per interception.
+    let paths: Vec<(Via, Option<Intercept>)> = vias
+        .iter()
+        .flat_map(|&via| match via {
+            Via::Sluice => intercepts.iter().map(|&i| (via, Some(i))).collect(),
+            Via::Nft => vec![(via, None)],
+        })
+        .collect();
     topo::run("ip", &["-V"], None).context("--netns needs `ip` (iproute2)")?;
     let stale = topo::remove_stale();
     if !stale.is_empty() {
@@ -245,10 +274,12 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
     let mut runs = Vec::new();
     let mut tails = Vec::new();
     let mut k = 0;
-    for &via in &vias {
+    for &(via, intercept) in &paths {
+        let label = via_label(via, intercept);
         for &arp in &arps {
             let spec = scenario::Spec {
                 via,
+                intercept: intercept.unwrap_or(Intercept::Bind),
                 arp,
                 rate: a.rate,
                 duration,
@@ -266,15 +297,16 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             };
             let (r, _node) = run_isolated(spec, k)
                 .await
-                .with_context(|| format!("run via {} with ARP {}", via.as_str(), arp.as_str()))?;
+                .with_context(|| format!("run via {label} with ARP {}", arp.as_str()))?;
             k += 1;
-            let rep = report_of(via, arp, &r, duration);
+            let mut rep = report_of(via, arp, &r, duration);
+            rep.intercept = intercept;
             if !a.json {
-                outln!("\n== via {} | ARP {} ==", via.as_str(), arp.as_str());
+                outln!("\n== via {label} | ARP {} ==", arp.as_str());
                 out!("{}", report::timeline_text(&rep.timeline));
                 out!(
                     "{}",
-                    report::summary_text(&format!("via {}", via.as_str()), &rep.summary)
+                    report::summary_text(&format!("via {label}"), &rep.summary)
                 );
                 outln!(
                     "slower than 100 ms: {} | conntrack entries answered by dead pods at the end: {}",
@@ -314,7 +346,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             .map(|r| plot::Panel {
                 title: format!(
                     "via {} | ARP {} | {} errors of {}, {} slower than 100 ms, max {:.0} ms",
-                    r.via.as_str(),
+                    r.label(),
                     r.arp.as_str(),
                     r.summary.error_total,
                     r.summary.attempted,
@@ -387,6 +419,7 @@ fn report_of(via: Via, arp: Arp, r: &scenario::RunResult, duration: Duration) ->
     };
     RunReport {
         via,
+        intercept: None,
         arp,
         slow_100ms,
         max_late_ms: (max_late.as_secs_f64() * 1e6).round() / 1e3,
@@ -419,7 +452,7 @@ pub fn comparison_table(runs: &[RunReport]) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
-            r.via.as_str(),
+            r.label(),
             r.arp.as_str(),
             r.summary.attempted,
             r.summary.succeeded,
@@ -514,6 +547,10 @@ mod tests {
             Duration::from_secs(2),
         );
         assert!(r.pass, "the kernel path's errors are the finding");
+        let mut through = r.clone();
+        through.via = Via::Sluice;
+        through.intercept = Some(Intercept::Nftables);
+        assert_eq!(through.label(), "sluice (nftables)");
 
         let table = comparison_table(&[r]);
         let lines: Vec<&str> = table.lines().collect();

@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch};
 use super::nft;
 use super::pod::Pod;
 use super::topo::{self, BRIDGE, CLIENT_IP, Gen, Names, POD_PORT, VIP, VIP_DEV, VIP_PORT};
-use crate::plan::{Action, Arp, SLUICE_LOG, Via, plan};
+use crate::plan::{Action, Arp, Intercept, SLUICE_LOG, Via, plan};
 use crate::report::Event;
 use crate::sluice::{
     BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
@@ -49,6 +49,8 @@ pub const SERVICE: &str = "rollout";
 #[derive(Debug, Clone)]
 pub struct Spec {
     pub via: Via,
+    /// How sluice receives the traffic (via sluice).
+    pub intercept: Intercept,
     pub arp: Arp,
     pub rate: f64,
     pub duration: Duration,
@@ -265,6 +267,25 @@ fn count_conntrack_to(ips: &[std::net::Ipv4Addr]) -> u64 {
         .count() as u64
 }
 
+/// sluice's flags for `intercept`, always explicit (sluice's own default
+/// may be either). nftables: no VIP on any device, so the node needs a
+/// route for the Service range for its own connects to reach the output
+/// hook (a real node's default route; this node has none).
+fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<String>> {
+    let mut flags = vec!["--intercept".to_string(), intercept.as_str().to_string()];
+    match intercept {
+        Intercept::Bind => flags.extend(["--vip-interface".to_string(), VIP_DEV.to_string()]),
+        Intercept::Nftables => {
+            topo::ip(&["-n", node, "route", "add", SERVICE_RANGE, "dev", BRIDGE])
+                .context("routing the Service range for --intercept nftables")?;
+        }
+    }
+    Ok(flags)
+}
+
+/// The Service range routed on the node with `--intercept nftables`.
+const SERVICE_RANGE: &str = "10.96.0.0/12";
+
 /// The run itself. Must be called on a thread inside the node's namespace.
 pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Result<RunResult> {
     let node = names.node();
@@ -281,7 +302,7 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
             let bin = spec.sluice_bin.as_deref().context("no sluice binary")?;
             // Admin endpoints: sluice::Sluice picks loopback ports, here
             // the node namespace's own loopback.
-            let extra = vec!["--vip-interface".to_string(), VIP_DEV.to_string()];
+            let extra = sluice_flags(&node, spec.intercept)?;
             Some(
                 Sluice::start_with(
                     bin,
