@@ -61,6 +61,11 @@ pub struct Rate {
     /// workers' CPU time over the phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_cpu_share: Option<Vec<f64>>,
+    /// Short phase: this process's CPU seconds (the load and the backends)
+    /// per 10,000 connections: a client's connect, and the NAT on its way,
+    /// are charged here, not to the proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_cpu_s_per_10k: Option<f64>,
 }
 
 impl Rate {
@@ -72,6 +77,14 @@ impl Rate {
             if self.ok > 0 {
                 self.proxy_cpu_s_per_10k = Some(round3((b - a) / self.ok as f64 * 1e4));
             }
+        }
+    }
+
+    /// Records this process's CPU time per 10,000 connections over the
+    /// phase.
+    pub fn set_load_cpu(&mut self, before: Option<f64>, after: Option<f64>) {
+        if let (Some(a), Some(b), true) = (before, after, self.ok > 0) {
+            self.load_cpu_s_per_10k = Some(round3((b - a) / self.ok as f64 * 1e4));
         }
     }
 }
@@ -92,6 +105,7 @@ fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
         proxy_cpu_s: None,
         proxy_cpu_s_per_10k: None,
         worker_cpu_share: None,
+        load_cpu_s_per_10k: None,
     }
 }
 

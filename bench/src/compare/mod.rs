@@ -75,7 +75,14 @@ pub struct CompareArgs {
     /// (copy small reads, splice bulk; one worker per CPU it may use);
     /// `sluice-copy` and `sluice-splice` force one way of forwarding
     /// (SLUICE_FORWARD=copy|splice); `sluice-shared` runs without workers
-    /// (SLUICE_WORKERS=0: one listener, the shared runtime). haproxy and
+    /// (SLUICE_WORKERS=0: one listener, the shared runtime).
+    /// `sluice-nft` runs sluice with `--intercept nftables`: no listener on
+    /// the service addresses, its nftables table redirects them to its
+    /// intercept port; `sluice-ct` is `sluice` with connection tracking on
+    /// (an empty nat chain), to tell the redirect's cost from conntrack's.
+    /// Either makes the whole run (every path) happen in a network
+    /// namespace of its own (root, `nft`), so that the table touches
+    /// nothing else; each table is removed when its path ends. haproxy and
     /// nginx are skipped when not installed.
     #[arg(
         long,
@@ -135,6 +142,11 @@ pub enum PathKind {
     SluiceCopy,
     SluiceSplice,
     SluiceShared,
+    /// sluice with `--intercept nftables` (in the run's own namespace).
+    SluiceNft,
+    /// sluice bound, with connection tracking on (in the run's own
+    /// namespace).
+    SluiceCt,
     /// The sluice binary given with --baseline (e.g. an older build).
     Baseline,
     Haproxy,
@@ -142,6 +154,11 @@ pub enum PathKind {
 }
 
 impl PathKind {
+    /// Whether it needs the run's own network namespace (nftables).
+    fn needs_netns(self) -> bool {
+        matches!(self, PathKind::SluiceNft | PathKind::SluiceCt)
+    }
+
     /// Its name on the command line (`sluice-copy`), which the table uses.
     fn name(self) -> String {
         clap::ValueEnum::to_possible_value(&self)
@@ -202,6 +219,9 @@ struct Report {
     concurrency: usize,
     proxy_cpu: usize,
     load_cpu: usize,
+    /// The network namespace the run happened in (sluice-nft, sluice-ct).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<String>,
     /// One list of paths per round.
     rounds: Vec<Vec<PathResult>>,
 }
@@ -209,14 +229,18 @@ struct Report {
 async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResult {
     let pid = proxy.pid();
     let cpu = || pid.and_then(cpu_seconds);
+    // This process: the load and the backends (where a client's connect,
+    // and the NAT on its way out, are charged).
+    let own = || cpu_seconds(std::process::id());
     let mut out = PathResult::new(proxy.kind);
     for fig in &args.figures {
         match fig {
             Figure::Short => {
-                let c0 = cpu();
+                let (c0, l0) = (cpu(), own());
                 let w0 = pid.map(worker_cpu_seconds).unwrap_or_default();
                 let mut r = short_load(proxy.http, args.concurrency, args.seconds).await;
                 r.set_proxy_cpu(c0, cpu());
+                r.set_load_cpu(l0, own());
                 let w1 = pid.map(worker_cpu_seconds).unwrap_or_default();
                 r.worker_cpu_share = worker_shares(&w0, &w1);
                 out.short = Some(r);
@@ -245,7 +269,7 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
     out
 }
 
-async fn body(args: CompareArgs) -> Result<ExitCode> {
+async fn body(args: CompareArgs, netns: Option<String>) -> Result<ExitCode> {
     check::positive_at_most("--seconds", args.seconds, 60.0)?;
     check::in_range("--concurrency", args.concurrency, 1..=1024)?;
     check::in_range("--idle", args.idle, 0..=100_000)?;
@@ -290,8 +314,14 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
 
     if !args.json {
         println!(
-            "compare: {}s per figure, {} concurrent connections, proxy on CPU {}, load and backends on CPU {}",
-            args.seconds, args.concurrency, args.proxy_cpu, args.load_cpu
+            "compare: {}s per figure, {} concurrent connections, proxy on CPU {}, load and backends on CPU {}{}",
+            args.seconds,
+            args.concurrency,
+            args.proxy_cpu,
+            args.load_cpu,
+            netns
+                .as_deref()
+                .map_or(String::new(), |n| format!(", in network namespace {n}"))
         );
     }
     let mut rounds: Vec<Vec<PathResult>> = Vec::new();
@@ -375,6 +405,7 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
         concurrency: args.concurrency,
         proxy_cpu: args.proxy_cpu,
         load_cpu: args.load_cpu,
+        netns,
         rounds,
     };
     if args.json {
@@ -389,7 +420,7 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
         println!(
             "short/s: {c} workers, one Connection: close request each; cpu10k: proxy CPU s (/proc/PID/stat) per 10k connections, or per 10k requests after keep/s;\n\
              keep/s: {c} keep-alive connections; p50/p99: keep-alive request latency; Gbit/s: one upload to a sink; s/GB: proxy CPU s per GB moved;\n\
-             KiB/idle: VmRSS growth per idle connection.",
+             KiB/idle: VmRSS growth per idle connection; load cpu10k: this process's CPU s (load and backends) per 10k short connections.",
             c = args.concurrency
         );
     }
@@ -404,11 +435,27 @@ async fn body(args: CompareArgs) -> Result<ExitCode> {
 /// thread (pinned to the load CPU). If this future is dropped (Ctrl-C),
 /// the thread is told to stop, which drops and so kills every child.
 pub async fn run(args: CompareArgs) -> Result<ExitCode> {
+    // Declared before the thread's joiner, so removed after the thread
+    // (and every child) is gone.
+    let netns = if args.paths.iter().any(|p| p.needs_netns()) {
+        Some(RunNetns::create()?)
+    } else {
+        None
+    };
+    let ns_name = netns.as_ref().map(|n| n.0.clone());
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("compare".into())
         .spawn(move || {
+            // Everything the run makes (sockets, threads, children) lives
+            // in the namespace the thread enters first.
+            if let Some(ns) = &ns_name
+                && let Err(e) = sluice_testkit::netns::enter(ns)
+            {
+                let _ = done_tx.send(Err(e));
+                return;
+            }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -421,7 +468,7 @@ pub async fn run(args: CompareArgs) -> Result<ExitCode> {
             };
             let r = rt.block_on(async {
                 tokio::select! {
-                    r = body(args) => r,
+                    r = body(args, ns_name.clone()) => r,
                     _ = cancel_rx => Err(anyhow::anyhow!("interrupted")),
                 }
             });
@@ -447,4 +494,29 @@ pub async fn run(args: CompareArgs) -> Result<ExitCode> {
     done_rx
         .await
         .context("compare thread ended without a result")?
+}
+
+/// The run's own network namespace (`sb-<pid>-0-compare`, `lo` up),
+/// removed on drop with whatever still runs in it; a stale one of a dead
+/// run is removed by the next `rollout --netns`.
+struct RunNetns(String);
+
+impl RunNetns {
+    fn create() -> Result<Self> {
+        let name = format!(
+            "{}{}-0-compare",
+            crate::netns::topo::PREFIX,
+            std::process::id()
+        );
+        sluice_testkit::netns::add(&name).with_context(|| {
+            format!("sluice-nft and sluice-ct run in a network namespace of their own ({name}): root and iproute2 needed")
+        })?;
+        Ok(Self(name))
+    }
+}
+
+impl Drop for RunNetns {
+    fn drop(&mut self) {
+        sluice_testkit::netns::remove(&self.0);
+    }
 }

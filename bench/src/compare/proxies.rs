@@ -27,6 +27,9 @@ pub struct Proxy {
     pub bulk: SocketAddr,
     running: Option<Running>,
     _dir: Option<tempfile::TempDir>,
+    /// An nftables table of this path, deleted when it stops, so that the
+    /// next path runs without it (and without conntrack).
+    nft_table: Option<&'static str>,
 }
 
 impl Proxy {
@@ -47,7 +50,45 @@ impl Proxy {
             }
             None => {}
         }
+        if let Some(table) = self.nft_table.take()
+            && let Err(e) = nft(&format!("delete table {table}\n")).await
+        {
+            eprintln!("compare: {e:#}");
+        }
     }
+}
+
+/// sluice's table with `--intercept nftables`.
+const SLUICE_TABLE: &str = "inet sluice";
+
+/// The `sluice-ct` path's table: one empty nat chain, which is enough to
+/// turn connection tracking (and NAT lookups) on for every connection.
+const CT_TABLE: &str = "inet sluice-bench-ct";
+
+/// Runs `nft -f -` with `script` in the calling thread's namespace.
+async fn nft(script: &str) -> Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running `nft` (apt-get install nftables)")?;
+    if let Some(mut w) = child.stdin.take() {
+        w.write_all(script.as_bytes()).await?;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .context("`nft -f -` took over 10s")??;
+    anyhow::ensure!(
+        out.status.success(),
+        "`nft -f -` failed ({}): {}\n{script}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 fn listen_addr() -> Result<SocketAddr> {
@@ -154,11 +195,14 @@ pub async fn start_proxy(
             bulk: b_bulk,
             running: None,
             _dir: None,
+            nft_table: None,
         })),
         PathKind::Sluice
         | PathKind::SluiceCopy
         | PathKind::SluiceSplice
         | PathKind::SluiceShared
+        | PathKind::SluiceNft
+        | PathKind::SluiceCt
         | PathKind::Baseline => {
             let bin = if kind == PathKind::Baseline {
                 match &args.baseline {
@@ -196,19 +240,48 @@ pub async fn start_proxy(
             {
                 env.push(("SLUICE_WORKERS", n));
             }
+            let mut extra = Vec::new();
+            let nft_table = match kind {
+                PathKind::SluiceNft => {
+                    let port = sluice::free_port(Ipv4Addr::UNSPECIFIED)?.to_string();
+                    extra = ["--intercept", "nftables", "--intercept-port", &port]
+                        .map(String::from)
+                        .to_vec();
+                    Some(SLUICE_TABLE)
+                }
+                PathKind::SluiceCt => {
+                    nft(&format!(
+                        "table {CT_TABLE} {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n  }}\n}}\n"
+                    ))
+                    .await?;
+                    Some(CT_TABLE)
+                }
+                _ => None,
+            };
             // The child inherits the spawning thread's affinity: this thread
             // (the only one of the load runtime) moves to the proxy's CPU
             // for the start, then everything moves back.
             pin_thread(cpu)?;
-            let s = Sluice::start_with(&bin, &args.sluice, &[], &cfg, probe, None, &env).await;
+            let s = Sluice::start_with(&bin, &args.sluice, &extra, &cfg, probe, None, &env).await;
             pin_process(load_cpu)?;
-            Ok(Some(Proxy {
+            let mut proxy = Proxy {
                 kind,
                 http,
                 bulk,
-                running: Some(Running::Sluice(s?)),
+                running: None,
                 _dir: None,
-            }))
+                nft_table,
+            };
+            match s {
+                Ok(s) => {
+                    proxy.running = Some(Running::Sluice(s));
+                    Ok(Some(proxy))
+                }
+                Err(e) => {
+                    proxy.stop().await; // removes the table
+                    Err(e)
+                }
+            }
         }
         PathKind::Haproxy | PathKind::Nginx => {
             let name = if kind == PathKind::Haproxy {
@@ -263,6 +336,7 @@ pub async fn start_proxy(
                 bulk,
                 running: Some(Running::Other { child, pid }),
                 _dir: Some(dir),
+                nft_table: None,
             }))
         }
     }

@@ -137,6 +137,14 @@ pub fn table(results: &[PathResult]) -> String {
         if !errs.is_empty() {
             let _ = writeln!(t, "{:<13} ERRORS: {}", "", errs.join("; "));
         }
+        if let Some(l) = r.short.as_ref().and_then(|s| s.load_cpu_s_per_10k) {
+            let total = x.short_cpu + l;
+            let _ = writeln!(
+                t,
+                "{:<13} short: load cpu10k {l:.3}, proxy + load {total:.3}",
+                ""
+            );
+        }
         if let Some(shares) = r.short.as_ref().and_then(|s| s.worker_cpu_share.as_ref()) {
             let pct: Vec<String> = shares
                 .iter()
@@ -219,5 +227,15 @@ mod tests {
             "nginx         skipped: not installed",
         ];
         assert_eq!(t.lines().collect::<Vec<_>>(), expected, "{t}");
+
+        let mut nft = path(PathKind::SluiceNft, 0.5, Some(2.5));
+        nft.short.as_mut().unwrap().load_cpu_s_per_10k = Some(1.25);
+        let t = table(&[nft]);
+        assert_eq!(
+            t.lines().nth(2),
+            Some("              short: load cpu10k 1.250, proxy + load 3.750"),
+            "{t}"
+        );
+        assert_eq!(PathKind::SluiceNft.name(), "sluice-nft");
     }
 }
