@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,18 +19,10 @@ fn skip_reason() -> Option<String> {
     if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
         return Some("not root".into());
     }
-    for tool in ["ip", "nft"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            return Some(format!("`{tool}` is not installed"));
-        }
-    }
-    None
+    ["ip", "nft"]
+        .into_iter()
+        .find(|tool| netns::run(tool, &["-V"], None).is_err())
+        .map(|tool| format!("`{tool}` is not available"))
 }
 
 macro_rules! require_root {

@@ -51,7 +51,7 @@ impl Proxy {
             None => {}
         }
         if let Some(table) = self.nft_table.take()
-            && let Err(e) = nft(&format!("delete table {table}\n")).await
+            && let Err(e) = nft(&format!("delete table {table}\n"))
         {
             eprintln!("compare: {e:#}");
         }
@@ -65,30 +65,10 @@ const SLUICE_TABLE: &str = "inet sluice";
 /// turn connection tracking (and NAT lookups) on for every connection.
 const CT_TABLE: &str = "inet sluice-bench-ct";
 
-/// Runs `nft -f -` with `script` in the calling thread's namespace.
-async fn nft(script: &str) -> Result<()> {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("running `nft` (apt-get install nftables)")?;
-    if let Some(mut w) = child.stdin.take() {
-        w.write_all(script.as_bytes()).await?;
-    }
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .context("`nft -f -` took over 10s")??;
-    anyhow::ensure!(
-        out.status.success(),
-        "`nft -f -` failed ({}): {}\n{script}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+/// Runs `nft -f -` with `script` in the calling thread's namespace (a
+/// short blocking call, outside any measured phase).
+fn nft(script: &str) -> Result<()> {
+    sluice_testkit::netns::run("nft", &["-f", "-"], Some(script))
 }
 
 fn listen_addr() -> Result<SocketAddr> {
@@ -252,8 +232,7 @@ pub async fn start_proxy(
                 PathKind::SluiceCt => {
                     nft(&format!(
                         "table {CT_TABLE} {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n  }}\n}}\n"
-                    ))
-                    .await?;
+                    ))?;
                     Some(CT_TABLE)
                 }
                 _ => None,
