@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use sluice_control::NoEndpoints;
 use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
 use sluice_testkit::daemon::Signal;
 use sluice_testkit::{Daemon, Options, http, metric, netns};
@@ -463,4 +464,161 @@ fn nftables_mode_without_nft_exits_64_naming_the_package() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`nftables`"), "{stderr}");
+}
+
+/// A Service without endpoints (ClusterIP, IPv6 ClusterIP, NodePort).
+const VIP_EMPTY: &str = "10.96.0.20:80";
+const VIP6_EMPTY: &str = "[fd00:96::20]:80";
+const NODE_PORT_EMPTY: &str = "192.168.50.10:30081";
+/// An `externalTrafficPolicy: Local` NodePort on a node without a local
+/// endpoint (the file source's `noEndpoints: drop`).
+const NODE_PORT_LOCAL: &str = "192.168.50.10:30090";
+/// A LoadBalancer IP whose `loadBalancerSourceRanges` admit only the
+/// bridged client pod, and the same Service's NodePort (never filtered).
+const LB: &str = "192.168.60.1:80";
+const LB_RANGE: &str = "10.244.0.10/32";
+const LB_NODE_PORT: &str = "192.168.50.10:30100";
+
+/// The served ClusterIP (to know sluice is up), the Services above, and
+/// `empty_backend` as the backend of `VIP_EMPTY` when given.
+fn rules_config(empty_backend: Option<&str>) -> ConfigDoc {
+    let ready = |b: &str| vec![BackendDoc::ready(b.parse().unwrap())];
+    let service =
+        |name, listen: &str, backends| ServiceDoc::new(name, listen.parse().unwrap(), backends);
+    ConfigDoc::new(vec![
+        service("default/web:http", VIP, ready(BACKEND)),
+        service(
+            "default/empty:http",
+            VIP_EMPTY,
+            empty_backend.map(ready).unwrap_or_default(),
+        ),
+        service("default/empty6:http", VIP6_EMPTY, vec![]),
+        service("default/empty:nodeport", NODE_PORT_EMPTY, vec![]),
+        service("default/local:nodeport", NODE_PORT_LOCAL, vec![])
+            .with_no_endpoints(NoEndpoints::Drop),
+        service("default/lb:lb", LB, ready(BACKEND))
+            .with_source_ranges(vec![LB_RANGE.parse().unwrap()]),
+        service("default/lb:nodeport", LB_NODE_PORT, ready(BACKEND)),
+    ])
+}
+
+/// One connect from inside `ns` with a `timeout`: how it ended and how long
+/// it took.
+fn connect(ns: &Netns, addr: &str, timeout: Duration) -> (std::io::Result<()>, Duration) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.on(move || {
+        let start = Instant::now();
+        let got = TcpStream::connect_timeout(&addr, timeout).map(drop);
+        (got, start.elapsed())
+    })
+}
+
+/// Asserts ECONNREFUSED within 100 ms (a reset at the SYN, not a handshake).
+fn assert_refused_at_once(ns: &Netns, addr: &str) {
+    let (got, took) = connect(ns, addr, Duration::from_secs(2));
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "{addr} from {}: {got:?}",
+        ns.name()
+    );
+    assert!(
+        took < Duration::from_millis(100),
+        "{addr} refused after {took:?}"
+    );
+}
+
+/// Asserts no SYN-ACK within a second: the connect times out.
+fn assert_no_answer(ns: &Netns, addr: &str) {
+    let (got, took) = connect(ns, addr, Duration::from_secs(1));
+    assert!(
+        matches!(&got, Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)),
+        "{addr} from {} answered: {got:?} after {took:?}",
+        ns.name()
+    );
+}
+
+/// Connections sluice accepted, over every Service.
+fn accepted_total(metrics: &str) -> f64 {
+    let series = "sluice_connections_accepted_total{";
+    (metrics.lines())
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn nftables_rules_reject_drop_and_filter_sources() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
+        eprintln!("skipped: br_netfilter is not loaded (modprobe br_netfilter)");
+        return;
+    }
+    let net = Node::build();
+    // A node forwards (kubeadm requires it): traffic to a Service IP that
+    // is not redirected meets the forward hook, as on a real node.
+    net.node.set_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+    net.node
+        .set_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1");
+    // The outside client reaches the load-balancer IP through the node.
+    net.ext
+        .ip(&["route", "add", "192.168.60.0/24", "via", "192.168.50.10"]);
+    let _backend = Server::start(&net.backend, BACKEND, "backend\n");
+    let sluice = start_sluice(&net.node, &rules_config(None));
+    let ready = Duration::from_secs(10);
+    net.client.fetch_until(VIP, "backend\n", ready).unwrap();
+    let before = accepted_total(&net.metrics(&sluice));
+
+    // No endpoints: reset at the SYN, from a pod (forward hook), from the
+    // node itself (output hook), from outside to a NodePort (input hook),
+    // and over IPv6.
+    assert_refused_at_once(&net.client, VIP_EMPTY);
+    assert_refused_at_once(&net.routed, VIP_EMPTY);
+    assert_refused_at_once(&net.node, VIP_EMPTY);
+    assert_refused_at_once(&net.ext, NODE_PORT_EMPTY);
+    assert_refused_at_once(&net.client, VIP6_EMPTY);
+    // eTP=Local without a local endpoint: no SYN-ACK at all.
+    assert_no_answer(&net.ext, NODE_PORT_LOCAL);
+    assert_no_answer(&net.client, NODE_PORT_LOCAL);
+    // sluice never accepted any of them.
+    let metrics = net.metrics(&sluice);
+    assert_eq!(accepted_total(&metrics), before, "{metrics}");
+
+    // loadBalancerSourceRanges: the pod inside the range reaches the LB IP,
+    // the routed pod and the outside client do not; the Service's NodePort
+    // stays open to all three.
+    net.client.fetch_until(LB, "backend\n", ready).unwrap();
+    assert_no_answer(&net.routed, LB);
+    assert_no_answer(&net.ext, LB);
+    for ns in [&net.client, &net.routed, &net.ext] {
+        ns.fetch_until(LB_NODE_PORT, "backend\n", ready).unwrap();
+    }
+    let table = net.nft_table(false).unwrap();
+    assert!(
+        table.contains("192.168.60.1 . tcp . 80 . 10.244.0.10"),
+        "{table}"
+    );
+
+    // Endpoints come: the key moves from reject to redirect; they go: back.
+    sluice
+        .reload(&rules_config(Some(BACKEND)).to_yaml().unwrap())
+        .unwrap();
+    net.client
+        .fetch_until(VIP_EMPTY, "backend\n", ready)
+        .unwrap();
+    sluice
+        .reload(&rules_config(None).to_yaml().unwrap())
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let (got, _) = connect(&net.client, VIP_EMPTY, Duration::from_secs(2));
+        if matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionRefused) {
+            break;
+        }
+        assert!(start.elapsed() < ready, "still not refused: {got:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_refused_at_once(&net.client, VIP_EMPTY);
 }
