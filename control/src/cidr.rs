@@ -22,14 +22,17 @@ impl Cidr {
     /// The network of `addr` with `prefix` bits; `None` when `prefix` is
     /// longer than the address.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        // Host bits: 32 or 128 minus the prefix; `None` when negative.
         let addr = match addr {
             IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                (prefix <= 32).then(|| IpAddr::from((u32::from(a) & mask).to_be_bytes()))?
+                let host = 32u32.checked_sub(u32::from(prefix))?;
+                let mask = u32::MAX.checked_shl(host).unwrap_or(0);
+                IpAddr::from((u32::from(a) & mask).to_be_bytes())
             }
             IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-                (prefix <= 128).then(|| IpAddr::from((u128::from(a) & mask).to_be_bytes()))?
+                let host = 128u32.checked_sub(u32::from(prefix))?;
+                let mask = u128::MAX.checked_shl(host).unwrap_or(0);
+                IpAddr::from((u128::from(a) & mask).to_be_bytes())
             }
         };
         Some(Self { addr, prefix })
