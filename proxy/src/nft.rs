@@ -313,11 +313,15 @@ fn write_elements(
     set: &str,
     items: impl Iterator<Item = (bool, String)>,
 ) {
-    let (v4, v6): (Vec<(bool, String)>, Vec<(bool, String)>) = items.partition(|i| i.0);
+    let mut v4: Vec<String> = Vec::new();
+    let mut v6: Vec<String> = Vec::new();
+    for (is_v4, text) in items {
+        if is_v4 { v4.push(text) } else { v6.push(text) }
+    }
     for (group, family) in [(v4, "v4"), (v6, "v6")] {
         for chunk in group.chunks(CHUNK) {
             let _ = write!(s, "{verb} element {TABLE} {set}-{family} {{ ");
-            for (i, (_, text)) in chunk.iter().enumerate() {
+            for (i, text) in chunk.iter().enumerate() {
                 if i > 0 {
                     s.push_str(", ");
                 }

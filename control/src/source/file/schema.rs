@@ -140,6 +140,9 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
                 return Err((at(&[key("sourceRanges"), Seg::Index(j)]), reason));
             }
         }
+        // Other settings keep their defaults (the update is needed once
+        // Settings has fields the file does not set).
+        #[allow(clippy::needless_update)]
         let settings = Settings {
             no_endpoints: svc.no_endpoints,
             source_ranges: svc.source_ranges,
