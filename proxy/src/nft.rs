@@ -12,7 +12,21 @@
 //! ```text
 //! table inet sluice {
 //!   set service-ips-v4 { type ipv4_addr . inet_proto . inet_service; elements = { 10.96.0.10 . tcp . 80, ... } }
-//!   set service-ips-v6 { type ipv6_addr . inet_proto . inet_service; ... }
+//!   map no-endpoint-services-v4 { type ipv4_addr . inet_proto . inet_service : verdict;
+//!                                 elements = { 10.96.0.20 . tcp . 80 : goto reject-chain, 192.168.1.10 . tcp . 30090 : drop } }
+//!   set firewall-ips-v4 { type ipv4_addr . inet_proto . inet_service; elements = { 203.0.113.8 . tcp . 80 } }
+//!   set firewall-allow-v4 { type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval;
+//!                           elements = { 203.0.113.8 . tcp . 80 . 198.51.100.0/24 } }
+//!   (and the same four for IPv6, `-v6`)
+//!   chain reject-chain { meta l4proto tcp reject with tcp reset; reject }
+//!   chain endpoints-check { ip daddr . meta l4proto . th dport vmap @no-endpoint-services-v4; ip6 ... }
+//!   chain firewall-check { ip daddr . meta l4proto . th dport @firewall-ips-v4
+//!                          ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow-v4 drop; ip6 ... }
+//!   chain filter-prerouting { type filter hook prerouting priority -110; ct state new jump firewall-check }
+//!   chain filter-input      { type filter hook input priority -110;      ct state new jump endpoints-check }
+//!   chain filter-forward    { type filter hook forward priority -110;    ct state new jump endpoints-check }
+//!   chain filter-output     { type filter hook output priority -110;     ct state new jump firewall-check
+//!                                                                        ct state new jump endpoints-check }
 //!   chain nat-prerouting { type nat hook prerouting priority dstnat; ...   # traffic from pods and outside
 //!     meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :PORT
 //!     meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :PORT }
@@ -24,8 +38,46 @@
 //! The rules never change with the Services: a Service is a set element
 //! (`address . protocol . port`, every listen key of the live table:
 //! ClusterIPs, external IPs, LoadBalancer IPs and node ports on the node
-//! addresses), so 10,000 Services are four rules and a change of one is one
-//! element added or removed.
+//! addresses), so 10,000 Services are fifteen rules and a change of one is
+//! one element added or removed. A key is in exactly one of
+//! `service-ips` (it has an eligible backend: redirected to sluice) and
+//! `no-endpoint-services` (it has none: the kernel answers), so endpoints
+//! coming or going are one element deleted and one added, in one
+//! transaction.
+//!
+//! # kube-proxy's packet-level rules (pkg/proxy/nftables/proxier.go)
+//! - **No endpoints** (`no-endpoint-services`): a Service without endpoints
+//!   anywhere is rejected at the SYN (TCP reset, so the client gets
+//!   ECONNREFUSED at once; ICMP port unreachable for other protocols); one
+//!   with endpoints elsewhere but none its `Local` traffic policy may use is
+//!   dropped (no SYN-ACK). The verdict comes from the table
+//!   ([`sluice_control::Settings::no_endpoints`]). Hooks as kube-proxy's:
+//!   input, forward and output at `dstnat - 10`, new connections only. The
+//!   key is not redirected, so in prerouting it keeps its Service address
+//!   and meets the check in forward (pods, outside: the node routes it on,
+//!   as kube-proxy's rules assume), input (node ports) or output (the node
+//!   itself, before `nat-output`). kube-proxy keeps node ports in a separate
+//!   `no-endpoint-nodeports` map (port only, any local address); here a node
+//!   port is a key per node address like the others.
+//! - **loadBalancerSourceRanges** (`firewall-ips` + `firewall-allow`): new
+//!   connections to a filtered `LB IP . protocol . port` from a source
+//!   outside its ranges are dropped, in prerouting and output at
+//!   `dstnat - 10`, before the redirect, as kube-proxy's `firewall-check`.
+//!   kube-proxy uses one chain per Service (`ip saddr != { ranges } drop`);
+//!   here the ranges are data too: one concatenated interval set keyed by
+//!   `LB IP . protocol . port . source network`, nested ranges folded into
+//!   the widest (the kernel rejects overlapping intervals). NodePorts,
+//!   cluster IPs and external IPs are never filtered (kube-proxy: "for
+//!   better or for worse, nodeports are not subject to
+//!   loadBalancerSourceRanges"). Ranges of the other family are ignored
+//!   (kube-proxy's per-family proxiers): a key whose ranges are all of the
+//!   other family is not filtered.
+//!
+//! Not matched: kube-proxy short-circuits traffic from pods and from the
+//! node itself to an external address of an `externalTrafficPolicy: Local`
+//! Service to the cluster-wide endpoints; sluice picks by destination only,
+//! so such traffic sees the `Local` entry (dropped when it has no local
+//! endpoint).
 //!
 //! # Pure and thin
 //! [`Ruleset`] is the desired content computed from a [`Table`];
