@@ -104,6 +104,56 @@ impl<'de> serde::Deserialize<'de> for Cidr {
     }
 }
 
+/// One value of kube-proxy's `--nodeport-addresses`: a CIDR, or `primary`
+/// (the node's primary addresses: its Node's, sluice's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePortAddress {
+    Primary,
+    Cidr(Cidr),
+}
+
+impl FromStr for NodePortAddress {
+    type Err = BadCidr;
+
+    fn from_str(s: &str) -> Result<Self, BadCidr> {
+        match s.trim() {
+            "primary" => Ok(Self::Primary),
+            _ => s.parse().map(Self::Cidr),
+        }
+    }
+}
+
+/// Where node ports are served, from `--nodeport-addresses` (kube-proxy's
+/// rule): `None` for the node's primary addresses (no value, or
+/// `primary` alone); else the addresses of `local` (the node's interface
+/// addresses) inside one of the CIDRs, loopback excepted (kube-proxy does
+/// not serve node ports on localhost), sorted, each once. `primary` with
+/// CIDRs is an error, as in kube-proxy.
+pub fn nodeport_addresses(
+    flag: &[NodePortAddress],
+    local: &[IpAddr],
+) -> Result<Option<Vec<IpAddr>>, String> {
+    let cidrs: Vec<Cidr> = (flag.iter())
+        .filter_map(|a| match a {
+            NodePortAddress::Cidr(c) => Some(*c),
+            NodePortAddress::Primary => None,
+        })
+        .collect();
+    if cidrs.is_empty() {
+        return Ok(None);
+    }
+    if cidrs.len() != flag.len() {
+        return Err("`primary` cannot be combined with CIDRs".into());
+    }
+    let mut chosen: Vec<IpAddr> = (local.iter())
+        .filter(|ip| !ip.is_loopback() && cidrs.iter().any(|c| c.contains(**ip)))
+        .copied()
+        .collect();
+    chosen.sort();
+    chosen.dedup();
+    Ok(Some(chosen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +195,33 @@ mod tests {
             Cidr::host("10.0.0.1".parse().unwrap()).to_string(),
             "10.0.0.1/32"
         );
+    }
+
+    #[test]
+    fn nodeport_addresses_match_local_addresses_like_kube_proxy() {
+        let flag =
+            |v: &[&str]| -> Vec<NodePortAddress> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        let local: Vec<IpAddr> = [
+            "127.0.0.1",
+            "192.168.50.10",
+            "10.244.0.1",
+            "fd00:50::10",
+            "::1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(nodeport_addresses(&[], &local), Ok(None));
+        assert_eq!(nodeport_addresses(&flag(&["primary"]), &local), Ok(None));
+        let got = nodeport_addresses(&flag(&["192.168.50.0/24", "fd00::/8"]), &local).unwrap();
+        let got: Vec<String> = got.unwrap().iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["192.168.50.10", "fd00:50::10"]);
+        // Everything but loopback.
+        let got = nodeport_addresses(&flag(&["0.0.0.0/0"]), &local)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(nodeport_addresses(&flag(&["primary", "10.0.0.0/8"]), &local).is_err());
+        assert!("primry".parse::<NodePortAddress>().is_err());
     }
 }

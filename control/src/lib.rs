@@ -17,7 +17,7 @@ pub mod publish;
 pub mod source;
 pub mod table;
 
-pub use cidr::Cidr;
+pub use cidr::{Cidr, NodePortAddress};
 pub use publish::{Publisher, Snapshot};
 pub use table::{
     Affinity, Backend, Conditions, ListenKey, NoEndpoints, Policy, Protocol, Service, Settings,

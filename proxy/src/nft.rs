@@ -502,6 +502,41 @@ async fn apply_with(program: &str, script: &str) -> Result<(), NftError> {
     })
 }
 
+/// Every address on the node's interfaces (netlink), for
+/// `--nodeport-addresses` CIDRs to match (see
+/// [`sluice_control::cidr::nodeport_addresses`]). Must run inside a Tokio
+/// runtime.
+pub async fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
+    use futures_util::TryStreamExt;
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let connection = tokio::spawn(connection);
+    let mut stream = handle.address().get().execute();
+    let mut found = Vec::new();
+    let listed = loop {
+        match stream.try_next().await {
+            Ok(Some(message)) => {
+                let mut local = None;
+                let mut address = None;
+                for attribute in &message.attributes {
+                    match attribute {
+                        AddressAttribute::Local(ip) => local = Some(*ip),
+                        AddressAttribute::Address(ip) => address = Some(*ip),
+                        _ => {}
+                    }
+                }
+                // IFA_LOCAL is the address itself (IFA_ADDRESS is the peer
+                // on point-to-point links, and the only one for IPv6).
+                found.extend(local.or(address));
+            }
+            Ok(None) => break Ok(found),
+            Err(e) => break Err(std::io::Error::other(format!("cannot list addresses: {e}"))),
+        }
+    };
+    connection.abort();
+    listed
+}
+
 /// How a [`Programmer::sync`] reached the desired state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synced {

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice_control::NoEndpoints;
 use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+use sluice_control::{NoEndpoints, NodePortAddress};
 use sluice_testkit::daemon::Signal;
 use sluice_testkit::{Daemon, Options, http, metric, netns};
 
@@ -621,4 +621,65 @@ async fn nftables_rules_reject_drop_and_filter_sources() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_refused_at_once(&net.client, VIP_EMPTY);
+}
+
+#[test]
+fn nodeport_addresses_select_the_nodes_interface_addresses() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Node::build();
+    let local = net
+        .node
+        .0
+        .block_on(Duration::from_secs(5), || async {
+            sluice_proxy::nft::local_addresses().await
+        })
+        .unwrap()
+        .unwrap();
+    for ip in [
+        "127.0.0.1",
+        "192.168.50.10",
+        "10.244.0.1",
+        "10.244.1.1",
+        "fd00:50::10",
+    ] {
+        assert!(
+            local.contains(&ip.parse().unwrap()),
+            "{ip} not in {local:?}"
+        );
+    }
+    let flag: Vec<NodePortAddress> = ["192.168.50.0/24", "fd00:50::/64"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let chosen = sluice_control::cidr::nodeport_addresses(&flag, &local).unwrap();
+    let chosen: Vec<String> = chosen.unwrap().iter().map(|a| a.to_string()).collect();
+    assert_eq!(chosen, ["192.168.50.10", "fd00:50::10"]);
+}
+
+#[test]
+fn bad_nodeport_addresses_exit_64_naming_the_flag() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    for (value, says) in [
+        ("10.0.0.0/33", "is not a CIDR"),
+        ("primary,10.0.0.0/8", "`primary` cannot be combined"),
+        ("203.0.113.0/24", "no interface address"),
+    ] {
+        // Checked before any apiserver is contacted.
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--nodeport-addresses", value])
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{value}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--nodeport-addresses"), "{value}: {stderr}");
+        assert!(stderr.contains(says), "{value}: {stderr}");
+    }
 }
