@@ -287,7 +287,7 @@ impl Ruleset {
         );
         let verdicts = self.verdicts();
         let other_verdicts = other.verdicts();
-        let gone = verdicts.difference(&other_verdicts).map(|(e, v)| {
+        let verdict_items = verdicts.difference(&other_verdicts).map(|(e, v)| {
             // A delete names the key only.
             let text = match verb {
                 "delete" => e.to_string(),
@@ -295,7 +295,7 @@ impl Ruleset {
             };
             items(e, text)
         });
-        write_elements(s, verb, "no-endpoint-services", gone);
+        write_elements(s, verb, "no-endpoint-services", verdict_items);
         let keys = (self.firewall.keys()).filter(|k| !other.firewall.contains_key(k));
         write_elements(
             s,

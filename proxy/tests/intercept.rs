@@ -58,6 +58,14 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// [`skip_reason`], or br_netfilter not loaded (the bridged node needs it).
+fn bridged_skip_reason() -> Option<String> {
+    skip_reason().or_else(|| {
+        let loaded = std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_ok();
+        (!loaded).then(|| "br_netfilter is not loaded (modprobe br_netfilter)".into())
+    })
+}
+
 /// A network namespace; deleted (with what runs in it) on drop.
 struct Netns(netns::Netns);
 
@@ -329,12 +337,8 @@ fn config() -> ConfigDoc {
 
 #[tokio::test]
 async fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = bridged_skip_reason() {
         eprintln!("skipped: {why}");
-        return;
-    }
-    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
-        eprintln!("skipped: br_netfilter is not loaded (modprobe br_netfilter)");
         return;
     }
     let net = Node::build();
@@ -548,12 +552,8 @@ fn accepted_total(metrics: &str) -> f64 {
 
 #[tokio::test]
 async fn nftables_rules_reject_drop_and_filter_sources() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = bridged_skip_reason() {
         eprintln!("skipped: {why}");
-        return;
-    }
-    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
-        eprintln!("skipped: br_netfilter is not loaded (modprobe br_netfilter)");
         return;
     }
     let net = Node::build();
