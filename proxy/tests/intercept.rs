@@ -683,3 +683,124 @@ fn bad_nodeport_addresses_exit_64_naming_the_flag() {
         assert!(stderr.contains(says), "{value}: {stderr}");
     }
 }
+
+/// The Kubernetes source end to end: the fixture apiserver runs in the
+/// node namespace (its listener bound there, served by this test's
+/// runtime), sluice watches it with `--intercept nftables` and
+/// `--nodeport-addresses`, and the same three rules hold for Services as
+/// the index makes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_services_get_the_same_rules() {
+    use serde_json::json;
+    use sluice_apiserver_fixture::ApiServer;
+    use sluice_apiserver_fixture::builders::{slice, svc, with_port};
+    if let Some(why) = bridged_skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Node::build();
+    net.node.set_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+    net.ext
+        .ip(&["route", "add", "192.168.60.0/24", "via", "192.168.50.10"]);
+    let _backend = Server::start(&net.backend, BACKEND, "backend\n");
+    let runtime = tokio::runtime::Handle::current();
+    let api = netns::in_netns(net.node.name(), move || {
+        Ok(runtime.block_on(ApiServer::start())?)
+    })
+    .unwrap();
+
+    // No endpoints at all.
+    api.apply_json(svc("empty", "10.96.0.20")).unwrap();
+    // eTP=Local NodePort whose only endpoint is on another node.
+    let mut local = svc("local", "10.96.0.21");
+    local["spec"]["type"] = json!("NodePort");
+    local["spec"]["externalTrafficPolicy"] = json!("Local");
+    local["spec"]["ports"][0]["nodePort"] = json!(30090);
+    api.apply_json(local).unwrap();
+    let mut local_eps = with_port(
+        slice("local-1", "local", &[("10.244.0.20", true, false)]),
+        8080,
+    );
+    local_eps["endpoints"][0]["nodeName"] = json!("node-b");
+    api.apply_json(local_eps).unwrap();
+    // A LoadBalancer whose source ranges admit the bridged client pod (one
+    // range is bad: skipped, the rest kept).
+    let mut lb = svc("lb", "10.96.0.22");
+    lb["spec"]["type"] = json!("LoadBalancer");
+    lb["spec"]["ports"][0]["nodePort"] = json!(30100);
+    lb["spec"]["loadBalancerSourceRanges"] = json!([" 10.244.0.10/32 ", "bogus"]);
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.168.60.1"}]}});
+    api.apply_json(lb).unwrap();
+    api.apply_json(with_port(
+        slice("lb-1", "lb", &[("10.244.0.20", true, false)]),
+        8080,
+    ))
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    let flags = [
+        ["--kubeconfig", &kubeconfig],
+        ["--node-name", "node-a"],
+        ["--nodeport-addresses", "192.168.50.0/24"],
+        ["--intercept", "nftables"],
+        ["--intercept-port", &INTERCEPT_PORT.to_string()],
+        ["--workers", "2"],
+    ];
+    let opts = Options {
+        prefix: ["ip", "netns", "exec", net.node.name()]
+            .map(String::from)
+            .to_vec(),
+        args: flags.concat().iter().map(|f| f.to_string()).collect(),
+        log_filter: Some("sluice=debug,sluice_proxy=debug,info".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    let sluice = Daemon::spawn(opts).unwrap();
+    let ready = Duration::from_secs(20);
+
+    // The LB IP from inside its ranges (and so the table is there).
+    net.client
+        .fetch_until("192.168.60.1:80", "backend\n", ready)
+        .unwrap();
+    let before = accepted_total(&net.metrics(&sluice));
+    assert_refused_at_once(&net.client, "10.96.0.20:80");
+    assert_refused_at_once(&net.node, "10.96.0.20:80");
+    // Local NodePort without a local endpoint: dropped; its cluster IP
+    // (internalTrafficPolicy Cluster) is served.
+    assert_no_answer(&net.ext, "192.168.50.10:30090");
+    net.client
+        .fetch_until("10.96.0.21:80", "backend\n", ready)
+        .unwrap();
+    // Source ranges: others cannot reach the LB IP; its NodePort is open.
+    assert_no_answer(&net.routed, "192.168.60.1:80");
+    assert_no_answer(&net.ext, "192.168.60.1:80");
+    net.ext
+        .fetch_until("192.168.50.10:30100", "backend\n", ready)
+        .unwrap();
+    net.routed
+        .fetch_until("192.168.50.10:30100", "backend\n", ready)
+        .unwrap();
+    // --nodeport-addresses: the fixture has no Node object, so the node
+    // ports above are served only because the flag chose 192.168.50.10
+    // (and only it).
+    let table = net.nft_table(false).unwrap();
+    assert!(!table.contains("10.244.0.1 . tcp . 30100"), "{table}");
+    let metrics = net.metrics(&sluice);
+    let skipped = metric(&metrics, "sluice_kube_skipped_fields_total");
+    assert_eq!(skipped, Some(1.0), "{metrics}");
+    // Accepted: the fetches above (the reject and drops never reached sluice).
+    let accepted = accepted_total(&metrics) - before;
+    assert!(accepted >= 3.0, "{accepted}");
+
+    // Endpoints appear for `empty`: the same key is now served.
+    api.apply_json(with_port(
+        slice("empty-1", "empty", &[("10.244.0.20", true, false)]),
+        8080,
+    ))
+    .unwrap();
+    net.client
+        .fetch_until("10.96.0.20:80", "backend\n", ready)
+        .unwrap();
+}
