@@ -11,12 +11,15 @@
 //! - [`k8s`]: the pure index turning Kubernetes objects into a table.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cidr;
 pub mod k8s;
 pub mod publish;
 pub mod source;
 pub mod table;
 
+pub use cidr::{Cidr, NodePortAddress};
 pub use publish::{Publisher, Snapshot};
 pub use table::{
-    Affinity, Backend, Conditions, ListenKey, Policy, Protocol, Service, Settings, Table, TableDiff,
+    Affinity, Backend, Conditions, ListenKey, NoEndpoints, Policy, Protocol, Service, Settings,
+    Table, TableDiff,
 };

@@ -15,6 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cidr::Cidr;
 use serde::{Deserialize, Serialize};
 
 /// Transport protocol of a listen address. Part of the key so that TCP 53 and
@@ -323,7 +324,37 @@ impl Affinity {
 /// Set with [`Service::with_settings`], so that adding one touches no
 /// constructor call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Settings {}
+pub struct Settings {
+    /// What the kernel does with a new connection to this entry while no
+    /// backend is eligible (`--intercept nftables` only): reject it when the
+    /// Service has no endpoints anywhere, drop it when it has some but this
+    /// entry's traffic policy (`Local`) may use none of them (kube-proxy's
+    /// `no-endpoint-services` verdicts). Set by the Kubernetes index; the
+    /// file source's `noEndpoints:`.
+    pub no_endpoints: NoEndpoints,
+    /// `spec.loadBalancerSourceRanges` of the entry's family, on
+    /// load-balancer IP entries only (empty elsewhere): with
+    /// `--intercept nftables`, new connections from other sources are
+    /// dropped. Empty: every source is allowed. The file source's
+    /// `sourceRanges:`.
+    pub source_ranges: Vec<Cidr>,
+}
+
+/// What sluice's nftables table does with a new connection to an entry
+/// without an eligible backend (see [`Settings::no_endpoints`]).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoEndpoints {
+    /// TCP reset (ICMP port unreachable for other protocols): the client
+    /// sees ECONNREFUSED at once. No endpoints anywhere.
+    #[default]
+    Reject,
+    /// No answer at all (no SYN-ACK): endpoints exist, none this node may
+    /// use (`externalTrafficPolicy`/`internalTrafficPolicy: Local`).
+    Drop,
+}
 
 /// A service as reached on one listen address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -86,6 +86,19 @@ pub struct Args {
     )]
     pub node_addresses: Vec<std::net::IpAddr>,
 
+    /// Kubernetes source: kube-proxy's flag. CIDRs (comma-separated): node
+    /// ports are served on this node's interface addresses inside them
+    /// (loopback excepted), read at start. `primary` (the default): the
+    /// Node's InternalIP/ExternalIP. Not with --node-addresses.
+    #[arg(
+        long,
+        env = "SLUICE_NODEPORT_ADDRESSES",
+        value_delimiter = ',',
+        value_name = "CIDR,...|primary",
+        conflicts_with = "node_addresses"
+    )]
+    pub nodeport_addresses: Vec<sluice_control::NodePortAddress>,
+
     /// Kubernetes source: the scheduler of Services without a
     /// `sluice.io/scheduler` annotation (or with an unknown one):
     /// round-robin, least-connections, maglev (consistent hashing of the

@@ -99,6 +99,26 @@ fn cleanup() -> ExitCode {
     }
 }
 
+/// Where node ports are served: `--node-addresses`, or the interface
+/// addresses `--nodeport-addresses` CIDRs select (none: an error, else no
+/// node port would be served), or empty for the Node's addresses.
+async fn nodeport_addresses(args: &Args) -> Result<Vec<std::net::IpAddr>, String> {
+    if args.nodeport_addresses.is_empty() {
+        return Ok(args.node_addresses.clone());
+    }
+    let local = nft::local_addresses().await.map_err(|e| e.to_string())?;
+    match sluice_control::cidr::nodeport_addresses(&args.nodeport_addresses, &local)? {
+        None => Ok(Vec::new()),
+        Some(chosen) if chosen.is_empty() => Err(format!(
+            "no interface address of this node is inside the CIDRs (addresses: {local:?})"
+        )),
+        Some(chosen) => {
+            info!(addresses = ?chosen, "node ports served on --nodeport-addresses");
+            Ok(chosen)
+        }
+    }
+}
+
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -143,10 +163,17 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             reload.clone(),
         ));
     } else {
+        let node_addresses = match nodeport_addresses(&args).await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("sluice: --nodeport-addresses: {e}");
+                return ExitCode::from(EXIT_USAGE as u8);
+            }
+        };
         let opts = kube::KubeOptions {
             kubeconfig: args.kubeconfig.clone(),
             node_name: args.node_name.clone(),
-            node_addresses: args.node_addresses.clone(),
+            node_addresses,
             coalesce: args.min_sync_period,
             scheduler: args.scheduler,
             node_eligible: node_eligible.clone(),

@@ -12,7 +12,21 @@
 //! ```text
 //! table inet sluice {
 //!   set service-ips-v4 { type ipv4_addr . inet_proto . inet_service; elements = { 10.96.0.10 . tcp . 80, ... } }
-//!   set service-ips-v6 { type ipv6_addr . inet_proto . inet_service; ... }
+//!   map no-endpoint-services-v4 { type ipv4_addr . inet_proto . inet_service : verdict;
+//!                                 elements = { 10.96.0.20 . tcp . 80 : goto reject-chain, 192.168.1.10 . tcp . 30090 : drop } }
+//!   set firewall-ips-v4 { type ipv4_addr . inet_proto . inet_service; elements = { 203.0.113.8 . tcp . 80 } }
+//!   set firewall-allow-v4 { type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval;
+//!                           elements = { 203.0.113.8 . tcp . 80 . 198.51.100.0/24 } }
+//!   (and the same four for IPv6, `-v6`)
+//!   chain reject-chain { meta l4proto tcp reject with tcp reset; reject }
+//!   chain endpoints-check { ip daddr . meta l4proto . th dport vmap @no-endpoint-services-v4; ip6 ... }
+//!   chain firewall-check { ip daddr . meta l4proto . th dport @firewall-ips-v4
+//!                          ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow-v4 drop; ip6 ... }
+//!   chain filter-prerouting { type filter hook prerouting priority -110; ct state new jump firewall-check }
+//!   chain filter-input      { type filter hook input priority -110;      ct state new jump endpoints-check }
+//!   chain filter-forward    { type filter hook forward priority -110;    ct state new jump endpoints-check }
+//!   chain filter-output     { type filter hook output priority -110;     ct state new jump firewall-check
+//!                                                                        ct state new jump endpoints-check }
 //!   chain nat-prerouting { type nat hook prerouting priority dstnat; ...   # traffic from pods and outside
 //!     meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :PORT
 //!     meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :PORT }
@@ -24,8 +38,46 @@
 //! The rules never change with the Services: a Service is a set element
 //! (`address . protocol . port`, every listen key of the live table:
 //! ClusterIPs, external IPs, LoadBalancer IPs and node ports on the node
-//! addresses), so 10,000 Services are four rules and a change of one is one
-//! element added or removed.
+//! addresses), so 10,000 Services are fifteen rules and a change of one is
+//! one element added or removed. A key is in exactly one of
+//! `service-ips` (it has an eligible backend: redirected to sluice) and
+//! `no-endpoint-services` (it has none: the kernel answers), so endpoints
+//! coming or going are one element deleted and one added, in one
+//! transaction.
+//!
+//! # kube-proxy's packet-level rules (pkg/proxy/nftables/proxier.go)
+//! - **No endpoints** (`no-endpoint-services`): a Service without endpoints
+//!   anywhere is rejected at the SYN (TCP reset, so the client gets
+//!   ECONNREFUSED at once; ICMP port unreachable for other protocols); one
+//!   with endpoints elsewhere but none its `Local` traffic policy may use is
+//!   dropped (no SYN-ACK). The verdict comes from the table
+//!   ([`sluice_control::Settings::no_endpoints`]). Hooks as kube-proxy's:
+//!   input, forward and output at `dstnat - 10`, new connections only. The
+//!   key is not redirected, so in prerouting it keeps its Service address
+//!   and meets the check in forward (pods, outside: the node routes it on,
+//!   as kube-proxy's rules assume), input (node ports) or output (the node
+//!   itself, before `nat-output`). kube-proxy keeps node ports in a separate
+//!   `no-endpoint-nodeports` map (port only, any local address); here a node
+//!   port is a key per node address like the others.
+//! - **loadBalancerSourceRanges** (`firewall-ips` + `firewall-allow`): new
+//!   connections to a filtered `LB IP . protocol . port` from a source
+//!   outside its ranges are dropped, in prerouting and output at
+//!   `dstnat - 10`, before the redirect, as kube-proxy's `firewall-check`.
+//!   kube-proxy uses one chain per Service (`ip saddr != { ranges } drop`);
+//!   here the ranges are data too: one concatenated interval set keyed by
+//!   `LB IP . protocol . port . source network`, nested ranges folded into
+//!   the widest (the kernel rejects overlapping intervals). NodePorts,
+//!   cluster IPs and external IPs are never filtered (kube-proxy: "for
+//!   better or for worse, nodeports are not subject to
+//!   loadBalancerSourceRanges"). Ranges of the other family are ignored
+//!   (kube-proxy's per-family proxiers): a key whose ranges are all of the
+//!   other family is not filtered.
+//!
+//! Not matched: kube-proxy short-circuits traffic from pods and from the
+//! node itself to an external address of an `externalTrafficPolicy: Local`
+//! Service to the cluster-wide endpoints; sluice picks by destination only,
+//! so such traffic sees the `Local` entry (dropped when it has no local
+//! endpoint).
 //!
 //! # Pure and thin
 //! [`Ruleset`] is the desired content computed from a [`Table`];
@@ -47,12 +99,12 @@
 //! sluice version whose chain declarations differ), the table is deleted and
 //! recreated, again in one transaction.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::process::Stdio;
 
-use sluice_control::{ListenKey, Protocol, Table};
+use sluice_control::{Cidr, ListenKey, NoEndpoints, Protocol, Table};
 use tokio::io::AsyncWriteExt;
 
 /// The family and name of sluice's table.
@@ -85,57 +137,85 @@ impl fmt::Display for Element {
     }
 }
 
-impl Element {
-    fn set(&self) -> &'static str {
-        match self.addr {
-            IpAddr::V4(_) => "service-ips-v4",
-            IpAddr::V6(_) => "service-ips-v6",
-        }
-    }
-}
-
 /// The desired content of sluice's table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     /// Where redirected connections go (sluice's intercept listeners).
     pub port: u16,
-    /// Every steered `address . protocol . port`, both families.
+    /// Every steered `address . protocol . port` (a Service with an
+    /// eligible backend), both families.
     pub elements: BTreeSet<Element>,
+    /// Keys without an eligible backend, and what the kernel does with a
+    /// new connection to them (kube-proxy's `no-endpoint-services`). Never
+    /// also in `elements`.
+    pub no_endpoints: BTreeMap<Element, NoEndpoints>,
+    /// Keys with `loadBalancerSourceRanges`: the networks (of the key's
+    /// family, none inside another) whose new connections are let through;
+    /// others are dropped.
+    pub firewall: BTreeMap<Element, BTreeSet<Cidr>>,
 }
 
 impl Ruleset {
-    /// The ruleset that steers every TCP listen key of `table` to `port`.
-    /// UDP keys are left out (not served yet): their traffic is not
-    /// redirected to a port that would drop it.
+    /// The ruleset for `table`, steering to `port`: every TCP key with an
+    /// eligible backend is redirected; UDP keys are not (not served yet:
+    /// their traffic is not redirected to a port that would drop it). A key
+    /// of either protocol without an eligible backend gets its
+    /// [`NoEndpoints`] verdict, and one with source ranges its firewall.
     pub fn from_table(table: &Table, port: u16) -> Self {
-        Self {
+        let mut r = Self {
             port,
-            elements: table
-                .keys()
-                .filter(|k| k.protocol == Protocol::Tcp)
-                .map(Element::from)
-                .collect(),
+            ..Self::default()
+        };
+        for (key, svc) in table.iter() {
+            let e = Element::from(key);
+            if svc.eligible_len() == 0 {
+                r.no_endpoints.insert(e, svc.settings.no_endpoints);
+            } else if key.protocol == Protocol::Tcp {
+                r.elements.insert(e);
+            }
+            let ranges: Vec<Cidr> = (svc.settings.source_ranges.iter())
+                .filter(|c| c.is_ipv4() == e.addr.is_ipv4())
+                .copied()
+                .collect();
+            let outermost: BTreeSet<Cidr> = (ranges.iter())
+                .filter(|c| !ranges.iter().any(|o| o != *c && o.covers(c)))
+                .copied()
+                .collect();
+            if !outermost.is_empty() {
+                r.firewall.insert(e, outermost);
+            }
         }
+        r
     }
 
-    /// Declares the table, its sets and chains (a no-op for what exists),
-    /// empties them and fills them with this ruleset: one transaction that
-    /// never unhooks the chains.
+    /// Declares the table, its sets, maps and chains (a no-op for what
+    /// exists), empties them and fills them with this ruleset: one
+    /// transaction that never unhooks the chains.
     pub fn full_sync_script(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "add table {TABLE}");
         for (set, ty) in SETS {
-            let _ = writeln!(s, "add set {TABLE} {set} {{ type {ty}; }}");
+            let _ = writeln!(s, "add set {TABLE} {set} {{ {ty}; }}");
             let _ = writeln!(s, "flush set {TABLE} {set}");
         }
+        for (map, ty) in MAPS {
+            let _ = writeln!(s, "add map {TABLE} {map} {{ {ty}; }}");
+            let _ = writeln!(s, "flush map {TABLE} {map}");
+        }
         for (chain, hook) in CHAINS {
-            let _ = writeln!(s, "add chain {TABLE} {chain} {{ {hook}; policy accept; }}");
+            if hook.is_empty() {
+                let _ = writeln!(s, "add chain {TABLE} {chain}");
+            } else {
+                let _ = writeln!(s, "add chain {TABLE} {chain} {{ {hook}; policy accept; }}");
+            }
             let _ = writeln!(s, "flush chain {TABLE} {chain}");
-            for rule in self.rules() {
+        }
+        for (chain, _) in CHAINS {
+            for rule in self.rules(chain) {
                 let _ = writeln!(s, "add rule {TABLE} {chain} {rule}");
             }
         }
-        self.write_elements(&mut s, "add", self.elements.iter());
+        self.write_all(&mut s, "add", &Ruleset::default());
         s
     }
 
@@ -151,63 +231,216 @@ impl Ruleset {
     }
 
     /// The script that turns `old` (applied) into `self`: element adds and
-    /// deletes only. `None` when there is nothing to do. A changed port
-    /// changes the rules: that is a full sync.
+    /// deletes only, every delete before every add (so a key moving from
+    /// redirect to reject, or between reject and drop, is a delete and an
+    /// add in the same transaction). `None` when there is nothing to do. A
+    /// changed port changes the rules: that is a full sync.
     pub fn update_script(&self, old: &Ruleset) -> Option<String> {
         if self.port != old.port {
             return Some(self.full_sync_script());
         }
         let mut s = String::new();
-        self.write_elements(&mut s, "delete", old.elements.difference(&self.elements));
-        self.write_elements(&mut s, "add", self.elements.difference(&old.elements));
+        old.write_all(&mut s, "delete", self);
+        self.write_all(&mut s, "add", old);
         (!s.is_empty()).then_some(s)
     }
 
-    fn rules(&self) -> [String; 2] {
-        let port = self.port;
-        [
-            format!(
-                "meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :{port}"
-            ),
-            format!(
-                "meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :{port}"
-            ),
-        ]
+    /// Elements added and deleted, over every set and map, from `old`.
+    pub fn changes(&self, old: &Ruleset) -> (usize, usize) {
+        let count = |a: &Ruleset, b: &Ruleset| {
+            let verdicts = a.verdicts();
+            let allowed = a.allowed();
+            a.elements.difference(&b.elements).count()
+                + verdicts.difference(&b.verdicts()).count()
+                + a.firewall
+                    .keys()
+                    .filter(|k| !b.firewall.contains_key(k))
+                    .count()
+                + allowed.difference(&b.allowed()).count()
+        };
+        (count(self, old), count(old, self))
     }
 
-    fn write_elements<'a>(
-        &self,
-        s: &mut String,
-        verb: &str,
-        elements: impl Iterator<Item = &'a Element>,
-    ) {
-        let (v4, v6): (Vec<&Element>, Vec<&Element>) = elements.partition(|e| e.addr.is_ipv4());
-        for group in [v4, v6] {
-            for chunk in group.chunks(CHUNK) {
-                let Some(first) = chunk.first() else { continue };
-                let _ = write!(s, "{verb} element {TABLE} {} {{ ", first.set());
-                for (i, e) in chunk.iter().enumerate() {
-                    if i > 0 {
-                        s.push_str(", ");
-                    }
-                    let _ = write!(s, "{e}");
-                }
-                s.push_str(" }\n");
-            }
+    /// `no_endpoints` as set members (a changed verdict is a delete and an
+    /// add).
+    fn verdicts(&self) -> BTreeSet<(Element, NoEndpoints)> {
+        self.no_endpoints.iter().map(|(e, v)| (*e, *v)).collect()
+    }
+
+    /// The firewall's allow-set members: key and source network.
+    fn allowed(&self) -> BTreeSet<(Element, Cidr)> {
+        (self.firewall.iter())
+            .flat_map(|(e, ranges)| ranges.iter().map(move |c| (*e, *c)))
+            .collect()
+    }
+
+    /// `verb` (add/delete) every element of `self` that `other` lacks, in
+    /// every set and map.
+    fn write_all(&self, s: &mut String, verb: &str, other: &Ruleset) {
+        let items = |e: &Element, text: String| (e.addr.is_ipv4(), text);
+        let redirect = self.elements.difference(&other.elements);
+        write_elements(
+            s,
+            verb,
+            "service-ips",
+            redirect.map(|e| items(e, e.to_string())),
+        );
+        let verdicts = self.verdicts();
+        let other_verdicts = other.verdicts();
+        let verdict_items = verdicts.difference(&other_verdicts).map(|(e, v)| {
+            // A delete names the key only.
+            let text = match verb {
+                "delete" => e.to_string(),
+                _ => format!("{e} : {}", verdict(*v)),
+            };
+            items(e, text)
+        });
+        write_elements(s, verb, "no-endpoint-services", verdict_items);
+        let keys = (self.firewall.keys()).filter(|k| !other.firewall.contains_key(k));
+        write_elements(
+            s,
+            verb,
+            "firewall-ips",
+            keys.map(|e| items(e, e.to_string())),
+        );
+        let allowed = self.allowed();
+        let other_allowed = other.allowed();
+        let ranges = allowed.difference(&other_allowed);
+        let ranges = ranges.map(|(e, c)| items(e, format!("{e} . {c}")));
+        write_elements(s, verb, "firewall-allow", ranges);
+    }
+
+    /// The rules of `chain` (see the module docs).
+    fn rules(&self, chain: &str) -> Vec<String> {
+        let port = self.port;
+        let families = [("ip", "v4"), ("ip6", "v6")];
+        match chain {
+            "nat-prerouting" | "nat-output" => families
+                .map(|(ip, v)| {
+                    format!(
+                        "meta l4proto tcp {ip} daddr . meta l4proto . th dport @service-ips-{v} redirect to :{port}"
+                    )
+                })
+                .to_vec(),
+            "filter-prerouting" => vec!["ct state new jump firewall-check".into()],
+            "filter-input" | "filter-forward" => vec!["ct state new jump endpoints-check".into()],
+            "filter-output" => vec![
+                "ct state new jump firewall-check".into(),
+                "ct state new jump endpoints-check".into(),
+            ],
+            "endpoints-check" => families
+                .map(|(ip, v)| {
+                    format!(
+                        "{ip} daddr . meta l4proto . th dport vmap @no-endpoint-services-{v}"
+                    )
+                })
+                .to_vec(),
+            "firewall-check" => families
+                .map(|(ip, v)| {
+                    format!(
+                        "{ip} daddr . meta l4proto . th dport @firewall-ips-{v} \
+                         {ip} daddr . meta l4proto . th dport . {ip} saddr != @firewall-allow-{v} drop"
+                    )
+                })
+                .to_vec(),
+            "reject-chain" => vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
+            _ => Vec::new(),
         }
     }
 }
 
-/// Sluice's sets: name and type.
-const SETS: [(&str, &str); 2] = [
-    ("service-ips-v4", "ipv4_addr . inet_proto . inet_service"),
-    ("service-ips-v6", "ipv6_addr . inet_proto . inet_service"),
+/// The verdict of a `no-endpoint-services` element.
+fn verdict(v: NoEndpoints) -> &'static str {
+    match v {
+        NoEndpoints::Reject => "goto reject-chain",
+        NoEndpoints::Drop => "drop",
+    }
+}
+
+/// `verb element` statements for `items` (`(is IPv4, element text)`), into
+/// `{set}-v4` and `{set}-v6`, at most [`CHUNK`] elements a statement.
+fn write_elements(
+    s: &mut String,
+    verb: &str,
+    set: &str,
+    items: impl Iterator<Item = (bool, String)>,
+) {
+    let mut v4: Vec<String> = Vec::new();
+    let mut v6: Vec<String> = Vec::new();
+    for (is_v4, text) in items {
+        if is_v4 { v4.push(text) } else { v6.push(text) }
+    }
+    for (group, family) in [(v4, "v4"), (v6, "v6")] {
+        for chunk in group.chunks(CHUNK) {
+            let _ = write!(s, "{verb} element {TABLE} {set}-{family} {{ ");
+            for (i, text) in chunk.iter().enumerate() {
+                if i > 0 {
+                    s.push_str(", ");
+                }
+                s.push_str(text);
+            }
+            s.push_str(" }\n");
+        }
+    }
+}
+
+/// Sluice's sets: name and declaration.
+const SETS: [(&str, &str); 6] = [
+    (
+        "service-ips-v4",
+        "type ipv4_addr . inet_proto . inet_service",
+    ),
+    (
+        "service-ips-v6",
+        "type ipv6_addr . inet_proto . inet_service",
+    ),
+    (
+        "firewall-ips-v4",
+        "type ipv4_addr . inet_proto . inet_service",
+    ),
+    (
+        "firewall-ips-v6",
+        "type ipv6_addr . inet_proto . inet_service",
+    ),
+    (
+        "firewall-allow-v4",
+        "type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval",
+    ),
+    (
+        "firewall-allow-v6",
+        "type ipv6_addr . inet_proto . inet_service . ipv6_addr; flags interval",
+    ),
 ];
 
-/// Sluice's chains: name and declaration, kube-proxy's hooks and
-/// priorities (`priority dstnat` is -100; nft before 1.0.7 accepts the
-/// keyword only in prerouting, so output spells the number).
-const CHAINS: [(&str, &str); 2] = [
+/// Sluice's verdict maps: name and declaration.
+const MAPS: [(&str, &str); 2] = [
+    (
+        "no-endpoint-services-v4",
+        "type ipv4_addr . inet_proto . inet_service : verdict",
+    ),
+    (
+        "no-endpoint-services-v6",
+        "type ipv6_addr . inet_proto . inet_service : verdict",
+    ),
+];
+
+/// Sluice's chains: name and declaration (empty for a regular chain),
+/// kube-proxy's hooks and priorities: the filter chains at `dstnat - 10`
+/// (-110), before the nat chains at `dstnat` (-100), so that they see the
+/// Service address, not the redirected one (nft before 1.0.7 accepts the
+/// `dstnat` keyword only in prerouting, so the others spell the number).
+/// Regular chains come first: base chains jump to them.
+const CHAINS: [(&str, &str); 9] = [
+    ("reject-chain", ""),
+    ("endpoints-check", ""),
+    ("firewall-check", ""),
+    (
+        "filter-prerouting",
+        "type filter hook prerouting priority -110",
+    ),
+    ("filter-input", "type filter hook input priority -110"),
+    ("filter-forward", "type filter hook forward priority -110"),
+    ("filter-output", "type filter hook output priority -110"),
     ("nat-prerouting", "type nat hook prerouting priority dstnat"),
     ("nat-output", "type nat hook output priority -100"),
 ];
@@ -269,6 +502,41 @@ async fn apply_with(program: &str, script: &str) -> Result<(), NftError> {
     })
 }
 
+/// Every address on the node's interfaces (netlink), for
+/// `--nodeport-addresses` CIDRs to match (see
+/// [`sluice_control::cidr::nodeport_addresses`]). Must run inside a Tokio
+/// runtime.
+pub async fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
+    use futures_util::TryStreamExt;
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let connection = tokio::spawn(connection);
+    let mut stream = handle.address().get().execute();
+    let mut found = Vec::new();
+    let listed = loop {
+        match stream.try_next().await {
+            Ok(Some(message)) => {
+                let mut local = None;
+                let mut address = None;
+                for attribute in &message.attributes {
+                    match attribute {
+                        AddressAttribute::Local(ip) => local = Some(*ip),
+                        AddressAttribute::Address(ip) => address = Some(*ip),
+                        _ => {}
+                    }
+                }
+                // IFA_LOCAL is the address itself (IFA_ADDRESS is the peer
+                // on point-to-point links, and the only one for IPv6).
+                found.extend(local.or(address));
+            }
+            Ok(None) => break Ok(found),
+            Err(e) => break Err(std::io::Error::other(format!("cannot list addresses: {e}"))),
+        }
+    };
+    connection.abort();
+    listed
+}
+
 /// How a [`Programmer::sync`] reached the desired state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synced {
@@ -302,8 +570,7 @@ impl Programmer {
                 return Ok(Synced::Unchanged);
             };
             if apply(&script).await.is_ok() {
-                let added = want.elements.difference(&applied.elements).count();
-                let deleted = applied.elements.difference(&want.elements).count();
+                let (added, deleted) = want.changes(&applied);
                 self.applied = Some(want.clone());
                 return Ok(Synced::Updated { added, deleted });
             }
@@ -323,27 +590,46 @@ impl Programmer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_control::{Policy, Service};
+    use sluice_control::{Backend, Conditions, Policy, Service, Settings};
     use std::sync::Arc;
 
+    fn listen_key(k: &str) -> ListenKey {
+        let (addr, proto) = k.split_once('/').unwrap_or((k, "tcp"));
+        ListenKey {
+            addr: addr.parse().unwrap(),
+            protocol: if proto == "udp" {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            },
+        }
+    }
+
+    /// A service with one ready backend, or none, with `settings`.
+    fn service(name: &str, served: bool, settings: Settings) -> Arc<Service> {
+        let ready = Conditions {
+            ready: true,
+            serving: true,
+            terminating: false,
+        };
+        let backends = match served {
+            true => vec![Backend::new("10.244.0.20:8080".parse().unwrap(), ready)],
+            false => Vec::new(),
+        };
+        Arc::new(Service::new(name, Policy::RoundRobin, None, backends).with_settings(settings))
+    }
+
+    /// Each key served by one ready backend.
     fn table(keys: &[&str]) -> Table {
         let mut t = Table::new();
         for k in keys {
-            let (addr, proto) = k.split_once('/').unwrap_or((k, "tcp"));
-            let key = ListenKey {
-                addr: addr.parse().unwrap(),
-                protocol: if proto == "udp" {
-                    Protocol::Udp
-                } else {
-                    Protocol::Tcp
-                },
-            };
-            t.insert(
-                key,
-                Arc::new(Service::new(*k, Policy::RoundRobin, None, Vec::new())),
-            );
+            t.insert(listen_key(k), service(k, true, Settings::default()));
         }
         t
+    }
+
+    fn cidrs(v: &[&str]) -> Vec<Cidr> {
+        v.iter().map(|c| c.parse().unwrap()).collect()
     }
 
     #[test]
@@ -368,12 +654,49 @@ add set inet sluice service-ips-v4 { type ipv4_addr . inet_proto . inet_service;
 flush set inet sluice service-ips-v4
 add set inet sluice service-ips-v6 { type ipv6_addr . inet_proto . inet_service; }
 flush set inet sluice service-ips-v6
+add set inet sluice firewall-ips-v4 { type ipv4_addr . inet_proto . inet_service; }
+flush set inet sluice firewall-ips-v4
+add set inet sluice firewall-ips-v6 { type ipv6_addr . inet_proto . inet_service; }
+flush set inet sluice firewall-ips-v6
+add set inet sluice firewall-allow-v4 { type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval; }
+flush set inet sluice firewall-allow-v4
+add set inet sluice firewall-allow-v6 { type ipv6_addr . inet_proto . inet_service . ipv6_addr; flags interval; }
+flush set inet sluice firewall-allow-v6
+add map inet sluice no-endpoint-services-v4 { type ipv4_addr . inet_proto . inet_service : verdict; }
+flush map inet sluice no-endpoint-services-v4
+add map inet sluice no-endpoint-services-v6 { type ipv6_addr . inet_proto . inet_service : verdict; }
+flush map inet sluice no-endpoint-services-v6
+add chain inet sluice reject-chain
+flush chain inet sluice reject-chain
+add chain inet sluice endpoints-check
+flush chain inet sluice endpoints-check
+add chain inet sluice firewall-check
+flush chain inet sluice firewall-check
+add chain inet sluice filter-prerouting { type filter hook prerouting priority -110; policy accept; }
+flush chain inet sluice filter-prerouting
+add chain inet sluice filter-input { type filter hook input priority -110; policy accept; }
+flush chain inet sluice filter-input
+add chain inet sluice filter-forward { type filter hook forward priority -110; policy accept; }
+flush chain inet sluice filter-forward
+add chain inet sluice filter-output { type filter hook output priority -110; policy accept; }
+flush chain inet sluice filter-output
 add chain inet sluice nat-prerouting { type nat hook prerouting priority dstnat; policy accept; }
 flush chain inet sluice nat-prerouting
-add rule inet sluice nat-prerouting meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :10261
-add rule inet sluice nat-prerouting meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :10261
 add chain inet sluice nat-output { type nat hook output priority -100; policy accept; }
 flush chain inet sluice nat-output
+add rule inet sluice reject-chain meta l4proto tcp reject with tcp reset
+add rule inet sluice reject-chain reject
+add rule inet sluice endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services-v4
+add rule inet sluice endpoints-check ip6 daddr . meta l4proto . th dport vmap @no-endpoint-services-v6
+add rule inet sluice firewall-check ip daddr . meta l4proto . th dport @firewall-ips-v4 ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow-v4 drop
+add rule inet sluice firewall-check ip6 daddr . meta l4proto . th dport @firewall-ips-v6 ip6 daddr . meta l4proto . th dport . ip6 saddr != @firewall-allow-v6 drop
+add rule inet sluice filter-prerouting ct state new jump firewall-check
+add rule inet sluice filter-input ct state new jump endpoints-check
+add rule inet sluice filter-forward ct state new jump endpoints-check
+add rule inet sluice filter-output ct state new jump firewall-check
+add rule inet sluice filter-output ct state new jump endpoints-check
+add rule inet sluice nat-prerouting meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :10261
+add rule inet sluice nat-prerouting meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :10261
 add rule inet sluice nat-output meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :10261
 add rule inet sluice nat-output meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :10261
 add element inet sluice service-ips-v4 { 10.96.0.10 . tcp . 80, 192.168.1.10 . tcp . 31000 }
@@ -413,16 +736,145 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
     }
 
     #[test]
-    fn ten_thousand_services_are_four_rules_and_chunked_elements() {
+    fn ten_thousand_services_are_fifteen_rules_and_chunked_elements() {
         let keys: Vec<String> = (0..10_000u32)
             .map(|i| format!("10.96.{}.{}:80", i / 250, i % 250 + 1))
             .collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let r = Ruleset::from_table(&table(&keys), 10261);
         let script = r.full_sync_script();
-        assert_eq!(script.matches("add rule").count(), 4);
+        // The rules are the same for no Service and for 10,000.
+        assert_eq!(script.matches("add rule").count(), 15);
+        let none = Ruleset::from_table(&Table::new(), 10261).full_sync_script();
+        assert_eq!(none.matches("add rule").count(), 15);
         assert_eq!(script.matches("add element").count(), 10);
         assert_eq!(script.matches(" . tcp . 80").count(), 10_000);
+    }
+
+    #[test]
+    fn a_key_without_endpoints_gets_its_verdict_and_no_redirect() {
+        let mut t = table(&["10.96.0.10:80"]);
+        t.insert(
+            listen_key("10.96.0.11:80"),
+            service("none", false, Settings::default()),
+        );
+        let drop = Settings {
+            no_endpoints: NoEndpoints::Drop,
+            ..Settings::default()
+        };
+        t.insert(
+            listen_key("192.168.50.10:30080"),
+            service("local", false, drop),
+        );
+        t.insert(
+            listen_key("[fd00::11]:53/udp"),
+            service("dns", false, Settings::default()),
+        );
+        // A UDP key with endpoints is neither steered nor rejected.
+        t.insert(
+            listen_key("10.96.0.12:53/udp"),
+            service("dns", true, Settings::default()),
+        );
+        let r = Ruleset::from_table(&t, 10261);
+        let shown: Vec<String> = r.elements.iter().map(|e| e.to_string()).collect();
+        assert_eq!(shown, ["10.96.0.10 . tcp . 80"]);
+        let script = r.full_sync_script();
+        assert!(script.contains(
+            "add element inet sluice no-endpoint-services-v4 { 10.96.0.11 . tcp . 80 : goto reject-chain, 192.168.50.10 . tcp . 30080 : drop }\n"
+        ), "{script}");
+        assert!(script.contains(
+            "add element inet sluice no-endpoint-services-v6 { fd00::11 . udp . 53 : goto reject-chain }\n"
+        ), "{script}");
+        assert!(!script.contains("10.96.0.12"), "{script}");
+    }
+
+    #[test]
+    fn endpoints_coming_and_going_move_a_key_in_one_transaction() {
+        let served = Ruleset::from_table(&table(&["10.96.0.10:80"]), 10261);
+        let mut t = Table::new();
+        t.insert(
+            listen_key("10.96.0.10:80"),
+            service("web", false, Settings::default()),
+        );
+        let rejected = Ruleset::from_table(&t, 10261);
+        assert_eq!(
+            rejected.update_script(&served).unwrap(),
+            "delete element inet sluice service-ips-v4 { 10.96.0.10 . tcp . 80 }\n\
+             add element inet sluice no-endpoint-services-v4 { 10.96.0.10 . tcp . 80 : goto reject-chain }\n"
+        );
+        assert_eq!(
+            served.update_script(&rejected).unwrap(),
+            "delete element inet sluice no-endpoint-services-v4 { 10.96.0.10 . tcp . 80 }\n\
+             add element inet sluice service-ips-v4 { 10.96.0.10 . tcp . 80 }\n"
+        );
+        assert_eq!(rejected.changes(&served), (1, 1));
+        // Reject to drop (endpoints appeared elsewhere, none local): the
+        // map element is replaced, delete first.
+        let drop = Settings {
+            no_endpoints: NoEndpoints::Drop,
+            ..Settings::default()
+        };
+        t.insert(listen_key("10.96.0.10:80"), service("web", false, drop));
+        let dropped = Ruleset::from_table(&t, 10261);
+        assert_eq!(
+            dropped.update_script(&rejected).unwrap(),
+            "delete element inet sluice no-endpoint-services-v4 { 10.96.0.10 . tcp . 80 }\n\
+             add element inet sluice no-endpoint-services-v4 { 10.96.0.10 . tcp . 80 : drop }\n"
+        );
+    }
+
+    #[test]
+    fn source_ranges_fill_the_firewall_of_their_family_outermost_only() {
+        let with = |ranges: &[&str]| Settings {
+            source_ranges: cidrs(ranges),
+            ..Settings::default()
+        };
+        let mut t = table(&["10.96.0.10:80"]);
+        let ranges = ["10.0.0.0/8", "10.1.0.0/16", "fd00::/8", "192.168.50.1/32"];
+        t.insert(
+            listen_key("192.168.60.1:80"),
+            service("lb", true, with(&ranges)),
+        );
+        // Only ranges of the other family: no filter (kube-proxy's
+        // per-family proxiers).
+        t.insert(
+            listen_key("[fd00:60::1]:80"),
+            service("lb6", true, with(&["10.0.0.0/8"])),
+        );
+        let r = Ruleset::from_table(&t, 10261);
+        let script = r.full_sync_script();
+        for line in [
+            "add element inet sluice firewall-ips-v4 { 192.168.60.1 . tcp . 80 }\n",
+            "add element inet sluice firewall-allow-v4 { 192.168.60.1 . tcp . 80 . 10.0.0.0/8, 192.168.60.1 . tcp . 80 . 192.168.50.1/32 }\n",
+            "add element inet sluice service-ips-v6 { fd00:60::1 . tcp . 80 }\n",
+        ] {
+            assert!(script.contains(line), "{line} not in:\n{script}");
+        }
+        assert!(
+            !script.contains("firewall-ips-v6 {  }")
+                && !script.contains("add element inet sluice firewall-ips-v6")
+        );
+        // One range fewer: one allow element deleted, nothing else.
+        t.insert(
+            listen_key("192.168.60.1:80"),
+            service("lb", true, with(&["10.0.0.0/8"])),
+        );
+        let narrower = Ruleset::from_table(&t, 10261);
+        assert_eq!(
+            narrower.update_script(&r).unwrap(),
+            "delete element inet sluice firewall-allow-v4 { 192.168.60.1 . tcp . 80 . 192.168.50.1/32 }\n"
+        );
+        // No ranges left: the key leaves the firewall.
+        t.insert(
+            listen_key("192.168.60.1:80"),
+            service("lb", true, with(&[])),
+        );
+        let open = Ruleset::from_table(&t, 10261);
+        assert_eq!(
+            open.update_script(&narrower).unwrap(),
+            "delete element inet sluice firewall-ips-v4 { 192.168.60.1 . tcp . 80 }\n\
+             delete element inet sluice firewall-allow-v4 { 192.168.60.1 . tcp . 80 . 10.0.0.0/8 }\n"
+        );
     }
 
     #[test]

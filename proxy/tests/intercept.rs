@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+use sluice_control::{NoEndpoints, NodePortAddress};
 use sluice_testkit::daemon::Signal;
 use sluice_testkit::{Daemon, Options, http, metric, netns};
 
@@ -55,6 +56,14 @@ fn skip_reason() -> Option<String> {
         }
     }
     None
+}
+
+/// [`skip_reason`], or br_netfilter not loaded (the bridged node needs it).
+fn bridged_skip_reason() -> Option<String> {
+    skip_reason().or_else(|| {
+        let loaded = std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_ok();
+        (!loaded).then(|| "br_netfilter is not loaded (modprobe br_netfilter)".into())
+    })
 }
 
 /// A network namespace; deleted (with what runs in it) on drop.
@@ -328,12 +337,8 @@ fn config() -> ConfigDoc {
 
 #[tokio::test]
 async fn nftables_intercept_in_a_bridged_node_with_br_netfilter() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = bridged_skip_reason() {
         eprintln!("skipped: {why}");
-        return;
-    }
-    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
-        eprintln!("skipped: br_netfilter is not loaded (modprobe br_netfilter)");
         return;
     }
     let net = Node::build();
@@ -463,4 +468,339 @@ fn nftables_mode_without_nft_exits_64_naming_the_package() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`nftables`"), "{stderr}");
+}
+
+/// A Service without endpoints (ClusterIP, IPv6 ClusterIP, NodePort).
+const VIP_EMPTY: &str = "10.96.0.20:80";
+const VIP6_EMPTY: &str = "[fd00:96::20]:80";
+const NODE_PORT_EMPTY: &str = "192.168.50.10:30081";
+/// An `externalTrafficPolicy: Local` NodePort on a node without a local
+/// endpoint (the file source's `noEndpoints: drop`).
+const NODE_PORT_LOCAL: &str = "192.168.50.10:30090";
+/// A LoadBalancer IP whose `loadBalancerSourceRanges` admit only the
+/// bridged client pod, and the same Service's NodePort (never filtered).
+const LB: &str = "192.168.60.1:80";
+const LB_RANGE: &str = "10.244.0.10/32";
+const LB_NODE_PORT: &str = "192.168.50.10:30100";
+
+/// The served ClusterIP (to know sluice is up), the Services above, and
+/// `empty_backend` as the backend of `VIP_EMPTY` when given.
+fn rules_config(empty_backend: Option<&str>) -> ConfigDoc {
+    let ready = |b: &str| vec![BackendDoc::ready(b.parse().unwrap())];
+    let service =
+        |name, listen: &str, backends| ServiceDoc::new(name, listen.parse().unwrap(), backends);
+    ConfigDoc::new(vec![
+        service("default/web:http", VIP, ready(BACKEND)),
+        service(
+            "default/empty:http",
+            VIP_EMPTY,
+            empty_backend.map(ready).unwrap_or_default(),
+        ),
+        service("default/empty6:http", VIP6_EMPTY, vec![]),
+        service("default/empty:nodeport", NODE_PORT_EMPTY, vec![]),
+        service("default/local:nodeport", NODE_PORT_LOCAL, vec![])
+            .with_no_endpoints(NoEndpoints::Drop),
+        service("default/lb:lb", LB, ready(BACKEND))
+            .with_source_ranges(vec![LB_RANGE.parse().unwrap()]),
+        service("default/lb:nodeport", LB_NODE_PORT, ready(BACKEND)),
+    ])
+}
+
+/// One connect from inside `ns` with a `timeout`: how it ended and how long
+/// it took.
+fn connect(ns: &Netns, addr: &str, timeout: Duration) -> (std::io::Result<()>, Duration) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.on(move || {
+        let start = Instant::now();
+        let got = TcpStream::connect_timeout(&addr, timeout).map(drop);
+        (got, start.elapsed())
+    })
+}
+
+/// Asserts ECONNREFUSED within 100 ms (a reset at the SYN, not a handshake).
+fn assert_refused_at_once(ns: &Netns, addr: &str) {
+    let (got, took) = connect(ns, addr, Duration::from_secs(2));
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "{addr} from {}: {got:?}",
+        ns.name()
+    );
+    assert!(
+        took < Duration::from_millis(100),
+        "{addr} refused after {took:?}"
+    );
+}
+
+/// Asserts no SYN-ACK within a second: the connect times out.
+fn assert_no_answer(ns: &Netns, addr: &str) {
+    let (got, took) = connect(ns, addr, Duration::from_secs(1));
+    assert!(
+        matches!(&got, Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)),
+        "{addr} from {} answered: {got:?} after {took:?}",
+        ns.name()
+    );
+}
+
+/// Connections sluice accepted, over every Service.
+fn accepted_total(metrics: &str) -> f64 {
+    let series = "sluice_connections_accepted_total{";
+    (metrics.lines())
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn nftables_rules_reject_drop_and_filter_sources() {
+    if let Some(why) = bridged_skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Node::build();
+    // A node forwards (kubeadm requires it): traffic to a Service IP that
+    // is not redirected meets the forward hook, as on a real node.
+    net.node.set_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+    net.node
+        .set_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1");
+    // The outside client reaches the load-balancer IP through the node.
+    net.ext
+        .ip(&["route", "add", "192.168.60.0/24", "via", "192.168.50.10"]);
+    let _backend = Server::start(&net.backend, BACKEND, "backend\n");
+    let sluice = start_sluice(&net.node, &rules_config(None));
+    let ready = Duration::from_secs(10);
+    net.client.fetch_until(VIP, "backend\n", ready).unwrap();
+    let before = accepted_total(&net.metrics(&sluice));
+
+    // No endpoints: reset at the SYN, from a pod (forward hook), from the
+    // node itself (output hook), from outside to a NodePort (input hook),
+    // and over IPv6.
+    assert_refused_at_once(&net.client, VIP_EMPTY);
+    assert_refused_at_once(&net.routed, VIP_EMPTY);
+    assert_refused_at_once(&net.node, VIP_EMPTY);
+    assert_refused_at_once(&net.ext, NODE_PORT_EMPTY);
+    assert_refused_at_once(&net.client, VIP6_EMPTY);
+    // eTP=Local without a local endpoint: no SYN-ACK at all.
+    assert_no_answer(&net.ext, NODE_PORT_LOCAL);
+    assert_no_answer(&net.client, NODE_PORT_LOCAL);
+    // sluice never accepted any of them.
+    let metrics = net.metrics(&sluice);
+    assert_eq!(accepted_total(&metrics), before, "{metrics}");
+
+    // loadBalancerSourceRanges: the pod inside the range reaches the LB IP,
+    // the routed pod and the outside client do not; the Service's NodePort
+    // stays open to all three.
+    net.client.fetch_until(LB, "backend\n", ready).unwrap();
+    assert_no_answer(&net.routed, LB);
+    assert_no_answer(&net.ext, LB);
+    for ns in [&net.client, &net.routed, &net.ext] {
+        ns.fetch_until(LB_NODE_PORT, "backend\n", ready).unwrap();
+    }
+    let table = net.nft_table(false).unwrap();
+    assert!(
+        table.contains("192.168.60.1 . tcp . 80 . 10.244.0.10"),
+        "{table}"
+    );
+
+    // Endpoints come: the key moves from reject to redirect; they go: back.
+    sluice
+        .reload(&rules_config(Some(BACKEND)).to_yaml().unwrap())
+        .unwrap();
+    net.client
+        .fetch_until(VIP_EMPTY, "backend\n", ready)
+        .unwrap();
+    sluice
+        .reload(&rules_config(None).to_yaml().unwrap())
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let (got, _) = connect(&net.client, VIP_EMPTY, Duration::from_secs(2));
+        if matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionRefused) {
+            break;
+        }
+        assert!(start.elapsed() < ready, "still not refused: {got:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_refused_at_once(&net.client, VIP_EMPTY);
+}
+
+#[test]
+fn nodeport_addresses_select_the_nodes_interface_addresses() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Node::build();
+    let local = net
+        .node
+        .0
+        .block_on(Duration::from_secs(5), || async {
+            sluice_proxy::nft::local_addresses().await
+        })
+        .unwrap()
+        .unwrap();
+    for ip in [
+        "127.0.0.1",
+        "192.168.50.10",
+        "10.244.0.1",
+        "10.244.1.1",
+        "fd00:50::10",
+    ] {
+        assert!(
+            local.contains(&ip.parse().unwrap()),
+            "{ip} not in {local:?}"
+        );
+    }
+    let flag: Vec<NodePortAddress> = ["192.168.50.0/24", "fd00:50::/64"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let chosen = sluice_control::cidr::nodeport_addresses(&flag, &local).unwrap();
+    let chosen: Vec<String> = chosen.unwrap().iter().map(|a| a.to_string()).collect();
+    assert_eq!(chosen, ["192.168.50.10", "fd00:50::10"]);
+}
+
+#[test]
+fn bad_nodeport_addresses_exit_64_naming_the_flag() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    for (value, says) in [
+        ("10.0.0.0/33", "is not a CIDR"),
+        ("primary,10.0.0.0/8", "`primary` cannot be combined"),
+        ("203.0.113.0/24", "no interface address"),
+    ] {
+        // Checked before any apiserver is contacted.
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--nodeport-addresses", value])
+            .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{value}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--nodeport-addresses"), "{value}: {stderr}");
+        assert!(stderr.contains(says), "{value}: {stderr}");
+    }
+}
+
+/// The Kubernetes source end to end: the fixture apiserver runs in the
+/// node namespace (its listener bound there, served by this test's
+/// runtime), sluice watches it with `--intercept nftables` and
+/// `--nodeport-addresses`, and the same three rules hold for Services as
+/// the index makes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_services_get_the_same_rules() {
+    use serde_json::json;
+    use sluice_apiserver_fixture::ApiServer;
+    use sluice_apiserver_fixture::builders::{slice, svc, with_port};
+    if let Some(why) = bridged_skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Node::build();
+    net.node.set_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+    net.ext
+        .ip(&["route", "add", "192.168.60.0/24", "via", "192.168.50.10"]);
+    let _backend = Server::start(&net.backend, BACKEND, "backend\n");
+    let runtime = tokio::runtime::Handle::current();
+    let api = netns::in_netns(net.node.name(), move || {
+        Ok(runtime.block_on(ApiServer::start())?)
+    })
+    .unwrap();
+
+    // No endpoints at all.
+    api.apply_json(svc("empty", "10.96.0.20")).unwrap();
+    // eTP=Local NodePort whose only endpoint is on another node.
+    let mut local = svc("local", "10.96.0.21");
+    local["spec"]["type"] = json!("NodePort");
+    local["spec"]["externalTrafficPolicy"] = json!("Local");
+    local["spec"]["ports"][0]["nodePort"] = json!(30090);
+    api.apply_json(local).unwrap();
+    let mut local_eps = with_port(
+        slice("local-1", "local", &[("10.244.0.20", true, false)]),
+        8080,
+    );
+    local_eps["endpoints"][0]["nodeName"] = json!("node-b");
+    api.apply_json(local_eps).unwrap();
+    // A LoadBalancer whose source ranges admit the bridged client pod (one
+    // range is bad: skipped, the rest kept).
+    let mut lb = svc("lb", "10.96.0.22");
+    lb["spec"]["type"] = json!("LoadBalancer");
+    lb["spec"]["ports"][0]["nodePort"] = json!(30100);
+    lb["spec"]["loadBalancerSourceRanges"] = json!([" 10.244.0.10/32 ", "bogus"]);
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.168.60.1"}]}});
+    api.apply_json(lb).unwrap();
+    api.apply_json(with_port(
+        slice("lb-1", "lb", &[("10.244.0.20", true, false)]),
+        8080,
+    ))
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    let flags = [
+        ["--kubeconfig", &kubeconfig],
+        ["--node-name", "node-a"],
+        ["--nodeport-addresses", "192.168.50.0/24"],
+        ["--intercept", "nftables"],
+        ["--intercept-port", &INTERCEPT_PORT.to_string()],
+        ["--workers", "2"],
+    ];
+    let opts = Options {
+        prefix: ["ip", "netns", "exec", net.node.name()]
+            .map(String::from)
+            .to_vec(),
+        args: flags.concat().iter().map(|f| f.to_string()).collect(),
+        log_filter: Some("sluice=debug,sluice_proxy=debug,info".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    let sluice = Daemon::spawn(opts).unwrap();
+    let ready = Duration::from_secs(20);
+
+    // The LB IP from inside its ranges (and so the table is there).
+    net.client
+        .fetch_until("192.168.60.1:80", "backend\n", ready)
+        .unwrap();
+    let before = accepted_total(&net.metrics(&sluice));
+    assert_refused_at_once(&net.client, "10.96.0.20:80");
+    assert_refused_at_once(&net.node, "10.96.0.20:80");
+    // Local NodePort without a local endpoint: dropped; its cluster IP
+    // (internalTrafficPolicy Cluster) is served.
+    assert_no_answer(&net.ext, "192.168.50.10:30090");
+    net.client
+        .fetch_until("10.96.0.21:80", "backend\n", ready)
+        .unwrap();
+    // Source ranges: others cannot reach the LB IP; its NodePort is open.
+    assert_no_answer(&net.routed, "192.168.60.1:80");
+    assert_no_answer(&net.ext, "192.168.60.1:80");
+    net.ext
+        .fetch_until("192.168.50.10:30100", "backend\n", ready)
+        .unwrap();
+    net.routed
+        .fetch_until("192.168.50.10:30100", "backend\n", ready)
+        .unwrap();
+    // --nodeport-addresses: the fixture has no Node object, so the node
+    // ports above are served only because the flag chose 192.168.50.10
+    // (and only it).
+    let table = net.nft_table(false).unwrap();
+    assert!(!table.contains("10.244.0.1 . tcp . 30100"), "{table}");
+    let metrics = net.metrics(&sluice);
+    let skipped = metric(&metrics, "sluice_kube_skipped_fields_total");
+    assert_eq!(skipped, Some(1.0), "{metrics}");
+    // Accepted: the fetches above (the reject and drops never reached sluice).
+    let accepted = accepted_total(&metrics) - before;
+    assert!(accepted >= 3.0, "{accepted}");
+
+    // Endpoints appear for `empty`: the same key is now served.
+    api.apply_json(with_port(
+        slice("empty-1", "empty", &[("10.244.0.20", true, false)]),
+        8080,
+    ))
+    .unwrap();
+    net.client
+        .fetch_until("10.96.0.20:80", "backend\n", ready)
+        .unwrap();
 }

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::cidr::Cidr;
 use crate::table::{Affinity, Conditions, Policy};
 
 /// Label linking an EndpointSlice to its Service.
@@ -160,6 +161,10 @@ pub struct ServiceInfo {
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` whose `ipMode` is not `Proxy`.
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` (both families; spaces trimmed, bad
+    /// ones skipped, as kube-proxy does): who may reach the load-balancer
+    /// IPs. Empty: everyone.
+    pub load_balancer_source_ranges: Vec<Cidr>,
     /// Type NodePort or LoadBalancer: `nodePort` is served on node addresses.
     pub node_ports: bool,
     /// `internalTrafficPolicy`: for cluster IPs.
@@ -272,6 +277,13 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
             .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|ing| ing.ip.as_deref()),
     );
+    let mut load_balancer_source_ranges = Vec::new();
+    for s in spec.load_balancer_source_ranges.iter().flatten() {
+        match s.parse::<Cidr>() {
+            Ok(cidr) => load_balancer_source_ranges.push(cidr),
+            Err(e) => skipped.push(format!("loadBalancerSourceRanges: {e}")),
+        }
+    }
     let node_ports = matches!(type_, "NodePort" | "LoadBalancer");
     let mut ports = Vec::new();
     let mut skipped_ports = Vec::new();
@@ -346,6 +358,7 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         cluster_ips,
         external_ips,
         load_balancer_ips,
+        load_balancer_source_ranges,
         node_ports,
         internal_policy: TrafficPolicy::of(spec.internal_traffic_policy.as_deref()),
         external_policy,

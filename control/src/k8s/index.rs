@@ -24,7 +24,8 @@ use super::convert::{
     EndpointInfo, Family, Malformed, NodeInfo, ObjectRef, ServiceInfo, SliceInfo, TrafficPolicy,
     node_info, service_info, slice_info,
 };
-use crate::table::{Backend, ListenKey, Policy, Service, Table};
+use crate::cidr::Cidr;
+use crate::table::{Backend, ListenKey, NoEndpoints, Policy, Service, Settings, Table};
 
 /// Which traffic a table entry carries: cluster traffic (clusterIPs, under
 /// `internalTrafficPolicy`) or external traffic (externalIPs, load-balancer
@@ -337,7 +338,7 @@ impl Index {
                     };
                     let cluster = at(&info.cluster_ips, port.port);
                     let mut external = at(&info.external_ips, port.port);
-                    external.extend(at(&info.load_balancer_ips, port.port));
+                    let load_balancer = at(&info.load_balancer_ips, port.port);
                     if info.node_ports
                         && let Some(np) = port.node_port
                     {
@@ -351,11 +352,25 @@ impl Index {
                         continue;
                     }
                     let eps = self.merged_endpoints(slices, family, &port.name);
-                    // Both variants share one entry when their policies agree.
-                    let mut made: Option<(TrafficPolicy, Arc<Service>)> = None;
-                    for (variant, addrs) in
-                        [(Variant::Cluster, cluster), (Variant::External, external)]
-                    {
+                    let uses_cluster = info.internal_policy == TrafficPolicy::Cluster
+                        || (info.external_policy == TrafficPolicy::Cluster
+                            && !(external.is_empty() && load_balancer.is_empty()));
+                    let no_endpoints = no_endpoints_verdict(&eps, uses_cluster);
+                    let base = Settings {
+                        no_endpoints,
+                        ..Settings::default()
+                    };
+                    let firewalled = Settings {
+                        source_ranges: self.source_ranges(&info, family, &load_balancer),
+                        ..base.clone()
+                    };
+                    // Entries with equal policies and settings are shared.
+                    let mut made: Vec<(TrafficPolicy, &Settings, Arc<Service>)> = Vec::new();
+                    for (variant, addrs, settings) in [
+                        (Variant::Cluster, cluster, &base),
+                        (Variant::External, external, &base),
+                        (Variant::External, load_balancer, &firewalled),
+                    ] {
                         if addrs.is_empty() {
                             continue;
                         }
@@ -363,11 +378,16 @@ impl Index {
                             Variant::Cluster => info.internal_policy,
                             Variant::External => info.external_policy,
                         };
-                        let svc = match &made {
-                            Some((p, svc)) if *p == policy => svc.clone(),
-                            _ => Arc::new(self.make_service(&name, &info, &eps, policy)),
+                        let shared = made.iter().find(|(p, s, _)| *p == policy && *s == settings);
+                        let svc = match shared {
+                            Some((_, _, svc)) => svc.clone(),
+                            None => {
+                                let svc = self.make_service(&name, &info, &eps, policy);
+                                let svc = Arc::new(svc.with_settings(settings.clone()));
+                                made.push((policy, settings, svc.clone()));
+                                svc
+                            }
                         };
-                        made = Some((policy, svc.clone()));
                         for addr in addrs {
                             let id = EntryId {
                                 name: name.clone(),
@@ -523,6 +543,33 @@ impl Index {
         Service::new(name, scheduler, info.affinity, backends)
     }
 
+    /// `loadBalancerSourceRanges` of `family` for the load-balancer IPs
+    /// `lb` of one port. When a range holds one of this node's addresses,
+    /// the load-balancer IPs themselves are allowed as sources too
+    /// (kube-proxy's `allowFromNode`: a VIP-like load balancer can loop a
+    /// node's request back with the VIP as its source). Nested ranges are
+    /// kept once (the widest).
+    fn source_ranges(&self, info: &ServiceInfo, family: Family, lb: &[SocketAddr]) -> Vec<Cidr> {
+        let of_family = |c: &&Cidr| (family == Family::V4) == c.is_ipv4();
+        let mut ranges: Vec<Cidr> = (info.load_balancer_source_ranges.iter())
+            .filter(of_family)
+            .copied()
+            .collect();
+        if lb.is_empty() || ranges.is_empty() {
+            return Vec::new();
+        }
+        let node_allowed =
+            (self.node_addresses().iter()).any(|ip| ranges.iter().any(|r| r.contains(*ip)));
+        if node_allowed {
+            ranges.extend(lb.iter().map(|a| Cidr::host(a.ip())));
+        }
+        ranges.sort();
+        ranges.dedup();
+        let all = ranges.clone();
+        ranges.retain(|r| !all.iter().any(|o| o != r && o.covers(r)));
+        ranges
+    }
+
     /// Which topology hints apply, kube-proxy's rule (only ready endpoints
     /// are considered): node hints when every ready endpoint carries
     /// `hints.forNodes` and one names this node; else zone hints when every
@@ -544,6 +591,23 @@ impl Index {
         }
         let zone = self.node.as_ref()?.zone.as_deref()?;
         hinted(|e| e.zones.as_ref(), zone).map(|()| Topology::Zone(zone))
+    }
+}
+
+/// What the kernel does with connections to an entry of a port that has no
+/// eligible backend: drop when the port has endpoints somewhere (so only a
+/// `Local` policy can have left the entry empty), else reject. kube-proxy's
+/// `hasEndpoints`: a ready endpoint anywhere, or, when a `Cluster` policy
+/// is in use, a serving and terminating one.
+fn no_endpoints_verdict(eps: &[(SocketAddr, &EndpointInfo)], uses_cluster: bool) -> NoEndpoints {
+    let has_any = eps.iter().any(|(_, e)| {
+        let c = e.conditions;
+        c.ready || (uses_cluster && c.serving && c.terminating)
+    });
+    if has_any {
+        NoEndpoints::Drop
+    } else {
+        NoEndpoints::Reject
     }
 }
 

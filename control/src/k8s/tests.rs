@@ -1517,3 +1517,170 @@ fn same_node_hints_before_zone_hints() {
         addrs(&["10.0.0.1:80"])
     );
 }
+
+// ----- What the nftables table does without endpoints, source ranges -----
+
+fn no_endpoints_at(t: &Table, k: &str) -> crate::table::NoEndpoints {
+    svc_at(t, k).settings.no_endpoints
+}
+
+#[test]
+fn no_endpoints_anywhere_rejects_and_none_local_drops() {
+    use crate::table::NoEndpoints::{Drop, Reject};
+    // iTP=Local and eTP=Local NodePort (on 192.0.2.10), no slices at all.
+    let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
+    let mut svc = mk_node_port_service();
+    spec(&mut svc).internal_traffic_policy = Some("Local".into());
+    spec(&mut svc).external_traffic_policy = Some("Local".into());
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    for k in ["10.96.0.30:80", "192.0.2.10:31000"] {
+        assert_eq!(svc_at(&t, k).eligible_len(), 0, "{k}");
+        assert_eq!(no_endpoints_at(&t, k), Reject, "{k}");
+    }
+    // A ready endpoint on another node: none local, so drop.
+    let slice = |eps| mk_slice("default", "np-1", "np", "IPv4", &[("", 8080)], eps);
+    idx.apply(&slice(vec![ep_on("10.0.0.1", "node-b")]))
+        .unwrap();
+    let t = built(&mut idx);
+    for k in ["10.96.0.30:80", "192.0.2.10:31000"] {
+        assert_eq!(svc_at(&t, k).eligible_len(), 0, "{k}");
+        assert_eq!(no_endpoints_at(&t, k), Drop, "{k}");
+    }
+    // A local one: served (the verdict is not used while eligible).
+    idx.apply(&slice(vec![
+        ep_on("10.0.0.1", "node-b"),
+        ep_on("10.0.0.2", NODE),
+    ]))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "192.0.2.10:31000")),
+        addrs(&["10.0.0.2:8080"])
+    );
+    // Only a serving, terminating endpoint elsewhere: with both policies
+    // Local it does not count (kube-proxy counts ready ones only) ...
+    let terminating = || {
+        let mut e = ep_cond("10.0.0.3", Some(false), Some(true), Some(true));
+        e.node_name = Some("node-b".into());
+        e
+    };
+    idx.apply(&slice(vec![terminating()])).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(no_endpoints_at(&t, "192.0.2.10:31000"), Reject);
+    // ... but with the cluster IP under Cluster it does: the cluster IP
+    // serves it, the Local node port drops.
+    spec(&mut svc).internal_traffic_policy = None;
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    assert_eq!(
+        eligible(&svc_at(&t, "10.96.0.30:80")),
+        addrs(&["10.0.0.3:8080"])
+    );
+    assert_eq!(svc_at(&t, "192.0.2.10:31000").eligible_len(), 0);
+    assert_eq!(no_endpoints_at(&t, "192.0.2.10:31000"), Drop);
+    // A Cluster Service whose slice empties: reject.
+    let mut idx = web_index();
+    idx.apply(&mk_slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![],
+    ))
+    .unwrap();
+    let t = built(&mut idx);
+    assert_eq!(no_endpoints_at(&t, "10.96.0.10:80"), Reject);
+}
+
+/// LoadBalancer `default/lb`: cluster IP 10.96.0.40, external IP
+/// 203.0.113.7, LB IP 203.0.113.8, node port 31500, with `ranges`, and one
+/// ready endpoint.
+fn lb_index(node_ip: &str, ranges: &[&str]) -> Index {
+    let mut idx = Index::new(Some(NODE.into()), vec![node_ip.parse().unwrap()]);
+    let mut svc = mk_service("default", "lb", "10.96.0.40", &[("http", 80)]);
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_ips = Some(vec!["203.0.113.7".into()]);
+        s.ports.as_mut().unwrap()[0].node_port = Some(31500);
+        s.load_balancer_source_ranges = Some(ranges.iter().map(|r| r.to_string()).collect());
+    }
+    svc.status = lb_status(&["203.0.113.8"]);
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
+        "default",
+        "lb-1",
+        "lb",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ep("10.0.0.1")],
+    ))
+    .unwrap();
+    idx
+}
+
+fn ranges_at(t: &Table, k: &str) -> Vec<String> {
+    (svc_at(t, k).settings.source_ranges.iter())
+        .map(|c| c.to_string())
+        .collect()
+}
+
+#[test]
+fn load_balancer_source_ranges_apply_to_load_balancer_ips_only() {
+    // Spaces trimmed; a bad range skipped and counted, the rest kept; the
+    // other family's range left to the other family; a nested one folded.
+    let ranges = [
+        " 198.51.100.0/24 ",
+        "10.0.0.0/33",
+        "fd00::/8",
+        "198.51.100.128/25",
+    ];
+    let mut idx = lb_index("192.0.2.10", &ranges);
+    let t = built(&mut idx);
+    assert_eq!(idx.stats().skipped_fields, 1);
+    assert_eq!(ranges_at(&t, "203.0.113.8:80"), ["198.51.100.0/24"]);
+    // Cluster IP, external IP and node port are never filtered.
+    for k in ["10.96.0.40:80", "203.0.113.7:80", "192.0.2.10:31500"] {
+        assert!(ranges_at(&t, k).is_empty(), "{k}");
+    }
+    // The LB entry serves the same backends.
+    assert_eq!(
+        eligible(&svc_at(&t, "203.0.113.8:80")),
+        addrs(&["10.0.0.1:8080"])
+    );
+    assert_eq!(
+        svc_at(&t, "203.0.113.8:80").name,
+        svc_at(&t, "203.0.113.7:80").name
+    );
+    // The same bad range again is not counted again.
+    idx.apply(&{
+        let mut svc = mk_service("default", "lb", "10.96.0.40", &[("http", 80)]);
+        spec(&mut svc).load_balancer_source_ranges =
+            Some(ranges.iter().map(|r| r.to_string()).collect());
+        svc
+    })
+    .unwrap();
+    idx.build();
+    assert_eq!(idx.stats().skipped_fields, 1);
+    // Only bad ranges: nothing to filter with (kube-proxy's behaviour).
+    let mut idx = lb_index("192.0.2.10", &["nonsense"]);
+    let t = built(&mut idx);
+    assert!(ranges_at(&t, "203.0.113.8:80").is_empty());
+}
+
+#[test]
+fn a_range_holding_the_node_also_admits_the_load_balancer_ip() {
+    // kube-proxy's allowFromNode: a VIP-like load balancer loops a node's
+    // request back with the LB IP as its source.
+    let mut idx = lb_index("192.0.2.10", &["192.0.2.0/24"]);
+    let t = built(&mut idx);
+    assert_eq!(
+        ranges_at(&t, "203.0.113.8:80"),
+        ["192.0.2.0/24", "203.0.113.8/32"]
+    );
+    let mut idx = lb_index("192.0.2.10", &["198.51.100.0/24"]);
+    let t = built(&mut idx);
+    assert_eq!(ranges_at(&t, "203.0.113.8:80"), ["198.51.100.0/24"]);
+}

@@ -13,7 +13,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::tree::Quoted;
-use crate::table::{Affinity, Policy, Protocol};
+use crate::cidr::Cidr;
+use crate::table::{Affinity, NoEndpoints, Policy, Protocol};
 
 /// The whole file: `services:` and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +47,16 @@ pub struct ServiceDoc {
     pub affinity: Option<AffinityDoc>,
     /// `backends: []` for none.
     pub backends: Vec<BackendDoc>,
+    /// With `--intercept nftables`, what the kernel does with new
+    /// connections while no backend is eligible: `reject` (the default;
+    /// what Kubernetes does for a Service without endpoints) or `drop`
+    /// (what it does for a `Local` traffic policy without a local endpoint).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub no_endpoints: NoEndpoints,
+    /// With `--intercept nftables`, the only client networks that may
+    /// connect (CIDRs, as `loadBalancerSourceRanges`); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<Cidr>,
 }
 
 /// `affinity:` of a service.
@@ -114,6 +125,10 @@ fn socket_addr<'de, D: Deserializer<'de>>(de: D) -> Result<SocketAddr, D::Error>
     de.deserialize_any(Addr)
 }
 
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 fn yes() -> bool {
     true
 }
@@ -152,7 +167,21 @@ impl ServiceDoc {
             policy: Policy::RoundRobin,
             affinity: None,
             backends,
+            no_endpoints: NoEndpoints::default(),
+            source_ranges: Vec::new(),
         }
+    }
+
+    /// What the kernel does while no backend is eligible (nftables mode).
+    pub fn with_no_endpoints(mut self, no_endpoints: NoEndpoints) -> Self {
+        self.no_endpoints = no_endpoints;
+        self
+    }
+
+    /// Only these client networks may connect (nftables mode).
+    pub fn with_source_ranges(mut self, ranges: Vec<Cidr>) -> Self {
+        self.source_ranges = ranges;
+        self
     }
 
     pub fn with_policy(mut self, policy: Policy) -> Self {

@@ -17,7 +17,7 @@ use serde_saphyr::{DuplicateKeyPolicy, Error, Options};
 
 use super::doc::ConfigDoc;
 use super::tree::{self, At, Found, Pos, Quoted, Seg, key};
-use crate::table::{Affinity, Backend, Conditions, ListenKey, Protocol, Service, Table};
+use crate::table::{Affinity, Backend, Conditions, ListenKey, Protocol, Service, Settings, Table};
 
 /// Valid `affinity.timeoutSeconds`, as Kubernetes validates
 /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -134,7 +134,22 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
                 weight: b.weight,
             });
         }
-        let service = Service::new(svc.name, svc.policy, affinity, backends);
+        for (j, range) in svc.source_ranges.iter().enumerate() {
+            if range.is_ipv4() != svc.listen.is_ipv4() {
+                let reason = format!("{range} is not of the family of listen {}", svc.listen);
+                return Err((at(&[key("sourceRanges"), Seg::Index(j)]), reason));
+            }
+        }
+        // Other settings keep their defaults (the update is needed once
+        // Settings has fields the file does not set).
+        #[allow(clippy::needless_update)]
+        let settings = Settings {
+            no_endpoints: svc.no_endpoints,
+            source_ranges: svc.source_ranges,
+            ..Settings::default()
+        };
+        let service =
+            Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
         table.insert(ListenKey::tcp(svc.listen), Arc::new(service));
     }
     Ok(table)

@@ -601,7 +601,7 @@ fn unknown_fields_at_every_level() {
     assert_eq!((line, col), (4, 5));
     assert_eq!(
         msg,
-        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, policy, affinity, backends)"
+        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, policy, affinity, backends, noEndpoints, sourceRanges)"
     );
     let (line, col, msg) = err("
         services:
@@ -1114,4 +1114,58 @@ fn documents_round_trip_through_yaml() {
         )),
     );
     assert_eq!(table, want, "{text}");
+}
+
+#[test]
+fn no_endpoints_and_source_ranges_for_nftables_mode() {
+    let t = ok(r#"
+        services:
+          - name: lb
+            listen: 192.0.2.8:80
+            backends: []
+            noEndpoints: drop
+            sourceRanges: [10.0.0.0/8, " 198.51.100.7/32 "]
+        "#);
+    let (_, s) = only(&t);
+    assert_eq!(s.settings.no_endpoints, crate::table::NoEndpoints::Drop);
+    let ranges: Vec<String> = s
+        .settings
+        .source_ranges
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(ranges, ["10.0.0.0/8", "198.51.100.7/32"]);
+    // Defaults: reject, every source.
+    let t = ok("
+        services:
+          - {name: web, listen: 192.0.2.8:80, backends: []}
+        ");
+    let (_, s) = only(&t);
+    assert_eq!(s.settings, crate::table::Settings::default());
+    // A range of the other family would never match: rejected.
+    let (line, _, message) = err(r#"
+        services:
+          - name: lb
+            listen: 192.0.2.8:80
+            backends: []
+            sourceRanges: ["fd00::/8"]
+        "#);
+    assert_eq!(line, 5, "{message}");
+    assert!(
+        message.contains("fd00::/8 is not of the family of listen 192.0.2.8:80"),
+        "{message}"
+    );
+    let (_, _, message) = err("
+        services:
+          - {name: lb, listen: 192.0.2.8:80, backends: [], sourceRanges: [10.0.0.0/40]}
+        ");
+    assert!(
+        message.contains("\"10.0.0.0/40\" is not a CIDR"),
+        "{message}"
+    );
+    let (_, _, message) = err("
+        services:
+          - {name: lb, listen: 192.0.2.8:80, backends: [], noEndpoints: refuse}
+        ");
+    assert!(message.contains("refuse"), "{message}");
 }
