@@ -52,6 +52,13 @@ impl ListenKey {
             protocol: Protocol::Tcp,
         }
     }
+
+    pub fn udp(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            protocol: Protocol::Udp,
+        }
+    }
 }
 
 impl fmt::Display for ListenKey {
@@ -323,7 +330,16 @@ impl Affinity {
 /// Set with [`Service::with_settings`], so that adding one touches no
 /// constructor call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Settings {}
+pub struct Settings {
+    /// UDP only: how long a flow (one client address) may stay idle before
+    /// sluice forgets it and closes its backend socket, whether or not the
+    /// backend replied. `None`: kube-proxy's conntrack defaults
+    /// (`nf_conntrack_udp_timeout` 30 s while unreplied,
+    /// `nf_conntrack_udp_timeout_stream` 120 s once replied). From the
+    /// annotation `sluice.io/udp-timeout` (Kubernetes) or
+    /// `udpTimeoutSeconds` (file).
+    pub udp_timeout: Option<Duration>,
+}
 
 /// A service as reached on one listen address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

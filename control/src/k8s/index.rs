@@ -24,7 +24,7 @@ use super::convert::{
     EndpointInfo, Family, Malformed, NodeInfo, ObjectRef, ServiceInfo, SliceInfo, TrafficPolicy,
     node_info, service_info, slice_info,
 };
-use crate::table::{Backend, ListenKey, Policy, Service, Table};
+use crate::table::{Backend, ListenKey, Policy, Service, Settings, Table};
 
 /// Which traffic a table entry carries: cluster traffic (clusterIPs, under
 /// `internalTrafficPolicy`) or external traffic (externalIPs, load-balancer
@@ -373,7 +373,11 @@ impl Index {
                                 name: name.clone(),
                                 variant,
                             };
-                            claims.push((ListenKey::tcp(addr), id, svc.clone()));
+                            let lk = ListenKey {
+                                addr,
+                                protocol: port.protocol,
+                            };
+                            claims.push((lk, id, svc.clone()));
                         }
                     }
                 }
@@ -520,7 +524,10 @@ impl Index {
                 .collect()
         };
         let scheduler = info.scheduler.unwrap_or(self.default_policy);
-        Service::new(name, scheduler, info.affinity, backends)
+        let settings = Settings {
+            udp_timeout: info.udp_timeout,
+        };
+        Service::new(name, scheduler, info.affinity, backends).with_settings(settings)
     }
 
     /// Which topology hints apply, kube-proxy's rule (only ready endpoints
