@@ -24,6 +24,8 @@
 //! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
 //! - [`nft`]: sluice's own nftables table (`--intercept nftables`): the
 //!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
+//! - [`udp`]: UDP Services: a socket per UDP listen key, flows with
+//!   connected backend sockets, idle expiry, the flow bound and re-sends.
 //! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -42,6 +44,7 @@ pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod tracker;
+pub mod udp;
 pub mod vip;
 pub mod workers;
 
