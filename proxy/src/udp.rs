@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_control::{ListenKey, Protocol, Publisher, Service};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -167,7 +167,14 @@ impl UdpProxy {
                         let stop = CancellationToken::new();
                         let task = tokio::spawn(self.clone().serve(*key, socket, stop.clone()));
                         let service = service.name.clone();
-                        serving.insert(*key, Serving { service, stop, task });
+                        serving.insert(
+                            *key,
+                            Serving {
+                                service,
+                                stop,
+                                task,
+                            },
+                        );
                     }
                     Err(e) => {
                         failed = true;
@@ -192,7 +199,12 @@ impl UdpProxy {
     /// Serves `socket`, which receives the datagrams of the Service at
     /// `key`, until `stop` fires or `key` leaves the table. Every flow is
     /// closed on return.
-    pub async fn serve(self: Arc<Self>, key: ListenKey, socket: UdpSocket, stop: CancellationToken) {
+    pub async fn serve(
+        self: Arc<Self>,
+        key: ListenKey,
+        socket: UdpSocket,
+        stop: CancellationToken,
+    ) {
         let Some(service) = self.publisher.load().get(&key).cloned() else {
             return;
         };
@@ -397,7 +409,10 @@ impl Port {
             return;
         }
         if self.proxy.open.load(Ordering::Relaxed) >= self.proxy.config.max_flows {
-            self.proxy.metrics.udp.dropped(&service.name, UdpDrop::FlowLimit);
+            self.proxy
+                .metrics
+                .udp
+                .dropped(&service.name, UdpDrop::FlowLimit);
             debug!(client = %client, listen = %self.key, "UDP flow limit reached: datagram dropped");
             return;
         }
@@ -408,7 +423,10 @@ impl Port {
             now,
         };
         let Some(backend) = pick(&service, &self.runtime, &ctx) else {
-            self.proxy.metrics.udp.dropped(&service.name, UdpDrop::NoBackend);
+            self.proxy
+                .metrics
+                .udp
+                .dropped(&service.name, UdpDrop::NoBackend);
             return;
         };
         let Some(flow) = self.open_flow(client, backend, data.to_vec(), now) else {
@@ -433,7 +451,10 @@ impl Port {
                 if let Some(what) = crate::saturation::local_resource(&e) {
                     self.proxy.metrics.saturation.record(now, what);
                 }
-                self.proxy.metrics.udp.dropped(&self.metrics.name, UdpDrop::Local);
+                self.proxy
+                    .metrics
+                    .udp
+                    .dropped(&self.metrics.name, UdpDrop::Local);
                 debug!(client = %client, backend = %backend, error = %e, "cannot open a UDP flow socket");
                 return None;
             }
@@ -475,7 +496,9 @@ impl Port {
         let Some(flow) = self.flows.get(&client) else {
             return;
         };
-        match flow.socket.try_send(&flow.last) {
+        // A direct send(2): tokio's `try_send` reports WouldBlock until the
+        // reactor has seen the new socket writable.
+        match SockRef::from(&*flow.socket).send(&flow.last) {
             Ok(n) => {
                 self.metrics.datagrams_up.inc();
                 self.metrics.bytes_up.inc_by(n as u64);
@@ -487,7 +510,10 @@ impl Port {
                     self.on_failure(Failure { client, id, kind });
                 }
                 None => {
-                    self.proxy.metrics.udp.dropped(&self.metrics.name, UdpDrop::SendFailed);
+                    self.proxy
+                        .metrics
+                        .udp
+                        .dropped(&self.metrics.name, UdpDrop::SendFailed);
                     debug!(client = %client, backend = %flow.backend, error = %e, "UDP send failed: datagram dropped");
                 }
             },
@@ -502,13 +528,19 @@ impl Port {
             return; // the flow ended or moved meanwhile
         };
         let (backend, resent) = (flow.backend, flow.resent);
-        let cooldown = self.proxy.tracker.dial_failed(backend, kind, flow.last_sent);
+        let cooldown = self
+            .proxy
+            .tracker
+            .dial_failed(backend, kind, flow.last_sent);
         debug!(client = %client, backend = %backend, reason = kind.as_str(), ?cooldown, "UDP backend unreachable; ejected");
         match self.service() {
             Some(service) if !resent => self.repin(&service, client, backend, Some(kind)),
             _ => {
                 self.flows.remove(&client);
-                self.proxy.metrics.udp.flow_ended(&self.metrics.name, UdpFlowEnd::Unreachable);
+                self.proxy
+                    .metrics
+                    .udp
+                    .flow_ended(&self.metrics.name, UdpFlowEnd::Unreachable);
             }
         }
     }
@@ -539,7 +571,10 @@ impl Port {
         };
         let Some(backend) = pick(service, &self.runtime, &ctx) else {
             self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
-            self.proxy.metrics.udp.dropped(&self.metrics.name, UdpDrop::NoBackend);
+            self.proxy
+                .metrics
+                .udp
+                .dropped(&self.metrics.name, UdpDrop::NoBackend);
             return;
         };
         let last_sent = old.last_sent;
@@ -574,7 +609,10 @@ impl Port {
                 self.repin(&service, client, backend, None);
             } else {
                 self.flows.remove(&client);
-                self.proxy.metrics.udp.flow_ended(&self.metrics.name, UdpFlowEnd::BackendGone);
+                self.proxy
+                    .metrics
+                    .udp
+                    .flow_ended(&self.metrics.name, UdpFlowEnd::BackendGone);
             }
         }
         true
@@ -599,7 +637,10 @@ impl Port {
             u128::from(now_ms.saturating_sub(last)) < timeout.as_millis()
         });
         for _ in self.flows.len()..before {
-            self.proxy.metrics.udp.flow_ended(&self.metrics.name, UdpFlowEnd::Idle);
+            self.proxy
+                .metrics
+                .udp
+                .flow_ended(&self.metrics.name, UdpFlowEnd::Idle);
         }
     }
 }
@@ -629,7 +670,7 @@ async fn read_replies(r: Reader) {
             let n = r.backend.try_recv(buf)?;
             let payload = buf.get(..n).unwrap_or_default();
             // A full send buffer drops the reply, as the network would.
-            let sent = r.service.try_send_to(payload, r.client);
+            let sent = SockRef::from(&*r.service).send_to(payload, &r.client.into());
             Ok::<_, io::Error>((n, sent))
         });
         match got {

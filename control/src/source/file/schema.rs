@@ -18,9 +18,7 @@ use serde_saphyr::{DuplicateKeyPolicy, Error, Options};
 use super::doc::ConfigDoc;
 use super::tree::{self, At, Found, Pos, Quoted, Seg, key};
 use crate::k8s::convert::UDP_TIMEOUT_RANGE;
-use crate::table::{
-    Affinity, Backend, Conditions, ListenKey, Protocol, Service, Settings, Table,
-};
+use crate::table::{Affinity, Backend, Conditions, ListenKey, Protocol, Service, Settings, Table};
 
 /// Valid `affinity.timeoutSeconds`, as Kubernetes validates
 /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -145,7 +143,8 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
             });
         }
         let settings = Settings { udp_timeout };
-        let service = Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
+        let service =
+            Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
         let key = ListenKey {
             addr: svc.listen,
             protocol: svc.protocol,
