@@ -53,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use sluice_control::{ListenKey, Protocol, Publisher, Service};
 use socket2::{Domain, SockRef, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -432,6 +433,7 @@ impl Port {
         let Some(flow) = self.open_flow(client, backend, data.to_vec(), now) else {
             return;
         };
+        debug!(client = %client, listen = %self.key, backend = %backend, "UDP flow opened");
         self.flows.insert(client, flow);
         self.send(client);
     }
@@ -662,9 +664,37 @@ struct Reader {
 /// until the backend is unreachable (reported) or the flow ends (aborted).
 async fn read_replies(r: Reader) {
     loop {
-        if let Err(e) = r.backend.readable().await {
-            debug!(backend = %r.backend_addr, error = %e, "UDP flow socket failed");
-            return;
+        // An ICMP error raises EPOLLERR alone (no EPOLLIN), which tokio's
+        // `readable()` does not wake for: wait for either.
+        let ready = match r.backend.ready(Interest::READABLE | Interest::ERROR).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                debug!(backend = %r.backend_addr, error = %e, "UDP flow socket failed");
+                return;
+            }
+        };
+        if ready.is_error() {
+            match r.backend.take_error() {
+                Ok(Some(e)) if let Some(kind) = unreachable_kind(&e) => {
+                    let _ = r.events.send(Failure {
+                        client: r.client,
+                        id: r.id,
+                        kind,
+                    });
+                    return;
+                }
+                Ok(Some(e)) => {
+                    debug!(backend = %r.backend_addr, error = %e, "UDP flow socket error");
+                }
+                _ => {}
+            }
+            // Clears the error readiness (no busy loop on a stale edge).
+            let _ = r.backend.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+            if !ready.is_readable() {
+                continue;
+            }
         }
         let got = REPLY_BUF.with_borrow_mut(|buf| {
             let n = r.backend.try_recv(buf)?;

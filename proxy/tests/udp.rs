@@ -376,3 +376,212 @@ async fn tcp_and_udp_share_a_port() {
     let (_stream, name) = connect_named(listen).await.unwrap();
     assert_eq!(name, "t");
 }
+
+/// The netns mini node for cluster DNS:
+///
+/// ```text
+///   node: br0 10.244.0.1/24 (br_netfilter on when loaded), 10.96.0.10/32 on lo
+///    |-- client pod 10.244.0.10  (dig)
+///    |-- dns pod a  10.244.0.20  (dnsmasq: who.test -> 10.0.0.1)
+///    '-- dns pod b  10.244.0.21  (dnsmasq: who.test -> 10.0.0.2)
+/// ```
+///
+/// sluice runs in the node with the file source: `10.96.0.10:53` over UDP
+/// and over TCP, both to the two pods.
+mod dns {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+    use sluice_testkit::{Daemon, Options, netns};
+
+    const DNS_VIP: &str = "10.96.0.10";
+    const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+    fn skip_reason() -> Option<String> {
+        if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+            return Some("not root".into());
+        }
+        for (tool, arg) in [("ip", "-V"), ("dnsmasq", "--version"), ("dig", "-v")] {
+            let found = Command::new(tool)
+                .arg(arg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok();
+            if !found {
+                return Some(format!(
+                    "`{tool}` is not installed (apt-get install dnsmasq-base bind9-dnsutils)"
+                ));
+            }
+        }
+        None
+    }
+
+    fn ns(tag: &str) -> netns::Netns {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        netns::Netns::new(format!("sluice-c-dns-{tag}-{}-{n}", std::process::id())).unwrap()
+    }
+
+    /// dnsmasq in `pod`, answering `who.test` with `answer`; killed on drop.
+    struct Dnsmasq(Child);
+
+    impl Dnsmasq {
+        fn start(pod: &netns::Netns, ip: &str, answer: &str) -> Dnsmasq {
+            let child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    pod.name(),
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                ])
+                .args([
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
+                .args(["--pid-file=", "--user=root", "--port=53"])
+                .arg(format!("--listen-address={ip}"))
+                .arg(format!("--host-record=who.test,{answer}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            Dnsmasq(child)
+        }
+    }
+
+    impl Drop for Dnsmasq {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `dig @VIP who.test` from `client` (over TCP with `tcp`): the answer
+    /// (`None`: no answer within 1 s).
+    fn dig(client: &netns::Netns, tcp: bool) -> Option<String> {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            client.name(),
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=1",
+        ]);
+        if tcp {
+            cmd.arg("+tcp");
+        }
+        let out = cmd
+            .arg(format!("@{DNS_VIP}"))
+            .arg("who.test")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !text.is_empty() && !text.starts_with(';')).then_some(text)
+    }
+
+    #[tokio::test]
+    async fn dig_through_sluice_over_udp_and_tcp_and_a_dns_pod_going_away() {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let node = ns("node");
+        let client = ns("client");
+        let pod_a = ns("a");
+        let pod_b = ns("b");
+        if std::path::Path::new(BRIDGE_NF_CALL_IPTABLES).exists() {
+            let name = node.name().to_owned();
+            netns::in_netns(&name, || Ok(std::fs::write(BRIDGE_NF_CALL_IPTABLES, "1")?)).unwrap();
+        }
+        node.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+        node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"])
+            .unwrap();
+        node.ip(&["link", "set", "br0", "up"]).unwrap();
+        node.ip(&["addr", "add", &format!("{DNS_VIP}/32"), "dev", "lo"])
+            .unwrap();
+        for (i, (pod, ip)) in [
+            (&client, "10.244.0.10"),
+            (&pod_a, "10.244.0.20"),
+            (&pod_b, "10.244.0.21"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let host_end = format!("vc{i}");
+            netns::add_veth(node.name(), &host_end, pod.name(), "eth0").unwrap();
+            node.ip(&["link", "set", &host_end, "master", "br0", "up"])
+                .unwrap();
+            pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+                .unwrap();
+            pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+            pod.ip(&["route", "add", "default", "via", "10.244.0.1"])
+                .unwrap();
+        }
+        let mut a = Some(Dnsmasq::start(&pod_a, "10.244.0.20", "10.0.0.1"));
+        let _b = Dnsmasq::start(&pod_b, "10.244.0.21", "10.0.0.2");
+        let listen = format!("{DNS_VIP}:53").parse().unwrap();
+        let backends = || {
+            ["10.244.0.20:53", "10.244.0.21:53"]
+                .map(|a| BackendDoc::ready(a.parse().unwrap()))
+                .to_vec()
+        };
+        let config = ConfigDoc::new(vec![
+            ServiceDoc::new("kube-system/kube-dns:dns", listen, backends()).udp(),
+            ServiceDoc::new("kube-system/kube-dns:dns-tcp", listen, backends()),
+        ]);
+        let opts = Options {
+            prefix: ["ip", "netns", "exec", node.name()]
+                .map(String::from)
+                .to_vec(),
+            config: Some(config.to_yaml().unwrap()),
+            log_filter: Some("sluice_proxy=debug,info".into()),
+            ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+        };
+        let _sluice = Daemon::spawn(opts).unwrap();
+        // Until sluice and both dnsmasq answer (bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "dig over UDP through sluice: answers seen so far {seen:?}"
+            );
+            if let Some(answer) = dig(&client, false) {
+                seen.insert(answer);
+            }
+        }
+        assert_eq!(seen, ["10.0.0.1", "10.0.0.2"].map(String::from).into());
+        // Over TCP, the same Service IP and port.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answer = loop {
+            if let Some(answer) = dig(&client, true) {
+                break answer;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dig +tcp through sluice never answered"
+            );
+        };
+        assert!(answer == "10.0.0.1" || answer == "10.0.0.2", "{answer}");
+        // Pod a's dnsmasq dies (its namespace lives: ICMP port unreachable),
+        // the table still lists it: every query is still answered, by b.
+        drop(a.take());
+        for i in 0..10 {
+            assert_eq!(
+                dig(&client, false).as_deref(),
+                Some("10.0.0.2"),
+                "query {i} after pod a's server died"
+            );
+        }
+        drop((pod_a, pod_b, client, node));
+    }
+}
