@@ -66,7 +66,7 @@ use crate::metrics::{Metrics, UdpDrop, UdpFlowEnd, UdpServiceMetrics};
 use crate::tracker::Tracker;
 
 /// Default of `--udp-max-flows`: see docs/operations.md for its cost.
-pub const DEFAULT_MAX_FLOWS: usize = 32_768;
+pub const DEFAULT_MAX_FLOWS: usize = 16_384;
 
 /// Idle timeout of a flow whose backend has not replied
 /// (`nf_conntrack_udp_timeout`).
