@@ -625,6 +625,9 @@ impl Port {
         let Some(service) = self.service() else {
             return;
         };
+        if let Some(affinity) = service.affinity {
+            self.runtime.expire_affinity(affinity.timeout, now);
+        }
         let configured = service.settings.udp_timeout;
         let now_ms = millis(now);
         let before = self.flows.len();
