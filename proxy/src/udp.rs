@@ -262,17 +262,7 @@ impl UdpProxy {
 /// Binds a shareable UDP socket on `addr` (SO_REUSEADDR, SO_REUSEPORT and
 /// IP_FREEBIND, like the TCP listeners of [`crate::listener`]).
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    match addr {
-        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
-        SocketAddr::V6(_) => {
-            socket.set_only_v6(true)?;
-            socket.set_freebind_v6(true)?;
-        }
-    }
-    socket.set_nonblocking(true)?;
+    let socket = crate::listener::shareable_socket(addr, Type::DGRAM)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }

@@ -93,6 +93,13 @@ async fn start(config: impl Into<ConfigDoc>, extra: &[&str]) -> Daemon {
     Daemon::start(opts).await.unwrap()
 }
 
+/// Replaces the config and waits until its table is live.
+async fn reload(s: &mut Daemon, config: impl Into<ConfigDoc>) {
+    s.reload_and_wait(&config.into().to_yaml().unwrap())
+        .await
+        .unwrap();
+}
+
 async fn client() -> UdpSocket {
     UdpSocket::bind("127.0.0.1:0").await.unwrap()
 }
@@ -249,13 +256,7 @@ async fn a_removed_backend_closes_its_flows() {
     let mut s = start(service(listen, &[a.addr]), &[]).await;
     let c = client().await;
     assert_eq!(ask_until_answered(&c, listen, "q").await, "a:q");
-    s.reload_and_wait(
-        &ConfigDoc::from(service(listen, &[b.addr]))
-            .to_yaml()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    reload(&mut s, service(listen, &[b.addr])).await;
     let gone = r#"sluice_udp_flows_ended_total{service="dns",reason="backend_gone"}"#;
     wait_metric(&s, gone, |v| v == 1.0).await;
     // The same client's next datagram goes to the backend that is left.
@@ -288,13 +289,7 @@ async fn an_unanswered_datagram_follows_its_backend_leaving() {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(Instant::now() < deadline);
     }
-    s.reload_and_wait(
-        &ConfigDoc::from(service(listen, &[b.addr]))
-            .to_yaml()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    reload(&mut s, service(listen, &[b.addr])).await;
     let mut buf = [0u8; 64];
     let (n, from) = tokio::time::timeout(T, c.recv_from(&mut buf))
         .await
