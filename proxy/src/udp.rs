@@ -76,6 +76,9 @@ pub const UNREPLIED_TIMEOUT: Duration = Duration::from_secs(30);
 /// (`nf_conntrack_udp_timeout_stream`).
 pub const REPLIED_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Datagrams a served socket reads in one go when they are queued.
+const BATCH: usize = 64;
+
 /// How often idle flows are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
@@ -231,6 +234,14 @@ impl UdpProxy {
                     Ok((n, client)) => {
                         backoff = Duration::from_millis(5);
                         port.on_datagram(client, &buf[..n]);
+                        // Whatever else is queued, before the other
+                        // branches are polled again (bounded: fairness).
+                        for _ in 1..BATCH {
+                            let Ok((n, client)) = port.socket.try_recv_from(&mut buf) else {
+                                break;
+                            };
+                            port.on_datagram(client, &buf[..n]);
+                        }
                     }
                     Err(e) => {
                         // Nothing a client sends makes recv_from fail on an
