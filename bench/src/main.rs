@@ -7,7 +7,7 @@
 //! through sluice), `control` (control-plane scale: index build and
 //! single-slice update cost for thousands of Services), `sched` (pick cost
 //! of each scheduler, Maglev's remapping), `serve` (a built-in
-//! backend on its own).
+//! backend on its own), `dns` (UDP queries/s, direct vs through sluice).
 //!
 //! Modules:
 //! - [`backend`]: the built-in backend servers (request/response, sink,
@@ -51,6 +51,7 @@ mod check;
 mod churn;
 mod compare;
 mod control;
+mod dns;
 mod netns;
 mod plan;
 mod report;
@@ -96,6 +97,8 @@ enum Cmd {
     /// sluice vs direct, HAProxy and nginx side by side: short connections,
     /// keep-alive requests, bulk, idle memory; proxy pinned to one CPU.
     Compare(compare::CompareArgs),
+    /// UDP queries/s (DNS-sized), direct vs through sluice.
+    Dns(dns::DnsArgs),
     /// Run one built-in backend (for --target runs by hand).
     Serve(ServeArgs),
     /// Internal: a pod's backend inside a network namespace (`rollout --netns`).
@@ -135,6 +138,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Churn(a) => churn::run(a).await,
         Cmd::Throughput(a) => throughput::run(a).await,
         Cmd::Compare(a) => compare::run(a).await,
+        Cmd::Dns(a) => dns::run(a).await,
         Cmd::Serve(a) => serve(a).await,
         Cmd::Control(a) => control::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::Sched(a) => sched::run(a).map(|()| ExitCode::SUCCESS),

@@ -53,6 +53,13 @@ impl ListenKey {
             protocol: Protocol::Tcp,
         }
     }
+
+    pub fn udp(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            protocol: Protocol::Udp,
+        }
+    }
 }
 
 impl fmt::Display for ListenKey {
@@ -325,6 +332,14 @@ impl Affinity {
 /// constructor call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Settings {
+    /// UDP only: how long a flow (one client address) may stay idle before
+    /// sluice forgets it and closes its backend socket, whether or not the
+    /// backend replied. `None`: kube-proxy's conntrack defaults
+    /// (`nf_conntrack_udp_timeout` 30 s while unreplied,
+    /// `nf_conntrack_udp_timeout_stream` 120 s once replied). From the
+    /// annotation `sluice.io/udp-timeout` (Kubernetes) or
+    /// `udpTimeoutSeconds` (file).
+    pub udp_timeout: Option<Duration>,
     /// What the kernel does with a new connection to this entry while no
     /// backend is eligible (`--intercept nftables` only): reject it when the
     /// Service has no endpoints anywhere, drop it when it has some but this

@@ -153,6 +153,13 @@ pub struct Args {
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// Open UDP flows (client addresses with a backend socket), over all
+    /// UDP Services. Each costs one descriptor; a datagram that would need
+    /// one more flow is dropped and counted
+    /// (`sluice_udp_dropped_datagrams_total{reason="flow_limit"}`).
+    #[arg(long, default_value_t = crate::udp::DEFAULT_MAX_FLOWS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub udp_max_flows: usize,
+
     /// Data-plane threads. Each runs its own event loop with its own
     /// listener for every Service address (one SO_REUSEPORT group per
     /// address), and a connection stays on the thread that accepted it.
@@ -238,6 +245,13 @@ impl Args {
     pub fn worker_count(&self) -> usize {
         self.workers
             .map_or_else(crate::workers::default_count, usize::from)
+    }
+
+    /// UDP settings.
+    pub fn udp_config(&self) -> crate::udp::UdpConfig {
+        crate::udp::UdpConfig {
+            max_flows: self.udp_max_flows,
+        }
     }
 
     pub fn proxy_config(&self) -> ProxyConfig {

@@ -26,6 +26,8 @@
 //!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
 //! - [`leftovers`]: what kube-proxy (IPVS, iptables, nftables modes) left
 //!   on the node, checked at start for `/healthz` and a metric.
+//! - [`udp`]: UDP Services: a socket per UDP listen key, flows with
+//!   connected backend sockets, idle expiry, the flow bound and re-sends.
 //! - [`vip`]: Service IPs on a device (netlink), like IPVS mode's `kube-ipvs0`.
 //! - [`cli`]: the `sluice` command line.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -45,6 +47,7 @@ pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod tracker;
+pub mod udp;
 pub mod vip;
 pub mod workers;
 

@@ -37,9 +37,11 @@ pub const KEEPALIVE: TcpKeepalive = TcpKeepalive::new()
 /// still found out within about 16 minutes.
 pub const BACKEND_KEEPALIVE: TcpKeepalive = TcpKeepalive::new().with_time(Duration::from_secs(300));
 
-/// Binds a shareable, non-blocking TCP listener on `addr`.
-pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+/// A socket of type `ty` for `addr`, not bound yet: SO_REUSEADDR,
+/// SO_REUSEPORT, IP_FREEBIND (IPv6: v6 only), non-blocking. Shared by the
+/// TCP listeners and the UDP Service sockets ([`crate::udp::bind_udp`]).
+pub fn shareable_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     match addr {
@@ -49,9 +51,15 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
             socket.set_freebind_v6(true)?;
         }
     }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Binds a shareable, non-blocking TCP listener on `addr`.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = shareable_socket(addr, Type::STREAM)?;
     socket.set_tcp_nodelay(true)?;
     socket.set_tcp_keepalive(&KEEPALIVE)?;
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())

@@ -306,6 +306,17 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
         }
     }
+    // UDP Services are served by bound sockets (bind mode) for now; with
+    // --intercept nftables their traffic is not steered yet (nft.rs).
+    if bind_mode {
+        let udp = sluice_proxy::udp::UdpProxy::new(
+            args.udp_config(),
+            admin.publisher.clone(),
+            proxy.tracker().clone(),
+            admin.metrics.clone(),
+        );
+        tokio::spawn(udp.run(stop.clone()));
+    }
     let report = proxy.run(stop).await;
     if report.cut > 0 {
         warn!(cut = report.cut, "exiting with connections cut");

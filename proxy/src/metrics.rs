@@ -150,6 +150,8 @@ pub struct Metrics {
     intercept_rejected: Family<InterceptLabels, Counter>,
     /// Failed syncs of sluice's nftables table (`--intercept nftables`).
     pub nft_sync_failures: Counter,
+    /// UDP Services ([`crate::udp`]).
+    pub udp: UdpMetrics,
 }
 
 impl Default for Metrics {
@@ -185,8 +187,10 @@ impl Metrics {
             table_publishes: Counter::default(),
             intercept_rejected: Family::default(),
             nft_sync_failures: Counter::default(),
+            udp: UdpMetrics::default(),
             registry: Registry::default(),
         };
+        m.udp.register(registry);
         registry.register(
             "connections_accepted",
             "Client connections accepted, per service",
@@ -481,6 +485,183 @@ impl ServiceMetrics {
         }
         .inc();
     }
+}
+
+/// Why a UDP datagram from a client was not forwarded.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// A new flow was needed and `--udp-max-flows` flows are open.
+    FlowLimit,
+    /// No eligible backend (or none left after a failure).
+    NoBackend,
+    /// sluice could not open a socket (descriptors, buffers, memory).
+    Local,
+    /// The send failed (full socket buffer and the like).
+    SendFailed,
+}
+
+/// Why a UDP flow ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum UdpFlowEnd {
+    /// Idle for its timeout.
+    Idle,
+    /// Its backend left the table or stopped being eligible.
+    BackendGone,
+    /// Its backend was unreachable and no re-send was left or possible.
+    Unreachable,
+}
+
+label_values!(UdpDrop { FlowLimit => "flow_limit", NoBackend => "no_backend", Local => "local", SendFailed => "send_failed" });
+label_values!(UdpFlowEnd { Idle => "idle", BackendGone => "backend_gone", Unreachable => "unreachable" });
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UdpDropLabels {
+    pub service: String,
+    pub reason: UdpDrop,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UdpFlowEndLabels {
+    pub service: String,
+    pub reason: UdpFlowEnd,
+}
+
+/// The series of UDP Services, per service (`sluice_udp_*`).
+#[derive(Debug, Default)]
+pub struct UdpMetrics {
+    flows: Family<ServiceLabels, Gauge>,
+    flows_ended: Family<UdpFlowEndLabels, Counter>,
+    datagrams: Family<BytesLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    resent: Family<ServiceLabels, Counter>,
+    dropped: Family<UdpDropLabels, Counter>,
+}
+
+impl UdpMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "udp_flows",
+            "UDP flows (client addresses with a backend socket) open now, per service",
+            self.flows.clone(),
+        );
+        registry.register(
+            "udp_flows_ended",
+            "UDP flows ended, per service and reason (idle, backend_gone, unreachable)",
+            self.flows_ended.clone(),
+        );
+        registry.register(
+            "udp_datagrams",
+            "UDP datagrams forwarded, per service and direction",
+            self.datagrams.clone(),
+        );
+        registry.register(
+            "udp_bytes",
+            "UDP payload bytes forwarded, per service and direction",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "udp_resent_datagrams",
+            "UDP datagrams re-sent to another backend after ICMP unreachable or their backend leaving, per service",
+            self.resent.clone(),
+        );
+        registry.register(
+            "udp_dropped_datagrams",
+            "UDP datagrams from clients not forwarded, per service and reason (flow_limit: dropped for --udp-max-flows)",
+            self.dropped.clone(),
+        );
+    }
+
+    /// Handles for one UDP service's series.
+    pub fn service(&self, name: &str) -> UdpServiceMetrics {
+        let svc = ServiceLabels {
+            service: name.to_string(),
+        };
+        let dir = |family: &Family<BytesLabels, Counter>, direction| {
+            family.get_or_create_owned(&BytesLabels {
+                service: name.to_string(),
+                direction,
+            })
+        };
+        UdpServiceMetrics {
+            flows: self.flows.get_or_create_owned(&svc),
+            datagrams_up: dir(&self.datagrams, Direction::ClientToBackend),
+            datagrams_down: dir(&self.datagrams, Direction::BackendToClient),
+            bytes_up: dir(&self.bytes, Direction::ClientToBackend),
+            bytes_down: dir(&self.bytes, Direction::BackendToClient),
+            resent: self.resent.get_or_create_owned(&svc),
+            name: name.to_string(),
+        }
+    }
+
+    /// Counts a dropped datagram of `service`.
+    pub fn dropped(&self, service: &str, reason: UdpDrop) {
+        self.dropped
+            .get_or_create(&UdpDropLabels {
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts an ended flow of `service`.
+    pub fn flow_ended(&self, service: &str, reason: UdpFlowEnd) {
+        self.flows_ended
+            .get_or_create(&UdpFlowEndLabels {
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Removes a UDP service's series (its socket closed).
+    pub fn forget_service(&self, name: &str) {
+        let svc = ServiceLabels {
+            service: name.to_string(),
+        };
+        self.flows.remove(&svc);
+        self.resent.remove(&svc);
+        for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
+            let l = BytesLabels {
+                service: name.to_string(),
+                direction,
+            };
+            self.datagrams.remove(&l);
+            self.bytes.remove(&l);
+        }
+        for reason in [
+            UdpDrop::FlowLimit,
+            UdpDrop::NoBackend,
+            UdpDrop::Local,
+            UdpDrop::SendFailed,
+        ] {
+            self.dropped.remove(&UdpDropLabels {
+                service: name.to_string(),
+                reason,
+            });
+        }
+        for reason in [
+            UdpFlowEnd::Idle,
+            UdpFlowEnd::BackendGone,
+            UdpFlowEnd::Unreachable,
+        ] {
+            self.flows_ended.remove(&UdpFlowEndLabels {
+                service: name.to_string(),
+                reason,
+            });
+        }
+    }
+}
+
+/// One UDP service's series; cheap to bump per datagram.
+#[derive(Debug, Clone)]
+pub struct UdpServiceMetrics {
+    pub name: String,
+    pub flows: Gauge,
+    pub datagrams_up: Counter,
+    pub datagrams_down: Counter,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
+    pub resent: Counter,
 }
 
 /// One backend's series. Failures and ejections also count in the

@@ -349,10 +349,7 @@ impl Proxy {
                 continue;
             }
             if key.protocol != Protocol::Tcp {
-                if failed.insert(*key) {
-                    warn!(listen = %key, service = %service.name, "UDP services are not served yet: skipped");
-                }
-                continue;
+                continue; // UDP: served by crate::udp
             }
             match self.bind(key.addr) {
                 Ok(listeners) => {

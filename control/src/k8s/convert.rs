@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::cidr::Cidr;
-use crate::table::{Affinity, Conditions, Policy};
+use crate::table::{Affinity, Conditions, Policy, Protocol};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -27,6 +27,35 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 /// Annotation on a Service choosing its scheduler (a [`Policy`] name);
 /// unset or unknown: the node default (`--scheduler`).
 pub const SCHEDULER_ANNOTATION: &str = "sluice.io/scheduler";
+
+/// Annotation overriding the idle timeout of the Service's UDP flows
+/// ([`crate::Settings::udp_timeout`]): whole seconds, bare (`"5"`) or with
+/// a unit (`"5s"`, `"2m"`, `"1h"`), within [`UDP_TIMEOUT_RANGE`].
+pub const UDP_TIMEOUT_ANNOTATION: &str = "sluice.io/udp-timeout";
+
+/// Valid values of [`UDP_TIMEOUT_ANNOTATION`], in seconds.
+pub const UDP_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// Parses a [`UDP_TIMEOUT_ANNOTATION`] value.
+pub fn parse_udp_timeout(value: &str) -> Result<Duration, String> {
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{value:?} has an unknown unit (valid: s, m, h)")),
+    };
+    let secs = (digits.parse::<u64>().ok())
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|s| UDP_TIMEOUT_RANGE.contains(s))
+        .ok_or_else(|| {
+            let (min, max) = UDP_TIMEOUT_RANGE.into_inner();
+            format!("{value:?} is not a duration within {min}..={max} seconds")
+        })?;
+    Ok(Duration::from_secs(secs))
+}
 /// Label on a Node naming its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
@@ -104,13 +133,15 @@ impl Family {
     }
 }
 
-/// One TCP port of a Service.
+/// One TCP or UDP port of a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePortInfo {
     /// Port name; empty when unnamed.
     pub name: String,
     pub port: u16,
     pub node_port: Option<u16>,
+    /// TCP (the default) or UDP.
+    pub protocol: Protocol,
 }
 
 impl ServicePortInfo {
@@ -125,7 +156,8 @@ impl ServicePortInfo {
     }
 }
 
-/// A port sluice does not proxy (UDP, SCTP), kept to be logged and counted.
+/// A port sluice does not proxy (SCTP, or an unknown protocol), kept to be
+/// logged and counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedPort {
     pub name: String,
@@ -175,6 +207,9 @@ pub struct ServiceInfo {
     /// `sluice.io/scheduler`, when set to a known scheduler; `None`: the
     /// node default.
     pub scheduler: Option<Policy>,
+    /// `sluice.io/udp-timeout`, when set and valid (see
+    /// [`crate::Settings::udp_timeout`]).
+    pub udp_timeout: Option<Duration>,
     /// Served only for LoadBalancer Services with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
     /// Fields left out because they are bad (an address that does not
@@ -212,8 +247,16 @@ fn parse_port(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
 
-fn is_tcp(protocol: Option<&str>) -> bool {
-    protocol.is_none_or(|p| p == "TCP")
+/// The protocol of a Service or EndpointSlice port that sluice serves:
+/// TCP (also when unset, the API default) and UDP. SCTP is not served: a
+/// userspace proxy would need SCTP sockets (kernel module `sctp`, absent on
+/// many nodes) and multi-homing has no place in a per-node L4 proxy.
+fn served_protocol(protocol: Option<&str>) -> Option<Protocol> {
+    match protocol {
+        None | Some("TCP") => Some(Protocol::Tcp),
+        Some("UDP") => Some(Protocol::Udp),
+        Some(_) => None,
+    }
 }
 
 /// Converts a Service. `Ok(None)`: not sluice's to serve.
@@ -293,14 +336,14 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
             skipped.push(format!("port {:?} number {} out of range", name, p.port));
             continue;
         };
-        if !is_tcp(p.protocol.as_deref()) {
+        let Some(protocol) = served_protocol(p.protocol.as_deref()) else {
             skipped_ports.push(SkippedPort {
                 name,
                 port: p.port,
                 protocol: p.protocol.clone().unwrap_or_default(),
             });
             continue;
-        }
+        };
         let node_port = match p.node_port {
             Some(n) if node_ports => parse_port(n).or_else(|| {
                 skipped.push(format!("port {name:?} nodePort {n} out of range"));
@@ -312,6 +355,7 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
             name,
             port,
             node_port,
+            protocol,
         });
     }
     let affinity = match spec.session_affinity.as_deref() {
@@ -352,7 +396,14 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
             .inspect_err(|e| skipped.push(format!("annotation {SCHEDULER_ANNOTATION}: {e}")))
             .ok()
     });
+    let annotation = (meta.annotations.as_ref()).and_then(|a| a.get(UDP_TIMEOUT_ANNOTATION));
+    let udp_timeout = annotation.and_then(|v| {
+        parse_udp_timeout(v)
+            .inspect_err(|e| skipped.push(format!("annotation {UDP_TIMEOUT_ANNOTATION}: {e}")))
+            .ok()
+    });
     Ok(Some(ServiceInfo {
+        udp_timeout,
         ports,
         skipped_ports,
         cluster_ips,
@@ -389,7 +440,9 @@ pub struct SliceInfo {
     /// Name of the Service (same namespace) from `kubernetes.io/service-name`.
     pub service: String,
     pub family: Family,
-    /// TCP ports: name (empty when unnamed) to resolved target port.
+    /// TCP and UDP ports: name (empty when unnamed) to resolved target port.
+    /// Port names are unique within a Service whatever their protocol, so
+    /// the name alone matches a Service port.
     pub ports: BTreeMap<String, u16>,
     pub endpoints: Vec<EndpointInfo>,
     /// `endpoints.kubernetes.io/last-change-trigger-time`, in nanoseconds
@@ -425,7 +478,7 @@ pub fn slice_info(slice: &EndpointSlice) -> Result<Option<SliceInfo>, Malformed>
     let mut skipped = Vec::new();
     let mut ports = BTreeMap::new();
     for p in slice.ports.iter().flatten() {
-        if !is_tcp(p.protocol.as_deref()) {
+        if served_protocol(p.protocol.as_deref()).is_none() {
             continue;
         }
         let name = p.name.clone().unwrap_or_default();

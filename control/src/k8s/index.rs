@@ -358,6 +358,7 @@ impl Index {
                     let no_endpoints = no_endpoints_verdict(&eps, uses_cluster);
                     let base = Settings {
                         no_endpoints,
+                        udp_timeout: info.udp_timeout,
                         ..Settings::default()
                     };
                     let firewalled = Settings {
@@ -393,7 +394,11 @@ impl Index {
                                 name: name.clone(),
                                 variant,
                             };
-                            claims.push((ListenKey::tcp(addr), id, svc.clone()));
+                            let lk = ListenKey {
+                                addr,
+                                protocol: port.protocol,
+                            };
+                            claims.push((lk, id, svc.clone()));
                         }
                     }
                 }

@@ -424,7 +424,7 @@ fn terminating_serving_endpoints_only_when_none_ready() {
 }
 
 #[test]
-fn non_tcp_ports_are_skipped_and_counted() {
+fn udp_ports_are_served_and_sctp_skipped_and_counted() {
     let mut idx = index();
     let mut svc = mk_service(
         "kube-system",
@@ -453,12 +453,37 @@ fn non_tcp_ports_are_skipped_and_counted() {
     slice.ports.as_mut().unwrap()[1].protocol = Some("UDP".into());
     idx.apply(&slice).unwrap();
     let t = built(&mut idx);
-    assert_eq!(t.len(), 1, "only the TCP port is served");
+    assert_eq!(t.len(), 2, "TCP 53 and UDP 53 are served, SCTP is not");
     assert_eq!(svc_at(&t, "10.96.0.53:53").name, "kube-system/dns:dns-tcp");
-    assert_eq!(idx.stats().skipped_ports, 2);
+    let udp = t.get(&ListenKey::udp(sa("10.96.0.53:53"))).unwrap();
+    assert_eq!(udp.name, "kube-system/dns:dns");
+    assert_eq!(udp.backends()[0].addr, sa("10.0.5.5:53"));
+    assert_eq!(idx.stats().skipped_ports, 1);
     // Re-applying the same Service does not count again.
     idx.apply(&svc).unwrap();
-    assert_eq!(idx.stats().skipped_ports, 2);
+    assert_eq!(idx.stats().skipped_ports, 1);
+}
+
+#[test]
+fn udp_timeout_annotation() {
+    use super::convert::UDP_TIMEOUT_ANNOTATION;
+    let mut idx = index();
+    let mut svc = mk_service("kube-system", "dns", "10.96.0.53", &[("dns", 53)]);
+    spec(&mut svc).ports.as_mut().unwrap()[0].protocol = Some("UDP".into());
+    svc.metadata.annotations = Some([(UDP_TIMEOUT_ANNOTATION.to_owned(), "2m".to_owned())].into());
+    idx.apply(&svc).unwrap();
+    let t = built(&mut idx);
+    let udp = t.get(&ListenKey::udp(sa("10.96.0.53:53"))).unwrap();
+    assert_eq!(udp.settings.udp_timeout, Some(Duration::from_secs(120)));
+    // A bad value is skipped (the default applies), the Service still served.
+    for bad in ["0", "5x", "", "-1", "86401"] {
+        svc.metadata.annotations =
+            Some([(UDP_TIMEOUT_ANNOTATION.to_owned(), bad.to_owned())].into());
+        idx.apply(&svc).unwrap();
+        let t = built(&mut idx);
+        let udp = t.get(&ListenKey::udp(sa("10.96.0.53:53"))).unwrap();
+        assert_eq!(udp.settings.udp_timeout, None, "{bad:?}");
+    }
 }
 
 #[test]

@@ -33,9 +33,14 @@ pub struct ServiceDoc {
     /// IP:port; IPv6 quoted in YAML (`"[::1]:8080"`).
     #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
-    /// Only `tcp` is served.
+    /// `tcp` (the default) or `udp`; a TCP and a UDP service may share a
+    /// listen address.
     #[serde(default)]
     pub protocol: Protocol,
+    /// UDP only: idle timeout of a flow, in seconds (1..=86400); unset:
+    /// kube-proxy's conntrack defaults (30 s unreplied, 120 s replied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_timeout_seconds: Option<u64>,
     #[serde(default)]
     pub policy: Policy,
     /// Client-IP affinity; `affinity: {}` for the default timeout.
@@ -164,6 +169,7 @@ impl ServiceDoc {
             name: name.into(),
             listen,
             protocol: Protocol::Tcp,
+            udp_timeout_seconds: None,
             policy: Policy::RoundRobin,
             affinity: None,
             backends,
@@ -181,6 +187,18 @@ impl ServiceDoc {
     /// Only these client networks may connect (nftables mode).
     pub fn with_source_ranges(mut self, ranges: Vec<Cidr>) -> Self {
         self.source_ranges = ranges;
+        self
+    }
+
+    /// The same service over UDP.
+    pub fn udp(mut self) -> Self {
+        self.protocol = Protocol::Udp;
+        self
+    }
+
+    /// UDP flows idle for `seconds` are closed.
+    pub fn with_udp_timeout(mut self, seconds: u64) -> Self {
+        self.udp_timeout_seconds = Some(seconds);
         self
     }
 

@@ -17,6 +17,7 @@ use serde_saphyr::{DuplicateKeyPolicy, Error, Options};
 
 use super::doc::ConfigDoc;
 use super::tree::{self, At, Found, Pos, Quoted, Seg, key};
+use crate::k8s::convert::UDP_TIMEOUT_RANGE;
 use crate::table::{Affinity, Backend, Conditions, ListenKey, Protocol, Service, Settings, Table};
 
 /// Valid `affinity.timeoutSeconds`, as Kubernetes validates
@@ -78,7 +79,7 @@ fn read_tree(text: &str) -> Option<At> {
 /// value at fault and the reason.
 fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)> {
     let mut table = Table::new();
-    let mut listens: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut listens: HashMap<(SocketAddr, Protocol), usize> = HashMap::new();
     for (i, svc) in doc.services.into_iter().enumerate() {
         let at = |path: &[Seg]| [&[key("services"), Seg::Index(i)], path].concat();
         if svc.name.trim().is_empty() {
@@ -88,17 +89,24 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
         if svc.listen.port() == 0 {
             return Err((listen, "port 0 is not a valid listen port".to_owned()));
         }
-        // Only TCP is served, so the address alone is the key. When UDP
-        // lands, this check must include the protocol.
-        if let Some(&other) = listens.get(&svc.listen) {
+        if let Some(&other) = listens.get(&(svc.listen, svc.protocol)) {
             let other = tree::label(tree, &[key("services"), Seg::Index(other)]);
-            return Err((listen, format!("{} is already used by {other}", svc.listen)));
+            let reason = format!("{} is already used by {other}", svc.listen);
+            return Err((listen, reason));
         }
-        listens.insert(svc.listen, i);
-        if svc.protocol != Protocol::Tcp {
-            let reason = format!("{} is not served yet (only tcp is)", svc.protocol);
-            return Err((at(&[key("protocol")]), reason));
-        }
+        listens.insert((svc.listen, svc.protocol), i);
+        let udp_timeout = match svc.udp_timeout_seconds {
+            Some(_) if svc.protocol != Protocol::Udp => {
+                let reason = "is only for protocol: udp".to_owned();
+                return Err((at(&[key("udpTimeoutSeconds")]), reason));
+            }
+            Some(s) if !UDP_TIMEOUT_RANGE.contains(&s) => {
+                let (min, max) = UDP_TIMEOUT_RANGE.into_inner();
+                let reason = format!("{s} is out of range (valid: {min}..={max} seconds)");
+                return Err((at(&[key("udpTimeoutSeconds")]), reason));
+            }
+            s => s.map(Duration::from_secs),
+        };
         let affinity = match svc.affinity {
             Some(a) if !TIMEOUT_SECONDS.contains(&a.timeout_seconds) => {
                 let (min, max) = TIMEOUT_SECONDS.into_inner();
@@ -140,17 +148,18 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
                 return Err((at(&[key("sourceRanges"), Seg::Index(j)]), reason));
             }
         }
-        // Other settings keep their defaults (the update is needed once
-        // Settings has fields the file does not set).
-        #[allow(clippy::needless_update)]
         let settings = Settings {
             no_endpoints: svc.no_endpoints,
             source_ranges: svc.source_ranges,
-            ..Settings::default()
+            udp_timeout,
         };
         let service =
             Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
-        table.insert(ListenKey::tcp(svc.listen), Arc::new(service));
+        let key = ListenKey {
+            addr: svc.listen,
+            protocol: svc.protocol,
+        };
+        table.insert(key, Arc::new(service));
     }
     Ok(table)
 }

@@ -385,18 +385,67 @@ fn bad_policy_lists_valid_values() {
 }
 
 #[test]
-fn udp_is_rejected_naming_the_service() {
+fn udp_and_tcp_share_a_listen_address() {
+    let t = ok("
+        services:
+          - name: dns
+            listen: 127.0.0.1:53
+            protocol: udp
+            udpTimeoutSeconds: 5
+            backends: [{address: 127.0.0.2:53}]
+          - name: dns-tcp
+            listen: 127.0.0.1:53
+            backends: [{address: 127.0.0.2:53}]
+    ");
+    let addr = "127.0.0.1:53".parse().unwrap();
+    let udp = t.get(&ListenKey::udp(addr)).unwrap();
+    assert_eq!(udp.name, "dns");
+    assert_eq!(udp.settings.udp_timeout, Some(Duration::from_secs(5)));
+    let tcp = t.get(&ListenKey::tcp(addr)).unwrap();
+    assert_eq!(tcp.name, "dns-tcp");
+    assert_eq!(tcp.settings.udp_timeout, None);
+}
+
+#[test]
+fn udp_timeout_is_checked() {
     let (line, col, msg) = err("
         services:
           - name: dns
             listen: 127.0.0.1:53
             protocol: udp
+            udpTimeoutSeconds: 0
             backends: []
     ");
-    assert_eq!((line, col), (4, 15));
+    assert_eq!((line, col), (5, 24));
     assert_eq!(
         msg,
-        "services[0] \"dns\": protocol: udp is not served yet (only tcp is)"
+        "services[0] \"dns\": udpTimeoutSeconds: 0 is out of range (valid: 1..=86400 seconds)"
+    );
+    let (_, _, msg) = err("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            udpTimeoutSeconds: 5
+            backends: []
+    ");
+    assert_eq!(
+        msg,
+        "services[0] \"web\": udpTimeoutSeconds: is only for protocol: udp"
+    );
+    let (_, _, msg) = err("
+        services:
+          - name: dns
+            listen: 127.0.0.1:53
+            protocol: udp
+            backends: []
+          - name: dns2
+            listen: 127.0.0.1:53
+            protocol: udp
+            backends: []
+    ");
+    assert_eq!(
+        msg,
+        "services[1] \"dns2\": listen: 127.0.0.1:53 is already used by services[0] \"dns\""
     );
     let (_, _, msg) = err("
         services:
@@ -601,7 +650,7 @@ fn unknown_fields_at_every_level() {
     assert_eq!((line, col), (4, 5));
     assert_eq!(
         msg,
-        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, policy, affinity, backends, noEndpoints, sourceRanges)"
+        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, backends, noEndpoints, sourceRanges)"
     );
     let (line, col, msg) = err("
         services:

@@ -1,0 +1,196 @@
+//! UDP request/response throughput (DNS-sized datagrams), directly to a
+//! built-in UDP responder and through sluice's UDP data path, in one run.
+//!
+//! Closed loop: each client has its own socket (so its own flow through
+//! sluice), sends a 40-byte query, waits for the 80-byte answer (at most
+//! 1 s; a timeout is counted as lost), and sends the next. The responder
+//! runs on the bench's runtime, on loopback; sluice is the real binary on
+//! a file config with one UDP Service. A real DNS server (dnsmasq) in a
+//! netns node is left to a later round.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+use sluice_testkit::{Daemon, Options};
+use tokio::net::UdpSocket;
+
+use crate::check;
+use crate::sluice::{SluiceArgs, locate};
+
+const QUERY: usize = 40;
+const ANSWER: usize = 80;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DnsArgs {
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Concurrent clients (closed loop, one socket each).
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sluice: SluiceArgs,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Measured {
+    pub answered: u64,
+    pub lost: u64,
+    pub elapsed_s: f64,
+    pub queries_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct DnsReport {
+    scenario: &'static str,
+    seconds: f64,
+    clients: usize,
+    direct: Measured,
+    sluice: Measured,
+    /// sluice queries/s ÷ direct queries/s.
+    ratio: f64,
+}
+
+/// Answers every datagram with [`ANSWER`] bytes, the query's first 2
+/// bytes (its id) first.
+async fn responder() -> Result<SocketAddr> {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = socket.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        let mut answer = [0x5au8; ANSWER];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                continue;
+            };
+            if n >= 2 {
+                answer[..2].copy_from_slice(&buf[..2]);
+            }
+            let _ = socket.send_to(&answer, from).await;
+        }
+    });
+    Ok(addr)
+}
+
+async fn client(target: SocketAddr, deadline: Instant) -> Result<(u64, u64)> {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    socket.connect(target).await?;
+    let mut query = [0x11u8; QUERY];
+    let mut buf = [0u8; 512];
+    let (mut answered, mut lost) = (0u64, 0u64);
+    let mut id: u16 = 0;
+    while Instant::now() < deadline {
+        id = id.wrapping_add(1);
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        socket.send(&query).await.context("send")?;
+        let wait = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                let n = socket.recv(&mut buf).await?;
+                // A late answer to an earlier (lost) query is skipped.
+                if n == ANSWER && buf[..2] == id.to_be_bytes() {
+                    return Ok::<_, std::io::Error>(());
+                }
+            }
+        });
+        match wait.await {
+            Ok(Ok(())) => answered += 1,
+            Ok(Err(e)) => bail!("receive: {e}"),
+            Err(_) => lost += 1,
+        }
+    }
+    Ok((answered, lost))
+}
+
+async fn measure(target: SocketAddr, args: &DnsArgs) -> Result<Measured> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|_| tokio::spawn(client(target, deadline)))
+        .collect();
+    let (mut answered, mut lost) = (0, 0);
+    for t in tasks {
+        let (a, l) = t.await.context("client task")??;
+        answered += a;
+        lost += l;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(Measured {
+        answered,
+        lost,
+        elapsed_s: (elapsed * 1000.0).round() / 1000.0,
+        queries_per_s: (answered as f64 / elapsed).round(),
+    })
+}
+
+/// sluice with one UDP Service over `backend`, answering through `listen`.
+async fn start_sluice(args: &SluiceArgs, backend: SocketAddr) -> Result<(Daemon, SocketAddr)> {
+    let bin = locate(args.sluice.as_deref())?;
+    let listen = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+    let cfg: ConfigDoc = ServiceDoc::new("dns", listen, vec![BackendDoc::ready(backend)])
+        .udp()
+        .into();
+    let opts = Options {
+        config: Some(cfg.to_yaml().context("writing sluice's config")?),
+        args: vec!["--log-format".into(), "text".into()],
+        keep_dir: args.keep_logs,
+        ..Options::new(bin)
+    };
+    let daemon = Daemon::start(opts).await?;
+    // The UDP socket is bound just after the table goes live.
+    let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let mut buf = [0u8; 512];
+    for _ in 0..50 {
+        probe.send_to(&[0u8; QUERY], listen).await?;
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(100), probe.recv_from(&mut buf)).await
+        {
+            return Ok((daemon, listen));
+        }
+    }
+    bail!("sluice never answered on {listen} (UDP)")
+}
+
+fn line(label: &str, m: &Measured) -> String {
+    format!(
+        "{label}: {:.0} queries/s ({} answered, {} lost, {:.2}s)",
+        m.queries_per_s, m.answered, m.lost, m.elapsed_s
+    )
+}
+
+pub async fn run(args: DnsArgs) -> Result<ExitCode> {
+    check::positive_at_most("--seconds", args.seconds, 120.0)?;
+    check::in_range("--clients", args.clients, 1..=1024)?;
+    let backend = responder().await?;
+    let (daemon, listen) = start_sluice(&args.sluice, backend).await?;
+    let direct = measure(backend, &args).await?;
+    let through = measure(listen, &args).await?;
+    drop(daemon);
+    let ratio = if direct.queries_per_s > 0.0 {
+        (through.queries_per_s / direct.queries_per_s * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    };
+    if args.json {
+        let report = DnsReport {
+            scenario: "dns",
+            seconds: args.seconds,
+            clients: args.clients,
+            direct,
+            sluice: through,
+            ratio,
+        };
+        outln!("{}", serde_json::to_string(&report)?);
+    } else {
+        outln!("{}", line("direct", &direct));
+        outln!("{}", line("sluice", &through));
+        outln!("ratio (sluice / direct): {ratio:.3}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

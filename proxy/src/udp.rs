@@ -1,0 +1,775 @@
+//! UDP Services: one socket per UDP listen key, a flow table per Service,
+//! and the re-send that hides a backend going away.
+//!
+//! This module owns everything UDP in the data plane:
+//! - [`UdpProxy::run`] follows the table and, in bind mode, binds one socket
+//!   per UDP [`ListenKey`] (on the Service address: loopback for the file
+//!   source, the VIPs on `sluice0` for the Kubernetes source) and serves it;
+//! - [`UdpProxy::serve`] serves one socket for one listen key. It does not
+//!   care how datagrams reach the socket: the bind-mode socket and, later,
+//!   the local port an nftables `redirect` sends one UDP Service port to
+//!   (see docs/architecture.md, "UDP") plug in the same way.
+//!
+//! A *flow* is one client address (IP and port) of one Service. Each flow
+//! has its own socket *connected* to the backend it picked, so the kernel
+//! matches the backend's replies to the flow, and an ICMP port or host
+//! unreachable for it comes back as `ECONNREFUSED`/`EHOSTUNREACH` on that
+//! socket. Replies are sent to the client from the Service's socket, so
+//! they come from the Service address and port (resolvers check this).
+//!
+//! Failures: a flow keeps the last datagram its client sent. When its
+//! backend answers with ICMP unreachable, or leaves the table (or stops
+//! being eligible) while that datagram is unanswered, the datagram is sent
+//! once more to another eligible backend and the flow is re-pinned there;
+//! the unreachable backend is ejected through the [`Tracker`], as a failed
+//! TCP dial is. Flows of a backend that leaves are closed (kube-proxy
+//! flushes the UDP conntrack entries of removed endpoints).
+//!
+//! Bounds: flows idle for their timeout are closed (kube-proxy's conntrack
+//! defaults: 30 s unreplied, 120 s once replied; per Service
+//! [`sluice_control::Settings::udp_timeout`]); at most
+//! [`UdpConfig::max_flows`] flows are open over all Services, and a
+//! datagram that would need one more is dropped and counted. A flow costs
+//! one descriptor, one small task and a copy of its last datagram; no
+//! per-flow receive buffer (replies are read into a per-thread buffer).
+//!
+//! The backend pick is [`crate::balance::pick`] (policy, affinity,
+//! ejection), with the flow standing in for a connection. UDP flows take
+//! no [`crate::tracker::ConnGuard`]: least-connections does not count
+//! them, and the tracker's probe state (set by a guard, ended by a dial
+//! result) is not used, so an ejected backend comes back when its cooldown
+//! ends; its first reply ends the ejection at once.
+//!
+//! UDP serving runs on the main runtime, one task per listen key plus one
+//! per flow (not on the data-plane workers).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_control::{ListenKey, Protocol, Publisher, Service};
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::balance::{PickContext, ServiceRuntime, pick};
+use crate::connect::DialErrorKind;
+use crate::metrics::{Metrics, UdpDrop, UdpFlowEnd, UdpServiceMetrics};
+use crate::tracker::Tracker;
+
+/// Default of `--udp-max-flows`: see docs/operations.md for its cost.
+pub const DEFAULT_MAX_FLOWS: usize = 16_384;
+
+/// Idle timeout of a flow whose backend has not replied
+/// (`nf_conntrack_udp_timeout`).
+pub const UNREPLIED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Idle timeout of a flow whose backend replied
+/// (`nf_conntrack_udp_timeout_stream`).
+pub const REPLIED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Datagrams a served socket reads in one go when they are queued.
+const BATCH: usize = 64;
+
+/// How often idle flows are looked for.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// Largest UDP payload (IPv6 jumbograms aside): 65,535 − 8 (UDP header).
+/// IPv4 allows 65,507; a buffer of this size never truncates.
+const MAX_DATAGRAM: usize = 65_536;
+
+/// UDP settings (from the command line).
+#[derive(Debug, Clone, Copy)]
+pub struct UdpConfig {
+    /// Open flows over all UDP Services (`--udp-max-flows`).
+    pub max_flows: usize,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        Self {
+            max_flows: DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+/// UDP Services of one sluice.
+pub struct UdpProxy {
+    config: UdpConfig,
+    publisher: Arc<Publisher>,
+    tracker: Arc<Tracker>,
+    metrics: Arc<Metrics>,
+    /// Open flows over all Services.
+    open: Arc<AtomicUsize>,
+}
+
+/// A bound UDP socket being served.
+struct Serving {
+    service: String,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl UdpProxy {
+    pub fn new(
+        config: UdpConfig,
+        publisher: Arc<Publisher>,
+        tracker: Arc<Tracker>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            publisher,
+            tracker,
+            metrics,
+            open: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Open flows over all Services.
+    pub fn open_flows(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Bind mode: follows the table until `stop`, binding a socket for
+    /// every UDP listen key and closing those of keys that left (or now
+    /// lead to another Service). A key whose bind fails is retried every
+    /// second.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut changes = self.publisher.subscribe();
+        let mut serving: HashMap<ListenKey, Serving> = HashMap::new();
+        let mut warned: HashMap<ListenKey, ()> = HashMap::new();
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let table = self.publisher.load();
+            serving.retain(|key, s| {
+                let keep = table.get(key).is_some_and(|svc| svc.name == s.service);
+                if !keep {
+                    info!(listen = %key, service = %s.service, "UDP service removed: socket closed");
+                    s.stop.cancel();
+                }
+                keep
+            });
+            warned.retain(|key, _| table.get(key).is_some());
+            let mut failed = false;
+            for (key, service) in table.iter() {
+                if key.protocol != Protocol::Udp || serving.contains_key(key) {
+                    continue;
+                }
+                match bind_udp(key.addr) {
+                    Ok(socket) => {
+                        warned.remove(key);
+                        info!(listen = %key, service = %service.name, "listening (UDP)");
+                        let stop = CancellationToken::new();
+                        let task = tokio::spawn(self.clone().serve(*key, socket, stop.clone()));
+                        let service = service.name.clone();
+                        serving.insert(
+                            *key,
+                            Serving {
+                                service,
+                                stop,
+                                task,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        failed = true;
+                        if warned.insert(*key, ()).is_none() {
+                            warn!(listen = %key, service = %service.name, error = %e, "cannot bind UDP socket; retrying every second");
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = retry.tick(), if failed => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        for (_, s) in serving {
+            s.stop.cancel();
+            let _ = s.task.await;
+        }
+    }
+
+    /// Serves `socket`, which receives the datagrams of the Service at
+    /// `key`, until `stop` fires or `key` leaves the table. Every flow is
+    /// closed on return.
+    pub async fn serve(
+        self: Arc<Self>,
+        key: ListenKey,
+        socket: UdpSocket,
+        stop: CancellationToken,
+    ) {
+        let Some(service) = self.publisher.load().get(&key).cloned() else {
+            return;
+        };
+        let metrics = self.metrics.udp.service(&service.name);
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let mut port = Port {
+            proxy: self.clone(),
+            key,
+            socket: Arc::new(socket),
+            flows: HashMap::new(),
+            runtime: ServiceRuntime::default(),
+            metrics,
+            events: events_tx,
+            next_id: 0,
+        };
+        let mut changes = self.publisher.subscribe();
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            tokio::select! {
+                r = port.socket.recv_from(&mut buf) => match r {
+                    Ok((n, client)) => {
+                        backoff = Duration::from_millis(5);
+                        port.on_datagram(client, &buf[..n]);
+                        // Whatever else is queued, before the other
+                        // branches are polled again (bounded: fairness).
+                        for _ in 1..BATCH {
+                            let Ok((n, client)) = port.socket.try_recv_from(&mut buf) else {
+                                break;
+                            };
+                            port.on_datagram(client, &buf[..n]);
+                        }
+                    }
+                    Err(e) => {
+                        // Nothing a client sends makes recv_from fail on an
+                        // unconnected socket; back off rather than spin.
+                        warn!(listen = %key, error = %e, ?backoff, "UDP receive failed; backing off");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.cancelled() => break,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                },
+                Some(event) = events.recv() => port.on_failure(event),
+                changed = changes.changed() => {
+                    if changed.is_err() || !port.on_table() {
+                        break;
+                    }
+                }
+                _ = sweep.tick() => port.expire(Instant::now()),
+                _ = stop.cancelled() => break,
+            }
+        }
+        let name = port.metrics.name.clone();
+        drop(port);
+        self.metrics.udp.forget_service(&name);
+    }
+}
+
+/// Binds a shareable UDP socket on `addr` (SO_REUSEADDR, SO_REUSEPORT and
+/// IP_FREEBIND, like the TCP listeners of [`crate::listener`]).
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = crate::listener::shareable_socket(addr, Type::DGRAM)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A UDP socket connected to `backend`, for one flow.
+fn connect_udp(backend: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(backend), Type::DGRAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&backend.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Whether a socket error says the backend cannot be reached (an ICMP
+/// error came back for what was sent to it), and how the tracker counts it.
+fn unreachable_kind(e: &io::Error) -> Option<DialErrorKind> {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Some(DialErrorKind::Refused),
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            Some(DialErrorKind::Unreachable)
+        }
+        _ => None,
+    }
+}
+
+/// Milliseconds since a process-wide origin, for timestamps shared with
+/// reader tasks as atomics.
+fn millis(at: Instant) -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What a flow's reader shares with the port task.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The backend replied at least once.
+    replied: AtomicBool,
+    /// When the backend last replied ([`millis`]).
+    last_reply: AtomicU64,
+}
+
+/// Sent by a flow's reader when its backend is unreachable.
+struct Failure {
+    client: SocketAddr,
+    /// The flow's socket generation (a re-pinned flow ignores failures of
+    /// its previous socket).
+    id: u64,
+    kind: DialErrorKind,
+}
+
+/// One client address of one Service.
+struct Flow {
+    backend: SocketAddr,
+    socket: Arc<UdpSocket>,
+    id: u64,
+    reader: JoinHandle<()>,
+    shared: Arc<Shared>,
+    /// The last datagram from the client, kept to be re-sent once.
+    last: Vec<u8>,
+    /// When the client last sent.
+    last_sent: Instant,
+    /// `last` was already re-sent (after its first backend failed).
+    resent: bool,
+    /// Counts the flow in the bound and the gauge while it lives.
+    _slot: Slot,
+}
+
+impl Flow {
+    /// Whether the client's last datagram is still unanswered.
+    fn awaiting_reply(&self) -> bool {
+        self.shared.last_reply.load(Ordering::Relaxed) < millis(self.last_sent)
+            || !self.shared.replied.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A flow's place in the global bound and the open-flows gauge.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// The state of one served socket: its flows and how to reach them.
+struct Port {
+    proxy: Arc<UdpProxy>,
+    key: ListenKey,
+    socket: Arc<UdpSocket>,
+    flows: HashMap<SocketAddr, Flow>,
+    runtime: ServiceRuntime,
+    metrics: UdpServiceMetrics,
+    events: mpsc::UnboundedSender<Failure>,
+    next_id: u64,
+}
+
+thread_local! {
+    /// Replies are read here (a reader task holds no buffer of its own).
+    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+impl Port {
+    fn service(&self) -> Option<Arc<Service>> {
+        self.proxy.publisher.load().get(&self.key).cloned()
+    }
+
+    /// A datagram from `client`.
+    fn on_datagram(&mut self, client: SocketAddr, data: &[u8]) {
+        let Some(service) = self.service() else {
+            return; // the key just left the table: the socket closes soon
+        };
+        let now = Instant::now();
+        if let Some(flow) = self.flows.get_mut(&client) {
+            flow.last.clear();
+            flow.last.extend_from_slice(data);
+            flow.last_sent = now;
+            flow.resent = false;
+            if service.is_eligible(flow.backend) {
+                self.send(client);
+                return;
+            }
+            // Its backend left but the table change is not handled yet.
+            let gone = flow.backend;
+            self.repin(&service, client, gone, None);
+            return;
+        }
+        if self.proxy.open.load(Ordering::Relaxed) >= self.proxy.config.max_flows {
+            self.proxy
+                .metrics
+                .udp
+                .dropped(&service.name, UdpDrop::FlowLimit);
+            debug!(client = %client, listen = %self.key, "UDP flow limit reached: datagram dropped");
+            return;
+        }
+        let ctx = PickContext {
+            health: &*self.proxy.tracker,
+            client_ip: client.ip(),
+            exclude: &[],
+            now,
+        };
+        let Some(backend) = pick(&service, &self.runtime, &ctx) else {
+            self.proxy
+                .metrics
+                .udp
+                .dropped(&service.name, UdpDrop::NoBackend);
+            return;
+        };
+        let Some(flow) = self.open_flow(client, backend, data.to_vec(), now) else {
+            return;
+        };
+        debug!(client = %client, listen = %self.key, backend = %backend, "UDP flow opened");
+        self.flows.insert(client, flow);
+        self.send(client);
+    }
+
+    /// A new flow (or a flow's new socket) from `client` to `backend`;
+    /// `None` when sluice cannot open a socket (counted).
+    fn open_flow(
+        &mut self,
+        client: SocketAddr,
+        backend: SocketAddr,
+        last: Vec<u8>,
+        now: Instant,
+    ) -> Option<Flow> {
+        let socket = match connect_udp(backend) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                if let Some(what) = crate::saturation::local_resource(&e) {
+                    self.proxy.metrics.saturation.record(now, what);
+                }
+                self.proxy
+                    .metrics
+                    .udp
+                    .dropped(&self.metrics.name, UdpDrop::Local);
+                debug!(client = %client, backend = %backend, error = %e, "cannot open a UDP flow socket");
+                return None;
+            }
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        let shared = Arc::new(Shared::default());
+        let reader = tokio::spawn(read_replies(Reader {
+            backend: socket.clone(),
+            service: self.socket.clone(),
+            client,
+            backend_addr: backend,
+            id,
+            shared: shared.clone(),
+            events: self.events.clone(),
+            metrics: self.metrics.clone(),
+            tracker: self.proxy.tracker.clone(),
+        }));
+        self.proxy.open.fetch_add(1, Ordering::Relaxed);
+        self.metrics.flows.inc();
+        Some(Flow {
+            backend,
+            socket,
+            id,
+            reader,
+            shared,
+            last,
+            last_sent: now,
+            resent: false,
+            _slot: Slot {
+                open: self.proxy.open.clone(),
+                gauge: self.metrics.flows.clone(),
+            },
+        })
+    }
+
+    /// Sends the flow's last datagram to its backend.
+    fn send(&mut self, client: SocketAddr) {
+        let Some(flow) = self.flows.get(&client) else {
+            return;
+        };
+        // A direct send(2): tokio's `try_send` reports WouldBlock until the
+        // reactor has seen the new socket writable.
+        match SockRef::from(&*flow.socket).send(&flow.last) {
+            Ok(n) => {
+                self.metrics.datagrams_up.inc();
+                self.metrics.bytes_up.inc_by(n as u64);
+            }
+            Err(e) => match unreachable_kind(&e) {
+                // An ICMP error for an earlier datagram was pending.
+                Some(kind) => {
+                    let id = flow.id;
+                    self.on_failure(Failure { client, id, kind });
+                }
+                None => {
+                    self.proxy
+                        .metrics
+                        .udp
+                        .dropped(&self.metrics.name, UdpDrop::SendFailed);
+                    debug!(client = %client, backend = %flow.backend, error = %e, "UDP send failed: datagram dropped");
+                }
+            },
+        }
+    }
+
+    /// A flow's backend is unreachable: eject it, and re-send the last
+    /// datagram once to another backend.
+    fn on_failure(&mut self, failure: Failure) {
+        let Failure { client, id, kind } = failure;
+        let Some(flow) = self.flows.get(&client).filter(|f| f.id == id) else {
+            return; // the flow ended or moved meanwhile
+        };
+        let (backend, resent) = (flow.backend, flow.resent);
+        let cooldown = self
+            .proxy
+            .tracker
+            .dial_failed(backend, kind, flow.last_sent);
+        debug!(client = %client, backend = %backend, reason = kind.as_str(), ?cooldown, "UDP backend unreachable; ejected");
+        match self.service() {
+            Some(service) if !resent => self.repin(&service, client, backend, Some(kind)),
+            _ => {
+                self.flows.remove(&client);
+                self.proxy
+                    .metrics
+                    .udp
+                    .flow_ended(&self.metrics.name, UdpFlowEnd::Unreachable);
+            }
+        }
+    }
+
+    /// Moves the flow of `client` off `from` to another eligible backend
+    /// and re-sends its last datagram there; closes the flow when there is
+    /// none. `unreachable`: why `from` failed (`None`: it left the table).
+    fn repin(
+        &mut self,
+        service: &Service,
+        client: SocketAddr,
+        from: SocketAddr,
+        unreachable: Option<DialErrorKind>,
+    ) {
+        let Some(old) = self.flows.remove(&client) else {
+            return;
+        };
+        let end = match unreachable {
+            Some(_) => UdpFlowEnd::Unreachable,
+            None => UdpFlowEnd::BackendGone,
+        };
+        let now = Instant::now();
+        let ctx = PickContext {
+            health: &*self.proxy.tracker,
+            client_ip: client.ip(),
+            exclude: &[from],
+            now,
+        };
+        let Some(backend) = pick(service, &self.runtime, &ctx) else {
+            self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
+            self.proxy
+                .metrics
+                .udp
+                .dropped(&self.metrics.name, UdpDrop::NoBackend);
+            return;
+        };
+        let last_sent = old.last_sent;
+        let last = old.last.clone();
+        // The old socket and its slot go before the new ones are taken.
+        drop(old);
+        let Some(mut flow) = self.open_flow(client, backend, last, now) else {
+            self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
+            return;
+        };
+        flow.last_sent = last_sent;
+        flow.resent = true;
+        debug!(client = %client, from = %from, to = %backend, "UDP flow re-pinned; last datagram re-sent");
+        self.flows.insert(client, flow);
+        self.metrics.resent.inc();
+        self.send(client);
+    }
+
+    /// A new table: flows whose backend is no longer eligible are closed,
+    /// or re-pinned when their last datagram is unanswered. Returns false
+    /// when the key left the table.
+    fn on_table(&mut self) -> bool {
+        let Some(service) = self.service() else {
+            return false;
+        };
+        let moved: Vec<(SocketAddr, SocketAddr, bool)> = (self.flows.iter())
+            .filter(|(_, f)| !service.is_eligible(f.backend))
+            .map(|(c, f)| (*c, f.backend, f.awaiting_reply() && !f.resent))
+            .collect();
+        for (client, backend, resend) in moved {
+            if resend {
+                self.repin(&service, client, backend, None);
+            } else {
+                self.flows.remove(&client);
+                self.proxy
+                    .metrics
+                    .udp
+                    .flow_ended(&self.metrics.name, UdpFlowEnd::BackendGone);
+            }
+        }
+        true
+    }
+
+    /// Closes flows idle for their timeout.
+    fn expire(&mut self, now: Instant) {
+        let Some(service) = self.service() else {
+            return;
+        };
+        if let Some(affinity) = service.affinity {
+            self.runtime.expire_affinity(affinity.timeout, now);
+        }
+        let configured = service.settings.udp_timeout;
+        let now_ms = millis(now);
+        let before = self.flows.len();
+        self.flows.retain(|_, f| {
+            let replied = f.shared.replied.load(Ordering::Relaxed);
+            let timeout = configured.unwrap_or(if replied {
+                REPLIED_TIMEOUT
+            } else {
+                UNREPLIED_TIMEOUT
+            });
+            let last = millis(f.last_sent).max(f.shared.last_reply.load(Ordering::Relaxed));
+            u128::from(now_ms.saturating_sub(last)) < timeout.as_millis()
+        });
+        for _ in self.flows.len()..before {
+            self.proxy
+                .metrics
+                .udp
+                .flow_ended(&self.metrics.name, UdpFlowEnd::Idle);
+        }
+    }
+}
+
+/// What a flow's reader task needs.
+struct Reader {
+    backend: Arc<UdpSocket>,
+    service: Arc<UdpSocket>,
+    client: SocketAddr,
+    backend_addr: SocketAddr,
+    id: u64,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Failure>,
+    metrics: UdpServiceMetrics,
+    tracker: Arc<Tracker>,
+}
+
+/// Forwards a flow's replies to its client from the Service's socket,
+/// until the backend is unreachable (reported) or the flow ends (aborted).
+async fn read_replies(r: Reader) {
+    loop {
+        // An ICMP error raises EPOLLERR alone (no EPOLLIN), which tokio's
+        // `readable()` does not wake for: wait for either.
+        let ready = match r.backend.ready(Interest::READABLE | Interest::ERROR).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                debug!(backend = %r.backend_addr, error = %e, "UDP flow socket failed");
+                return;
+            }
+        };
+        if ready.is_error() {
+            match r.backend.take_error() {
+                Ok(Some(e)) if let Some(kind) = unreachable_kind(&e) => {
+                    let _ = r.events.send(Failure {
+                        client: r.client,
+                        id: r.id,
+                        kind,
+                    });
+                    return;
+                }
+                Ok(Some(e)) => {
+                    debug!(backend = %r.backend_addr, error = %e, "UDP flow socket error");
+                }
+                _ => {}
+            }
+            // Clears the error readiness (no busy loop on a stale edge).
+            let _ = r.backend.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+            if !ready.is_readable() {
+                continue;
+            }
+        }
+        let got = REPLY_BUF.with_borrow_mut(|buf| {
+            let n = r.backend.try_recv(buf)?;
+            let payload = buf.get(..n).unwrap_or_default();
+            // A full send buffer drops the reply, as the network would.
+            let sent = SockRef::from(&*r.service).send_to(payload, &r.client.into());
+            Ok::<_, io::Error>((n, sent))
+        });
+        match got {
+            Ok((n, sent)) => {
+                if !r.shared.replied.swap(true, Ordering::Relaxed)
+                    && r.tracker.dial_succeeded(r.backend_addr)
+                {
+                    info!(backend = %r.backend_addr, "backend answers again");
+                }
+                r.shared
+                    .last_reply
+                    .store(millis(Instant::now()), Ordering::Relaxed);
+                match sent {
+                    Ok(_) => {
+                        r.metrics.datagrams_down.inc();
+                        r.metrics.bytes_down.inc_by(n as u64);
+                    }
+                    Err(e) => {
+                        debug!(client = %r.client, error = %e, "UDP reply to client not sent");
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                if let Some(kind) = unreachable_kind(&e) {
+                    let _ = r.events.send(Failure {
+                        client: r.client,
+                        id: r.id,
+                        kind,
+                    });
+                    return;
+                }
+                debug!(backend = %r.backend_addr, error = %e, "UDP receive from backend failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_errors_are_classified() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(unreachable_kind(&refused), Some(DialErrorKind::Refused));
+        let host = io::Error::from_raw_os_error(libc::EHOSTUNREACH);
+        assert_eq!(unreachable_kind(&host), Some(DialErrorKind::Unreachable));
+        let other = io::Error::from(io::ErrorKind::WouldBlock);
+        assert_eq!(unreachable_kind(&other), None);
+    }
+
+    #[tokio::test]
+    async fn a_connected_socket_reports_icmp_port_unreachable() {
+        // Nothing listens on this port (bound then closed).
+        let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        let s = connect_udp(addr).unwrap();
+        s.send(b"x").await.unwrap();
+        let mut buf = [0u8; 16];
+        let e = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(unreachable_kind(&e), Some(DialErrorKind::Refused));
+    }
+}

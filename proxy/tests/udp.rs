@@ -1,0 +1,582 @@
+//! UDP Services end to end: the real `sluice` binary on a file config,
+//! between real UDP clients and backends on loopback (no root needed), and
+//! a netns mini node where `dig` asks two `dnsmasq` "pods" through sluice
+//! (root, `ip`, `dnsmasq` and `dig`; skipped with a message otherwise).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+use sluice_testkit::{Daemon, Options, metric};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+const T: Duration = Duration::from_secs(5);
+
+/// A free UDP port on 127.0.0.1 (bound, then released).
+fn free_udp() -> SocketAddr {
+    StdUdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A UDP backend named `name`: answers each datagram with `name:` and the
+/// payload (or, for payloads over 65,000 bytes, the payload alone, so that
+/// the largest datagram fits back), unless `silent`. Counts what it got.
+struct UdpBackend {
+    addr: SocketAddr,
+    received: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl UdpBackend {
+    async fn start(name: &'static str, silent: bool) -> UdpBackend {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let count = received.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                if silent {
+                    continue;
+                }
+                let reply = if n > 65_000 {
+                    buf[..n].to_vec()
+                } else {
+                    [format!("{name}:").as_bytes(), &buf[..n]].concat()
+                };
+                let _ = socket.send_to(&reply, from).await;
+            }
+        });
+        UdpBackend {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A UDP Service `dns` on `listen` over `backends`.
+fn service(listen: SocketAddr, backends: &[SocketAddr]) -> ServiceDoc {
+    let backends = backends.iter().map(|a| BackendDoc::ready(*a)).collect();
+    ServiceDoc::new("dns", listen, backends).udp()
+}
+
+async fn start(config: impl Into<ConfigDoc>, extra: &[&str]) -> Daemon {
+    let args = ["--config-poll-interval", "100ms"].iter().chain(extra);
+    let opts = Options {
+        config: Some(config.into().to_yaml().unwrap()),
+        args: args.map(|a| a.to_string()).collect(),
+        log_filter: Some("info".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    Daemon::start(opts).await.unwrap()
+}
+
+/// Replaces the config and waits until its table is live.
+async fn reload(s: &mut Daemon, config: impl Into<ConfigDoc>) {
+    s.reload_and_wait(&config.into().to_yaml().unwrap())
+        .await
+        .unwrap();
+}
+
+async fn client() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// Sends `payload` to `to` and waits (at most `within`) for one datagram:
+/// its payload and where it came from.
+async fn ask(
+    c: &UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+    within: Duration,
+) -> Option<(Vec<u8>, SocketAddr)> {
+    c.send_to(payload, to).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    match tokio::time::timeout(within, c.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => Some((buf[..n].to_vec(), from)),
+        _ => None,
+    }
+}
+
+/// `ask` until an answer comes (the UDP socket is bound shortly after the
+/// table goes live); the answer as text.
+async fn ask_until_answered(c: &UdpSocket, to: SocketAddr, payload: &str) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some((got, from)) = ask(c, to, payload.as_bytes(), Duration::from_millis(200)).await
+        {
+            assert_eq!(from, to, "the reply must come from the Service address");
+            return String::from_utf8(got).unwrap();
+        }
+        assert!(Instant::now() < deadline, "{to} never answered");
+    }
+}
+
+/// Waits until `series` satisfies `ok`; the metrics text.
+async fn wait_metric(s: &Daemon, series: &str, ok: impl Fn(f64) -> bool) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let text = s.scrape().await.unwrap();
+        if ok(metric(&text, series).unwrap_or(0.0)) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never reached the expected value:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn name_of(answer: &str) -> &str {
+    answer.split(':').next().unwrap()
+}
+
+#[tokio::test]
+async fn forwards_both_ways_from_the_service_address() {
+    let a = UdpBackend::start("a", false).await;
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let s = start(service(listen, &[a.addr, b.addr]), &[]).await;
+    let c1 = client().await;
+    let first = ask_until_answered(&c1, listen, "q1").await;
+    assert!(first.ends_with(":q1"), "{first}");
+    // A flow sticks to its backend.
+    for i in 0..5 {
+        let got = ask(&c1, listen, format!("x{i}").as_bytes(), T)
+            .await
+            .unwrap();
+        assert_eq!(got.1, listen);
+        let got = String::from_utf8(got.0).unwrap();
+        assert_eq!(name_of(&got), name_of(&first), "{got}");
+    }
+    // Other clients are spread over both backends (round robin).
+    let mut names = HashSet::new();
+    for _ in 0..4 {
+        let c = client().await;
+        let got = ask(&c, listen, b"hi", T).await.unwrap();
+        names.insert(String::from_utf8(got.0).unwrap());
+    }
+    assert_eq!(names, HashSet::from(["a:hi".into(), "b:hi".into()]));
+    let text = wait_metric(&s, r#"sluice_udp_flows{service="dns"}"#, |v| v == 5.0).await;
+    let up = r#"sluice_udp_datagrams_total{service="dns",direction="client_to_backend"}"#;
+    let down = r#"sluice_udp_datagrams_total{service="dns",direction="backend_to_client"}"#;
+    assert!(metric(&text, up).unwrap() >= 10.0, "{text}");
+    assert!(metric(&text, down).unwrap() >= 10.0, "{text}");
+    let bytes = r#"sluice_udp_bytes_total{service="dns",direction="client_to_backend"}"#;
+    assert!(metric(&text, bytes).unwrap() >= 20.0, "{text}");
+}
+
+#[tokio::test]
+async fn idle_flows_expire_at_the_service_timeout() {
+    let a = UdpBackend::start("a", false).await;
+    let listen = free_udp();
+    let s = start(service(listen, &[a.addr]).with_udp_timeout(1), &[]).await;
+    let c = client().await;
+    ask_until_answered(&c, listen, "q").await;
+    wait_metric(&s, r#"sluice_udp_flows{service="dns"}"#, |v| v == 1.0).await;
+    let start = Instant::now();
+    let idle = r#"sluice_udp_flows_ended_total{service="dns",reason="idle"}"#;
+    let text = wait_metric(&s, idle, |v| v == 1.0).await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(700),
+        "expired too early"
+    );
+    assert_eq!(
+        metric(&text, r#"sluice_udp_flows{service="dns"}"#),
+        Some(0.0)
+    );
+    // The client is served again, by a new flow.
+    assert_eq!(ask_until_answered(&c, listen, "again").await, "a:again");
+}
+
+#[tokio::test]
+async fn a_source_port_flood_is_bounded_and_counted() {
+    let a = UdpBackend::start("a", false).await;
+    let listen = free_udp();
+    let s = start(service(listen, &[a.addr]), &["--udp-max-flows", "40"]).await;
+    let kept = client().await;
+    ask_until_answered(&kept, listen, "first").await;
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    // 200 new source ports, one datagram each.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let c = client().await;
+        c.send_to(b"flood", listen).await.unwrap();
+        flood.push(c);
+    }
+    let dropped = r#"sluice_udp_dropped_datagrams_total{service="dns",reason="flow_limit"}"#;
+    let text = wait_metric(&s, dropped, |v| v >= 160.0).await;
+    assert_eq!(
+        metric(&text, r#"sluice_udp_flows{service="dns"}"#),
+        Some(40.0)
+    );
+    assert!(
+        fds() <= before + 40,
+        "descriptors grew past the bound: {before} -> {}",
+        fds()
+    );
+    // The existing flow is still served, and sluice is alive.
+    let got = ask(&kept, listen, b"still", T).await.unwrap();
+    assert_eq!(got.0, b"a:still");
+}
+
+#[tokio::test]
+async fn a_removed_backend_closes_its_flows() {
+    let a = UdpBackend::start("a", false).await;
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let mut s = start(service(listen, &[a.addr]), &[]).await;
+    let c = client().await;
+    assert_eq!(ask_until_answered(&c, listen, "q").await, "a:q");
+    reload(&mut s, service(listen, &[b.addr])).await;
+    let gone = r#"sluice_udp_flows_ended_total{service="dns",reason="backend_gone"}"#;
+    wait_metric(&s, gone, |v| v == 1.0).await;
+    // The same client's next datagram goes to the backend that is left.
+    assert_eq!(ask(&c, listen, b"q2", T).await.unwrap().0, b"b:q2");
+}
+
+#[tokio::test]
+async fn an_unanswered_datagram_follows_its_backend_leaving() {
+    // The backend takes the query and vanishes from the table before it
+    // answers: the query is re-sent to the backend that is left, and the
+    // client gets its answer without sending again.
+    let silent = UdpBackend::start("silent", true).await;
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let mut s = start(service(listen, &[silent.addr]), &[]).await;
+    let c = client().await;
+    let deadline = Instant::now() + T;
+    while silent.received() == 0 {
+        c.send_to(b"warmup", listen).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            Instant::now() < deadline,
+            "the query never reached the backend"
+        );
+    }
+    let c = client().await;
+    c.send_to(b"q", listen).await.unwrap();
+    let deadline = Instant::now() + T;
+    while silent.received() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(Instant::now() < deadline);
+    }
+    reload(&mut s, service(listen, &[b.addr])).await;
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::time::timeout(T, c.recv_from(&mut buf))
+        .await
+        .expect("the query was lost with its backend")
+        .unwrap();
+    assert_eq!((&buf[..n], from), (&b"b:q"[..], listen));
+    let resent = r#"sluice_udp_resent_datagrams_total{service="dns"}"#;
+    wait_metric(&s, resent, |v| v >= 1.0).await;
+}
+
+#[tokio::test]
+async fn icmp_unreachable_is_retried_on_another_backend() {
+    let a = UdpBackend::start("a", false).await;
+    // Nothing listens there: the kernel answers ICMP port unreachable.
+    let dead = free_udp();
+    let listen = free_udp();
+    // Round robin puts every other new flow on the dead backend first.
+    let s = start(service(listen, &[dead, a.addr]), &[]).await;
+    let warm = client().await;
+    ask_until_answered(&warm, listen, "w").await;
+    for i in 0..6 {
+        let c = client().await;
+        let q = format!("q{i}");
+        let got = ask(&c, listen, q.as_bytes(), T)
+            .await
+            .unwrap_or_else(|| panic!("query {q} got no answer"));
+        assert_eq!(got, (format!("a:{q}").into_bytes(), listen));
+    }
+    let text = wait_metric(
+        &s,
+        r#"sluice_udp_resent_datagrams_total{service="dns"}"#,
+        |v| v >= 1.0,
+    )
+    .await;
+    let ejected = format!(r#"sluice_backend_ejections_total{{backend="{dead}"}}"#);
+    assert_eq!(metric(&text, &ejected), Some(1.0), "{text}");
+}
+
+#[tokio::test]
+async fn empty_odd_and_largest_datagrams_pass_without_harm() {
+    let a = UdpBackend::start("a", false).await;
+    let listen = free_udp();
+    let s = start(service(listen, &[a.addr]), &[]).await;
+    let c = client().await;
+    ask_until_answered(&c, listen, "hello").await;
+    // Zero-length, binary junk, the largest IPv4 UDP payload.
+    let got = ask(&c, listen, b"", T).await.unwrap();
+    assert_eq!(got.0, b"a:");
+    let junk: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    let got = ask(&c, listen, &junk, T).await.unwrap();
+    assert_eq!(got.0, [&b"a:"[..], &junk].concat());
+    let largest: Vec<u8> = (0..65_507u32).map(|i| (i % 251) as u8).collect();
+    let got = ask(&c, listen, &largest, T).await.unwrap();
+    assert_eq!(got.0.len(), 65_507);
+    assert_eq!(got.0, largest);
+    // A datagram over the limit cannot even be sent; sluice is unaffected.
+    let too_big = vec![0u8; 65_508];
+    assert!(c.send_to(&too_big, listen).await.is_err());
+    assert_eq!(ask(&c, listen, b"after", T).await.unwrap().0, b"a:after");
+    let text = s.scrape().await.unwrap();
+    let bytes = r#"sluice_udp_bytes_total{service="dns",direction="backend_to_client"}"#;
+    assert!(metric(&text, bytes).unwrap() >= 65_507.0, "{text}");
+}
+
+#[tokio::test]
+async fn tcp_and_udp_share_a_port() {
+    use sluice_testkit::backend::{Backend, Mode, connect_named};
+    let tcp = Backend::start("t", Mode::Echo).await.unwrap();
+    let udp = UdpBackend::start("u", false).await;
+    let listen = SocketAddr::new(
+        [127, 0, 0, 1].into(),
+        sluice_testkit::free_port([127, 0, 0, 1]).unwrap(),
+    );
+    let tcp_svc = ServiceDoc::new("dns-tcp", listen, vec![BackendDoc::ready(tcp.addr)]);
+    let config = ConfigDoc::new(vec![service(listen, &[udp.addr]), tcp_svc]);
+    let _s = start(config, &[]).await;
+    let c = client().await;
+    assert_eq!(ask_until_answered(&c, listen, "q").await, "u:q");
+    let (_stream, name) = connect_named(listen).await.unwrap();
+    assert_eq!(name, "t");
+}
+
+/// The netns mini node for cluster DNS:
+///
+/// ```text
+///   node: br0 10.244.0.1/24 (br_netfilter on when loaded), 10.96.0.10/32 on lo
+///    |-- client pod 10.244.0.10  (dig)
+///    |-- dns pod a  10.244.0.20  (dnsmasq: who.test -> 10.0.0.1)
+///    '-- dns pod b  10.244.0.21  (dnsmasq: who.test -> 10.0.0.2)
+/// ```
+///
+/// sluice runs in the node with the file source: `10.96.0.10:53` over UDP
+/// and over TCP, both to the two pods.
+mod dns {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+    use sluice_testkit::{Daemon, Options, netns};
+
+    const DNS_VIP: &str = "10.96.0.10";
+    const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+    fn skip_reason() -> Option<String> {
+        if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+            return Some("not root".into());
+        }
+        for (tool, arg) in [("ip", "-V"), ("dnsmasq", "--version"), ("dig", "-v")] {
+            let found = Command::new(tool)
+                .arg(arg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok();
+            if !found {
+                return Some(format!(
+                    "`{tool}` is not installed (apt-get install dnsmasq-base bind9-dnsutils)"
+                ));
+            }
+        }
+        None
+    }
+
+    fn ns(tag: &str) -> netns::Netns {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        netns::Netns::new(format!("sluice-c-dns-{tag}-{}-{n}", std::process::id())).unwrap()
+    }
+
+    /// dnsmasq in `pod`, answering `who.test` with `answer`; killed on drop.
+    struct Dnsmasq(Child);
+
+    impl Dnsmasq {
+        fn start(pod: &netns::Netns, ip: &str, answer: &str) -> Dnsmasq {
+            let child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    pod.name(),
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                ])
+                .args([
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
+                .args(["--pid-file=", "--user=root", "--port=53"])
+                .arg(format!("--listen-address={ip}"))
+                .arg(format!("--host-record=who.test,{answer}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            Dnsmasq(child)
+        }
+    }
+
+    impl Drop for Dnsmasq {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `dig @VIP who.test` from `client` (over TCP with `tcp`): the answer
+    /// (`None`: no answer within 1 s).
+    fn dig(client: &netns::Netns, tcp: bool) -> Option<String> {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            client.name(),
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=1",
+        ]);
+        if tcp {
+            cmd.arg("+tcp");
+        }
+        let out = cmd
+            .arg(format!("@{DNS_VIP}"))
+            .arg("who.test")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !text.is_empty() && !text.starts_with(';')).then_some(text)
+    }
+
+    #[tokio::test]
+    async fn dig_through_sluice_over_udp_and_tcp_and_a_dns_pod_going_away() {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let node = ns("node");
+        let client = ns("client");
+        let pod_a = ns("a");
+        let pod_b = ns("b");
+        if std::path::Path::new(BRIDGE_NF_CALL_IPTABLES).exists() {
+            let name = node.name().to_owned();
+            netns::in_netns(&name, || Ok(std::fs::write(BRIDGE_NF_CALL_IPTABLES, "1")?)).unwrap();
+        }
+        node.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+        node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"])
+            .unwrap();
+        node.ip(&["link", "set", "br0", "up"]).unwrap();
+        node.ip(&["addr", "add", &format!("{DNS_VIP}/32"), "dev", "lo"])
+            .unwrap();
+        for (i, (pod, ip)) in [
+            (&client, "10.244.0.10"),
+            (&pod_a, "10.244.0.20"),
+            (&pod_b, "10.244.0.21"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let host_end = format!("vc{i}");
+            netns::add_veth(node.name(), &host_end, pod.name(), "eth0").unwrap();
+            node.ip(&["link", "set", &host_end, "master", "br0", "up"])
+                .unwrap();
+            pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+                .unwrap();
+            pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+            pod.ip(&["route", "add", "default", "via", "10.244.0.1"])
+                .unwrap();
+        }
+        let mut a = Some(Dnsmasq::start(&pod_a, "10.244.0.20", "10.0.0.1"));
+        let _b = Dnsmasq::start(&pod_b, "10.244.0.21", "10.0.0.2");
+        let listen = format!("{DNS_VIP}:53").parse().unwrap();
+        let backends = || {
+            ["10.244.0.20:53", "10.244.0.21:53"]
+                .map(|a| BackendDoc::ready(a.parse().unwrap()))
+                .to_vec()
+        };
+        let config = ConfigDoc::new(vec![
+            ServiceDoc::new("kube-system/kube-dns:dns", listen, backends()).udp(),
+            ServiceDoc::new("kube-system/kube-dns:dns-tcp", listen, backends()),
+        ]);
+        let opts = Options {
+            prefix: ["ip", "netns", "exec", node.name()]
+                .map(String::from)
+                .to_vec(),
+            config: Some(config.to_yaml().unwrap()),
+            log_filter: Some("sluice_proxy=debug,info".into()),
+            ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+        };
+        let _sluice = Daemon::spawn(opts).unwrap();
+        // Until sluice and both dnsmasq answer (bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "dig over UDP through sluice: answers seen so far {seen:?}"
+            );
+            if let Some(answer) = dig(&client, false) {
+                seen.insert(answer);
+            }
+        }
+        assert_eq!(seen, ["10.0.0.1", "10.0.0.2"].map(String::from).into());
+        // Over TCP, the same Service IP and port.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answer = loop {
+            if let Some(answer) = dig(&client, true) {
+                break answer;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dig +tcp through sluice never answered"
+            );
+        };
+        assert!(answer == "10.0.0.1" || answer == "10.0.0.2", "{answer}");
+        // Pod a's dnsmasq dies (its namespace lives: ICMP port unreachable),
+        // the table still lists it: every query is still answered, by b.
+        drop(a.take());
+        for i in 0..10 {
+            assert_eq!(
+                dig(&client, false).as_deref(),
+                Some("10.0.0.2"),
+                "query {i} after pod a's server died"
+            );
+        }
+        drop((pod_a, pod_b, client, node));
+    }
+}
