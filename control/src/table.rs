@@ -323,7 +323,52 @@ impl Affinity {
 /// Set with [`Service::with_settings`], so that adding one touches no
 /// constructor call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Settings {}
+pub struct Settings {
+    /// Most client connections this Service serves at once on this node,
+    /// counted over all its listen addresses of the same name (cluster IP,
+    /// node ports, external IPs); a connection beyond it is reset at once.
+    /// Annotation `sluice.io/max-connections`, file field `maxConnections`.
+    /// `None`: the node default (`--service-max-connections`; unlimited
+    /// unless set, so only the global `--max-connections` applies).
+    pub max_connections: Option<u32>,
+    /// A proxied connection that moves no byte either way for this long is
+    /// closed (both sides reset). Annotation `sluice.io/idle-timeout`, file
+    /// field `idleTimeout` (`300s`, `5m`...). `None`: no idle timeout
+    /// (TCP keepalive still finds dead peers).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Settings {
+    /// Shortest idle timeout accepted: below it, ordinary pauses of a
+    /// healthy connection would be cut.
+    pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Parses a `max-connections` value: an integer of at least 1.
+    pub fn parse_max_connections(value: &str) -> Result<u32, String> {
+        match value.trim().parse::<u32>() {
+            Ok(0) => Err(format!("{value:?} must be at least 1")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!(
+                "{value:?} is not an integer in 1..={}",
+                u32::MAX
+            )),
+        }
+    }
+
+    /// Parses an `idle-timeout` value: a duration (`300s`, `5m`, `1h30m`)
+    /// of at least [`Self::MIN_IDLE_TIMEOUT`].
+    pub fn parse_idle_timeout(value: &str) -> Result<Duration, String> {
+        let d = humantime::parse_duration(value.trim())
+            .map_err(|e| format!("{value:?} is not a duration like 300s or 5m ({e})"))?;
+        if d < Self::MIN_IDLE_TIMEOUT {
+            return Err(format!(
+                "{value:?} is shorter than {}s",
+                Self::MIN_IDLE_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(d)
+    }
+}
 
 /// A service as reached on one listen address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

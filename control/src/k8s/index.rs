@@ -520,7 +520,7 @@ impl Index {
                 .collect()
         };
         let scheduler = info.scheduler.unwrap_or(self.default_policy);
-        Service::new(name, scheduler, info.affinity, backends)
+        Service::new(name, scheduler, info.affinity, backends).with_settings(info.settings.clone())
     }
 
     /// Which topology hints apply, kube-proxy's rule (only ready endpoints
@@ -779,5 +779,47 @@ mod scheduler_tests {
             Policy::Maglev
         );
         assert_eq!(index.stats().skipped_fields, 2);
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+    use super::super::convert::{IDLE_TIMEOUT_ANNOTATION, MAX_CONNECTIONS_ANNOTATION};
+    use super::*;
+
+    #[test]
+    fn annotated_settings_reach_the_table() {
+        let annotations = [
+            (MAX_CONNECTIONS_ANNOTATION.to_owned(), "7".to_owned()),
+            (IDLE_TIMEOUT_ANNOTATION.to_owned(), "bad".to_owned()),
+        ];
+        let svc = K8sService {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some("web".into()),
+                annotations: Some(annotations.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ips: Some(vec!["10.96.0.1".into()]),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        };
+        let mut index = Index::new(None, vec![]);
+        index.apply(&svc).unwrap();
+        index.build();
+        let key = ListenKey::tcp(SocketAddr::from(([10, 96, 0, 1], 80)));
+        let table = index.table();
+        let settings = &table.get(&key).unwrap().settings;
+        assert_eq!(settings.max_connections, Some(7));
+        assert_eq!(settings.idle_timeout, None, "a bad value: the default");
+        assert_eq!(index.stats().skipped_fields, 1);
     }
 }

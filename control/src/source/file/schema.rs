@@ -17,7 +17,9 @@ use serde_saphyr::{DuplicateKeyPolicy, Error, Options};
 
 use super::doc::ConfigDoc;
 use super::tree::{self, At, Found, Pos, Quoted, Seg, key};
-use crate::table::{Affinity, Backend, Conditions, ListenKey, Protocol, Service, Table};
+use crate::table::{
+    Affinity, Backend, Conditions, ListenKey, Protocol, Service, Settings, Table,
+};
 
 /// Valid `affinity.timeoutSeconds`, as Kubernetes validates
 /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -113,6 +115,19 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
             }),
             None => None,
         };
+        let mut settings = Settings::default();
+        if let Some(max) = svc.max_connections {
+            settings.max_connections = Some(
+                Settings::parse_max_connections(&max.to_string())
+                    .map_err(|e| (at(&[key("maxConnections")]), e))?,
+            );
+        }
+        if let Some(timeout) = &svc.idle_timeout {
+            settings.idle_timeout = Some(
+                Settings::parse_idle_timeout(timeout)
+                    .map_err(|e| (at(&[key("idleTimeout")]), e))?,
+            );
+        }
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
         let mut backends = Vec::with_capacity(svc.backends.len());
         for (j, b) in svc.backends.into_iter().enumerate() {
@@ -134,7 +149,8 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
                 weight: b.weight,
             });
         }
-        let service = Service::new(svc.name, svc.policy, affinity, backends);
+        let service =
+            Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
         table.insert(ListenKey::tcp(svc.listen), Arc::new(service));
     }
     Ok(table)
