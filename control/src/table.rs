@@ -348,10 +348,7 @@ impl Settings {
         match value.trim().parse::<u32>() {
             Ok(0) => Err(format!("{value:?} must be at least 1")),
             Ok(n) => Ok(n),
-            Err(_) => Err(format!(
-                "{value:?} is not an integer in 1..={}",
-                u32::MAX
-            )),
+            Err(_) => Err(format!("{value:?} is not an integer in 1..={}", u32::MAX)),
         }
     }
 

@@ -17,9 +17,7 @@ use serde_saphyr::{DuplicateKeyPolicy, Error, Options};
 
 use super::doc::ConfigDoc;
 use super::tree::{self, At, Found, Pos, Quoted, Seg, key};
-use crate::table::{
-    Affinity, Backend, Conditions, ListenKey, Protocol, Service, Settings, Table,
-};
+use crate::table::{Affinity, Backend, Conditions, ListenKey, Protocol, Service, Settings, Table};
 
 /// Valid `affinity.timeoutSeconds`, as Kubernetes validates
 /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
