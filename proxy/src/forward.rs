@@ -415,20 +415,35 @@ mod tests {
         (c, s)
     }
 
-    /// client ⇄ [forward] ⇄ backend; returns the outer ends and the task.
-    async fn hop(
-        mode: Mode,
-        cut: CancellationToken,
-    ) -> (
+    type Hop = (
         TcpStream,
         TcpStream,
         tokio::task::JoinHandle<(Outcome, Transferred)>,
-    ) {
+    );
+
+    /// client ⇄ [forward] ⇄ backend; returns the outer ends and the task.
+    async fn hop(mode: Mode, cut: CancellationToken) -> Hop {
+        hop_idle(mode, cut, None).await
+    }
+
+    /// [`hop`] with an idle timeout.
+    async fn hop_idle(mode: Mode, cut: CancellationToken, idle: Option<Duration>) -> Hop {
         let (client, client_side) = pair().await;
         let (backend_side, backend) = pair().await;
         let task =
-            tokio::spawn(async move { forward(client_side, backend_side, &cut, mode, None).await });
+            tokio::spawn(async move { forward(client_side, backend_side, &cut, mode, idle).await });
         (client, backend, task)
+    }
+
+    /// Both outer ends of a hop were reset.
+    async fn assert_both_reset(client: &mut TcpStream, backend: &mut TcpStream) {
+        for s in [client, backend] {
+            let mut rest = Vec::new();
+            let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
+                .await
+                .unwrap();
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        }
     }
 
     fn payload(len: usize, seed: u32) -> Vec<u8> {
@@ -503,13 +518,7 @@ mod tests {
         backend.read_exact(&mut b).await.unwrap();
         cut.cancel();
         assert_eq!(task.await.unwrap().0, Outcome::Cut);
-        for s in [&mut client, &mut backend] {
-            let mut rest = Vec::new();
-            let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
-                .await
-                .unwrap();
-            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
-        }
+        assert_both_reset(&mut client, &mut backend).await;
     }
 
     /// A server that writes its answer and closes at once: the client gets
@@ -636,13 +645,8 @@ mod tests {
     /// way) stays open past it; once nothing moves for the timeout, both
     /// sides are reset.
     async fn idle_timeout_closes_only_idle(mode: Mode) {
-        let (client, backend) = (pair().await, pair().await);
-        let ((mut client, client_side), (backend_side, mut backend)) = (client, backend);
-        let idle = Duration::from_millis(300);
-        let task = tokio::spawn(async move {
-            let cut = CancellationToken::new();
-            forward(client_side, backend_side, &cut, mode, Some(idle)).await
-        });
+        let idle = Some(Duration::from_millis(300));
+        let (mut client, mut backend, task) = hop_idle(mode, CancellationToken::new(), idle).await;
         // Busy for three timeouts: one byte every 100 ms, alternating ways.
         for i in 0..9u8 {
             let mut b = [0u8; 1];
@@ -661,13 +665,7 @@ mod tests {
         assert_eq!(outcome, Outcome::Idle);
         assert_eq!(moved.client_to_backend, 5);
         assert_eq!(moved.backend_to_client, 4);
-        for s in [&mut client, &mut backend] {
-            let mut rest = Vec::new();
-            let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
-                .await
-                .unwrap();
-            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
-        }
+        assert_both_reset(&mut client, &mut backend).await;
     }
 
     #[tokio::test]

@@ -549,13 +549,13 @@ pub fn node_info(node: &Node) -> NodeInfo {
 }
 
 #[cfg(test)]
-mod settings_tests {
+pub(crate) mod settings_tests {
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
 
     use super::*;
 
     /// `default/web` on 10.96.0.1:80 with these annotations.
-    fn web(annotations: &[(&str, &str)]) -> Service {
+    pub(crate) fn web(annotations: &[(&str, &str)]) -> Service {
         Service {
             metadata: ObjectMeta {
                 namespace: Some("default".into()),

@@ -784,34 +784,16 @@ mod scheduler_tests {
 
 #[cfg(test)]
 mod settings_tests {
-    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
-
+    use super::super::convert::settings_tests::web;
     use super::super::convert::{IDLE_TIMEOUT_ANNOTATION, MAX_CONNECTIONS_ANNOTATION};
     use super::*;
 
     #[test]
     fn annotated_settings_reach_the_table() {
-        let annotations = [
-            (MAX_CONNECTIONS_ANNOTATION.to_owned(), "7".to_owned()),
-            (IDLE_TIMEOUT_ANNOTATION.to_owned(), "bad".to_owned()),
-        ];
-        let svc = K8sService {
-            metadata: ObjectMeta {
-                namespace: Some("default".into()),
-                name: Some("web".into()),
-                annotations: Some(annotations.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ips: Some(vec!["10.96.0.1".into()]),
-                ports: Some(vec![ServicePort {
-                    port: 80,
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            status: None,
-        };
+        let svc = web(&[
+            (MAX_CONNECTIONS_ANNOTATION, "7"),
+            (IDLE_TIMEOUT_ANNOTATION, "bad"),
+        ]);
         let mut index = Index::new(None, vec![]);
         index.apply(&svc).unwrap();
         index.build();
