@@ -601,7 +601,7 @@ fn unknown_fields_at_every_level() {
     assert_eq!((line, col), (4, 5));
     assert_eq!(
         msg,
-        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, policy, affinity, backends)"
+        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, policy, affinity, maxConnections, idleTimeout, backends)"
     );
     let (line, col, msg) = err("
         services:
