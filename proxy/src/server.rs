@@ -161,7 +161,16 @@ impl Throttle {
     fn due(&self) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
         let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        // Never waits: under a flood of rejections on several workers, the
+        // one holding the lock decides and the others count themselves.
+        let mut last = match self.last.try_lock() {
+            Ok(last) => last,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.held_back.fetch_add(1, Relaxed);
+                return None;
+            }
+        };
         if last.is_some_and(|t| now.saturating_duration_since(t) < LIMIT_WARN_EVERY) {
             self.held_back.fetch_add(1, Relaxed);
             return None;
@@ -779,6 +788,18 @@ mod tests {
             Arc::new(Service::new("web", Policy::RoundRobin, None, Vec::new())),
         );
         t
+    }
+
+    #[test]
+    fn a_throttled_warning_counts_what_it_holds_back() {
+        let t = Throttle::default();
+        assert_eq!(t.due(), Some(0), "the first is logged");
+        assert_eq!(t.due(), None);
+        assert_eq!(t.due(), None);
+        // The next one due will tell of the two held back.
+        *t.last.lock().unwrap() = Instant::now().checked_sub(LIMIT_WARN_EVERY);
+        assert_eq!(t.due(), Some(2));
+        assert_eq!(t.due(), None);
     }
 
     #[tokio::test]
