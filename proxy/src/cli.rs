@@ -159,6 +159,13 @@ pub struct Args {
     /// (`sluice_udp_dropped_datagrams_total{reason="flow_limit"}`).
     #[arg(long, default_value_t = crate::udp::DEFAULT_MAX_FLOWS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub udp_max_flows: usize,
+    /// Concurrent client connections per Service (each port of a
+    /// Kubernetes Service, over all its addresses) that sets no
+    /// `sluice.io/max-connections` annotation (file: `maxConnections`); a
+    /// connection beyond it is reset at once. Default: unlimited (only
+    /// --max-connections applies).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub service_max_connections: Option<u32>,
 
     /// Data-plane threads. Each runs its own event loop with its own
     /// listener for every Service address (one SO_REUSEPORT group per
@@ -264,6 +271,7 @@ impl Args {
                 drain_timeout: self.drain_timeout,
             },
             max_connections: self.max_connections.max(1),
+            service_max_connections: self.service_max_connections,
             shutdown_grace: self.shutdown_grace,
             intercept_port: match self.intercept {
                 Intercept::Bind => None,

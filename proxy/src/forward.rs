@@ -14,11 +14,18 @@
 //! - A read or write error on either side (a reset above all) aborts both
 //!   sockets with a reset (SO_LINGER 0), so a reset propagates as a reset.
 //! - A cut (drain timeout, end of shutdown grace) aborts both with a reset.
+//! - With an idle timeout (`sluice.io/idle-timeout`), a connection that
+//!   moved no byte either way for that long is aborted on both sides with a
+//!   reset. Each direction publishes its byte count in an atomic after every
+//!   write (a plain store, also without a timeout); one timer per connection
+//!   looks at the counts an eighth of the timeout apart, never a timer per
+//!   read. Without a timeout there is no timer at all.
 
 use std::io;
 use std::net::Shutdown;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use socket2::SockRef;
@@ -44,6 +51,8 @@ pub enum Outcome {
     Reset,
     /// The cut token fired; both were reset.
     Cut,
+    /// No byte moved either way for the idle timeout; both were reset.
+    Idle,
 }
 
 impl Outcome {
@@ -52,6 +61,7 @@ impl Outcome {
             Outcome::Closed => "closed",
             Outcome::Reset => "reset",
             Outcome::Cut => "cut",
+            Outcome::Idle => "idle",
         }
     }
 }
@@ -93,17 +103,19 @@ impl Mode {
 /// Moves `from` → `to` until EOF, then shuts down `to`'s write side
 /// (unless `others_done` says the other direction has ended too: the
 /// caller closes both sockets at once, which sends the FIN anyway).
+/// `progress` holds the bytes written so far (see [`idle_for`]).
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     mode: Mode,
     others_done: &AtomicBool,
+    progress: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0;
     #[cfg(target_os = "linux")]
     {
         if mode == Mode::Auto {
-            match copy(from, to, 0, Until::EofOrFull).await? {
+            match copy(from, to, 0, Until::EofOrFull, progress).await? {
                 Copied::Eof(n) => {
                     finish(to, others_done);
                     return Ok(n);
@@ -112,7 +124,7 @@ async fn one_way(
             }
         }
         if mode != Mode::Copy {
-            match crate::splice::one_way(from, to, total).await? {
+            match crate::splice::one_way(from, to, total, progress).await? {
                 crate::splice::Spliced::Eof(n) => {
                     finish(to, others_done);
                     return Ok(n);
@@ -123,7 +135,7 @@ async fn one_way(
     }
     #[cfg(not(target_os = "linux"))]
     let _ = mode;
-    match copy(from, to, total, Until::Eof).await? {
+    match copy(from, to, total, Until::Eof, progress).await? {
         Copied::Eof(n) | Copied::Bulk(n) => {
             finish(to, others_done);
             Ok(n)
@@ -183,7 +195,8 @@ enum Until {
 }
 
 /// Copies `from` → `to` until EOF or, with [`Until::EofOrFull`], until a
-/// read fills the buffer. `total` is what was already moved. The buffer is held
+/// read fills the buffer. `total` is what was already moved; `progress`
+/// gets the new total after every write. The buffer is held
 /// only while data is in flight: it goes back to the pool whenever `from`
 /// would block.
 ///
@@ -200,6 +213,7 @@ async fn copy(
     to: &TcpStream,
     mut total: u64,
     until: Until,
+    progress: &AtomicU64,
 ) -> io::Result<Copied> {
     loop {
         let ready = from.ready(Interest::READABLE).await?;
@@ -215,6 +229,7 @@ async fn copy(
             let last = fin_queued && n < buf.len();
             write_all(to, &buf[..n], last).await?;
             total += n as u64;
+            progress.store(total, Ordering::Relaxed);
             if last {
                 return Ok(Copied::Eof(total));
             }
@@ -309,31 +324,63 @@ async fn write_all(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Returns once the sum of `progress` has not changed for `timeout`
+/// (checked every eighth of it, so at most `timeout × 9/8` after the last
+/// byte); never without a timeout.
+async fn idle_for(timeout: Option<Duration>, progress: &[AtomicU64; 2]) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let moved = || {
+        (progress.iter())
+            .map(|p| p.load(Ordering::Relaxed))
+            .fold(0u64, u64::wrapping_add)
+    };
+    let tick = (timeout / 8).max(Duration::from_millis(1));
+    let mut seen = moved();
+    let mut active_at = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick.min(timeout)).await;
+        let now = tokio::time::Instant::now();
+        let current = moved();
+        if current != seen {
+            seen = current;
+            active_at = now;
+        } else if now.saturating_duration_since(active_at) >= timeout {
+            return;
+        }
+    }
+}
+
 /// Forwards between `client` and `backend` until both directions end, one
-/// side fails, or `cut` fires. Consumes both sockets.
+/// side fails, `cut` fires, or (with `idle`) no byte moves either way for
+/// that long. Consumes both sockets.
 pub async fn forward(
     client: TcpStream,
     backend: TcpStream,
     cut: &CancellationToken,
     mode: Mode,
+    idle: Option<Duration>,
 ) -> (Outcome, Transferred) {
-    let mut moved = Transferred::default();
     let others_done = AtomicBool::new(false);
-    let up = one_way(&client, &backend, mode, &others_done);
-    let down = one_way(&backend, &client, mode, &others_done);
-    tokio::pin!(up, down);
+    let progress = [AtomicU64::new(0), AtomicU64::new(0)];
+    let up = one_way(&client, &backend, mode, &others_done, &progress[0]);
+    let down = one_way(&backend, &client, mode, &others_done, &progress[1]);
+    let idle_watch = idle_for(idle, &progress);
+    tokio::pin!(up, down, idle_watch);
     let (mut up_done, mut down_done) = (false, false);
     let outcome = loop {
         tokio::select! {
             r = &mut up, if !up_done => match r {
-                Ok(n) => { moved.client_to_backend = n; up_done = true; }
+                Ok(_) => up_done = true,
                 Err(_) => break Outcome::Reset,
             },
             r = &mut down, if !down_done => match r {
-                Ok(n) => { moved.backend_to_client = n; down_done = true; }
+                Ok(_) => down_done = true,
                 Err(_) => break Outcome::Reset,
             },
             _ = cut.cancelled() => break Outcome::Cut,
+            _ = &mut idle_watch, if idle.is_some() => break Outcome::Idle,
         }
         if up_done && down_done {
             break Outcome::Closed;
@@ -343,6 +390,11 @@ pub async fn forward(
         reset(&client);
         reset(&backend);
     }
+    // Also what a failed or cut connection moved before it ended.
+    let moved = Transferred {
+        client_to_backend: progress[0].load(Ordering::Relaxed),
+        backend_to_client: progress[1].load(Ordering::Relaxed),
+    };
     (outcome, moved)
 }
 
@@ -363,20 +415,35 @@ mod tests {
         (c, s)
     }
 
-    /// client ⇄ [forward] ⇄ backend; returns the outer ends and the task.
-    async fn hop(
-        mode: Mode,
-        cut: CancellationToken,
-    ) -> (
+    type Hop = (
         TcpStream,
         TcpStream,
         tokio::task::JoinHandle<(Outcome, Transferred)>,
-    ) {
+    );
+
+    /// client ⇄ [forward] ⇄ backend; returns the outer ends and the task.
+    async fn hop(mode: Mode, cut: CancellationToken) -> Hop {
+        hop_idle(mode, cut, None).await
+    }
+
+    /// [`hop`] with an idle timeout.
+    async fn hop_idle(mode: Mode, cut: CancellationToken, idle: Option<Duration>) -> Hop {
         let (client, client_side) = pair().await;
         let (backend_side, backend) = pair().await;
         let task =
-            tokio::spawn(async move { forward(client_side, backend_side, &cut, mode).await });
+            tokio::spawn(async move { forward(client_side, backend_side, &cut, mode, idle).await });
         (client, backend, task)
+    }
+
+    /// Both outer ends of a hop were reset.
+    async fn assert_both_reset(client: &mut TcpStream, backend: &mut TcpStream) {
+        for s in [client, backend] {
+            let mut rest = Vec::new();
+            let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
+                .await
+                .unwrap();
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        }
     }
 
     fn payload(len: usize, seed: u32) -> Vec<u8> {
@@ -451,13 +518,7 @@ mod tests {
         backend.read_exact(&mut b).await.unwrap();
         cut.cancel();
         assert_eq!(task.await.unwrap().0, Outcome::Cut);
-        for s in [&mut client, &mut backend] {
-            let mut rest = Vec::new();
-            let r = tokio::time::timeout(T, s.read_to_end(&mut rest))
-                .await
-                .unwrap();
-            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
-        }
+        assert_both_reset(&mut client, &mut backend).await;
     }
 
     /// A server that writes its answer and closes at once: the client gets
@@ -578,6 +639,48 @@ mod tests {
     #[tokio::test]
     async fn copy_cut_resets_both() {
         cut_resets_both(Mode::Copy).await;
+    }
+
+    /// With an idle timeout: a connection that keeps moving bytes (either
+    /// way) stays open past it; once nothing moves for the timeout, both
+    /// sides are reset.
+    async fn idle_timeout_closes_only_idle(mode: Mode) {
+        let idle = Some(Duration::from_millis(300));
+        let (mut client, mut backend, task) = hop_idle(mode, CancellationToken::new(), idle).await;
+        // Busy for three timeouts: one byte every 100 ms, alternating ways.
+        for i in 0..9u8 {
+            let mut b = [0u8; 1];
+            if i % 2 == 0 {
+                client.write_all(&[i]).await.unwrap();
+                backend.read_exact(&mut b).await.unwrap();
+            } else {
+                backend.write_all(&[i]).await.unwrap();
+                client.read_exact(&mut b).await.unwrap();
+            }
+            assert_eq!(b[0], i);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!task.is_finished(), "a busy connection was closed");
+        let (outcome, moved) = tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert_eq!(outcome, Outcome::Idle);
+        assert_eq!(moved.client_to_backend, 5);
+        assert_eq!(moved.backend_to_client, 4);
+        assert_both_reset(&mut client, &mut backend).await;
+    }
+
+    #[tokio::test]
+    async fn auto_idle_timeout_closes_only_idle() {
+        idle_timeout_closes_only_idle(Mode::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn splice_idle_timeout_closes_only_idle() {
+        idle_timeout_closes_only_idle(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn copy_idle_timeout_closes_only_idle() {
+        idle_timeout_closes_only_idle(Mode::Copy).await;
     }
 
     /// An idle spliced connection holds no pipe: after an exchange, its

@@ -38,6 +38,8 @@ pub enum CloseReason {
     Cut,
     /// No eligible backend accepted: the client was reset.
     NoBackend,
+    /// No byte moved either way for the Service's idle timeout.
+    Idle,
 }
 
 /// Label values in the Prometheus style (snake case).
@@ -56,7 +58,7 @@ macro_rules! label_values {
     };
 }
 
-label_values!(CloseReason { Closed => "closed", Reset => "reset", Cut => "cut", NoBackend => "no_backend" });
+label_values!(CloseReason { Closed => "closed", Reset => "reset", Cut => "cut", NoBackend => "no_backend", Idle => "idle_timeout" });
 label_values!(Direction { ClientToBackend => "client_to_backend", BackendToClient => "backend_to_client" });
 label_values!(DialReason { Refused => "refused", Unreachable => "unreachable", Timeout => "timeout", Local => "local", Other => "other" });
 
@@ -139,6 +141,8 @@ pub struct Metrics {
     local_dial_errors: Counter,
     accept_errors: Counter,
     limit_waits: Counter,
+    /// Connections reset because their Service was at its own limit.
+    service_limit_rejected: Family<ServiceLabels, Counter>,
     /// Local resource exhaustion, for `/healthz`.
     pub saturation: crate::saturation::Saturation,
     /// From a backend's drain start to its last connection's end.
@@ -180,6 +184,7 @@ impl Metrics {
             local_dial_errors: Counter::default(),
             accept_errors: Counter::default(),
             limit_waits: Counter::default(),
+            service_limit_rejected: Family::default(),
             saturation: Default::default(),
             drain_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             drain_cut: Counter::default(),
@@ -255,6 +260,11 @@ impl Metrics {
             "connection_limit_waits",
             "Accepted connections that had to wait for a --max-connections permit",
             m.limit_waits.clone(),
+        );
+        registry.register(
+            "service_limit_rejected",
+            "Connections reset at once because their service was at its sluice.io/max-connections (or --service-max-connections) limit, per service",
+            m.service_limit_rejected.clone(),
         );
         registry.register(
             "backend_ejections",
@@ -377,6 +387,8 @@ impl Metrics {
             reset: closed(CloseReason::Reset),
             cut: closed(CloseReason::Cut),
             no_backend: closed(CloseReason::NoBackend),
+            idle: closed(CloseReason::Idle),
+            limit_rejected: self.service_limit_rejected.get_or_create_owned(&svc),
             bytes_up: bytes(Direction::ClientToBackend),
             bytes_down: bytes(Direction::BackendToClient),
             name: name.to_string(),
@@ -391,11 +403,13 @@ impl Metrics {
         self.accepted.remove(&svc);
         self.active.remove(&svc);
         self.retries.remove(&svc);
+        self.service_limit_rejected.remove(&svc);
         for reason in [
             CloseReason::Closed,
             CloseReason::Reset,
             CloseReason::Cut,
             CloseReason::NoBackend,
+            CloseReason::Idle,
         ] {
             self.closed.remove(&CloseLabels {
                 service: name.to_string(),
@@ -472,6 +486,9 @@ pub struct ServiceMetrics {
     reset: Counter,
     cut: Counter,
     pub no_backend: Counter,
+    idle: Counter,
+    /// Reset at once: the service was at its own connection limit.
+    pub limit_rejected: Counter,
     pub bytes_up: Counter,
     pub bytes_down: Counter,
 }
@@ -482,6 +499,7 @@ impl ServiceMetrics {
             Outcome::Closed => &self.closed,
             Outcome::Reset => &self.reset,
             Outcome::Cut => &self.cut,
+            Outcome::Idle => &self.idle,
         }
         .inc();
     }

@@ -103,6 +103,10 @@ pub struct ProxyConfig {
     pub tracker: TrackerConfig,
     /// Concurrent client connections, over all listeners.
     pub max_connections: usize,
+    /// Concurrent client connections per Service that sets no
+    /// `sluice.io/max-connections` (`--service-max-connections`); `None`:
+    /// only `max_connections` applies.
+    pub service_max_connections: Option<u32>,
     /// How long connections may finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// `Some(port)`: Service traffic arrives redirected at this port
@@ -134,12 +138,56 @@ pub struct Proxy {
     /// Intercept mode: stops the intercept accept loops.
     intercept_stop: CancellationToken,
     intercept_tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// When the connection limit was last reported at warn level.
-    limit_warned: Mutex<Option<Instant>>,
+    /// Reaching `--max-connections`, reported at warn level.
+    limit_warned: Throttle,
+    /// A Service reaching its own limit, reported at warn level.
+    service_limit_warned: Throttle,
 }
 
-/// The connection limit is reported at warn level at most this often.
+/// A connection limit is reported at warn level at most this often.
 const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A warning logged at most once per [`LIMIT_WARN_EVERY`]; the occasions
+/// held back in between are counted and told with the next one.
+#[derive(Default)]
+struct Throttle {
+    last: Mutex<Option<Instant>>,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(occasions held back since the last warning)` when this one is
+    /// to be logged; `None` (counted) when it is held back.
+    fn due(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        // Never waits: under a flood of rejections on several workers, the
+        // one holding the lock decides and the others count themselves.
+        let mut last = match self.last.try_lock() {
+            Ok(last) => last,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.held_back.fetch_add(1, Relaxed);
+                return None;
+            }
+        };
+        if last.is_some_and(|t| now.saturating_duration_since(t) < LIMIT_WARN_EVERY) {
+            self.held_back.fetch_add(1, Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.held_back.swap(0, Relaxed))
+    }
+}
+
+/// Counts a connection in its Service's active gauge until dropped.
+struct Active<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// What a connection to one listen key needs besides the table; shared
 /// (one `Arc` clone per connection).
@@ -196,7 +244,8 @@ impl Proxy {
             routes: DashMap::new(),
             intercept_stop: CancellationToken::new(),
             intercept_tasks: Mutex::new(Vec::new()),
-            limit_warned: Mutex::new(None),
+            limit_warned: Throttle::default(),
+            service_limit_warned: Throttle::default(),
         })
     }
 
@@ -204,14 +253,29 @@ impl Proxy {
     /// [`LIMIT_WARN_EVERY`] (every wait is counted in
     /// `sluice_connection_limit_waits_total`).
     fn warn_limit_reached(&self) {
-        let now = Instant::now();
-        let mut last = self.limit_warned.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| now.saturating_duration_since(t) >= LIMIT_WARN_EVERY) {
-            *last = Some(now);
+        if let Some(held_back) = self.limit_warned.due() {
             warn!(
                 max_connections = self.config.max_connections,
+                held_back,
                 "connection limit reached: new connections wait in the accept backlog \
-                 (sluice_connection_limit_waits_total counts them)"
+                 (sluice_connection_limit_waits_total counts them; held_back: waits \
+                 since the last of these warnings)"
+            );
+        }
+    }
+
+    /// Warns that a Service is at its own limit, at most once per
+    /// [`LIMIT_WARN_EVERY`] over all Services (each rejection is counted in
+    /// `sluice_service_limit_rejected_total`).
+    fn warn_service_limit_reached(&self, service: &str, max: u32) {
+        if let Some(held_back) = self.service_limit_warned.due() {
+            warn!(
+                service,
+                max_connections = max,
+                held_back,
+                "service connection limit reached: new connections to it are reset \
+                 (sluice_service_limit_rejected_total counts them; held_back: rejections \
+                 of any service since the last of these warnings)"
             );
         }
     }
@@ -556,10 +620,7 @@ impl Proxy {
                 let Route {
                     runtime, metrics, ..
                 } = &*route;
-                metrics.accepted.inc();
-                metrics.active.inc();
                 this.handle(client, peer, key, runtime, metrics).await;
-                metrics.active.dec();
                 drop(permit);
             });
         }
@@ -577,9 +638,36 @@ impl Proxy {
         // On Linux the listener's TCP_NODELAY is inherited (see listener.rs).
         #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
+        // One table load serves the limit check and the first attempt.
+        let mut table = self.publisher.load();
+        let settings = table.get(&key).map(|s| &s.settings);
+        let limit =
+            (settings.and_then(|s| s.max_connections)).or(self.config.service_max_connections);
+        let idle = settings.and_then(|s| s.idle_timeout);
+        // The Service's active gauge is its connection count (shared by
+        // its listen addresses): counted first, so that concurrent
+        // connections on several workers cannot all slip under the limit.
+        let previous = metrics.active.inc();
+        let _active = Active(&metrics.active);
+        if let Some(max) = limit
+            && previous >= i64::from(max)
+        {
+            // Reset at once rather than wait: a wait would hold this
+            // accept loop (shared by every Service at the intercept port)
+            // and a waiting client cannot tell a full Service from a dead
+            // one. See docs/reliability.md.
+            metrics.limit_rejected.inc();
+            self.warn_service_limit_reached(&metrics.name, max);
+            debug!(client = %peer, listen = %key, max, "service connection limit reached: reset");
+            reset(&client);
+            return;
+        }
+        metrics.accepted.inc();
         let mut tried: Vec<SocketAddr> = Vec::new();
         while tried.len() < self.config.max_attempts {
-            let table = self.publisher.load();
+            if !tried.is_empty() {
+                table = self.publisher.load();
+            }
             let Some(service) = table.get(&key) else {
                 break;
             };
@@ -601,12 +689,16 @@ impl Proxy {
                     }
                     debug!(client = %peer, listen = %key, backend = %addr, attempts = tried.len() + 1, "connected");
                     let (outcome, moved) =
-                        forward(client, backend, guard.cut_token(), Mode::from_env()).await;
+                        forward(client, backend, guard.cut_token(), Mode::from_env(), idle).await;
                     metrics.ended(outcome);
                     metrics.bytes_up.inc_by(moved.client_to_backend);
                     metrics.bytes_down.inc_by(moved.backend_to_client);
-                    if outcome == Outcome::Cut {
-                        debug!(client = %peer, backend = %addr, "connection cut");
+                    match outcome {
+                        Outcome::Cut => debug!(client = %peer, backend = %addr, "connection cut"),
+                        Outcome::Idle => {
+                            debug!(client = %peer, backend = %addr, ?idle, "idle timeout: connection closed")
+                        }
+                        _ => {}
                     }
                     return;
                 }
@@ -693,6 +785,18 @@ mod tests {
             Arc::new(Service::new("web", Policy::RoundRobin, None, Vec::new())),
         );
         t
+    }
+
+    #[test]
+    fn a_throttled_warning_counts_what_it_holds_back() {
+        let t = Throttle::default();
+        assert_eq!(t.due(), Some(0), "the first is logged");
+        assert_eq!(t.due(), None);
+        assert_eq!(t.due(), None);
+        // The next one due will tell of the two held back.
+        *t.last.lock().unwrap() = Instant::now().checked_sub(LIMIT_WARN_EVERY);
+        assert_eq!(t.due(), Some(2));
+        assert_eq!(t.due(), None);
     }
 
     #[tokio::test]

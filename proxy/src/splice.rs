@@ -13,6 +13,7 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::unistd::pipe2;
@@ -86,8 +87,14 @@ pub enum Spliced {
 /// Moves bytes `from` → `to` through a pipe until EOF on `from` (returns
 /// without shutting anything down: that is the caller's business) or an
 /// error on either socket.
-/// `total` is what was already moved (by a copy that came first).
-pub async fn one_way(from: &TcpStream, to: &TcpStream, mut total: u64) -> io::Result<Spliced> {
+/// `total` is what was already moved (by a copy that came first);
+/// `progress` gets the new total after every write (for the idle timeout).
+pub async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut total: u64,
+    progress: &AtomicU64,
+) -> io::Result<Spliced> {
     loop {
         from.readable().await?;
         let pipe = match Pipe::take() {
@@ -116,6 +123,7 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream, mut total: u64) -> io::Re
             // On error the pipe (with data in it) is dropped: closed.
             drain(&pipe, n, to).await?;
             total += n as u64;
+            progress.store(total, Ordering::Relaxed);
         }
     }
 }

@@ -4,7 +4,11 @@
 //!   past the drain timeout;
 //! - descriptor exhaustion ejects no backend, the admin endpoints still
 //!   answer, and service resumes once connections close;
-//! - this node's Node being removed turns `/healthz` (not `/livez`) 503.
+//! - this node's Node being removed turns `/healthz` (not `/livez`) 503;
+//! - a Service at its own connection limit resets new connections at once
+//!   while another Service on the same sluice is still served;
+//! - the idle timeout closes an idle connection and not a busy one;
+//! - reaching `--max-connections` is counted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -15,7 +19,7 @@ use sluice_apiserver_fixture::ApiServer;
 use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
 use sluice_testkit::backend::{self, Backend, Mode};
 use sluice_testkit::{Daemon, Options, free_addr, http, metric};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(10);
@@ -255,4 +259,144 @@ async fn a_node_being_removed_fails_healthz_but_not_livez() {
         assert!(Instant::now() < deadline, "/healthz never recovered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A connection that sluice resets at once (before any backend greeting):
+/// the reset arrives within a second, not a wait.
+async fn reset_at_once(listen: SocketAddr) {
+    let started = Instant::now();
+    let read = async {
+        // The reset may come before connect(2) reports the handshake.
+        let mut stream = TcpStream::connect(listen).await?;
+        let mut buf = [0u8; 64];
+        stream.read(&mut buf).await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(1), read)
+        .await
+        .expect("the connection waited instead of being reset");
+    match r {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("read {n} bytes instead of a reset"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_service_at_its_limit_resets_while_another_is_served() {
+    let a = Backend::start("a", Mode::Echo).await.unwrap();
+    let b = Backend::start("b", Mode::Echo).await.unwrap();
+    let (limited, other) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = ConfigDoc::new(vec![
+        ServiceDoc::new("limited", limited, vec![BackendDoc::ready(a.addr)])
+            .with_max_connections(2),
+        // No field: the node default applies.
+        ServiceDoc::new("other", other, vec![BackendDoc::ready(b.addr)]),
+    ]);
+    let s = start(
+        config,
+        &[],
+        &["--workers", "2", "--service-max-connections", "4"],
+    )
+    .await;
+    let rejected =
+        |name: &str| format!("sluice_service_limit_rejected_total{{service=\"{name}\"}}");
+
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(named(limited).await.unwrap().0);
+    }
+    reset_at_once(limited).await;
+    reset_at_once(limited).await;
+    // The other Service is served meanwhile, up to its own (default) limit.
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let (stream, name) = named(other).await.unwrap();
+        assert_eq!(name, "b");
+        others.push(stream);
+    }
+    reset_at_once(other).await;
+    let text = s.scrape().await.unwrap();
+    assert_eq!(metric(&text, &rejected("limited")), Some(2.0), "{text}");
+    assert_eq!(metric(&text, &rejected("other")), Some(1.0), "{text}");
+    // Rejected connections are not counted as served ones.
+    assert_eq!(
+        metric(
+            &text,
+            r#"sluice_connections_accepted_total{service="limited"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+
+    // A held connection ends: the limited Service serves again.
+    drop(held.pop());
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some((_, name)) = named(limited).await {
+            assert_eq!(name, "a");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The held streams still work.
+    let stream = &mut held[0];
+    stream.write_all(b"ping\n").await.unwrap();
+    assert_eq!(backend::read_line(stream).await.unwrap(), "ping");
+}
+
+#[tokio::test]
+async fn the_idle_timeout_closes_an_idle_connection_and_not_a_busy_one() {
+    let a = Backend::start("a", Mode::Echo).await.unwrap();
+    let listen = free_addr().unwrap();
+    let config = ConfigDoc::from(
+        ServiceDoc::new("web", listen, vec![BackendDoc::ready(a.addr)]).with_idle_timeout("1s"),
+    );
+    let s = start(config, &[], &[]).await;
+    let (mut idle, _) = named(listen).await.unwrap();
+    let (mut busy, _) = named(listen).await.unwrap();
+    let started = Instant::now();
+    // The busy one exchanges a line every 300 ms for 2.5 s.
+    while started.elapsed() < Duration::from_millis(2500) {
+        busy.write_all(b"tick\n").await.unwrap();
+        assert_eq!(backend::read_line(&mut busy).await.unwrap(), "tick");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The idle one was reset meanwhile (at 1 s to 1.125 s).
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(T, idle.read(&mut buf)).await.unwrap();
+    assert_eq!(
+        r.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "the idle connection was not reset"
+    );
+    let idle_closed = r#"sluice_connections_closed_total{service="web",reason="idle_timeout"}"#;
+    assert_eq!(counter(&s, idle_closed).await, 1.0);
+    busy.write_all(b"still\n").await.unwrap();
+    assert_eq!(backend::read_line(&mut busy).await.unwrap(), "still");
+}
+
+#[tokio::test]
+async fn reaching_the_global_limit_is_counted() {
+    let a = Backend::start("a", Mode::Echo).await.unwrap();
+    let listen = free_addr().unwrap();
+    let config = ConfigDoc::from(ServiceDoc::new(
+        "web",
+        listen,
+        vec![BackendDoc::ready(a.addr)],
+    ));
+    let s = start(config, &[], &["--workers", "1", "--max-connections", "1"]).await;
+    let waits = "sluice_connection_limit_waits_total";
+    assert_eq!(counter(&s, waits).await, 0.0);
+    let (held, _) = named(listen).await.unwrap();
+    // The second waits (not reset) until the first ends.
+    let mut second = TcpStream::connect(listen).await.unwrap();
+    let deadline = Instant::now() + T;
+    while counter(&s, waits).await < 1.0 {
+        assert!(Instant::now() < deadline, "the wait was not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    assert_eq!(backend::read_line(&mut second).await.unwrap(), "a");
+    assert_eq!(counter(&s, waits).await, 1.0);
 }

@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::cidr::Cidr;
-use crate::table::{Affinity, Conditions, Policy, Protocol};
+use crate::table::{Affinity, Conditions, Policy, Protocol, Settings};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -27,6 +27,12 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 /// Annotation on a Service choosing its scheduler (a [`Policy`] name);
 /// unset or unknown: the node default (`--scheduler`).
 pub const SCHEDULER_ANNOTATION: &str = "sluice.io/scheduler";
+/// Annotation on a Service: most connections each of its ports serves at
+/// once on this node ([`Settings::max_connections`]); bad: the node default.
+pub const MAX_CONNECTIONS_ANNOTATION: &str = "sluice.io/max-connections";
+/// Annotation on a Service: idle timeout of its connections
+/// ([`Settings::idle_timeout`]); bad: none.
+pub const IDLE_TIMEOUT_ANNOTATION: &str = "sluice.io/idle-timeout";
 
 /// Annotation overriding the idle timeout of the Service's UDP flows
 /// ([`crate::Settings::udp_timeout`]): whole seconds, bare (`"5"`) or with
@@ -207,9 +213,9 @@ pub struct ServiceInfo {
     /// `sluice.io/scheduler`, when set to a known scheduler; `None`: the
     /// node default.
     pub scheduler: Option<Policy>,
-    /// `sluice.io/udp-timeout`, when set and valid (see
-    /// [`crate::Settings::udp_timeout`]).
-    pub udp_timeout: Option<Duration>,
+    /// From the `sluice.io/max-connections`, `sluice.io/idle-timeout` and
+    /// `sluice.io/udp-timeout` annotations; a bad value is skipped (default kept).
+    pub settings: Settings,
     /// Served only for LoadBalancer Services with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
     /// Fields left out because they are bad (an address that does not
@@ -396,14 +402,27 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
             .inspect_err(|e| skipped.push(format!("annotation {SCHEDULER_ANNOTATION}: {e}")))
             .ok()
     });
-    let annotation = (meta.annotations.as_ref()).and_then(|a| a.get(UDP_TIMEOUT_ANNOTATION));
-    let udp_timeout = annotation.and_then(|v| {
-        parse_udp_timeout(v)
-            .inspect_err(|e| skipped.push(format!("annotation {UDP_TIMEOUT_ANNOTATION}: {e}")))
-            .ok()
-    });
+    let annotated = |name: &str| (meta.annotations.as_ref()).and_then(|a| a.get(name));
+    let mut settings = Settings::default();
+    if let Some(value) = annotated(MAX_CONNECTIONS_ANNOTATION) {
+        match Settings::parse_max_connections(value) {
+            Ok(n) => settings.max_connections = Some(n),
+            Err(e) => skipped.push(format!("annotation {MAX_CONNECTIONS_ANNOTATION}: {e}")),
+        }
+    }
+    if let Some(value) = annotated(IDLE_TIMEOUT_ANNOTATION) {
+        match Settings::parse_idle_timeout(value) {
+            Ok(d) => settings.idle_timeout = Some(d),
+            Err(e) => skipped.push(format!("annotation {IDLE_TIMEOUT_ANNOTATION}: {e}")),
+        }
+    }
+    if let Some(value) = annotated(UDP_TIMEOUT_ANNOTATION) {
+        match parse_udp_timeout(value) {
+            Ok(d) => settings.udp_timeout = Some(d),
+            Err(e) => skipped.push(format!("annotation {UDP_TIMEOUT_ANNOTATION}: {e}")),
+        }
+    }
     Ok(Some(ServiceInfo {
-        udp_timeout,
         ports,
         skipped_ports,
         cluster_ips,
@@ -415,6 +434,7 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         external_policy,
         affinity,
         scheduler,
+        settings,
         health_check_node_port,
         skipped,
     }))
@@ -587,5 +607,74 @@ pub fn node_info(node: &Node) -> NodeInfo {
         zone,
         addresses,
         eligible,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod settings_tests {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+    use super::*;
+
+    /// `default/web` on 10.96.0.1:80 with these annotations.
+    pub(crate) fn web(annotations: &[(&str, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some("web".into()),
+                annotations: Some(
+                    (annotations.iter())
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ips: Some(vec!["10.96.0.1".into()]),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn limit_and_idle_timeout_annotations_are_read() {
+        let info = service_info(&web(&[
+            (MAX_CONNECTIONS_ANNOTATION, "100"),
+            (IDLE_TIMEOUT_ANNOTATION, "5m"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(info.settings.max_connections, Some(100));
+        assert_eq!(info.settings.idle_timeout, Some(Duration::from_secs(300)));
+        assert!(info.skipped.is_empty(), "{:?}", info.skipped);
+        let none = service_info(&web(&[])).unwrap().unwrap();
+        assert_eq!(none.settings, Settings::default());
+    }
+
+    #[test]
+    fn a_bad_value_is_skipped_naming_it_and_the_service_keeps_the_default() {
+        for (name, value) in [
+            (MAX_CONNECTIONS_ANNOTATION, "0"),
+            (MAX_CONNECTIONS_ANNOTATION, "-3"),
+            (MAX_CONNECTIONS_ANNOTATION, "lots"),
+            (IDLE_TIMEOUT_ANNOTATION, "300"),
+            (IDLE_TIMEOUT_ANNOTATION, "10ms"),
+            (IDLE_TIMEOUT_ANNOTATION, "soon"),
+        ] {
+            let info = service_info(&web(&[(name, value)])).unwrap().unwrap();
+            assert_eq!(info.settings, Settings::default(), "{name}: {value}");
+            assert_eq!(info.cluster_ips.len(), 1, "the Service is still served");
+            assert_eq!(info.skipped.len(), 1, "{:?}", info.skipped);
+            assert!(
+                info.skipped[0].contains(name) && info.skipped[0].contains(value),
+                "{:?}",
+                info.skipped
+            );
+        }
     }
 }

@@ -358,8 +358,7 @@ impl Index {
                     let no_endpoints = no_endpoints_verdict(&eps, uses_cluster);
                     let base = Settings {
                         no_endpoints,
-                        udp_timeout: info.udp_timeout,
-                        ..Settings::default()
+                        ..info.settings.clone()
                     };
                     let firewalled = Settings {
                         source_ranges: self.source_ranges(&info, family, &load_balancer),
@@ -848,5 +847,29 @@ mod scheduler_tests {
             Policy::Maglev
         );
         assert_eq!(index.stats().skipped_fields, 2);
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::super::convert::settings_tests::web;
+    use super::super::convert::{IDLE_TIMEOUT_ANNOTATION, MAX_CONNECTIONS_ANNOTATION};
+    use super::*;
+
+    #[test]
+    fn annotated_settings_reach_the_table() {
+        let svc = web(&[
+            (MAX_CONNECTIONS_ANNOTATION, "7"),
+            (IDLE_TIMEOUT_ANNOTATION, "bad"),
+        ]);
+        let mut index = Index::new(None, vec![]);
+        index.apply(&svc).unwrap();
+        index.build();
+        let key = ListenKey::tcp(SocketAddr::from(([10, 96, 0, 1], 80)));
+        let table = index.table();
+        let settings = &table.get(&key).unwrap().settings;
+        assert_eq!(settings.max_connections, Some(7));
+        assert_eq!(settings.idle_timeout, None, "a bad value: the default");
+        assert_eq!(index.stats().skipped_fields, 1);
     }
 }

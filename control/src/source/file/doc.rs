@@ -50,6 +50,22 @@ pub struct ServiceDoc {
         skip_serializing_if = "Option::is_none"
     )]
     pub affinity: Option<AffinityDoc>,
+    /// Most connections served at once (at least 1); unset: the node
+    /// default (`--service-max-connections`).
+    #[serde(
+        default,
+        deserialize_with = "some",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_connections: Option<u32>,
+    /// Idle timeout of a connection, a duration such as `300s` or `5m`
+    /// (at least 1s); unset: none.
+    #[serde(
+        default,
+        deserialize_with = "some",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<String>,
     /// `backends: []` for none.
     pub backends: Vec<BackendDoc>,
     /// With `--intercept nftables`, what the kernel does with new
@@ -172,6 +188,8 @@ impl ServiceDoc {
             udp_timeout_seconds: None,
             policy: Policy::RoundRobin,
             affinity: None,
+            max_connections: None,
+            idle_timeout: None,
             backends,
             no_endpoints: NoEndpoints::default(),
             source_ranges: Vec::new(),
@@ -204,6 +222,18 @@ impl ServiceDoc {
 
     pub fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// At most `max` connections at once (`maxConnections`).
+    pub fn with_max_connections(mut self, max: u32) -> Self {
+        self.max_connections = Some(max);
+        self
+    }
+
+    /// Idle timeout, as written in the file (`idleTimeout: 5m`).
+    pub fn with_idle_timeout(mut self, timeout: impl Into<String>) -> Self {
+        self.idle_timeout = Some(timeout.into());
         self
     }
 

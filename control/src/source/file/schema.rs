@@ -121,6 +121,19 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
             }),
             None => None,
         };
+        let mut settings = Settings::default();
+        if let Some(max) = svc.max_connections {
+            settings.max_connections = Some(
+                Settings::parse_max_connections(&max.to_string())
+                    .map_err(|e| (at(&[key("maxConnections")]), e))?,
+            );
+        }
+        if let Some(timeout) = &svc.idle_timeout {
+            settings.idle_timeout = Some(
+                Settings::parse_idle_timeout(timeout)
+                    .map_err(|e| (at(&[key("idleTimeout")]), e))?,
+            );
+        }
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
         let mut backends = Vec::with_capacity(svc.backends.len());
         for (j, b) in svc.backends.into_iter().enumerate() {
@@ -148,11 +161,9 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
                 return Err((at(&[key("sourceRanges"), Seg::Index(j)]), reason));
             }
         }
-        let settings = Settings {
-            no_endpoints: svc.no_endpoints,
-            source_ranges: svc.source_ranges,
-            udp_timeout,
-        };
+        settings.no_endpoints = svc.no_endpoints;
+        settings.source_ranges = svc.source_ranges;
+        settings.udp_timeout = udp_timeout;
         let service =
             Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
         let key = ListenKey {

@@ -650,7 +650,7 @@ fn unknown_fields_at_every_level() {
     assert_eq!((line, col), (4, 5));
     assert_eq!(
         msg,
-        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, backends, noEndpoints, sourceRanges)"
+        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, maxConnections, idleTimeout, backends, noEndpoints, sourceRanges)"
     );
     let (line, col, msg) = err("
         services:
@@ -1217,4 +1217,56 @@ fn no_endpoints_and_source_ranges_for_nftables_mode() {
           - {name: lb, listen: 192.0.2.8:80, backends: [], noEndpoints: refuse}
         ");
     assert!(message.contains("refuse"), "{message}");
+}
+
+#[test]
+fn max_connections_and_idle_timeout() {
+    let t = ok("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            maxConnections: 250
+            idleTimeout: 5m
+            backends: []
+    ");
+    let settings = &only(&t).1.settings;
+    assert_eq!(settings.max_connections, Some(250));
+    assert_eq!(settings.idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(only(&ok(MINIMAL)).1.settings, Default::default());
+}
+
+#[test]
+fn bad_max_connections_or_idle_timeout_is_rejected_where_it_is() {
+    let (line, column, message) = err("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            maxConnections: 0
+            backends: []
+    ");
+    assert_eq!((line, column), (4, 21), "{message}");
+    assert!(
+        message.contains("maxConnections") && message.contains("at least 1"),
+        "{message}"
+    );
+    let (line, column, message) = err("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            idleTimeout: 5 minutes please
+            backends: []
+    ");
+    assert_eq!((line, column), (4, 18), "{message}");
+    assert!(
+        message.contains("idleTimeout") && message.contains("not a duration"),
+        "{message}"
+    );
+    let (_, _, message) = err("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            idleTimeout: 100ms
+            backends: []
+    ");
+    assert!(message.contains("shorter than 1s"), "{message}");
 }
