@@ -39,9 +39,11 @@ fn main() -> ExitCode {
     if args.cleanup {
         return cleanup();
     }
-    if args.intercept == Intercept::Nftables && args.vip_interface.is_some() {
+    if args.intercept() == Intercept::Nftables && args.vip_interface.is_some() {
         eprintln!(
-            "sluice: --vip-interface has no use with --intercept nftables (no Service IP is put on any device)"
+            "sluice: --vip-interface has no use with --intercept nftables, the default with the \
+             Kubernetes source (no Service IP is put on any device); add --intercept bind to \
+             put Service IPs on a device"
         );
         return ExitCode::from(EXIT_USAGE as u8);
     }
@@ -214,7 +216,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     // dummy device, created if missing) unless --vip-interface names another.
     // The file source touches addresses only when asked to. With
     // --intercept nftables no Service IP is put on any device.
-    let bind_mode = args.intercept == Intercept::Bind;
+    let bind_mode = args.intercept() == Intercept::Bind;
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => {
@@ -240,7 +242,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         metrics.clone(),
         workers,
     );
-    if args.intercept == Intercept::Nftables {
+    if args.intercept() == Intercept::Nftables {
         if let Err(e) = nft::check().await {
             eprintln!("sluice: --intercept nftables: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
@@ -304,7 +306,18 @@ fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Resul
 async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
     let mut changes = publisher.subscribe();
     loop {
-        let want = service_ips(&publisher.load());
+        let snapshot = publisher.snapshot();
+        if snapshot.generation == 0 {
+            // No source has spoken yet: leave the Service IPs a previous
+            // sluice left on the device (still answering, or adopted at the
+            // first table) rather than removing them all until the first
+            // full list.
+            if changes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let want = service_ips(&snapshot.table);
         let complete = match device.sync(&want).await {
             Ok(report) => {
                 if !report.added.is_empty() || !report.removed.is_empty() {
