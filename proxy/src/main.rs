@@ -212,6 +212,11 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         });
     }
 
+    // Cancelled by SIGTERM/SIGINT: the proxy stops accepting and drains;
+    // the Service IPs and the nftables table stop following the table and
+    // stay as they are, for the sluice that takes over.
+    let stop = CancellationToken::new();
+
     // The Kubernetes source owns the node's Service IPs: on `sluice0` (a
     // dummy device, created if missing) unless --vip-interface names another.
     // The file source touches addresses only when asked to. With
@@ -220,7 +225,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => {
-                tokio::spawn(sync_vips(device, publisher.clone()));
+                tokio::spawn(sync_vips(device, publisher.clone(), stop.clone()));
             }
             Err(e) => {
                 eprintln!("sluice: {e}");
@@ -229,7 +234,16 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         }
     }
 
-    let stop = CancellationToken::new();
+    // Hand-over of queued connections between an old and a new sluice.
+    match sluice_proxy::listener::check_migrate_req() {
+        Ok(()) => {}
+        Err(why) if args.config.is_none() => {
+            warn!("{why}");
+            warnings.push(why);
+        }
+        Err(why) => info!("{why}"),
+    }
+
     if let Err(e) = watch_signals(stop.clone(), reload) {
         error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;
@@ -248,8 +262,23 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE as u8);
         }
         // Listen first, then steer: a redirected connection never meets a
-        // closed port because of us.
-        if let Err(e) = proxy.start_intercept() {
+        // closed port because of us. But when another sluice already
+        // listens on the intercept port (an upgrade: the old one still
+        // serves), join its SO_REUSEPORT group only once the first table is
+        // live, so that no connection waits here for a table while the old
+        // one could serve it.
+        if sluice_proxy::listener::port_listened(args.intercept_port) {
+            info!(
+                port = args.intercept_port,
+                "another process listens on the intercept port (a sluice being replaced?): \
+                 listening beside it once the first table is live"
+            );
+            tokio::spawn(intercept_after_first_table(
+                proxy.clone(),
+                publisher.clone(),
+                stop.clone(),
+            ));
+        } else if let Err(e) = proxy.start_intercept() {
             eprintln!("sluice: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
         }
@@ -257,6 +286,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             args.intercept_port,
             publisher.clone(),
             metrics.clone(),
+            stop.clone(),
         ));
     }
     let admin = Arc::new(Admin {
@@ -273,7 +303,20 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         (args.metrics_bind_address, Endpoints::Metrics),
     ] {
         if let BindAddress(Some(addr)) = addr {
-            tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
+            // The health listener closes with the data plane's at SIGTERM,
+            // so that during an upgrade every probe reaches the new sluice
+            // listening beside this one; /metrics stays up while draining.
+            let until = match endpoints {
+                Endpoints::Health => stop.clone(),
+                Endpoints::Metrics => CancellationToken::new(),
+            };
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = serve_admin(addr, admin, endpoints) => {}
+                    () = until.cancelled() => {}
+                }
+            });
         }
     }
     let report = proxy.run(stop).await;
@@ -281,6 +324,28 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         warn!(cut = report.cut, "exiting with connections cut");
     }
     ExitCode::SUCCESS
+}
+
+/// Starts the intercept listeners once the first table is live (or never,
+/// when `stop` fires first). A bind failure then is fatal, as at start.
+async fn intercept_after_first_table(
+    proxy: Arc<Proxy>,
+    publisher: Arc<Publisher>,
+    stop: CancellationToken,
+) {
+    let mut changes = publisher.subscribe();
+    while publisher.snapshot().generation == 0 {
+        if !next_change(&mut changes, &stop).await {
+            return;
+        }
+    }
+    if stop.is_cancelled() {
+        return;
+    }
+    if let Err(e) = proxy.start_intercept() {
+        eprintln!("sluice: {e}");
+        std::process::exit(EXIT_USAGE);
+    }
 }
 
 /// SIGTERM/SIGINT stop the proxy; SIGHUP reloads the config at once.
@@ -303,16 +368,20 @@ fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Resul
 
 /// Keeps the device's Service IPs equal to the live table's, retrying a
 /// failed sync every few seconds until it succeeds.
-async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
+async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>, stop: CancellationToken) {
     let mut changes = publisher.subscribe();
     loop {
         let snapshot = publisher.snapshot();
+        if stop.is_cancelled() {
+            // Shutting down: the Service IPs stay for the next sluice.
+            return;
+        }
         if snapshot.generation == 0 {
             // No source has spoken yet: leave the Service IPs a previous
             // sluice left on the device (still answering, or adopted at the
             // first table) rather than removing them all until the first
             // full list.
-            if changes.changed().await.is_err() {
+            if !next_change(&mut changes, &stop).await {
                 return;
             }
             continue;
@@ -338,25 +407,46 @@ async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
                 false
             }
         };
-        if !next_sync(&mut changes, complete).await {
+        if !next_sync(&mut changes, complete, &stop).await {
             return;
         }
     }
 }
 
+/// Waits for the next table publish. False when the publisher is gone or
+/// `stop` fired.
+async fn next_change(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        changed = changes.changed() => changed.is_ok(),
+        () = stop.cancelled() => false,
+    }
+}
+
 /// Keeps sluice's nftables table equal to the live table's Service
 /// addresses, retrying a failed sync every few seconds until it succeeds.
-/// The table is left in place on exit (see `--cleanup`).
-async fn sync_nft(port: u16, publisher: Arc<Publisher>, metrics: Arc<Metrics>) {
+/// The table is left in place on exit (see `--cleanup`), and is no longer
+/// touched once `stop` fires: during an upgrade the new sluice owns it.
+async fn sync_nft(
+    port: u16,
+    publisher: Arc<Publisher>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut changes = publisher.subscribe();
     let mut programmer = Programmer::new();
     loop {
         let snapshot = publisher.snapshot();
+        if stop.is_cancelled() {
+            return;
+        }
         if snapshot.generation == 0 {
             // No source has spoken yet: leave the table a previous sluice
             // left as it is (adopted at the first table) rather than
             // emptying it until the first full list.
-            if changes.changed().await.is_err() {
+            if !next_change(&mut changes, &stop).await {
                 return;
             }
             continue;
@@ -382,15 +472,19 @@ async fn sync_nft(port: u16, publisher: Arc<Publisher>, metrics: Arc<Metrics>) {
                 false
             }
         };
-        if !next_sync(&mut changes, complete).await {
+        if !next_sync(&mut changes, complete, &stop).await {
             return;
         }
     }
 }
 
 /// Waits for the next table publish, or at most 5 s after an incomplete
-/// sync (a retry). False when the publisher is gone.
-async fn next_sync(changes: &mut tokio::sync::watch::Receiver<u64>, complete: bool) -> bool {
+/// sync (a retry). False when the publisher is gone or `stop` fired.
+async fn next_sync(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    complete: bool,
+    stop: &CancellationToken,
+) -> bool {
     let retry = async {
         if complete {
             std::future::pending::<()>().await
@@ -401,6 +495,7 @@ async fn next_sync(changes: &mut tokio::sync::watch::Receiver<u64>, complete: bo
     tokio::select! {
         changed = changes.changed() => changed.is_ok(),
         _ = retry => true,
+        () = stop.cancelled() => false,
     }
 }
 

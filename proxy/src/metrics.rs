@@ -150,6 +150,9 @@ pub struct Metrics {
     intercept_rejected: Family<InterceptLabels, Counter>,
     /// Failed syncs of sluice's nftables table (`--intercept nftables`).
     pub nft_sync_failures: Counter,
+    /// Connections cut because the shutdown grace (`--shutdown-grace`)
+    /// ended while they were still open.
+    pub shutdown_cut: Counter,
 }
 
 impl Default for Metrics {
@@ -185,6 +188,7 @@ impl Metrics {
             table_publishes: Counter::default(),
             intercept_rejected: Family::default(),
             nft_sync_failures: Counter::default(),
+            shutdown_cut: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -261,6 +265,11 @@ impl Metrics {
             "drain_duration_seconds",
             "Time from a backend leaving the eligible set to its last connection ending",
             m.drain_duration.clone(),
+        );
+        registry.register(
+            "shutdown_cut_connections",
+            "Connections cut because the shutdown grace ended while they were open",
+            m.shutdown_cut.clone(),
         );
         registry.register(
             "drain_cut_connections",
