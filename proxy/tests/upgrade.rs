@@ -20,6 +20,9 @@
 //! - `bind_mode_keeps_service_ips_until_the_first_table`: a restart in bind
 //!   mode leaves the Service IPs on their device while the source has not
 //!   answered yet.
+//! - `a_connection_outliving_the_grace_is_cut_counted_and_logged`: what a
+//!   connection open past `--shutdown-grace` sees (a reset) and what the
+//!   operator sees (a log line with its age; no namespace needed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -620,4 +623,57 @@ fn bind_mode_keeps_service_ips_until_the_first_table() {
         has_vip(&mini.node),
         "the Service IP was removed before the first table"
     );
+}
+
+/// No namespace needed: bind mode on loopback.
+#[tokio::test]
+async fn a_connection_outliving_the_grace_is_cut_counted_and_logged() {
+    let backend = echo_backend().await;
+    let listen = sluice_testkit::free_addr().unwrap();
+    let config: ConfigDoc =
+        ServiceDoc::new("default/echo:tcp", listen, vec![BackendDoc::ready(backend)]).into();
+    let opts = Options {
+        config: Some(config.to_yaml().unwrap()),
+        args: ["--shutdown-grace", "1s"].map(String::from).to_vec(),
+        log_filter: Some("info".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    let mut sluice = Daemon::start(opts).await.unwrap();
+    let metrics = sluice.scrape().await.unwrap();
+    assert_eq!(
+        metric(&metrics, "sluice_shutdown_cut_connections_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    s.write_all(b"hello\n").await.unwrap();
+    let mut back = [0u8; 6];
+    s.read_exact(&mut back).await.unwrap();
+    let opened = Instant::now();
+    sluice.signal(Signal::SIGTERM).unwrap();
+    // The connection outlives the grace: cut with a reset.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    let cut_after = opened.elapsed();
+    assert!(end.is_err(), "a cut connection is reset: {end:?}");
+    assert!(
+        cut_after >= Duration::from_millis(900),
+        "cut at {cut_after:?}"
+    );
+    assert!(
+        sluice
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .success()
+    );
+    let log = sluice.log_tail(50);
+    let line = log
+        .lines()
+        .find(|l| l.contains("still open at the end of the shutdown grace"))
+        .unwrap_or_else(|| panic!("no cut logged:\n{log}"));
+    assert!(line.contains("age="), "{line}");
+    assert!(line.contains(&backend.to_string()), "{line}");
 }
