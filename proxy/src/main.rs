@@ -262,23 +262,22 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE as u8);
         }
         // Listen first, then steer: a redirected connection never meets a
-        // closed port because of us. But when another sluice already
-        // listens on the intercept port (an upgrade: the old one still
-        // serves), join its SO_REUSEPORT group only once the first table is
-        // live, so that no connection waits here for a table while the old
-        // one could serve it.
+        // closed port because of us. When another sluice already listens
+        // there (an upgrade), join its SO_REUSEPORT group at once too, even
+        // before the first table: the connections that land here wait for
+        // it (at most 10 s), whereas a sluice that joined only later would
+        // leave the port closed if the old one went first. Under
+        // hostNetwork the old one may answer the new pod's readiness probe
+        // (both listen on the health port), so the new pod can be taken
+        // for ready, and the old one terminated, before its first table.
         if sluice_proxy::listener::port_listened(args.intercept_port) {
             info!(
                 port = args.intercept_port,
                 "another process listens on the intercept port (a sluice being replaced?): \
-                 listening beside it once the first table is live"
+                 sharing it"
             );
-            tokio::spawn(intercept_after_first_table(
-                proxy.clone(),
-                publisher.clone(),
-                stop.clone(),
-            ));
-        } else if let Err(e) = proxy.start_intercept() {
+        }
+        if let Err(e) = proxy.start_intercept() {
             eprintln!("sluice: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
         }
@@ -324,28 +323,6 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         warn!(cut = report.cut, "exiting with connections cut");
     }
     ExitCode::SUCCESS
-}
-
-/// Starts the intercept listeners once the first table is live (or never,
-/// when `stop` fires first). A bind failure then is fatal, as at start.
-async fn intercept_after_first_table(
-    proxy: Arc<Proxy>,
-    publisher: Arc<Publisher>,
-    stop: CancellationToken,
-) {
-    let mut changes = publisher.subscribe();
-    while publisher.snapshot().generation == 0 {
-        if !next_change(&mut changes, &stop).await {
-            return;
-        }
-    }
-    if stop.is_cancelled() {
-        return;
-    }
-    if let Err(e) = proxy.start_intercept() {
-        eprintln!("sluice: {e}");
-        std::process::exit(EXIT_USAGE);
-    }
 }
 
 /// SIGTERM/SIGINT stop the proxy; SIGHUP reloads the config at once.
