@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use sluice_control::Publisher;
 use sluice_control::source::{file, kube};
+use sluice_control::{Publisher, Snapshot};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
@@ -348,21 +348,9 @@ fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Resul
 async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>, stop: CancellationToken) {
     let mut changes = publisher.subscribe();
     loop {
-        let snapshot = publisher.snapshot();
-        if stop.is_cancelled() {
-            // Shutting down: the Service IPs stay for the next sluice.
+        let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
             return;
-        }
-        if snapshot.generation == 0 {
-            // No source has spoken yet: leave the Service IPs a previous
-            // sluice left on the device (still answering, or adopted at the
-            // first table) rather than removing them all until the first
-            // full list.
-            if !next_change(&mut changes, &stop).await {
-                return;
-            }
-            continue;
-        }
+        };
         let want = service_ips(&snapshot.table);
         let complete = match device.sync(&want).await {
             Ok(report) => {
@@ -386,6 +374,31 @@ async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>, stop: Cance
         };
         if !next_sync(&mut changes, complete, &stop).await {
             return;
+        }
+    }
+}
+
+/// The table the kernel state (Service IPs, the nftables table) follows
+/// next: the live one once a source has published. Before that, the state
+/// a previous sluice left stays as it is (still answering, adopted at the
+/// first table) rather than being emptied until the first full list. None
+/// once `stop` fired (shutting down: the state stays for the next sluice)
+/// or the publisher is gone.
+async fn table_to_sync(
+    publisher: &Publisher,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> Option<Arc<Snapshot>> {
+    loop {
+        let snapshot = publisher.snapshot();
+        if stop.is_cancelled() {
+            return None;
+        }
+        if snapshot.generation > 0 {
+            return Some(snapshot);
+        }
+        if !next_change(changes, stop).await {
+            return None;
         }
     }
 }
@@ -415,19 +428,9 @@ async fn sync_nft(
     let mut changes = publisher.subscribe();
     let mut programmer = Programmer::new();
     loop {
-        let snapshot = publisher.snapshot();
-        if stop.is_cancelled() {
+        let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
             return;
-        }
-        if snapshot.generation == 0 {
-            // No source has spoken yet: leave the table a previous sluice
-            // left as it is (adopted at the first table) rather than
-            // emptying it until the first full list.
-            if !next_change(&mut changes, &stop).await {
-                return;
-            }
-            continue;
-        }
+        };
         let want = Ruleset::from_table(&snapshot.table, port);
         let complete = match programmer.sync(&want).await {
             Ok(Synced::Unchanged) => true,

@@ -330,6 +330,29 @@ fn start_load(
     })
 }
 
+/// In the node: two echo backends, sluice A serving them (its first table
+/// live), and the load running from the pod (every stream connected).
+/// `t0` is the load's clock.
+async fn serve_and_load(
+    pod: String,
+    t0: Instant,
+) -> (
+    ConfigDoc,
+    Daemon,
+    LoadControl,
+    std::thread::JoinHandle<LoadReport>,
+) {
+    let backends = [echo_backend().await, echo_backend().await];
+    let config = config(&backends);
+    let mut a = spawn_sluice(&config);
+    a.wait_generation(1, Duration::from_secs(15)).await.unwrap();
+    let ctl = LoadControl::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let load = start_load(pod, t0, ctl.clone(), tx);
+    recv(rx).await;
+    (config, a, ctl, load)
+}
+
 /// Waits for a std channel without blocking the runtime.
 async fn recv(rx: std::sync::mpsc::Receiver<()>) {
     tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
@@ -355,15 +378,7 @@ fn sigterm_hands_over_without_a_client_error() {
     let (report, a_exit, b_accepted, a_log) = mini
         .node
         .block_on(Duration::from_secs(90), move || async move {
-            let backends = [echo_backend().await, echo_backend().await];
-            let config = config(&backends);
-            let mut a = spawn_sluice(&config);
-            a.wait_generation(1, Duration::from_secs(15)).await.unwrap();
-
-            let ctl = LoadControl::default();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let load = start_load(pod, Instant::now(), ctl.clone(), tx);
-            recv(rx).await;
+            let (config, mut a, ctl, load) = serve_and_load(pod, Instant::now()).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
 
             // B beside A: ready once its first table is live.
@@ -433,16 +448,8 @@ fn sigkill_costs_connections_until_the_next_sluice_listens() {
     let (report, killed_at, b_ready_at) = mini
         .node
         .block_on(Duration::from_secs(90), move || async move {
-            let backends = [echo_backend().await, echo_backend().await];
-            let config = config(&backends);
-            let mut a = spawn_sluice(&config);
-            a.wait_generation(1, Duration::from_secs(15)).await.unwrap();
-
-            let ctl = LoadControl::default();
-            let (tx, rx) = std::sync::mpsc::channel();
             let t0 = Instant::now();
-            let load = start_load(pod, t0, ctl.clone(), tx);
-            recv(rx).await;
+            let (config, mut a, ctl, load) = serve_and_load(pod, t0).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
 
             // A crash, then the next sluice as soon as it can start.
