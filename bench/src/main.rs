@@ -7,7 +7,8 @@
 //! through sluice), `control` (control-plane scale: index build and
 //! single-slice update cost for thousands of Services), `sched` (pick cost
 //! of each scheduler, Maglev's remapping), `serve` (a built-in
-//! backend on its own).
+//! backend on its own), `upgrade` (sluice replaced under load on a mini
+//! node: hand-over or crash).
 //!
 //! Modules:
 //! - [`backend`]: the built-in backend servers (request/response, sink,
@@ -58,6 +59,7 @@ mod rollout;
 mod sched;
 mod sluice;
 mod throughput;
+mod upgrade;
 mod workload;
 
 use std::net::SocketAddr;
@@ -96,6 +98,10 @@ enum Cmd {
     /// sluice vs direct, HAProxy and nginx side by side: short connections,
     /// keep-alive requests, bulk, idle memory; proxy pinned to one CPU.
     Compare(compare::CompareArgs),
+    /// sluice replaced under load on a mini node (root): hand-over (a new
+    /// sluice beside the old, SIGTERM) or, with --kill, a crash; exits 1
+    /// when a hand-over loses a connection.
+    Upgrade(upgrade::UpgradeArgs),
     /// Run one built-in backend (for --target runs by hand).
     Serve(ServeArgs),
     /// Internal: a pod's backend inside a network namespace (`rollout --netns`).
@@ -136,6 +142,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Throughput(a) => throughput::run(a).await,
         Cmd::Compare(a) => compare::run(a).await,
         Cmd::Serve(a) => serve(a).await,
+        Cmd::Upgrade(a) => upgrade::run(a).await,
         Cmd::Control(a) => control::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::Sched(a) => sched::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::NetnsPod(a) => netns::pod::run(a).await,
