@@ -234,13 +234,12 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         }
     }
 
-    // Hand-over of queued connections between an old and a new sluice.
+    // Hand-over of queued connections between an old and a new sluice: a
+    // log line (warn in Kubernetes mode), not a /healthz warning: the node
+    // serves as well without it, only an upgrade loses more.
     match sluice_proxy::listener::check_migrate_req() {
         Ok(()) => {}
-        Err(why) if args.config.is_none() => {
-            warn!("{why}");
-            warnings.push(why);
-        }
+        Err(why) if args.config.is_none() => warn!("{why}"),
         Err(why) => info!("{why}"),
     }
 
