@@ -7,7 +7,9 @@
 //! through sluice), `control` (control-plane scale: index build and
 //! single-slice update cost for thousands of Services), `sched` (pick cost
 //! of each scheduler, Maglev's remapping), `serve` (a built-in
-//! backend on its own), `dns` (UDP queries/s, direct vs through sluice).
+//! backend on its own), `dns` (UDP queries/s, direct vs through sluice),
+//! `upgrade` (sluice replaced under load on a mini node: hand-over or
+//! crash).
 //!
 //! Modules:
 //! - [`backend`]: the built-in backend servers (request/response, sink,
@@ -59,6 +61,7 @@ mod rollout;
 mod sched;
 mod sluice;
 mod throughput;
+mod upgrade;
 mod workload;
 
 use std::net::SocketAddr;
@@ -99,6 +102,10 @@ enum Cmd {
     Compare(compare::CompareArgs),
     /// UDP queries/s (DNS-sized), direct vs through sluice.
     Dns(dns::DnsArgs),
+    /// sluice replaced under load on a mini node (root): hand-over (a new
+    /// sluice beside the old, SIGTERM) or, with --kill, a crash; exits 1
+    /// when a hand-over loses a connection.
+    Upgrade(upgrade::UpgradeArgs),
     /// Run one built-in backend (for --target runs by hand).
     Serve(ServeArgs),
     /// Internal: a pod's backend inside a network namespace (`rollout --netns`).
@@ -140,6 +147,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Compare(a) => compare::run(a).await,
         Cmd::Dns(a) => dns::run(a).await,
         Cmd::Serve(a) => serve(a).await,
+        Cmd::Upgrade(a) => upgrade::run(a).await,
         Cmd::Control(a) => control::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::Sched(a) => sched::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::NetnsPod(a) => netns::pod::run(a).await,

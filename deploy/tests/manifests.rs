@@ -34,6 +34,12 @@ const HEALTHZ_ARG: &str = "--healthz-bind-address=0.0.0.0:10256";
 const METRICS_ARG: &str = "--metrics-bind-address=127.0.0.1:10249";
 const CAPS: [&str; 2] = ["NET_ADMIN", "NET_BIND_SERVICE"];
 const MIN_GRACE_SECONDS: i64 = 30;
+/// sluice's own grace (`--shutdown-grace`) ends at least this long before
+/// the kubelet's SIGKILL, so that the cut connections are counted and
+/// logged and sluice exits on its own.
+const GRACE_MARGIN_SECONDS: i64 = 5;
+const SHUTDOWN_GRACE_ARG: &str = "--shutdown-grace=";
+const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 const REQUIRE_DIRECT_ARG: &str = "--require-direct-apiserver";
 const APISERVER_CONFIGMAP: &str = "sluice-apiserver";
 
@@ -476,10 +482,80 @@ fn check_pod(pod: &PodSpec, account: &str, p: &mut Vec<String>) {
         p.push("DaemonSet: hostPID/hostIPC are not needed".into());
     }
 
+    check_no_host_ports(pod, p);
+    check_migrate_req(pod, p);
     let Some(c) = one("container in the DaemonSet", &pod.containers, p) else {
         return;
     };
+    check_shutdown_grace(c, pod.termination_grace_period_seconds, p);
     check_container(c, pod, p);
+}
+
+/// Under hostNetwork a containerPort is a host port: the surge pod would
+/// not fit beside the old one. None may be declared.
+fn check_no_host_ports(pod: &PodSpec, p: &mut Vec<String>) {
+    if pod.host_network != Some(true) {
+        return;
+    }
+    let all = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten());
+    for c in all {
+        if c.ports.as_ref().is_some_and(|ports| !ports.is_empty()) {
+            p.push(format!(
+                "DaemonSet: container {:?} declares containerPorts under hostNetwork: host \
+                 ports block the surge pod of an upgrade",
+                c.name
+            ));
+        }
+    }
+}
+
+/// Some init container sets net.ipv4.tcp_migrate_req (queued connections
+/// follow the hand-over).
+fn check_migrate_req(pod: &PodSpec, p: &mut Vec<String>) {
+    let sets_it = pod.init_containers.iter().flatten().any(|c| {
+        c.command
+            .iter()
+            .flatten()
+            .chain(c.args.iter().flatten())
+            .any(|a| a.contains(MIGRATE_REQ_SYSCTL) && a.contains("echo 1"))
+    });
+    if !sets_it {
+        p.push(format!(
+            "DaemonSet: no init container writes 1 to {MIGRATE_REQ_SYSCTL}: queued connections \
+             would be reset at each upgrade"
+        ));
+    }
+}
+
+/// `--shutdown-grace=Ns` is given and ends at least
+/// [`GRACE_MARGIN_SECONDS`] before terminationGracePeriodSeconds.
+fn check_shutdown_grace(c: &Container, termination: Option<i64>, p: &mut Vec<String>) {
+    let args = c.args.clone().unwrap_or_default();
+    let grace = args
+        .iter()
+        .find_map(|a| a.strip_prefix(SHUTDOWN_GRACE_ARG))
+        .map(|v| v.strip_suffix('s').and_then(|n| n.parse::<i64>().ok()));
+    let Some(termination) = termination else {
+        return; // reported by check_pod
+    };
+    match grace {
+        None => p.push(format!(
+            "DaemonSet: container args lack {SHUTDOWN_GRACE_ARG}<seconds>s: sluice's default \
+             (30s) would not match terminationGracePeriodSeconds {termination}"
+        )),
+        Some(None) => p.push(format!(
+            "DaemonSet: {SHUTDOWN_GRACE_ARG} is not a whole number of seconds (`590s`)"
+        )),
+        Some(Some(g)) if g <= 0 || g + GRACE_MARGIN_SECONDS > termination => p.push(format!(
+            "DaemonSet: --shutdown-grace={g}s must end at least {GRACE_MARGIN_SECONDS}s before \
+             terminationGracePeriodSeconds {termination}, so that sluice cuts and logs before \
+             the kubelet's SIGKILL"
+        )),
+        Some(Some(_)) => {}
+    }
 }
 
 /// Nothing in the pod spec names a Service (cluster DNS names): sluice must
@@ -667,12 +743,19 @@ fn check_daemon_set(ds: &DaemonSet, account: &str, p: &mut Vec<String>) {
     if strategy.and_then(|s| s.type_.as_deref()) != Some("RollingUpdate") {
         p.push("DaemonSet: updateStrategy.type is not RollingUpdate".into());
     }
-    let max_unavailable = strategy
-        .and_then(|s| s.rolling_update.as_ref())
-        .and_then(|r| r.max_unavailable.as_ref());
-    if max_unavailable != Some(&IntOrString::Int(1)) {
+    let rolling = strategy.and_then(|s| s.rolling_update.as_ref());
+    let max_unavailable = rolling.and_then(|r| r.max_unavailable.as_ref());
+    if max_unavailable != Some(&IntOrString::Int(0)) {
         p.push(format!(
-            "DaemonSet: rollingUpdate.maxUnavailable is {max_unavailable:?}, want 1"
+            "DaemonSet: rollingUpdate.maxUnavailable is {max_unavailable:?}, want 0: a node \
+             keeps its sluice until the new one is ready"
+        ));
+    }
+    let max_surge = rolling.and_then(|r| r.max_surge.as_ref());
+    if max_surge != Some(&IntOrString::Int(1)) {
+        p.push(format!(
+            "DaemonSet: rollingUpdate.maxSurge is {max_surge:?}, want 1: the new sluice starts \
+             beside the old one"
         ));
     }
     match spec.template.spec.as_ref() {
@@ -1139,11 +1222,71 @@ fn daemonset_pod_level_points_fail_when_broken() {
         ),
         (
             "maxUnavailable",
-            Box::new(|d| *at(d, "/spec/updateStrategy/rollingUpdate/maxUnavailable") = 2.into()),
+            Box::new(|d| *at(d, "/spec/updateStrategy/rollingUpdate/maxUnavailable") = 1.into()),
         ),
         (
             "maxUnavailable",
-            Box::new(|d| *at(d, "/spec/updateStrategy/rollingUpdate/maxUnavailable") = "1".into()),
+            Box::new(|d| *at(d, "/spec/updateStrategy/rollingUpdate/maxUnavailable") = "0".into()),
+        ),
+        (
+            "maxSurge is Some(Int(0)), want 1",
+            Box::new(|d| *at(d, "/spec/updateStrategy/rollingUpdate/maxSurge") = 0.into()),
+        ),
+        (
+            "maxSurge is None",
+            Box::new(|d| {
+                at(d, "/spec/updateStrategy/rollingUpdate")
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("maxSurge");
+            }),
+        ),
+        (
+            "declares containerPorts under hostNetwork",
+            Box::new(|d| {
+                at(d, CONTAINER).as_object_mut().unwrap().insert(
+                    "ports".into(),
+                    serde_json::json!([{"name": "healthz", "containerPort": 10256}]),
+                );
+            }),
+        ),
+        (
+            "declares containerPorts under hostNetwork",
+            Box::new(|d| {
+                at(d, &format!("{POD}/initContainers/0"))
+                    .as_object_mut()
+                    .unwrap()
+                    .insert("ports".into(), serde_json::json!([{"containerPort": 1}]));
+            }),
+        ),
+        (
+            "no init container writes 1 to /proc/sys/net/ipv4/tcp_migrate_req",
+            Box::new(|d| {
+                at(d, POD).as_object_mut().unwrap().remove("initContainers");
+            }),
+        ),
+        (
+            "no init container writes 1 to /proc/sys/net/ipv4/tcp_migrate_req",
+            Box::new(|d| {
+                *at(d, &format!("{POD}/initContainers/0/command/2")) =
+                    "echo 0 > /proc/sys/net/ipv4/tcp_migrate_req".into()
+            }),
+        ),
+        (
+            "must end at least 5s before terminationGracePeriodSeconds",
+            Box::new(|d| *at(d, &format!("{POD}/terminationGracePeriodSeconds")) = 592.into()),
+        ),
+        (
+            "must end at least 5s before terminationGracePeriodSeconds",
+            Box::new(|d| *at(d, &format!("{CONTAINER}/args/4")) = "--shutdown-grace=900s".into()),
+        ),
+        (
+            "is not a whole number of seconds",
+            Box::new(|d| *at(d, &format!("{CONTAINER}/args/4")) = "--shutdown-grace=10m".into()),
+        ),
+        (
+            "lack --shutdown-grace=<seconds>s",
+            Box::new(|d| *at(d, &format!("{CONTAINER}/args/4")) = "--log-format=json".into()),
         ),
         (
             "RollingUpdate",
@@ -1351,12 +1494,22 @@ fn daemonset_container_points_fail_when_broken() {
 }
 
 #[test]
-fn a_probe_on_a_named_port_resolves_through_the_container_ports() {
-    // `port: healthz` names the declared container port 10256: accepted.
+fn a_probe_on_a_named_port_needs_a_container_port_hostnetwork_forbids() {
+    // No containerPorts under hostNetwork: a port name resolves to nothing.
     let p = problems_after("DaemonSet", |d| {
         *at(d, &format!("{CONTAINER}/livenessProbe/httpGet/port")) = "healthz".into();
     });
-    assert!(p.is_empty(), "{}", report(&p));
+    assert_caught(&p, "livenessProbe port");
+    // With the port declared it resolves, and the declaration is refused.
+    let p = problems_after("DaemonSet", |d| {
+        *at(d, &format!("{CONTAINER}/livenessProbe/httpGet/port")) = "healthz".into();
+        at(d, CONTAINER).as_object_mut().unwrap().insert(
+            "ports".into(),
+            serde_json::json!([{"name": "healthz", "containerPort": 10256}]),
+        );
+    });
+    assert_eq!(p.len(), 1, "{}", report(&p));
+    assert_caught(&p, "declares containerPorts under hostNetwork");
 }
 
 #[test]

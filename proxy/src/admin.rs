@@ -140,9 +140,12 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, endpoints: Endpoint
     }
 }
 
-/// Binds an admin listener.
+/// Binds an admin listener, shareable (SO_REUSEPORT) with the admin
+/// listener of another sluice on the same address: during an upgrade the
+/// new process binds beside the old one, which closes its health listener
+/// on SIGTERM (see `docs/operations.md`).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    crate::listener::bind_local_tcp(addr)
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

@@ -187,9 +187,10 @@ pub struct Args {
 
     /// How Service traffic reaches sluice: `bind` (a listening socket per
     /// Service address) or `nftables` (sluice's table `inet sluice`
-    /// redirects it to --intercept-port; see docs/operations.md).
-    #[arg(long, env = "SLUICE_INTERCEPT", value_enum, default_value = "bind")]
-    pub intercept: Intercept,
+    /// redirects it to --intercept-port; see docs/operations.md). Default:
+    /// `nftables` with the Kubernetes source, `bind` with --config.
+    #[arg(long, env = "SLUICE_INTERCEPT", value_enum, value_name = "MODE")]
+    pub intercept: Option<Intercept>,
 
     /// With --intercept nftables: the port, on 0.0.0.0 and [::], that
     /// redirected Service traffic reaches. Direct connections are reset.
@@ -248,6 +249,16 @@ impl std::str::FromStr for BindAddress {
 }
 
 impl Args {
+    /// The interception mode: `--intercept` when given, else `nftables`
+    /// with the Kubernetes source and `bind` with `--config`.
+    pub fn intercept(&self) -> Intercept {
+        match (self.intercept, &self.config) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => Intercept::Bind,
+            (None, None) => Intercept::Nftables,
+        }
+    }
+
     /// Data-plane threads to start (see `--workers`).
     pub fn worker_count(&self) -> usize {
         self.workers
@@ -273,7 +284,7 @@ impl Args {
             max_connections: self.max_connections.max(1),
             service_max_connections: self.service_max_connections,
             shutdown_grace: self.shutdown_grace,
-            intercept_port: match self.intercept {
+            intercept_port: match self.intercept() {
                 Intercept::Bind => None,
                 Intercept::Nftables => Some(self.intercept_port),
             },
@@ -290,11 +301,32 @@ mod tests {
     }
 
     #[test]
-    fn bind_is_the_default_interception() {
+    fn bind_is_the_default_interception_with_a_config_file() {
         let args = parse(&["--config", "x.yaml"]);
-        assert_eq!(args.intercept, Intercept::Bind);
+        assert_eq!(args.intercept(), Intercept::Bind);
         assert_eq!(args.proxy_config().intercept_port, None);
         assert!(!args.cleanup);
+    }
+
+    #[test]
+    fn nftables_is_the_default_interception_with_kubernetes() {
+        let args = parse(&[]);
+        assert_eq!(args.intercept(), Intercept::Nftables);
+        assert_eq!(
+            args.proxy_config().intercept_port,
+            Some(DEFAULT_INTERCEPT_PORT)
+        );
+        let args = parse(&["--kubeconfig", "k"]);
+        assert_eq!(args.intercept(), Intercept::Nftables);
+    }
+
+    #[test]
+    fn an_explicit_interception_always_wins() {
+        assert_eq!(parse(&["--intercept", "bind"]).intercept(), Intercept::Bind);
+        assert_eq!(
+            parse(&["--config", "x.yaml", "--intercept", "nftables"]).intercept(),
+            Intercept::Nftables
+        );
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Listening sockets, built so that two sluice processes can share them.
 //!
-//! Every listener sets SO_REUSEADDR and SO_REUSEPORT, so a new sluice can
+//! Every listener (Service addresses, the intercept port, the admin
+//! endpoints) sets SO_REUSEADDR and SO_REUSEPORT, so a new sluice can
 //! bind the same addresses while the old one still drains (in-place
-//! upgrade), and IP_FREEBIND, so a Service IP can be bound before (or
+//! upgrade). When the old one closes its listeners, the connections queued
+//! on them (handshake done, not yet accepted) move to the new one's
+//! listeners if `net.ipv4.tcp_migrate_req` is 1 ([`check_migrate_req`]);
+//! with 0 the kernel resets them. Service listeners also set IP_FREEBIND, so a Service IP can be bound before (or
 //! without) being assigned to a local device. TCP_NODELAY is set on the
 //! listener: on Linux the connections it accepts inherit it, which saves a
 //! `setsockopt(2)` per connection. TCP keepalive ([`KEEPALIVE`]) is set on
@@ -15,6 +19,57 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, TcpKeepalive, Type};
 use tokio::net::TcpListener;
+
+/// The sysctl (per network namespace) that makes a closing listener hand
+/// its queued connections to another listener of its SO_REUSEPORT group.
+pub const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Checks that `net.ipv4.tcp_migrate_req` is 1 in this network namespace
+/// (it covers IPv6 listeners too). sluice does not set it: that is the
+/// node's business (the DaemonSet's privileged init container sets it), and
+/// a test or a demo run must not change the machine it runs on. `Err`
+/// says what is lost without it.
+pub fn check_migrate_req() -> Result<(), String> {
+    let now = std::fs::read_to_string(MIGRATE_REQ)
+        .map_err(|e| format!("cannot read {MIGRATE_REQ}: {e} (kernel older than 5.14?)"))?;
+    if now.trim() == "1" {
+        return Ok(());
+    }
+    Err(format!(
+        "net.ipv4.tcp_migrate_req is {}, not 1: when an old sluice hands over to a new one \
+         (upgrade, restart), the connections queued on the old one's listeners are reset \
+         instead of moving to the new one's; set it on the node (the DaemonSet's init \
+         container does)",
+        now.trim()
+    ))
+}
+
+/// Whether some socket in this network namespace listens on TCP `port`
+/// (any address), from `/proc/net/tcp` and `/proc/net/tcp6`: during an
+/// upgrade, the old sluice's intercept listeners. False when neither file
+/// can be read.
+pub fn port_listened(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .any(|path| std::fs::read_to_string(path).is_ok_and(|text| listens_on(&text, port)))
+}
+
+/// `/proc/net/tcp` text has a LISTEN (state `0A`) socket on `port`.
+fn listens_on(text: &str, port: u16) -> bool {
+    text.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let (Some(local), Some(_remote), Some(state)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return false;
+        };
+        state == "0A"
+            && local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+    })
+}
 
 /// Accept backlog of each listener.
 pub const BACKLOG: i32 = 4096;
@@ -37,27 +92,53 @@ pub const KEEPALIVE: TcpKeepalive = TcpKeepalive::new()
 /// still found out within about 16 minutes.
 pub const BACKEND_KEEPALIVE: TcpKeepalive = TcpKeepalive::new().with_time(Duration::from_secs(300));
 
+/// Binds a shareable, non-blocking TCP listener on `addr`, which need not
+/// be a local address (IP_FREEBIND).
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    listen(addr, Kind::Service)
+}
+
+/// Binds a shareable, non-blocking TCP listener on `addr`, a local address
+/// (the bind fails otherwise): for the admin endpoints, where a typo in
+/// the address must be an error rather than a port that never answers. On
+/// `[::]` it keeps the system's dual-stack default.
+pub fn bind_local_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    listen(addr, Kind::Admin)
+}
+
+/// Where a socket is bound.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A Service address or the intercept port: IP_FREEBIND, IPv6 only.
+    Service,
+    /// An admin endpoint: a local address, the system's IPv6 default.
+    Admin,
+}
+
 /// A socket of type `ty` for `addr`, not bound yet: SO_REUSEADDR,
-/// SO_REUSEPORT, IP_FREEBIND (IPv6: v6 only), non-blocking. Shared by the
-/// TCP listeners and the UDP Service sockets ([`crate::udp::bind_udp`]).
-pub fn shareable_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+/// SO_REUSEPORT (shareable with a second sluice during a hand-over),
+/// non-blocking; for [`Kind::Service`] also IP_FREEBIND (IPv6: v6 only).
+/// Shared by the TCP listeners and the UDP Service sockets
+/// ([`crate::udp::bind_udp`]).
+pub fn shareable_socket(addr: SocketAddr, ty: Type, kind: Kind) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
-    match addr {
-        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
-        SocketAddr::V6(_) => {
-            socket.set_only_v6(true)?;
-            socket.set_freebind_v6(true)?;
+    if kind == Kind::Service {
+        match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => {
+                socket.set_only_v6(true)?;
+                socket.set_freebind_v6(true)?;
+            }
         }
     }
     socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
-/// Binds a shareable, non-blocking TCP listener on `addr`.
-pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = shareable_socket(addr, Type::STREAM)?;
+fn listen(addr: SocketAddr, kind: Kind) -> io::Result<TcpListener> {
+    let socket = shareable_socket(addr, Type::STREAM, kind)?;
     socket.set_tcp_nodelay(true)?;
     socket.set_tcp_keepalive(&KEEPALIVE)?;
     socket.bind(&addr.into())?;
@@ -97,6 +178,35 @@ mod tests {
             Duration::from_secs(30)
         );
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+    }
+
+    #[test]
+    fn listening_ports_are_read_from_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue\n\
+            0: 00000000:280D 00000000:0000 0A 00000000:00000000\n\
+            1: 0100007F:1F90 0100007F:E8C4 01 00000000:00000000\n";
+        assert!(listens_on(text, 10253));
+        assert!(!listens_on(text, 8080), "established, not listening");
+        assert!(!listens_on(text, 10261));
+        assert!(!listens_on("garbage\nx y\n", 1));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_live_listener_is_seen() {
+        let l = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(port_listened(port));
+        drop(l);
+        assert!(!port_listened(port));
+    }
+
+    #[tokio::test]
+    async fn a_local_listener_refuses_an_address_not_assigned_here() {
+        assert!(bind_local_tcp("192.0.2.1:0".parse().unwrap()).is_err());
+        let a = bind_local_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = bind_local_tcp(a.local_addr().unwrap()).unwrap();
+        assert_eq!(a.local_addr().unwrap(), b.local_addr().unwrap());
     }
 
     #[tokio::test]

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use sluice_control::Publisher;
 use sluice_control::source::{file, kube};
+use sluice_control::{Publisher, Snapshot};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
@@ -39,9 +39,11 @@ fn main() -> ExitCode {
     if args.cleanup {
         return cleanup();
     }
-    if args.intercept == Intercept::Nftables && args.vip_interface.is_some() {
+    if args.intercept() == Intercept::Nftables && args.vip_interface.is_some() {
         eprintln!(
-            "sluice: --vip-interface has no use with --intercept nftables (no Service IP is put on any device)"
+            "sluice: --vip-interface has no use with --intercept nftables, the default with the \
+             Kubernetes source (no Service IP is put on any device); add --intercept bind to \
+             put Service IPs on a device"
         );
         return ExitCode::from(EXIT_USAGE as u8);
     }
@@ -237,15 +239,20 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         });
     }
 
+    // Cancelled by SIGTERM/SIGINT: the proxy stops accepting and drains;
+    // the Service IPs and the nftables table stop following the table and
+    // stay as they are, for the sluice that takes over.
+    let stop = CancellationToken::new();
+
     // The Kubernetes source owns the node's Service IPs: on `sluice0` (a
     // dummy device, created if missing) unless --vip-interface names another.
     // The file source touches addresses only when asked to. With
     // --intercept nftables no Service IP is put on any device.
-    let bind_mode = args.intercept == Intercept::Bind;
+    let bind_mode = args.intercept() == Intercept::Bind;
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => {
-                tokio::spawn(sync_vips(device, publisher.clone()));
+                tokio::spawn(sync_vips(device, publisher.clone(), stop.clone()));
             }
             Err(e) => {
                 eprintln!("sluice: {e}");
@@ -254,12 +261,20 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         }
     }
 
+    // Hand-over of queued connections between an old and a new sluice: a
+    // log line (warn in Kubernetes mode), not a /healthz warning: the node
+    // serves as well without it, only an upgrade loses more.
+    match sluice_proxy::listener::check_migrate_req() {
+        Ok(()) => {}
+        Err(why) if args.config.is_none() => warn!("{why}"),
+        Err(why) => info!("{why}"),
+    }
+
     // A node: report what kube-proxy left on it (a half-migrated node).
-    if args.config.is_none() || args.intercept == Intercept::Nftables {
+    if args.config.is_none() || args.intercept() == Intercept::Nftables {
         warnings.extend(sluice_proxy::leftovers::check_at_start(metrics.registry_mut()).await);
     }
 
-    let stop = CancellationToken::new();
     if let Err(e) = watch_signals(stop.clone(), reload) {
         error!(error = %e, "cannot install signal handlers");
         return ExitCode::FAILURE;
@@ -272,13 +287,27 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         metrics.clone(),
         workers,
     );
-    if args.intercept == Intercept::Nftables {
+    if args.intercept() == Intercept::Nftables {
         if let Err(e) = nft::check().await {
             eprintln!("sluice: --intercept nftables: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
         }
         // Listen first, then steer: a redirected connection never meets a
-        // closed port because of us.
+        // closed port because of us. When another sluice already listens
+        // there (an upgrade), join its SO_REUSEPORT group at once too, even
+        // before the first table: the connections that land here wait for
+        // it (at most 10 s), whereas a sluice that joined only later would
+        // leave the port closed if the old one went first. Under
+        // hostNetwork the old one may answer the new pod's readiness probe
+        // (both listen on the health port), so the new pod can be taken
+        // for ready, and the old one terminated, before its first table.
+        if sluice_proxy::listener::port_listened(args.intercept_port) {
+            info!(
+                port = args.intercept_port,
+                "another process listens on the intercept port (a sluice being replaced?): \
+                 sharing it"
+            );
+        }
         if let Err(e) = proxy.start_intercept() {
             eprintln!("sluice: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
@@ -287,6 +316,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             args.intercept_port,
             publisher.clone(),
             metrics.clone(),
+            stop.clone(),
         ));
     }
     let admin = Arc::new(Admin {
@@ -303,7 +333,20 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         (args.metrics_bind_address, Endpoints::Metrics),
     ] {
         if let BindAddress(Some(addr)) = addr {
-            tokio::spawn(serve_admin(addr, admin.clone(), endpoints));
+            // The health listener closes with the data plane's at SIGTERM,
+            // so that during an upgrade every probe reaches the new sluice
+            // listening beside this one; /metrics stays up while draining.
+            let until = match endpoints {
+                Endpoints::Health => stop.clone(),
+                Endpoints::Metrics => CancellationToken::new(),
+            };
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = serve_admin(addr, admin, endpoints) => {}
+                    () = until.cancelled() => {}
+                }
+            });
         }
     }
     // UDP Services are served by bound sockets (bind mode) for now; with
@@ -344,10 +387,13 @@ fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Resul
 
 /// Keeps the device's Service IPs equal to the live table's, retrying a
 /// failed sync every few seconds until it succeeds.
-async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
+async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>, stop: CancellationToken) {
     let mut changes = publisher.subscribe();
     loop {
-        let want = service_ips(&publisher.load());
+        let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
+            return;
+        };
+        let want = service_ips(&snapshot.table);
         let complete = match device.sync(&want).await {
             Ok(report) => {
                 if !report.added.is_empty() || !report.removed.is_empty() {
@@ -368,29 +414,65 @@ async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>) {
                 false
             }
         };
-        if !next_sync(&mut changes, complete).await {
+        if !next_sync(&mut changes, complete, &stop).await {
             return;
         }
     }
 }
 
+/// The table the kernel state (Service IPs, the nftables table) follows
+/// next: the live one once a source has published. Before that, the state
+/// a previous sluice left stays as it is (still answering, adopted at the
+/// first table) rather than being emptied until the first full list. None
+/// once `stop` fired (shutting down: the state stays for the next sluice)
+/// or the publisher is gone.
+async fn table_to_sync(
+    publisher: &Publisher,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> Option<Arc<Snapshot>> {
+    loop {
+        let snapshot = publisher.snapshot();
+        if stop.is_cancelled() {
+            return None;
+        }
+        if snapshot.generation > 0 {
+            return Some(snapshot);
+        }
+        if !next_change(changes, stop).await {
+            return None;
+        }
+    }
+}
+
+/// Waits for the next table publish. False when the publisher is gone or
+/// `stop` fired.
+async fn next_change(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        changed = changes.changed() => changed.is_ok(),
+        () = stop.cancelled() => false,
+    }
+}
+
 /// Keeps sluice's nftables table equal to the live table's Service
 /// addresses, retrying a failed sync every few seconds until it succeeds.
-/// The table is left in place on exit (see `--cleanup`).
-async fn sync_nft(port: u16, publisher: Arc<Publisher>, metrics: Arc<Metrics>) {
+/// The table is left in place on exit (see `--cleanup`), and is no longer
+/// touched once `stop` fires: during an upgrade the new sluice owns it.
+async fn sync_nft(
+    port: u16,
+    publisher: Arc<Publisher>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut changes = publisher.subscribe();
     let mut programmer = Programmer::new();
     loop {
-        let snapshot = publisher.snapshot();
-        if snapshot.generation == 0 {
-            // No source has spoken yet: leave the table a previous sluice
-            // left as it is (adopted at the first table) rather than
-            // emptying it until the first full list.
-            if changes.changed().await.is_err() {
-                return;
-            }
-            continue;
-        }
+        let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
+            return;
+        };
         let want = Ruleset::from_table(&snapshot.table, port);
         let complete = match programmer.sync(&want).await {
             Ok(Synced::Unchanged) => true,
@@ -412,15 +494,19 @@ async fn sync_nft(port: u16, publisher: Arc<Publisher>, metrics: Arc<Metrics>) {
                 false
             }
         };
-        if !next_sync(&mut changes, complete).await {
+        if !next_sync(&mut changes, complete, &stop).await {
             return;
         }
     }
 }
 
 /// Waits for the next table publish, or at most 5 s after an incomplete
-/// sync (a retry). False when the publisher is gone.
-async fn next_sync(changes: &mut tokio::sync::watch::Receiver<u64>, complete: bool) -> bool {
+/// sync (a retry). False when the publisher is gone or `stop` fired.
+async fn next_sync(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    complete: bool,
+    stop: &CancellationToken,
+) -> bool {
     let retry = async {
         if complete {
             std::future::pending::<()>().await
@@ -431,6 +517,7 @@ async fn next_sync(changes: &mut tokio::sync::watch::Receiver<u64>, complete: bo
     tokio::select! {
         changed = changes.changed() => changed.is_ok(),
         _ = retry => true,
+        () = stop.cancelled() => false,
     }
 }
 

@@ -156,6 +156,9 @@ pub struct Metrics {
     pub nft_sync_failures: Counter,
     /// UDP Services ([`crate::udp`]).
     pub udp: UdpMetrics,
+    /// Connections cut because the shutdown grace (`--shutdown-grace`)
+    /// ended while they were still open.
+    pub shutdown_cut: Counter,
 }
 
 impl Default for Metrics {
@@ -193,6 +196,7 @@ impl Metrics {
             intercept_rejected: Family::default(),
             nft_sync_failures: Counter::default(),
             udp: UdpMetrics::default(),
+            shutdown_cut: Counter::default(),
             registry: Registry::default(),
         };
         m.udp.register(registry);
@@ -275,6 +279,11 @@ impl Metrics {
             "drain_duration_seconds",
             "Time from a backend leaving the eligible set to its last connection ending",
             m.drain_duration.clone(),
+        );
+        registry.register(
+            "shutdown_cut_connections",
+            "Connections cut because the shutdown grace ended while they were open",
+            m.shutdown_cut.clone(),
         );
         registry.register(
             "drain_cut_connections",

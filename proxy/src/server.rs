@@ -32,7 +32,13 @@
 //! no Service) is reset at once and counted, never proxied.
 //!
 //! On shutdown every listener closes at once, connections get the grace
-//! period to finish, and whatever is left is cut and counted.
+//! period to finish, and whatever is left is cut, counted
+//! (`sluice_shutdown_cut_connections_total`) and logged with its age.
+//! Closing the listeners is the hand-over of an upgrade: a new sluice
+//! listening beside this one on the same addresses (SO_REUSEPORT, see
+//! [`crate::listener`]) takes every new connection, and with
+//! `net.ipv4.tcp_migrate_req=1` the kernel moves the connections still
+//! queued on the closed listeners to the new one's.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -638,6 +644,7 @@ impl Proxy {
         // On Linux the listener's TCP_NODELAY is inherited (see listener.rs).
         #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
+        let accepted = Instant::now();
         // One table load serves the limit check and the first attempt.
         let mut table = self.publisher.load();
         let settings = table.get(&key).map(|s| &s.settings);
@@ -694,7 +701,7 @@ impl Proxy {
                     metrics.bytes_up.inc_by(moved.client_to_backend);
                     metrics.bytes_down.inc_by(moved.backend_to_client);
                     match outcome {
-                        Outcome::Cut => debug!(client = %peer, backend = %addr, "connection cut"),
+                        Outcome::Cut => self.cut_at_shutdown(peer, addr, accepted),
                         Outcome::Idle => {
                             debug!(client = %peer, backend = %addr, ?idle, "idle timeout: connection closed")
                         }
@@ -719,6 +726,24 @@ impl Proxy {
         metrics.no_backend.inc();
         debug!(client = %peer, listen = %key, tried = tried.len(), "no backend left: resetting client");
         reset(&client);
+    }
+
+    /// A connection ended cut: at the end of the shutdown grace it is
+    /// counted and logged with its age (an upgrade or restart cut it);
+    /// a drain-timeout cut is the tracker's to count.
+    fn cut_at_shutdown(&self, client: SocketAddr, backend: SocketAddr, accepted: Instant) {
+        if !self.shutdown_cut.is_cancelled() {
+            debug!(%client, %backend, "connection cut");
+            return;
+        }
+        self.metrics.shutdown_cut.inc();
+        warn!(
+            %client,
+            %backend,
+            age = ?accepted.elapsed(),
+            grace = ?self.config.shutdown_grace,
+            "connection cut: still open at the end of the shutdown grace"
+        );
     }
 
     async fn shutdown(&self, listening: HashMap<ListenKey, Listening>) -> ShutdownReport {

@@ -273,7 +273,8 @@ impl UdpProxy {
 /// Binds a shareable UDP socket on `addr` (SO_REUSEADDR, SO_REUSEPORT and
 /// IP_FREEBIND, like the TCP listeners of [`crate::listener`]).
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = crate::listener::shareable_socket(addr, Type::DGRAM)?;
+    let socket =
+        crate::listener::shareable_socket(addr, Type::DGRAM, crate::listener::Kind::Service)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }

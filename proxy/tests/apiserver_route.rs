@@ -86,6 +86,7 @@ exec "$@""#;
             .arg("sh")
             .arg(env!("CARGO_BIN_EXE_sluice"))
             .args(["--node-name", "node-a", "--vip-interface", "lo"])
+            .args(["--intercept", "bind"])
             .arg(format!("--healthz-bind-address={health}"))
             .arg("--metrics-bind-address=")
             .args(args)

@@ -111,6 +111,7 @@ async fn traffic_follows_the_apiserver() {
         // Service IPs here are loopback ones, which sluice leaves alone;
         // `lo` spares the test a dummy device (this kernel has none).
         ["--vip-interface", "lo"],
+        ["--intercept", "bind"],
         ["--connect-timeout", "300ms"],
     ];
     let opts = Options {
@@ -246,7 +247,7 @@ async fn traffic_follows_the_apiserver() {
 fn unreadable_kubeconfig_exits_64_naming_it() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["--kubeconfig", "/nonexistent/kubeconfig"])
-        .args(["--vip-interface", "lo"])
+        .args(["--vip-interface", "lo", "--intercept", "bind"])
         .arg("--healthz-bind-address=")
         .arg("--metrics-bind-address=")
         .output()

@@ -162,6 +162,7 @@ async fn parity_rules_hold_on_real_connections() {
         ["--node-name", "node-a"],
         // Loopback Service IPs: `lo` spares the test a dummy device.
         ["--vip-interface", "lo"],
+        ["--intercept", "bind"],
     ];
     let opts = Options {
         args: args.concat().iter().map(|a| a.to_string()).collect(),

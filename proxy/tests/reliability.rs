@@ -195,6 +195,8 @@ async fn a_node_being_removed_fails_healthz_but_not_livez() {
             "node-a",
             "--vip-interface",
             "lo",
+            "--intercept",
+            "bind",
         ]
         .map(String::from)
         .to_vec(),

@@ -82,9 +82,11 @@ async fn maglev_sends_a_client_ip_to_one_backend_every_time() {
     let args = ["--kubeconfig", &kubeconfig, "--node-name", "node-a"];
     let opts = Options {
         // Loopback Service IPs need no device: `lo` spares a dummy one.
-        args: (args.iter().chain(&["--vip-interface", "lo"]))
-            .map(|a| a.to_string())
-            .collect(),
+        args: (args
+            .iter()
+            .chain(&["--vip-interface", "lo", "--intercept", "bind"]))
+        .map(|a| a.to_string())
+        .collect(),
         ..Options::new(env!("CARGO_BIN_EXE_sluice"))
     };
     let _daemon = Daemon::start(opts).await.unwrap();

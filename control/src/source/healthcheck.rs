@@ -145,6 +145,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listen = |addr: SocketAddr, v6only: Option<bool>| -> std::io::Result<TcpListener> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
+        // Shareable with the responders of another sluice during an upgrade
+        // (old and new side by side); still refused while a process without
+        // SO_REUSEPORT (kube-proxy) holds the port.
+        socket.set_reuse_port(true)?;
         if let Some(only) = v6only {
             socket.set_only_v6(only)?;
         }
