@@ -19,8 +19,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -41,21 +40,7 @@ const INTERCEPT_PORT: u16 = 10261;
 const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
 fn skip_reason() -> Option<String> {
-    if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return Some("not root".into());
-    }
-    for tool in ["ip", "nft"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            return Some(format!("`{tool}` is not installed"));
-        }
-    }
-    None
+    netns::unusable(&["ip", "nft"])
 }
 
 /// [`skip_reason`], or br_netfilter not loaded (the bridged node needs it).

@@ -7,7 +7,6 @@
 //! absent: its parser is tested on text (src/leftovers.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,13 +15,7 @@ use sluice_proxy::leftovers::{self, Kind};
 use sluice_testkit::{Daemon, Options, http, metric, netns};
 
 fn skip_reason() -> Option<String> {
-    if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return Some("not root".into());
-    }
-    ["ip", "nft"]
-        .into_iter()
-        .find(|tool| netns::run(tool, &["-V"], None).is_err())
-        .map(|tool| format!("`{tool}` is not available"))
+    netns::unusable(&["ip", "nft"])
 }
 
 macro_rules! require_root {

@@ -22,14 +22,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
 use sluice_testkit::daemon::{Daemon, Options, Signal};
 use sluice_testkit::metric;
-use sluice_testkit::netns::Netns;
+use sluice_testkit::netns::{self, Netns};
 use sluice_testkit::upgrade::{self, CHUNK, MiniNode, Replace, Report, Scenario, echo_backend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,21 +36,7 @@ use tokio::net::TcpStream;
 const STREAMS: usize = 24;
 
 fn skip_reason() -> Option<String> {
-    if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return Some("not root".into());
-    }
-    for tool in ["ip", "nft", "sysctl"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            return Some(format!("`{tool}` is not installed"));
-        }
-    }
-    None
+    netns::unusable(&["ip", "nft", "sysctl"])
 }
 
 fn config(backends: &[SocketAddr]) -> Result<String, String> {

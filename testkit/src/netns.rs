@@ -44,6 +44,18 @@ pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Why a test that needs root and `tools` cannot run here: `Some` when
+/// this process is not root or a tool is not on `PATH`. Such tests print
+/// the reason and return (CI installs every tool, see `.ci/run`).
+pub fn unusable(tools: &[&str]) -> Option<String> {
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return Some("not root".into());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = |tool: &&str| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
+    (tools.iter().find(|t| !on_path(t))).map(|tool| format!("`{tool}` is not installed"))
+}
+
 /// Runs `ip ARGS`.
 pub fn ip(args: &[&str]) -> Result<()> {
     run("ip", args, None)
