@@ -197,6 +197,15 @@ pub struct Args {
     #[arg(long, env = "SLUICE_INTERCEPT_PORT", default_value_t = DEFAULT_INTERCEPT_PORT, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub intercept_port: u16,
 
+    /// With --intercept nftables: the local UDP ports (FIRST-LAST) that
+    /// UDP Service ports are redirected to, one port each (a redirected
+    /// datagram does not say which Service it was for). sluice binds them
+    /// on 0.0.0.0 and [::], skipping ports another process holds; a
+    /// datagram sent to one of them directly is dropped. Keep the range
+    /// clear of other programs' ports, NodePorts and ephemeral ports.
+    #[arg(long, env = "SLUICE_UDP_INTERCEPT_PORTS", default_value = "20000-29999", value_name = "FIRST-LAST", value_parser = crate::udp_intercept::parse_range)]
+    pub udp_intercept_ports: (u16, u16),
+
     /// Remove sluice's nftables table (`inet sluice`) and exit, like
     /// kube-proxy's flag of that name. Every other exit leaves the table in
     /// place, so that a restarted sluice adopts it.

@@ -48,6 +48,7 @@ pub mod server;
 pub mod splice;
 pub mod tracker;
 pub mod udp;
+pub mod udp_intercept;
 pub mod vip;
 pub mod workers;
 

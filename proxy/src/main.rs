@@ -312,8 +312,20 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             eprintln!("sluice: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
         }
+        // UDP Services: a local port each, bound and served before the
+        // nftables table steers to it (sync_nft).
+        let udp = sluice_proxy::udp_intercept::UdpIntercept::new(
+            sluice_proxy::udp::UdpProxy::new(
+                args.udp_config(),
+                publisher.clone(),
+                proxy.tracker().clone(),
+                metrics.clone(),
+            ),
+            args.udp_intercept_ports,
+        );
         tokio::spawn(sync_nft(
             args.intercept_port,
+            udp,
             publisher.clone(),
             metrics.clone(),
             stop.clone(),
@@ -349,8 +361,8 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             });
         }
     }
-    // UDP Services are served by bound sockets (bind mode) for now; with
-    // --intercept nftables their traffic is not steered yet (nft.rs).
+    // Bind mode: UDP Services are served by sockets bound on their
+    // addresses (with --intercept nftables: sync_nft's local ports).
     if bind_mode {
         let udp = sluice_proxy::udp::UdpProxy::new(
             args.udp_config(),
@@ -463,6 +475,7 @@ async fn next_change(
 /// touched once `stop` fires: during an upgrade the new sluice owns it.
 async fn sync_nft(
     port: u16,
+    mut udp: sluice_proxy::udp_intercept::UdpIntercept,
     publisher: Arc<Publisher>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -473,7 +486,10 @@ async fn sync_nft(
         let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
             return;
         };
-        let want = Ruleset::from_table(&snapshot.table, port);
+        let range = udp.range();
+        let udp_ports = udp.follow(&snapshot.table);
+        let want = Ruleset::from_table(&snapshot.table, port)
+            .with_udp(udp_ports.iter().map(|(k, p)| (k, *p)), range);
         let complete = match programmer.sync(&want).await {
             Ok(Synced::Unchanged) => true,
             Ok(how) => {

@@ -17,29 +17,38 @@
 //!   set firewall-ips-v4 { type ipv4_addr . inet_proto . inet_service; elements = { 203.0.113.8 . tcp . 80 } }
 //!   set firewall-allow-v4 { type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval;
 //!                           elements = { 203.0.113.8 . tcp . 80 . 198.51.100.0/24 } }
-//!   (and the same four for IPv6, `-v6`)
+//!   map udp-ports-v4 { type ipv4_addr . inet_service : inet_service; elements = { 10.96.0.10 . 53 : 20000 } }
+//!   (and the same five for IPv6, `-v6`)
 //!   chain reject-chain { meta l4proto tcp reject with tcp reset; reject }
 //!   chain endpoints-check { ip daddr . meta l4proto . th dport vmap @no-endpoint-services-v4; ip6 ... }
 //!   chain firewall-check { ip daddr . meta l4proto . th dport @firewall-ips-v4
 //!                          ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow-v4 drop; ip6 ... }
 //!   chain filter-prerouting { type filter hook prerouting priority -110; ct state new jump firewall-check }
-//!   chain filter-input      { type filter hook input priority -110;      ct state new jump endpoints-check }
+//!   chain filter-input      { type filter hook input priority -110;      ct state new jump endpoints-check
+//!                             meta l4proto udp udp dport 20000-29999 ct status & dnat == 0 drop }
 //!   chain filter-forward    { type filter hook forward priority -110;    ct state new jump endpoints-check }
 //!   chain filter-output     { type filter hook output priority -110;     ct state new jump firewall-check
 //!                                                                        ct state new jump endpoints-check }
 //!   chain nat-prerouting { type nat hook prerouting priority dstnat; ...   # traffic from pods and outside
 //!     meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :PORT
-//!     meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :PORT }
+//!     meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :PORT
+//!     meta l4proto udp redirect to ip daddr . udp dport map @udp-ports-v4
+//!     meta l4proto udp redirect to ip6 daddr . udp dport map @udp-ports-v6 }
 //!   chain nat-output { type nat hook output priority -100; ...           # node-originated traffic
-//!     (the same two rules) }
+//!     (the same four rules) }
 //! }
 //! ```
 //!
 //! The rules never change with the Services: a Service is a set element
 //! (`address . protocol . port`, every listen key of the live table:
 //! ClusterIPs, external IPs, LoadBalancer IPs and node ports on the node
-//! addresses), so 10,000 Services are fifteen rules and a change of one is
-//! one element added or removed. A key is in exactly one of
+//! addresses), so 10,000 Services are nineteen rules (twenty with the UDP
+//! port range) and a change of one is one element added or removed. A UDP
+//! key is redirected to a local port of its own (`udp-ports`, assigned by
+//! [`crate::udp_intercept`]): a redirected datagram carries no trace of
+//! the Service it was for, and `SO_ORIGINAL_DST` is TCP only. Those ports
+//! serve redirected datagrams only: one sent to them directly has no
+//! `dnat` in its conntrack status and is dropped in input. A key is in exactly one of
 //! `service-ips` (it has an eligible backend: redirected to sluice) and
 //! `no-endpoint-services` (it has none: the kernel answers), so endpoints
 //! coming or going are one element deleted and one added, in one
@@ -153,12 +162,22 @@ pub struct Ruleset {
     /// family, none inside another) whose new connections are let through;
     /// others are dropped.
     pub firewall: BTreeMap<Element, BTreeSet<Cidr>>,
+    /// UDP keys with an eligible backend and the local port sluice serves
+    /// each on (`udp-ports` maps: one port per key, because a redirected
+    /// datagram does not say where it was going; docs/architecture.md,
+    /// "UDP"). Never also in `no_endpoints`.
+    pub udp_ports: BTreeMap<Element, u16>,
+    /// The local ports reserved for UDP keys (`--udp-intercept-ports`):
+    /// a datagram sent to one of them directly (not redirected) is
+    /// dropped in input, so they serve only Service traffic. `None`: no
+    /// such rule (UDP not steered).
+    pub udp_range: Option<(u16, u16)>,
 }
 
 impl Ruleset {
     /// The ruleset for `table`, steering to `port`: every TCP key with an
-    /// eligible backend is redirected; UDP keys are not (not served yet:
-    /// their traffic is not redirected to a port that would drop it). A key
+    /// eligible backend is redirected; UDP keys are redirected only once
+    /// given their local ports ([`Self::with_udp`]). A key
     /// of either protocol without an eligible backend gets its
     /// [`NoEndpoints`] verdict, and one with source ranges its firewall.
     pub fn from_table(table: &Table, port: u16) -> Self {
@@ -186,6 +205,25 @@ impl Ruleset {
             }
         }
         r
+    }
+
+    /// Adds the UDP keys of `ports` (a local port each, all in `range`) that
+    /// have an eligible backend: a key in `no_endpoints` keeps its verdict
+    /// (ICMP port unreachable or drop, as kube-proxy) and is not
+    /// redirected. TCP keys in `ports` are ignored.
+    pub fn with_udp<'a>(
+        mut self,
+        ports: impl IntoIterator<Item = (&'a ListenKey, u16)>,
+        range: (u16, u16),
+    ) -> Self {
+        for (key, port) in ports {
+            let e = Element::from(key);
+            if key.protocol == Protocol::Udp && !self.no_endpoints.contains_key(&e) {
+                self.udp_ports.insert(e, port);
+            }
+        }
+        self.udp_range = Some(range);
+        self
     }
 
     /// Declares the table, its sets, maps and chains (a no-op for what
@@ -236,7 +274,7 @@ impl Ruleset {
     /// add in the same transaction). `None` when there is nothing to do. A
     /// changed port changes the rules: that is a full sync.
     pub fn update_script(&self, old: &Ruleset) -> Option<String> {
-        if self.port != old.port {
+        if self.port != old.port || self.udp_range != old.udp_range {
             return Some(self.full_sync_script());
         }
         let mut s = String::new();
@@ -257,6 +295,9 @@ impl Ruleset {
                     .filter(|k| !b.firewall.contains_key(k))
                     .count()
                 + allowed.difference(&b.allowed()).count()
+                + (a.udp_ports.iter())
+                    .filter(|(k, p)| b.udp_ports.get(k) != Some(p))
+                    .count()
         };
         (count(self, old), count(old, self))
     }
@@ -308,6 +349,16 @@ impl Ruleset {
         let ranges = allowed.difference(&other_allowed);
         let ranges = ranges.map(|(e, c)| items(e, format!("{e} . {c}")));
         write_elements(s, verb, "firewall-allow", ranges);
+        // A changed local port is a delete and an add, like a verdict.
+        let udp = (self.udp_ports.iter()).filter(|(e, p)| other.udp_ports.get(e) != Some(p));
+        let udp = udp.map(|(e, p)| {
+            let key = format!("{} . {}", e.addr, e.port);
+            match verb {
+                "delete" => items(e, key),
+                _ => items(e, format!("{key} : {p}")),
+            }
+        });
+        write_elements(s, verb, "udp-ports", udp);
     }
 
     /// The rules of `chain` (see the module docs).
@@ -315,15 +366,29 @@ impl Ruleset {
         let port = self.port;
         let families = [("ip", "v4"), ("ip6", "v6")];
         match chain {
-            "nat-prerouting" | "nat-output" => families
+            "nat-prerouting" | "nat-output" => (families.iter())
                 .map(|(ip, v)| {
                     format!(
                         "meta l4proto tcp {ip} daddr . meta l4proto . th dport @service-ips-{v} redirect to :{port}"
                     )
                 })
-                .to_vec(),
+                .chain(families.iter().map(|(ip, v)| {
+                    format!("meta l4proto udp redirect to {ip} daddr . udp dport map @udp-ports-{v}")
+                }))
+                .collect(),
             "filter-prerouting" => vec!["ct state new jump firewall-check".into()],
-            "filter-input" | "filter-forward" => vec!["ct state new jump endpoints-check".into()],
+            "filter-input" => {
+                let mut rules = vec!["ct state new jump endpoints-check".to_string()];
+                // Sluice's UDP ports take redirected datagrams only (the
+                // redirect left `dnat` in the conntrack status).
+                if let Some((first, last)) = self.udp_range {
+                    rules.push(format!(
+                        "meta l4proto udp udp dport {first}-{last} ct status & dnat == 0 drop"
+                    ));
+                }
+                rules
+            }
+            "filter-forward" => vec!["ct state new jump endpoints-check".into()],
             "filter-output" => vec![
                 "ct state new jump firewall-check".into(),
                 "ct state new jump endpoints-check".into(),
@@ -412,8 +477,8 @@ const SETS: [(&str, &str); 6] = [
     ),
 ];
 
-/// Sluice's verdict maps: name and declaration.
-const MAPS: [(&str, &str); 2] = [
+/// Sluice's maps: name and declaration.
+const MAPS: [(&str, &str); 4] = [
     (
         "no-endpoint-services-v4",
         "type ipv4_addr . inet_proto . inet_service : verdict",
@@ -421,6 +486,14 @@ const MAPS: [(&str, &str); 2] = [
     (
         "no-endpoint-services-v6",
         "type ipv6_addr . inet_proto . inet_service : verdict",
+    ),
+    (
+        "udp-ports-v4",
+        "type ipv4_addr . inet_service : inet_service",
+    ),
+    (
+        "udp-ports-v6",
+        "type ipv6_addr . inet_service : inet_service",
     ),
 ];
 
@@ -666,6 +739,10 @@ add map inet sluice no-endpoint-services-v4 { type ipv4_addr . inet_proto . inet
 flush map inet sluice no-endpoint-services-v4
 add map inet sluice no-endpoint-services-v6 { type ipv6_addr . inet_proto . inet_service : verdict; }
 flush map inet sluice no-endpoint-services-v6
+add map inet sluice udp-ports-v4 { type ipv4_addr . inet_service : inet_service; }
+flush map inet sluice udp-ports-v4
+add map inet sluice udp-ports-v6 { type ipv6_addr . inet_service : inet_service; }
+flush map inet sluice udp-ports-v6
 add chain inet sluice reject-chain
 flush chain inet sluice reject-chain
 add chain inet sluice endpoints-check
@@ -697,8 +774,12 @@ add rule inet sluice filter-output ct state new jump firewall-check
 add rule inet sluice filter-output ct state new jump endpoints-check
 add rule inet sluice nat-prerouting meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :10261
 add rule inet sluice nat-prerouting meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :10261
+add rule inet sluice nat-prerouting meta l4proto udp redirect to ip daddr . udp dport map @udp-ports-v4
+add rule inet sluice nat-prerouting meta l4proto udp redirect to ip6 daddr . udp dport map @udp-ports-v6
 add rule inet sluice nat-output meta l4proto tcp ip daddr . meta l4proto . th dport @service-ips-v4 redirect to :10261
 add rule inet sluice nat-output meta l4proto tcp ip6 daddr . meta l4proto . th dport @service-ips-v6 redirect to :10261
+add rule inet sluice nat-output meta l4proto udp redirect to ip daddr . udp dport map @udp-ports-v4
+add rule inet sluice nat-output meta l4proto udp redirect to ip6 daddr . udp dport map @udp-ports-v6
 add element inet sluice service-ips-v4 { 10.96.0.10 . tcp . 80, 192.168.1.10 . tcp . 31000 }
 add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
 ";
@@ -736,7 +817,7 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
     }
 
     #[test]
-    fn ten_thousand_services_are_fifteen_rules_and_chunked_elements() {
+    fn ten_thousand_services_are_nineteen_rules_and_chunked_elements() {
         let keys: Vec<String> = (0..10_000u32)
             .map(|i| format!("10.96.{}.{}:80", i / 250, i % 250 + 1))
             .collect();
@@ -744,9 +825,9 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
         let r = Ruleset::from_table(&table(&keys), 10261);
         let script = r.full_sync_script();
         // The rules are the same for no Service and for 10,000.
-        assert_eq!(script.matches("add rule").count(), 15);
+        assert_eq!(script.matches("add rule").count(), 19);
         let none = Ruleset::from_table(&Table::new(), 10261).full_sync_script();
-        assert_eq!(none.matches("add rule").count(), 15);
+        assert_eq!(none.matches("add rule").count(), 19);
         assert_eq!(script.matches("add element").count(), 10);
         assert_eq!(script.matches(" . tcp . 80").count(), 10_000);
     }
@@ -874,6 +955,87 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
             open.update_script(&narrower).unwrap(),
             "delete element inet sluice firewall-ips-v4 { 192.168.60.1 . tcp . 80 }\n\
              delete element inet sluice firewall-allow-v4 { 192.168.60.1 . tcp . 80 . 10.0.0.0/8 }\n"
+        );
+    }
+
+    /// `key → local port` for [`Ruleset::with_udp`].
+    fn udp_ports(v: &[(&str, u16)]) -> Vec<(ListenKey, u16)> {
+        v.iter().map(|(k, p)| (listen_key(k), *p)).collect()
+    }
+
+    #[test]
+    fn udp_keys_with_backends_map_to_their_local_port() {
+        let mut t = table(&["10.96.0.10:53/udp", "10.96.0.10:53", "[fd00::10]:53/udp"]);
+        t.insert(
+            listen_key("10.96.0.11:53/udp"),
+            service("none", false, Settings::default()),
+        );
+        let ports = udp_ports(&[
+            ("10.96.0.10:53/udp", 20000),
+            ("[fd00::10]:53/udp", 20001),
+            ("10.96.0.11:53/udp", 20002),
+            ("10.96.0.10:53", 20003), // TCP: ignored
+        ]);
+        let r = Ruleset::from_table(&t, 10261)
+            .with_udp(ports.iter().map(|(k, p)| (k, *p)), (20000, 20009));
+        let script = r.full_sync_script();
+        assert!(script.contains(
+            "add rule inet sluice filter-input meta l4proto udp udp dport 20000-20009 ct status & dnat == 0 drop\n"
+        ));
+        assert!(
+            script.contains("add element inet sluice udp-ports-v4 { 10.96.0.10 . 53 : 20000 }\n")
+        );
+        assert!(
+            script.contains("add element inet sluice udp-ports-v6 { fd00::10 . 53 : 20001 }\n")
+        );
+        // No endpoints: the verdict (ICMP port unreachable), no redirect.
+        assert!(!script.contains("20002"));
+        assert!(script.contains("10.96.0.11 . udp . 53 : goto reject-chain"));
+        assert!(!script.contains("20003"));
+        assert_eq!(script.matches("add rule").count(), 20);
+        let shown: Vec<String> = r.elements.iter().map(|e| e.to_string()).collect();
+        assert_eq!(shown, ["10.96.0.10 . tcp . 53"]);
+    }
+
+    #[test]
+    fn a_udp_key_changing_port_or_endpoints_is_a_delete_and_an_add() {
+        let range = (20000, 20009);
+        let t = table(&["10.96.0.10:53/udp", "10.96.0.12:53/udp"]);
+        let ports = udp_ports(&[("10.96.0.10:53/udp", 20000), ("10.96.0.12:53/udp", 20001)]);
+        let old =
+            Ruleset::from_table(&t, 10261).with_udp(ports.iter().map(|(k, p)| (k, *p)), range);
+        let ports = udp_ports(&[("10.96.0.10:53/udp", 20005), ("10.96.0.12:53/udp", 20001)]);
+        let new =
+            Ruleset::from_table(&t, 10261).with_udp(ports.iter().map(|(k, p)| (k, *p)), range);
+        assert_eq!(
+            new.update_script(&old).unwrap(),
+            "delete element inet sluice udp-ports-v4 { 10.96.0.10 . 53 }\n\
+             add element inet sluice udp-ports-v4 { 10.96.0.10 . 53 : 20005 }\n"
+        );
+        assert_eq!(new.changes(&old), (1, 1));
+        // The endpoints go: the key moves from the port map to the reject
+        // verdict in one transaction.
+        let mut t2 = table(&["10.96.0.12:53/udp"]);
+        t2.insert(
+            listen_key("10.96.0.10:53/udp"),
+            service("none", false, Settings::default()),
+        );
+        let gone =
+            Ruleset::from_table(&t2, 10261).with_udp(ports.iter().map(|(k, p)| (k, *p)), range);
+        let script = gone.update_script(&new).unwrap();
+        assert_eq!(
+            script,
+            "delete element inet sluice udp-ports-v4 { 10.96.0.10 . 53 }\n\
+             add element inet sluice no-endpoint-services-v4 { 10.96.0.10 . udp . 53 : goto reject-chain }\n"
+        );
+        // A changed range changes a rule: a full sync.
+        let wider = Ruleset::from_table(&t, 10261)
+            .with_udp(ports.iter().map(|(k, p)| (k, *p)), (20000, 20099));
+        assert!(
+            wider
+                .update_script(&new)
+                .unwrap()
+                .contains("dport 20000-20099")
         );
     }
 

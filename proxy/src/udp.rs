@@ -6,9 +6,14 @@
 //!   per UDP [`ListenKey`] (on the Service address: loopback for the file
 //!   source, the VIPs on `sluice0` for the Kubernetes source) and serves it;
 //! - [`UdpProxy::serve`] serves one socket for one listen key. It does not
-//!   care how datagrams reach the socket: the bind-mode socket and, later,
-//!   the local port an nftables `redirect` sends one UDP Service port to
-//!   (see docs/architecture.md, "UDP") plug in the same way.
+//!   care how datagrams reach the socket: the bind-mode socket and the
+//!   local port an nftables `redirect` sends one UDP Service port to
+//!   ([`UdpProxy::serve_intercepted`], [`crate::udp_intercept`]; see
+//!   docs/architecture.md, "UDP") plug in the same way. On an intercepted
+//!   port each flow remembers the local address its datagrams were
+//!   redirected to (`IP_PKTINFO`) and its replies leave from it, so that
+//!   conntrack undoes the redirect (from the node itself, the redirect
+//!   goes to 127.0.0.1, which routing would not pick for the reply).
 //!
 //! A *flow* is one client address (IP and port) of one Service. Each flow
 //! has its own socket *connected* to the backend it picked, so the kernel
@@ -46,7 +51,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -209,6 +215,29 @@ impl UdpProxy {
         socket: UdpSocket,
         stop: CancellationToken,
     ) {
+        self.serve_with(key, socket, stop, false).await
+    }
+
+    /// [`Self::serve`] for a local port that `redirect` steers the key's
+    /// datagrams to: `socket` has `IP_PKTINFO`/`IPV6_RECVPKTINFO` on
+    /// ([`set_pktinfo`]) and replies leave from the address each datagram
+    /// was redirected to.
+    pub async fn serve_intercepted(
+        self: Arc<Self>,
+        key: ListenKey,
+        socket: UdpSocket,
+        stop: CancellationToken,
+    ) {
+        self.serve_with(key, socket, stop, true).await
+    }
+
+    async fn serve_with(
+        self: Arc<Self>,
+        key: ListenKey,
+        socket: UdpSocket,
+        stop: CancellationToken,
+        pktinfo: bool,
+    ) {
         let Some(service) = self.publisher.load().get(&key).cloned() else {
             return;
         };
@@ -230,17 +259,17 @@ impl UdpProxy {
         let mut backoff = Duration::from_millis(5);
         loop {
             tokio::select! {
-                r = port.socket.recv_from(&mut buf) => match r {
-                    Ok((n, client)) => {
+                r = recv(&port.socket, &mut buf, pktinfo) => match r {
+                    Ok((n, client, local)) => {
                         backoff = Duration::from_millis(5);
-                        port.on_datagram(client, &buf[..n]);
+                        port.on_datagram(client, local, &buf[..n]);
                         // Whatever else is queued, before the other
                         // branches are polled again (bounded: fairness).
                         for _ in 1..BATCH {
-                            let Ok((n, client)) = port.socket.try_recv_from(&mut buf) else {
+                            let Ok((n, client, local)) = try_recv(&port.socket, &mut buf, pktinfo) else {
                                 break;
                             };
-                            port.on_datagram(client, &buf[..n]);
+                            port.on_datagram(client, local, &buf[..n]);
                         }
                     }
                     Err(e) => {
@@ -277,6 +306,139 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
         crate::listener::shareable_socket(addr, Type::DGRAM, crate::listener::Kind::Service)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// Turns on `IP_PKTINFO` (IPv4) or `IPV6_RECVPKTINFO` (IPv6) on `socket`:
+/// every datagram received says which local address it was sent to.
+pub fn set_pktinfo(socket: &Socket, v6: bool) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    match v6 {
+        false => setsockopt(socket, sockopt::Ipv4PacketInfo, &true),
+        true => setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true),
+    }
+    .map_err(io::Error::from)
+}
+
+/// Receives one datagram: its length, sender, and (with `pktinfo`) the
+/// local address it was sent to.
+async fn recv(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    pktinfo: bool,
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    if !pktinfo {
+        let (n, client) = socket.recv_from(buf).await?;
+        return Ok((n, client, None));
+    }
+    socket
+        .async_io(Interest::READABLE, || recv_local(socket, buf))
+        .await
+}
+
+/// [`recv`] without waiting (`WouldBlock` when nothing is queued).
+fn try_recv(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    pktinfo: bool,
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    if !pktinfo {
+        let (n, client) = socket.try_recv_from(buf)?;
+        return Ok((n, client, None));
+    }
+    socket.try_io(Interest::READABLE, || recv_local(socket, buf))
+}
+
+/// recvmsg(2) with the `IP_PKTINFO`/`IPV6_PKTINFO` control message: the
+/// header's destination address is where the datagram was redirected to.
+fn recv_local(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    // Room for one in6_pktinfo message (40 bytes on 64-bit Linux).
+    let mut control = [0u8; 64];
+    let msg = recvmsg::<SockaddrStorage>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut control[..]),
+        MsgFlags::empty(),
+    )?;
+    let client = msg.address.and_then(|a| {
+        match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
+            (_, Some(v6)) => Some(SocketAddr::V6((*v6).into())),
+            _ => None,
+        }
+        .filter(|_| a.len() > 0)
+    });
+    let Some(client) = client else {
+        return Err(io::Error::other("datagram without an IP source address"));
+    };
+    let mut local = None;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::Ipv4PacketInfo(i) => {
+                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(i.ipi_addr.s_addr))));
+            }
+            ControlMessageOwned::Ipv6PacketInfo(i) => {
+                local = Some(IpAddr::V6(Ipv6Addr::from(i.ipi6_addr.s6_addr)));
+            }
+            _ => {}
+        }
+    }
+    Ok((msg.bytes, client, local))
+}
+
+/// Sends `payload` to `client` from `service`, from the local address
+/// `local` when given (`IP_PKTINFO`/`IPV6_PKTINFO`), else from whatever
+/// address routing picks (a socket bound on the Service address).
+fn send_reply(
+    service: &UdpSocket,
+    payload: &[u8],
+    client: SocketAddr,
+    local: Option<IpAddr>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6, sendmsg};
+    let iov = [io::IoSlice::new(payload)];
+    let fd = service.as_raw_fd();
+    let sent = match (client, local) {
+        (SocketAddr::V4(c), Some(IpAddr::V4(l))) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(l).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
+            sendmsg(
+                fd,
+                &iov,
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&SockaddrIn::from(c)),
+            )
+        }
+        (SocketAddr::V6(c), Some(IpAddr::V6(l))) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: l.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            let cmsg = [ControlMessage::Ipv6PacketInfo(&info)];
+            sendmsg(
+                fd,
+                &iov,
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&SockaddrIn6::from(c)),
+            )
+        }
+        _ => return SockRef::from(service).send_to(payload, &client.into()),
+    };
+    sent.map_err(io::Error::from)
 }
 
 /// A UDP socket connected to `backend`, for one flow.
@@ -328,6 +490,9 @@ struct Failure {
 /// One client address of one Service.
 struct Flow {
     backend: SocketAddr,
+    /// Where the client's datagrams were redirected to (intercepted ports
+    /// only): the replies' source.
+    local: Option<IpAddr>,
     socket: Arc<UdpSocket>,
     id: u64,
     reader: JoinHandle<()>,
@@ -392,7 +557,7 @@ impl Port {
     }
 
     /// A datagram from `client`.
-    fn on_datagram(&mut self, client: SocketAddr, data: &[u8]) {
+    fn on_datagram(&mut self, client: SocketAddr, local: Option<IpAddr>, data: &[u8]) {
         let Some(service) = self.service() else {
             return; // the key just left the table: the socket closes soon
         };
@@ -432,7 +597,7 @@ impl Port {
                 .dropped(&service.name, UdpDrop::NoBackend);
             return;
         };
-        let Some(flow) = self.open_flow(client, backend, data.to_vec(), now) else {
+        let Some(flow) = self.open_flow(client, local, backend, data.to_vec(), now) else {
             return;
         };
         debug!(client = %client, listen = %self.key, backend = %backend, "UDP flow opened");
@@ -445,6 +610,7 @@ impl Port {
     fn open_flow(
         &mut self,
         client: SocketAddr,
+        local: Option<IpAddr>,
         backend: SocketAddr,
         last: Vec<u8>,
         now: Instant,
@@ -470,6 +636,7 @@ impl Port {
             backend: socket.clone(),
             service: self.socket.clone(),
             client,
+            local,
             backend_addr: backend,
             id,
             shared: shared.clone(),
@@ -481,6 +648,7 @@ impl Port {
         self.metrics.flows.inc();
         Some(Flow {
             backend,
+            local,
             socket,
             id,
             reader,
@@ -583,9 +751,10 @@ impl Port {
         };
         let last_sent = old.last_sent;
         let last = old.last.clone();
+        let local = old.local;
         // The old socket and its slot go before the new ones are taken.
         drop(old);
-        let Some(mut flow) = self.open_flow(client, backend, last, now) else {
+        let Some(mut flow) = self.open_flow(client, local, backend, last, now) else {
             self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
             return;
         };
@@ -657,6 +826,7 @@ struct Reader {
     backend: Arc<UdpSocket>,
     service: Arc<UdpSocket>,
     client: SocketAddr,
+    local: Option<IpAddr>,
     backend_addr: SocketAddr,
     id: u64,
     shared: Arc<Shared>,
@@ -705,7 +875,7 @@ async fn read_replies(r: Reader) {
             let n = r.backend.try_recv(buf)?;
             let payload = buf.get(..n).unwrap_or_default();
             // A full send buffer drops the reply, as the network would.
-            let sent = SockRef::from(&*r.service).send_to(payload, &r.client.into());
+            let sent = send_reply(&r.service, payload, r.client, r.local);
             Ok::<_, io::Error>((n, sent))
         });
         match got {
