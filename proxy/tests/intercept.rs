@@ -789,3 +789,200 @@ async fn kubernetes_services_get_the_same_rules() {
         .fetch_until("10.96.0.20:80", "backend\n", ready)
         .unwrap();
 }
+
+const UDP_VIP: &str = "10.96.0.30:53";
+const UDP_VIP6: &str = "[fd00:96::30]:53";
+const UDP_VIP_EMPTY: &str = "10.96.0.31:53";
+const UDP_BACKEND: &str = "10.244.0.20:5353";
+const UDP_BACKEND6: &str = "[fd00:244::20]:5353";
+
+/// A UDP server on a thread inside a namespace: answers every datagram
+/// with `<reply>:<datagram>`. Stopped on drop.
+struct UdpServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpServer {
+    fn start(ns: &Netns, addr: &str, reply: &'static str) -> UdpServer {
+        let name = ns.name().to_owned();
+        let addr: SocketAddr = addr.parse().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            netns::enter(&name).unwrap();
+            let socket = std::net::UdpSocket::bind(addr).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 2048];
+            while !stopping.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let mut out = format!("{reply}:").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    let _ = socket.send_to(&out, from);
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        UdpServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Netns {
+    /// Sends `payload` to `addr` from an unconnected socket inside the
+    /// namespace and waits up to `wait` for one datagram: its text and the
+    /// address it came from.
+    fn ask_udp(
+        &self,
+        addr: &str,
+        payload: &'static str,
+        wait: Duration,
+    ) -> std::io::Result<(String, SocketAddr)> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        self.on(move || {
+            let any: SocketAddr = match addr {
+                SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+                SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+            };
+            let s = std::net::UdpSocket::bind(any)?;
+            s.set_read_timeout(Some(wait))?;
+            s.send_to(payload.as_bytes(), addr)?;
+            let mut buf = [0u8; 2048];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+        })
+    }
+
+    /// `ask_udp` until it answers `want` (from anywhere), for at most
+    /// `within`; the address the answer came from.
+    fn ask_udp_until(&self, addr: &str, want: &str, within: Duration) -> SocketAddr {
+        let start = Instant::now();
+        loop {
+            let got = self.ask_udp(addr, "q", Duration::from_millis(500));
+            if let Ok((text, from)) = &got
+                && text == want
+            {
+                return *from;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{addr} from {} never answered {want:?} within {within:?}; last: {got:?}",
+                self.name()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The local port sluice's table redirects `vip` (`a.b.c.d:port`) to.
+fn udp_local_port(table: &str, vip: &str) -> u16 {
+    let (ip, port) = vip.rsplit_once(':').unwrap();
+    let element = format!("{ip} . {port} : ");
+    let at = table
+        .find(&element)
+        .unwrap_or_else(|| panic!("{element:?} not in:\n{table}"));
+    let rest = &table[at + element.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap()
+}
+
+#[tokio::test]
+async fn udp_services_through_nftables_answer_from_the_service_address() {
+    if let Some(why) = bridged_skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Node::build();
+    // A node forwards: a datagram to a Service without endpoints meets
+    // the reject in the forward hook.
+    net.node.set_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+    let _udp = UdpServer::start(&net.backend, UDP_BACKEND, "be");
+    let _udp6 = UdpServer::start(&net.backend, UDP_BACKEND6, "be6");
+    let _tcp = Server::start(&net.backend, BACKEND, "backend\n");
+    let service = |name, listen: &str, backends: &[&str]| {
+        let backends = (backends.iter())
+            .map(|b| BackendDoc::ready(b.parse().unwrap()))
+            .collect();
+        ServiceDoc::new(name, listen.parse().unwrap(), backends)
+    };
+    let config = ConfigDoc::new(vec![
+        service("kube-system/dns:udp", UDP_VIP, &[UDP_BACKEND]).udp(),
+        service("kube-system/dns6:udp", UDP_VIP6, &[UDP_BACKEND6]).udp(),
+        service("kube-system/empty:udp", UDP_VIP_EMPTY, &[]).udp(),
+        // TCP on the same address and port number as the UDP Service.
+        service("kube-system/dns:tcp", "10.96.0.30:53", &[BACKEND]),
+    ]);
+    let sluice = start_sluice(&net.node, &config);
+    let ready = Duration::from_secs(10);
+    let vip: SocketAddr = UDP_VIP.parse().unwrap();
+    let vip6: SocketAddr = UDP_VIP6.parse().unwrap();
+
+    // From a bridged pod (prerouting with br_netfilter), a routed pod and
+    // the node itself (output hook: redirected to 127.0.0.1, answered from
+    // there by IP_PKTINFO): every answer comes from the Service address.
+    for (who, ns) in [
+        ("pod", &net.client),
+        ("routed pod", &net.routed),
+        ("node", &net.node),
+    ] {
+        let from = ns.ask_udp_until(UDP_VIP, "be:q", ready);
+        assert_eq!(from, vip, "answer to the {who} came from {from}");
+    }
+    for (who, ns) in [("pod", &net.client), ("node", &net.node)] {
+        let from = ns.ask_udp_until(UDP_VIP6, "be6:q", ready);
+        assert_eq!(from, vip6, "IPv6 answer to the {who} came from {from}");
+    }
+    // TCP on the same address and port number still goes its own way.
+    net.client
+        .fetch_until("10.96.0.30:53", "backend\n", ready)
+        .unwrap();
+
+    let table = net.nft_table(false).expect("sluice's table exists");
+    let port = udp_local_port(&table, UDP_VIP);
+    assert!((20000..=29999).contains(&port), "{port}:\n{table}");
+    assert!(table.contains("ct status ! dnat drop"), "{table}");
+    // No endpoints: in the reject verdict map, not redirected; the client
+    // gets ICMP port unreachable (ECONNREFUSED on a connected socket).
+    assert!(
+        table.contains("10.96.0.31 . udp . 53 : goto reject-chain"),
+        "{table}"
+    );
+    let refused = net.client.on(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(UDP_VIP_EMPTY).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.send(b"q").unwrap();
+        s.recv(&mut [0u8; 16]).map(|_| ())
+    });
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "no endpoints: {refused:?}"
+    );
+    // The local port takes redirected datagrams only: sent to it directly
+    // (from a pod, to the node's address) it gets no answer.
+    let direct = format!("10.244.0.1:{port}");
+    let got = net.client.ask_udp(&direct, "q", Duration::from_secs(1));
+    assert!(got.is_err(), "direct to the local port answered: {got:?}");
+
+    let metrics = net.metrics(&sluice);
+    let up = r#"sluice_udp_datagrams_total{service="kube-system/dns:udp",direction="client_to_backend"}"#;
+    assert!(
+        metric(&metrics, up).is_some_and(|n| n >= 3.0),
+        "{up}:\n{metrics}"
+    );
+}
