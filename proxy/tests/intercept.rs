@@ -142,28 +142,23 @@ struct Server {
 }
 
 impl Server {
-    fn start(ns: &Netns, addr: &str, reply: &'static str) -> Server {
+    /// On a thread inside `ns`: `bind` once, then `serve` (which must not
+    /// block for long) in a loop until drop.
+    fn spawn<T: 'static>(
+        ns: &Netns,
+        bind: impl FnOnce() -> T + Send + 'static,
+        mut serve: impl FnMut(&T) + Send + 'static,
+    ) -> Server {
         let name = ns.name().to_owned();
-        let addr: SocketAddr = addr.parse().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
             netns::enter(&name).unwrap();
-            let listener = TcpListener::bind(addr).unwrap();
-            listener.set_nonblocking(true).unwrap();
+            let bound = bind();
             ready_tx.send(()).unwrap();
             while !stopping.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(reply.as_bytes());
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
+                serve(&bound);
             }
         });
         ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -171,6 +166,41 @@ impl Server {
             stop,
             thread: Some(thread),
         }
+    }
+
+    fn start(ns: &Netns, addr: &str, reply: &'static str) -> Server {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let bind = move || {
+            let listener = TcpListener::bind(addr).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            listener
+        };
+        Self::spawn(ns, bind, move |listener| match listener.accept() {
+            Ok((mut s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.write_all(reply.as_bytes());
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        })
+    }
+
+    /// A UDP server: answers every datagram with `<reply>:<datagram>`.
+    fn udp(ns: &Netns, addr: &str, reply: &'static str) -> Server {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let bind = move || {
+            let socket = std::net::UdpSocket::bind(addr).unwrap();
+            let wait = Some(Duration::from_millis(50));
+            socket.set_read_timeout(wait).unwrap();
+            socket
+        };
+        Self::spawn(ns, bind, move |socket| {
+            let mut buf = [0u8; 2048];
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let mut out = format!("{reply}:").into_bytes();
+                out.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&out, from);
+            }
+        })
     }
 }
 
@@ -796,53 +826,6 @@ const UDP_VIP_EMPTY: &str = "10.96.0.31:53";
 const UDP_BACKEND: &str = "10.244.0.20:5353";
 const UDP_BACKEND6: &str = "[fd00:244::20]:5353";
 
-/// A UDP server on a thread inside a namespace: answers every datagram
-/// with `<reply>:<datagram>`. Stopped on drop.
-struct UdpServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl UdpServer {
-    fn start(ns: &Netns, addr: &str, reply: &'static str) -> UdpServer {
-        let name = ns.name().to_owned();
-        let addr: SocketAddr = addr.parse().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stopping = stop.clone();
-        let thread = std::thread::spawn(move || {
-            netns::enter(&name).unwrap();
-            let socket = std::net::UdpSocket::bind(addr).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_millis(50)))
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let mut buf = [0u8; 2048];
-            while !stopping.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    let mut out = format!("{reply}:").into_bytes();
-                    out.extend_from_slice(&buf[..n]);
-                    let _ = socket.send_to(&out, from);
-                }
-            }
-        });
-        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        UdpServer {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 impl Netns {
     /// Sends `payload` to `addr` from an unconnected socket inside the
     /// namespace and waits up to `wait` for one datagram: its text and the
@@ -911,8 +894,8 @@ async fn udp_services_through_nftables_answer_from_the_service_address() {
     // A node forwards: a datagram to a Service without endpoints meets
     // the reject in the forward hook.
     net.node.set_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
-    let _udp = UdpServer::start(&net.backend, UDP_BACKEND, "be");
-    let _udp6 = UdpServer::start(&net.backend, UDP_BACKEND6, "be6");
+    let _udp = Server::udp(&net.backend, UDP_BACKEND, "be");
+    let _udp6 = Server::udp(&net.backend, UDP_BACKEND6, "be6");
     let _tcp = Server::start(&net.backend, BACKEND, "backend\n");
     let service = |name, listen: &str, backends: &[&str]| {
         let backends = (backends.iter())
