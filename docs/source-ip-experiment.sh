@@ -1,0 +1,182 @@
+#!/bin/bash
+# Backends see the client's own IP (issue 13), measured: a transparent dial
+# (IP_TRANSPARENT, bound to the client's address) from a proxy in a "node"
+# namespace, per path, with the reply-steering rules of docs/source-ip.md.
+#
+#   ext k-sip-ext 192.168.50.1 --veth-- node k-sip-node: eth0 192.168.50.10
+#                                        br0 10.244.0.1/24 (br_netfilter)
+#                                          |-- client pod  k-sip-c  10.244.0.10
+#                                          '-- backend pod k-sip-b  10.244.0.20:8080
+#                                        vr  10.244.1.1/24 -- routed pod k-sip-r 10.244.1.10
+#                                        vn2 192.168.60.10 -- node2 k-sip-n2 192.168.60.20
+#                                                              '-- pod k-sip-b2 10.244.2.20:8080
+# The proxy (python, in the node) listens on 0.0.0.0:15001; nft `redirect`
+# sends it Service 10.96.0.x:80 (transparent dial from the client's IP) and
+# 10.96.0.x:81 (dial from the node's address), and NodePorts 30080-30082.
+# Backends answer with the peer address they see.
+# Run as root:
+#   docs/source-ip-experiment.sh                      # BRIDGE=after BRNF=1
+#   BRIDGE=none   docs/source-ip-experiment.sh        # only mark + ip rule
+#   BRIDGE=before docs/source-ip-experiment.sh        # bridge rule before br_netfilter
+#   BRNF=0        docs/source-ip-experiment.sh        # bridge-nf-call-iptables=0
+# Needs ip, nft, python3, br_netfilter; uses conntrack if installed.
+# Removes what it made.
+BRIDGE=${BRIDGE:-after}; BRNF=${BRNF:-1}
+N=k-sip-node; N2=k-sip-n2; C=k-sip-c; B=k-sip-b; R=k-sip-r; B2=k-sip-b2; E=k-sip-ext
+ALL="$N $N2 $C $B $R $B2 $E"
+PIDS=""
+cleanup(){ for p in $PIDS; do kill $p 2>/dev/null; done; for n in $ALL; do ip netns del $n 2>/dev/null; done; }
+trap cleanup EXIT
+set -e
+for n in $ALL; do ip netns add $n; ip -n $n link set lo up; done
+# node: bridge with two pods
+ip -n $N link add br0 type bridge; ip -n $N addr add 10.244.0.1/24 dev br0; ip -n $N link set br0 up
+pod_on_bridge(){ # ns host-side-dev addr
+  ip link add $2 netns $N type veth peer name eth0 netns $1
+  ip -n $N link set $2 master br0 up
+  ip -n $1 addr add $3/24 dev eth0; ip -n $1 link set eth0 up
+  ip -n $1 route add default via 10.244.0.1
+}
+pod_on_bridge $C vc 10.244.0.10
+pod_on_bridge $B vb 10.244.0.20
+# routed pod on its own veth
+ip link add vr netns $N type veth peer name eth0 netns $R
+ip -n $N addr add 10.244.1.1/24 dev vr; ip -n $N link set vr up
+ip -n $R addr add 10.244.1.10/24 dev eth0; ip -n $R link set eth0 up; ip -n $R route add default via 10.244.1.1
+# outside client
+ip link add eth0 netns $N type veth peer name eth0 netns $E
+ip -n $N addr add 192.168.50.10/24 dev eth0; ip -n $N link set eth0 up
+ip -n $E addr add 192.168.50.1/24 dev eth0; ip -n $E link set eth0 up
+# node2 with its pod; pod CIDRs routed between the nodes. node2 has NO route to
+# 192.168.50.0/24 through this node (its default route would be its own uplink).
+ip link add vn2 netns $N type veth peer name eth0 netns $N2
+ip -n $N addr add 192.168.60.10/24 dev vn2; ip -n $N link set vn2 up
+ip -n $N2 addr add 192.168.60.20/24 dev eth0; ip -n $N2 link set eth0 up
+ip link add vb2 netns $N2 type veth peer name eth0 netns $B2
+ip -n $N2 addr add 10.244.2.1/24 dev vb2; ip -n $N2 link set vb2 up
+ip -n $B2 addr add 10.244.2.20/24 dev eth0; ip -n $B2 link set eth0 up; ip -n $B2 route add default via 10.244.2.1
+ip -n $N route add 10.244.2.0/24 via 192.168.60.20
+ip -n $N2 route add 10.244.0.0/16 via 192.168.60.10
+for n in $N $N2; do ip netns exec $n sysctl -qw net.ipv4.ip_forward=1; done
+ip netns exec $N sh -c "echo $BRNF > /proc/sys/net/bridge/bridge-nf-call-iptables"
+echo "bridge-nf-call-iptables=$(ip netns exec $N cat /proc/sys/net/bridge/bridge-nf-call-iptables) BRIDGE=$BRIDGE"
+BRMAC=$(ip -n $N -br link show br0 | awk '{print $3}')
+
+# The rules sluice would own (docs/source-ip.md): intercept (as today) + reply steering.
+ip netns exec $N nft -f - <<NFT
+table inet k-sip {
+  chain pre-nat { type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15001
+    ip daddr 192.168.50.10 tcp dport 30080-30082 redirect to :15001
+  }
+  chain out-nat { type nat hook output priority -100; policy accept;
+    ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15001
+  }
+  chain steer { type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp socket transparent 1 counter meta mark set 0x1
+  }
+}
+NFT
+ip -n $N rule add fwmark 0x1 lookup 100 pref 100
+ip -n $N route add local 0.0.0.0/0 dev lo table 100
+case $BRIDGE in
+after)  # after br_netfilter (priority 0) has run the ip prerouting hooks: the mark is set
+ip netns exec $N nft -f - <<NFT
+table bridge k-sip {
+  chain pre { type filter hook prerouting priority 10; policy accept;
+    meta mark 0x1 counter ether daddr set $BRMAC meta pkttype set host
+  }
+}
+NFT
+;;
+before) # before br_netfilter: no socket lookup, no conntrack yet; only header matches
+ip netns exec $N nft -f - <<NFT
+table bridge k-sip {
+  chain pre { type filter hook prerouting priority -300; policy accept;
+    ether type ip ip saddr 10.244.0.0/24 ip daddr 10.244.0.0/24 tcp sport 8080 counter ether daddr set $BRMAC meta pkttype set host
+  }
+}
+NFT
+;;
+esac
+# Evidence in the client pod: SYN-ACKs from :8080 it receives and RSTs it sends.
+ip netns exec $C nft -f - <<'NFT'
+table inet k-ev {
+  chain in  { type filter hook input priority 0; policy accept;
+    tcp sport 8080 tcp flags & (syn|ack) == (syn|ack) counter
+  }
+  chain out { type filter hook output priority 0; policy accept;
+    tcp dport 8080 tcp flags & rst == rst counter
+  }
+}
+NFT
+
+backend='import socket,threading
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(("0.0.0.0",8080)); s.listen(64)
+while True:
+  c,a=s.accept(); c.sendall(("%s\n"%a[0]).encode()); c.close()'
+for n in $B $B2 $C; do ip netns exec $n python3 -c "$backend" & PIDS="$PIDS $!"; done
+
+# Original destination -> (backend, source). "client" = transparent dial from
+# the client's address; "node" = an ordinary dial from the node.
+ip netns exec $N python3 -u - <<'PY' &
+import socket, struct, threading
+ROUTES = {
+  ("10.96.0.1", 80): ("10.244.0.20", "client"),  # same node, bridged backend
+  ("10.96.0.1", 81): ("10.244.0.20", "node"),
+  ("10.96.0.2", 80): ("10.244.2.20", "client"),  # backend on node2
+  ("10.96.0.2", 81): ("10.244.2.20", "node"),
+  ("10.96.0.4", 80): ("10.244.0.10", "client"),  # hairpin: the client pod's own Service
+  ("10.96.0.4", 81): ("10.244.0.10", "node"),
+  ("192.168.50.10", 30080): ("10.244.0.20", "client"),  # NodePort eTP=Local, local backend
+  ("192.168.50.10", 30081): ("10.244.2.20", "client"),  # NodePort eTP=Cluster, remote, client IP
+  ("192.168.50.10", 30082): ("10.244.2.20", "node"),    # NodePort eTP=Cluster, remote, node IP
+}
+def handle(c, peer):
+    try:
+        d = c.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+        port, = struct.unpack("!H", d[2:4]); dst = (socket.inet_ntoa(d[4:8]), port)
+        ip, mode = ROUTES[dst]
+        b = socket.socket()
+        if mode == "client":
+            b.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+            b.bind((peer[0], 0))
+        b.settimeout(2)
+        try:
+            b.connect((ip, 8080)); seen = b.makefile().readline().strip()
+            c.sendall(("ok backend-saw=%s (dial %s:%d)\n" % (seen, *b.getsockname())).encode())
+        except OSError as e:
+            c.sendall(("FAIL dial from %s:%d: %s\n" % (*b.getsockname(), e)).encode())
+    except Exception as e:
+        c.sendall(("FAIL proxy: %r\n" % e).encode())
+    c.close()
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 15001)); l.listen(64)
+while True:
+    c, peer = l.accept(); threading.Thread(target=handle, args=(c, peer), daemon=True).start()
+PY
+PIDS="$PIDS $!"
+sleep 1
+ask='import socket,sys
+try:
+  s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5); print("   ", s.makefile().readline().strip())
+except Exception as e: print("    client error:", e)'
+run(){ # label ns addr port
+  echo "$1: $2 -> $3:$4"; ip netns exec $2 python3 -c "$ask" $3 $4
+}
+set +e
+run "1 pod -> same-node bridged backend, transparent" $C 10.96.0.1 80
+run "1 pod -> same-node bridged backend, node source" $C 10.96.0.1 81
+run "2 pod -> backend on node2, transparent" $C 10.96.0.2 80
+run "3 routed pod -> same-node bridged backend, transparent" $R 10.96.0.1 80
+run "3 routed pod -> backend on node2, transparent" $R 10.96.0.2 80
+run "4 outside -> NodePort eTP=Local (local backend), transparent" $E 192.168.50.10 30080
+run "4 outside -> NodePort eTP=Cluster (node2 backend), transparent" $E 192.168.50.10 30081
+run "4 outside -> NodePort eTP=Cluster (node2 backend), node source" $E 192.168.50.10 30082
+run "5 hairpin pod -> own Service, transparent" $C 10.96.0.4 80
+run "5 hairpin pod -> own Service, node source" $C 10.96.0.4 81
+echo "--- node: nft counters"; ip netns exec $N nft list ruleset | grep counter
+echo "--- client pod: SYN-ACKs in from :8080 / RSTs out to :8080"; ip netns exec $C nft list table inet k-ev | grep counter
+if command -v conntrack >/dev/null; then
+  echo "--- node: conntrack, connections to :8080"; ip netns exec $N conntrack -L -p tcp --dport 8080 2>/dev/null
+fi
