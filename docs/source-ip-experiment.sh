@@ -10,7 +10,7 @@
 #                                        vr  10.244.1.1/24 -- routed pod k-sip-r 10.244.1.10
 #                                        vn2 192.168.60.10 -- node2 k-sip-n2 192.168.60.20
 #                                                              '-- pod k-sip-b2 10.244.2.20:8080
-# The proxy (python, in the node) listens on 0.0.0.0:15001; nft `redirect`
+# The proxy (python, in the node) listens on 0.0.0.0:15001/15002; nft `redirect`
 # sends it Service 10.96.0.x:80 (transparent dial from the client's IP) and
 # 10.96.0.x:81 (dial from the node's address), and NodePorts 30080-30082.
 # Backends answer with the peer address they see.
@@ -19,9 +19,12 @@
 #   BRIDGE=none   docs/source-ip-experiment.sh        # only mark + ip rule
 #   BRIDGE=before docs/source-ip-experiment.sh        # bridge rule before br_netfilter
 #   BRNF=0        docs/source-ip-experiment.sh        # bridge-nf-call-iptables=0
+#   BRNF=0 BRIDGE=before docs/source-ip-experiment.sh
+#   DETECT=iface  docs/source-ip-experiment.sh        # local pod = came in on br0/vr
 # Needs ip, nft, python3, br_netfilter; uses conntrack if installed.
 # Removes what it made.
-BRIDGE=${BRIDGE:-after}; BRNF=${BRNF:-1}
+BRIDGE=${BRIDGE:-after}; BRNF=${BRNF:-1}; DETECT=${DETECT:-cidr}
+case $DETECT in cidr) LOCAL='ip saddr 10.244.0.0/23';; *) LOCAL='iifname { "br0", "vr" }';; esac
 N=k-sip-node; N2=k-sip-n2; C=k-sip-c; B=k-sip-b; R=k-sip-r; B2=k-sip-b2; E=k-sip-ext
 ALL="$N $N2 $C $B $R $B2 $E"
 PIDS=""
@@ -57,6 +60,7 @@ ip -n $N2 addr add 10.244.2.1/24 dev vb2; ip -n $N2 link set vb2 up
 ip -n $B2 addr add 10.244.2.20/24 dev eth0; ip -n $B2 link set eth0 up; ip -n $B2 route add default via 10.244.2.1
 ip -n $N route add 10.244.2.0/24 via 192.168.60.20
 ip -n $N2 route add 10.244.0.0/16 via 192.168.60.10
+ip -n $N route add 10.96.0.0/16 dev br0   # a route for the Service range, so the node itself can connect (output nat redirects)
 for n in $N $N2; do ip netns exec $n sysctl -qw net.ipv4.ip_forward=1; done
 ip netns exec $N sh -c "echo $BRNF > /proc/sys/net/bridge/bridge-nf-call-iptables"
 echo "bridge-nf-call-iptables=$(ip netns exec $N cat /proc/sys/net/bridge/bridge-nf-call-iptables) BRIDGE=$BRIDGE"
@@ -65,12 +69,18 @@ BRMAC=$(ip -n $N -br link show br0 | awk '{print $3}')
 # The rules sluice would own (docs/source-ip.md): intercept (as today) + reply steering.
 ip netns exec $N nft -f - <<NFT
 table inet k-sip {
+  # "local pod" decided in nftables as kube-proxy's --detect-local-mode does
+  # (DETECT=cidr: NodeCIDR-like source match; DETECT=iface: bridge/interface
+  # names); local-pod connections go to :15001, the rest to :15002, so the
+  # proxy knows per connection without a per-connection lookup.
   chain pre-nat { type nat hook prerouting priority dstnat; policy accept;
-    ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15001
-    ip daddr 192.168.50.10 tcp dport 30080-30082 redirect to :15001
+    $LOCAL ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15001
+    $LOCAL ip daddr 192.168.50.10 tcp dport 30080-30082 redirect to :15001
+    ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15002
+    ip daddr 192.168.50.10 tcp dport 30080-30082 redirect to :15002
   }
   chain out-nat { type nat hook output priority -100; policy accept;
-    ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15001
+    ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15002
   }
   chain steer { type filter hook prerouting priority mangle; policy accept;
     meta l4proto tcp socket transparent 1 counter meta mark set 0x1
@@ -99,11 +109,16 @@ table bridge k-sip {
 NFT
 ;;
 esac
-# Evidence in the client pod: SYN-ACKs from :8080 it receives and RSTs it sends.
+# Evidence in the client pod: SYN-ACKs from :8080 it receives and RSTs it sends;
+# SYNs from its own address (hairpin) before routing (pre) and after (in).
 ip netns exec $C nft -f - <<'NFT'
 table inet k-ev {
   chain in  { type filter hook input priority 0; policy accept;
     tcp sport 8080 tcp flags & (syn|ack) == (syn|ack) counter
+    ip saddr 10.244.0.10 tcp dport 8080 tcp flags syn / syn,ack counter
+  }
+  chain pre { type filter hook prerouting priority -150; policy accept;
+    ip saddr 10.244.0.10 tcp dport 8080 tcp flags syn / syn,ack counter
   }
   chain out { type filter hook output priority 0; policy accept;
     tcp dport 8080 tcp flags & rst == rst counter
@@ -117,26 +132,35 @@ while True:
   c,a=s.accept(); c.sendall(("%s\n"%a[0]).encode()); c.close()'
 for n in $B $B2 $C; do ip netns exec $n python3 -c "$backend" & PIDS="$PIDS $!"; done
 
-# Original destination -> (backend, source). "client" = transparent dial from
-# the client's address; "node" = an ordinary dial from the node.
+# Original destination -> (backend, source, externalTrafficPolicy). "client" =
+# transparent dial from the client's address; "node" = an ordinary dial from
+# the node. Each line also prints the source sluice's policy would choose
+# (docs/source-ip.md): hairpin -> node; local pod (port 15001) -> client;
+# NodePort eTP=Local -> client; anything else -> node.
 ip netns exec $N python3 -u - <<'PY' &
 import socket, struct, threading
 ROUTES = {
-  ("10.96.0.1", 80): ("10.244.0.20", "client"),  # same node, bridged backend
-  ("10.96.0.1", 81): ("10.244.0.20", "node"),
-  ("10.96.0.2", 80): ("10.244.2.20", "client"),  # backend on node2
-  ("10.96.0.2", 81): ("10.244.2.20", "node"),
-  ("10.96.0.4", 80): ("10.244.0.10", "client"),  # hairpin: the client pod's own Service
-  ("10.96.0.4", 81): ("10.244.0.10", "node"),
-  ("192.168.50.10", 30080): ("10.244.0.20", "client"),  # NodePort eTP=Local, local backend
-  ("192.168.50.10", 30081): ("10.244.2.20", "client"),  # NodePort eTP=Cluster, remote, client IP
-  ("192.168.50.10", 30082): ("10.244.2.20", "node"),    # NodePort eTP=Cluster, remote, node IP
+  ("10.96.0.1", 80): ("10.244.0.20", "client", None),  # same node, bridged backend
+  ("10.96.0.1", 81): ("10.244.0.20", "node", None),
+  ("10.96.0.2", 80): ("10.244.2.20", "client", None),  # backend on node2
+  ("10.96.0.2", 81): ("10.244.2.20", "node", None),
+  ("10.96.0.4", 80): ("10.244.0.10", "client", None),  # hairpin: the client pod's own Service
+  ("10.96.0.4", 81): ("10.244.0.10", "node", None),
+  ("192.168.50.10", 30080): ("10.244.0.20", "client", "Local"),    # local backend
+  ("192.168.50.10", 30081): ("10.244.2.20", "client", "Cluster"),  # remote, client IP
+  ("192.168.50.10", 30082): ("10.244.2.20", "node", "Cluster"),    # remote, node IP
 }
-def handle(c, peer):
+def policy(local_pod, client, backend, etp):
+    if client == backend: return "node"       # hairpin
+    if local_pod: return "client"
+    if etp == "Local": return "client"
+    return "node"
+def handle(c, peer, local_pod):
     try:
         d = c.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
         port, = struct.unpack("!H", d[2:4]); dst = (socket.inet_ntoa(d[4:8]), port)
-        ip, mode = ROUTES[dst]
+        ip, mode, etp = ROUTES[dst]
+        why = "local-pod=%s policy=%s" % ("yes" if local_pod else "no", policy(local_pod, peer[0], ip, etp))
         b = socket.socket()
         if mode == "client":
             b.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
@@ -144,16 +168,19 @@ def handle(c, peer):
         b.settimeout(2)
         try:
             b.connect((ip, 8080)); seen = b.makefile().readline().strip()
-            c.sendall(("ok backend-saw=%s (dial %s:%d)\n" % (seen, *b.getsockname())).encode())
+            c.sendall(("ok backend-saw=%s (dial %s:%d; %s)\n" % (seen, *b.getsockname(), why)).encode())
         except OSError as e:
-            c.sendall(("FAIL dial from %s:%d: %s\n" % (*b.getsockname(), e)).encode())
+            c.sendall(("FAIL dial from %s:%d: %s (%s)\n" % (*b.getsockname(), e, why)).encode())
     except Exception as e:
         c.sendall(("FAIL proxy: %r\n" % e).encode())
     c.close()
-l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", 15001)); l.listen(64)
-while True:
-    c, peer = l.accept(); threading.Thread(target=handle, args=(c, peer), daemon=True).start()
+def serve(port, local_pod):
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", port)); l.listen(64)
+    while True:
+        c, peer = l.accept(); threading.Thread(target=handle, args=(c, peer, local_pod), daemon=True).start()
+threading.Thread(target=serve, args=(15001, True), daemon=True).start()
+serve(15002, False)
 PY
 PIDS="$PIDS $!"
 sleep 1
@@ -175,8 +202,11 @@ run "4 outside -> NodePort eTP=Cluster (node2 backend), transparent" $E 192.168.
 run "4 outside -> NodePort eTP=Cluster (node2 backend), node source" $E 192.168.50.10 30082
 run "5 hairpin pod -> own Service, transparent" $C 10.96.0.4 80
 run "5 hairpin pod -> own Service, node source" $C 10.96.0.4 81
+run "6 node itself -> Service, transparent (source is the node's own address)" $N 10.96.0.1 80
+echo "7 pod -> backend pod directly (no Service): what the bridge rule does to plain pod-to-pod"
+ip netns exec $C python3 -c "$ask" 10.244.0.20 8080
 echo "--- node: nft counters"; ip netns exec $N nft list ruleset | grep counter
-echo "--- client pod: SYN-ACKs in from :8080 / RSTs out to :8080"; ip netns exec $C nft list table inet k-ev | grep counter
+echo "--- client pod: SYNs from itself before routing / SYN-ACKs in from :8080, SYNs from itself in input / RSTs out to :8080"; ip netns exec $C nft list table inet k-ev | grep counter
 if command -v conntrack >/dev/null; then
   echo "--- node: conntrack, connections to :8080"; ip netns exec $N conntrack -L -p tcp --dport 8080 2>/dev/null
 fi
