@@ -21,6 +21,7 @@
 #   BRNF=0        docs/source-ip-experiment.sh        # bridge-nf-call-iptables=0
 #   BRNF=0 BRIDGE=before docs/source-ip-experiment.sh
 #   DETECT=iface  docs/source-ip-experiment.sh        # local pod = came in on br0/vr
+#   RPF=1         docs/source-ip-experiment.sh        # strict rp_filter on the node
 # Needs ip, nft, python3, br_netfilter; uses conntrack if installed.
 # Removes what it made.
 BRIDGE=${BRIDGE:-after}; BRNF=${BRNF:-1}; DETECT=${DETECT:-cidr}
@@ -62,6 +63,9 @@ ip -n $N route add 10.244.2.0/24 via 192.168.60.20
 ip -n $N2 route add 10.244.0.0/16 via 192.168.60.10
 ip -n $N route add 10.96.0.0/16 dev br0   # a route for the Service range, so the node itself can connect (output nat redirects)
 for n in $N $N2; do ip netns exec $n sysctl -qw net.ipv4.ip_forward=1; done
+if [ "${RPF:-0}" = 1 ]; then  # strict reverse-path filter on every node interface
+  for d in all default br0 eth0 vr vn2; do ip netns exec $N sysctl -qw net.ipv4.conf.$d.rp_filter=1; done
+fi
 ip netns exec $N sh -c "echo $BRNF > /proc/sys/net/bridge/bridge-nf-call-iptables"
 echo "bridge-nf-call-iptables=$(ip netns exec $N cat /proc/sys/net/bridge/bridge-nf-call-iptables) BRIDGE=$BRIDGE"
 BRMAC=$(ip -n $N -br link show br0 | awk '{print $3}')
