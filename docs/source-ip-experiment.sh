@@ -3,6 +3,8 @@
 # (IP_TRANSPARENT, bound to the client's address) from a proxy in a "node"
 # namespace, per path, with the reply-steering rules of docs/source-ip.md.
 #
+# (IPv6 for paths 1 and 4: fd00:244::/64 on br0, fd00:50::/64 outside,
+# Service fd00:96::1.)
 #   ext k-sip-ext 192.168.50.1 --veth-- node k-sip-node: eth0 192.168.50.10
 #                                        br0 10.244.0.1/24 (br_netfilter)
 #                                          |-- client pod  k-sip-c  10.244.0.10
@@ -25,7 +27,8 @@
 # Needs ip, nft, python3, br_netfilter; uses conntrack if installed.
 # Removes what it made.
 BRIDGE=${BRIDGE:-after}; BRNF=${BRNF:-1}; DETECT=${DETECT:-cidr}
-case $DETECT in cidr) LOCAL='ip saddr 10.244.0.0/23';; *) LOCAL='iifname { "br0", "vr" }';; esac
+case $DETECT in cidr) LOCAL='ip saddr 10.244.0.0/23'; LOCAL6='ip6 saddr fd00:244::/64';;
+  *) LOCAL='iifname { "br0", "vr" }'; LOCAL6=$LOCAL;; esac
 N=k-sip-node; N2=k-sip-n2; C=k-sip-c; B=k-sip-b; R=k-sip-r; B2=k-sip-b2; E=k-sip-ext
 ALL="$N $N2 $C $B $R $B2 $E"
 PIDS=""
@@ -61,12 +64,17 @@ ip -n $N2 addr add 10.244.2.1/24 dev vb2; ip -n $N2 link set vb2 up
 ip -n $B2 addr add 10.244.2.20/24 dev eth0; ip -n $B2 link set eth0 up; ip -n $B2 route add default via 10.244.2.1
 ip -n $N route add 10.244.2.0/24 via 192.168.60.20
 ip -n $N2 route add 10.244.0.0/16 via 192.168.60.10
+# IPv6 on the bridge and the outside link (paths 1 and 4 only)
+ip -n $N addr add fd00:244::1/64 dev br0 nodad; ip -n $N addr add fd00:50::10/64 dev eth0 nodad
+for p in "$C fd00:244::10" "$B fd00:244::20"; do set -- $p; ip -n $1 addr add $2/64 dev eth0 nodad; ip -n $1 -6 route add default via fd00:244::1; done
+ip -n $E addr add fd00:50::1/64 dev eth0 nodad
+ip netns exec $N sysctl -qw net.ipv6.conf.all.forwarding=1
 ip -n $N route add 10.96.0.0/16 dev br0   # a route for the Service range, so the node itself can connect (output nat redirects)
 for n in $N $N2; do ip netns exec $n sysctl -qw net.ipv4.ip_forward=1; done
 if [ "${RPF:-0}" = 1 ]; then  # strict reverse-path filter on every node interface
   for d in all default br0 eth0 vr vn2; do ip netns exec $N sysctl -qw net.ipv4.conf.$d.rp_filter=1; done
 fi
-ip netns exec $N sh -c "echo $BRNF > /proc/sys/net/bridge/bridge-nf-call-iptables"
+ip netns exec $N sh -c "echo $BRNF > /proc/sys/net/bridge/bridge-nf-call-iptables; echo $BRNF > /proc/sys/net/bridge/bridge-nf-call-ip6tables"
 echo "bridge-nf-call-iptables=$(ip netns exec $N cat /proc/sys/net/bridge/bridge-nf-call-iptables) BRIDGE=$BRIDGE"
 BRMAC=$(ip -n $N -br link show br0 | awk '{print $3}')
 
@@ -82,6 +90,8 @@ table inet k-sip {
     $LOCAL ip daddr 192.168.50.10 tcp dport 30080-30082 redirect to :15001
     ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15002
     ip daddr 192.168.50.10 tcp dport 30080-30082 redirect to :15002
+    $LOCAL6 ip6 daddr fd00:96::/64 tcp dport 80 redirect to :15001
+    ip6 daddr fd00:50::10 tcp dport 30080 redirect to :15002
   }
   chain out-nat { type nat hook output priority -100; policy accept;
     ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15002
@@ -93,6 +103,8 @@ table inet k-sip {
 NFT
 ip -n $N rule add fwmark 0x1 lookup 100 pref 100
 ip -n $N route add local 0.0.0.0/0 dev lo table 100
+ip -n $N -6 rule add fwmark 0x1 lookup 100 pref 100
+ip -n $N -6 route add local ::/0 dev lo table 100
 case $BRIDGE in
 after)  # after br_netfilter (priority 0) has run the ip prerouting hooks: the mark is set
 ip netns exec $N nft -f - <<NFT
@@ -134,7 +146,12 @@ backend='import socket,threading
 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(("0.0.0.0",8080)); s.listen(64)
 while True:
   c,a=s.accept(); c.sendall(("%s\n"%a[0]).encode()); c.close()'
+backend6='import socket
+s=socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,1); s.bind(("::",8080)); s.listen(64)
+while True:
+  c,a=s.accept(); c.sendall(("%s\n"%a[0]).encode()); c.close()'
 for n in $B $B2 $C; do ip netns exec $n python3 -c "$backend" & PIDS="$PIDS $!"; done
+ip netns exec $B python3 -c "$backend6" & PIDS="$PIDS $!"
 
 # Original destination -> (backend, source, externalTrafficPolicy). "client" =
 # transparent dial from the client's address; "node" = an ordinary dial from
@@ -153,6 +170,8 @@ ROUTES = {
   ("192.168.50.10", 30080): ("10.244.0.20", "client", "Local"),    # local backend
   ("192.168.50.10", 30081): ("10.244.2.20", "client", "Cluster"),  # remote, client IP
   ("192.168.50.10", 30082): ("10.244.2.20", "node", "Cluster"),    # remote, node IP
+  ("fd00:96::1", 80): ("fd00:244::20", "client", None),
+  ("fd00:50::10", 30080): ("fd00:244::20", "client", "Local"),
 }
 def policy(local_pod, client, backend, etp):
     if client == backend: return "node"       # hairpin
@@ -161,29 +180,42 @@ def policy(local_pod, client, backend, etp):
     return "node"
 def handle(c, peer, local_pod):
     try:
-        d = c.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
-        port, = struct.unpack("!H", d[2:4]); dst = (socket.inet_ntoa(d[4:8]), port)
+        if c.family == socket.AF_INET6:
+            d = c.getsockopt(socket.IPPROTO_IPV6, 80, 28)  # IP6T_SO_ORIGINAL_DST
+            port, = struct.unpack("!H", d[2:4]); dst = (socket.inet_ntop(socket.AF_INET6, d[8:24]), port)
+        else:
+            d = c.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+            port, = struct.unpack("!H", d[2:4]); dst = (socket.inet_ntoa(d[4:8]), port)
         ip, mode, etp = ROUTES[dst]
-        why = "local-pod=%s policy=%s" % ("yes" if local_pod else "no", policy(local_pod, peer[0], ip, etp))
-        b = socket.socket()
-        if mode == "client":
+        why = "client=%s local-pod=%s policy=%s" % (peer[0], "yes" if local_pod else "no", policy(local_pod, peer[0], ip, etp))
+        b = socket.socket(c.family)
+        if mode == "client" and c.family == socket.AF_INET6:
+            b.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
+        elif mode == "client":
             b.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+        if mode == "client":
             b.bind((peer[0], 0))
         b.settimeout(2)
         try:
             b.connect((ip, 8080)); seen = b.makefile().readline().strip()
-            c.sendall(("ok backend-saw=%s (dial %s:%d; %s)\n" % (seen, *b.getsockname(), why)).encode())
+            c.sendall(("ok backend-saw=%s (dial %s:%d; %s)\n" % (seen, *b.getsockname()[:2], why)).encode())
         except OSError as e:
-            c.sendall(("FAIL dial from %s:%d: %s (%s)\n" % (*b.getsockname(), e, why)).encode())
+            c.sendall(("FAIL dial from %s:%d: %s (%s)\n" % (*b.getsockname()[:2], e, why)).encode())
     except Exception as e:
         c.sendall(("FAIL proxy: %r\n" % e).encode())
     c.close()
-def serve(port, local_pod):
-    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind(("0.0.0.0", port)); l.listen(64)
+def serve(port, local_pod, family=socket.AF_INET):
+    l = socket.socket(family); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); l.bind(("::", port))
+    else:
+        l.bind(("0.0.0.0", port))
+    l.listen(64)
     while True:
         c, peer = l.accept(); threading.Thread(target=handle, args=(c, peer, local_pod), daemon=True).start()
 threading.Thread(target=serve, args=(15001, True), daemon=True).start()
+threading.Thread(target=serve, args=(15001, True, socket.AF_INET6), daemon=True).start()
+threading.Thread(target=serve, args=(15002, False, socket.AF_INET6), daemon=True).start()
 serve(15002, False)
 PY
 PIDS="$PIDS $!"
@@ -209,6 +241,8 @@ run "5 hairpin pod -> own Service, node source" $C 10.96.0.4 81
 run "6 node itself -> Service, transparent (source is the node's own address)" $N 10.96.0.1 80
 echo "7 pod -> backend pod directly (no Service): what the bridge rule does to plain pod-to-pod"
 ip netns exec $C python3 -c "$ask" 10.244.0.20 8080
+run "1 IPv6 pod -> same-node bridged backend, transparent" $C fd00:96::1 80
+run "4 IPv6 outside -> NodePort eTP=Local (local backend), transparent" $E fd00:50::10 30080
 echo "--- node: nft counters"; ip netns exec $N nft list ruleset | grep counter
 echo "--- client pod: SYNs from itself before routing / SYN-ACKs in from :8080, SYNs from itself in input / RSTs out to :8080"; ip netns exec $C nft list table inet k-ev | grep counter
 if command -v conntrack >/dev/null; then
