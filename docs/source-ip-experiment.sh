@@ -24,6 +24,7 @@
 #   BRNF=0 BRIDGE=before docs/source-ip-experiment.sh
 #   DETECT=iface  docs/source-ip-experiment.sh        # local pod = came in on br0/vr
 #   RPF=1         docs/source-ip-experiment.sh        # strict rp_filter on the node
+#   BENCH=2000    docs/source-ip-experiment.sh        # + a rough dials/s figure
 # Needs ip, nft, python3, br_netfilter; uses conntrack if installed.
 # Removes what it made.
 BRIDGE=${BRIDGE:-after}; BRNF=${BRNF:-1}; DETECT=${DETECT:-cidr}
@@ -245,6 +246,23 @@ run "1 IPv6 pod -> same-node bridged backend, transparent" $C fd00:96::1 80
 run "4 IPv6 outside -> NodePort eTP=Local (local backend), transparent" $E fd00:50::10 30080
 echo "--- node: nft counters"; ip netns exec $N nft list ruleset | grep counter
 echo "--- client pod: SYNs from itself before routing / SYN-ACKs in from :8080, SYNs from itself in input / RSTs out to :8080"; ip netns exec $C nft list table inet k-ev | grep counter
+if [ -n "$BENCH" ]; then  # BENCH=N: N sequential dials+reads to the bridged backend, from the node and transparent
+  echo "--- $BENCH dials to 10.244.0.20:8080 from the node, one at a time (python; rough)"
+  ip netns exec $N python3 - "$BENCH" <<'PY'
+import socket, sys, time
+n = int(sys.argv[1])
+def run(transparent):
+    t = time.perf_counter()
+    for _ in range(n):
+        b = socket.socket()
+        if transparent:
+            b.setsockopt(socket.SOL_IP, 19, 1); b.bind(("10.244.0.10", 0))
+        b.settimeout(2); b.connect(("10.244.0.20", 8080)); b.recv(64); b.close()
+    return n / (time.perf_counter() - t)
+for label, tr in (("node", False), ("transparent", True), ("node", False), ("transparent", True)):
+    print("    %-12s %6.0f dials/s" % (label, run(tr)))
+PY
+fi
 if command -v conntrack >/dev/null; then
   echo "--- node: conntrack, connections to :8080"; ip netns exec $N conntrack -L -p tcp --dport 8080 2>/dev/null
 fi
