@@ -25,6 +25,7 @@
 #   DETECT=iface  docs/source-ip-experiment.sh        # local pod = came in on br0/vr
 #   RPF=1         docs/source-ip-experiment.sh        # strict rp_filter on the node
 #   BENCH=2000    docs/source-ip-experiment.sh        # + a rough dials/s figure
+#   NETPOL=1      docs/source-ip-experiment.sh        # backend pod admits only 10.244.0.10
 # Needs ip, nft, python3, br_netfilter; uses conntrack if installed.
 # Removes what it made.
 BRIDGE=${BRIDGE:-after}; BRNF=${BRNF:-1}; DETECT=${DETECT:-cidr}
@@ -143,6 +144,16 @@ table inet k-ev {
 }
 NFT
 
+if [ "${NETPOL:-0}" = 1 ]; then  # a NetworkPolicy-like filter in the backend pod: only the client pod may connect
+ip netns exec $B nft -f - <<'NFT'
+table inet k-netpol {
+  chain in { type filter hook input priority 0; policy accept;
+    tcp dport 8080 ip saddr != 10.244.0.10 counter drop
+  }
+}
+NFT
+fi
+
 backend='import socket,threading
 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(("0.0.0.0",8080)); s.listen(64)
 while True:
@@ -245,6 +256,7 @@ ip netns exec $C python3 -c "$ask" 10.244.0.20 8080
 run "1 IPv6 pod -> same-node bridged backend, transparent" $C fd00:96::1 80
 run "4 IPv6 outside -> NodePort eTP=Local (local backend), transparent" $E fd00:50::10 30080
 echo "--- node: nft counters"; ip netns exec $N nft list ruleset | grep counter
+[ "${NETPOL:-0}" = 1 ] && { echo "--- backend pod: dropped by its filter"; ip netns exec $B nft list table inet k-netpol | grep counter; }
 echo "--- client pod: SYNs from itself before routing / SYN-ACKs in from :8080, SYNs from itself in input / RSTs out to :8080"; ip netns exec $C nft list table inet k-ev | grep counter
 if [ -n "$BENCH" ]; then  # BENCH=N: N sequential dials+reads to the bridged backend, from the node and transparent
   echo "--- $BENCH dials to 10.244.0.20:8080 from the node, one at a time (python; rough)"
