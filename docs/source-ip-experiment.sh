@@ -99,20 +99,23 @@ table inet k-sip {
     ip daddr 10.96.0.0/16 tcp dport { 80, 81 } redirect to :15002
   }
   chain steer { type filter hook prerouting priority mangle; policy accept;
-    meta l4proto tcp socket transparent 1 counter meta mark set 0x1
+    meta l4proto tcp socket transparent 1 counter meta mark set meta mark | 0x1000
   }
 }
 NFT
-ip -n $N rule add fwmark 0x1 lookup 100 pref 100
-ip -n $N route add local 0.0.0.0/0 dev lo table 100
-ip -n $N -6 rule add fwmark 0x1 lookup 100 pref 100
-ip -n $N -6 route add local ::/0 dev lo table 100
+ip -n $N rule add fwmark 0x1000/0x1000 lookup 2626 pref 2626
+ip -n $N route add local 0.0.0.0/0 dev lo table 2626
+ip -n $N -6 rule add fwmark 0x1000/0x1000 lookup 2626 pref 2626
+ip -n $N -6 route add local ::/0 dev lo table 2626
 case $BRIDGE in
 after)  # after br_netfilter (priority 0) has run the ip prerouting hooks: the mark is set
 ip netns exec $N nft -f - <<NFT
 table bridge k-sip {
   chain pre { type filter hook prerouting priority 10; policy accept;
-    meta mark 0x1 counter ether daddr set $BRMAC meta pkttype set host
+    # which bridge: by the reply's destination, the client pod on this bridge's subnet
+    # (meta ibrname needs CONFIG_NFT_BRIDGE_META, which this kernel lacks)
+    ip daddr 10.244.0.0/24 meta mark & 0x1000 == 0x1000 counter ether daddr set $BRMAC meta pkttype set host
+    ip6 daddr fd00:244::/64 meta mark & 0x1000 == 0x1000 counter ether daddr set $BRMAC meta pkttype set host
   }
 }
 NFT
