@@ -1,0 +1,437 @@
+//! Slow and hostile clients, and memory at scale (issue 16's fault matrix,
+//! docs/reliability.md):
+//! - 2,000 connections that send nothing: others are served, descriptors
+//!   and memory stay proportional;
+//! - 2,000 connections that read nothing while their backends write:
+//!   sluice's memory does not grow with the bytes written;
+//! - a client that resets mid-stream: the backend side is reset promptly,
+//!   counted, and the active gauge returns to 0;
+//! - idle proxied connections at scale (5,000 by default, 50,000 with
+//!   `SLUICE_SCALE_TEST=1`): RSS per connection and per listener.
+//!
+//! Every test prints its figures (`cargo test ... -- --nocapture`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+use sluice_testkit::{Daemon, Options, free_addr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// What a test backend does with each connection.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Echoes what it reads (so it waits for the client to speak).
+    Echo,
+    /// Writes `n` bytes (or until a write blocks for 500 ms), then holds
+    /// the connection until the client side ends.
+    Write(usize),
+    /// Writes without end until a write fails; reports when it failed.
+    Stream,
+}
+
+#[derive(Default)]
+struct Stats {
+    accepted: AtomicUsize,
+    /// Connections done writing (all bytes written or blocked).
+    done: AtomicUsize,
+    written: AtomicUsize,
+}
+
+struct TestBackend {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    /// `Stream`: when each connection's write failed, and how.
+    failed: mpsc::UnboundedReceiver<(Instant, std::io::ErrorKind)>,
+}
+
+async fn backend(b: Behaviour) -> TestBackend {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let stats = Arc::new(Stats::default());
+    let (tx, failed) = mpsc::unbounded_channel();
+    let st = stats.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            st.accepted.fetch_add(1, Ordering::Relaxed);
+            let st = st.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                match b {
+                    Behaviour::Echo => {
+                        while let Ok(n @ 1..) = s.read(&mut buf).await {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Behaviour::Write(total) => {
+                        let mut left = total;
+                        while left > 0 {
+                            let n = left.min(buf.len());
+                            match tokio::time::timeout(
+                                Duration::from_millis(500),
+                                s.write(&buf[..n]),
+                            )
+                            .await
+                            {
+                                Ok(Ok(w @ 1..)) => {
+                                    left -= w;
+                                    st.written.fetch_add(w, Ordering::Relaxed);
+                                }
+                                _ => break,
+                            }
+                        }
+                        st.done.fetch_add(1, Ordering::Relaxed);
+                        while let Ok(1..) = s.read(&mut buf).await {}
+                    }
+                    Behaviour::Stream => loop {
+                        if let Err(e) = s.write_all(&buf).await {
+                            let _ = tx.send((Instant::now(), e.kind()));
+                            break;
+                        }
+                        st.written.fetch_add(buf.len(), Ordering::Relaxed);
+                    },
+                }
+            });
+        }
+    });
+    TestBackend {
+        addr,
+        stats,
+        failed,
+    }
+}
+
+/// Raises this process's descriptor limit (soft and hard: root may raise
+/// the hard one up to `fs.nr_open`); sluice, a child, inherits it. Returns
+/// the soft limit in force.
+fn raise_nofile(want: u64) -> u64 {
+    use rlimit::Resource;
+    let (soft, hard) = Resource::NOFILE.get().unwrap();
+    if Resource::NOFILE
+        .set(want.max(soft), want.max(hard))
+        .is_err()
+    {
+        let _ = Resource::NOFILE.set(hard, hard);
+    }
+    Resource::NOFILE.get().unwrap().0
+}
+
+/// VmRSS in KiB and the number of open descriptors of `pid`.
+fn usage(pid: i32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    (rss, fds)
+}
+
+/// The sum of every series of `name` (all labels).
+async fn total(s: &Daemon, name: &str) -> f64 {
+    let text = s.scrape().await.unwrap();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn start(services: Vec<ServiceDoc>) -> Daemon {
+    let opts = Options {
+        config: Some(ConfigDoc { services }.to_yaml().unwrap()),
+        args: vec!["--config-poll-interval".into(), "100ms".into()],
+        log_filter: Some("warn".into()),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    Daemon::start(opts).await.unwrap()
+}
+
+fn service(name: &str, listen: SocketAddr, backend: SocketAddr) -> ServiceDoc {
+    ServiceDoc::new(name, listen, vec![BackendDoc::ready(backend)])
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens `n` connections to `listens` (round robin), at most 256
+/// handshakes at a time. Every one must succeed.
+async fn open(n: usize, listens: &[SocketAddr]) -> Vec<TcpStream> {
+    let listens: Arc<[SocketAddr]> = listens.into();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..256.min(n) {
+        let (next, listens) = (next.clone(), listens.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return got;
+                }
+                let to = listens[i % listens.len()];
+                let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
+                    .await
+                    .unwrap_or_else(|_| panic!("connect {i} to {to} timed out"))
+                    .unwrap_or_else(|e| panic!("connect {i} to {to}: {e}"));
+                got.push(s);
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// `n` request/response exchanges, one connection each; their latencies
+/// (connect to reply). Every one must succeed within `bound`.
+async fn exchanges(listen: SocketAddr, n: usize, bound: Duration) -> Vec<Duration> {
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(bound, async {
+            let mut s = TcpStream::connect(listen).await?;
+            s.write_all(b"ping\n").await?;
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        })
+        .await;
+        match r {
+            Ok(Ok(buf)) => assert_eq!(&buf, b"ping\n"),
+            other => panic!("exchange {i} failed: {other:?}"),
+        }
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    lat
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn show(lat: &[Duration]) -> String {
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms",
+        pct(lat, 0.5).as_secs_f64() * 1e3,
+        pct(lat, 0.99).as_secs_f64() * 1e3
+    )
+}
+
+const HOSTILE: usize = 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_silent_clients_do_not_starve_others() {
+    raise_nofile(4 * HOSTILE as u64 + 1024);
+    let echo = backend(Behaviour::Echo).await;
+    let listen = free_addr().unwrap();
+    let s = start(vec![service("silent", listen, echo.addr)]).await;
+
+    let before_lat = exchanges(listen, 200, Duration::from_secs(5)).await;
+    let (rss0, fds0) = usage(s.pid());
+    let held = open(HOSTILE, &[listen]).await;
+    // Each is accepted by sluice and dialled to the backend.
+    until("every silent connection at the backend", Duration::from_secs(30), async || {
+        echo.stats.accepted.load(Ordering::Relaxed) >= 200 + HOSTILE
+    })
+    .await;
+    until("the active gauge", Duration::from_secs(10), async || {
+        total(&s, "sluice_connections_active").await >= HOSTILE as f64
+    })
+    .await;
+    let (rss1, fds1) = usage(s.pid());
+    let during_lat = exchanges(listen, 200, Duration::from_secs(5)).await;
+
+    let fd_per = (fds1 as f64 - fds0 as f64) / HOSTILE as f64;
+    let kib_per = (rss1 as f64 - rss0 as f64) / HOSTILE as f64;
+    println!(
+        "silent clients: {HOSTILE} held; sluice descriptors {fds0} -> {fds1} ({fd_per:.2}/conn), \
+         RSS {rss0} -> {rss1} KiB ({kib_per:.1} KiB/conn); \
+         200 exchanges before: {}; during: {}",
+        show(&before_lat),
+        show(&during_lat)
+    );
+    // Two sockets per proxied connection (client, backend); nothing else
+    // per connection (a pipe pair for splice would make it 4).
+    assert!(
+        (1.9..=4.1).contains(&fd_per),
+        "{fd_per:.2} descriptors per connection"
+    );
+    // A task and its state: tens of KiB at most per idle connection.
+    assert!(kib_per < 64.0, "{kib_per:.1} KiB of RSS per idle connection");
+    drop(held);
+    until("the active gauge back to 0", Duration::from_secs(30), async || {
+        total(&s, "sluice_connections_active").await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
+    raise_nofile(4 * HOSTILE as u64 + 1024);
+    const EACH: usize = 1 << 20;
+    let writer = backend(Behaviour::Write(EACH)).await;
+    let echo = backend(Behaviour::Echo).await;
+    let (deaf, other) = (free_addr().unwrap(), free_addr().unwrap());
+    let s = start(vec![
+        service("deaf", deaf, writer.addr),
+        service("other", other, echo.addr),
+    ])
+    .await;
+    exchanges(other, 20, Duration::from_secs(5)).await;
+    let (rss0, _) = usage(s.pid());
+    let held = open(HOSTILE, &[deaf]).await;
+    until("every backend done writing or blocked", Duration::from_secs(60), async || {
+        writer.stats.done.load(Ordering::Relaxed) >= HOSTILE
+    })
+    .await;
+    let (rss1, _) = usage(s.pid());
+    let written = writer.stats.written.load(Ordering::Relaxed);
+    let lat = exchanges(other, 200, Duration::from_secs(5)).await;
+    let kib_per = (rss1 as f64 - rss0 as f64) / HOSTILE as f64;
+    println!(
+        "deaf clients: {HOSTILE}, backends wrote {:.1} MiB ({:.0} KiB/conn); \
+         sluice RSS {rss0} -> {rss1} KiB ({kib_per:.1} KiB/conn); others: {}",
+        written as f64 / (1 << 20) as f64,
+        written as f64 / 1024.0 / HOSTILE as f64,
+        show(&lat)
+    );
+    // What did not fit in socket buffers stays in the backend: sluice holds
+    // at most its copy buffer (16 KiB per direction) and its task per
+    // connection; the rest waits in kernel socket buffers (not RSS). 64 KiB
+    // is four copy buffers; unbounded buffering would show up to the
+    // 1 MiB written per connection.
+    assert!(kib_per < 64.0, "{kib_per:.1} KiB of RSS per deaf connection");
+    drop(held);
+    until("the active gauge back to 0", Duration::from_secs(30), async || {
+        total(&s, "sluice_connections_active").await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_mid_stream_resets_the_backend_promptly() {
+    let mut stream = backend(Behaviour::Stream).await;
+    let listen = free_addr().unwrap();
+    let s = start(vec![service("big", listen, stream.addr)]).await;
+    let resets0 = total(&s, "sluice_connections_closed_total{service=\"big\",reason=\"reset\"}").await;
+
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 4 << 20 {
+        got += c.read(&mut buf).await.unwrap();
+    }
+    // RST: linger 0, then close, mid-transfer.
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let t0 = Instant::now();
+    let (when, kind) = tokio::time::timeout(Duration::from_secs(2), stream.failed.recv())
+        .await
+        .expect("the backend was still written to 2 s after the client's reset")
+        .unwrap();
+    let after = when.saturating_duration_since(t0);
+    println!("client reset after {got} bytes: the backend's write failed ({kind:?}) after {after:?}");
+    assert!(
+        matches!(
+            kind,
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{kind:?}"
+    );
+    until("the active gauge back to 0", Duration::from_secs(5), async || {
+        total(&s, "sluice_connections_active").await == 0.0
+    })
+    .await;
+    let resets = total(&s, "sluice_connections_closed_total{service=\"big\",reason=\"reset\"}").await;
+    assert_eq!(resets - resets0, 1.0, "the reset was not counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_idle_connection_and_per_listener() {
+    let n: usize = if std::env::var_os("SLUICE_SCALE_TEST").is_some() {
+        50_000
+    } else {
+        5_000
+    };
+    let limit = raise_nofile(2 * n as u64 + 4096);
+    if limit < 2 * n as u64 + 1024 {
+        eprintln!("SKIPPED: descriptor limit {limit} is too low for {n} connections");
+        return;
+    }
+    // At most 10,000 connections per destination (client -> listener,
+    // sluice -> backend), well inside the ephemeral port range.
+    let k = n.div_ceil(10_000);
+    let mut backends = Vec::new();
+    let mut docs = Vec::new();
+    let mut listens = Vec::new();
+    for i in 0..k {
+        let b = backend(Behaviour::Echo).await;
+        let l = free_addr().unwrap();
+        docs.push(service(&format!("scale-{i}"), l, b.addr));
+        listens.push(l);
+        backends.push(b);
+    }
+    let mut s = start(docs.clone()).await;
+    let (rss_base, _) = usage(s.pid());
+
+    // 100 more listeners, to the first backend.
+    let mut more = docs.clone();
+    for i in 0..100 {
+        more.push(service(&format!("extra-{i}"), free_addr().unwrap(), backends[0].addr));
+    }
+    s.reload_and_wait(&ConfigDoc { services: more }.to_yaml().unwrap())
+        .await
+        .unwrap();
+    let (rss_listeners, _) = usage(s.pid());
+    let (_, fds0) = usage(s.pid());
+
+    let t0 = Instant::now();
+    let held = open(n, &listens).await;
+    until("every connection proxied", Duration::from_secs(120), async || {
+        total(&s, "sluice_connections_active").await >= n as f64
+    })
+    .await;
+    let took = t0.elapsed();
+    let (rss1, fds1) = usage(s.pid());
+    let kib_per_conn = (rss1 as f64 - rss_listeners as f64) / n as f64;
+    let kib_per_listener = (rss_listeners as f64 - rss_base as f64) / 100.0;
+    println!(
+        "scale: {n} idle connections over {k} services (opened in {took:?}), descriptor limit {limit}; \
+         sluice RSS {rss_base} KiB with {k} listeners, {rss_listeners} KiB with {} ({kib_per_listener:.1} KiB/listener), \
+         {rss1} KiB with the connections ({kib_per_conn:.2} KiB/conn); descriptors {fds0} -> {fds1}",
+        k + 100
+    );
+    // The connections still work.
+    let mut c = held.into_iter().next_back().unwrap();
+    c.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut one))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(kib_per_conn < 32.0, "{kib_per_conn:.2} KiB per idle connection");
+    assert!(kib_per_listener < 256.0, "{kib_per_listener:.1} KiB per listener");
+}
