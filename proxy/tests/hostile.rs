@@ -143,6 +143,26 @@ fn usage(pid: i32) -> (u64, usize) {
     (rss, fds)
 }
 
+/// Bytes queued (receive + send queue, `ss -m`'s `r` and `w`) in the TCP
+/// sockets matching `filter`.
+fn socket_memory(filter: &str) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-Htmn", "state", "established", filter])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("skmem:(")
+        .skip(1)
+        .map(|m| {
+            let m = m.split(')').next().unwrap_or("");
+            m.split(',')
+                .filter(|f| f.starts_with('r') && !f.starts_with("rb") || f.starts_with('w'))
+                .filter_map(|f| f[1..].parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// One field of /proc/meminfo, in KiB.
 fn meminfo_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -333,13 +353,20 @@ async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
     .await;
     let (rss1, _) = usage(s.pid());
     let written = writer.stats.written.load(Ordering::Relaxed);
+    let kernel = socket_memory(&format!(
+        "( sport = :{} or dport = :{} )",
+        deaf.port(),
+        writer.addr.port()
+    ));
     let lat = exchanges(other, 200, Duration::from_secs(5)).await;
     let kib_per = (rss1 as f64 - rss0 as f64) / HOSTILE as f64;
     println!(
         "deaf clients: {HOSTILE}, backends wrote {:.1} MiB ({:.0} KiB/conn); \
-         sluice RSS {rss0} -> {rss1} KiB ({kib_per:.1} KiB/conn); others: {}",
+         sluice RSS {rss0} -> {rss1} KiB ({kib_per:.1} KiB/conn); \
+         queued in sluice's sockets (ss skmem r+w): {:.0} KiB/conn; others: {}",
         written as f64 / (1 << 20) as f64,
         written as f64 / 1024.0 / HOSTILE as f64,
+        kernel as f64 / 1024.0 / HOSTILE as f64,
         show(&lat)
     );
     // What did not fit in socket buffers stays in the backend: sluice holds
