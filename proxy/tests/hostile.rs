@@ -208,6 +208,14 @@ async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool
     }
 }
 
+/// Waits (bounded) until sluice holds no connection.
+async fn drained(s: &Daemon, within: Duration) {
+    until("the active gauge back to 0", within, async || {
+        total(s, "sluice_connections_active").await == 0.0
+    })
+    .await;
+}
+
 /// Opens `n` connections to `listens` (round robin), at most 64
 /// handshakes at a time. Every one must succeed.
 async fn open(n: usize, listens: &[SocketAddr]) -> Vec<TcpStream> {
@@ -322,12 +330,7 @@ async fn two_thousand_silent_clients_do_not_starve_others() {
         "{kib_per:.1} KiB of RSS per idle connection"
     );
     drop(held);
-    until(
-        "the active gauge back to 0",
-        Duration::from_secs(30),
-        async || total(&s, "sluice_connections_active").await == 0.0,
-    )
-    .await;
+    drained(&s, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,12 +382,7 @@ async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
         "{kib_per:.1} KiB of RSS per deaf connection"
     );
     drop(held);
-    until(
-        "the active gauge back to 0",
-        Duration::from_secs(30),
-        async || total(&s, "sluice_connections_active").await == 0.0,
-    )
-    .await;
+    drained(&s, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,12 +423,7 @@ async fn a_client_reset_mid_stream_resets_the_backend_promptly() {
         ),
         "{kind:?}"
     );
-    until(
-        "the active gauge back to 0",
-        Duration::from_secs(5),
-        async || total(&s, "sluice_connections_active").await == 0.0,
-    )
-    .await;
+    drained(&s, Duration::from_secs(5)).await;
     let resets = total(
         &s,
         "sluice_connections_closed_total{service=\"big\",reason=\"reset\"}",
