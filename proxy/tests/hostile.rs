@@ -346,7 +346,7 @@ async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
     ])
     .await;
     exchanges(other, 20, Duration::from_secs(5)).await;
-    let (rss0, _) = usage(s.pid());
+    let (rss0, fds0) = usage(s.pid());
     let held = open(HOSTILE, &[deaf]).await;
     until(
         "every backend done writing or blocked",
@@ -354,7 +354,7 @@ async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
         async || writer.stats.done.load(Ordering::Relaxed) >= HOSTILE,
     )
     .await;
-    let (rss1, _) = usage(s.pid());
+    let (rss1, fds1) = usage(s.pid());
     let written = writer.stats.written.load(Ordering::Relaxed);
     let kernel = socket_memory(&format!(
         "( sport = :{} or dport = :{} )",
@@ -365,8 +365,8 @@ async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
     let kib_per = (rss1 as f64 - rss0 as f64) / HOSTILE as f64;
     println!(
         "deaf clients: {HOSTILE}, backends wrote {:.1} MiB ({:.0} KiB/conn); \
-         sluice RSS {rss0} -> {rss1} KiB ({kib_per:.1} KiB/conn); \
-         queued in sluice's sockets (ss skmem r+w): {:.0} KiB/conn; others: {}",
+         sluice RSS {rss0} -> {rss1} KiB ({kib_per:.1} KiB/conn), \
+         descriptors {fds0} -> {fds1} (pipes of splice included); queued in sluice's sockets (ss skmem r+w): {:.0} KiB/conn; others: {}",
         written as f64 / (1 << 20) as f64,
         written as f64 / 1024.0 / HOSTILE as f64,
         kernel as f64 / 1024.0 / HOSTILE as f64,
