@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch};
 use super::nft;
 use super::pod::Pod;
 use super::topo::{self, BRIDGE, CLIENT_IP, Gen, Names, POD_PORT, VIP, VIP_DEV, VIP_PORT};
-use crate::plan::{Action, Arp, Intercept, SLUICE_LOG, Via, plan};
+use crate::plan::{Action, Arp, Intercept, Proto, SLUICE_LOG, Via, plan};
 use crate::report::Event;
 use crate::sluice::{
     BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
@@ -67,6 +67,8 @@ pub struct Spec {
     /// The sluice binary (via sluice only).
     pub sluice_bin: Option<PathBuf>,
     pub sluice_args: SluiceArgs,
+    /// tcp: this module's run; udp: [`super::dnsroll`]'s.
+    pub proto: Proto,
 }
 
 /// One step of the scenario: the loopback rollout's, plus the deletion of
@@ -172,7 +174,7 @@ fn pod_id(g: Gen, i: usize) -> String {
 }
 
 /// The node-side end of pod `g`-`i`'s veth.
-fn veth_name(g: Gen, i: usize) -> String {
+pub(super) fn veth_name(g: Gen, i: usize) -> String {
     format!("v{}{}", &g.as_str()[..1], i + 1)
 }
 
@@ -182,7 +184,7 @@ const VETH_GONE_WAIT: Duration = Duration::from_millis(1500);
 
 /// Waits until link `dev` is gone from namespace `node`; returns how long
 /// that took, or None if it is still there after [`VETH_GONE_WAIT`].
-async fn wait_link_gone(node: &str, dev: &str) -> Option<Duration> {
+pub(super) async fn wait_link_gone(node: &str, dev: &str) -> Option<Duration> {
     let t = Instant::now();
     while t.elapsed() < VETH_GONE_WAIT {
         let present = std::process::Command::new("ip")
@@ -210,7 +212,7 @@ async fn start_pod(spec: &Spec, names: &Names, g: Gen, i: usize) -> Result<Pod> 
 
 /// The endpoints kube-proxy would program: the ready ones, or the
 /// serving-and-terminating ones when none is ready.
-fn nft_endpoints(table: &[BackendCfg]) -> Vec<SocketAddrV4> {
+pub(super) fn nft_endpoints(table: &[BackendCfg]) -> Vec<SocketAddrV4> {
     let v4 = |b: &BackendCfg| match b.address {
         SocketAddr::V4(a) => Some(a),
         SocketAddr::V6(_) => None,
@@ -256,7 +258,7 @@ async fn probe_from_client(names: &Names, cancel: watch::Receiver<bool>) -> Resu
     rx.await.context("probe thread died")?
 }
 
-fn count_conntrack_to(ips: &[std::net::Ipv4Addr]) -> u64 {
+pub(super) fn count_conntrack_to(ips: &[std::net::Ipv4Addr]) -> u64 {
     // /proc/thread-self: this thread's namespace (the node's).
     let text = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack").unwrap_or_default();
     text.lines()
@@ -271,7 +273,7 @@ fn count_conntrack_to(ips: &[std::net::Ipv4Addr]) -> u64 {
 /// may be either). nftables: no VIP on any device, so the node needs a
 /// route for the Service range for its own connects to reach the output
 /// hook (a real node's default route; this node has none).
-fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<String>> {
+pub(super) fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<String>> {
     let mut flags = vec!["--intercept".to_string(), intercept.as_str().to_string()];
     match intercept {
         Intercept::Bind => flags.extend(["--vip-interface".to_string(), VIP_DEV.to_string()]),
