@@ -291,15 +291,20 @@ fn flush_conntrack(node: &str, gone: &[Ipv4Addr]) -> Result<u64> {
             .args(["--reply-src", &ip.to_string()])
             .output()
             .context("running conntrack -D (apt-get install conntrack)")?;
-        // "N flow entries have been deleted." on stderr; exit 1 for none.
-        let text = String::from_utf8_lossy(&out.stderr);
-        deleted += text
-            .split_whitespace()
-            .next()
-            .and_then(|w| w.parse::<u64>().ok())
-            .unwrap_or(0);
+        deleted += deleted_count(&String::from_utf8_lossy(&out.stderr));
     }
     Ok(deleted)
+}
+
+/// N in conntrack's "conntrack v1.4.7 (conntrack-tools): N flow entries
+/// have been deleted." (0 when absent).
+fn deleted_count(stderr: &str) -> u64 {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[1] == "flow")
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or(0)
 }
 
 /// The run itself, on a thread inside the node's namespace.
@@ -508,5 +513,14 @@ mod tests {
         assert_eq!(answer(&refused, 0x1234), None, "REFUSED is no answer");
         assert_eq!(answer(&q, 0x1234), None, "a query is no answer");
         assert_eq!(answer(&r[..10], 0x1234), None);
+    }
+
+    #[test]
+    fn conntrack_delete_count_is_parsed() {
+        assert_eq!(
+            deleted_count("conntrack v1.4.7 (conntrack-tools): 5 flow entries have been deleted.\n"),
+            5
+        );
+        assert_eq!(deleted_count(""), 0);
     }
 }
