@@ -89,7 +89,11 @@ fn dns_rollout_loses_queries_through_sluice_only_in_the_black_hole() {
     // the query elsewhere, so no client ever sees a refusal.
     let errors = &sluice["errors"];
     for kind in ["refused", "unreachable", "reset", "other"] {
-        assert_eq!(errors[kind].as_u64(), Some(0), "sluice errors.{kind}: {ctx}");
+        assert_eq!(
+            errors[kind].as_u64(),
+            Some(0),
+            "sluice errors.{kind}: {ctx}"
+        );
     }
     assert!(
         sluice["sluice_stop"]["clean"].as_bool().unwrap(),

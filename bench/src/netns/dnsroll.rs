@@ -98,7 +98,12 @@ pub fn answer(buf: &[u8], id: u16) -> Option<Ipv4Addr> {
         return None;
     }
     let n = buf.len();
-    Some(Ipv4Addr::new(buf[n - 4], buf[n - 3], buf[n - 2], buf[n - 1]))
+    Some(Ipv4Addr::new(
+        buf[n - 4],
+        buf[n - 3],
+        buf[n - 2],
+        buf[n - 1],
+    ))
 }
 
 /// A DNS pod: dnsmasq in the pod's namespace. Dropping it kills it.
@@ -268,7 +273,10 @@ async fn probe_from_client(names: &Names, cancel: watch::Receiver<bool>) -> Resu
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("no DNS query to {} from the client pod was answered in 5s (last: {o:?})", vip());
+                bail!(
+                    "no DNS query to {} from the client pod was answered in 5s (last: {o:?})",
+                    vip()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -518,7 +526,9 @@ mod tests {
     #[test]
     fn conntrack_delete_count_is_parsed() {
         assert_eq!(
-            deleted_count("conntrack v1.4.7 (conntrack-tools): 5 flow entries have been deleted.\n"),
+            deleted_count(
+                "conntrack v1.4.7 (conntrack-tools): 5 flow entries have been deleted.\n"
+            ),
             5
         );
         assert_eq!(deleted_count(""), 0);
