@@ -1,34 +1,14 @@
 //! `rollout --netns --proto udp` for real: dnsmasq pods replaced under a
 //! DNS query load, through sluice (bound VIP) and kube-proxy-shaped
 //! nftables DNAT with its UDP conntrack cleanup. Needs root, iproute2,
-//! nftables, dnsmasq and conntrack (skipped with a message otherwise; the
-//! bench itself names a missing `ip`).
+//! nftables, dnsmasq and conntrack (skipped with a message otherwise).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::MetadataExt as _;
 use std::process::Command;
 
-use serde_json::Value;
+use sluice_testkit::netns::unusable;
 
-fn skip_reason() -> Option<String> {
-    let root = std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false);
-    if !root {
-        return Some("needs root (network namespaces)".into());
-    }
-    for tool in ["nft", "dnsmasq", "conntrack"] {
-        let found = Command::new(tool)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success() || !o.stdout.is_empty())
-            .unwrap_or(false);
-        if !found {
-            return Some(format!("needs `{tool}` on PATH"));
-        }
-    }
-    None
-}
+use serde_json::Value;
 
 /// Time of the first event whose text contains all of `parts`.
 fn event_at(run: &Value, parts: &[&str]) -> Option<f64> {
@@ -44,7 +24,7 @@ fn event_at(run: &Value, parts: &[&str]) -> Option<f64> {
 
 #[test]
 fn dns_rollout_loses_queries_through_sluice_only_in_the_black_hole() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = unusable(&["ip", "nft", "dnsmasq", "conntrack"]) {
         eprintln!("SKIPPED: rollout --netns --proto udp {why}");
         return;
     }
