@@ -32,7 +32,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use super::nft;
-use super::scenario::{RunResult, SERVICE, SluiceOutcome, Spec, Step, spawn_in, steps};
+use super::scenario::{RunResult, SERVICE, Spec, Step, spawn_in, steps};
 use super::topo::{self, BRIDGE, CLIENT_IP, Gen, Names, VIP};
 use crate::plan::{Action, Arp, SLUICE_LOG, Via};
 use crate::report::Event;
@@ -148,26 +148,13 @@ impl DnsPod {
 
     /// SIGTERM: dnsmasq exits at once.
     fn terminate(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+        super::pod::sigterm(&self.child);
     }
 
     /// Waits up to `patience` for the exit, then SIGKILLs. Whether it
     /// exited on its own.
     async fn reap(&mut self, patience: Duration) -> Result<bool> {
-        if let Ok(r) = tokio::time::timeout(patience, self.child.wait()).await {
-            r?;
-            return Ok(true);
-        }
-        let _ = self.child.start_kill();
-        tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .context("dnsmasq did not die within 5s")??;
-        Ok(false)
+        super::pod::reap_child(&mut self.child, patience, "dnsmasq").await
     }
 }
 
@@ -416,23 +403,12 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                 }
                 Step::Rollout(Action::TableAdd(i)) => {
                     let p = news[i].as_ref().context("new pod missing")?;
-                    table.push(BackendCfg::ready(p.addr));
                     dirty = true;
-                    format!("table: +new-{}", i + 1)
+                    super::scenario::table_step(&mut table, Action::TableAdd(i), p.addr)
                 }
-                Step::Rollout(Action::TableTerminating(i)) => {
-                    let addr = olds[i].addr;
-                    for b in table.iter_mut().filter(|b| b.address == addr) {
-                        *b = BackendCfg::terminating(addr);
-                    }
+                Step::Rollout(a @ (Action::TableTerminating(i) | Action::TableRemove(i))) => {
                     dirty = true;
-                    format!("table: old-{} terminating", i + 1)
-                }
-                Step::Rollout(Action::TableRemove(i)) => {
-                    let addr = olds[i].addr;
-                    table.retain(|b| b.address != addr);
-                    dirty = true;
-                    format!("table: -old-{}", i + 1)
+                    super::scenario::table_step(&mut table, a, olds[i].addr)
                 }
             };
             events.push(Event::new(t0.elapsed(), what));
@@ -463,39 +439,7 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
             }
         }
     }
-    let load = load.await.context("client thread died")??;
-    let conntrack_to_dead_pods = super::scenario::count_conntrack_to(&dead);
-    let sluice = match sluice.as_mut() {
-        Some(s) => {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            for (t, g) in s.generations_seen() {
-                if t >= t0 {
-                    events.push(Event::new(
-                        t.duration_since(t0),
-                        format!("sluice: table live generation={g}"),
-                    ));
-                }
-            }
-            let ran_throughout = s.running();
-            let metrics = s.scrape_metrics().await;
-            let stop = s.stop(Duration::from_secs(10)).await;
-            Some(SluiceOutcome {
-                log: s.log_counts(),
-                metrics,
-                stop,
-                ran_throughout,
-                log_tail: s.log_tail(30),
-            })
-        }
-        None => None,
-    };
-    events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
-    Ok(RunResult {
-        load,
-        events,
-        sluice,
-        conntrack_to_dead_pods,
-    })
+    super::scenario::wrap_up(load, &dead, sluice.as_mut(), t0, events).await
 }
 
 #[cfg(test)]

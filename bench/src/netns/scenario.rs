@@ -288,6 +288,51 @@ pub(super) fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<Strin
 /// The Service range routed on the node with `--intercept nftables`.
 const SERVICE_RANGE: &str = "10.96.0.0/12";
 
+/// Applies table step `action` of the pod at `addr` (the new pod for
+/// `TableAdd`, the old one otherwise) to `table`; returns its event text.
+pub(super) fn table_step(table: &mut Vec<BackendCfg>, action: Action, addr: SocketAddr) -> String {
+    match action {
+        Action::TableAdd(i) => {
+            table.push(BackendCfg::ready(addr));
+            format!("table: +new-{}", i + 1)
+        }
+        Action::TableTerminating(i) => {
+            for b in table.iter_mut().filter(|b| b.address == addr) {
+                *b = BackendCfg::terminating(addr);
+            }
+            format!("table: old-{} terminating", i + 1)
+        }
+        Action::TableRemove(i) => {
+            table.retain(|b| b.address != addr);
+            format!("table: -old-{}", i + 1)
+        }
+        other => format!("{other:?} is not a table step"),
+    }
+}
+
+/// After the load: sluice's generations as events, its counters, its stop.
+pub(super) async fn finish(s: &mut Sluice, t0: Instant, events: &mut Vec<Event>) -> SluiceOutcome {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for (t, g) in s.generations_seen() {
+        if t >= t0 {
+            events.push(Event::new(
+                t.duration_since(t0),
+                format!("sluice: table live generation={g}"),
+            ));
+        }
+    }
+    let ran_throughout = s.running();
+    let metrics = s.scrape_metrics().await;
+    let stop = s.stop(Duration::from_secs(10)).await;
+    SluiceOutcome {
+        log: s.log_counts(),
+        metrics,
+        stop,
+        ran_throughout,
+        log_tail: s.log_tail(30),
+    }
+}
+
 /// The run itself. Must be called on a thread inside the node's namespace.
 pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Result<RunResult> {
     let node = names.node();
@@ -413,23 +458,12 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                 }
                 Step::Rollout(Action::TableAdd(i)) => {
                     let p = news[i].as_ref().context("new pod missing")?;
-                    table.push(BackendCfg::ready(p.addr));
                     dirty = true;
-                    format!("table: +new-{}", i + 1)
+                    table_step(&mut table, Action::TableAdd(i), p.addr)
                 }
-                Step::Rollout(Action::TableTerminating(i)) => {
-                    let addr = olds[i].addr;
-                    for b in table.iter_mut().filter(|b| b.address == addr) {
-                        *b = BackendCfg::terminating(addr);
-                    }
+                Step::Rollout(a @ (Action::TableTerminating(i) | Action::TableRemove(i))) => {
                     dirty = true;
-                    format!("table: old-{} terminating", i + 1)
-                }
-                Step::Rollout(Action::TableRemove(i)) => {
-                    let addr = olds[i].addr;
-                    table.retain(|b| b.address != addr);
-                    dirty = true;
-                    format!("table: -old-{}", i + 1)
+                    table_step(&mut table, a, olds[i].addr)
                 }
             };
             events.push(Event::new(t0.elapsed(), what));
@@ -454,30 +488,22 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
             }
         }
     }
+    wrap_up(load, &dead, sluice.as_mut(), t0, events).await
+}
+
+/// The end of a run: the client's records, the node's conntrack entries
+/// to the `dead` pods, sluice's outcome ([`finish`]), the events sorted.
+pub(super) async fn wrap_up(
+    load: oneshot::Receiver<Result<LoadResult>>,
+    dead: &[std::net::Ipv4Addr],
+    sluice: Option<&mut Sluice>,
+    t0: Instant,
+    mut events: Vec<Event>,
+) -> Result<RunResult> {
     let load = load.await.context("client thread died")??;
-    let conntrack_to_dead_pods = count_conntrack_to(&dead);
-    let sluice = match sluice.as_mut() {
-        Some(s) => {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            for (t, g) in s.generations_seen() {
-                if t >= t0 {
-                    events.push(Event::new(
-                        t.duration_since(t0),
-                        format!("sluice: table live generation={g}"),
-                    ));
-                }
-            }
-            let ran_throughout = s.running();
-            let metrics = s.scrape_metrics().await;
-            let stop = s.stop(Duration::from_secs(10)).await;
-            Some(SluiceOutcome {
-                log: s.log_counts(),
-                metrics,
-                stop,
-                ran_throughout,
-                log_tail: s.log_tail(30),
-            })
-        }
+    let conntrack_to_dead_pods = count_conntrack_to(dead);
+    let sluice = match sluice {
+        Some(s) => Some(finish(s, t0, &mut events).await),
         None => None,
     };
     events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
