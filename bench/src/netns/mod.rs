@@ -409,8 +409,12 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
         outln!("\n{}", comparison_table(&runs));
     }
     if pass || a.allow_errors {
-        if !a.json {
+        if !a.json && pass {
             outln!("rollout --netns PASSED (0 client-visible errors through sluice)");
+        } else if !a.json {
+            outln!(
+                "rollout --netns: client-visible errors through sluice (exit 0 for --allow-errors)"
+            );
         }
         Ok(ExitCode::SUCCESS)
     } else {
