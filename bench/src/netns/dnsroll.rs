@@ -341,7 +341,7 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
     };
     if let Err(e) = probe_from_client(&names, cancel.clone()).await {
         let tail = sluice.as_ref().map(|s| s.log_tail(30)).unwrap_or_default();
-        return Err(e.context(tail));
+        bail!("{e:#}\n{tail}");
     }
 
     let t0 = Instant::now() + Duration::from_millis(50);
