@@ -33,8 +33,8 @@ use tokio::sync::watch;
 
 use super::nft;
 use super::scenario::{RunResult, SERVICE, Spec, Step, spawn_in, steps};
-use super::topo::{self, BRIDGE, CLIENT_IP, Gen, Names, VIP};
-use crate::plan::{Action, Arp, SLUICE_LOG, Via};
+use super::topo::{self, CLIENT_IP, Gen, Names, VIP};
+use crate::plan::{Action, SLUICE_LOG, Via};
 use crate::report::Event;
 use crate::sluice::{BackendCfg, Config, ServiceCfg, Sluice};
 use crate::workload::{ErrorKind, LoadResult, Outcome, Record};
@@ -380,26 +380,8 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                 }
                 Step::DeleteNs(i) => {
                     let on_its_own = olds[i].reap(Duration::from_millis(100)).await?;
-                    topo::ip(&["netns", "del", &names.pod(Gen::Old, i)])?;
-                    let mut w = format!(
-                        "world: old-{} netns deleted{}",
-                        i + 1,
-                        if on_its_own {
-                            ""
-                        } else {
-                            " (dnsmasq SIGKILLed first)"
-                        }
-                    );
-                    if spec.arp == Arp::Failed {
-                        let veth = super::scenario::veth_name(Gen::Old, i);
-                        super::scenario::wait_link_gone(&node, &veth).await;
-                        let ip = topo::pod_ip(Gen::Old, i).to_string();
-                        topo::ip(&[
-                            "-n", &node, "neigh", "replace", &ip, "dev", BRIDGE, "nud", "failed",
-                        ])?;
-                        w.push_str("; node ARP entry set to FAILED");
-                    }
-                    w
+                    super::scenario::delete_old_ns(&spec, &names, i, on_its_own, t0, &mut events)
+                        .await?
                 }
                 Step::Rollout(Action::TableAdd(i)) => {
                     let p = news[i].as_ref().context("new pod missing")?;

@@ -288,6 +288,55 @@ pub(super) fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<Strin
 /// The Service range routed on the node with `--intercept nftables`.
 const SERVICE_RANGE: &str = "10.96.0.0/12";
 
+/// Deletes old pod `i`'s namespace (its process already reaped:
+/// `on_its_own` when it exited without a SIGKILL), waits for its veth to
+/// go and, with `--arp failed`, sets the node's ARP entry to FAILED.
+/// Pushes the deletion as an event; returns the text of the next one.
+pub(super) async fn delete_old_ns(
+    spec: &Spec,
+    names: &Names,
+    i: usize,
+    on_its_own: bool,
+    t0: Instant,
+    events: &mut Vec<Event>,
+) -> Result<String> {
+    let node = names.node();
+    topo::ip(&["netns", "del", &names.pod(Gen::Old, i)])?;
+    let w = format!(
+        "world: old-{} netns deleted{}",
+        i + 1,
+        if on_its_own {
+            ""
+        } else {
+            " (process SIGKILLed first)"
+        }
+    );
+    events.push(Event::new(t0.elapsed(), w));
+    // Until the kernel has freed the namespace, the pod's
+    // stack still answers (RST); an ARP entry set to FAILED
+    // before that would be refreshed by its reply.
+    let mut w = match wait_link_gone(&node, &veth_name(Gen::Old, i)).await {
+        Some(d) => format!(
+            "world: old-{}'s veth gone, {} ms after netns del",
+            i + 1,
+            d.as_millis()
+        ),
+        None => format!(
+            "world: old-{}'s veth still there {} ms after netns del",
+            i + 1,
+            VETH_GONE_WAIT.as_millis()
+        ),
+    };
+    if spec.arp == Arp::Failed {
+        let ip = topo::pod_ip(Gen::Old, i).to_string();
+        topo::ip(&[
+            "-n", &node, "neigh", "replace", &ip, "dev", BRIDGE, "nud", "failed",
+        ])?;
+        w.push_str("; node ARP entry set to FAILED");
+    }
+    Ok(w)
+}
+
 /// Applies table step `action` of the pod at `addr` (the new pod for
 /// `TableAdd`, the old one otherwise) to `table`; returns its event text.
 pub(super) fn table_step(table: &mut Vec<BackendCfg>, action: Action, addr: SocketAddr) -> String {
@@ -421,40 +470,7 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                     // The process exits within its drain (200 ms); a pod
                     // that hangs is SIGKILLed before its netns goes.
                     let on_its_own = olds[i].reap(Duration::from_millis(100)).await?;
-                    topo::ip(&["netns", "del", &names.pod(Gen::Old, i)])?;
-                    let w = format!(
-                        "world: old-{} netns deleted{}",
-                        i + 1,
-                        if on_its_own {
-                            ""
-                        } else {
-                            " (process SIGKILLed first)"
-                        }
-                    );
-                    events.push(Event::new(t0.elapsed(), w));
-                    // Until the kernel has freed the namespace, the pod's
-                    // stack still answers (RST); an ARP entry set to FAILED
-                    // before that would be refreshed by its reply.
-                    let mut w = match wait_link_gone(&node, &veth_name(Gen::Old, i)).await {
-                        Some(d) => format!(
-                            "world: old-{}'s veth gone, {} ms after netns del",
-                            i + 1,
-                            d.as_millis()
-                        ),
-                        None => format!(
-                            "world: old-{}'s veth still there {} ms after netns del",
-                            i + 1,
-                            VETH_GONE_WAIT.as_millis()
-                        ),
-                    };
-                    if spec.arp == Arp::Failed {
-                        let ip = topo::pod_ip(Gen::Old, i).to_string();
-                        topo::ip(&[
-                            "-n", &node, "neigh", "replace", &ip, "dev", BRIDGE, "nud", "failed",
-                        ])?;
-                        w.push_str("; node ARP entry set to FAILED");
-                    }
-                    w
+                    delete_old_ns(&spec, &names, i, on_its_own, t0, &mut events).await?
                 }
                 Step::Rollout(Action::TableAdd(i)) => {
                     let p = news[i].as_ref().context("new pod missing")?;
