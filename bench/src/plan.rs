@@ -256,6 +256,18 @@ pub struct NetnsArgs {
     /// Write the timelines as an SVG plot to this file.
     #[arg(long, value_name = "FILE.svg", requires = "netns")]
     pub plot: Option<PathBuf>,
+    /// tcp: the built-in backend, new connections. udp: DNS pods
+    /// (dnsmasq) under an open-loop query load on UDP port 53.
+    #[arg(long, value_enum, default_value = "tcp", requires = "netns")]
+    pub proto: Proto,
+}
+
+/// The rollout's protocol with `--netns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
 }
 
 /// sluice's RUST_LOG for the rollout (unless RUST_LOG is set): its

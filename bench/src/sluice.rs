@@ -191,6 +191,22 @@ impl Sluice {
         log_filter: Option<&str>,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        let mut s = Self::start_unprobed(bin, args, extra, cfg, listen, log_filter, env).await?;
+        wait_serving(&mut s, listen).await?;
+        Ok(s)
+    }
+
+    /// [`Sluice::start_with`] without the TCP request through `listen`
+    /// (for a UDP Service: the caller probes it its own way).
+    pub async fn start_unprobed(
+        bin: &Path,
+        args: &SluiceArgs,
+        extra: &[String],
+        cfg: &Config,
+        listen: SocketAddr,
+        log_filter: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut flags = vec!["--log-format".to_string(), "text".into()];
         if let Some(t) = args.connect_timeout {
             flags.extend(["--connect-timeout".into(), t.to_string()]);
@@ -213,7 +229,7 @@ impl Sluice {
             keep_dir: args.keep_logs,
             ..Options::new(bin)
         };
-        let mut daemon = if admin {
+        let daemon = if admin {
             Daemon::start(opts).await?
         } else {
             Daemon::spawn(opts)?
@@ -224,7 +240,6 @@ impl Sluice {
                 daemon.dir().display()
             );
         }
-        wait_serving(&mut daemon, listen).await?;
         Ok(Self {
             generations: admin.then(|| daemon.follow_generations(Duration::from_millis(5))),
             daemon,

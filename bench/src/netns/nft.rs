@@ -25,11 +25,27 @@ fn chain_id(a: &SocketAddrV4) -> String {
 /// The whole table for one TCP service at `vip` with `endpoints` (the
 /// ready ones). Fails on an empty list: the scenario always has one.
 pub fn ruleset(service: &str, vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> Result<String> {
+    ruleset_proto(service, "tcp", vip, endpoints)
+}
+
+/// [`ruleset`] for `proto` (`tcp` or `udp`): kube-proxy writes the same
+/// chains for a UDP service port, with `udp` in the map key, the port
+/// match and the DNAT rule.
+pub fn ruleset_proto(
+    service: &str,
+    proto: &str,
+    vip: SocketAddrV4,
+    endpoints: &[SocketAddrV4],
+) -> Result<String> {
+    anyhow::ensure!(
+        proto == "tcp" || proto == "udp",
+        "service {service}: protocol {proto:?} is not tcp or udp"
+    );
     anyhow::ensure!(
         !endpoints.is_empty(),
         "service {service}: no endpoint to DNAT to"
     );
-    let svc_chain = format!("service-{service}-tcp-{}", vip.port());
+    let svc_chain = format!("service-{service}-{proto}-{}", vip.port());
     let mut s = String::new();
     // Declaring the table first makes the delete valid when it is absent;
     // the whole file is one transaction.
@@ -43,7 +59,7 @@ pub fn ruleset(service: &str, vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> 
     );
     let _ = writeln!(
         s,
-        "    elements = {{ {} . tcp . {} : goto {svc_chain} }}",
+        "    elements = {{ {} . {proto} . {} : goto {svc_chain} }}",
         vip.ip(),
         vip.port()
     );
@@ -73,7 +89,7 @@ pub fn ruleset(service: &str, vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> 
     let _ = writeln!(s, "  chain {svc_chain} {{");
     let _ = writeln!(
         s,
-        "    ip daddr {} tcp dport {} numgen random mod {} vmap {{ {} }}",
+        "    ip daddr {} {proto} dport {} numgen random mod {} vmap {{ {} }}",
         vip.ip(),
         vip.port(),
         endpoints.len(),
@@ -82,7 +98,7 @@ pub fn ruleset(service: &str, vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> 
     let _ = writeln!(s, "  }}");
     for e in endpoints {
         let _ = writeln!(s, "  chain endpoint-{} {{", chain_id(e));
-        let _ = writeln!(s, "    meta l4proto tcp dnat to {e}");
+        let _ = writeln!(s, "    meta l4proto {proto} dnat to {e}");
         let _ = writeln!(s, "  }}");
     }
     let _ = writeln!(s, "}}");
@@ -120,5 +136,11 @@ mod tests {
         // Balanced braces: nft would reject the file otherwise.
         assert_eq!(r.matches('{').count(), r.matches('}').count());
         assert!(ruleset("web", vip, &[]).is_err());
+        let u = ruleset_proto("dns", "udp", "10.96.0.10:53".parse().unwrap(), &eps).unwrap();
+        assert!(u.contains("10.96.0.10 . udp . 53 : goto service-dns-udp-53"));
+        assert!(u.contains("ip daddr 10.96.0.10 udp dport 53 numgen random mod 2"));
+        assert!(u.contains("meta l4proto udp dnat to 10.244.0.10:8080"));
+        assert!(!u.contains("tcp"));
+        assert!(ruleset_proto("dns", "sctp", vip, &eps).is_err());
     }
 }

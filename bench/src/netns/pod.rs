@@ -133,27 +133,39 @@ impl Pod {
     /// SIGTERM: the pod stops accepting, lets the requests in flight
     /// finish and exits.
     pub fn terminate(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+        sigterm(&self.child);
     }
 
     /// Waits for the process to exit, up to `patience`, then SIGKILLs it.
     /// Returns whether it had exited on its own.
     pub async fn reap(&mut self, patience: Duration) -> Result<bool> {
-        if let Ok(r) = tokio::time::timeout(patience, self.child.wait()).await {
-            r?;
-            return Ok(true);
-        }
-        let _ = self.child.start_kill();
-        tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .with_context(|| format!("pod {} did not die within 7s", self.id))??;
-        Ok(false)
+        let what = format!("pod {}", self.id);
+        reap_child(&mut self.child, patience, &what).await
     }
+}
+
+/// Sends SIGTERM to `child` (if it still runs).
+pub(super) fn sigterm(child: &Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+/// Waits up to `patience` for `child` (named `what` in errors) to exit,
+/// then SIGKILLs it. Returns whether it had exited on its own.
+pub(super) async fn reap_child(child: &mut Child, patience: Duration, what: &str) -> Result<bool> {
+    if let Ok(r) = tokio::time::timeout(patience, child.wait()).await {
+        r?;
+        return Ok(true);
+    }
+    let _ = child.start_kill();
+    tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .with_context(|| format!("{what} did not die within 5s of SIGKILL"))??;
+    Ok(false)
 }
 
 #[cfg(test)]

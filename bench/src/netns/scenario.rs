@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch};
 use super::nft;
 use super::pod::Pod;
 use super::topo::{self, BRIDGE, CLIENT_IP, Gen, Names, POD_PORT, VIP, VIP_DEV, VIP_PORT};
-use crate::plan::{Action, Arp, Intercept, SLUICE_LOG, Via, plan};
+use crate::plan::{Action, Arp, Intercept, Proto, SLUICE_LOG, Via, plan};
 use crate::report::Event;
 use crate::sluice::{
     BackendCfg, Config, LogCounts, MetricsSummary, Sluice, SluiceArgs, StopReport,
@@ -67,6 +67,8 @@ pub struct Spec {
     /// The sluice binary (via sluice only).
     pub sluice_bin: Option<PathBuf>,
     pub sluice_args: SluiceArgs,
+    /// tcp: this module's run; udp: [`super::dnsroll`]'s.
+    pub proto: Proto,
 }
 
 /// One step of the scenario: the loopback rollout's, plus the deletion of
@@ -172,7 +174,7 @@ fn pod_id(g: Gen, i: usize) -> String {
 }
 
 /// The node-side end of pod `g`-`i`'s veth.
-fn veth_name(g: Gen, i: usize) -> String {
+pub(super) fn veth_name(g: Gen, i: usize) -> String {
     format!("v{}{}", &g.as_str()[..1], i + 1)
 }
 
@@ -182,7 +184,7 @@ const VETH_GONE_WAIT: Duration = Duration::from_millis(1500);
 
 /// Waits until link `dev` is gone from namespace `node`; returns how long
 /// that took, or None if it is still there after [`VETH_GONE_WAIT`].
-async fn wait_link_gone(node: &str, dev: &str) -> Option<Duration> {
+pub(super) async fn wait_link_gone(node: &str, dev: &str) -> Option<Duration> {
     let t = Instant::now();
     while t.elapsed() < VETH_GONE_WAIT {
         let present = std::process::Command::new("ip")
@@ -210,7 +212,7 @@ async fn start_pod(spec: &Spec, names: &Names, g: Gen, i: usize) -> Result<Pod> 
 
 /// The endpoints kube-proxy would program: the ready ones, or the
 /// serving-and-terminating ones when none is ready.
-fn nft_endpoints(table: &[BackendCfg]) -> Vec<SocketAddrV4> {
+pub(super) fn nft_endpoints(table: &[BackendCfg]) -> Vec<SocketAddrV4> {
     let v4 = |b: &BackendCfg| match b.address {
         SocketAddr::V4(a) => Some(a),
         SocketAddr::V6(_) => None,
@@ -256,7 +258,7 @@ async fn probe_from_client(names: &Names, cancel: watch::Receiver<bool>) -> Resu
     rx.await.context("probe thread died")?
 }
 
-fn count_conntrack_to(ips: &[std::net::Ipv4Addr]) -> u64 {
+pub(super) fn count_conntrack_to(ips: &[std::net::Ipv4Addr]) -> u64 {
     // /proc/thread-self: this thread's namespace (the node's).
     let text = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack").unwrap_or_default();
     text.lines()
@@ -271,7 +273,7 @@ fn count_conntrack_to(ips: &[std::net::Ipv4Addr]) -> u64 {
 /// may be either). nftables: no VIP on any device, so the node needs a
 /// route for the Service range for its own connects to reach the output
 /// hook (a real node's default route; this node has none).
-fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<String>> {
+pub(super) fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<String>> {
     let mut flags = vec!["--intercept".to_string(), intercept.as_str().to_string()];
     match intercept {
         Intercept::Bind => flags.extend(["--vip-interface".to_string(), VIP_DEV.to_string()]),
@@ -285,6 +287,100 @@ fn sluice_flags(node: &str, intercept: Intercept) -> Result<Vec<String>> {
 
 /// The Service range routed on the node with `--intercept nftables`.
 const SERVICE_RANGE: &str = "10.96.0.0/12";
+
+/// Deletes old pod `i`'s namespace (its process already reaped:
+/// `on_its_own` when it exited without a SIGKILL), waits for its veth to
+/// go and, with `--arp failed`, sets the node's ARP entry to FAILED.
+/// Pushes the deletion as an event; returns the text of the next one.
+pub(super) async fn delete_old_ns(
+    spec: &Spec,
+    names: &Names,
+    i: usize,
+    on_its_own: bool,
+    t0: Instant,
+    events: &mut Vec<Event>,
+) -> Result<String> {
+    let node = names.node();
+    topo::ip(&["netns", "del", &names.pod(Gen::Old, i)])?;
+    let w = format!(
+        "world: old-{} netns deleted{}",
+        i + 1,
+        if on_its_own {
+            ""
+        } else {
+            " (process SIGKILLed first)"
+        }
+    );
+    events.push(Event::new(t0.elapsed(), w));
+    // Until the kernel has freed the namespace, the pod's
+    // stack still answers (RST); an ARP entry set to FAILED
+    // before that would be refreshed by its reply.
+    let mut w = match wait_link_gone(&node, &veth_name(Gen::Old, i)).await {
+        Some(d) => format!(
+            "world: old-{}'s veth gone, {} ms after netns del",
+            i + 1,
+            d.as_millis()
+        ),
+        None => format!(
+            "world: old-{}'s veth still there {} ms after netns del",
+            i + 1,
+            VETH_GONE_WAIT.as_millis()
+        ),
+    };
+    if spec.arp == Arp::Failed {
+        let ip = topo::pod_ip(Gen::Old, i).to_string();
+        topo::ip(&[
+            "-n", &node, "neigh", "replace", &ip, "dev", BRIDGE, "nud", "failed",
+        ])?;
+        w.push_str("; node ARP entry set to FAILED");
+    }
+    Ok(w)
+}
+
+/// Applies table step `action` of the pod at `addr` (the new pod for
+/// `TableAdd`, the old one otherwise) to `table`; returns its event text.
+pub(super) fn table_step(table: &mut Vec<BackendCfg>, action: Action, addr: SocketAddr) -> String {
+    match action {
+        Action::TableAdd(i) => {
+            table.push(BackendCfg::ready(addr));
+            format!("table: +new-{}", i + 1)
+        }
+        Action::TableTerminating(i) => {
+            for b in table.iter_mut().filter(|b| b.address == addr) {
+                *b = BackendCfg::terminating(addr);
+            }
+            format!("table: old-{} terminating", i + 1)
+        }
+        Action::TableRemove(i) => {
+            table.retain(|b| b.address != addr);
+            format!("table: -old-{}", i + 1)
+        }
+        other => format!("{other:?} is not a table step"),
+    }
+}
+
+/// After the load: sluice's generations as events, its counters, its stop.
+pub(super) async fn finish(s: &mut Sluice, t0: Instant, events: &mut Vec<Event>) -> SluiceOutcome {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for (t, g) in s.generations_seen() {
+        if t >= t0 {
+            events.push(Event::new(
+                t.duration_since(t0),
+                format!("sluice: table live generation={g}"),
+            ));
+        }
+    }
+    let ran_throughout = s.running();
+    let metrics = s.scrape_metrics().await;
+    let stop = s.stop(Duration::from_secs(10)).await;
+    SluiceOutcome {
+        log: s.log_counts(),
+        metrics,
+        stop,
+        ran_throughout,
+        log_tail: s.log_tail(30),
+    }
+}
 
 /// The run itself. Must be called on a thread inside the node's namespace.
 pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Result<RunResult> {
@@ -374,60 +470,16 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
                     // The process exits within its drain (200 ms); a pod
                     // that hangs is SIGKILLed before its netns goes.
                     let on_its_own = olds[i].reap(Duration::from_millis(100)).await?;
-                    topo::ip(&["netns", "del", &names.pod(Gen::Old, i)])?;
-                    let w = format!(
-                        "world: old-{} netns deleted{}",
-                        i + 1,
-                        if on_its_own {
-                            ""
-                        } else {
-                            " (process SIGKILLed first)"
-                        }
-                    );
-                    events.push(Event::new(t0.elapsed(), w));
-                    // Until the kernel has freed the namespace, the pod's
-                    // stack still answers (RST); an ARP entry set to FAILED
-                    // before that would be refreshed by its reply.
-                    let mut w = match wait_link_gone(&node, &veth_name(Gen::Old, i)).await {
-                        Some(d) => format!(
-                            "world: old-{}'s veth gone, {} ms after netns del",
-                            i + 1,
-                            d.as_millis()
-                        ),
-                        None => format!(
-                            "world: old-{}'s veth still there {} ms after netns del",
-                            i + 1,
-                            VETH_GONE_WAIT.as_millis()
-                        ),
-                    };
-                    if spec.arp == Arp::Failed {
-                        let ip = topo::pod_ip(Gen::Old, i).to_string();
-                        topo::ip(&[
-                            "-n", &node, "neigh", "replace", &ip, "dev", BRIDGE, "nud", "failed",
-                        ])?;
-                        w.push_str("; node ARP entry set to FAILED");
-                    }
-                    w
+                    delete_old_ns(&spec, &names, i, on_its_own, t0, &mut events).await?
                 }
                 Step::Rollout(Action::TableAdd(i)) => {
                     let p = news[i].as_ref().context("new pod missing")?;
-                    table.push(BackendCfg::ready(p.addr));
                     dirty = true;
-                    format!("table: +new-{}", i + 1)
+                    table_step(&mut table, Action::TableAdd(i), p.addr)
                 }
-                Step::Rollout(Action::TableTerminating(i)) => {
-                    let addr = olds[i].addr;
-                    for b in table.iter_mut().filter(|b| b.address == addr) {
-                        *b = BackendCfg::terminating(addr);
-                    }
+                Step::Rollout(a @ (Action::TableTerminating(i) | Action::TableRemove(i))) => {
                     dirty = true;
-                    format!("table: old-{} terminating", i + 1)
-                }
-                Step::Rollout(Action::TableRemove(i)) => {
-                    let addr = olds[i].addr;
-                    table.retain(|b| b.address != addr);
-                    dirty = true;
-                    format!("table: -old-{}", i + 1)
+                    table_step(&mut table, a, olds[i].addr)
                 }
             };
             events.push(Event::new(t0.elapsed(), what));
@@ -452,30 +504,22 @@ pub async fn run(spec: Spec, names: Names, cancel: watch::Receiver<bool>) -> Res
             }
         }
     }
+    wrap_up(load, &dead, sluice.as_mut(), t0, events).await
+}
+
+/// The end of a run: the client's records, the node's conntrack entries
+/// to the `dead` pods, sluice's outcome ([`finish`]), the events sorted.
+pub(super) async fn wrap_up(
+    load: oneshot::Receiver<Result<LoadResult>>,
+    dead: &[std::net::Ipv4Addr],
+    sluice: Option<&mut Sluice>,
+    t0: Instant,
+    mut events: Vec<Event>,
+) -> Result<RunResult> {
     let load = load.await.context("client thread died")??;
-    let conntrack_to_dead_pods = count_conntrack_to(&dead);
-    let sluice = match sluice.as_mut() {
-        Some(s) => {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            for (t, g) in s.generations_seen() {
-                if t >= t0 {
-                    events.push(Event::new(
-                        t.duration_since(t0),
-                        format!("sluice: table live generation={g}"),
-                    ));
-                }
-            }
-            let ran_throughout = s.running();
-            let metrics = s.scrape_metrics().await;
-            let stop = s.stop(Duration::from_secs(10)).await;
-            Some(SluiceOutcome {
-                log: s.log_counts(),
-                metrics,
-                stop,
-                ran_throughout,
-                log_tail: s.log_tail(30),
-            })
-        }
+    let conntrack_to_dead_pods = count_conntrack_to(dead);
+    let sluice = match sluice {
+        Some(s) => Some(finish(s, t0, &mut events).await),
         None => None,
     };
     events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
