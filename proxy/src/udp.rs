@@ -487,6 +487,17 @@ struct Failure {
     kind: DialErrorKind,
 }
 
+/// Why a flow moves to another backend ([`Port::repin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repin {
+    /// Its last datagram went to the old backend and is sent again (once:
+    /// counted in `sluice_udp_resent_datagrams_total`).
+    Resend,
+    /// A new datagram of the client, not sent to the old backend (ejected
+    /// or gone): sent to the new one for the first time.
+    Move,
+}
+
 /// One client address of one Service.
 struct Flow {
     backend: SocketAddr,
@@ -567,13 +578,16 @@ impl Port {
             flow.last.extend_from_slice(data);
             flow.last_sent = now;
             flow.resent = false;
-            if service.is_eligible(flow.backend) {
+            let backend = flow.backend;
+            if service.is_eligible(backend) && !self.proxy.tracker.is_ejected(backend, now) {
                 self.send(client);
                 return;
             }
-            // Its backend left but the table change is not handled yet.
-            let gone = flow.backend;
-            self.repin(&service, client, gone, None);
+            // Its backend left (the table change is not handled yet), or
+            // another flow found it unreachable and it is ejected: this
+            // datagram goes to another backend at once instead of into what
+            // may already be a black hole (a deleted pod sends no ICMP).
+            self.repin(&service, client, backend, None, Repin::Move);
             return;
         }
         if self.proxy.open.load(Ordering::Relaxed) >= self.proxy.config.max_flows {
@@ -706,7 +720,9 @@ impl Port {
             .dial_failed(backend, kind, flow.last_sent);
         debug!(client = %client, backend = %backend, reason = kind.as_str(), ?cooldown, "UDP backend unreachable; ejected");
         match self.service() {
-            Some(service) if !resent => self.repin(&service, client, backend, Some(kind)),
+            Some(service) if !resent => {
+                self.repin(&service, client, backend, Some(kind), Repin::Resend)
+            }
             _ => {
                 self.flows.remove(&client);
                 self.proxy
@@ -718,14 +734,16 @@ impl Port {
     }
 
     /// Moves the flow of `client` off `from` to another eligible backend
-    /// and re-sends its last datagram there; closes the flow when there is
-    /// none. `unreachable`: why `from` failed (`None`: it left the table).
+    /// and sends its last datagram there; closes the flow when there is
+    /// none. `unreachable`: why `from` failed (`None`: it left the table or
+    /// is ejected). `how`: whether that datagram already went to `from`.
     fn repin(
         &mut self,
         service: &Service,
         client: SocketAddr,
         from: SocketAddr,
         unreachable: Option<DialErrorKind>,
+        how: Repin,
     ) {
         let Some(old) = self.flows.remove(&client) else {
             return;
@@ -759,10 +777,12 @@ impl Port {
             return;
         };
         flow.last_sent = last_sent;
-        flow.resent = true;
-        debug!(client = %client, from = %from, to = %backend, "UDP flow re-pinned; last datagram re-sent");
+        if how == Repin::Resend {
+            flow.resent = true;
+            self.metrics.resent.inc();
+        }
+        debug!(client = %client, from = %from, to = %backend, ?how, "UDP flow re-pinned");
         self.flows.insert(client, flow);
-        self.metrics.resent.inc();
         self.send(client);
     }
 
@@ -779,7 +799,7 @@ impl Port {
             .collect();
         for (client, backend, resend) in moved {
             if resend {
-                self.repin(&service, client, backend, None);
+                self.repin(&service, client, backend, None, Repin::Resend);
             } else {
                 self.flows.remove(&client);
                 self.proxy

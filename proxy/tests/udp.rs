@@ -329,6 +329,63 @@ async fn icmp_unreachable_is_retried_on_another_backend() {
 }
 
 #[tokio::test]
+async fn flows_pinned_to_an_ejected_backend_move_before_their_next_datagram() {
+    // Backend a on a port this test can take again: first an echo server,
+    // then closed (ICMP port unreachable), then a black hole (a socket that
+    // never reads: no answer and no ICMP, like a deleted pod).
+    let a_addr = free_udp();
+    let a = UdpSocket::bind(a_addr).await.unwrap();
+    let a_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = a.recv_from(&mut buf).await {
+            let _ = a.send_to(&[b"a:", &buf[..n]].concat(), from).await;
+        }
+    });
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let s = start(
+        service(listen, &[a_addr, b.addr]),
+        &["--eject-cooldown", "30s"],
+    )
+    .await;
+    // Round robin: every other new flow is pinned to a.
+    let mut on_a = Vec::new();
+    for i in 0..4 {
+        let c = client().await;
+        if name_of(&ask_until_answered(&c, listen, &format!("w{i}")).await) == "a" {
+            on_a.push(c);
+        }
+    }
+    assert!(on_a.len() >= 2, "expected two flows pinned to a");
+    a_task.abort();
+    let _ = a_task.await; // the echo socket is closed
+    // The first flow finds a unreachable: a is ejected, the datagram re-sent.
+    let got = ask(&on_a[0], listen, b"x", T)
+        .await
+        .expect("x got no answer");
+    assert_eq!(got, (b"b:x".to_vec(), listen));
+    let ejected = format!(r#"sluice_backend_ejections_total{{backend="{a_addr}"}}"#);
+    wait_metric(&s, &ejected, |v| v == 1.0).await;
+    // a's address now swallows datagrams. The second flow, still pinned to
+    // a, must move to b at its next datagram rather than send it there.
+    let hole = StdUdpSocket::bind(a_addr).unwrap();
+    hole.set_nonblocking(true).unwrap();
+    let got = ask(&on_a[1], listen, b"y", T)
+        .await
+        .expect("y was sent into the black hole");
+    assert_eq!(got, (b"b:y".to_vec(), listen));
+    let mut buf = [0u8; 64];
+    assert!(
+        hole.recv_from(&mut buf).is_err(),
+        "a datagram reached the ejected backend"
+    );
+    // Only x was sent twice; y went to b first.
+    let text = s.scrape().await.unwrap();
+    let resent = r#"sluice_udp_resent_datagrams_total{service="dns"}"#;
+    assert_eq!(metric(&text, resent), Some(1.0), "{text}");
+}
+
+#[tokio::test]
 async fn empty_odd_and_largest_datagrams_pass_without_harm() {
     let a = UdpBackend::start("a", false).await;
     let listen = free_udp();
