@@ -15,12 +15,28 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use daemon::{Daemon, Options, StopReport};
 
-/// A TCP port free right now on `ip` (bound, read, released).
+/// A TCP port free right now on `ip` (bound, read, released), and never
+/// handed out before by this process: the kernel may give a released port
+/// again to the next `bind(0)`, and two sluice sockets on one address
+/// (both SO_REUSEPORT, e.g. a Service listener and the metrics endpoint of
+/// a test, or of two tests running in parallel) would share its
+/// connections instead of failing.
 pub fn free_port(ip: impl Into<IpAddr>) -> std::io::Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let ip = ip.into();
-    let l = std::net::TcpListener::bind((ip, 0))
-        .map_err(|e| std::io::Error::new(e.kind(), format!("bind {ip}:0: {e}")))?;
-    Ok(l.local_addr()?.port())
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind((ip, 0))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("bind {ip}:0: {e}")))?;
+        let port = l.local_addr()?.port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no port on {ip} that this process has not handed out already"
+    )))
 }
 
 /// A TCP port free right now on every one of `ips` (an EndpointSlice has
