@@ -104,20 +104,10 @@ async fn traffic_follows_the_apiserver() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let kubeconfig = kubeconfig.display().to_string();
-    let args = [
-        ["--kubeconfig", &kubeconfig],
-        ["--node-name", "node-a"],
-        // Service IPs here are loopback ones, which sluice leaves alone;
-        // `lo` spares the test a dummy device (this kernel has none).
-        ["--vip-interface", "lo"],
-        ["--intercept", "bind"],
-        ["--connect-timeout", "300ms"],
-    ];
+    let extra = ["--connect-timeout", "300ms"];
     let opts = Options {
-        args: args.concat().iter().map(|a| a.to_string()).collect(),
         log_filter: Some("info,sluice_control=debug".into()),
-        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+        ..Options::kube_on_loopback(env!("CARGO_BIN_EXE_sluice"), &kubeconfig, &extra)
     };
     let daemon = Daemon::start(opts).await.unwrap();
 

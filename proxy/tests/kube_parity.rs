@@ -156,19 +156,7 @@ async fn parity_rules_hold_on_real_connections() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let kubeconfig = kubeconfig.display().to_string();
-    let args = [
-        ["--kubeconfig", &kubeconfig],
-        ["--node-name", "node-a"],
-        // Loopback Service IPs: `lo` spares the test a dummy device.
-        ["--vip-interface", "lo"],
-        ["--intercept", "bind"],
-    ];
-    let opts = Options {
-        args: args.concat().iter().map(|a| a.to_string()).collect(),
-        log_filter: Some("info".into()),
-        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
-    };
+    let opts = Options::kube_on_loopback(env!("CARGO_BIN_EXE_sluice"), &kubeconfig, &[]);
     let _daemon = Daemon::start(opts).await.unwrap();
 
     // 1. The ready copy of A counts: A and B both serve.

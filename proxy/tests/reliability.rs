@@ -187,22 +187,7 @@ async fn a_node_being_removed_fails_healthz_but_not_livez() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let opts = Options {
-        args: [
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--node-name",
-            "node-a",
-            "--vip-interface",
-            "lo",
-            "--intercept",
-            "bind",
-        ]
-        .map(String::from)
-        .to_vec(),
-        log_filter: Some("info".into()),
-        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
-    };
+    let opts = Options::kube_on_loopback(env!("CARGO_BIN_EXE_sluice"), &kubeconfig, &[]);
     let s = Daemon::start(opts).await.unwrap();
     let healthz = |path: &'static str| {
         let addr = s.health;

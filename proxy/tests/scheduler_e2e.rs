@@ -78,17 +78,7 @@ async fn maglev_sends_a_client_ip_to_one_backend_every_time() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let kubeconfig = kubeconfig.display().to_string();
-    let args = ["--kubeconfig", &kubeconfig, "--node-name", "node-a"];
-    let opts = Options {
-        // Loopback Service IPs need no device: `lo` spares a dummy one.
-        args: (args
-            .iter()
-            .chain(&["--vip-interface", "lo", "--intercept", "bind"]))
-        .map(|a| a.to_string())
-        .collect(),
-        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
-    };
+    let opts = Options::kube_on_loopback(env!("CARGO_BIN_EXE_sluice"), &kubeconfig, &[]);
     let _daemon = Daemon::start(opts).await.unwrap();
 
     // What any node computes for these backends, with no sluice running.

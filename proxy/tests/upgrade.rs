@@ -229,22 +229,7 @@ fn bind_mode_keeps_service_ips_until_the_first_table() {
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:9\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
             )
             .unwrap();
-            let opts = Options {
-                args: [
-                    "--kubeconfig",
-                    kubeconfig.to_str().unwrap(),
-                    "--node-name",
-                    "node-a",
-                    "--intercept",
-                    "bind",
-                    "--vip-interface",
-                    "lo",
-                ]
-                .map(String::from)
-                .to_vec(),
-                log_filter: Some("info".into()),
-                ..Options::new(env!("CARGO_BIN_EXE_sluice"))
-            };
+            let opts = Options::kube_on_loopback(env!("CARGO_BIN_EXE_sluice"), &kubeconfig, &[]);
             let mut d = Daemon::spawn(opts).unwrap();
             // Up, answering, no table.
             let mut up = false;

@@ -56,6 +56,23 @@ impl Options {
             ..Self::default()
         }
     }
+
+    /// The binary at `bin` on the Kubernetes source of `kubeconfig`, as
+    /// node `node-a`, in bind mode with the Service IPs on `lo` (loopback
+    /// Service IPs need no device, and this kernel has no dummy driver);
+    /// then `extra` flags. Logs at `info`.
+    pub fn kube_on_loopback(bin: impl Into<PathBuf>, kubeconfig: &Path, extra: &[&str]) -> Self {
+        let kubeconfig = kubeconfig.display().to_string();
+        let base = ["--kubeconfig", &kubeconfig, "--node-name", "node-a"];
+        let bind = ["--vip-interface", "lo", "--intercept", "bind"];
+        Self {
+            args: (base.iter().chain(&bind).chain(extra))
+                .map(|a| a.to_string())
+                .collect(),
+            log_filter: Some("info".into()),
+            ..Self::new(bin)
+        }
+    }
 }
 
 /// How sluice ended after [`Daemon::stop`].

@@ -781,31 +781,16 @@ impl Watched for Node {
 
 #[cfg(test)]
 mod scheduler_tests {
-    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
-
     use super::super::convert::SCHEDULER_ANNOTATION;
     use super::*;
 
     /// `default/web` on 10.96.0.1:80, with `sluice.io/scheduler` if given.
     fn web(scheduler: Option<&str>) -> K8sService {
-        let annotations = scheduler.map(|s| [(SCHEDULER_ANNOTATION.to_owned(), s.to_owned())]);
-        K8sService {
-            metadata: ObjectMeta {
-                namespace: Some("default".into()),
-                name: Some("web".into()),
-                annotations: annotations.map(Into::into),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ips: Some(vec!["10.96.0.1".into()]),
-                ports: Some(vec![ServicePort {
-                    port: 80,
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            status: None,
-        }
+        let annotations: Vec<(&str, &str)> = scheduler
+            .map(|s| (SCHEDULER_ANNOTATION, s))
+            .into_iter()
+            .collect();
+        super::super::convert::settings_tests::web(&annotations)
     }
 
     fn scheduler_of(index: &mut Index, svc: &K8sService) -> Policy {
