@@ -125,6 +125,21 @@ pub struct Args {
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
+    /// Connect timeout of a client connection's last chance: its last
+    /// attempt, or no other backend left that is not ejected. Covers the
+    /// kernel's SYN resends (after 1 s and 3 s) so that a busy backend whose
+    /// accept queue overflowed delays the client instead of resetting it.
+    #[arg(long, default_value = "3500ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub last_connect_timeout: Duration,
+
+    /// Bytes each of sluice's sockets may hold queued but unsent
+    /// (TCP_NOTSENT_LOWAT); at the cap sluice stops reading the other side.
+    /// Bounds the kernel memory a peer that does not read can pin in
+    /// sluice (see docs/reliability.md). 0: no cap (the kernel's
+    /// `net.ipv4.tcp_notsent_lowat`).
+    #[arg(long, env = "SLUICE_NOTSENT_LOWAT", default_value_t = crate::forward::DEFAULT_NOTSENT_LOWAT, value_name = "BYTES")]
+    pub notsent_lowat: u32,
+
     /// Dials per client connection, each to a different backend, before the
     /// client is reset.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
@@ -284,6 +299,8 @@ impl Args {
     pub fn proxy_config(&self) -> ProxyConfig {
         ProxyConfig {
             connect_timeout: self.connect_timeout,
+            last_connect_timeout: self.last_connect_timeout,
+            notsent_lowat: self.notsent_lowat,
             max_attempts: usize::from(self.max_attempts),
             tracker: TrackerConfig {
                 eject_base: self.eject_cooldown,

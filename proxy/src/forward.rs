@@ -72,6 +72,29 @@ pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// Default of `--notsent-lowat`: bytes each of sluice's sockets may queue
+/// unsent (see [`limit_unsent`]).
+pub const DEFAULT_NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// Caps the bytes each socket of a connection keeps queued but not yet
+/// sent (`TCP_NOTSENT_LOWAT`, Linux; `0` leaves the kernel's default, no
+/// cap). The socket stops being writable at the cap, so sluice stops
+/// reading the other side, whose receive buffer then stops growing: a peer
+/// that does not read pins about the cap (plus what is in flight) in
+/// sluice's send buffer instead of up to `tcp_wmem[2]`, and the sender
+/// behind sluice is pushed back. Autotuning of both buffers stays on.
+/// Best effort: a socket that refuses the option is used as it is.
+pub fn limit_unsent(client: &TcpStream, backend: &TcpStream, bytes: u32) {
+    #[cfg(target_os = "linux")]
+    if bytes > 0 {
+        for s in [client, backend] {
+            let _ = SockRef::from(s).set_tcp_notsent_lowat(bytes);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (client, backend, bytes);
+}
+
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -104,6 +104,12 @@ async fn service_at(
 pub struct ProxyConfig {
     /// Per-dial connect timeout.
     pub connect_timeout: Duration,
+    /// Connect timeout of a connection's last chance (no attempt or no
+    /// other healthy backend left): see `connect::attempt_timeout`.
+    pub last_connect_timeout: Duration,
+    /// Unsent bytes each socket of a connection may queue
+    /// (`TCP_NOTSENT_LOWAT`; 0: no cap). See `forward::limit_unsent`.
+    pub notsent_lowat: u32,
     /// Dials per client connection, over distinct backends.
     pub max_attempts: usize,
     pub tracker: TrackerConfig,
@@ -689,12 +695,25 @@ impl Proxy {
                 break;
             };
             let guard = self.tracker.connect(addr);
-            match dial(addr, None, self.config.connect_timeout).await {
+            let timeout = crate::connect::attempt_timeout(
+                service,
+                addr,
+                &tried,
+                self.config.max_attempts,
+                &*self.tracker,
+                now,
+                (
+                    self.config.connect_timeout,
+                    self.config.last_connect_timeout,
+                ),
+            );
+            match dial(addr, None, timeout).await {
                 Ok(backend) => {
                     if self.tracker.dial_succeeded(addr) {
                         info!(backend = %addr, "backend accepts connections again");
                     }
                     debug!(client = %peer, listen = %key, backend = %addr, attempts = tried.len() + 1, "connected");
+                    crate::forward::limit_unsent(&client, &backend, self.config.notsent_lowat);
                     let (outcome, moved) =
                         forward(client, backend, guard.cut_token(), Mode::from_env(), idle).await;
                     metrics.ended(outcome);
