@@ -134,11 +134,17 @@ pub struct Args {
 
     /// Bytes each of sluice's sockets may hold queued but unsent
     /// (TCP_NOTSENT_LOWAT); at the cap sluice stops reading the other side.
-    /// Bounds the kernel memory a peer that does not read can pin in
-    /// sluice (see docs/reliability.md). 0: no cap (the kernel's
-    /// `net.ipv4.tcp_notsent_lowat`).
-    #[arg(long, env = "SLUICE_NOTSENT_LOWAT", default_value_t = crate::forward::DEFAULT_NOTSENT_LOWAT, value_name = "BYTES")]
+    /// 0: no cap (the kernel's `net.ipv4.tcp_notsent_lowat`). See
+    /// docs/reliability.md.
+    #[arg(long, env = "SLUICE_NOTSENT_LOWAT", default_value_t = crate::forward::Buffers::default().notsent_lowat, value_name = "BYTES")]
     pub notsent_lowat: u32,
+
+    /// Receive buffer (SO_RCVBUF) of each of sluice's sockets; the kernel
+    /// doubles it and stops autotuning it. Bounds the memory a peer that
+    /// does not read can pin in sluice, at the price of a fixed TCP window
+    /// per connection. 0: the kernel's autotuning. See docs/reliability.md.
+    #[arg(long, env = "SLUICE_RECEIVE_BUFFER", default_value_t = crate::forward::Buffers::default().receive, value_name = "BYTES")]
+    pub receive_buffer: u32,
 
     /// Dials per client connection, each to a different backend, before the
     /// client is reset.
@@ -300,7 +306,10 @@ impl Args {
         ProxyConfig {
             connect_timeout: self.connect_timeout,
             last_connect_timeout: self.last_connect_timeout,
-            notsent_lowat: self.notsent_lowat,
+            buffers: crate::forward::Buffers {
+                notsent_lowat: self.notsent_lowat,
+                receive: self.receive_buffer,
+            },
             max_attempts: usize::from(self.max_attempts),
             tracker: TrackerConfig {
                 eject_base: self.eject_cooldown,

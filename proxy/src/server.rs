@@ -107,9 +107,9 @@ pub struct ProxyConfig {
     /// Connect timeout of a connection's last chance (no attempt or no
     /// other healthy backend left): see `connect::attempt_timeout`.
     pub last_connect_timeout: Duration,
-    /// Unsent bytes each socket of a connection may queue
-    /// (`TCP_NOTSENT_LOWAT`; 0: no cap). See `forward::limit_unsent`.
-    pub notsent_lowat: u32,
+    /// Kernel buffer bounds of each connection's sockets
+    /// (`forward::bound_buffers`).
+    pub buffers: crate::forward::Buffers,
     /// Dials per client connection, over distinct backends.
     pub max_attempts: usize,
     pub tracker: TrackerConfig,
@@ -713,7 +713,7 @@ impl Proxy {
                         info!(backend = %addr, "backend accepts connections again");
                     }
                     debug!(client = %peer, listen = %key, backend = %addr, attempts = tried.len() + 1, "connected");
-                    crate::forward::limit_unsent(&client, &backend, self.config.notsent_lowat);
+                    crate::forward::bound_buffers(&client, &backend, self.config.buffers);
                     let (outcome, moved) =
                         forward(client, backend, guard.cut_token(), Mode::from_env(), idle).await;
                     metrics.ended(outcome);
