@@ -438,6 +438,17 @@ mod tests {
         }
     }
 
+    /// A tracker (1 s cooldown) and the metrics it counts in.
+    fn counted() -> (Tracker, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            metrics.clone(),
+        );
+        (t, metrics)
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
@@ -483,12 +494,7 @@ mod tests {
 
     #[test]
     fn local_resource_failures_eject_nothing() {
-        let metrics = Arc::new(Metrics::new());
-        let t = Tracker::new(
-            cfg(Duration::from_secs(1)),
-            CancellationToken::new(),
-            metrics.clone(),
-        );
+        let (t, metrics) = counted();
         let b = addr("10.0.0.1:80");
         for _ in 0..5 {
             assert_eq!(
@@ -504,12 +510,7 @@ mod tests {
 
     #[test]
     fn a_timeout_while_the_backend_answers_others_ejects_nothing() {
-        let metrics = Arc::new(Metrics::new());
-        let t = Tracker::new(
-            cfg(Duration::from_secs(1)),
-            CancellationToken::new(),
-            metrics.clone(),
-        );
+        let (t, metrics) = counted();
         let b = addr("10.0.0.1:80");
         let _g = t.connect(b);
         // A burst: this dial's SYN is dropped by a full accept queue while
@@ -536,11 +537,7 @@ mod tests {
 
     #[test]
     fn a_timeout_long_after_the_last_handshake_ejects() {
-        let t = Tracker::new(
-            cfg(Duration::from_secs(1)),
-            CancellationToken::new(),
-            Arc::default(),
-        );
+        let (t, _) = counted();
         let b = addr("10.0.0.1:80");
         let _g = t.connect(b);
         t.dial_succeeded(b);

@@ -72,14 +72,16 @@ async fn busy_backend() -> Busy {
     Busy { addr, stall }
 }
 
-async fn start(services: Vec<ServiceDoc>) -> Daemon {
+/// sluice serving one Service named `name` over `backends`; its address.
+async fn start(name: &str, backends: &[SocketAddr]) -> (Daemon, SocketAddr) {
+    let listen = free_addr().unwrap();
+    let docs = backends.iter().map(|b| BackendDoc::ready(*b)).collect();
+    let config = ConfigDoc::from(ServiceDoc::new(name, listen, docs));
     let opts = Options {
-        config: Some(ConfigDoc { services }.to_yaml().unwrap()),
-        args: vec!["--config-poll-interval".into(), "100ms".into()],
-        log_filter: Some("info".into()),
+        config: Some(config.to_yaml().unwrap()),
         ..Options::new(env!("CARGO_BIN_EXE_sluice"))
     };
-    Daemon::start(opts).await.unwrap()
+    (Daemon::start(opts).await.unwrap(), listen)
 }
 
 /// One request/response through `listen`: its latency, or what failed.
@@ -186,13 +188,7 @@ async fn burst_is_served(s: &Daemon, listen: SocketAddr, busy: &Busy) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_against_the_only_backend_delays_clients_and_ejects_nothing() {
     let busy = busy_backend().await;
-    let listen = free_addr().unwrap();
-    let s = start(vec![ServiceDoc::new(
-        "one",
-        listen,
-        vec![BackendDoc::ready(busy.addr)],
-    )])
-    .await;
+    let (s, listen) = start("one", &[busy.addr]).await;
     burst_is_served(&s, listen, &busy).await;
 }
 
@@ -200,13 +196,7 @@ async fn a_burst_against_the_only_backend_delays_clients_and_ejects_nothing() {
 async fn a_burst_against_one_busy_backend_of_two_ejects_nothing() {
     let busy = busy_backend().await;
     let other = busy_backend().await;
-    let listen = free_addr().unwrap();
-    let s = start(vec![ServiceDoc::new(
-        "two",
-        listen,
-        vec![BackendDoc::ready(busy.addr), BackendDoc::ready(other.addr)],
-    )])
-    .await;
+    let (s, listen) = start("two", &[busy.addr, other.addr]).await;
     burst_is_served(&s, listen, &busy).await;
 }
 
@@ -225,13 +215,7 @@ async fn a_backend_that_answers_no_handshake_is_still_ejected_after_one_short_ti
         fill.push(TcpStream::connect(stuck.addr).await.unwrap());
     }
     let good = busy_backend().await;
-    let listen = free_addr().unwrap();
-    let s = start(vec![ServiceDoc::new(
-        "bh",
-        listen,
-        vec![BackendDoc::ready(stuck.addr), BackendDoc::ready(good.addr)],
-    )])
-    .await;
+    let (s, listen) = start("bh", &[stuck.addr, good.addr]).await;
     let mut slowest = Duration::ZERO;
     let t0 = Instant::now();
     for i in 0..20 {
