@@ -528,15 +528,6 @@ pub enum ProxyProtocol {
     V2,
 }
 
-impl ProxyProtocol {
-    /// The name used in the annotation and the file (`v2`).
-    pub fn name(self) -> &'static str {
-        match self {
-            ProxyProtocol::V2 => "v2",
-        }
-    }
-}
-
 impl std::str::FromStr for ProxyProtocol {
     type Err = String;
 
