@@ -264,32 +264,29 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_header_comes_before_anything_else() {
+    /// What a backend receives on a connection dialled through
+    /// [`after_dial`] with `header`, on which `hello` is then written.
+    async fn received(header: Option<&Header>) -> Vec<u8> {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let header = Header::v2(addr("10.1.2.3:4567"), addr("10.96.0.1:80"));
-        let dialed = dial(l.local_addr().unwrap(), None, Duration::from_secs(1)).await;
-        let mut backend = after_dial(l.local_addr().unwrap(), dialed, Some(&header))
-            .await
-            .unwrap();
+        let at = l.local_addr().unwrap();
+        let dialed = dial(at, None, Duration::from_secs(1)).await;
+        let mut backend = after_dial(at, dialed, header).await.unwrap();
         backend.write_all(b"hello").await.unwrap();
         drop(backend);
         let (mut conn, _) = l.accept().await.unwrap();
         let mut got = Vec::new();
         conn.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn the_header_comes_before_anything_else() {
+        let header = Header::v2(addr("10.1.2.3:4567"), addr("10.96.0.1:80"));
+        let got = received(Some(&header)).await;
         assert_eq!(&got[..28], header.as_bytes());
         assert_eq!(&got[28..], b"hello");
         // Without a header, nothing is added.
-        let dialed = dial(l.local_addr().unwrap(), None, Duration::from_secs(1)).await;
-        let mut backend = after_dial(l.local_addr().unwrap(), dialed, None)
-            .await
-            .unwrap();
-        backend.write_all(b"hello").await.unwrap();
-        drop(backend);
-        let (mut conn, _) = l.accept().await.unwrap();
-        let mut got = Vec::new();
-        conn.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"hello");
+        assert_eq!(received(None).await, b"hello");
     }
 
     /// A backend that reset the connection before the header went out: the
