@@ -11,7 +11,8 @@
 //! port, destination port, all in network byte order. The source is the
 //! client's address and port; the destination is the address the client
 //! dialled (the listen key: the Service address, node port address, or in
-//! intercept mode the connection's `SO_ORIGINAL_DST`).
+//! intercept mode the connection's `SO_ORIGINAL_DST`; for a wildcard listen
+//! address, the connection's local address).
 //!
 //! Mixed families: the spec's address block has one family for both
 //! addresses. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is sent as the
@@ -65,6 +66,23 @@ impl Header {
         match version {
             ProxyProtocol::V2 => Self::v2(client, destination),
         }
+    }
+
+    /// The header of `version` for client connection `client` from `peer`
+    /// accepted for listen address `listen`: the destination is `listen`,
+    /// or when that is a wildcard (a file's `listen: 0.0.0.0:8080`) the
+    /// address the client reached (the socket's local address).
+    pub fn for_client(
+        version: ProxyProtocol,
+        client: &TcpStream,
+        peer: SocketAddr,
+        listen: SocketAddr,
+    ) -> Self {
+        let destination = match listen.ip().is_unspecified() {
+            true => client.local_addr().unwrap_or(listen),
+            false => listen,
+        };
+        Self::new(version, peer, destination)
     }
 
     /// A version 2 `PROXY` header for a TCP connection from `source` to

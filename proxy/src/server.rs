@@ -652,7 +652,7 @@ impl Proxy {
             (settings.and_then(|s| s.max_connections)).or(self.config.service_max_connections);
         let idle = settings.and_then(|s| s.idle_timeout);
         let proxy_header = (settings.and_then(|s| s.proxy_protocol))
-            .map(|v| crate::proxy_protocol::Header::new(v, peer, key.addr));
+            .map(|v| crate::proxy_protocol::Header::for_client(v, &client, peer, key.addr));
         // The Service's active gauge is its connection count (shared by
         // its listen addresses): counted first, so that concurrent
         // connections on several workers cannot all slip under the limit.

@@ -165,8 +165,9 @@ async fn start_file(config: ConfigDoc) -> Daemon {
     Daemon::start(opts).await.unwrap()
 }
 
-/// File source: `proxyProtocol: v2` on one Service (IPv4 and IPv6), none
-/// on another over the same backend; then the setting moves by a reload.
+/// File source: `proxyProtocol: v2` on one Service (IPv4, IPv6, and a
+/// wildcard listen address), none on another over the same backend; then
+/// the setting moves by a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_header_carries_the_client_and_the_service_address() {
     let backend4 = ReportingBackend::start("127.0.0.1:0".parse().unwrap()).await;
@@ -178,6 +179,7 @@ async fn the_header_carries_the_client_and_the_service_address() {
         )
     };
     let (with4, plain4, with6) = (listen("127.0.81.1"), listen("127.0.81.2"), listen("::1"));
+    let wild = listen("0.0.0.0");
     let service = |name, at, backend: &ReportingBackend| {
         ServiceDoc::new(name, at, vec![BackendDoc::ready(backend.addr)])
     };
@@ -193,6 +195,7 @@ async fn the_header_carries_the_client_and_the_service_address() {
             with(service("with", with4, &backend4)),
             service("plain", plain4, &backend4),
             with(service("with6", with6, &backend6)),
+            with(service("wild", wild, &backend4)),
         ])
     };
     let mut daemon = start_file(config(true)).await;
@@ -206,6 +209,10 @@ async fn the_header_carries_the_client_and_the_service_address() {
     assert_eq!(line, "RAW", "no header without the setting");
     let (me, line) = first_answer(ip("::1"), with6).await;
     assert_eq!(line, format!("PROXY {me} {with6}"));
+    // A wildcard listen address: the address the client dialled.
+    let dialled = SocketAddr::new(ip("127.0.81.3"), wild.port());
+    let (me, line) = first_answer(client, dialled).await;
+    assert_eq!(line, format!("PROXY {me} {dialled}"));
 
     // Turned off by a reload: new connections get no header.
     daemon
