@@ -657,6 +657,8 @@ impl Proxy {
         let limit =
             (settings.and_then(|s| s.max_connections)).or(self.config.service_max_connections);
         let idle = settings.and_then(|s| s.idle_timeout);
+        let proxy_header = (settings.and_then(|s| s.proxy_protocol))
+            .map(|v| crate::proxy_protocol::Header::for_client(v, &client, peer, key.addr));
         // The Service's active gauge is its connection count (shared by
         // its listen addresses): counted first, so that concurrent
         // connections on several workers cannot all slip under the limit.
@@ -707,7 +709,8 @@ impl Proxy {
                     self.config.last_connect_timeout,
                 ),
             );
-            match dial(addr, None, timeout).await {
+            let dialed = dial(addr, None, timeout).await;
+            match crate::proxy_protocol::after_dial(addr, dialed, proxy_header.as_ref()).await {
                 Ok(backend) => {
                     if self.tracker.dial_succeeded(addr) {
                         info!(backend = %addr, "backend accepts connections again");
