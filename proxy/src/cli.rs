@@ -394,6 +394,17 @@ mod tests {
     }
 
     #[test]
+    fn dial_and_buffer_defaults() {
+        let c = parse(&[]).proxy_config();
+        assert_eq!(c.connect_timeout, Duration::from_millis(300));
+        assert_eq!(c.last_connect_timeout, Duration::from_millis(3500));
+        assert_eq!(c.buffers, crate::forward::Buffers::default());
+        let c = parse(&["--notsent-lowat", "0", "--receive-buffer", "65536"]).proxy_config();
+        assert_eq!(c.buffers.notsent_lowat, 0);
+        assert_eq!(c.buffers.receive, 65536);
+    }
+
+    #[test]
     fn cleanup_parses_alone() {
         assert!(parse(&["--cleanup"]).cleanup);
     }
