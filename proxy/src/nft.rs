@@ -146,6 +146,90 @@ impl fmt::Display for Element {
     }
 }
 
+/// One element of one of sluice's sets and maps, as data (see the module
+/// docs for the sets): what an update adds or deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetItem {
+    /// `service-ips`: a steered TCP key.
+    Redirect(Element),
+    /// `no-endpoint-services`: a key and its verdict.
+    NoEndpoints(Element, NoEndpoints),
+    /// `firewall-ips`: a key with source ranges.
+    Firewall(Element),
+    /// `firewall-allow`: a key and one source network allowed to reach it
+    /// (an interval element: `key . first address` to `key . last`).
+    Allow(Element, Cidr),
+    /// `udp-ports`: a UDP key (`address . port`) and the local port it is
+    /// redirected to.
+    UdpPort(Element, u16),
+}
+
+impl SetItem {
+    /// The set's name without its family suffix (`service-ips`).
+    pub fn set(&self) -> &'static str {
+        match self {
+            SetItem::Redirect(_) => "service-ips",
+            SetItem::NoEndpoints(..) => "no-endpoint-services",
+            SetItem::Firewall(_) => "firewall-ips",
+            SetItem::Allow(..) => "firewall-allow",
+            SetItem::UdpPort(..) => "udp-ports",
+        }
+    }
+
+    /// The key's element (address, protocol, port).
+    pub fn element(&self) -> Element {
+        match self {
+            SetItem::Redirect(e)
+            | SetItem::NoEndpoints(e, _)
+            | SetItem::Firewall(e)
+            | SetItem::Allow(e, _)
+            | SetItem::UdpPort(e, _) => *e,
+        }
+    }
+
+    /// Whether it goes in the `-v4` set (else `-v6`).
+    pub fn is_ipv4(&self) -> bool {
+        self.element().addr.is_ipv4()
+    }
+
+    /// The set's full name (`service-ips-v4`).
+    pub fn set_name(&self) -> String {
+        let family = if self.is_ipv4() { "v4" } else { "v6" };
+        format!("{}-{family}", self.set())
+    }
+
+    /// The element as `nft` reads it after `verb element ... {`: a delete
+    /// names the key only (a map's value is left out).
+    fn text(&self, verb: &str) -> String {
+        let add = verb != "delete";
+        match self {
+            SetItem::Redirect(e) | SetItem::Firewall(e) => e.to_string(),
+            SetItem::NoEndpoints(e, v) if add => format!("{e} : {}", verdict(*v)),
+            SetItem::NoEndpoints(e, _) => e.to_string(),
+            SetItem::Allow(e, c) => format!("{e} . {c}"),
+            SetItem::UdpPort(e, p) if add => format!("{} . {} : {p}", e.addr, e.port),
+            SetItem::UdpPort(e, _) => format!("{} . {}", e.addr, e.port),
+        }
+    }
+}
+
+/// One element added to or deleted from a set or map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElementOp {
+    /// Added (else deleted).
+    pub add: bool,
+    pub item: SetItem,
+}
+
+/// The order sets are written in a script (and batched over netlink).
+const SET_ORDER: [&str; 5] = [
+    "service-ips",
+    "no-endpoint-services",
+    "firewall-ips",
+    "firewall-allow",
+    "udp-ports",
+];
+
 /// The desired content of sluice's table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
@@ -285,80 +369,54 @@ impl Ruleset {
 
     /// Elements added and deleted, over every set and map, from `old`.
     pub fn changes(&self, old: &Ruleset) -> (usize, usize) {
-        let count = |a: &Ruleset, b: &Ruleset| {
-            let verdicts = a.verdicts();
-            let allowed = a.allowed();
-            a.elements.difference(&b.elements).count()
-                + verdicts.difference(&b.verdicts()).count()
-                + a.firewall
-                    .keys()
-                    .filter(|k| !b.firewall.contains_key(k))
-                    .count()
-                + allowed.difference(&b.allowed()).count()
-                + (a.udp_ports.iter())
-                    .filter(|(k, p)| b.udp_ports.get(k) != Some(p))
-                    .count()
-        };
-        (count(self, old), count(old, self))
-    }
-
-    /// `no_endpoints` as set members (a changed verdict is a delete and an
-    /// add).
-    fn verdicts(&self) -> BTreeSet<(Element, NoEndpoints)> {
-        self.no_endpoints.iter().map(|(e, v)| (*e, *v)).collect()
-    }
-
-    /// The firewall's allow-set members: key and source network.
-    fn allowed(&self) -> BTreeSet<(Element, Cidr)> {
-        (self.firewall.iter())
-            .flat_map(|(e, ranges)| ranges.iter().map(move |c| (*e, *c)))
-            .collect()
+        (self.items_not_in(old).len(), old.items_not_in(self).len())
     }
 
     /// `verb` (add/delete) every element of `self` that `other` lacks, in
     /// every set and map.
     fn write_all(&self, s: &mut String, verb: &str, other: &Ruleset) {
-        let items = |e: &Element, text: String| (e.addr.is_ipv4(), text);
+        let items = self.items_not_in(other);
+        for set in SET_ORDER {
+            let items = items.iter().filter(|i| i.set() == set);
+            write_elements(s, verb, set, items.map(|i| (i.is_ipv4(), i.text(verb))));
+        }
+    }
+
+    /// Every element of every set and map of `self` that `other` lacks
+    /// (a changed verdict or local port counts as lacking), in
+    /// [`SET_ORDER`]. Walks both rulesets, without copying them.
+    pub fn items_not_in(&self, other: &Ruleset) -> Vec<SetItem> {
+        let mut out = Vec::new();
         let redirect = self.elements.difference(&other.elements);
-        write_elements(
-            s,
-            verb,
-            "service-ips",
-            redirect.map(|e| items(e, e.to_string())),
-        );
-        let verdicts = self.verdicts();
-        let other_verdicts = other.verdicts();
-        let verdict_items = verdicts.difference(&other_verdicts).map(|(e, v)| {
-            // A delete names the key only.
-            let text = match verb {
-                "delete" => e.to_string(),
-                _ => format!("{e} : {}", verdict(*v)),
-            };
-            items(e, text)
-        });
-        write_elements(s, verb, "no-endpoint-services", verdict_items);
+        out.extend(redirect.map(|e| SetItem::Redirect(*e)));
+        let verdicts = (self.no_endpoints.iter()).filter(|(e, v)| other.no_endpoints.get(e) != Some(v));
+        out.extend(verdicts.map(|(e, v)| SetItem::NoEndpoints(*e, *v)));
         let keys = (self.firewall.keys()).filter(|k| !other.firewall.contains_key(k));
-        write_elements(
-            s,
-            verb,
-            "firewall-ips",
-            keys.map(|e| items(e, e.to_string())),
-        );
-        let allowed = self.allowed();
-        let other_allowed = other.allowed();
-        let ranges = allowed.difference(&other_allowed);
-        let ranges = ranges.map(|(e, c)| items(e, format!("{e} . {c}")));
-        write_elements(s, verb, "firewall-allow", ranges);
-        // A changed local port is a delete and an add, like a verdict.
+        out.extend(keys.map(|e| SetItem::Firewall(*e)));
+        for (e, ranges) in &self.firewall {
+            let theirs = other.firewall.get(e);
+            let new = ranges.iter().filter(|c| !theirs.is_some_and(|t| t.contains(c)));
+            out.extend(new.map(|c| SetItem::Allow(*e, *c)));
+        }
         let udp = (self.udp_ports.iter()).filter(|(e, p)| other.udp_ports.get(e) != Some(p));
-        let udp = udp.map(|(e, p)| {
-            let key = format!("{} . {}", e.addr, e.port);
-            match verb {
-                "delete" => items(e, key),
-                _ => items(e, format!("{key} : {p}")),
-            }
-        });
-        write_elements(s, verb, "udp-ports", udp);
+        out.extend(udp.map(|(e, p)| SetItem::UdpPort(*e, *p)));
+        out
+    }
+
+    /// The element operations that turn `old` (applied) into `self`, every
+    /// delete before every add (a moved key or a changed verdict or port is
+    /// a delete and an add): the data behind [`Self::update_script`], and
+    /// what [`crate::nft_netlink`] sends as one netlink batch. `None` when
+    /// the rules change too (port or UDP range): that is a full sync.
+    pub fn element_ops(&self, old: &Ruleset) -> Option<Vec<ElementOp>> {
+        if self.port != old.port || self.udp_range != old.udp_range {
+            return None;
+        }
+        let deletes = old.items_not_in(self).into_iter();
+        let deletes = deletes.map(|item| ElementOp { add: false, item });
+        let adds = self.items_not_in(old).into_iter();
+        let adds = adds.map(|item| ElementOp { add: true, item });
+        Some(deletes.chain(adds).collect())
     }
 
     /// The rules of `chain` (see the module docs).
