@@ -24,6 +24,8 @@
 //! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
 //! - [`nft`]: sluice's own nftables table (`--intercept nftables`): the
 //!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
+//! - [`nft_netlink`]: element changes to that table as one nf_tables
+//!   netlink batch (no `nft` fork per change).
 //! - [`leftovers`]: what kube-proxy (IPVS, iptables, nftables modes) left
 //!   on the node, checked at start for `/healthz` and a metric.
 //! - [`udp`]: UDP Services: a socket per UDP listen key, flows with
@@ -42,6 +44,7 @@ pub mod leftovers;
 pub mod listener;
 pub mod metrics;
 pub mod nft;
+pub mod nft_netlink;
 pub mod saturation;
 pub mod server;
 #[cfg(target_os = "linux")]

@@ -94,6 +94,10 @@
 //! [`Ruleset::update_script`] render `nft -f` scripts as text (unit-tested
 //! as text). [`apply`] runs `nft -f -` with a script on stdin, and
 //! [`Programmer`] keeps what it applied last so that an update is a diff.
+//! An update's element changes ([`Ruleset::element_ops`], data) go to the
+//! kernel as one nf_tables netlink batch ([`crate::nft_netlink`]), without
+//! forking `nft`; the structure (table, chains, sets, rules) and full syncs
+//! stay `nft -f` scripts.
 //!
 //! # Atomicity (measured on Linux 6.18, nft 1.0.6)
 //! One `nft -f` run is one netlink batch, committed as one transaction: a
@@ -685,6 +689,10 @@ pub struct Programmer {
     /// What the kernel holds, as far as this process knows; `None` before
     /// the first successful sync and after a failed one.
     applied: Option<Ruleset>,
+    /// Element changes go through `nft -f` only (no netlink).
+    script_only: bool,
+    /// A netlink failure has been logged (once per programmer).
+    netlink_warned: bool,
 }
 
 impl Programmer {
@@ -692,21 +700,70 @@ impl Programmer {
         Self::default()
     }
 
-    /// Makes the table hold `want`: a diff of what was applied last, else a
-    /// full sync (and if even that fails, a delete-and-recreate).
+    /// A programmer that applies element changes with `nft -f` too, never
+    /// over netlink (for comparison in `sluice-bench control`).
+    pub fn script_only() -> Self {
+        Self {
+            script_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// Makes the table hold `want`: element changes from what was applied
+    /// last, as one netlink batch ([`crate::nft_netlink`]; `nft -f` if
+    /// netlink fails, logged once), else a full sync with `nft -f` (and if
+    /// even that fails, a delete-and-recreate).
     pub async fn sync(&mut self, want: &Ruleset) -> Result<Synced, NftError> {
         if let Some(applied) = self.applied.take() {
-            let Some(script) = want.update_script(&applied) else {
+            let Some(ops) = want.element_ops(&applied) else {
+                return self.full_sync(want).await;
+            };
+            if ops.is_empty() {
                 self.applied = Some(applied);
                 return Ok(Synced::Unchanged);
+            }
+            let deleted = ops.iter().filter(|o| !o.add).count();
+            let updated = Synced::Updated {
+                added: ops.len() - deleted,
+                deleted,
             };
-            if apply(&script).await.is_ok() {
-                let (added, deleted) = want.changes(&applied);
+            if !self.script_only {
+                let sent = tokio::task::spawn_blocking(move || {
+                    let r = crate::nft_netlink::apply(&ops);
+                    (r, ops)
+                })
+                .await;
+                match sent {
+                    Ok((Ok(()), _)) => {
+                        self.applied = Some(want.clone());
+                        return Ok(updated);
+                    }
+                    Ok((Err(crate::nft_netlink::NetlinkError::TooLarge(_)), _)) => {}
+                    Ok((Err(e), _)) if !self.netlink_warned => {
+                        self.netlink_warned = true;
+                        tracing::warn!(
+                            table = TABLE,
+                            "nftables element update over netlink failed, applying it with \
+                             `nft -f` (logged once): {e}"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(script) = want.update_script(&applied)
+                && apply(&script).await.is_ok()
+            {
                 self.applied = Some(want.clone());
-                return Ok(Synced::Updated { added, deleted });
+                return Ok(updated);
             }
             // Someone changed the table under us: resync it whole.
         }
+        self.full_sync(want).await
+    }
+
+    /// Declares, flushes and refills the table with `nft -f` (one
+    /// transaction); if that fails, deletes and recreates it.
+    async fn full_sync(&mut self, want: &Ruleset) -> Result<Synced, NftError> {
         if let Err(first) = apply(&want.full_sync_script()).await {
             if matches!(first, NftError::NotInstalled) {
                 return Err(first);
