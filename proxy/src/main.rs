@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use sluice_control::source::{file, kube};
-use sluice_control::{Publisher, Snapshot};
+use sluice_control::{Publisher, Snapshot, TableDiff};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
@@ -482,15 +482,33 @@ async fn sync_nft(
 ) {
     let mut changes = publisher.subscribe();
     let mut programmer = Programmer::new();
+    // The desired ruleset follows the table key by key (each publish's
+    // TableDiff), not rebuilt from all 10,000 Services per publish; the
+    // programmer sends only those keys' element changes. Its first sync,
+    // and any after a failure, compares and rewrites the whole table.
+    let mut want: Option<Ruleset> = None;
+    let mut previous = Arc::new(sluice_control::Table::new());
     loop {
         let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
             return;
         };
         let range = udp.range();
         let udp_ports = udp.follow(&snapshot.table);
-        let want = Ruleset::from_table(&snapshot.table, port)
-            .with_udp(udp_ports.iter().map(|(k, p)| (k, *p)), range);
-        let complete = match programmer.sync(&want).await {
+        let (want, keys) = match want.as_mut() {
+            Some(want) => {
+                let keys = nft::diff_keys(&TableDiff::between(&previous, &snapshot.table));
+                want.update_keys(&snapshot.table, &keys);
+                want.set_udp_ports(udp_ports);
+                (&*want, keys)
+            }
+            None => {
+                let built = Ruleset::from_table(&snapshot.table, port)
+                    .with_udp(udp_ports.iter().map(|(k, p)| (k, *p)), range);
+                (&*want.insert(built), Vec::new())
+            }
+        };
+        previous = snapshot.table.clone();
+        let complete = match programmer.sync_keys(want, &keys).await {
             Ok(Synced::Unchanged) => true,
             Ok(how) => {
                 info!(

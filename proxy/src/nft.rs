@@ -117,7 +117,7 @@ use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::process::Stdio;
 
-use sluice_control::{Cidr, ListenKey, NoEndpoints, Protocol, Table};
+use sluice_control::{Cidr, ListenKey, NoEndpoints, Protocol, Service, Table, TableDiff};
 use tokio::io::AsyncWriteExt;
 
 /// The family and name of sluice's table.
@@ -274,26 +274,166 @@ impl Ruleset {
             ..Self::default()
         };
         for (key, svc) in table.iter() {
-            let e = Element::from(key);
-            if svc.eligible_len() == 0 {
-                r.no_endpoints.insert(e, svc.settings.no_endpoints);
-            } else if key.protocol == Protocol::Tcp {
-                r.elements.insert(e);
-            }
-            let ranges: Vec<Cidr> = (svc.settings.source_ranges.iter())
-                .filter(|c| c.is_ipv4() == e.addr.is_ipv4())
-                .copied()
-                .collect();
-            let outermost: BTreeSet<Cidr> = (ranges.iter())
-                .filter(|c| !ranges.iter().any(|o| o != *c && o.covers(c)))
-                .copied()
-                .collect();
-            if !outermost.is_empty() {
-                r.firewall.insert(e, outermost);
-            }
+            r.set_key(key, Some(svc));
         }
         r
     }
+
+    /// Puts `key` in the sets `svc` calls for (out of every set when
+    /// `None`: the key left the table). UDP ports are not touched (see
+    /// [`Self::set_udp_ports`]).
+    fn set_key(&mut self, key: &ListenKey, svc: Option<&Service>) {
+        let e = Element::from(key);
+        self.elements.remove(&e);
+        self.no_endpoints.remove(&e);
+        self.firewall.remove(&e);
+        let Some(svc) = svc else { return };
+        if svc.eligible_len() == 0 {
+            self.no_endpoints.insert(e, svc.settings.no_endpoints);
+        } else if key.protocol == Protocol::Tcp {
+            self.elements.insert(e);
+        }
+        let ranges: Vec<Cidr> = (svc.settings.source_ranges.iter())
+            .filter(|c| c.is_ipv4() == e.addr.is_ipv4())
+            .copied()
+            .collect();
+        let outermost: BTreeSet<Cidr> = (ranges.iter())
+            .filter(|c| !ranges.iter().any(|o| o != *c && o.covers(c)))
+            .copied()
+            .collect();
+        if !outermost.is_empty() {
+            self.firewall.insert(e, outermost);
+        }
+    }
+
+    /// Brings the entries of `keys` (a [`sluice_control::TableDiff`]'s
+    /// added, removed and changed keys) up to date with `table`, without
+    /// walking the rest: the same result as [`Self::from_table`] when every
+    /// key that differs between the previous table and `table` is in
+    /// `keys`. UDP ports are not touched (see [`Self::set_udp_ports`]).
+    pub fn update_keys<'a>(&mut self, table: &Table, keys: impl IntoIterator<Item = &'a ListenKey>) {
+        for key in keys {
+            self.set_key(key, table.get(key).map(|s| &**s));
+        }
+    }
+
+    /// Replaces the UDP keys' local ports with those of `ports` that have
+    /// an eligible backend (as [`Self::with_udp`], range unchanged). Walks
+    /// the UDP keys only.
+    pub fn set_udp_ports(&mut self, ports: &BTreeMap<ListenKey, u16>) {
+        self.udp_ports.clear();
+        for (key, port) in ports {
+            let e = Element::from(key);
+            if key.protocol == Protocol::Udp && !self.no_endpoints.contains_key(&e) {
+                self.udp_ports.insert(e, *port);
+            }
+        }
+    }
+
+    /// Every element of `self`'s sets and maps that is about `e` (its key,
+    /// in whichever set; its firewall ranges; its UDP port).
+    fn items_of(&self, e: &Element) -> Vec<SetItem> {
+        let mut out = Vec::new();
+        if self.elements.contains(e) {
+            out.push(SetItem::Redirect(*e));
+        }
+        if let Some(v) = self.no_endpoints.get(e) {
+            out.push(SetItem::NoEndpoints(*e, *v));
+        }
+        if let Some(ranges) = self.firewall.get(e) {
+            out.push(SetItem::Firewall(*e));
+            out.extend(ranges.iter().map(|c| SetItem::Allow(*e, *c)));
+        }
+        if let Some(p) = self.udp_ports.get(e) {
+            out.push(SetItem::UdpPort(*e, *p));
+        }
+        out
+    }
+
+    /// [`Self::element_ops`] restricted to the elements of `keys` (plus
+    /// every UDP port, a short map): O(keys), not O(table). Correct when
+    /// `self` and `old` differ only there, as after
+    /// [`Self::update_keys`]`(keys)` and [`Self::set_udp_ports`]. Deletes
+    /// first, grouped by set. `None` when the rules change (full sync).
+    pub fn key_ops<'a>(
+        &self,
+        old: &Ruleset,
+        keys: impl IntoIterator<Item = &'a ListenKey>,
+    ) -> Option<Vec<ElementOp>> {
+        if self.port != old.port || self.udp_range != old.udp_range {
+            return None;
+        }
+        let mut ops = Vec::new();
+        let mut seen = BTreeSet::new();
+        for key in keys {
+            let e = Element::from(key);
+            if !seen.insert(e) {
+                continue;
+            }
+            let (mine, theirs) = (self.items_of(&e), old.items_of(&e));
+            // UDP ports are compared below, over the whole map.
+            let keyed = |i: &&SetItem| !matches!(i, SetItem::UdpPort(..));
+            let gone = theirs.iter().filter(keyed).filter(|i| !mine.contains(i));
+            ops.extend(gone.map(|i| ElementOp { add: false, item: *i }));
+            let new = mine.iter().filter(keyed).filter(|i| !theirs.contains(i));
+            ops.extend(new.map(|i| ElementOp { add: true, item: *i }));
+        }
+        let udp = |a: &Ruleset, b: &Ruleset, add: bool| {
+            (a.udp_ports.iter())
+                .filter(|(e, p)| b.udp_ports.get(e) != Some(p))
+                .map(move |(e, p)| ElementOp {
+                    add,
+                    item: SetItem::UdpPort(*e, *p),
+                })
+                .collect::<Vec<_>>()
+        };
+        ops.extend(udp(old, self, false));
+        ops.extend(udp(self, old, true));
+        ops.sort_by_key(|o| (o.add, o.item.set(), !o.item.is_ipv4(), o.item));
+        Some(ops)
+    }
+
+    /// Applies `ops` to this ruleset (what the kernel now holds after they
+    /// were applied to it).
+    pub fn apply_ops(&mut self, ops: &[ElementOp]) {
+        for op in ops {
+            match (op.add, op.item) {
+                (true, SetItem::Redirect(e)) => {
+                    self.elements.insert(e);
+                }
+                (false, SetItem::Redirect(e)) => {
+                    self.elements.remove(&e);
+                }
+                (true, SetItem::NoEndpoints(e, v)) => {
+                    self.no_endpoints.insert(e, v);
+                }
+                (false, SetItem::NoEndpoints(e, _)) => {
+                    self.no_endpoints.remove(&e);
+                }
+                (true, SetItem::Firewall(e)) => {
+                    self.firewall.entry(e).or_default();
+                }
+                (false, SetItem::Firewall(e)) => {
+                    self.firewall.remove(&e);
+                }
+                (true, SetItem::Allow(e, c)) => {
+                    self.firewall.entry(e).or_default().insert(c);
+                }
+                (false, SetItem::Allow(e, c)) => {
+                    if let Some(ranges) = self.firewall.get_mut(&e) {
+                        ranges.remove(&c);
+                    }
+                }
+                (true, SetItem::UdpPort(e, p)) => {
+                    self.udp_ports.insert(e, p);
+                }
+                (false, SetItem::UdpPort(e, _)) => {
+                    self.udp_ports.remove(&e);
+                }
+            }
+        }
+    }
+
 
     /// Adds the UDP keys of `ports` (a local port each, all in `range`) that
     /// have an eligible backend: a key in `no_endpoints` keeps its verdict
@@ -474,6 +614,15 @@ impl Ruleset {
             _ => Vec::new(),
         }
     }
+}
+
+/// Every key a [`TableDiff`] names (added, removed, changed): what
+/// [`Ruleset::update_keys`] and [`Programmer::sync_keys`] take.
+pub fn diff_keys(diff: &TableDiff) -> Vec<ListenKey> {
+    (diff.added.iter().chain(&diff.removed))
+        .chain(diff.changed.iter().map(|(k, _)| k))
+        .copied()
+        .collect()
 }
 
 /// The verdict of a `no-endpoint-services` element.
@@ -693,6 +842,9 @@ pub struct Programmer {
     script_only: bool,
     /// A netlink failure has been logged (once per programmer).
     netlink_warned: bool,
+    /// The nf_tables netlink socket, kept open (closing one costs ~10 ms);
+    /// `None` before the first update and after a socket error.
+    conn: Option<crate::nft_netlink::Conn>,
 }
 
 impl Programmer {
@@ -712,58 +864,104 @@ impl Programmer {
     /// Makes the table hold `want`: element changes from what was applied
     /// last, as one netlink batch ([`crate::nft_netlink`]; `nft -f` if
     /// netlink fails, logged once), else a full sync with `nft -f` (and if
-    /// even that fails, a delete-and-recreate).
+    /// even that fails, a delete-and-recreate). Compares the whole
+    /// rulesets: O(table).
     pub async fn sync(&mut self, want: &Ruleset) -> Result<Synced, NftError> {
-        if let Some(applied) = self.applied.take() {
-            let Some(ops) = want.element_ops(&applied) else {
-                return self.full_sync(want).await;
-            };
-            if ops.is_empty() {
-                self.applied = Some(applied);
-                return Ok(Synced::Unchanged);
-            }
-            let deleted = ops.iter().filter(|o| !o.add).count();
-            let updated = Synced::Updated {
-                added: ops.len() - deleted,
-                deleted,
-            };
-            if !self.script_only {
-                let sent = tokio::task::spawn_blocking(move || {
-                    let r = crate::nft_netlink::apply(&ops);
-                    (r, ops)
-                })
-                .await;
-                match sent {
-                    Ok((Ok(()), _)) => {
-                        self.applied = Some(want.clone());
+        let ops = self.applied.as_ref().and_then(|a| want.element_ops(a));
+        self.sync_ops(want, ops).await
+    }
+
+    /// [`Self::sync`] when `want` differs from what was last synced only at
+    /// `keys` (a [`sluice_control::TableDiff`]'s keys, `want` kept up to
+    /// date with [`Ruleset::update_keys`]): O(keys), the path of one
+    /// Service change at 10,000 Services. The first sync, and the one after
+    /// a failure, is a full sync all the same.
+    pub async fn sync_keys(
+        &mut self,
+        want: &Ruleset,
+        keys: &[ListenKey],
+    ) -> Result<Synced, NftError> {
+        let ops = self.applied.as_ref().and_then(|a| want.key_ops(a, keys));
+        self.sync_ops(want, ops).await
+    }
+
+    /// Applies `ops` (from what was applied to `want`; `None`: a full sync).
+    async fn sync_ops(
+        &mut self,
+        want: &Ruleset,
+        ops: Option<Vec<ElementOp>>,
+    ) -> Result<Synced, NftError> {
+        let (Some(ops), Some(applied)) = (ops, self.applied.as_mut()) else {
+            return self.full_sync(want).await;
+        };
+        if ops.is_empty() {
+            return Ok(Synced::Unchanged);
+        }
+        let deleted = ops.iter().filter(|o| !o.add).count();
+        let updated = Synced::Updated {
+            added: ops.len() - deleted,
+            deleted,
+        };
+        if !self.script_only {
+            use crate::nft_netlink::{Conn, NetlinkError};
+            let conn = self.conn.take();
+            // Off the runtime's threads; the socket and the batch come back
+            // with the result.
+            let sent = tokio::task::spawn_blocking(move || {
+                let conn = match conn {
+                    Some(c) => Ok(c),
+                    None => Conn::open(),
+                };
+                match conn {
+                    Ok(mut c) => {
+                        let r = c.apply(&ops);
+                        (r, Some(c), ops)
+                    }
+                    Err(e) => (Err(e), None, ops),
+                }
+            })
+            .await;
+            let result = match sent {
+                Ok((r, conn, ops)) => {
+                    // A socket that failed or lost track of answers is
+                    // not reused.
+                    let healthy = matches!(r, Ok(()) | Err(NetlinkError::Refused { .. }));
+                    self.conn = conn.filter(|_| healthy);
+                    if r.is_ok() {
+                        applied.apply_ops(&ops);
                         return Ok(updated);
                     }
-                    Ok((Err(crate::nft_netlink::NetlinkError::TooLarge(_)), _)) => {}
-                    Ok((Err(e), _)) if !self.netlink_warned => {
-                        self.netlink_warned = true;
-                        tracing::warn!(
-                            table = TABLE,
-                            "nftables element update over netlink failed, applying it with \
-                             `nft -f` (logged once): {e}"
-                        );
-                    }
-                    _ => {}
+                    r
                 }
+                Err(e) => Err(NetlinkError::Io(std::io::Error::other(e.to_string()))),
+            };
+            match result {
+                Err(NetlinkError::TooLarge(_)) | Ok(()) => {}
+                Err(e) if !self.netlink_warned => {
+                    self.netlink_warned = true;
+                    tracing::warn!(
+                        table = TABLE,
+                        "nftables element update over netlink failed, applying it with \
+                         `nft -f` (logged once): {e}"
+                    );
+                }
+                Err(_) => {}
             }
-            if let Some(script) = want.update_script(&applied)
-                && apply(&script).await.is_ok()
-            {
-                self.applied = Some(want.clone());
-                return Ok(updated);
-            }
-            // Someone changed the table under us: resync it whole.
         }
+        if let Some(script) = want.update_script(applied)
+            && apply(&script).await.is_ok()
+        {
+            self.applied = Some(want.clone());
+            return Ok(updated);
+        }
+        // Someone changed the table under us: resync it whole.
         self.full_sync(want).await
     }
 
     /// Declares, flushes and refills the table with `nft -f` (one
     /// transaction); if that fails, deletes and recreates it.
     async fn full_sync(&mut self, want: &Ruleset) -> Result<Synced, NftError> {
+        self.applied = None;
         if let Err(first) = apply(&want.full_sync_script()).await {
             if matches!(first, NftError::NotInstalled) {
                 return Err(first);
@@ -778,7 +976,7 @@ impl Programmer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_control::{Backend, Conditions, Policy, Service, Settings};
+    use sluice_control::{Backend, Conditions, Policy, Service, Settings, TableDiff};
     use std::sync::Arc;
 
     fn listen_key(k: &str) -> ListenKey {
@@ -1152,6 +1350,70 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
                 .unwrap()
                 .contains("dport 20000-20099")
         );
+    }
+
+    /// A TableDiff's keys are enough: the ruleset kept up to date key by
+    /// key equals the one built from the whole table, and the key-restricted
+    /// ops are the full diff's ops (as a set), and take the old ruleset to
+    /// the new one.
+    #[test]
+    fn key_by_key_updates_match_the_whole_table() {
+        let with = |ranges: &[&str]| Settings {
+            source_ranges: cidrs(ranges),
+            ..Settings::default()
+        };
+        let drop = Settings {
+            no_endpoints: NoEndpoints::Drop,
+            ..Settings::default()
+        };
+        let mut t = table(&["10.96.0.10:80", "10.96.0.11:80", "[fd00::1]:80", "10.96.0.53:53/udp"]);
+        t.insert(listen_key("203.0.113.8:80"), service("lb", true, with(&["10.0.0.0/8"])));
+        let ports: BTreeMap<ListenKey, u16> = [(listen_key("10.96.0.53:53/udp"), 20000)].into();
+        let mut steps: Vec<(Table, BTreeMap<ListenKey, u16>)> = Vec::new();
+        let mut next = t.clone();
+        next.insert(listen_key("10.96.0.10:80"), service("web", false, Settings::default()));
+        steps.push((next.clone(), ports.clone()));
+        next.insert(listen_key("10.96.0.10:80"), service("web", false, drop));
+        next.remove(&listen_key("[fd00::1]:80"));
+        steps.push((next.clone(), ports.clone()));
+        next.insert(listen_key("203.0.113.8:80"), service("lb", true, with(&["10.1.0.0/16", "192.168.0.0/24"])));
+        next.insert(listen_key("10.96.0.12:80"), service("new", true, Settings::default()));
+        steps.push((next.clone(), ports.clone()));
+        next.insert(listen_key("10.96.0.53:53/udp"), service("dns", false, Settings::default()));
+        steps.push((next.clone(), ports.clone()));
+        next.insert(listen_key("10.96.0.53:53/udp"), service("dns", true, Settings::default()));
+        steps.push((next.clone(), [(listen_key("10.96.0.53:53/udp"), 20007)].into()));
+        next.insert(listen_key("203.0.113.8:80"), service("lb", true, Settings::default()));
+        steps.push((next.clone(), ports.clone()));
+
+        let range = (20000, 20009);
+        let build = |t: &Table, p: &BTreeMap<ListenKey, u16>| {
+            Ruleset::from_table(t, 10261).with_udp(p.iter().map(|(k, v)| (k, *v)), range)
+        };
+        let mut previous = t.clone();
+        let mut kept = build(&t, &ports);
+        for (i, (t, ports)) in steps.iter().enumerate() {
+            let keys = diff_keys(&TableDiff::between(&previous, t));
+            let old = kept.clone();
+            kept.update_keys(t, &keys);
+            kept.set_udp_ports(ports);
+            let whole = build(t, ports);
+            assert_eq!(kept, whole, "step {i}");
+            let ops = kept.key_ops(&old, &keys).unwrap();
+            let mut full = kept.element_ops(&old).unwrap();
+            let mut sorted = ops.clone();
+            let order = |o: &ElementOp| (o.add, o.item);
+            sorted.sort_by_key(order);
+            full.sort_by_key(order);
+            assert_eq!(sorted, full, "step {i}");
+            assert!(!ops.is_empty(), "step {i}");
+            let first_add = ops.iter().position(|o| o.add).unwrap_or(ops.len());
+            assert!(ops[first_add..].iter().all(|o| o.add), "deletes first: {ops:?}");
+            let mut applied = old;
+            applied.apply_ops(&ops);
+            assert_eq!(applied, whole, "step {i}");
+            previous = t.clone();
+        }
     }
 
     #[test]
