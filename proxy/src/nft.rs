@@ -311,7 +311,11 @@ impl Ruleset {
     /// walking the rest: the same result as [`Self::from_table`] when every
     /// key that differs between the previous table and `table` is in
     /// `keys`. UDP ports are not touched (see [`Self::set_udp_ports`]).
-    pub fn update_keys<'a>(&mut self, table: &Table, keys: impl IntoIterator<Item = &'a ListenKey>) {
+    pub fn update_keys<'a>(
+        &mut self,
+        table: &Table,
+        keys: impl IntoIterator<Item = &'a ListenKey>,
+    ) {
         for key in keys {
             self.set_key(key, table.get(key).map(|s| &**s));
         }
@@ -374,9 +378,15 @@ impl Ruleset {
             // UDP ports are compared below, over the whole map.
             let keyed = |i: &&SetItem| !matches!(i, SetItem::UdpPort(..));
             let gone = theirs.iter().filter(keyed).filter(|i| !mine.contains(i));
-            ops.extend(gone.map(|i| ElementOp { add: false, item: *i }));
+            ops.extend(gone.map(|i| ElementOp {
+                add: false,
+                item: *i,
+            }));
             let new = mine.iter().filter(keyed).filter(|i| !theirs.contains(i));
-            ops.extend(new.map(|i| ElementOp { add: true, item: *i }));
+            ops.extend(new.map(|i| ElementOp {
+                add: true,
+                item: *i,
+            }));
         }
         let udp = |a: &Ruleset, b: &Ruleset, add: bool| {
             (a.udp_ports.iter())
@@ -433,7 +443,6 @@ impl Ruleset {
             }
         }
     }
-
 
     /// Adds the UDP keys of `ports` (a local port each, all in `range`) that
     /// have an eligible backend: a key in `no_endpoints` keeps its verdict
@@ -533,13 +542,16 @@ impl Ruleset {
         let mut out = Vec::new();
         let redirect = self.elements.difference(&other.elements);
         out.extend(redirect.map(|e| SetItem::Redirect(*e)));
-        let verdicts = (self.no_endpoints.iter()).filter(|(e, v)| other.no_endpoints.get(e) != Some(v));
+        let verdicts =
+            (self.no_endpoints.iter()).filter(|(e, v)| other.no_endpoints.get(e) != Some(v));
         out.extend(verdicts.map(|(e, v)| SetItem::NoEndpoints(*e, *v)));
         let keys = (self.firewall.keys()).filter(|k| !other.firewall.contains_key(k));
         out.extend(keys.map(|e| SetItem::Firewall(*e)));
         for (e, ranges) in &self.firewall {
             let theirs = other.firewall.get(e);
-            let new = ranges.iter().filter(|c| !theirs.is_some_and(|t| t.contains(c)));
+            let new = ranges
+                .iter()
+                .filter(|c| !theirs.is_some_and(|t| t.contains(c)));
             out.extend(new.map(|c| SetItem::Allow(*e, *c)));
         }
         let udp = (self.udp_ports.iter()).filter(|(e, p)| other.udp_ports.get(e) != Some(p));
@@ -1366,24 +1378,53 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
             no_endpoints: NoEndpoints::Drop,
             ..Settings::default()
         };
-        let mut t = table(&["10.96.0.10:80", "10.96.0.11:80", "[fd00::1]:80", "10.96.0.53:53/udp"]);
-        t.insert(listen_key("203.0.113.8:80"), service("lb", true, with(&["10.0.0.0/8"])));
+        let mut t = table(&[
+            "10.96.0.10:80",
+            "10.96.0.11:80",
+            "[fd00::1]:80",
+            "10.96.0.53:53/udp",
+        ]);
+        t.insert(
+            listen_key("203.0.113.8:80"),
+            service("lb", true, with(&["10.0.0.0/8"])),
+        );
         let ports: BTreeMap<ListenKey, u16> = [(listen_key("10.96.0.53:53/udp"), 20000)].into();
         let mut steps: Vec<(Table, BTreeMap<ListenKey, u16>)> = Vec::new();
         let mut next = t.clone();
-        next.insert(listen_key("10.96.0.10:80"), service("web", false, Settings::default()));
+        next.insert(
+            listen_key("10.96.0.10:80"),
+            service("web", false, Settings::default()),
+        );
         steps.push((next.clone(), ports.clone()));
         next.insert(listen_key("10.96.0.10:80"), service("web", false, drop));
         next.remove(&listen_key("[fd00::1]:80"));
         steps.push((next.clone(), ports.clone()));
-        next.insert(listen_key("203.0.113.8:80"), service("lb", true, with(&["10.1.0.0/16", "192.168.0.0/24"])));
-        next.insert(listen_key("10.96.0.12:80"), service("new", true, Settings::default()));
+        next.insert(
+            listen_key("203.0.113.8:80"),
+            service("lb", true, with(&["10.1.0.0/16", "192.168.0.0/24"])),
+        );
+        next.insert(
+            listen_key("10.96.0.12:80"),
+            service("new", true, Settings::default()),
+        );
         steps.push((next.clone(), ports.clone()));
-        next.insert(listen_key("10.96.0.53:53/udp"), service("dns", false, Settings::default()));
+        next.insert(
+            listen_key("10.96.0.53:53/udp"),
+            service("dns", false, Settings::default()),
+        );
         steps.push((next.clone(), ports.clone()));
-        next.insert(listen_key("10.96.0.53:53/udp"), service("dns", true, Settings::default()));
-        steps.push((next.clone(), [(listen_key("10.96.0.53:53/udp"), 20007)].into()));
-        next.insert(listen_key("203.0.113.8:80"), service("lb", true, Settings::default()));
+        next.insert(
+            listen_key("10.96.0.53:53/udp"),
+            service("dns", true, Settings::default()),
+        );
+        steps.push((
+            next.clone(),
+            [(listen_key("10.96.0.53:53/udp"), 20007)].into(),
+        ));
+        next.insert(
+            listen_key("203.0.113.8:80"),
+            service("lb", true, Settings::default()),
+        );
         steps.push((next.clone(), ports.clone()));
 
         let range = (20000, 20009);
@@ -1408,7 +1449,10 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
             assert_eq!(sorted, full, "step {i}");
             assert!(!ops.is_empty(), "step {i}");
             let first_add = ops.iter().position(|o| o.add).unwrap_or(ops.len());
-            assert!(ops[first_add..].iter().all(|o| o.add), "deletes first: {ops:?}");
+            assert!(
+                ops[first_add..].iter().all(|o| o.add),
+                "deletes first: {ops:?}"
+            );
             let mut applied = old;
             applied.apply_ops(&ops);
             assert_eq!(applied, whole, "step {i}");

@@ -126,7 +126,11 @@ pub fn encode(ops: &[ElementOp], seq: u32) -> Batch {
     while start < ops.len() {
         let head = ops[start];
         let same = |o: &ElementOp| o.add == head.add && same_set(&o.item, &head.item);
-        let run = ops[start..].iter().take(PER_MESSAGE).take_while(|o| same(o)).count();
+        let run = ops[start..]
+            .iter()
+            .take(PER_MESSAGE)
+            .take_while(|o| same(o))
+            .count();
         next = next.wrapping_add(1);
         element_message(&mut bytes, &ops[start..start + run], next);
         messages += 1;
@@ -375,10 +379,15 @@ impl Conn {
             let n = match self.socket.recv(&mut &mut buf[..], 0) {
                 Ok(n) => n,
                 Err(e)
-                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
                 {
                     // A refused batch may answer only for the failed message.
-                    return Err(failure.unwrap_or(NetlinkError::NoAnswer(batch.messages - answered)));
+                    return Err(
+                        failure.unwrap_or(NetlinkError::NoAnswer(batch.messages - answered))
+                    );
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -407,7 +416,8 @@ impl Conn {
 /// A first sequence number unlikely to match an earlier process's batch.
 fn seq_base() -> u32 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    now.map(|d| d.subsec_nanos() ^ (d.as_secs() as u32)).unwrap_or(1)
+    now.map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+        .unwrap_or(1)
 }
 
 /// "adding to service-ips-v4" for the `index`th element message of `ops`.
@@ -420,7 +430,11 @@ fn describe(ops: &[ElementOp], index: u32) -> String {
             .take_while(|o| o.add == head.add && same_set(&o.item, &head.item))
             .count();
         if seen == index {
-            let verb = if head.add { "adding to" } else { "deleting from" };
+            let verb = if head.add {
+                "adding to"
+            } else {
+                "deleting from"
+            };
             return format!("{verb} {} ({run} elements)", head.item.set_name());
         }
         seen += 1;
@@ -555,7 +569,10 @@ mod tests {
     fn an_ipv6_delete_is_the_key_only() {
         let e = element("[fd00::1]:443");
         let batch = encode(&[op(false, SetItem::Redirect(e))], 0);
-        assert_eq!(u16::from_ne_bytes([batch.bytes[24], batch.bytes[25]]), 0x0a0e);
+        assert_eq!(
+            u16::from_ne_bytes([batch.bytes[24], batch.bytes[25]]),
+            0x0a0e
+        );
         let mut want = vec![40, 0, 3, 0x80, 36, 0, 1, 0x80, 32, 0, 1, 0x80, 28, 0, 1, 0];
         want.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
         want.extend_from_slice(&[6, 0, 0, 0, 0x01, 0xbb, 0, 0]);
@@ -566,14 +583,22 @@ mod tests {
     #[test]
     fn verdicts_are_a_goto_and_a_drop() {
         let ops = [
-            op(true, SetItem::NoEndpoints(element("10.96.0.11:80"), NoEndpoints::Reject)),
-            op(true, SetItem::NoEndpoints(element("10.96.0.12:53/udp"), NoEndpoints::Drop)),
+            op(
+                true,
+                SetItem::NoEndpoints(element("10.96.0.11:80"), NoEndpoints::Reject),
+            ),
+            op(
+                true,
+                SetItem::NoEndpoints(element("10.96.0.12:53/udp"), NoEndpoints::Drop),
+            ),
         ];
         let batch = encode(&ops, 0);
         assert_eq!(batch.messages, 1);
         let mut want = vec![104, 0, 3, 0x80, 60, 0, 1, 0x80, 20, 0, 1, 0x80, 16, 0, 1, 0];
         want.extend_from_slice(&[0x0a, 0x60, 0, 0x0b, 6, 0, 0, 0, 0, 0x50, 0, 0]);
-        want.extend_from_slice(&[36, 0, 2, 0x80, 32, 0, 2, 0x80, 8, 0, 1, 0, 0xff, 0xff, 0xff, 0xfc]);
+        want.extend_from_slice(&[
+            36, 0, 2, 0x80, 32, 0, 2, 0x80, 8, 0, 1, 0, 0xff, 0xff, 0xff, 0xfc,
+        ]);
         want.extend_from_slice(&[17, 0, 2, 0]);
         want.extend_from_slice(b"reject-chain\0\0\0\0");
         want.extend_from_slice(&[40, 0, 1, 0x80, 20, 0, 1, 0x80, 16, 0, 1, 0]);
@@ -585,7 +610,10 @@ mod tests {
     /// `udp-ports-v4 { 10.96.0.10 . 53 : 20000 }`: the value is 2 bytes.
     #[test]
     fn a_udp_port_value_is_two_bytes() {
-        let ops = [op(true, SetItem::UdpPort(element("10.96.0.10:53/udp"), 20000))];
+        let ops = [op(
+            true,
+            SetItem::UdpPort(element("10.96.0.10:53/udp"), 20000),
+        )];
         let batch = encode(&ops, 0);
         let mut want = vec![36, 0, 3, 0x80, 32, 0, 1, 0x80, 16, 0, 1, 0x80, 12, 0, 1, 0];
         want.extend_from_slice(&[0x0a, 0x60, 0, 0x0a, 0, 0x35, 0, 0]);
@@ -602,7 +630,9 @@ mod tests {
         let mut want = vec![56, 0, 3, 0x80, 52, 0, 1, 0x80, 24, 0, 1, 0x80, 20, 0, 1, 0];
         want.extend_from_slice(&[192, 168, 60, 1, 6, 0, 0, 0, 0, 0x50, 0, 0, 10, 0, 0, 0]);
         want.extend_from_slice(&[24, 0, 10, 0x80, 20, 0, 1, 0]);
-        want.extend_from_slice(&[192, 168, 60, 1, 6, 0, 0, 0, 0, 0x50, 0, 0, 10, 255, 255, 255]);
+        want.extend_from_slice(&[
+            192, 168, 60, 1, 6, 0, 0, 0, 0, 0x50, 0, 0, 10, 255, 255, 255,
+        ]);
         for add in [true, false] {
             let batch = encode(&[op(add, item)], 0);
             assert_eq!(elements_of(&batch, "firewall-allow-v4"), want);
@@ -633,7 +663,10 @@ mod tests {
         // 300 deletes in two messages (256 + 44), the v6 delete, the add.
         assert_eq!(batch.messages, 4);
         assert_eq!(batch.first_seq, 8);
-        assert_eq!(describe(&ops, 1), "deleting from service-ips-v4 (44 elements)");
+        assert_eq!(
+            describe(&ops, 1),
+            "deleting from service-ips-v4 (44 elements)"
+        );
         assert_eq!(describe(&ops, 3), "adding to service-ips-v4 (1 elements)");
     }
 

@@ -99,7 +99,16 @@ fn ruleset(t: &Table, udp: &[(&str, u16)]) -> Ruleset {
 /// (name and elements), normalised to one element per line.
 fn listed(ns: &netns::Netns) -> String {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "nft", "list", "table", "inet", "sluice"])
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "sluice",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -108,7 +117,11 @@ fn listed(ns: &netns::Netns) -> String {
     let sets = text.split("\tchain ").next().unwrap();
     sets.replace(",\n", "\n")
         .lines()
-        .map(|l| l.trim().trim_start_matches("elements = { ").trim_end_matches(" }"))
+        .map(|l| {
+            l.trim()
+                .trim_start_matches("elements = { ")
+                .trim_end_matches(" }")
+        })
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("\n")
@@ -136,6 +149,9 @@ fn reference(want: &Ruleset) -> String {
     listed(&ns)
 }
 
+/// What changed, the table after it, the UDP ports.
+type Step = (&'static str, Table, Vec<(&'static str, u16)>);
+
 #[test]
 fn one_service_change_over_netlink_leaves_exactly_the_expected_elements() {
     require_root!();
@@ -150,7 +166,7 @@ fn one_service_change_over_netlink_leaves_exactly_the_expected_elements() {
     // One change of each kind, each applied directly over netlink (no
     // fallback can hide a failure) and compared with the listing.
     let mut t = t1.clone();
-    let mut steps: Vec<(&str, Table, Vec<(&str, u16)>)> = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
     t.insert(key("10.96.0.10:80"), service(false, Settings::default()));
     steps.push(("endpoints gone: steered -> reject", t.clone(), udp.to_vec()));
     let drop = Settings {
@@ -163,14 +179,21 @@ fn one_service_change_over_netlink_leaves_exactly_the_expected_elements() {
     steps.push(("a Service added", t.clone(), udp.to_vec()));
     t.remove(&key("[fd00::10]:80"));
     steps.push(("an IPv6 Service removed", t.clone(), udp.to_vec()));
-    t.insert(key("203.0.113.8:80"), service(true, ranges(&["10.0.0.0/8"])));
+    t.insert(
+        key("203.0.113.8:80"),
+        service(true, ranges(&["10.0.0.0/8"])),
+    );
     steps.push(("a source range removed", t.clone(), udp.to_vec()));
     t.insert(
         key("[fd00:60::1]:443"),
         service(true, ranges(&["fd00:1::/64", "fd00:2::/48"])),
     );
     steps.push(("an IPv6 source range added", t.clone(), udp.to_vec()));
-    steps.push(("a UDP key's port moved", t.clone(), vec![("10.96.0.53:53/udp", 20005)]));
+    steps.push((
+        "a UDP key's port moved",
+        t.clone(),
+        vec![("10.96.0.53:53/udp", 20005)],
+    ));
 
     let mut applied = r1;
     for (what, table, udp) in steps {
@@ -218,7 +241,13 @@ fn an_update_over_netlink_and_recovery_when_the_table_changed_underneath() {
     t2.insert(key("10.96.0.11:443"), service(false, Settings::default()));
     let r2 = ruleset(&t2, &[]);
     let (programmer, how) = sync(&ns, programmer, r2.clone());
-    assert_eq!(how, Synced::Updated { added: 1, deleted: 1 });
+    assert_eq!(
+        how,
+        Synced::Updated {
+            added: 1,
+            deleted: 1
+        }
+    );
     assert_eq!(listed(&ns), reference(&r2));
 
     // Someone deletes the element the next update deletes: the netlink
@@ -227,8 +256,16 @@ fn an_update_over_netlink_and_recovery_when_the_table_changed_underneath() {
     netns::run(
         "ip",
         &[
-            "netns", "exec", ns.name(), "nft", "delete", "element", "inet", "sluice",
-            "no-endpoint-services-v4", "{ 10.96.0.11 . tcp . 443 }",
+            "netns",
+            "exec",
+            ns.name(),
+            "nft",
+            "delete",
+            "element",
+            "inet",
+            "sluice",
+            "no-endpoint-services-v4",
+            "{ 10.96.0.11 . tcp . 443 }",
         ],
         None,
     )
