@@ -236,3 +236,118 @@ impl Follower for VipFollower {
         Box::pin(self.sync(table))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_control::{ListenKey, Policy, Service};
+    use std::sync::Mutex;
+
+    /// What a follower was called with: keys added, removed, changed, and
+    /// the table's size.
+    type Call = (usize, usize, usize, usize);
+
+    /// Records its calls; answers from `results` (true once they run out).
+    struct Recorder {
+        calls: Arc<Mutex<Vec<Call>>>,
+        results: Vec<bool>,
+    }
+
+    impl Follower for Recorder {
+        fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+            let call = (
+                diff.added.len(),
+                diff.removed.len(),
+                diff.changed.len(),
+                table.len(),
+            );
+            self.calls.lock().unwrap().push(call);
+            let ok = if self.results.is_empty() {
+                true
+            } else {
+                self.results.remove(0)
+            };
+            Box::pin(async move { ok })
+        }
+    }
+
+    fn recorder(results: Vec<bool>) -> (Box<dyn Follower>, Arc<Mutex<Vec<Call>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let r = Recorder {
+            calls: calls.clone(),
+            results,
+        };
+        (Box::new(r), calls)
+    }
+
+    fn table(ports: &[u16]) -> Table {
+        let mut t = Table::new();
+        for port in ports {
+            let svc = Service::new("svc", Policy::RoundRobin, None, Vec::new());
+            t.insert(
+                ListenKey::tcp(([10, 96, 0, 1], *port).into()),
+                Arc::new(svc),
+            );
+        }
+        t
+    }
+
+    /// Lets the reconcile task run until it waits again.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_publish_is_one_diff_handed_to_every_follower() {
+        let publisher = Arc::new(Publisher::new());
+        let (a, calls_a) = recorder(Vec::new());
+        let (b, calls_b) = recorder(Vec::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(publisher.clone(), vec![a, b], stop.clone()));
+        settle().await;
+        // Nothing before the first table: what a previous sluice left stays.
+        assert!(calls_a.lock().unwrap().is_empty());
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        let want = vec![(2, 0, 0, 2), (0, 1, 0, 1)];
+        assert_eq!(*calls_a.lock().unwrap(), want);
+        assert_eq!(*calls_b.lock().unwrap(), want);
+        // A quiet minute: no call (no retry is pending).
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(calls_a.lock().unwrap().len(), 2);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_incomplete_follower_alone_is_retried_with_the_same_table() {
+        let publisher = Arc::new(Publisher::new());
+        let (failing, calls_f) = recorder(vec![false, false]);
+        let (fine, calls_ok) = recorder(Vec::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(publisher.clone(), vec![failing, fine], stop.clone()));
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        assert_eq!(calls_f.lock().unwrap().len(), 1);
+        tokio::time::sleep(RETRY + Duration::from_millis(10)).await;
+        settle().await;
+        // Retried with an empty diff and the whole table; the complete one
+        // is left alone.
+        assert_eq!(*calls_f.lock().unwrap(), [(2, 0, 0, 2), (0, 0, 0, 2)]);
+        assert_eq!(calls_ok.lock().unwrap().len(), 1);
+        // Still failing: a new table reaches both, with its diff.
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        assert_eq!(calls_f.lock().unwrap().last(), Some(&(0, 1, 0, 1)));
+        assert_eq!(calls_ok.lock().unwrap().last(), Some(&(0, 1, 0, 1)));
+        // That apply succeeded: no more retries.
+        tokio::time::sleep(RETRY * 3).await;
+        assert_eq!(calls_f.lock().unwrap().len(), 3);
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
