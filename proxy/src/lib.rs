@@ -11,6 +11,8 @@
 //!   two random choices, Maglev and source hashing, client-IP affinity).
 //! - [`connect`]: the one dial function (timeout, optional source address)
 //!   and the classification of dial failures.
+//! - [`proxy_protocol`]: PROXY protocol v2 headers for Services that
+//!   ask for them (`sluice.io/proxy-protocol: v2`), sent after the dial.
 //! - [`forward`]: bidirectional forwarding with half-close and reset
 //!   propagation.
 //! - `splice` (Linux): zero-copy forwarding through pooled pipes.
@@ -48,6 +50,7 @@ pub mod listener;
 pub mod metrics;
 pub mod nft;
 pub mod nft_netlink;
+pub mod proxy_protocol;
 pub mod reconcile;
 pub mod saturation;
 pub mod server;

@@ -667,6 +667,8 @@ impl Proxy {
         let limit =
             (settings.and_then(|s| s.max_connections)).or(self.config.service_max_connections);
         let idle = settings.and_then(|s| s.idle_timeout);
+        let proxy_header = (settings.and_then(|s| s.proxy_protocol))
+            .map(|v| crate::proxy_protocol::Header::for_client(v, &client, peer, key.addr));
         // The Service's active gauge is its connection count (shared by
         // its listen addresses): counted first, so that concurrent
         // connections on several workers cannot all slip under the limit.
@@ -705,7 +707,8 @@ impl Proxy {
                 break;
             };
             let guard = self.tracker.connect(addr);
-            match dial(addr, None, self.config.connect_timeout).await {
+            let dialed = dial(addr, None, self.config.connect_timeout).await;
+            match crate::proxy_protocol::after_dial(addr, dialed, proxy_header.as_ref()).await {
                 Ok(backend) => {
                     if self.tracker.dial_succeeded(addr) {
                         info!(backend = %addr, "backend accepts connections again");
