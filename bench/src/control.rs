@@ -6,6 +6,9 @@
 //! prints: initial build time, time and allocations per single-slice update
 //! (apply + incremental build + publish), table publish time, the proxy's
 //! per-publish diff time, JSON decode time of one slice, and resident memory.
+//! As root with `nft`, also the time to apply one Service change to
+//! sluice's nftables table at that size (over netlink and with `nft -f`)
+//! and a full sync, in a throwaway network namespace (`--nft-changes`).
 //!
 //! Allocations are counted by a counting global allocator declared in this
 //! module (it wraps the system allocator with two relaxed atomic adds; it is
@@ -110,6 +113,12 @@ pub struct ControlArgs {
     /// Single-slice updates to apply and measure.
     #[arg(long, default_value_t = 2_000)]
     pub updates: u32,
+    /// Service changes (one Service's endpoints gone, then back) to apply
+    /// to sluice's nftables table in a throwaway network namespace, over
+    /// netlink and with `nft -f`, plus full syncs (needs root, `ip` and
+    /// `nft`; skipped otherwise). 0: skip.
+    #[arg(long, default_value_t = 200)]
+    pub nft_changes: u32,
 }
 
 fn ip4(n: u32) -> String {
@@ -344,6 +353,8 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let decode = t.elapsed();
     let (a5, _) = allocs();
 
+    let nft = nft_figures(&mut index, &args)?;
+
     let (rss_end, hwm) = rss_kib();
     let n = u64::from(args.updates.max(1));
     say!(
@@ -425,5 +436,156 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         if p99 < 1_000_000 { "met" } else { "NOT met" },
         p99 as f64 / 1000.0
     );
+    nft.print(args.services);
     Ok(())
+}
+
+/// What [`nft_figures`] measured (or why it did not). Built once per run:
+/// its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum NftFigures {
+    Skipped(String),
+    Measured {
+        /// Per change, table to kernel, as sluice does it: TableDiff, the
+        /// ruleset updated at its keys, their ops as one netlink batch.
+        netlink: Histogram<u64>,
+        /// Of which TableDiff + `Ruleset::update_keys` (no kernel).
+        ruleset: Histogram<u64>,
+        /// Per change as before: `Ruleset::from_table`, whole-ruleset diff,
+        /// `nft -f`.
+        script: Histogram<u64>,
+        /// A first sync from an empty namespace, and the adoption of an
+        /// existing table (flush and refill in one `nft -f`).
+        first_sync: Duration,
+        resync: Duration,
+    },
+}
+
+impl NftFigures {
+    fn print(&self, services: u32) {
+        match self {
+            NftFigures::Skipped(why) => say!("nftables table: not measured ({why})"),
+            NftFigures::Measured {
+                netlink,
+                ruleset,
+                script,
+                first_sync,
+                resync,
+            } => {
+                say!(
+                    "nftables, one Service change at {services} Services (endpoints gone or back: one element deleted, one added), {} changes:",
+                    netlink.len()
+                );
+                say!(
+                    "  TableDiff, ruleset updated at its keys, one netlink batch: {}",
+                    summary(netlink)
+                );
+                say!(
+                    "    of which TableDiff + Ruleset::update_keys: {}",
+                    summary(ruleset)
+                );
+                say!(
+                    "  before: Ruleset::from_table, whole-ruleset diff, nft -f: {}",
+                    summary(script)
+                );
+                say!(
+                    "  full sync: {:.1} ms into an empty namespace, {:.1} ms adopting the table (flush and refill, nft -f)",
+                    first_sync.as_secs_f64() * 1e3,
+                    resync.as_secs_f64() * 1e3
+                );
+                let p99 = netlink.value_at_quantile(0.99);
+                say!(
+                    "target: one Service change applied < 5 ms: {} (p99 {:.1} µs)",
+                    if p99 < 5_000_000 { "met" } else { "NOT met" },
+                    p99 as f64 / 1000.0
+                );
+            }
+        }
+    }
+}
+
+/// Times sluice's nftables programmer at the index's table size, in a
+/// throwaway network namespace: a full sync, then `--nft-changes` Service
+/// changes (a Service's endpoints gone, then back: its key moves from
+/// `service-ips` to `no-endpoint-services` and back) applied over netlink,
+/// the same changes with `nft -f`, and the adoption of the existing table.
+fn nft_figures(index: &mut Index, args: &ControlArgs) -> anyhow::Result<NftFigures> {
+    use sluice_proxy::nft::{Programmer, Ruleset, Synced, diff_keys};
+    if args.nft_changes == 0 {
+        return Ok(NftFigures::Skipped("--nft-changes 0".into()));
+    }
+    if let Some(why) = sluice_testkit::netns::unusable(&["ip", "nft"]) {
+        return Ok(NftFigures::Skipped(why));
+    }
+    let base = index.table().clone();
+    let mut tables = Vec::new();
+    // An even count: the last change puts the table back to `base`.
+    for c in 0..args.nft_changes.next_multiple_of(2) {
+        let i = (c / 2).wrapping_mul(7919).wrapping_add(13) % args.services;
+        let endpoints = if c % 2 == 0 { 0 } else { args.endpoints };
+        index
+            .apply(&mk_slice(i, endpoints, 0))
+            .map_err(|e| anyhow::anyhow!("update rejected: {e}"))?;
+        index.build();
+        tables.push(index.table().clone());
+    }
+    let netns =
+        sluice_testkit::netns::Netns::new(format!("sluice-bench-nft-{}", std::process::id()))?;
+    const PORT: u16 = 10261;
+    let measured = netns.block_on(Duration::from_secs(600), move || async move {
+        let mut netlink = Histogram::<u64>::new(3)?;
+        let mut ruleset = Histogram::<u64>::new(3)?;
+        let mut script = Histogram::<u64>::new(3)?;
+        let want = Ruleset::from_table(&base, PORT);
+        let t = Instant::now();
+        let mut fast = Programmer::new();
+        anyhow::ensure!(fast.sync(&want).await? == Synced::Full);
+        let first_sync = t.elapsed();
+        // As sluice follows the table: the publish's TableDiff, the
+        // ruleset updated at those keys, their element changes sent.
+        let mut want = want;
+        let mut previous = &base;
+        for table in &tables {
+            let t = Instant::now();
+            let keys = diff_keys(&TableDiff::between(previous, table));
+            want.update_keys(table, &keys);
+            ruleset.record(ns(t.elapsed()).max(1))?;
+            let how = fast.sync_keys(&want, &keys).await?;
+            netlink.record(ns(t.elapsed()).max(1))?;
+            anyhow::ensure!(
+                how == Synced::Updated {
+                    added: 1,
+                    deleted: 1
+                },
+                "{how:?}"
+            );
+            previous = table;
+        }
+        let applied = want;
+        let t = Instant::now();
+        let mut slow = Programmer::script_only();
+        anyhow::ensure!(slow.sync(&applied).await? == Synced::Full);
+        let resync = t.elapsed();
+        for table in &tables {
+            let t = Instant::now();
+            let want = Ruleset::from_table(table, PORT);
+            let how = slow.sync(&want).await?;
+            script.record(ns(t.elapsed()).max(1))?;
+            anyhow::ensure!(
+                how == Synced::Updated {
+                    added: 1,
+                    deleted: 1
+                },
+                "{how:?}"
+            );
+        }
+        Ok(NftFigures::Measured {
+            netlink,
+            ruleset,
+            script,
+            first_sync,
+            resync,
+        })
+    })??;
+    Ok(measured)
 }

@@ -26,6 +26,11 @@
 //! - [`admin`]: health, readiness, metrics and `/debug/table` over hyper.
 //! - [`nft`]: sluice's own nftables table (`--intercept nftables`): the
 //!   desired content from the table, diffs as `nft -f` scripts, and `nft`.
+//! - [`nft_netlink`]: element changes to that table as one nf_tables
+//!   netlink batch (no `nft` fork per change).
+//! - [`reconcile`]: one loop follows the table for the kernel state
+//!   (nftables table, Service IPs): a `TableDiff` per publish, handed to
+//!   each follower.
 //! - [`leftovers`]: what kube-proxy (IPVS, iptables, nftables modes) left
 //!   on the node, checked at start for `/healthz` and a metric.
 //! - [`udp`]: UDP Services: a socket per UDP listen key, flows with
@@ -44,7 +49,9 @@ pub mod leftovers;
 pub mod listener;
 pub mod metrics;
 pub mod nft;
+pub mod nft_netlink;
 pub mod proxy_protocol;
+pub mod reconcile;
 pub mod saturation;
 pub mod server;
 #[cfg(target_os = "linux")]

@@ -7,14 +7,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use sluice_control::Publisher;
 use sluice_control::source::{file, kube};
-use sluice_control::{Publisher, Snapshot};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
 use sluice_proxy::metrics::Metrics;
-use sluice_proxy::nft::{self, Programmer, Ruleset, Synced};
-use sluice_proxy::vip::{VipDevice, service_ips};
+use sluice_proxy::nft;
+use sluice_proxy::reconcile::{self, Follower, NftFollower, VipFollower};
+use sluice_proxy::vip::VipDevice;
 use sluice_proxy::workers::Workers;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
@@ -249,11 +250,12 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     // The file source touches addresses only when asked to. With
     // --intercept nftables no Service IP is put on any device.
     let bind_mode = args.intercept() == Intercept::Bind;
+    // What follows the table into the kernel (Service IPs, the nftables
+    // table): one reconcile loop, one TableDiff per publish.
+    let mut followers: Vec<Box<dyn Follower>> = Vec::new();
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
-            Ok(device) => {
-                tokio::spawn(sync_vips(device, publisher.clone(), stop.clone()));
-            }
+            Ok(device) => followers.push(Box::new(VipFollower::new(device))),
             Err(e) => {
                 eprintln!("sluice: {e}");
                 return ExitCode::from(EXIT_USAGE as u8);
@@ -313,7 +315,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE as u8);
         }
         // UDP Services: a local port each, bound and served before the
-        // nftables table steers to it (sync_nft).
+        // nftables table steers to it (reconcile::NftFollower).
         let udp = sluice_proxy::udp_intercept::UdpIntercept::new(
             sluice_proxy::udp::UdpProxy::new(
                 args.udp_config(),
@@ -323,13 +325,14 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             ),
             args.udp_intercept_ports,
         );
-        tokio::spawn(sync_nft(
+        followers.push(Box::new(NftFollower::new(
             args.intercept_port,
             udp,
-            publisher.clone(),
             metrics.clone(),
-            stop.clone(),
-        ));
+        )));
+    }
+    if !followers.is_empty() {
+        tokio::spawn(reconcile::run(publisher.clone(), followers, stop.clone()));
     }
     let admin = Arc::new(Admin {
         publisher,
@@ -362,7 +365,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         }
     }
     // Bind mode: UDP Services are served by sockets bound on their
-    // addresses (with --intercept nftables: sync_nft's local ports).
+    // addresses (with --intercept nftables: reconcile::NftFollower's local ports).
     if bind_mode {
         let udp = sluice_proxy::udp::UdpProxy::new(
             args.udp_config(),
@@ -395,146 +398,6 @@ fn watch_signals(stop: CancellationToken, reload: Arc<Notify>) -> std::io::Resul
         stop.cancel();
     });
     Ok(())
-}
-
-/// Keeps the device's Service IPs equal to the live table's, retrying a
-/// failed sync every few seconds until it succeeds.
-async fn sync_vips(mut device: VipDevice, publisher: Arc<Publisher>, stop: CancellationToken) {
-    let mut changes = publisher.subscribe();
-    loop {
-        let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
-            return;
-        };
-        let want = service_ips(&snapshot.table);
-        let complete = match device.sync(&want).await {
-            Ok(report) => {
-                if !report.added.is_empty() || !report.removed.is_empty() {
-                    info!(
-                        device = device.name(),
-                        added = ?report.added,
-                        removed = ?report.removed,
-                        "service IPs updated"
-                    );
-                }
-                for failure in &report.failed {
-                    warn!(device = device.name(), "{failure}");
-                }
-                report.is_complete()
-            }
-            Err(e) => {
-                error!(device = device.name(), "{e}");
-                false
-            }
-        };
-        if !next_sync(&mut changes, complete, &stop).await {
-            return;
-        }
-    }
-}
-
-/// The table the kernel state (Service IPs, the nftables table) follows
-/// next: the live one once a source has published. Before that, the state
-/// a previous sluice left stays as it is (still answering, adopted at the
-/// first table) rather than being emptied until the first full list. None
-/// once `stop` fired (shutting down: the state stays for the next sluice)
-/// or the publisher is gone.
-async fn table_to_sync(
-    publisher: &Publisher,
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-    stop: &CancellationToken,
-) -> Option<Arc<Snapshot>> {
-    loop {
-        let snapshot = publisher.snapshot();
-        if stop.is_cancelled() {
-            return None;
-        }
-        if snapshot.generation > 0 {
-            return Some(snapshot);
-        }
-        if !next_change(changes, stop).await {
-            return None;
-        }
-    }
-}
-
-/// Waits for the next table publish. False when the publisher is gone or
-/// `stop` fired.
-async fn next_change(
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-    stop: &CancellationToken,
-) -> bool {
-    tokio::select! {
-        changed = changes.changed() => changed.is_ok(),
-        () = stop.cancelled() => false,
-    }
-}
-
-/// Keeps sluice's nftables table equal to the live table's Service
-/// addresses, retrying a failed sync every few seconds until it succeeds.
-/// The table is left in place on exit (see `--cleanup`), and is no longer
-/// touched once `stop` fires: during an upgrade the new sluice owns it.
-async fn sync_nft(
-    port: u16,
-    mut udp: sluice_proxy::udp_intercept::UdpIntercept,
-    publisher: Arc<Publisher>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    let mut changes = publisher.subscribe();
-    let mut programmer = Programmer::new();
-    loop {
-        let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
-            return;
-        };
-        let range = udp.range();
-        let udp_ports = udp.follow(&snapshot.table);
-        let want = Ruleset::from_table(&snapshot.table, port)
-            .with_udp(udp_ports.iter().map(|(k, p)| (k, *p)), range);
-        let complete = match programmer.sync(&want).await {
-            Ok(Synced::Unchanged) => true,
-            Ok(how) => {
-                info!(
-                    table = nft::TABLE,
-                    elements = want.elements.len(),
-                    ?how,
-                    "nftables table synced"
-                );
-                true
-            }
-            Err(e) => {
-                metrics.nft_sync_failures.inc();
-                error!(
-                    table = nft::TABLE,
-                    "cannot sync the nftables table; retrying in 5s: {e}"
-                );
-                false
-            }
-        };
-        if !next_sync(&mut changes, complete, &stop).await {
-            return;
-        }
-    }
-}
-
-/// Waits for the next table publish, or at most 5 s after an incomplete
-/// sync (a retry). False when the publisher is gone or `stop` fired.
-async fn next_sync(
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-    complete: bool,
-    stop: &CancellationToken,
-) -> bool {
-    let retry = async {
-        if complete {
-            std::future::pending::<()>().await
-        } else {
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await
-        }
-    };
-    tokio::select! {
-        changed = changes.changed() => changed.is_ok(),
-        _ = retry => true,
-        () = stop.cancelled() => false,
-    }
 }
 
 /// Binds and serves one admin listener. A bind failure (say, the port is

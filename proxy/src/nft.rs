@@ -94,6 +94,10 @@
 //! [`Ruleset::update_script`] render `nft -f` scripts as text (unit-tested
 //! as text). [`apply`] runs `nft -f -` with a script on stdin, and
 //! [`Programmer`] keeps what it applied last so that an update is a diff.
+//! An update's element changes ([`Ruleset::element_ops`], data) go to the
+//! kernel as one nf_tables netlink batch ([`crate::nft_netlink`]), without
+//! forking `nft`; the structure (table, chains, sets, rules) and full syncs
+//! stay `nft -f` scripts.
 //!
 //! # Atomicity (measured on Linux 6.18, nft 1.0.6)
 //! One `nft -f` run is one netlink batch, committed as one transaction: a
@@ -113,7 +117,7 @@ use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::process::Stdio;
 
-use sluice_control::{Cidr, ListenKey, NoEndpoints, Protocol, Table};
+use sluice_control::{Cidr, ListenKey, NoEndpoints, Protocol, Service, Table, TableDiff};
 use tokio::io::AsyncWriteExt;
 
 /// The family and name of sluice's table.
@@ -145,6 +149,90 @@ impl fmt::Display for Element {
         write!(f, "{} . {} . {}", self.addr, self.protocol, self.port)
     }
 }
+
+/// One element of one of sluice's sets and maps, as data (see the module
+/// docs for the sets): what an update adds or deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetItem {
+    /// `service-ips`: a steered TCP key.
+    Redirect(Element),
+    /// `no-endpoint-services`: a key and its verdict.
+    NoEndpoints(Element, NoEndpoints),
+    /// `firewall-ips`: a key with source ranges.
+    Firewall(Element),
+    /// `firewall-allow`: a key and one source network allowed to reach it
+    /// (an interval element: `key . first address` to `key . last`).
+    Allow(Element, Cidr),
+    /// `udp-ports`: a UDP key (`address . port`) and the local port it is
+    /// redirected to.
+    UdpPort(Element, u16),
+}
+
+impl SetItem {
+    /// The set's name without its family suffix (`service-ips`).
+    pub fn set(&self) -> &'static str {
+        match self {
+            SetItem::Redirect(_) => "service-ips",
+            SetItem::NoEndpoints(..) => "no-endpoint-services",
+            SetItem::Firewall(_) => "firewall-ips",
+            SetItem::Allow(..) => "firewall-allow",
+            SetItem::UdpPort(..) => "udp-ports",
+        }
+    }
+
+    /// The key's element (address, protocol, port).
+    pub fn element(&self) -> Element {
+        match self {
+            SetItem::Redirect(e)
+            | SetItem::NoEndpoints(e, _)
+            | SetItem::Firewall(e)
+            | SetItem::Allow(e, _)
+            | SetItem::UdpPort(e, _) => *e,
+        }
+    }
+
+    /// Whether it goes in the `-v4` set (else `-v6`).
+    pub fn is_ipv4(&self) -> bool {
+        self.element().addr.is_ipv4()
+    }
+
+    /// The set's full name (`service-ips-v4`).
+    pub fn set_name(&self) -> String {
+        let family = if self.is_ipv4() { "v4" } else { "v6" };
+        format!("{}-{family}", self.set())
+    }
+
+    /// The element as `nft` reads it after `verb element ... {`: a delete
+    /// names the key only (a map's value is left out).
+    fn text(&self, verb: &str) -> String {
+        let add = verb != "delete";
+        match self {
+            SetItem::Redirect(e) | SetItem::Firewall(e) => e.to_string(),
+            SetItem::NoEndpoints(e, v) if add => format!("{e} : {}", verdict(*v)),
+            SetItem::NoEndpoints(e, _) => e.to_string(),
+            SetItem::Allow(e, c) => format!("{e} . {c}"),
+            SetItem::UdpPort(e, p) if add => format!("{} . {} : {p}", e.addr, e.port),
+            SetItem::UdpPort(e, _) => format!("{} . {}", e.addr, e.port),
+        }
+    }
+}
+
+/// One element added to or deleted from a set or map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElementOp {
+    /// Added (else deleted).
+    pub add: bool,
+    pub item: SetItem,
+}
+
+/// The order sets are written in a script (and batched over netlink).
+const SET_ORDER: [&str; 5] = [
+    "service-ips",
+    "no-endpoint-services",
+    "firewall-ips",
+    "firewall-allow",
+    "udp-ports",
+];
 
 /// The desired content of sluice's table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -186,25 +274,174 @@ impl Ruleset {
             ..Self::default()
         };
         for (key, svc) in table.iter() {
-            let e = Element::from(key);
-            if svc.eligible_len() == 0 {
-                r.no_endpoints.insert(e, svc.settings.no_endpoints);
-            } else if key.protocol == Protocol::Tcp {
-                r.elements.insert(e);
-            }
-            let ranges: Vec<Cidr> = (svc.settings.source_ranges.iter())
-                .filter(|c| c.is_ipv4() == e.addr.is_ipv4())
-                .copied()
-                .collect();
-            let outermost: BTreeSet<Cidr> = (ranges.iter())
-                .filter(|c| !ranges.iter().any(|o| o != *c && o.covers(c)))
-                .copied()
-                .collect();
-            if !outermost.is_empty() {
-                r.firewall.insert(e, outermost);
-            }
+            r.set_key(key, Some(svc));
         }
         r
+    }
+
+    /// Puts `key` in the sets `svc` calls for (out of every set when
+    /// `None`: the key left the table). UDP ports are not touched (see
+    /// [`Self::set_udp_ports`]).
+    fn set_key(&mut self, key: &ListenKey, svc: Option<&Service>) {
+        let e = Element::from(key);
+        self.elements.remove(&e);
+        self.no_endpoints.remove(&e);
+        self.firewall.remove(&e);
+        let Some(svc) = svc else { return };
+        if svc.eligible_len() == 0 {
+            self.no_endpoints.insert(e, svc.settings.no_endpoints);
+        } else if key.protocol == Protocol::Tcp {
+            self.elements.insert(e);
+        }
+        let ranges: Vec<Cidr> = (svc.settings.source_ranges.iter())
+            .filter(|c| c.is_ipv4() == e.addr.is_ipv4())
+            .copied()
+            .collect();
+        let outermost: BTreeSet<Cidr> = (ranges.iter())
+            .filter(|c| !ranges.iter().any(|o| o != *c && o.covers(c)))
+            .copied()
+            .collect();
+        if !outermost.is_empty() {
+            self.firewall.insert(e, outermost);
+        }
+    }
+
+    /// Brings the entries of `keys` (a [`sluice_control::TableDiff`]'s
+    /// added, removed and changed keys) up to date with `table`, without
+    /// walking the rest: the same result as [`Self::from_table`] when every
+    /// key that differs between the previous table and `table` is in
+    /// `keys`. UDP ports are not touched (see [`Self::set_udp_ports`]).
+    pub fn update_keys<'a>(
+        &mut self,
+        table: &Table,
+        keys: impl IntoIterator<Item = &'a ListenKey>,
+    ) {
+        for key in keys {
+            self.set_key(key, table.get(key).map(|s| &**s));
+        }
+    }
+
+    /// Replaces the UDP keys' local ports with those of `ports` that have
+    /// an eligible backend (as [`Self::with_udp`], range unchanged). Walks
+    /// the UDP keys only.
+    pub fn set_udp_ports(&mut self, ports: &BTreeMap<ListenKey, u16>) {
+        self.udp_ports.clear();
+        for (key, port) in ports {
+            let e = Element::from(key);
+            if key.protocol == Protocol::Udp && !self.no_endpoints.contains_key(&e) {
+                self.udp_ports.insert(e, *port);
+            }
+        }
+    }
+
+    /// Every element of `self`'s sets and maps that is about `e` (its key,
+    /// in whichever set; its firewall ranges; its UDP port).
+    fn items_of(&self, e: &Element) -> Vec<SetItem> {
+        let mut out = Vec::new();
+        if self.elements.contains(e) {
+            out.push(SetItem::Redirect(*e));
+        }
+        if let Some(v) = self.no_endpoints.get(e) {
+            out.push(SetItem::NoEndpoints(*e, *v));
+        }
+        if let Some(ranges) = self.firewall.get(e) {
+            out.push(SetItem::Firewall(*e));
+            out.extend(ranges.iter().map(|c| SetItem::Allow(*e, *c)));
+        }
+        if let Some(p) = self.udp_ports.get(e) {
+            out.push(SetItem::UdpPort(*e, *p));
+        }
+        out
+    }
+
+    /// [`Self::element_ops`] restricted to the elements of `keys` (plus
+    /// every UDP port, a short map): O(keys), not O(table). Correct when
+    /// `self` and `old` differ only there, as after
+    /// [`Self::update_keys`]`(keys)` and [`Self::set_udp_ports`]. Deletes
+    /// first, grouped by set. `None` when the rules change (full sync).
+    pub fn key_ops<'a>(
+        &self,
+        old: &Ruleset,
+        keys: impl IntoIterator<Item = &'a ListenKey>,
+    ) -> Option<Vec<ElementOp>> {
+        if self.port != old.port || self.udp_range != old.udp_range {
+            return None;
+        }
+        let mut ops = Vec::new();
+        let mut seen = BTreeSet::new();
+        for key in keys {
+            let e = Element::from(key);
+            if !seen.insert(e) {
+                continue;
+            }
+            let (mine, theirs) = (self.items_of(&e), old.items_of(&e));
+            // UDP ports are compared below, over the whole map.
+            let keyed = |i: &&SetItem| !matches!(i, SetItem::UdpPort(..));
+            let gone = theirs.iter().filter(keyed).filter(|i| !mine.contains(i));
+            ops.extend(gone.map(|i| ElementOp {
+                add: false,
+                item: *i,
+            }));
+            let new = mine.iter().filter(keyed).filter(|i| !theirs.contains(i));
+            ops.extend(new.map(|i| ElementOp {
+                add: true,
+                item: *i,
+            }));
+        }
+        let udp = |a: &Ruleset, b: &Ruleset, add: bool| {
+            (a.udp_ports.iter())
+                .filter(|(e, p)| b.udp_ports.get(e) != Some(p))
+                .map(move |(e, p)| ElementOp {
+                    add,
+                    item: SetItem::UdpPort(*e, *p),
+                })
+                .collect::<Vec<_>>()
+        };
+        ops.extend(udp(old, self, false));
+        ops.extend(udp(self, old, true));
+        ops.sort_by_key(|o| (o.add, o.item.set(), !o.item.is_ipv4(), o.item));
+        Some(ops)
+    }
+
+    /// Applies `ops` to this ruleset (what the kernel now holds after they
+    /// were applied to it).
+    pub fn apply_ops(&mut self, ops: &[ElementOp]) {
+        for op in ops {
+            match (op.add, op.item) {
+                (true, SetItem::Redirect(e)) => {
+                    self.elements.insert(e);
+                }
+                (false, SetItem::Redirect(e)) => {
+                    self.elements.remove(&e);
+                }
+                (true, SetItem::NoEndpoints(e, v)) => {
+                    self.no_endpoints.insert(e, v);
+                }
+                (false, SetItem::NoEndpoints(e, _)) => {
+                    self.no_endpoints.remove(&e);
+                }
+                (true, SetItem::Firewall(e)) => {
+                    self.firewall.entry(e).or_default();
+                }
+                (false, SetItem::Firewall(e)) => {
+                    self.firewall.remove(&e);
+                }
+                (true, SetItem::Allow(e, c)) => {
+                    self.firewall.entry(e).or_default().insert(c);
+                }
+                (false, SetItem::Allow(e, c)) => {
+                    if let Some(ranges) = self.firewall.get_mut(&e) {
+                        ranges.remove(&c);
+                    }
+                }
+                (true, SetItem::UdpPort(e, p)) => {
+                    self.udp_ports.insert(e, p);
+                }
+                (false, SetItem::UdpPort(e, _)) => {
+                    self.udp_ports.remove(&e);
+                }
+            }
+        }
     }
 
     /// Adds the UDP keys of `ports` (a local port each, all in `range`) that
@@ -285,80 +522,57 @@ impl Ruleset {
 
     /// Elements added and deleted, over every set and map, from `old`.
     pub fn changes(&self, old: &Ruleset) -> (usize, usize) {
-        let count = |a: &Ruleset, b: &Ruleset| {
-            let verdicts = a.verdicts();
-            let allowed = a.allowed();
-            a.elements.difference(&b.elements).count()
-                + verdicts.difference(&b.verdicts()).count()
-                + a.firewall
-                    .keys()
-                    .filter(|k| !b.firewall.contains_key(k))
-                    .count()
-                + allowed.difference(&b.allowed()).count()
-                + (a.udp_ports.iter())
-                    .filter(|(k, p)| b.udp_ports.get(k) != Some(p))
-                    .count()
-        };
-        (count(self, old), count(old, self))
-    }
-
-    /// `no_endpoints` as set members (a changed verdict is a delete and an
-    /// add).
-    fn verdicts(&self) -> BTreeSet<(Element, NoEndpoints)> {
-        self.no_endpoints.iter().map(|(e, v)| (*e, *v)).collect()
-    }
-
-    /// The firewall's allow-set members: key and source network.
-    fn allowed(&self) -> BTreeSet<(Element, Cidr)> {
-        (self.firewall.iter())
-            .flat_map(|(e, ranges)| ranges.iter().map(move |c| (*e, *c)))
-            .collect()
+        (self.items_not_in(old).len(), old.items_not_in(self).len())
     }
 
     /// `verb` (add/delete) every element of `self` that `other` lacks, in
     /// every set and map.
     fn write_all(&self, s: &mut String, verb: &str, other: &Ruleset) {
-        let items = |e: &Element, text: String| (e.addr.is_ipv4(), text);
+        let items = self.items_not_in(other);
+        for set in SET_ORDER {
+            let items = items.iter().filter(|i| i.set() == set);
+            write_elements(s, verb, set, items.map(|i| (i.is_ipv4(), i.text(verb))));
+        }
+    }
+
+    /// Every element of every set and map of `self` that `other` lacks
+    /// (a changed verdict or local port counts as lacking), in
+    /// [`SET_ORDER`]. Walks both rulesets, without copying them.
+    pub fn items_not_in(&self, other: &Ruleset) -> Vec<SetItem> {
+        let mut out = Vec::new();
         let redirect = self.elements.difference(&other.elements);
-        write_elements(
-            s,
-            verb,
-            "service-ips",
-            redirect.map(|e| items(e, e.to_string())),
-        );
-        let verdicts = self.verdicts();
-        let other_verdicts = other.verdicts();
-        let verdict_items = verdicts.difference(&other_verdicts).map(|(e, v)| {
-            // A delete names the key only.
-            let text = match verb {
-                "delete" => e.to_string(),
-                _ => format!("{e} : {}", verdict(*v)),
-            };
-            items(e, text)
-        });
-        write_elements(s, verb, "no-endpoint-services", verdict_items);
+        out.extend(redirect.map(|e| SetItem::Redirect(*e)));
+        let verdicts =
+            (self.no_endpoints.iter()).filter(|(e, v)| other.no_endpoints.get(e) != Some(v));
+        out.extend(verdicts.map(|(e, v)| SetItem::NoEndpoints(*e, *v)));
         let keys = (self.firewall.keys()).filter(|k| !other.firewall.contains_key(k));
-        write_elements(
-            s,
-            verb,
-            "firewall-ips",
-            keys.map(|e| items(e, e.to_string())),
-        );
-        let allowed = self.allowed();
-        let other_allowed = other.allowed();
-        let ranges = allowed.difference(&other_allowed);
-        let ranges = ranges.map(|(e, c)| items(e, format!("{e} . {c}")));
-        write_elements(s, verb, "firewall-allow", ranges);
-        // A changed local port is a delete and an add, like a verdict.
+        out.extend(keys.map(|e| SetItem::Firewall(*e)));
+        for (e, ranges) in &self.firewall {
+            let theirs = other.firewall.get(e);
+            let new = ranges
+                .iter()
+                .filter(|c| !theirs.is_some_and(|t| t.contains(c)));
+            out.extend(new.map(|c| SetItem::Allow(*e, *c)));
+        }
         let udp = (self.udp_ports.iter()).filter(|(e, p)| other.udp_ports.get(e) != Some(p));
-        let udp = udp.map(|(e, p)| {
-            let key = format!("{} . {}", e.addr, e.port);
-            match verb {
-                "delete" => items(e, key),
-                _ => items(e, format!("{key} : {p}")),
-            }
-        });
-        write_elements(s, verb, "udp-ports", udp);
+        out.extend(udp.map(|(e, p)| SetItem::UdpPort(*e, *p)));
+        out
+    }
+
+    /// The element operations that turn `old` (applied) into `self`, every
+    /// delete before every add (a moved key or a changed verdict or port is
+    /// a delete and an add): the data behind [`Self::update_script`], and
+    /// what [`crate::nft_netlink`] sends as one netlink batch. `None` when
+    /// the rules change too (port or UDP range): that is a full sync.
+    pub fn element_ops(&self, old: &Ruleset) -> Option<Vec<ElementOp>> {
+        if self.port != old.port || self.udp_range != old.udp_range {
+            return None;
+        }
+        let deletes = old.items_not_in(self).into_iter();
+        let deletes = deletes.map(|item| ElementOp { add: false, item });
+        let adds = self.items_not_in(old).into_iter();
+        let adds = adds.map(|item| ElementOp { add: true, item });
+        Some(deletes.chain(adds).collect())
     }
 
     /// The rules of `chain` (see the module docs).
@@ -412,6 +626,15 @@ impl Ruleset {
             _ => Vec::new(),
         }
     }
+}
+
+/// Every key a [`TableDiff`] names (added, removed, changed): what
+/// [`Ruleset::update_keys`] and [`Programmer::sync_keys`] take.
+pub fn diff_keys(diff: &TableDiff) -> Vec<ListenKey> {
+    (diff.added.iter().chain(&diff.removed))
+        .chain(diff.changed.iter().map(|(k, _)| k))
+        .copied()
+        .collect()
 }
 
 /// The verdict of a `no-endpoint-services` element.
@@ -627,6 +850,13 @@ pub struct Programmer {
     /// What the kernel holds, as far as this process knows; `None` before
     /// the first successful sync and after a failed one.
     applied: Option<Ruleset>,
+    /// Element changes go through `nft -f` only (no netlink).
+    script_only: bool,
+    /// A netlink failure has been logged (once per programmer).
+    netlink_warned: bool,
+    /// The nf_tables netlink socket, kept open (closing one costs ~10 ms);
+    /// `None` before the first update and after a socket error.
+    conn: Option<crate::nft_netlink::Conn>,
 }
 
 impl Programmer {
@@ -634,21 +864,116 @@ impl Programmer {
         Self::default()
     }
 
-    /// Makes the table hold `want`: a diff of what was applied last, else a
-    /// full sync (and if even that fails, a delete-and-recreate).
-    pub async fn sync(&mut self, want: &Ruleset) -> Result<Synced, NftError> {
-        if let Some(applied) = self.applied.take() {
-            let Some(script) = want.update_script(&applied) else {
-                self.applied = Some(applied);
-                return Ok(Synced::Unchanged);
-            };
-            if apply(&script).await.is_ok() {
-                let (added, deleted) = want.changes(&applied);
-                self.applied = Some(want.clone());
-                return Ok(Synced::Updated { added, deleted });
-            }
-            // Someone changed the table under us: resync it whole.
+    /// A programmer that applies element changes with `nft -f` too, never
+    /// over netlink (for comparison in `sluice-bench control`).
+    pub fn script_only() -> Self {
+        Self {
+            script_only: true,
+            ..Self::default()
         }
+    }
+
+    /// Makes the table hold `want`: element changes from what was applied
+    /// last, as one netlink batch ([`crate::nft_netlink`]; `nft -f` if
+    /// netlink fails, logged once), else a full sync with `nft -f` (and if
+    /// even that fails, a delete-and-recreate). Compares the whole
+    /// rulesets: O(table).
+    pub async fn sync(&mut self, want: &Ruleset) -> Result<Synced, NftError> {
+        let ops = self.applied.as_ref().and_then(|a| want.element_ops(a));
+        self.sync_ops(want, ops).await
+    }
+
+    /// [`Self::sync`] when `want` differs from what was last synced only at
+    /// `keys` (a [`sluice_control::TableDiff`]'s keys, `want` kept up to
+    /// date with [`Ruleset::update_keys`]): O(keys), the path of one
+    /// Service change at 10,000 Services. The first sync, and the one after
+    /// a failure, is a full sync all the same.
+    pub async fn sync_keys(
+        &mut self,
+        want: &Ruleset,
+        keys: &[ListenKey],
+    ) -> Result<Synced, NftError> {
+        let ops = self.applied.as_ref().and_then(|a| want.key_ops(a, keys));
+        self.sync_ops(want, ops).await
+    }
+
+    /// Applies `ops` (from what was applied to `want`; `None`: a full sync).
+    async fn sync_ops(
+        &mut self,
+        want: &Ruleset,
+        ops: Option<Vec<ElementOp>>,
+    ) -> Result<Synced, NftError> {
+        let (Some(ops), Some(applied)) = (ops, self.applied.as_mut()) else {
+            return self.full_sync(want).await;
+        };
+        if ops.is_empty() {
+            return Ok(Synced::Unchanged);
+        }
+        let deleted = ops.iter().filter(|o| !o.add).count();
+        let updated = Synced::Updated {
+            added: ops.len() - deleted,
+            deleted,
+        };
+        if !self.script_only {
+            use crate::nft_netlink::{Conn, NetlinkError};
+            let conn = self.conn.take();
+            // Off the runtime's threads; the socket and the batch come back
+            // with the result.
+            let sent = tokio::task::spawn_blocking(move || {
+                let conn = match conn {
+                    Some(c) => Ok(c),
+                    None => Conn::open(),
+                };
+                match conn {
+                    Ok(mut c) => {
+                        let r = c.apply(&ops);
+                        (r, Some(c), ops)
+                    }
+                    Err(e) => (Err(e), None, ops),
+                }
+            })
+            .await;
+            let result = match sent {
+                Ok((r, conn, ops)) => {
+                    // A socket that failed or lost track of answers is
+                    // not reused.
+                    let healthy = matches!(r, Ok(()) | Err(NetlinkError::Refused { .. }));
+                    self.conn = conn.filter(|_| healthy);
+                    if r.is_ok() {
+                        applied.apply_ops(&ops);
+                        return Ok(updated);
+                    }
+                    r
+                }
+                Err(e) => Err(NetlinkError::Io(std::io::Error::other(e.to_string()))),
+            };
+            match result {
+                Err(NetlinkError::TooLarge(_)) | Ok(()) => {}
+                Err(e) if !self.netlink_warned => {
+                    self.netlink_warned = true;
+                    tracing::warn!(
+                        table = TABLE,
+                        "nftables element update over netlink failed, applying it with \
+                         `nft -f` (logged once): {e}"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(script) = want.update_script(applied)
+            && apply(&script).await.is_ok()
+        {
+            self.applied = Some(want.clone());
+            return Ok(updated);
+        }
+        // Someone changed the table under us: resync it whole.
+        self.full_sync(want).await
+    }
+
+    /// Declares, flushes and refills the table with `nft -f` (one
+    /// transaction); if that fails, deletes and recreates it.
+    async fn full_sync(&mut self, want: &Ruleset) -> Result<Synced, NftError> {
+        self.applied = None;
         if let Err(first) = apply(&want.full_sync_script()).await {
             if matches!(first, NftError::NotInstalled) {
                 return Err(first);
@@ -663,7 +988,7 @@ impl Programmer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_control::{Backend, Conditions, Policy, Service, Settings};
+    use sluice_control::{Backend, Conditions, Policy, Service, Settings, TableDiff};
     use std::sync::Arc;
 
     fn listen_key(k: &str) -> ListenKey {
@@ -1037,6 +1362,102 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
                 .unwrap()
                 .contains("dport 20000-20099")
         );
+    }
+
+    /// A TableDiff's keys are enough: the ruleset kept up to date key by
+    /// key equals the one built from the whole table, and the key-restricted
+    /// ops are the full diff's ops (as a set), and take the old ruleset to
+    /// the new one.
+    #[test]
+    fn key_by_key_updates_match_the_whole_table() {
+        let with = |ranges: &[&str]| Settings {
+            source_ranges: cidrs(ranges),
+            ..Settings::default()
+        };
+        let drop = Settings {
+            no_endpoints: NoEndpoints::Drop,
+            ..Settings::default()
+        };
+        let mut t = table(&[
+            "10.96.0.10:80",
+            "10.96.0.11:80",
+            "[fd00::1]:80",
+            "10.96.0.53:53/udp",
+        ]);
+        t.insert(
+            listen_key("203.0.113.8:80"),
+            service("lb", true, with(&["10.0.0.0/8"])),
+        );
+        let ports: BTreeMap<ListenKey, u16> = [(listen_key("10.96.0.53:53/udp"), 20000)].into();
+        let mut steps: Vec<(Table, BTreeMap<ListenKey, u16>)> = Vec::new();
+        let mut next = t.clone();
+        next.insert(
+            listen_key("10.96.0.10:80"),
+            service("web", false, Settings::default()),
+        );
+        steps.push((next.clone(), ports.clone()));
+        next.insert(listen_key("10.96.0.10:80"), service("web", false, drop));
+        next.remove(&listen_key("[fd00::1]:80"));
+        steps.push((next.clone(), ports.clone()));
+        next.insert(
+            listen_key("203.0.113.8:80"),
+            service("lb", true, with(&["10.1.0.0/16", "192.168.0.0/24"])),
+        );
+        next.insert(
+            listen_key("10.96.0.12:80"),
+            service("new", true, Settings::default()),
+        );
+        steps.push((next.clone(), ports.clone()));
+        next.insert(
+            listen_key("10.96.0.53:53/udp"),
+            service("dns", false, Settings::default()),
+        );
+        steps.push((next.clone(), ports.clone()));
+        next.insert(
+            listen_key("10.96.0.53:53/udp"),
+            service("dns", true, Settings::default()),
+        );
+        steps.push((
+            next.clone(),
+            [(listen_key("10.96.0.53:53/udp"), 20007)].into(),
+        ));
+        next.insert(
+            listen_key("203.0.113.8:80"),
+            service("lb", true, Settings::default()),
+        );
+        steps.push((next.clone(), ports.clone()));
+
+        let range = (20000, 20009);
+        let build = |t: &Table, p: &BTreeMap<ListenKey, u16>| {
+            Ruleset::from_table(t, 10261).with_udp(p.iter().map(|(k, v)| (k, *v)), range)
+        };
+        let mut previous = t.clone();
+        let mut kept = build(&t, &ports);
+        for (i, (t, ports)) in steps.iter().enumerate() {
+            let keys = diff_keys(&TableDiff::between(&previous, t));
+            let old = kept.clone();
+            kept.update_keys(t, &keys);
+            kept.set_udp_ports(ports);
+            let whole = build(t, ports);
+            assert_eq!(kept, whole, "step {i}");
+            let ops = kept.key_ops(&old, &keys).unwrap();
+            let mut full = kept.element_ops(&old).unwrap();
+            let mut sorted = ops.clone();
+            let order = |o: &ElementOp| (o.add, o.item);
+            sorted.sort_by_key(order);
+            full.sort_by_key(order);
+            assert_eq!(sorted, full, "step {i}");
+            assert!(!ops.is_empty(), "step {i}");
+            let first_add = ops.iter().position(|o| o.add).unwrap_or(ops.len());
+            assert!(
+                ops[first_add..].iter().all(|o| o.add),
+                "deletes first: {ops:?}"
+            );
+            let mut applied = old;
+            applied.apply_ops(&ops);
+            assert_eq!(applied, whole, "step {i}");
+            previous = t.clone();
+        }
     }
 
     #[test]

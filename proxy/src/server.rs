@@ -361,15 +361,22 @@ impl Proxy {
             let snapshot = self.publisher.snapshot();
             let table = snapshot.table.clone();
             self.tracker.on_table(&table);
-            self.reconcile(&table, &mut listening, &mut failed);
-            if applied != Some(snapshot.generation) {
+            // What changed since the last generation this loop saw (empty on
+            // a retry or housekeeping tick): the listeners follow the diff,
+            // not a walk of the whole table.
+            let published = applied != Some(snapshot.generation);
+            let diff = match published {
+                true => TableDiff::between(&previous, &table),
+                false => TableDiff::default(),
+            };
+            self.reconcile(&table, &diff, &mut listening, &mut failed);
+            if published {
                 applied = Some(snapshot.generation);
                 self.metrics
                     .table_generation
                     .set(snapshot.generation as i64);
                 self.metrics.table_publishes.inc();
                 let backends: usize = table.iter().map(|(_, s)| s.backends().len()).sum();
-                let diff = TableDiff::between(&previous, &table);
                 info!(
                     services = table.len(),
                     backends,
@@ -394,33 +401,42 @@ impl Proxy {
         self.shutdown(listening).await
     }
 
+    /// Brings the listeners (bind mode) or routes (intercept mode) to
+    /// `table`, given `diff` from the table of the previous call: keys
+    /// that left stop accepting, keys that came (and earlier bind failures,
+    /// retried) are bound. O(changes + failures), not O(table).
     fn reconcile(
         self: &Arc<Self>,
         table: &Table,
+        diff: &TableDiff,
         listening: &mut HashMap<ListenKey, Listening>,
         failed: &mut HashSet<ListenKey>,
     ) {
         if self.config.intercept_port.is_some() {
-            self.prune_routes(table);
+            if !diff.is_empty() {
+                self.prune_routes(table);
+            }
             return;
         }
         let mut closed = Vec::new();
-        listening.retain(|key, l| {
-            let keep = table.get(key).is_some();
-            if !keep {
+        for key in &diff.removed {
+            if let Some(l) = listening.remove(key) {
                 info!(listen = %key, service = %l.service, "service removed: stopped accepting");
                 l.stop.cancel();
                 closed.push(l.service.clone());
             }
-            keep
-        });
+        }
         for name in closed {
             if !listening.values().any(|l| l.service == name) {
                 self.metrics.forget_service(&name);
             }
         }
         failed.retain(|key| table.get(key).is_some());
-        for (key, service) in table.iter() {
+        let wanted: Vec<ListenKey> = diff.added.iter().chain(failed.iter()).copied().collect();
+        for key in &wanted {
+            let Some(service) = table.get(key) else {
+                continue;
+            };
             if listening.contains_key(key) {
                 continue;
             }

@@ -1,0 +1,353 @@
+//! One place follows the published table for the kernel state sluice owns:
+//! [`run`] subscribes once, computes `TableDiff::between(previous, next)`
+//! once per publish and hands it, with the table, to each [`Follower`]: the
+//! nftables programmer ([`NftFollower`]) and the Service IPs on a device
+//! ([`VipFollower`]). Before, `main.rs` ran one task per follower, each
+//! subscribing and walking the table on its own.
+//!
+//! Not yet here (docs/architecture.md, "Reconciler split: what is left"):
+//! the bind-mode listeners, routes, tracker and affinity expiry
+//! (`Proxy::run` in server.rs) and the health-check responders.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use sluice_control::{Publisher, Snapshot, Table, TableDiff};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::nft::{self, Programmer, Ruleset, Synced};
+use crate::udp_intercept::UdpIntercept;
+use crate::vip::{VipDevice, service_ips};
+
+/// How long an incomplete follower waits before it is retried.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Something that keeps state equal to the live table.
+pub trait Follower: Send {
+    /// Brings the state to `table`; `diff` is what changed since the table
+    /// of the previous call (from the empty table at the first; empty on a
+    /// retry). False when incomplete: the follower is called again with
+    /// the same table (and an empty diff) after [`RETRY`], or with the
+    /// next table, so a follower whose last apply failed must not rely on
+    /// the diff alone.
+    fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool>;
+}
+
+/// Follows the publisher until `stop` fires or the publisher is gone.
+/// Nothing is applied before a source published its first table: the
+/// state a previous sluice left stays as it is (still answering, adopted at
+/// the first table) rather than being emptied until the first full list.
+/// On `stop` the state stays as it is, for the sluice that takes over.
+pub async fn run(
+    publisher: Arc<Publisher>,
+    mut followers: Vec<Box<dyn Follower>>,
+    stop: CancellationToken,
+) {
+    let mut changes = publisher.subscribe();
+    let mut previous = Arc::new(Table::new());
+    // Every follower starts incomplete: the first table goes to all.
+    let mut incomplete = vec![true; followers.len()];
+    loop {
+        let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
+            return;
+        };
+        let diff = TableDiff::between(&previous, &snapshot.table);
+        for (follower, incomplete) in followers.iter_mut().zip(incomplete.iter_mut()) {
+            if diff.is_empty() && !*incomplete {
+                continue;
+            }
+            *incomplete = !follower.apply(&diff, &snapshot.table).await;
+        }
+        previous = snapshot.table.clone();
+        let complete = !incomplete.iter().any(|i| *i);
+        if !next_sync(&mut changes, complete, &stop).await {
+            return;
+        }
+    }
+}
+
+/// The table to follow next: the live one once a source has published.
+/// None once `stop` fired or the publisher is gone.
+async fn table_to_sync(
+    publisher: &Publisher,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> Option<Arc<Snapshot>> {
+    loop {
+        let snapshot = publisher.snapshot();
+        if stop.is_cancelled() {
+            return None;
+        }
+        if snapshot.generation > 0 {
+            return Some(snapshot);
+        }
+        if !next_change(changes, stop).await {
+            return None;
+        }
+    }
+}
+
+/// Waits for the next table publish. False when the publisher is gone or
+/// `stop` fired.
+async fn next_change(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        changed = changes.changed() => changed.is_ok(),
+        () = stop.cancelled() => false,
+    }
+}
+
+/// Waits for the next table publish, or at most [`RETRY`] after an
+/// incomplete apply. False when the publisher is gone or `stop` fired.
+async fn next_sync(
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    complete: bool,
+    stop: &CancellationToken,
+) -> bool {
+    let retry = async {
+        if complete {
+            std::future::pending::<()>().await
+        } else {
+            tokio::time::sleep(RETRY).await
+        }
+    };
+    tokio::select! {
+        changed = changes.changed() => changed.is_ok(),
+        _ = retry => true,
+        () = stop.cancelled() => false,
+    }
+}
+
+/// Keeps sluice's nftables table equal to the live table's Service
+/// addresses. The desired ruleset follows the table key by key (the
+/// diff), not rebuilt from all Services per publish; the programmer sends
+/// only those keys' element changes. Its first sync, and any after a
+/// failure, compares and rewrites the whole table (needs the whole table:
+/// the ruleset is kept whole here for that).
+pub struct NftFollower {
+    port: u16,
+    udp: UdpIntercept,
+    metrics: Arc<Metrics>,
+    programmer: Programmer,
+    want: Option<Ruleset>,
+}
+
+impl NftFollower {
+    pub fn new(port: u16, udp: UdpIntercept, metrics: Arc<Metrics>) -> Self {
+        Self {
+            port,
+            udp,
+            metrics,
+            programmer: Programmer::new(),
+            want: None,
+        }
+    }
+
+    async fn sync(&mut self, diff: &TableDiff, table: &Table) -> bool {
+        let range = self.udp.range();
+        let udp_ports = self.udp.follow(table);
+        let (want, keys) = match self.want.as_mut() {
+            Some(want) => {
+                let keys = nft::diff_keys(diff);
+                want.update_keys(table, &keys);
+                want.set_udp_ports(udp_ports);
+                (&*want, keys)
+            }
+            None => {
+                let built = Ruleset::from_table(table, self.port)
+                    .with_udp(udp_ports.iter().map(|(k, p)| (k, *p)), range);
+                (&*self.want.insert(built), Vec::new())
+            }
+        };
+        match self.programmer.sync_keys(want, &keys).await {
+            Ok(Synced::Unchanged) => true,
+            Ok(how) => {
+                info!(
+                    table = nft::TABLE,
+                    elements = want.elements.len(),
+                    ?how,
+                    "nftables table synced"
+                );
+                true
+            }
+            Err(e) => {
+                self.metrics.nft_sync_failures.inc();
+                error!(
+                    table = nft::TABLE,
+                    "cannot sync the nftables table; retrying in 5s: {e}"
+                );
+                false
+            }
+        }
+    }
+}
+
+impl Follower for NftFollower {
+    fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+        Box::pin(self.sync(diff, table))
+    }
+}
+
+/// Keeps the device's Service IPs equal to the live table's. Walks the
+/// table's addresses at every apply (the device's own sync diffs the
+/// address sets), so a retry after a partial failure needs nothing more.
+pub struct VipFollower {
+    device: VipDevice,
+}
+
+impl VipFollower {
+    pub fn new(device: VipDevice) -> Self {
+        Self { device }
+    }
+
+    async fn sync(&mut self, table: &Table) -> bool {
+        let want = service_ips(table);
+        let device = &mut self.device;
+        match device.sync(&want).await {
+            Ok(report) => {
+                if !report.added.is_empty() || !report.removed.is_empty() {
+                    info!(
+                        device = device.name(),
+                        added = ?report.added,
+                        removed = ?report.removed,
+                        "service IPs updated"
+                    );
+                }
+                for failure in &report.failed {
+                    warn!(device = device.name(), "{failure}");
+                }
+                report.is_complete()
+            }
+            Err(e) => {
+                error!(device = device.name(), "{e}");
+                false
+            }
+        }
+    }
+}
+
+impl Follower for VipFollower {
+    fn apply<'a>(&'a mut self, _diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+        Box::pin(self.sync(table))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_control::{ListenKey, Policy, Service};
+    use std::sync::Mutex;
+
+    /// What a follower was called with: keys added, removed, changed, and
+    /// the table's size.
+    type Call = (usize, usize, usize, usize);
+
+    /// Records its calls; answers from `results` (true once they run out).
+    struct Recorder {
+        calls: Arc<Mutex<Vec<Call>>>,
+        results: Vec<bool>,
+    }
+
+    impl Follower for Recorder {
+        fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+            let call = (
+                diff.added.len(),
+                diff.removed.len(),
+                diff.changed.len(),
+                table.len(),
+            );
+            self.calls.lock().unwrap().push(call);
+            let ok = if self.results.is_empty() {
+                true
+            } else {
+                self.results.remove(0)
+            };
+            Box::pin(async move { ok })
+        }
+    }
+
+    fn recorder(results: Vec<bool>) -> (Box<dyn Follower>, Arc<Mutex<Vec<Call>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let r = Recorder {
+            calls: calls.clone(),
+            results,
+        };
+        (Box::new(r), calls)
+    }
+
+    fn table(ports: &[u16]) -> Table {
+        let mut t = Table::new();
+        for port in ports {
+            let svc = Service::new("svc", Policy::RoundRobin, None, Vec::new());
+            t.insert(
+                ListenKey::tcp(([10, 96, 0, 1], *port).into()),
+                Arc::new(svc),
+            );
+        }
+        t
+    }
+
+    /// Lets the reconcile task run until it waits again.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_publish_is_one_diff_handed_to_every_follower() {
+        let publisher = Arc::new(Publisher::new());
+        let (a, calls_a) = recorder(Vec::new());
+        let (b, calls_b) = recorder(Vec::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(publisher.clone(), vec![a, b], stop.clone()));
+        settle().await;
+        // Nothing before the first table: what a previous sluice left stays.
+        assert!(calls_a.lock().unwrap().is_empty());
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        let want = vec![(2, 0, 0, 2), (0, 1, 0, 1)];
+        assert_eq!(*calls_a.lock().unwrap(), want);
+        assert_eq!(*calls_b.lock().unwrap(), want);
+        // A quiet minute: no call (no retry is pending).
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(calls_a.lock().unwrap().len(), 2);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_incomplete_follower_alone_is_retried_with_the_same_table() {
+        let publisher = Arc::new(Publisher::new());
+        let (failing, calls_f) = recorder(vec![false, false]);
+        let (fine, calls_ok) = recorder(Vec::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(publisher.clone(), vec![failing, fine], stop.clone()));
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        assert_eq!(calls_f.lock().unwrap().len(), 1);
+        tokio::time::sleep(RETRY + Duration::from_millis(10)).await;
+        settle().await;
+        // Retried with an empty diff and the whole table; the complete one
+        // is left alone.
+        assert_eq!(*calls_f.lock().unwrap(), [(2, 0, 0, 2), (0, 0, 0, 2)]);
+        assert_eq!(calls_ok.lock().unwrap().len(), 1);
+        // Still failing: a new table reaches both, with its diff.
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        assert_eq!(calls_f.lock().unwrap().last(), Some(&(0, 1, 0, 1)));
+        assert_eq!(calls_ok.lock().unwrap().last(), Some(&(0, 1, 0, 1)));
+        // That apply succeeded: no more retries.
+        tokio::time::sleep(RETRY * 3).await;
+        assert_eq!(calls_f.lock().unwrap().len(), 3);
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
