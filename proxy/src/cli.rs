@@ -125,6 +125,27 @@ pub struct Args {
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
+    /// Connect timeout of a client connection's last chance: its last
+    /// attempt, or no other backend left that is not ejected. Covers the
+    /// kernel's SYN resends (after 1 s and 3 s) so that a busy backend whose
+    /// accept queue overflowed delays the client instead of resetting it.
+    #[arg(long, default_value = "3500ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub last_connect_timeout: Duration,
+
+    /// Bytes each of sluice's sockets may hold queued but unsent
+    /// (TCP_NOTSENT_LOWAT); at the cap sluice stops reading the other side.
+    /// 0: no cap (the kernel's `net.ipv4.tcp_notsent_lowat`). See
+    /// docs/reliability.md.
+    #[arg(long, env = "SLUICE_NOTSENT_LOWAT", default_value_t = crate::forward::Buffers::default().notsent_lowat, value_name = "BYTES")]
+    pub notsent_lowat: u32,
+
+    /// Receive buffer (SO_RCVBUF) of each of sluice's sockets; the kernel
+    /// doubles it and stops autotuning it. Bounds the memory a peer that
+    /// does not read can pin in sluice, at the price of a fixed TCP window
+    /// per connection. 0: the kernel's autotuning. See docs/reliability.md.
+    #[arg(long, env = "SLUICE_RECEIVE_BUFFER", default_value_t = crate::forward::Buffers::default().receive, value_name = "BYTES")]
+    pub receive_buffer: u32,
+
     /// Dials per client connection, each to a different backend, before the
     /// client is reset.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
@@ -284,6 +305,11 @@ impl Args {
     pub fn proxy_config(&self) -> ProxyConfig {
         ProxyConfig {
             connect_timeout: self.connect_timeout,
+            last_connect_timeout: self.last_connect_timeout,
+            buffers: crate::forward::Buffers {
+                notsent_lowat: self.notsent_lowat,
+                receive: self.receive_buffer,
+            },
             max_attempts: usize::from(self.max_attempts),
             tracker: TrackerConfig {
                 eject_base: self.eject_cooldown,
@@ -365,6 +391,17 @@ mod tests {
             err.to_string().contains("unknown scheduler \"wrr\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dial_and_buffer_defaults() {
+        let c = parse(&[]).proxy_config();
+        assert_eq!(c.connect_timeout, Duration::from_millis(300));
+        assert_eq!(c.last_connect_timeout, Duration::from_millis(3500));
+        assert_eq!(c.buffers, crate::forward::Buffers::default());
+        let c = parse(&["--notsent-lowat", "0", "--receive-buffer", "65536"]).proxy_config();
+        assert_eq!(c.buffers.notsent_lowat, 0);
+        assert_eq!(c.buffers.receive, 65536);
     }
 
     #[test]

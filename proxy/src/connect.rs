@@ -64,6 +64,32 @@ fn classify(e: &io::Error) -> DialErrorKind {
     }
 }
 
+/// The connect timeout of a dial to `addr` for one client connection that
+/// has already tried `tried`.
+///
+/// `short` (`--connect-timeout`) while the connection has another chance:
+/// attempts left and another eligible, untried backend that is not ejected,
+/// so that a vanished pod (SYNs into a black hole) costs the client one
+/// short wait and a retry. On the **last** chance `long`
+/// (`--last-connect-timeout`): a SYN dropped by a busy backend's full accept
+/// queue is resent by the kernel after 1 s, and giving up at `short` would
+/// reset a client that kube-proxy's DNAT would only have delayed.
+pub fn attempt_timeout<H: crate::balance::Health>(
+    service: &sluice_control::Service,
+    addr: SocketAddr,
+    tried: &[SocketAddr],
+    max_attempts: usize,
+    health: &H,
+    now: std::time::Instant,
+    (short, long): (Duration, Duration),
+) -> Duration {
+    let another = tried.len() + 1 < max_attempts
+        && service
+            .eligible_iter()
+            .any(|b| b.addr != addr && !tried.contains(&b.addr) && !health.is_ejected(b.addr, now));
+    if another { short } else { long.max(short) }
+}
+
 /// Opens a TCP connection to `backend` within `timeout`, optionally from
 /// `source` (bound before connecting).
 pub async fn dial(
@@ -159,6 +185,57 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.kind, DialErrorKind::Refused);
         assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    /// Backends listed are ejected.
+    struct Ejected(Vec<SocketAddr>);
+
+    impl crate::balance::Health for Ejected {
+        fn active(&self, _: SocketAddr) -> usize {
+            0
+        }
+        fn is_ejected(&self, addr: SocketAddr, _: std::time::Instant) -> bool {
+            self.0.contains(&addr)
+        }
+    }
+
+    #[test]
+    fn the_last_chance_waits_for_the_kernel_s_syn_resends() {
+        use sluice_control::{Backend, Conditions, Policy, Service};
+        let a: Vec<SocketAddr> = (1..=3)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect();
+        let svc = |n: usize| {
+            Service::new(
+                "s",
+                Policy::RoundRobin,
+                None,
+                a[..n]
+                    .iter()
+                    .map(|x| Backend::new(*x, Conditions::READY))
+                    .collect(),
+            )
+        };
+        let (short, long) = (Duration::from_millis(300), Duration::from_millis(3500));
+        let now = std::time::Instant::now();
+        let t = |service: &Service, tried: &[SocketAddr], max, ejected: &[SocketAddr]| {
+            attempt_timeout(
+                service,
+                a[0],
+                tried,
+                max,
+                &Ejected(ejected.to_vec()),
+                now,
+                (short, long),
+            )
+        };
+        assert_eq!(t(&svc(3), &[], 3, &[]), short, "two others left");
+        assert_eq!(t(&svc(1), &[], 3, &[]), long, "the only backend");
+        assert_eq!(t(&svc(2), &[a[1]], 3, &[]), long, "the other one tried");
+        assert_eq!(t(&svc(3), &[], 3, &a[1..]), long, "the others ejected");
+        assert_eq!(t(&svc(3), &[a[1], a[2]], 3, &[]), long, "attempts used up");
+        assert_eq!(t(&svc(3), &[], 1, &[]), long, "one attempt only");
+        assert_eq!(t(&svc(3), &[a[2]], 3, &[]), short, "a[1] is left");
     }
 
     #[test]

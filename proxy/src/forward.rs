@@ -72,6 +72,51 @@ pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// Kernel buffer bounds of each of sluice's sockets (`--notsent-lowat`,
+/// `--receive-buffer`); see [`bound_buffers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffers {
+    /// `TCP_NOTSENT_LOWAT`: bytes a socket may queue unsent; 0: no cap.
+    pub notsent_lowat: u32,
+    /// `SO_RCVBUF`: receive buffer size asked for (the kernel doubles it
+    /// for its overhead and stops autotuning it); 0: autotuning.
+    pub receive: u32,
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Self {
+            notsent_lowat: 128 * 1024,
+            receive: 128 * 1024,
+        }
+    }
+}
+
+/// Bounds the kernel memory a connection's two sockets can hold when one
+/// peer stops reading (docs/reliability.md): best effort, a socket that
+/// refuses an option is used as it is.
+///
+/// - `TCP_NOTSENT_LOWAT` (Linux) caps what each socket keeps queued but not
+///   yet sent: at the cap the socket stops being writable, so sluice stops
+///   reading the other side. Send autotuning stays on.
+/// - `SO_RCVBUF` caps each socket's receive queue. Without it, receive
+///   autotuning grows the buffer while sluice reads fast (before the
+///   non-reading peer's window closes) and the sender then fills it. The
+///   price is a fixed window: one connection moves at most about that
+///   many bytes per round trip.
+pub fn bound_buffers(client: &TcpStream, backend: &TcpStream, b: Buffers) {
+    for s in [client, backend] {
+        let s = SockRef::from(s);
+        #[cfg(target_os = "linux")]
+        if b.notsent_lowat > 0 {
+            let _ = s.set_tcp_notsent_lowat(b.notsent_lowat);
+        }
+        if b.receive > 0 {
+            let _ = s.set_recv_buffer_size(b.receive as usize);
+        }
+    }
+}
+
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

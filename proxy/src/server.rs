@@ -104,6 +104,12 @@ async fn service_at(
 pub struct ProxyConfig {
     /// Per-dial connect timeout.
     pub connect_timeout: Duration,
+    /// Connect timeout of a connection's last chance (no attempt or no
+    /// other healthy backend left): see `connect::attempt_timeout`.
+    pub last_connect_timeout: Duration,
+    /// Kernel buffer bounds of each connection's sockets
+    /// (`forward::bound_buffers`).
+    pub buffers: crate::forward::Buffers,
     /// Dials per client connection, over distinct backends.
     pub max_attempts: usize,
     pub tracker: TrackerConfig,
@@ -707,13 +713,26 @@ impl Proxy {
                 break;
             };
             let guard = self.tracker.connect(addr);
-            let dialed = dial(addr, None, self.config.connect_timeout).await;
+            let timeout = crate::connect::attempt_timeout(
+                service,
+                addr,
+                &tried,
+                self.config.max_attempts,
+                &*self.tracker,
+                now,
+                (
+                    self.config.connect_timeout,
+                    self.config.last_connect_timeout,
+                ),
+            );
+            let dialed = dial(addr, None, timeout).await;
             match crate::proxy_protocol::after_dial(addr, dialed, proxy_header.as_ref()).await {
                 Ok(backend) => {
                     if self.tracker.dial_succeeded(addr) {
                         info!(backend = %addr, "backend accepts connections again");
                     }
                     debug!(client = %peer, listen = %key, backend = %addr, attempts = tried.len() + 1, "connected");
+                    crate::forward::bound_buffers(&client, &backend, self.config.buffers);
                     let (outcome, moved) =
                         forward(client, backend, guard.cut_token(), Mode::from_env(), idle).await;
                     metrics.ended(outcome);

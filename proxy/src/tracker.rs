@@ -6,7 +6,9 @@
 //!   guard taken before the dial, so least-connections counts dials too);
 //! - whether a failed dial ejected it from new picks, and until when
 //!   (a cooldown that doubles per consecutive failure, up to a maximum,
-//!   and ends as soon as a dial to it succeeds);
+//!   and ends as soon as a dial to it succeeds); a dial that timed out
+//!   while the backend was completing other handshakes is not held against
+//!   it (an overflowing accept queue drops SYNs; it is busy, not gone);
 //! - whether it is draining: terminating, or gone from the live table. Its
 //!   established connections keep flowing until they close or the drain
 //!   timeout fires, which cancels the backend's cut token and so every
@@ -54,6 +56,8 @@ pub struct BackendState {
 #[derive(Debug)]
 struct Inner {
     health: Health,
+    /// When a dial to it last completed its handshake.
+    last_connected: Option<Instant>,
     drain: Drain,
     /// Cancelled when the drain timeout cuts this backend's connections.
     cut: CancellationToken,
@@ -205,6 +209,7 @@ impl Tracker {
                     active: AtomicUsize::new(0),
                     inner: Mutex::new(Inner {
                         health: Health::Healthy,
+                        last_connected: None,
                         drain: Drain::Serving,
                         cut: self.shutdown_cut.child_token(),
                     }),
@@ -266,6 +271,14 @@ impl Tracker {
     /// buffers or source ports) is sluice's own saturation, not the
     /// backend's: it is counted and ejects nothing (zero cooldown), so
     /// exhaustion never spreads into ejections of healthy backends.
+    ///
+    /// A [`DialErrorKind::Timeout`] of a healthy backend that completed
+    /// another dial's handshake while this one waited, or within as long
+    /// before it started, ejects nothing either: a backend whose accept
+    /// queue overflows drops SYNs (the kernel would resend them after 1 s)
+    /// while it keeps answering others, and is busy, not gone. A vanished
+    /// pod completes no handshake, so its timeouts still eject it, one
+    /// dial's wait later at most.
     pub fn dial_failed(&self, addr: SocketAddr, kind: DialErrorKind, started: Instant) -> Duration {
         if kind == DialErrorKind::Local {
             self.metrics.local_dial_error();
@@ -275,9 +288,19 @@ impl Tracker {
         state.metrics.dial_failed(kind);
         let now = Instant::now();
         let mut inner = state.lock();
+        let waited = now.saturating_duration_since(started);
+        let answering = started
+            .checked_sub(waited)
+            .map_or(inner.last_connected.is_some(), |from| {
+                inner.last_connected.is_some_and(|t| t >= from)
+            });
         let failures = match inner.health {
             Health::Failing { since, until, .. } if started < since => {
                 return until.saturating_duration_since(since);
+            }
+            Health::Healthy if kind == DialErrorKind::Timeout && answering => {
+                tracing::debug!(backend = %addr, ?waited, "dial timed out while the backend answers others: busy, not ejected");
+                return Duration::ZERO;
             }
             Health::Failing { failures, .. } => failures.saturating_add(1),
             Health::Healthy => {
@@ -311,6 +334,7 @@ impl Tracker {
         let mut inner = state.lock();
         let was_failing = inner.health != Health::Healthy;
         inner.health = Health::Healthy;
+        inner.last_connected = Some(Instant::now());
         was_failing
     }
 
@@ -414,6 +438,17 @@ mod tests {
         }
     }
 
+    /// A tracker (1 s cooldown) and the metrics it counts in.
+    fn counted() -> (Tracker, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let t = Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            metrics.clone(),
+        );
+        (t, metrics)
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
@@ -459,12 +494,7 @@ mod tests {
 
     #[test]
     fn local_resource_failures_eject_nothing() {
-        let metrics = Arc::new(Metrics::new());
-        let t = Tracker::new(
-            cfg(Duration::from_secs(1)),
-            CancellationToken::new(),
-            metrics.clone(),
-        );
+        let (t, metrics) = counted();
         let b = addr("10.0.0.1:80");
         for _ in 0..5 {
             assert_eq!(
@@ -476,6 +506,58 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("sluice_local_dial_errors_total 5"), "{text}");
         assert!(text.contains("sluice_ejections_total 0"), "{text}");
+    }
+
+    #[test]
+    fn a_timeout_while_the_backend_answers_others_ejects_nothing() {
+        let (t, metrics) = counted();
+        let b = addr("10.0.0.1:80");
+        let _g = t.connect(b);
+        // A burst: this dial's SYN is dropped by a full accept queue while
+        // another dial to the same backend completes.
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(5));
+        t.dial_succeeded(b);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Timeout, started),
+            Duration::ZERO
+        );
+        assert!(!t.is_ejected(b, Instant::now()), "busy, not gone");
+        // A refusal is always the backend's answer.
+        let started = Instant::now();
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Refused, started),
+            Duration::from_secs(1)
+        );
+        assert!(t.is_ejected(b, Instant::now()));
+        let text = metrics.render();
+        assert!(text.contains("sluice_ejections_total 1"), "{text}");
+    }
+
+    #[test]
+    fn a_timeout_long_after_the_last_handshake_ejects() {
+        let (t, _) = counted();
+        let b = addr("10.0.0.1:80");
+        let _g = t.connect(b);
+        t.dial_succeeded(b);
+        // The pod vanishes: a dial that starts later than one wait after
+        // the last handshake and times out is evidence.
+        std::thread::sleep(Duration::from_millis(40));
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(
+            t.dial_failed(b, DialErrorKind::Timeout, started),
+            Duration::from_secs(1)
+        );
+        assert!(t.is_ejected(b, Instant::now()));
+        // A backend never connected to has no answer to show either.
+        let c = addr("10.0.0.2:80");
+        let _g = t.connect(c);
+        assert_eq!(
+            t.dial_failed(c, DialErrorKind::Timeout, Instant::now()),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -143,24 +143,39 @@ fn usage(pid: i32) -> (u64, usize) {
     (rss, fds)
 }
 
-/// Bytes queued (receive + send queue, `ss -m`'s `r` and `w`) in the TCP
-/// sockets matching `filter`.
-fn socket_memory(filter: &str) -> u64 {
+/// Bytes queued in the TCP sockets matching `filter`: receive queue and
+/// send queue (`ss -m`'s `r` and `w`).
+fn socket_memory(filter: &str) -> (u64, u64) {
     let out = std::process::Command::new("ss")
         .args(["-Htmn", "state", "established", filter])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    let field = |m: &str, f: char| {
+        m.split(',')
+            .find_map(|x| x.strip_prefix(f)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     text.split("skmem:(")
         .skip(1)
-        .map(|m| {
-            let m = m.split(')').next().unwrap_or("");
-            m.split(',')
-                .filter(|f| f.starts_with('r') && !f.starts_with("rb") || f.starts_with('w'))
-                .filter_map(|f| f[1..].parse::<u64>().ok())
-                .sum::<u64>()
+        .map(|m| m.split(')').next().unwrap_or(""))
+        .fold((0, 0), |(r, w), m| (r + field(m, 'r'), w + field(m, 'w')))
+}
+
+/// Payload bytes queued in the TCP sockets matching `filter`: unread
+/// (`Recv-Q`) and unacknowledged or unsent (`Send-Q`).
+fn queued_bytes(filter: &str) -> (u64, u64) {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", filter])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(|x| x.parse::<u64>().ok());
+            Some((f.next()??, f.next()??))
         })
-        .sum()
+        .fold((0, 0), |(r, w), (a, b)| (r + a, w + b))
 }
 
 /// One field of /proc/meminfo, in KiB.
@@ -356,20 +371,39 @@ async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
     .await;
     let (rss1, fds1) = usage(s.pid());
     let written = writer.stats.written.load(Ordering::Relaxed);
-    let kernel = socket_memory(&format!(
-        "( sport = :{} or dport = :{} )",
-        deaf.port(),
-        writer.addr.port()
-    ));
+    // sluice's client sockets (local port: the listener's) and backend
+    // sockets (remote port: the backend's).
+    let (client_r, client_w) = socket_memory(&format!("sport = :{}", deaf.port()));
+    let (backend_r, backend_w) = socket_memory(&format!("dport = :{}", writer.addr.port()));
+    let kernel = client_r + client_w + backend_r + backend_w;
+    // Where the bytes written are now, in payload bytes: in the backends'
+    // own send queues, sluice's backend-side receive queues, sluice's
+    // client-side send queues, the clients' receive queues; the rest is in
+    // sluice's splice pipes (and copy buffers, at most 16 KiB each).
+    let (_, at_backend) = queued_bytes(&format!("sport = :{}", writer.addr.port()));
+    let (in_sluice_r, _) = queued_bytes(&format!("dport = :{}", writer.addr.port()));
+    let (_, in_sluice_w) = queued_bytes(&format!("sport = :{}", deaf.port()));
+    let (at_client, _) = queued_bytes(&format!("dport = :{}", deaf.port()));
+    let total_written = written as u64;
+    let in_pipes = total_written.saturating_sub(at_backend + in_sluice_r + in_sluice_w + at_client);
     let lat = exchanges(other, 200, Duration::from_secs(5)).await;
     let kib_per = (rss1 as f64 - rss0 as f64) / HOSTILE as f64;
+    let per = |b: u64| b as f64 / 1024.0 / HOSTILE as f64;
+    let lowat = std::env::var("SLUICE_NOTSENT_LOWAT").unwrap_or_else(|_| "default".into());
     println!(
-        "deaf clients: {HOSTILE}, backends wrote {:.1} MiB ({:.0} KiB/conn); \
+        "deaf clients: {HOSTILE}, --notsent-lowat {lowat}, backends wrote {:.1} MiB ({:.0} KiB/conn); \
          sluice RSS {rss0} -> {rss1} KiB ({kib_per:.1} KiB/conn), \
-         descriptors {fds0} -> {fds1} (pipes of splice included); queued in sluice's sockets (ss skmem r+w): {:.0} KiB/conn; others: {}",
+         descriptors {fds0} -> {fds1} (pipes of splice included); queued in sluice's sockets (ss skmem): \
+         {:.0} KiB/conn = client side r {:.0} + w {:.0}, backend side r {:.0} + w {:.0}; \
+         in its pipes and buffers (the rest of what was written): {:.0} KiB/conn; others: {}",
         written as f64 / (1 << 20) as f64,
         written as f64 / 1024.0 / HOSTILE as f64,
-        kernel as f64 / 1024.0 / HOSTILE as f64,
+        per(kernel),
+        per(client_r),
+        per(client_w),
+        per(backend_r),
+        per(backend_w),
+        per(in_pipes),
         show(&lat)
     );
     // What did not fit in socket buffers stays in the backend: sluice holds
@@ -380,6 +414,42 @@ async fn two_thousand_clients_that_never_read_keep_buffers_bounded() {
     assert!(
         kib_per < 64.0,
         "{kib_per:.1} KiB of RSS per deaf connection"
+    );
+    // The kernel's part, bounded by --notsent-lowat (send side: the cap
+    // plus one segment in the making) and --receive-buffer (the kernel
+    // doubles it), when set; by tcp_wmem[2] and tcp_rmem[2] otherwise.
+    let setting = |var: &str, default: u32| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(u64::from(default))
+    };
+    let defaults = sluice_proxy::forward::Buffers::default();
+    let lowat = setting("SLUICE_NOTSENT_LOWAT", defaults.notsent_lowat);
+    let receive = setting("SLUICE_RECEIVE_BUFFER", defaults.receive);
+    let sysctl = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let send_bound = if lowat > 0 {
+        2 * lowat.max(64 << 10)
+    } else {
+        sysctl("tcp_wmem")
+    };
+    let receive_bound = if receive > 0 {
+        2 * receive
+    } else {
+        sysctl("tcp_rmem")
+    };
+    assert!(
+        kernel / HOSTILE as u64 <= send_bound + receive_bound,
+        "{:.0} KiB per deaf connection in sluice's socket buffers, bound {} KiB",
+        per(kernel),
+        (send_bound + receive_bound) / 1024
     );
     drop(held);
     drained(&s, Duration::from_secs(30)).await;
