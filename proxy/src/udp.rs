@@ -49,7 +49,7 @@
 //! per flow (not on the data-plane workers).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -82,6 +82,22 @@ pub const UNREPLIED_TIMEOUT: Duration = Duration::from_secs(30);
 /// (`nf_conntrack_udp_timeout_stream`).
 pub const REPLIED_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Default of `--udp-resend-after`: far below a resolver's own retry
+/// (glibc: 5 s), well above a cluster DNS server's answer time.
+pub const DEFAULT_RESEND_AFTER: Duration = Duration::from_millis(300);
+
+/// A backend that leaves this many datagrams unanswered for
+/// `--udp-resend-after`, with no reply to anything in between, is ejected
+/// (one slow answer is not enough: a resolver forwarding upstream may take
+/// longer than the deadline; a dead pod misses them all).
+const SUSPECT_AFTER: u32 = 2;
+
+/// Most re-send deadlines a served socket keeps; past it a datagram gets
+/// none (it is still forwarded, but not re-sent if unanswered). Bounds the
+/// queue under a flood: one entry per datagram sent in the last
+/// `--udp-resend-after`.
+const MAX_DEADLINES: usize = 65_536;
+
 /// Datagrams a served socket reads in one go when they are queued.
 const BATCH: usize = 64;
 
@@ -97,12 +113,18 @@ const MAX_DATAGRAM: usize = 65_536;
 pub struct UdpConfig {
     /// Open flows over all UDP Services (`--udp-max-flows`).
     pub max_flows: usize,
+    /// A client datagram of a Service with re-send on
+    /// ([`sluice_control::Settings::udp_resend`]) still unanswered this
+    /// long after it was sent is sent once more to another backend
+    /// (`--udp-resend-after`; zero: never).
+    pub resend_after: Duration,
 }
 
 impl Default for UdpConfig {
     fn default() -> Self {
         Self {
             max_flows: DEFAULT_MAX_FLOWS,
+            resend_after: DEFAULT_RESEND_AFTER,
         }
     }
 }
@@ -252,12 +274,17 @@ impl UdpProxy {
             metrics,
             events: events_tx,
             next_id: 0,
+            resend_after: self.resend_after(&key, &service),
+            deadlines: VecDeque::new(),
+            heard: HashMap::new(),
         };
         let mut changes = self.publisher.subscribe();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut backoff = Duration::from_millis(5);
         loop {
+            let next_deadline = port.deadlines.front().map(|d| d.at);
+            let deadline = tokio::time::sleep_until(next_deadline.unwrap_or(far_future()).into());
             tokio::select! {
                 r = recv(&port.socket, &mut buf, pktinfo) => match r {
                     Ok((n, client, local)) => {
@@ -290,6 +317,7 @@ impl UdpProxy {
                     }
                 }
                 _ = sweep.tick() => port.expire(Instant::now()),
+                _ = deadline, if next_deadline.is_some() => port.on_deadlines(Instant::now()),
                 _ = stop.cancelled() => break,
             }
         }
@@ -297,6 +325,27 @@ impl UdpProxy {
         drop(port);
         self.metrics.udp.forget_service(&name);
     }
+}
+
+impl UdpProxy {
+    /// The re-send deadline of the Service at `key`: `None` when re-send is
+    /// off for it (its setting, else on for port 53 only) or for all
+    /// (`--udp-resend-after 0`).
+    fn resend_after(&self, key: &ListenKey, service: &Service) -> Option<Duration> {
+        resend_after(service.settings.udp_resend, key.addr.port(), self.config.resend_after)
+    }
+}
+
+/// [`UdpProxy::resend_after`]: the Service's setting, else on for port 53
+/// (DNS) only; `after` zero turns it off everywhere.
+fn resend_after(setting: Option<bool>, port: u16, after: Duration) -> Option<Duration> {
+    let on = setting.unwrap_or(port == 53);
+    (on && !after.is_zero()).then_some(after)
+}
+
+/// An instant no deadline reaches (a disabled timer branch's target).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400)
 }
 
 /// Binds a shareable UDP socket on `addr` (SO_REUSEADDR, SO_REUSEPORT and
@@ -514,6 +563,9 @@ struct Flow {
     last_sent: Instant,
     /// `last` was already re-sent (after its first backend failed).
     resent: bool,
+    /// Datagrams the client sent on this flow before `last` (tells a
+    /// deadline for `last` from one for an earlier datagram).
+    seq: u64,
     /// Counts the flow in the bound and the gauge while it lives.
     _slot: Slot,
 }
@@ -555,6 +607,40 @@ struct Port {
     metrics: UdpServiceMetrics,
     events: mpsc::UnboundedSender<Failure>,
     next_id: u64,
+    /// `Some`: unanswered datagrams are re-sent after this long
+    /// ([`UdpProxy::resend_after`]).
+    resend_after: Option<Duration>,
+    /// Datagrams sent with re-send on, oldest first (one deadline each, all
+    /// `resend_after` long, so the queue is in deadline order).
+    deadlines: VecDeque<Deadline>,
+    /// When each backend of this Service last answered any flow, and its
+    /// unanswered datagrams since: how a silent backend is told from a slow
+    /// answer.
+    heard: HashMap<SocketAddr, Heard>,
+}
+
+/// A datagram sent to a backend that must be answered by `at`.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    /// When it was sent to the flow's current backend.
+    sent: Instant,
+    client: SocketAddr,
+    /// The flow's socket generation and datagram number when it was sent:
+    /// a later datagram or a re-pin makes the deadline stale.
+    id: u64,
+    seq: u64,
+}
+
+/// What a served socket knows of one backend's answers.
+#[derive(Debug, Default)]
+struct Heard {
+    /// Its last reply to any flow ([`millis`]), set by the flows' readers.
+    last_reply: Arc<AtomicU64>,
+    /// `last_reply` when `misses` started counting.
+    seen: u64,
+    /// Datagrams left unanswered past their deadline since `seen`.
+    misses: u32,
 }
 
 thread_local! {
@@ -578,6 +664,7 @@ impl Port {
             flow.last.extend_from_slice(data);
             flow.last_sent = now;
             flow.resent = false;
+            flow.seq += 1;
             let backend = flow.backend;
             if service.is_eligible(backend) && !self.proxy.tracker.is_ejected(backend, now) {
                 self.send(client);
@@ -646,6 +733,7 @@ impl Port {
         self.next_id += 1;
         let id = self.next_id;
         let shared = Arc::new(Shared::default());
+        let heard = self.heard.entry(backend).or_default().last_reply.clone();
         let reader = tokio::spawn(read_replies(Reader {
             backend: socket.clone(),
             service: self.socket.clone(),
@@ -657,6 +745,7 @@ impl Port {
             events: self.events.clone(),
             metrics: self.metrics.clone(),
             tracker: self.proxy.tracker.clone(),
+            heard,
         }));
         self.proxy.open.fetch_add(1, Ordering::Relaxed);
         self.metrics.flows.inc();
@@ -670,6 +759,7 @@ impl Port {
             last,
             last_sent: now,
             resent: false,
+            seq: 0,
             _slot: Slot {
                 open: self.proxy.open.clone(),
                 gauge: self.metrics.flows.clone(),
@@ -688,6 +778,18 @@ impl Port {
             Ok(n) => {
                 self.metrics.datagrams_up.inc();
                 self.metrics.bytes_up.inc_by(n as u64);
+                if let Some(after) = self.resend_after
+                    && self.deadlines.len() < MAX_DEADLINES
+                {
+                    let sent = Instant::now();
+                    self.deadlines.push_back(Deadline {
+                        at: sent + after,
+                        sent,
+                        client,
+                        id: flow.id,
+                        seq: flow.seq,
+                    });
+                }
             }
             Err(e) => match unreachable_kind(&e) {
                 // An ICMP error for an earlier datagram was pending.
@@ -745,29 +847,53 @@ impl Port {
         unreachable: Option<DialErrorKind>,
         how: Repin,
     ) {
-        let Some(old) = self.flows.remove(&client) else {
-            return;
-        };
         let end = match unreachable {
             Some(_) => UdpFlowEnd::Unreachable,
             None => UdpFlowEnd::BackendGone,
         };
-        let now = Instant::now();
+        let Some(backend) = self.pick_other(service, client, from) else {
+            if self.flows.remove(&client).is_some() {
+                self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
+                self.proxy
+                    .metrics
+                    .udp
+                    .dropped(&self.metrics.name, UdpDrop::NoBackend);
+            }
+            return;
+        };
+        self.repin_to(client, from, backend, end, how);
+    }
+
+    /// Another backend than `from` for `client`, if one is eligible.
+    fn pick_other(
+        &self,
+        service: &Service,
+        client: SocketAddr,
+        from: SocketAddr,
+    ) -> Option<SocketAddr> {
         let ctx = PickContext {
             health: &*self.proxy.tracker,
             client_ip: client.ip(),
             exclude: &[from],
-            now,
+            now: Instant::now(),
         };
-        let Some(backend) = pick(service, &self.runtime, &ctx) else {
-            self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
-            self.proxy
-                .metrics
-                .udp
-                .dropped(&self.metrics.name, UdpDrop::NoBackend);
+        pick(service, &self.runtime, &ctx)
+    }
+
+    /// [`Self::repin`] to `backend`, picked already.
+    fn repin_to(
+        &mut self,
+        client: SocketAddr,
+        from: SocketAddr,
+        backend: SocketAddr,
+        end: UdpFlowEnd,
+        how: Repin,
+    ) {
+        let Some(old) = self.flows.remove(&client) else {
             return;
         };
-        let last_sent = old.last_sent;
+        let now = Instant::now();
+        let (last_sent, seq) = (old.last_sent, old.seq);
         let last = old.last.clone();
         let local = old.local;
         // The old socket and its slot go before the new ones are taken.
@@ -777,6 +903,7 @@ impl Port {
             return;
         };
         flow.last_sent = last_sent;
+        flow.seq = seq;
         if how == Repin::Resend {
             flow.resent = true;
             self.metrics.resent.inc();
@@ -793,6 +920,11 @@ impl Port {
         let Some(service) = self.service() else {
             return false;
         };
+        self.resend_after = self.proxy.resend_after(&self.key, &service);
+        if self.resend_after.is_none() {
+            self.deadlines.clear();
+        }
+        (self.heard).retain(|addr, _| service.backends().iter().any(|b| b.addr == *addr));
         let moved: Vec<(SocketAddr, SocketAddr, bool)> = (self.flows.iter())
             .filter(|(_, f)| !service.is_eligible(f.backend))
             .map(|(c, f)| (*c, f.backend, f.awaiting_reply() && !f.resent))
@@ -809,6 +941,65 @@ impl Port {
             }
         }
         true
+    }
+
+    /// Datagrams whose deadline passed unanswered: each is re-sent once to
+    /// another eligible backend (the flow moves there), and a backend that
+    /// answered nothing at all since is ejected when it has missed
+    /// [`SUSPECT_AFTER`] in a row, so that new flows avoid it and flows
+    /// pinned to it move at their next datagram. With no other backend the
+    /// flow stays (a slow answer may still come).
+    fn on_deadlines(&mut self, now: Instant) {
+        while let Some(d) = self.deadlines.front().copied() {
+            if d.at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(flow) = (self.flows.get_mut(&d.client))
+                .filter(|f| f.id == d.id && f.seq == d.seq && f.awaiting_reply())
+            else {
+                continue; // answered, superseded, moved or closed
+            };
+            let (backend, resent) = (flow.backend, flow.resent);
+            // At most once per datagram, whatever happens below.
+            flow.resent = true;
+            if self.missed(backend, d.sent) {
+                let cooldown =
+                    (self.proxy.tracker).dial_failed(backend, DialErrorKind::Timeout, d.sent);
+                debug!(backend = %backend, ?cooldown, "UDP backend answers nothing; ejected");
+            }
+            if resent {
+                continue;
+            }
+            let Some(service) = self.service() else {
+                return;
+            };
+            let Some(to) = self.pick_other(&service, d.client, backend) else {
+                continue;
+            };
+            debug!(client = %d.client, from = %backend, to = %to, "UDP datagram unanswered; re-sent");
+            self.repin_to(d.client, backend, to, UdpFlowEnd::Unreachable, Repin::Resend);
+        }
+    }
+
+    /// Counts a datagram `backend` left unanswered (sent at `sent`);
+    /// whether the backend now looks dead: it has answered no flow since
+    /// that datagram was sent, and missed [`SUSPECT_AFTER`] in a row.
+    fn missed(&mut self, backend: SocketAddr, sent: Instant) -> bool {
+        let Some(h) = self.heard.get_mut(&backend) else {
+            return false;
+        };
+        let last = h.last_reply.load(Ordering::Relaxed);
+        if last >= millis(sent) {
+            // It answers others: a slow answer, not a dead backend.
+            (h.seen, h.misses) = (last, 0);
+            return false;
+        }
+        if last != h.seen {
+            (h.seen, h.misses) = (last, 0);
+        }
+        h.misses = h.misses.saturating_add(1);
+        h.misses >= SUSPECT_AFTER
     }
 
     /// Closes flows idle for their timeout.
@@ -853,6 +1044,8 @@ struct Reader {
     events: mpsc::UnboundedSender<Failure>,
     metrics: UdpServiceMetrics,
     tracker: Arc<Tracker>,
+    /// The backend's last reply to any flow of this Service.
+    heard: Arc<AtomicU64>,
 }
 
 /// Forwards a flow's replies to its client from the Service's socket,
@@ -905,9 +1098,9 @@ async fn read_replies(r: Reader) {
                 {
                     info!(backend = %r.backend_addr, "backend answers again");
                 }
-                r.shared
-                    .last_reply
-                    .store(millis(Instant::now()), Ordering::Relaxed);
+                let at = millis(Instant::now());
+                r.shared.last_reply.store(at, Ordering::Relaxed);
+                r.heard.store(at, Ordering::Relaxed);
                 match sent {
                     Ok(_) => {
                         r.metrics.datagrams_down.inc();
@@ -946,6 +1139,16 @@ mod tests {
         assert_eq!(unreachable_kind(&host), Some(DialErrorKind::Unreachable));
         let other = io::Error::from(io::ErrorKind::WouldBlock);
         assert_eq!(unreachable_kind(&other), None);
+    }
+
+    #[test]
+    fn resend_is_on_for_dns_by_default_and_as_set_otherwise() {
+        let after = DEFAULT_RESEND_AFTER;
+        assert_eq!(resend_after(None, 53, after), Some(after));
+        assert_eq!(resend_after(None, 514, after), None);
+        assert_eq!(resend_after(Some(false), 53, after), None);
+        assert_eq!(resend_after(Some(true), 514, after), Some(after));
+        assert_eq!(resend_after(Some(true), 53, Duration::ZERO), None);
     }
 
     #[tokio::test]
