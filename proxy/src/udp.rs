@@ -963,7 +963,9 @@ impl Port {
             let (backend, resent) = (flow.backend, flow.resent);
             // At most once per datagram, whatever happens below.
             flow.resent = true;
-            if self.missed(backend, d.sent) {
+            // Counted (`sluice_dial_failures_total{reason="timeout"}`) when
+            // it ejects, not for every datagram missed while ejected.
+            if self.missed(backend, d.sent) && !self.proxy.tracker.is_ejected(backend, now) {
                 let cooldown =
                     (self.proxy.tracker).dial_failed(backend, DialErrorKind::Timeout, d.sent);
                 debug!(backend = %backend, ?cooldown, "UDP backend answers nothing; ejected");
