@@ -86,9 +86,17 @@ fn dns_rollout_loses_no_query_through_sluice() {
     let hole_opens = event_at(sluice, &["old-1 netns deleted"]).unwrap();
     let table_catches_up = event_at(sluice, &["table: old-1 terminating"]).unwrap();
     assert!(hole_opens < table_catches_up, "{ctx}");
-    assert_eq!(errors["timeout"].as_u64(), Some(0), "sluice lost queries: {ctx}");
+    assert_eq!(
+        errors["timeout"].as_u64(),
+        Some(0),
+        "sluice lost queries: {ctx}"
+    );
     for s in sluice["timeline"].as_array().unwrap() {
-        assert_eq!(s["errors"], 0, "sluice lost queries in second {}: {ctx}", s["t"]);
+        assert_eq!(
+            s["errors"], 0,
+            "sluice lost queries in second {}: {ctx}",
+            s["t"]
+        );
     }
     let silent = &sluice["sluice_metrics"]["dial_failures"]["timeout"];
     assert!(

@@ -332,7 +332,11 @@ impl UdpProxy {
     /// off for it (its setting, else on for port 53 only) or for all
     /// (`--udp-resend-after 0`).
     fn resend_after(&self, key: &ListenKey, service: &Service) -> Option<Duration> {
-        resend_after(service.settings.udp_resend, key.addr.port(), self.config.resend_after)
+        resend_after(
+            service.settings.udp_resend,
+            key.addr.port(),
+            self.config.resend_after,
+        )
     }
 }
 
@@ -980,7 +984,13 @@ impl Port {
                 continue;
             };
             debug!(client = %d.client, from = %backend, to = %to, "UDP datagram unanswered; re-sent");
-            self.repin_to(d.client, backend, to, UdpFlowEnd::Unreachable, Repin::Resend);
+            self.repin_to(
+                d.client,
+                backend,
+                to,
+                UdpFlowEnd::Unreachable,
+                Repin::Resend,
+            );
         }
     }
 

@@ -438,17 +438,30 @@ async fn a_silent_backend_is_answered_around_within_the_resend_deadline() {
     }
     assert!(silent.received() >= 2, "no flow was sent to the black hole");
     let resent = r#"sluice_udp_resent_datagrams_total{service="dns"}"#;
-    let ejected = format!(r#"sluice_backend_ejections_total{{backend="{}"}}"#, silent.addr);
+    let ejected = format!(
+        r#"sluice_backend_ejections_total{{backend="{}"}}"#,
+        silent.addr
+    );
     let text = wait_metric(&s, &ejected, |v| v == 1.0).await;
     assert!(metric(&text, resent).unwrap() >= 2.0, "{text}");
     // Ejected: new flows no longer go there, and are answered at once.
     let before = silent.received();
     for i in 0..4 {
         let c = client().await;
-        let got = ask(&c, listen, format!("n{i}").as_bytes(), Duration::from_secs(1)).await;
+        let got = ask(
+            &c,
+            listen,
+            format!("n{i}").as_bytes(),
+            Duration::from_secs(1),
+        )
+        .await;
         assert_eq!(got.unwrap().0, format!("b:n{i}").into_bytes());
     }
-    assert_eq!(silent.received(), before, "a new flow went to the ejected backend");
+    assert_eq!(
+        silent.received(),
+        before,
+        "a new flow went to the ejected backend"
+    );
 }
 
 #[tokio::test]
@@ -463,7 +476,11 @@ async fn a_slow_answer_is_resent_but_a_backend_that_answers_others_is_not_ejecte
         while let Ok((n, from)) = a.recv_from(&mut buf).await {
             let reply = [b"a:", &buf[..n]].concat();
             let a = a.clone();
-            let delay = if reply.starts_with(b"a:slow") { 1500 } else { 0 };
+            let delay = if reply.starts_with(b"a:slow") {
+                1500
+            } else {
+                0
+            };
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 let _ = a.send_to(&reply, from).await;
@@ -524,9 +541,14 @@ async fn a_service_without_resend_gets_no_duplicates() {
     let mut lost = 0;
     for i in 0..6 {
         let c = client().await;
-        if ask(&c, listen, format!("q{i}").as_bytes(), Duration::from_millis(500))
-            .await
-            .is_none()
+        if ask(
+            &c,
+            listen,
+            format!("q{i}").as_bytes(),
+            Duration::from_millis(500),
+        )
+        .await
+        .is_none()
         {
             lost += 1;
         }

@@ -425,7 +425,10 @@ fn udp_resend_is_read_and_only_for_udp() {
             udpResend: true
             backends: []
     ");
-    assert_eq!(msg, "services[0] \"web\": udpResend: is only for protocol: udp");
+    assert_eq!(
+        msg,
+        "services[0] \"web\": udpResend: is only for protocol: udp"
+    );
 }
 
 #[test]
