@@ -48,20 +48,20 @@
 //! UDP serving runs on the main runtime, one task per listen key plus one
 //! per flow (not on the data-plane workers).
 
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use sluice_control::{ListenKey, Protocol, Publisher, Service};
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -263,8 +263,29 @@ impl UdpProxy {
         let Some(service) = self.publisher.load().get(&key).cloned() else {
             return;
         };
+        // Every flow socket of this port is in one epoll set, itself
+        // watched by the runtime: replies are read by this task, with no
+        // task (and no wake-up) per flow.
+        let poller = match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
+            Ok(epoll) => Arc::new(Poller(epoll)),
+            Err(e) => {
+                warn!(listen = %key, error = %e, "cannot create an epoll set for UDP flows: not served");
+                return;
+            }
+        };
+        // The safe constructor is deprecated for types whose `as_raw_fd`
+        // might change or close the descriptor; `Poller` owns its epoll
+        // descriptor and always returns it, and the crate has no `unsafe`.
+        #[allow(deprecated)]
+        let watched = AsyncFd::with_interest(poller.clone(), Interest::READABLE);
+        let replies = match watched {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(listen = %key, error = %e, "cannot watch the UDP flows' epoll set: not served");
+                return;
+            }
+        };
         let metrics = self.metrics.udp.service(&service.name);
-        let (events_tx, mut events) = mpsc::unbounded_channel();
         let mut port = Port {
             proxy: self.clone(),
             key,
@@ -272,7 +293,9 @@ impl UdpProxy {
             flows: HashMap::new(),
             runtime: ServiceRuntime::default(),
             metrics,
-            events: events_tx,
+            poller,
+            by_id: HashMap::new(),
+            reply_buf: vec![0; MAX_DATAGRAM],
             next_id: 0,
             resend_after: self.resend_after(&key, &service),
             deadlines: VecDeque::new(),
@@ -310,7 +333,17 @@ impl UdpProxy {
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 },
-                Some(event) = events.recv() => port.on_failure(event),
+                ready = replies.readable() => match ready {
+                    Ok(mut guard) => {
+                        if !port.on_replies() {
+                            guard.clear_ready();
+                        }
+                    }
+                    Err(e) => {
+                        warn!(listen = %key, error = %e, "UDP flows' epoll set failed: not served");
+                        break;
+                    }
+                },
                 changed = changes.changed() => {
                     if changed.is_err() || !port.on_table() {
                         break;
@@ -494,13 +527,29 @@ fn send_reply(
     sent.map_err(io::Error::from)
 }
 
-/// A UDP socket connected to `backend`, for one flow.
-fn connect_udp(backend: SocketAddr) -> io::Result<UdpSocket> {
+/// A non-blocking UDP socket connected to `backend`, for one flow (read
+/// through its port's epoll set, not the runtime).
+fn connect_udp(backend: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(backend), Type::DGRAM, None)?;
     socket.set_nonblocking(true)?;
     socket.connect(&backend.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
+
+/// The epoll set of one port's flow sockets (level-triggered, keyed by
+/// flow id). A flow socket leaves it when it is closed.
+struct Poller(Epoll);
+
+impl AsRawFd for Poller {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.0.as_raw_fd()
+    }
+}
+
+/// Flow sockets read per epoll round, and rounds per wake-up (fairness
+/// with the port's other work).
+const REPLY_EVENTS: usize = 64;
+const REPLY_ROUNDS: usize = 4;
 
 /// Whether a socket error says the backend cannot be reached (an ICMP
 /// error came back for what was sent to it), and how the tracker counts it.
@@ -514,15 +563,14 @@ fn unreachable_kind(e: &io::Error) -> Option<DialErrorKind> {
     }
 }
 
-/// Milliseconds since a process-wide origin, for timestamps shared with
-/// reader tasks as atomics.
+/// Milliseconds since a process-wide origin (flow and backend timestamps).
 fn millis(at: Instant) -> u64 {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
     u64::try_from(at.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
 }
 
-/// What a flow's reader shares with the port task.
+/// When a flow's backend replied.
 #[derive(Debug, Default)]
 struct Shared {
     /// The backend replied at least once.
@@ -531,7 +579,7 @@ struct Shared {
     last_reply: AtomicU64,
 }
 
-/// Sent by a flow's reader when its backend is unreachable.
+/// A flow's backend is unreachable (an ICMP error on its socket).
 struct Failure {
     client: SocketAddr,
     /// The flow's socket generation (a re-pinned flow ignores failures of
@@ -557,10 +605,10 @@ struct Flow {
     /// Where the client's datagrams were redirected to (intercepted ports
     /// only): the replies' source.
     local: Option<IpAddr>,
-    socket: Arc<UdpSocket>,
+    /// Connected to `backend`; in the port's epoll set under `id`.
+    socket: std::net::UdpSocket,
     id: u64,
-    reader: JoinHandle<()>,
-    shared: Arc<Shared>,
+    shared: Shared,
     /// The last datagram from the client, kept to be re-sent once.
     last: Vec<u8>,
     /// When the client last sent.
@@ -579,12 +627,6 @@ impl Flow {
     fn awaiting_reply(&self) -> bool {
         self.shared.last_reply.load(Ordering::Relaxed) < millis(self.last_sent)
             || !self.shared.replied.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Flow {
-    fn drop(&mut self) {
-        self.reader.abort();
     }
 }
 
@@ -609,7 +651,13 @@ struct Port {
     flows: HashMap<SocketAddr, Flow>,
     runtime: ServiceRuntime,
     metrics: UdpServiceMetrics,
-    events: mpsc::UnboundedSender<Failure>,
+    /// The flow sockets' epoll set.
+    poller: Arc<Poller>,
+    /// Flow id → client, for the epoll events (stale ids are dropped at
+    /// the next idle sweep).
+    by_id: HashMap<u64, SocketAddr>,
+    /// Replies are read here.
+    reply_buf: Vec<u8>,
     next_id: u64,
     /// `Some`: unanswered datagrams are re-sent after this long
     /// ([`UdpProxy::resend_after`]).
@@ -639,17 +687,12 @@ struct Deadline {
 /// What a served socket knows of one backend's answers.
 #[derive(Debug, Default)]
 struct Heard {
-    /// Its last reply to any flow ([`millis`]), set by the flows' readers.
+    /// Its last reply to any flow ([`millis`]).
     last_reply: Arc<AtomicU64>,
     /// `last_reply` when `misses` started counting.
     seen: u64,
     /// Datagrams left unanswered past their deadline since `seen`.
     misses: u32,
-}
-
-thread_local! {
-    /// Replies are read here (a reader task holds no buffer of its own).
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
 }
 
 impl Port {
@@ -720,8 +763,15 @@ impl Port {
         last: Vec<u8>,
         now: Instant,
     ) -> Option<Flow> {
-        let socket = match connect_udp(backend) {
-            Ok(s) => Arc::new(s),
+        self.next_id += 1;
+        let id = self.next_id;
+        let opened = connect_udp(backend).and_then(|s| {
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, id);
+            self.poller.0.add(&s, event)?;
+            Ok(s)
+        });
+        let socket = match opened {
+            Ok(s) => s,
             Err(e) => {
                 if let Some(what) = crate::saturation::local_resource(&e) {
                     self.proxy.metrics.saturation.record(now, what);
@@ -734,23 +784,8 @@ impl Port {
                 return None;
             }
         };
-        self.next_id += 1;
-        let id = self.next_id;
-        let shared = Arc::new(Shared::default());
-        let heard = self.heard.entry(backend).or_default().last_reply.clone();
-        let reader = tokio::spawn(read_replies(Reader {
-            backend: socket.clone(),
-            service: self.socket.clone(),
-            client,
-            local,
-            backend_addr: backend,
-            id,
-            shared: shared.clone(),
-            events: self.events.clone(),
-            metrics: self.metrics.clone(),
-            tracker: self.proxy.tracker.clone(),
-            heard,
-        }));
+        self.heard.entry(backend).or_default();
+        self.by_id.insert(id, client);
         self.proxy.open.fetch_add(1, Ordering::Relaxed);
         self.metrics.flows.inc();
         Some(Flow {
@@ -758,8 +793,7 @@ impl Port {
             local,
             socket,
             id,
-            reader,
-            shared,
+            shared: Shared::default(),
             last,
             last_sent: now,
             resent: false,
@@ -778,7 +812,7 @@ impl Port {
         };
         // A direct send(2): tokio's `try_send` reports WouldBlock until the
         // reactor has seen the new socket writable.
-        match SockRef::from(&*flow.socket).send(&flow.last) {
+        match flow.socket.send(&flow.last) {
             Ok(n) => {
                 self.metrics.datagrams_up.inc();
                 self.metrics.bytes_up.inc_by(n as u64);
@@ -1041,99 +1075,100 @@ impl Port {
                 .udp
                 .flow_ended(&self.metrics.name, UdpFlowEnd::Idle);
         }
+        let flows = &self.flows;
+        (self.by_id).retain(|id, client| flows.get(client).is_some_and(|f| f.id == *id));
     }
 }
 
-/// What a flow's reader task needs.
-struct Reader {
-    backend: Arc<UdpSocket>,
-    service: Arc<UdpSocket>,
-    client: SocketAddr,
-    local: Option<IpAddr>,
-    backend_addr: SocketAddr,
-    id: u64,
-    shared: Arc<Shared>,
-    events: mpsc::UnboundedSender<Failure>,
-    metrics: UdpServiceMetrics,
-    tracker: Arc<Tracker>,
-    /// The backend's last reply to any flow of this Service.
-    heard: Arc<AtomicU64>,
-}
-
-/// Forwards a flow's replies to its client from the Service's socket,
-/// until the backend is unreachable (reported) or the flow ends (aborted).
-async fn read_replies(r: Reader) {
-    loop {
-        // An ICMP error raises EPOLLERR alone (no EPOLLIN), which tokio's
-        // `readable()` does not wake for: wait for either.
-        let ready = match r.backend.ready(Interest::READABLE | Interest::ERROR).await {
-            Ok(ready) => ready,
-            Err(e) => {
-                debug!(backend = %r.backend_addr, error = %e, "UDP flow socket failed");
-                return;
+impl Port {
+    /// Reads the replies waiting on flow sockets (one datagram per ready
+    /// socket per round: the set is level-triggered) and forwards them;
+    /// handles ICMP errors. Returns true when there may be more (the
+    /// rounds ran out), false when the set had nothing ready.
+    fn on_replies(&mut self) -> bool {
+        let mut events = [EpollEvent::empty(); REPLY_EVENTS];
+        let mut failures = Vec::new();
+        let mut more = true;
+        for _ in 0..REPLY_ROUNDS {
+            let n = match self.poller.0.wait(&mut events, EpollTimeout::ZERO) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    debug!(listen = %self.key, error = %e, "epoll_wait on UDP flows failed");
+                    0
+                }
+            };
+            if n == 0 {
+                more = false;
+                break;
             }
+            for ev in events.iter().take(n) {
+                self.on_reply(ev.data(), ev.events(), &mut failures);
+            }
+        }
+        for failure in failures {
+            self.on_failure(failure);
+        }
+        more
+    }
+
+    /// The flow socket of flow `id` is ready (`flags`): forwards one reply
+    /// to the client from the Service's socket, or notes an ICMP error.
+    fn on_reply(&mut self, id: u64, flags: EpollFlags, failures: &mut Vec<Failure>) {
+        let Some(&client) = self.by_id.get(&id) else {
+            return;
         };
-        if ready.is_error() {
-            match r.backend.take_error() {
+        let Some(flow) = self.flows.get(&client).filter(|f| f.id == id) else {
+            self.by_id.remove(&id);
+            return;
+        };
+        if flags.contains(EpollFlags::EPOLLERR) {
+            // ICMP port or host unreachable for what was sent.
+            match flow.socket.take_error() {
                 Ok(Some(e)) if let Some(kind) = unreachable_kind(&e) => {
-                    let _ = r.events.send(Failure {
-                        client: r.client,
-                        id: r.id,
-                        kind,
-                    });
+                    failures.push(Failure { client, id, kind });
                     return;
                 }
                 Ok(Some(e)) => {
-                    debug!(backend = %r.backend_addr, error = %e, "UDP flow socket error");
+                    debug!(backend = %flow.backend, error = %e, "UDP flow socket error");
                 }
                 _ => {}
             }
-            // Clears the error readiness (no busy loop on a stale edge).
-            let _ = r.backend.try_io(Interest::ERROR, || {
-                Err::<(), _>(io::ErrorKind::WouldBlock.into())
-            });
-            if !ready.is_readable() {
-                continue;
+            if !flags.contains(EpollFlags::EPOLLIN) {
+                return;
             }
         }
-        let got = REPLY_BUF.with_borrow_mut(|buf| {
-            let n = r.backend.try_recv(buf)?;
-            let payload = buf.get(..n).unwrap_or_default();
-            // A full send buffer drops the reply, as the network would.
-            let sent = send_reply(&r.service, payload, r.client, r.local);
-            Ok::<_, io::Error>((n, sent))
-        });
-        match got {
-            Ok((n, sent)) => {
-                if !r.shared.replied.swap(true, Ordering::Relaxed)
-                    && r.tracker.dial_succeeded(r.backend_addr)
-                {
-                    info!(backend = %r.backend_addr, "backend answers again");
-                }
-                let at = millis(Instant::now());
-                r.shared.last_reply.store(at, Ordering::Relaxed);
-                r.heard.store(at, Ordering::Relaxed);
-                match sent {
-                    Ok(_) => {
-                        r.metrics.datagrams_down.inc();
-                        r.metrics.bytes_down.inc_by(n as u64);
-                    }
-                    Err(e) => {
-                        debug!(client = %r.client, error = %e, "UDP reply to client not sent");
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        let n = match flow.socket.recv(&mut self.reply_buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 if let Some(kind) = unreachable_kind(&e) {
-                    let _ = r.events.send(Failure {
-                        client: r.client,
-                        id: r.id,
-                        kind,
-                    });
-                    return;
+                    failures.push(Failure { client, id, kind });
+                } else {
+                    debug!(backend = %flow.backend, error = %e, "UDP receive from backend failed");
                 }
-                debug!(backend = %r.backend_addr, error = %e, "UDP receive from backend failed");
+                return;
+            }
+        };
+        if !flow.shared.replied.swap(true, Ordering::Relaxed)
+            && self.proxy.tracker.dial_succeeded(flow.backend)
+        {
+            info!(backend = %flow.backend, "backend answers again");
+        }
+        let at = millis(Instant::now());
+        flow.shared.last_reply.store(at, Ordering::Relaxed);
+        if let Some(heard) = self.heard.get(&flow.backend) {
+            heard.last_reply.store(at, Ordering::Relaxed);
+        }
+        let payload = self.reply_buf.get(..n).unwrap_or_default();
+        // A full send buffer drops the reply, as the network would.
+        match send_reply(&self.socket, payload, client, flow.local) {
+            Ok(_) => {
+                self.metrics.datagrams_down.inc();
+                self.metrics.bytes_down.inc_by(n as u64);
+            }
+            Err(e) => {
+                debug!(client = %client, error = %e, "UDP reply to client not sent");
             }
         }
     }
@@ -1169,7 +1204,7 @@ mod tests {
         let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = gone.local_addr().unwrap();
         drop(gone);
-        let s = connect_udp(addr).unwrap();
+        let s = UdpSocket::from_std(connect_udp(addr).unwrap()).unwrap();
         s.send(b"x").await.unwrap();
         let mut buf = [0u8; 16];
         let e = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf))
