@@ -35,8 +35,16 @@
 //! [`sluice_control::Settings::udp_timeout`]); at most
 //! [`UdpConfig::max_flows`] flows are open over all Services, and a
 //! datagram that would need one more is dropped and counted. A flow costs
-//! one descriptor, one small task and a copy of its last datagram; no
-//! per-flow receive buffer (replies are read into a per-thread buffer).
+//! one descriptor, an entry in its port's epoll set and a copy of its
+//! last datagram; no task and no receive buffer of its own (the port's task
+//! reads every flow's replies, [`Port::on_replies`], into one buffer).
+//!
+//! Silent backends: on a Service with re-send on (port 53 by default,
+//! [`sluice_control::Settings::udp_resend`]), a datagram still unanswered
+//! [`UdpConfig::resend_after`] after it was sent is sent once more to
+//! another backend, and a backend that leaves [`SUSPECT_AFTER`] datagrams
+//! unanswered with no reply to any flow in between is ejected
+//! ([`Port::on_deadlines`]): a deleted pod sends no ICMP.
 //!
 //! The backend pick is [`crate::balance::pick`] (policy, affinity,
 //! ejection), with the flow standing in for a connection. UDP flows take
@@ -45,8 +53,8 @@
 //! result) is not used, so an ejected backend comes back when its cooldown
 //! ends; its first reply ends the ejection at once.
 //!
-//! UDP serving runs on the main runtime, one task per listen key plus one
-//! per flow (not on the data-plane workers).
+//! UDP serving runs on the main runtime, one task per listen key (not on
+//! the data-plane workers).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
