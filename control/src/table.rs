@@ -438,6 +438,14 @@ pub struct Settings {
     /// annotation `sluice.io/udp-timeout` (Kubernetes) or
     /// `udpTimeoutSeconds` (file).
     pub udp_timeout: Option<Duration>,
+    /// UDP only: whether a client datagram that its backend leaves
+    /// unanswered for `--udp-resend-after` is sent once more to another
+    /// backend (and a backend that answers nothing is ejected). It
+    /// duplicates datagrams, so it is for idempotent request/response
+    /// protocols such as DNS. `None`: on for a Service port 53 (DNS), off
+    /// otherwise. Annotation `sluice.io/udp-resend` (`"true"`/`"false"`),
+    /// file field `udpResend`.
+    pub udp_resend: Option<bool>,
     /// What the kernel does with a new connection to this entry while no
     /// backend is eligible (`--intercept nftables` only): reject it when the
     /// Service has no endpoints anywhere, drop it when it has some but this

@@ -180,6 +180,12 @@ pub struct Args {
     /// (`sluice_udp_dropped_datagrams_total{reason="flow_limit"}`).
     #[arg(long, default_value_t = crate::udp::DEFAULT_MAX_FLOWS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub udp_max_flows: usize,
+    /// UDP Services with re-send on (port 53, or `sluice.io/udp-resend:
+    /// "true"`; file: `udpResend`): a client datagram still unanswered
+    /// this long after it was sent is sent once more to another backend,
+    /// and a backend that answers none of them is ejected. `0s`: never.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub udp_resend_after: Duration,
     /// Concurrent client connections per Service (each port of a
     /// Kubernetes Service, over all its addresses) that sets no
     /// `sluice.io/max-connections` annotation (file: `maxConnections`); a
@@ -299,6 +305,7 @@ impl Args {
     pub fn udp_config(&self) -> crate::udp::UdpConfig {
         crate::udp::UdpConfig {
             max_flows: self.udp_max_flows,
+            resend_after: self.udp_resend_after,
         }
     }
 

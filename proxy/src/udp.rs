@@ -35,8 +35,16 @@
 //! [`sluice_control::Settings::udp_timeout`]); at most
 //! [`UdpConfig::max_flows`] flows are open over all Services, and a
 //! datagram that would need one more is dropped and counted. A flow costs
-//! one descriptor, one small task and a copy of its last datagram; no
-//! per-flow receive buffer (replies are read into a per-thread buffer).
+//! one descriptor, an entry in its port's epoll set and a copy of its
+//! last datagram; no task and no receive buffer of its own (the port's task
+//! reads every flow's replies, [`Port::on_replies`], into one buffer).
+//!
+//! Silent backends: on a Service with re-send on (port 53 by default,
+//! [`sluice_control::Settings::udp_resend`]), a datagram still unanswered
+//! [`UdpConfig::resend_after`] after it was sent is sent once more to
+//! another backend, and a backend that leaves [`SUSPECT_AFTER`] datagrams
+//! unanswered with no reply to any flow in between is ejected
+//! ([`Port::on_deadlines`]): a deleted pod sends no ICMP.
 //!
 //! The backend pick is [`crate::balance::pick`] (policy, affinity,
 //! ejection), with the flow standing in for a connection. UDP flows take
@@ -45,23 +53,23 @@
 //! result) is not used, so an ejected backend comes back when its cooldown
 //! ends; its first reply ends the ejection at once.
 //!
-//! UDP serving runs on the main runtime, one task per listen key plus one
-//! per flow (not on the data-plane workers).
+//! UDP serving runs on the main runtime, one task per listen key (not on
+//! the data-plane workers).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use sluice_control::{ListenKey, Protocol, Publisher, Service};
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -82,6 +90,22 @@ pub const UNREPLIED_TIMEOUT: Duration = Duration::from_secs(30);
 /// (`nf_conntrack_udp_timeout_stream`).
 pub const REPLIED_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Default of `--udp-resend-after`: far below a resolver's own retry
+/// (glibc: 5 s), well above a cluster DNS server's answer time.
+pub const DEFAULT_RESEND_AFTER: Duration = Duration::from_millis(300);
+
+/// A backend that leaves this many datagrams unanswered for
+/// `--udp-resend-after`, with no reply to anything in between, is ejected
+/// (one slow answer is not enough: a resolver forwarding upstream may take
+/// longer than the deadline; a dead pod misses them all).
+const SUSPECT_AFTER: u32 = 2;
+
+/// Most re-send deadlines a served socket keeps; past it a datagram gets
+/// none (it is still forwarded, but not re-sent if unanswered). Bounds the
+/// queue under a flood: one entry per datagram sent in the last
+/// `--udp-resend-after`.
+const MAX_DEADLINES: usize = 65_536;
+
 /// Datagrams a served socket reads in one go when they are queued.
 const BATCH: usize = 64;
 
@@ -97,12 +121,18 @@ const MAX_DATAGRAM: usize = 65_536;
 pub struct UdpConfig {
     /// Open flows over all UDP Services (`--udp-max-flows`).
     pub max_flows: usize,
+    /// A client datagram of a Service with re-send on
+    /// ([`sluice_control::Settings::udp_resend`]) still unanswered this
+    /// long after it was sent is sent once more to another backend
+    /// (`--udp-resend-after`; zero: never).
+    pub resend_after: Duration,
 }
 
 impl Default for UdpConfig {
     fn default() -> Self {
         Self {
             max_flows: DEFAULT_MAX_FLOWS,
+            resend_after: DEFAULT_RESEND_AFTER,
         }
     }
 }
@@ -241,8 +271,29 @@ impl UdpProxy {
         let Some(service) = self.publisher.load().get(&key).cloned() else {
             return;
         };
+        // Every flow socket of this port is in one epoll set, itself
+        // watched by the runtime: replies are read by this task, with no
+        // task (and no wake-up) per flow.
+        let poller = match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
+            Ok(epoll) => Arc::new(Poller(epoll)),
+            Err(e) => {
+                warn!(listen = %key, error = %e, "cannot create an epoll set for UDP flows: not served");
+                return;
+            }
+        };
+        // The safe constructor is deprecated for types whose `as_raw_fd`
+        // might change or close the descriptor; `Poller` owns its epoll
+        // descriptor and always returns it, and the crate has no `unsafe`.
+        #[allow(deprecated)]
+        let watched = AsyncFd::with_interest(poller.clone(), Interest::READABLE);
+        let replies = match watched {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(listen = %key, error = %e, "cannot watch the UDP flows' epoll set: not served");
+                return;
+            }
+        };
         let metrics = self.metrics.udp.service(&service.name);
-        let (events_tx, mut events) = mpsc::unbounded_channel();
         let mut port = Port {
             proxy: self.clone(),
             key,
@@ -250,14 +301,21 @@ impl UdpProxy {
             flows: HashMap::new(),
             runtime: ServiceRuntime::default(),
             metrics,
-            events: events_tx,
+            poller,
+            by_id: HashMap::new(),
+            reply_buf: vec![0; MAX_DATAGRAM],
             next_id: 0,
+            resend_after: self.resend_after(&key, &service),
+            deadlines: VecDeque::new(),
+            heard: HashMap::new(),
         };
         let mut changes = self.publisher.subscribe();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut backoff = Duration::from_millis(5);
         loop {
+            let next_deadline = port.deadlines.front().map(|d| d.at);
+            let deadline = tokio::time::sleep_until(next_deadline.unwrap_or(far_future()).into());
             tokio::select! {
                 r = recv(&port.socket, &mut buf, pktinfo) => match r {
                     Ok((n, client, local)) => {
@@ -283,13 +341,24 @@ impl UdpProxy {
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 },
-                Some(event) = events.recv() => port.on_failure(event),
+                ready = replies.readable() => match ready {
+                    Ok(mut guard) => {
+                        if !port.on_replies() {
+                            guard.clear_ready();
+                        }
+                    }
+                    Err(e) => {
+                        warn!(listen = %key, error = %e, "UDP flows' epoll set failed: not served");
+                        break;
+                    }
+                },
                 changed = changes.changed() => {
                     if changed.is_err() || !port.on_table() {
                         break;
                     }
                 }
                 _ = sweep.tick() => port.expire(Instant::now()),
+                _ = deadline, if next_deadline.is_some() => port.on_deadlines(Instant::now()),
                 _ = stop.cancelled() => break,
             }
         }
@@ -297,6 +366,31 @@ impl UdpProxy {
         drop(port);
         self.metrics.udp.forget_service(&name);
     }
+}
+
+impl UdpProxy {
+    /// The re-send deadline of the Service at `key`: `None` when re-send is
+    /// off for it (its setting, else on for port 53 only) or for all
+    /// (`--udp-resend-after 0`).
+    fn resend_after(&self, key: &ListenKey, service: &Service) -> Option<Duration> {
+        resend_after(
+            service.settings.udp_resend,
+            key.addr.port(),
+            self.config.resend_after,
+        )
+    }
+}
+
+/// [`UdpProxy::resend_after`]: the Service's setting, else on for port 53
+/// (DNS) only; `after` zero turns it off everywhere.
+fn resend_after(setting: Option<bool>, port: u16, after: Duration) -> Option<Duration> {
+    let on = setting.unwrap_or(port == 53);
+    (on && !after.is_zero()).then_some(after)
+}
+
+/// An instant no deadline reaches (a disabled timer branch's target).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400)
 }
 
 /// Binds a shareable UDP socket on `addr` (SO_REUSEADDR, SO_REUSEPORT and
@@ -441,13 +535,29 @@ fn send_reply(
     sent.map_err(io::Error::from)
 }
 
-/// A UDP socket connected to `backend`, for one flow.
-fn connect_udp(backend: SocketAddr) -> io::Result<UdpSocket> {
+/// A non-blocking UDP socket connected to `backend`, for one flow (read
+/// through its port's epoll set, not the runtime).
+fn connect_udp(backend: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(backend), Type::DGRAM, None)?;
     socket.set_nonblocking(true)?;
     socket.connect(&backend.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
+
+/// The epoll set of one port's flow sockets (level-triggered, keyed by
+/// flow id). A flow socket leaves it when it is closed.
+struct Poller(Epoll);
+
+impl AsRawFd for Poller {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.0.as_raw_fd()
+    }
+}
+
+/// Flow sockets read per epoll round, and rounds per wake-up (fairness
+/// with the port's other work).
+const REPLY_EVENTS: usize = 64;
+const REPLY_ROUNDS: usize = 4;
 
 /// Whether a socket error says the backend cannot be reached (an ICMP
 /// error came back for what was sent to it), and how the tracker counts it.
@@ -461,15 +571,14 @@ fn unreachable_kind(e: &io::Error) -> Option<DialErrorKind> {
     }
 }
 
-/// Milliseconds since a process-wide origin, for timestamps shared with
-/// reader tasks as atomics.
+/// Milliseconds since a process-wide origin (flow and backend timestamps).
 fn millis(at: Instant) -> u64 {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
     u64::try_from(at.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
 }
 
-/// What a flow's reader shares with the port task.
+/// When a flow's backend replied.
 #[derive(Debug, Default)]
 struct Shared {
     /// The backend replied at least once.
@@ -478,7 +587,7 @@ struct Shared {
     last_reply: AtomicU64,
 }
 
-/// Sent by a flow's reader when its backend is unreachable.
+/// A flow's backend is unreachable (an ICMP error on its socket).
 struct Failure {
     client: SocketAddr,
     /// The flow's socket generation (a re-pinned flow ignores failures of
@@ -504,16 +613,19 @@ struct Flow {
     /// Where the client's datagrams were redirected to (intercepted ports
     /// only): the replies' source.
     local: Option<IpAddr>,
-    socket: Arc<UdpSocket>,
+    /// Connected to `backend`; in the port's epoll set under `id`.
+    socket: std::net::UdpSocket,
     id: u64,
-    reader: JoinHandle<()>,
-    shared: Arc<Shared>,
+    shared: Shared,
     /// The last datagram from the client, kept to be re-sent once.
     last: Vec<u8>,
     /// When the client last sent.
     last_sent: Instant,
     /// `last` was already re-sent (after its first backend failed).
     resent: bool,
+    /// Datagrams the client sent on this flow before `last` (tells a
+    /// deadline for `last` from one for an earlier datagram).
+    seq: u64,
     /// Counts the flow in the bound and the gauge while it lives.
     _slot: Slot,
 }
@@ -523,12 +635,6 @@ impl Flow {
     fn awaiting_reply(&self) -> bool {
         self.shared.last_reply.load(Ordering::Relaxed) < millis(self.last_sent)
             || !self.shared.replied.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Flow {
-    fn drop(&mut self) {
-        self.reader.abort();
     }
 }
 
@@ -553,13 +659,48 @@ struct Port {
     flows: HashMap<SocketAddr, Flow>,
     runtime: ServiceRuntime,
     metrics: UdpServiceMetrics,
-    events: mpsc::UnboundedSender<Failure>,
+    /// The flow sockets' epoll set.
+    poller: Arc<Poller>,
+    /// Flow id → client, for the epoll events (stale ids are dropped at
+    /// the next idle sweep).
+    by_id: HashMap<u64, SocketAddr>,
+    /// Replies are read here.
+    reply_buf: Vec<u8>,
     next_id: u64,
+    /// `Some`: unanswered datagrams are re-sent after this long
+    /// ([`UdpProxy::resend_after`]).
+    resend_after: Option<Duration>,
+    /// Datagrams sent with re-send on, oldest first (one deadline each, all
+    /// `resend_after` long, so the queue is in deadline order).
+    deadlines: VecDeque<Deadline>,
+    /// When each backend of this Service last answered any flow, and its
+    /// unanswered datagrams since: how a silent backend is told from a slow
+    /// answer.
+    heard: HashMap<SocketAddr, Heard>,
 }
 
-thread_local! {
-    /// Replies are read here (a reader task holds no buffer of its own).
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+/// A datagram sent to a backend that must be answered by `at`.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    /// When it was sent to the flow's current backend.
+    sent: Instant,
+    client: SocketAddr,
+    /// The flow's socket generation and datagram number when it was sent:
+    /// a later datagram or a re-pin makes the deadline stale.
+    id: u64,
+    seq: u64,
+}
+
+/// What a served socket knows of one backend's answers.
+#[derive(Debug, Default)]
+struct Heard {
+    /// Its last reply to any flow ([`millis`]).
+    last_reply: Arc<AtomicU64>,
+    /// `last_reply` when `misses` started counting.
+    seen: u64,
+    /// Datagrams left unanswered past their deadline since `seen`.
+    misses: u32,
 }
 
 impl Port {
@@ -578,6 +719,7 @@ impl Port {
             flow.last.extend_from_slice(data);
             flow.last_sent = now;
             flow.resent = false;
+            flow.seq += 1;
             let backend = flow.backend;
             if service.is_eligible(backend) && !self.proxy.tracker.is_ejected(backend, now) {
                 self.send(client);
@@ -629,8 +771,15 @@ impl Port {
         last: Vec<u8>,
         now: Instant,
     ) -> Option<Flow> {
-        let socket = match connect_udp(backend) {
-            Ok(s) => Arc::new(s),
+        self.next_id += 1;
+        let id = self.next_id;
+        let opened = connect_udp(backend).and_then(|s| {
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, id);
+            self.poller.0.add(&s, event)?;
+            Ok(s)
+        });
+        let socket = match opened {
+            Ok(s) => s,
             Err(e) => {
                 if let Some(what) = crate::saturation::local_resource(&e) {
                     self.proxy.metrics.saturation.record(now, what);
@@ -643,21 +792,8 @@ impl Port {
                 return None;
             }
         };
-        self.next_id += 1;
-        let id = self.next_id;
-        let shared = Arc::new(Shared::default());
-        let reader = tokio::spawn(read_replies(Reader {
-            backend: socket.clone(),
-            service: self.socket.clone(),
-            client,
-            local,
-            backend_addr: backend,
-            id,
-            shared: shared.clone(),
-            events: self.events.clone(),
-            metrics: self.metrics.clone(),
-            tracker: self.proxy.tracker.clone(),
-        }));
+        self.heard.entry(backend).or_default();
+        self.by_id.insert(id, client);
         self.proxy.open.fetch_add(1, Ordering::Relaxed);
         self.metrics.flows.inc();
         Some(Flow {
@@ -665,11 +801,11 @@ impl Port {
             local,
             socket,
             id,
-            reader,
-            shared,
+            shared: Shared::default(),
             last,
             last_sent: now,
             resent: false,
+            seq: 0,
             _slot: Slot {
                 open: self.proxy.open.clone(),
                 gauge: self.metrics.flows.clone(),
@@ -684,10 +820,22 @@ impl Port {
         };
         // A direct send(2): tokio's `try_send` reports WouldBlock until the
         // reactor has seen the new socket writable.
-        match SockRef::from(&*flow.socket).send(&flow.last) {
+        match flow.socket.send(&flow.last) {
             Ok(n) => {
                 self.metrics.datagrams_up.inc();
                 self.metrics.bytes_up.inc_by(n as u64);
+                if let Some(after) = self.resend_after
+                    && self.deadlines.len() < MAX_DEADLINES
+                {
+                    let sent = Instant::now();
+                    self.deadlines.push_back(Deadline {
+                        at: sent + after,
+                        sent,
+                        client,
+                        id: flow.id,
+                        seq: flow.seq,
+                    });
+                }
             }
             Err(e) => match unreachable_kind(&e) {
                 // An ICMP error for an earlier datagram was pending.
@@ -745,29 +893,53 @@ impl Port {
         unreachable: Option<DialErrorKind>,
         how: Repin,
     ) {
-        let Some(old) = self.flows.remove(&client) else {
-            return;
-        };
         let end = match unreachable {
             Some(_) => UdpFlowEnd::Unreachable,
             None => UdpFlowEnd::BackendGone,
         };
-        let now = Instant::now();
+        let Some(backend) = self.pick_other(service, client, from) else {
+            if self.flows.remove(&client).is_some() {
+                self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
+                self.proxy
+                    .metrics
+                    .udp
+                    .dropped(&self.metrics.name, UdpDrop::NoBackend);
+            }
+            return;
+        };
+        self.repin_to(client, from, backend, end, how);
+    }
+
+    /// Another backend than `from` for `client`, if one is eligible.
+    fn pick_other(
+        &self,
+        service: &Service,
+        client: SocketAddr,
+        from: SocketAddr,
+    ) -> Option<SocketAddr> {
         let ctx = PickContext {
             health: &*self.proxy.tracker,
             client_ip: client.ip(),
             exclude: &[from],
-            now,
+            now: Instant::now(),
         };
-        let Some(backend) = pick(service, &self.runtime, &ctx) else {
-            self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
-            self.proxy
-                .metrics
-                .udp
-                .dropped(&self.metrics.name, UdpDrop::NoBackend);
+        pick(service, &self.runtime, &ctx)
+    }
+
+    /// [`Self::repin`] to `backend`, picked already.
+    fn repin_to(
+        &mut self,
+        client: SocketAddr,
+        from: SocketAddr,
+        backend: SocketAddr,
+        end: UdpFlowEnd,
+        how: Repin,
+    ) {
+        let Some(old) = self.flows.remove(&client) else {
             return;
         };
-        let last_sent = old.last_sent;
+        let now = Instant::now();
+        let (last_sent, seq) = (old.last_sent, old.seq);
         let last = old.last.clone();
         let local = old.local;
         // The old socket and its slot go before the new ones are taken.
@@ -777,6 +949,7 @@ impl Port {
             return;
         };
         flow.last_sent = last_sent;
+        flow.seq = seq;
         if how == Repin::Resend {
             flow.resent = true;
             self.metrics.resent.inc();
@@ -793,6 +966,11 @@ impl Port {
         let Some(service) = self.service() else {
             return false;
         };
+        self.resend_after = self.proxy.resend_after(&self.key, &service);
+        if self.resend_after.is_none() {
+            self.deadlines.clear();
+        }
+        (self.heard).retain(|addr, _| service.backends().iter().any(|b| b.addr == *addr));
         let moved: Vec<(SocketAddr, SocketAddr, bool)> = (self.flows.iter())
             .filter(|(_, f)| !service.is_eligible(f.backend))
             .map(|(c, f)| (*c, f.backend, f.awaiting_reply() && !f.resent))
@@ -809,6 +987,73 @@ impl Port {
             }
         }
         true
+    }
+
+    /// Datagrams whose deadline passed unanswered: each is re-sent once to
+    /// another eligible backend (the flow moves there), and a backend that
+    /// answered nothing at all since is ejected when it has missed
+    /// [`SUSPECT_AFTER`] in a row, so that new flows avoid it and flows
+    /// pinned to it move at their next datagram. With no other backend the
+    /// flow stays (a slow answer may still come).
+    fn on_deadlines(&mut self, now: Instant) {
+        while let Some(d) = self.deadlines.front().copied() {
+            if d.at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(flow) = (self.flows.get_mut(&d.client))
+                .filter(|f| f.id == d.id && f.seq == d.seq && f.awaiting_reply())
+            else {
+                continue; // answered, superseded, moved or closed
+            };
+            let (backend, resent) = (flow.backend, flow.resent);
+            // At most once per datagram, whatever happens below.
+            flow.resent = true;
+            // Counted (`sluice_dial_failures_total{reason="timeout"}`) when
+            // it ejects, not for every datagram missed while ejected.
+            if self.missed(backend, d.sent) && !self.proxy.tracker.is_ejected(backend, now) {
+                let cooldown =
+                    (self.proxy.tracker).dial_failed(backend, DialErrorKind::Timeout, d.sent);
+                debug!(backend = %backend, ?cooldown, "UDP backend answers nothing; ejected");
+            }
+            if resent {
+                continue;
+            }
+            let Some(service) = self.service() else {
+                return;
+            };
+            let Some(to) = self.pick_other(&service, d.client, backend) else {
+                continue;
+            };
+            debug!(client = %d.client, from = %backend, to = %to, "UDP datagram unanswered; re-sent");
+            self.repin_to(
+                d.client,
+                backend,
+                to,
+                UdpFlowEnd::Unreachable,
+                Repin::Resend,
+            );
+        }
+    }
+
+    /// Counts a datagram `backend` left unanswered (sent at `sent`);
+    /// whether the backend now looks dead: it has answered no flow since
+    /// that datagram was sent, and missed [`SUSPECT_AFTER`] in a row.
+    fn missed(&mut self, backend: SocketAddr, sent: Instant) -> bool {
+        let Some(h) = self.heard.get_mut(&backend) else {
+            return false;
+        };
+        let last = h.last_reply.load(Ordering::Relaxed);
+        if last >= millis(sent) {
+            // It answers others: a slow answer, not a dead backend.
+            (h.seen, h.misses) = (last, 0);
+            return false;
+        }
+        if last != h.seen {
+            (h.seen, h.misses) = (last, 0);
+        }
+        h.misses = h.misses.saturating_add(1);
+        h.misses >= SUSPECT_AFTER
     }
 
     /// Closes flows idle for their timeout.
@@ -838,97 +1083,100 @@ impl Port {
                 .udp
                 .flow_ended(&self.metrics.name, UdpFlowEnd::Idle);
         }
+        let flows = &self.flows;
+        (self.by_id).retain(|id, client| flows.get(client).is_some_and(|f| f.id == *id));
     }
 }
 
-/// What a flow's reader task needs.
-struct Reader {
-    backend: Arc<UdpSocket>,
-    service: Arc<UdpSocket>,
-    client: SocketAddr,
-    local: Option<IpAddr>,
-    backend_addr: SocketAddr,
-    id: u64,
-    shared: Arc<Shared>,
-    events: mpsc::UnboundedSender<Failure>,
-    metrics: UdpServiceMetrics,
-    tracker: Arc<Tracker>,
-}
-
-/// Forwards a flow's replies to its client from the Service's socket,
-/// until the backend is unreachable (reported) or the flow ends (aborted).
-async fn read_replies(r: Reader) {
-    loop {
-        // An ICMP error raises EPOLLERR alone (no EPOLLIN), which tokio's
-        // `readable()` does not wake for: wait for either.
-        let ready = match r.backend.ready(Interest::READABLE | Interest::ERROR).await {
-            Ok(ready) => ready,
-            Err(e) => {
-                debug!(backend = %r.backend_addr, error = %e, "UDP flow socket failed");
-                return;
+impl Port {
+    /// Reads the replies waiting on flow sockets (one datagram per ready
+    /// socket per round: the set is level-triggered) and forwards them;
+    /// handles ICMP errors. Returns true when there may be more (the
+    /// rounds ran out), false when the set had nothing ready.
+    fn on_replies(&mut self) -> bool {
+        let mut events = [EpollEvent::empty(); REPLY_EVENTS];
+        let mut failures = Vec::new();
+        let mut more = true;
+        for _ in 0..REPLY_ROUNDS {
+            let n = match self.poller.0.wait(&mut events, EpollTimeout::ZERO) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    debug!(listen = %self.key, error = %e, "epoll_wait on UDP flows failed");
+                    0
+                }
+            };
+            if n == 0 {
+                more = false;
+                break;
             }
+            for ev in events.iter().take(n) {
+                self.on_reply(ev.data(), ev.events(), &mut failures);
+            }
+        }
+        for failure in failures {
+            self.on_failure(failure);
+        }
+        more
+    }
+
+    /// The flow socket of flow `id` is ready (`flags`): forwards one reply
+    /// to the client from the Service's socket, or notes an ICMP error.
+    fn on_reply(&mut self, id: u64, flags: EpollFlags, failures: &mut Vec<Failure>) {
+        let Some(&client) = self.by_id.get(&id) else {
+            return;
         };
-        if ready.is_error() {
-            match r.backend.take_error() {
+        let Some(flow) = self.flows.get(&client).filter(|f| f.id == id) else {
+            self.by_id.remove(&id);
+            return;
+        };
+        if flags.contains(EpollFlags::EPOLLERR) {
+            // ICMP port or host unreachable for what was sent.
+            match flow.socket.take_error() {
                 Ok(Some(e)) if let Some(kind) = unreachable_kind(&e) => {
-                    let _ = r.events.send(Failure {
-                        client: r.client,
-                        id: r.id,
-                        kind,
-                    });
+                    failures.push(Failure { client, id, kind });
                     return;
                 }
                 Ok(Some(e)) => {
-                    debug!(backend = %r.backend_addr, error = %e, "UDP flow socket error");
+                    debug!(backend = %flow.backend, error = %e, "UDP flow socket error");
                 }
                 _ => {}
             }
-            // Clears the error readiness (no busy loop on a stale edge).
-            let _ = r.backend.try_io(Interest::ERROR, || {
-                Err::<(), _>(io::ErrorKind::WouldBlock.into())
-            });
-            if !ready.is_readable() {
-                continue;
+            if !flags.contains(EpollFlags::EPOLLIN) {
+                return;
             }
         }
-        let got = REPLY_BUF.with_borrow_mut(|buf| {
-            let n = r.backend.try_recv(buf)?;
-            let payload = buf.get(..n).unwrap_or_default();
-            // A full send buffer drops the reply, as the network would.
-            let sent = send_reply(&r.service, payload, r.client, r.local);
-            Ok::<_, io::Error>((n, sent))
-        });
-        match got {
-            Ok((n, sent)) => {
-                if !r.shared.replied.swap(true, Ordering::Relaxed)
-                    && r.tracker.dial_succeeded(r.backend_addr)
-                {
-                    info!(backend = %r.backend_addr, "backend answers again");
-                }
-                r.shared
-                    .last_reply
-                    .store(millis(Instant::now()), Ordering::Relaxed);
-                match sent {
-                    Ok(_) => {
-                        r.metrics.datagrams_down.inc();
-                        r.metrics.bytes_down.inc_by(n as u64);
-                    }
-                    Err(e) => {
-                        debug!(client = %r.client, error = %e, "UDP reply to client not sent");
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        let n = match flow.socket.recv(&mut self.reply_buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 if let Some(kind) = unreachable_kind(&e) {
-                    let _ = r.events.send(Failure {
-                        client: r.client,
-                        id: r.id,
-                        kind,
-                    });
-                    return;
+                    failures.push(Failure { client, id, kind });
+                } else {
+                    debug!(backend = %flow.backend, error = %e, "UDP receive from backend failed");
                 }
-                debug!(backend = %r.backend_addr, error = %e, "UDP receive from backend failed");
+                return;
+            }
+        };
+        if !flow.shared.replied.swap(true, Ordering::Relaxed)
+            && self.proxy.tracker.dial_succeeded(flow.backend)
+        {
+            info!(backend = %flow.backend, "backend answers again");
+        }
+        let at = millis(Instant::now());
+        flow.shared.last_reply.store(at, Ordering::Relaxed);
+        if let Some(heard) = self.heard.get(&flow.backend) {
+            heard.last_reply.store(at, Ordering::Relaxed);
+        }
+        let payload = self.reply_buf.get(..n).unwrap_or_default();
+        // A full send buffer drops the reply, as the network would.
+        match send_reply(&self.socket, payload, client, flow.local) {
+            Ok(_) => {
+                self.metrics.datagrams_down.inc();
+                self.metrics.bytes_down.inc_by(n as u64);
+            }
+            Err(e) => {
+                debug!(client = %client, error = %e, "UDP reply to client not sent");
             }
         }
     }
@@ -948,13 +1196,23 @@ mod tests {
         assert_eq!(unreachable_kind(&other), None);
     }
 
+    #[test]
+    fn resend_is_on_for_dns_by_default_and_as_set_otherwise() {
+        let after = DEFAULT_RESEND_AFTER;
+        assert_eq!(resend_after(None, 53, after), Some(after));
+        assert_eq!(resend_after(None, 514, after), None);
+        assert_eq!(resend_after(Some(false), 53, after), None);
+        assert_eq!(resend_after(Some(true), 514, after), Some(after));
+        assert_eq!(resend_after(Some(true), 53, Duration::ZERO), None);
+    }
+
     #[tokio::test]
     async fn a_connected_socket_reports_icmp_port_unreachable() {
         // Nothing listens on this port (bound then closed).
         let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = gone.local_addr().unwrap();
         drop(gone);
-        let s = connect_udp(addr).unwrap();
+        let s = UdpSocket::from_std(connect_udp(addr).unwrap()).unwrap();
         s.send(b"x").await.unwrap();
         let mut buf = [0u8; 16];
         let e = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf))

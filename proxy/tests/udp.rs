@@ -385,6 +385,184 @@ async fn flows_pinned_to_an_ejected_backend_move_before_their_next_datagram() {
     assert_eq!(metric(&text, resent), Some(1.0), "{text}");
 }
 
+/// Asks from new client sockets until `want` of them are answered by the
+/// backend named `name` (round robin spreads new flows); those clients.
+/// A client that gets no answer within 500 ms is passed over (it may be
+/// pinned to a silent backend, or sluice not serving yet).
+async fn clients_on(listen: SocketAddr, name: &str, want: usize) -> Vec<UdpSocket> {
+    let mut on = Vec::new();
+    let deadline = Instant::now() + T;
+    for i in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {want} new flows went to {name}"
+        );
+        let c = client().await;
+        let wait = Duration::from_millis(500);
+        let Some((got, from)) = ask(&c, listen, format!("w{i}").as_bytes(), wait).await else {
+            continue;
+        };
+        assert_eq!(from, listen, "the reply must come from the Service address");
+        if name_of(&String::from_utf8(got).unwrap()) == name {
+            on.push(c);
+            if on.len() == want {
+                break;
+            }
+        }
+    }
+    on
+}
+
+#[tokio::test]
+async fn a_silent_backend_is_answered_around_within_the_resend_deadline() {
+    // A black hole (takes datagrams, never answers, no ICMP: a deleted
+    // pod) next to a live backend, on a Service with re-send on. Every
+    // query must be answered within a 1 s client timeout (far below a
+    // resolver's 5 s retry) although the table never changes.
+    let silent = UdpBackend::start("silent", true).await;
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let s = start(
+        service(listen, &[silent.addr, b.addr]).with_udp_resend(true),
+        &["--udp-resend-after", "200ms", "--eject-cooldown", "30s"],
+    )
+    .await;
+    ask_until_answered(&client().await, listen, "warm").await;
+    for i in 0..6 {
+        let c = client().await;
+        let q = format!("q{i}");
+        let got = ask(&c, listen, q.as_bytes(), Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|| panic!("query {q} was lost in the black hole"));
+        assert_eq!(got, (format!("b:{q}").into_bytes(), listen));
+    }
+    assert!(silent.received() >= 2, "no flow was sent to the black hole");
+    let resent = r#"sluice_udp_resent_datagrams_total{service="dns"}"#;
+    let ejected = format!(
+        r#"sluice_backend_ejections_total{{backend="{}"}}"#,
+        silent.addr
+    );
+    let text = wait_metric(&s, &ejected, |v| v == 1.0).await;
+    assert!(metric(&text, resent).unwrap() >= 2.0, "{text}");
+    // Ejected: new flows no longer go there, and are answered at once.
+    let before = silent.received();
+    for i in 0..4 {
+        let c = client().await;
+        let got = ask(
+            &c,
+            listen,
+            format!("n{i}").as_bytes(),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(got.unwrap().0, format!("b:n{i}").into_bytes());
+    }
+    assert_eq!(
+        silent.received(),
+        before,
+        "a new flow went to the ejected backend"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_answer_is_resent_but_a_backend_that_answers_others_is_not_ejected() {
+    // Backend a answers `slow*` after 1.5 s and the rest at once (a
+    // resolver forwarding one name upstream); b answers everything.
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let a_addr = a.local_addr().unwrap();
+    let a = Arc::new(a);
+    let a_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = a.recv_from(&mut buf).await {
+            let reply = [b"a:", &buf[..n]].concat();
+            let a = a.clone();
+            let delay = if reply.starts_with(b"a:slow") {
+                1500
+            } else {
+                0
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                let _ = a.send_to(&reply, from).await;
+            });
+        }
+    });
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let s = start(
+        service(listen, &[a_addr, b.addr]).with_udp_resend(true),
+        &["--udp-resend-after", "300ms"],
+    )
+    .await;
+    let on_a = clients_on(listen, "a", 3).await;
+    // Two slow queries (two misses for a), then a fast one a answers at
+    // once: a is alive, only slow.
+    on_a[0].send_to(b"slow1", listen).await.unwrap();
+    on_a[1].send_to(b"slow2", listen).await.unwrap();
+    let fast = ask(&on_a[2], listen, b"fast", T).await.unwrap();
+    assert_eq!(fast.0, b"a:fast");
+    // Both slow queries are answered by b after the re-send deadline.
+    for (c, q) in [(&on_a[0], "slow1"), (&on_a[1], "slow2")] {
+        let mut buf = [0u8; 64];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(1), c.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{q} was not re-sent"))
+            .unwrap();
+        assert_eq!((&buf[..n], from), (format!("b:{q}").as_bytes(), listen));
+    }
+    let text = wait_metric(
+        &s,
+        r#"sluice_udp_resent_datagrams_total{service="dns"}"#,
+        |v| v == 2.0,
+    )
+    .await;
+    let ejected = format!(r#"sluice_backend_ejections_total{{backend="{a_addr}"}}"#);
+    assert_eq!(metric(&text, &ejected).unwrap_or(0.0), 0.0, "{text}");
+    a_task.abort();
+}
+
+#[tokio::test]
+async fn a_service_without_resend_gets_no_duplicates() {
+    // Not port 53 and no `udpResend`: re-send is off, so a datagram the
+    // backend leaves unanswered is sent exactly once (a UDP protocol that
+    // is not idempotent, statsd say, must not see it twice).
+    let silent = UdpBackend::start("silent", true).await;
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let s = start(
+        service(listen, &[silent.addr, b.addr]),
+        &["--udp-resend-after", "100ms"],
+    )
+    .await;
+    // Served yet? (A new client each try: one pinned to the silent
+    // backend would never be answered.)
+    clients_on(listen, "b", 1).await;
+    let (before_silent, before_b) = (silent.received(), b.received());
+    let mut lost = 0;
+    for i in 0..6 {
+        let c = client().await;
+        if ask(
+            &c,
+            listen,
+            format!("q{i}").as_bytes(),
+            Duration::from_millis(500),
+        )
+        .await
+        .is_none()
+        {
+            lost += 1;
+        }
+    }
+    // Round robin: half the new flows went to the silent backend and their
+    // queries were lost; none was sent twice.
+    assert!(lost >= 2, "expected queries lost in the black hole: {lost}");
+    assert_eq!(silent.received() - before_silent, lost);
+    assert_eq!(b.received() - before_b, 6 - lost);
+    let text = s.scrape().await.unwrap();
+    let resent = r#"sluice_udp_resent_datagrams_total{service="dns"}"#;
+    assert_eq!(metric(&text, resent).unwrap_or(0.0), 0.0, "{text}");
+}
+
 #[tokio::test]
 async fn empty_odd_and_largest_datagrams_pass_without_harm() {
     let a = UdpBackend::start("a", false).await;

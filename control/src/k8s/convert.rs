@@ -43,6 +43,20 @@ pub const PROXY_PROTOCOL_ANNOTATION: &str = "sluice.io/proxy-protocol";
 /// a unit (`"5s"`, `"2m"`, `"1h"`), within [`UDP_TIMEOUT_RANGE`].
 pub const UDP_TIMEOUT_ANNOTATION: &str = "sluice.io/udp-timeout";
 
+/// Annotation turning the re-send of unanswered UDP datagrams on or off
+/// for the Service ([`crate::Settings::udp_resend`]): `"true"` or
+/// `"false"`; bad: the default (on for port 53).
+pub const UDP_RESEND_ANNOTATION: &str = "sluice.io/udp-resend";
+
+/// Parses a [`UDP_RESEND_ANNOTATION`] value.
+pub fn parse_udp_resend(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("{value:?} is not \"true\" or \"false\"")),
+    }
+}
+
 /// Valid values of [`UDP_TIMEOUT_ANNOTATION`], in seconds.
 pub const UDP_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 
@@ -431,6 +445,12 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         match value.parse::<ProxyProtocol>() {
             Ok(v) => settings.proxy_protocol = Some(v),
             Err(e) => skipped.push(format!("annotation {PROXY_PROTOCOL_ANNOTATION}: {e}")),
+        }
+    }
+    if let Some(value) = annotated(UDP_RESEND_ANNOTATION) {
+        match parse_udp_resend(value) {
+            Ok(on) => settings.udp_resend = Some(on),
+            Err(e) => skipped.push(format!("annotation {UDP_RESEND_ANNOTATION}: {e}")),
         }
     }
     Ok(Some(ServiceInfo {

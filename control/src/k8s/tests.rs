@@ -487,6 +487,24 @@ fn udp_timeout_annotation() {
 }
 
 #[test]
+fn udp_resend_annotation() {
+    use super::convert::UDP_RESEND_ANNOTATION;
+    let mut idx = index();
+    let mut svc = mk_service("kube-system", "dns", "10.96.0.53", &[("dns", 53)]);
+    spec(&mut svc).ports.as_mut().unwrap()[0].protocol = Some("UDP".into());
+    let key = ListenKey::udp(sa("10.96.0.53:53"));
+    idx.apply(&svc).unwrap();
+    assert_eq!(built(&mut idx).get(&key).unwrap().settings.udp_resend, None);
+    for (value, want) in [("true", Some(true)), ("false", Some(false)), ("yes", None)] {
+        svc.metadata.annotations =
+            Some([(UDP_RESEND_ANNOTATION.to_owned(), value.to_owned())].into());
+        idx.apply(&svc).unwrap();
+        let t = built(&mut idx);
+        assert_eq!(t.get(&key).unwrap().settings.udp_resend, want, "{value:?}");
+    }
+}
+
+#[test]
 fn external_lb_and_node_port_addresses() {
     let mut idx = Index::new(Some(NODE.into()), vec![]);
     idx.apply(&mk_node(

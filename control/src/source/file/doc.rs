@@ -87,6 +87,11 @@ pub struct ServiceDoc {
     /// connect (CIDRs, as `loadBalancerSourceRanges`); empty: all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_ranges: Vec<Cidr>,
+    /// UDP only: re-send a datagram left unanswered for
+    /// `--udp-resend-after` once to another backend (`true`), or never
+    /// (`false`); unset: on for port 53 (DNS) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_resend: Option<bool>,
 }
 
 /// `affinity:` of a service.
@@ -203,6 +208,7 @@ impl ServiceDoc {
             backends,
             no_endpoints: NoEndpoints::default(),
             source_ranges: Vec::new(),
+            udp_resend: None,
         }
     }
 
@@ -221,6 +227,13 @@ impl ServiceDoc {
     /// The same service over UDP.
     pub fn udp(mut self) -> Self {
         self.protocol = Protocol::Udp;
+        self
+    }
+
+    /// Unanswered UDP datagrams are re-sent once elsewhere (`true`) or
+    /// never (`false`), whatever the port.
+    pub fn with_udp_resend(mut self, on: bool) -> Self {
+        self.udp_resend = Some(on);
         self
     }
 

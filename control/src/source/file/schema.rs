@@ -107,6 +107,10 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
             }
             s => s.map(Duration::from_secs),
         };
+        if svc.udp_resend.is_some() && svc.protocol != Protocol::Udp {
+            let reason = "is only for protocol: udp".to_owned();
+            return Err((at(&[key("udpResend")]), reason));
+        }
         let affinity = match svc.affinity {
             Some(a) if !TIMEOUT_SECONDS.contains(&a.timeout_seconds) => {
                 let (min, max) = TIMEOUT_SECONDS.into_inner();
@@ -169,6 +173,7 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
         settings.no_endpoints = svc.no_endpoints;
         settings.source_ranges = svc.source_ranges;
         settings.udp_timeout = udp_timeout;
+        settings.udp_resend = svc.udp_resend;
         let service =
             Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
         let key = ListenKey {

@@ -407,6 +407,31 @@ fn udp_and_tcp_share_a_listen_address() {
 }
 
 #[test]
+fn udp_resend_is_read_and_only_for_udp() {
+    let t = ok("
+        services:
+          - name: syslog
+            listen: 127.0.0.1:514
+            protocol: udp
+            udpResend: false
+            backends: []
+    ");
+    let key = ListenKey::udp("127.0.0.1:514".parse().unwrap());
+    assert_eq!(t.get(&key).unwrap().settings.udp_resend, Some(false));
+    let (_, _, msg) = err("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            udpResend: true
+            backends: []
+    ");
+    assert_eq!(
+        msg,
+        "services[0] \"web\": udpResend: is only for protocol: udp"
+    );
+}
+
+#[test]
 fn udp_timeout_is_checked() {
     let (line, col, msg) = err("
         services:
@@ -650,7 +675,7 @@ fn unknown_fields_at_every_level() {
     assert_eq!((line, col), (4, 5));
     assert_eq!(
         msg,
-        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, maxConnections, idleTimeout, proxyProtocol, backends, noEndpoints, sourceRanges)"
+        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, maxConnections, idleTimeout, proxyProtocol, backends, noEndpoints, sourceRanges, udpResend)"
     );
     let (line, col, msg) = err("
         services:
