@@ -78,6 +78,13 @@ pub struct ServiceDoc {
     /// connect (CIDRs, as `loadBalancerSourceRanges`); empty: all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_ranges: Vec<Cidr>,
+    /// With `--source-ip=transparent`, clients that are not pods of this
+    /// node keep their own IP towards the backend, as outside clients of
+    /// an `externalTrafficPolicy: Local` Service do; only for backends
+    /// whose replies route back through this node. Default `false`: such
+    /// clients are dialed from the node's address.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub keep_external_client_ip: bool,
 }
 
 /// `affinity:` of a service.
@@ -193,6 +200,7 @@ impl ServiceDoc {
             backends,
             no_endpoints: NoEndpoints::default(),
             source_ranges: Vec::new(),
+            keep_external_client_ip: false,
         }
     }
 
