@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod nft;
 pub mod saturation;
 pub mod server;
+pub mod source_ip;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod tracker;
