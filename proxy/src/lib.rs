@@ -42,6 +42,7 @@ pub mod leftovers;
 pub mod listener;
 pub mod metrics;
 pub mod nft;
+pub mod policy_route;
 pub mod saturation;
 pub mod server;
 pub mod source_ip;
