@@ -372,6 +372,14 @@ impl Args {
         }
     }
 
+    /// `--transparent-mark` and `--transparent-route-table`.
+    pub fn policy_route(&self) -> crate::policy_route::PolicyRoute {
+        crate::policy_route::PolicyRoute {
+            mark: self.transparent_mark,
+            table: self.transparent_route_table,
+        }
+    }
+
     /// UDP settings.
     pub fn udp_config(&self) -> crate::udp::UdpConfig {
         crate::udp::UdpConfig {

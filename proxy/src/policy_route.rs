@@ -360,6 +360,125 @@ pub fn bridge_nf_call(ipv4: bool) -> bool {
     std::fs::read_to_string(file).is_ok_and(|s| s.trim() == "1")
 }
 
+/// Turns transparent dials on if this node allows them: `IP_TRANSPARENT`
+/// is permitted (CAP_NET_ADMIN) and the rule and route are in place.
+/// `Ok(Some(warning))`: on for IPv4 only. `Err(reason)`: left off, every
+/// dial from the node's address (the caller logs it once and shows it on
+/// /healthz).
+pub async fn enable_transparent(
+    route: PolicyRoute,
+    source_ip: &crate::source_ip::SourceIp,
+) -> Result<Option<String>, String> {
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| format!("cannot open a socket: {e}"))?;
+    probe
+        .set_ip_transparent_v4(true)
+        .map_err(|e| format!("IP_TRANSPARENT refused ({e}): sluice needs CAP_NET_ADMIN"))?;
+    let warning = route.install().await?;
+    source_ip.enable(true);
+    Ok(warning)
+}
+
+/// Keeps `table bridge sluice` equal to the pod bridges of the node (their
+/// MAC moves when ports come and go: re-read at each table publish and
+/// every [`BRIDGE_RESYNC`]), and tells `source_ip` which bridge subnets
+/// cannot be steered (`bridge-nf-call-iptables`/`-ip6tables` is 0), until
+/// `stop`.
+pub async fn follow_bridges(
+    mark: u32,
+    source_ip: std::sync::Arc<crate::source_ip::SourceIp>,
+    publisher: std::sync::Arc<sluice_control::Publisher>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut changes = publisher.subscribe();
+    let mut applied: Option<String> = None;
+    let mut failing = false;
+    loop {
+        let outcome = match bridges().await {
+            Ok(found) => {
+                let v4 = bridge_nf_call(true);
+                let v6 = bridge_nf_call(false);
+                let unsteered: Vec<Cidr> = (found.iter())
+                    .flat_map(|b| b.subnets.iter().copied())
+                    .filter(|c| if c.is_ipv4() { !v4 } else { !v6 })
+                    .collect();
+                source_ip.set_unsteered(unsteered);
+                let script = crate::nft::bridge_script(mark, &found);
+                if applied.as_ref() == Some(&script) {
+                    Ok(())
+                } else {
+                    match crate::nft::apply(&script).await {
+                        Ok(()) => {
+                            let names: Vec<&str> = found.iter().map(|b| b.name.as_str()).collect();
+                            tracing::info!(table = crate::nft::BRIDGE_TABLE, bridges = ?names, "reply steering for pod bridges synced");
+                            applied = Some(script);
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("cannot sync {}: {e}", crate::nft::BRIDGE_TABLE)),
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!("transparent dials to backends on a pod bridge may hang: {e}; retrying");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(BRIDGE_RESYNC) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// How often the pod bridges are re-read without a table change.
+pub const BRIDGE_RESYNC: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// At exit: removes the rule, the route and `table bridge sluice`, unless
+/// another process (the sluice replacing this one) listens on
+/// `intercept_port`: its transparent connections need them.
+pub async fn remove_at_exit(route: PolicyRoute, intercept_port: u16) {
+    if crate::listener::port_listened(intercept_port) {
+        tracing::info!(
+            port = intercept_port,
+            "another process listens on the intercept port (the sluice replacing this one?): \
+             leaving the transparent-dial routing to it"
+        );
+        return;
+    }
+    remove_all(route).await;
+}
+
+/// Removes the rule, the route and `table bridge sluice` (exit and
+/// `--cleanup`); false when something could not be removed (logged).
+pub async fn remove_all(route: PolicyRoute) -> bool {
+    let mut ok = true;
+    if let Err(e) = route.remove().await {
+        tracing::warn!("cannot remove the transparent-dial routing: {e}");
+        ok = false;
+    }
+    match crate::nft::apply(&crate::nft::bridge_cleanup_script()).await {
+        Ok(()) => {}
+        Err(crate::nft::NftError::NotInstalled) => {}
+        Err(e) => {
+            tracing::warn!("cannot remove {}: {e}", crate::nft::BRIDGE_TABLE);
+            ok = false;
+        }
+    }
+    if ok {
+        tracing::info!(
+            table = route.table,
+            "removed the transparent-dial routing (ip rule, route table, table bridge sluice)"
+        );
+    }
+    ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
