@@ -31,6 +31,7 @@ use sluice_testkit::daemon::Signal;
 use sluice_testkit::{Daemon, Options, http, metric, netns};
 
 const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+const BRIDGE_NF_CALL_IP6TABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-ip6tables";
 const INTERCEPT_PORT: u16 = 10261;
 /// The defaults of --transparent-mark and --transparent-route-table.
 const TABLE: &str = "2626";
@@ -121,23 +122,30 @@ impl Net {
         let (node, node_b) = (ns("node"), ns("nodeb"));
         let (client, backend, remote, ext) = (ns("pod"), ns("be"), ns("remote"), ns("ext"));
         sysctl(&node, BRIDGE_NF_CALL_IPTABLES, "1");
+        sysctl(&node, BRIDGE_NF_CALL_IP6TABLES, "1");
+        sysctl(&node, "/proc/sys/net/ipv6/conf/all/forwarding", "1");
         for n in [&node, &node_b] {
             sysctl(n, "/proc/sys/net/ipv4/ip_forward", "1");
         }
         node.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
         node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"])
             .unwrap();
+        node.ip(&["addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"])
+            .unwrap();
         node.ip(&["link", "set", "br0", "up"]).unwrap();
-        for (pod, host_end, ip) in [
-            (&client, "vclient", "10.244.0.10/24"),
-            (&backend, "vbackend", "10.244.0.20/24"),
+        for (pod, host_end, ip, ip6) in [
+            (&client, "vclient", "10.244.0.10/24", "fd00:244::10/64"),
+            (&backend, "vbackend", "10.244.0.20/24", "fd00:244::20/64"),
         ] {
             netns::add_veth(node.name(), host_end, pod.name(), "eth0").unwrap();
             node.ip(&["link", "set", host_end, "master", "br0", "up"])
                 .unwrap();
             pod.ip(&["addr", "add", ip, "dev", "eth0"]).unwrap();
+            pod.ip(&["addr", "add", ip6, "dev", "eth0", "nodad"]).unwrap();
             pod.ip(&["link", "set", "eth0", "up"]).unwrap();
             pod.ip(&["route", "add", "default", "via", "10.244.0.1"])
+                .unwrap();
+            pod.ip(&["-6", "route", "add", "default", "via", "fd00:244::1"])
                 .unwrap();
         }
         // Outside client: no route to the pods, replies come via the node.
@@ -180,6 +188,7 @@ impl Net {
             (&backend, "10.244.0.20:8080", "backend"),
             (&remote, "10.244.2.20:8080", "remote"),
             (&client, "10.244.0.10:8080", "client"),
+            (&backend, "[fd00:244::20]:8080", "backend6"),
         ]
         .map(|(n, addr, name)| {
             NetnsBackend::start(n.name(), addr.parse().unwrap(), name, Mode::EchoPeer).unwrap()
@@ -192,6 +201,19 @@ impl Net {
             backend,
             remote,
             ext,
+        }
+    }
+
+    /// Until no IPv6 address of the node or a bridged pod is tentative
+    /// (link-local DAD, about a second after a link comes up: until then
+    /// neighbour discovery, and so the first IPv6 dials, stall).
+    fn wait_ipv6_settled(&self) {
+        let start = Instant::now();
+        for n in [&self.node, &self.client, &self.backend] {
+            while !exec(n, &["ip", "-6", "addr", "show", "tentative"]).1.is_empty() {
+                assert!(start.elapsed() < Duration::from_secs(10), "IPv6 DAD never ended");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 
@@ -266,10 +288,15 @@ fn fill(api: &ApiServer) {
         api.apply_json(endpoint(&format!("{name}-1"), name, ep, node))
             .unwrap();
     }
+    // IPv6: a Service on the bridged backend.
+    api.apply_json(svc("same6", "fd00:96::1")).unwrap();
+    let mut s6 = endpoint("same6-1", "same6", "fd00:244::20", "node-a");
+    s6["addressType"] = json!("IPv6");
+    api.apply_json(s6).unwrap();
     api.apply_json(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "node-a"},
-        "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]},
+        "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24", "fd00:244::/64"]},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.10"}]},
     }))
     .unwrap();
@@ -334,11 +361,14 @@ async fn backends_see_the_clients_own_ip() {
     api.write_kubeconfig(&kubeconfig).unwrap();
     let kubeconfig = kubeconfig.display().to_string();
 
+    net.wait_ipv6_settled();
     let mut sluice = start(&net, &kubeconfig, &[]);
     // (a) A backend on the same bridge (br_netfilter on).
     assert_eq!(ask_until(&net.client, "10.96.0.1:80"), "10.244.0.10");
     // (b) A backend on the other node, routed via this one.
     assert_eq!(ask_until(&net.client, "10.96.0.2:80"), "10.244.0.10");
+    // (a) in IPv6 (bridge-nf-call-ip6tables=1).
+    assert_eq!(ask_until(&net.client, "[fd00:96::1]:80"), "fd00:244::10");
     // (c) An outside client to an eTP=Local NodePort keeps its IP.
     assert_eq!(
         ask_until(&net.ext, "192.168.50.10:30080"),
@@ -364,7 +394,9 @@ async fn backends_see_the_clients_own_ip() {
     assert_eq!(node_reason("disabled"), 0.0);
     assert_eq!(
         metric(&m, "sluice_transparent_dial_failures_total"),
-        Some(0.0)
+        Some(0.0),
+        "{}",
+        sluice.log_tail(60)
     );
     let health = net.healthz(&sluice).await;
     assert!(health.contains("\"warnings\":[]"), "{health}");
