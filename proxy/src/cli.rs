@@ -224,12 +224,23 @@ pub struct Args {
     /// come back here: their transparent dials to a NodePort of this node
     /// hang). `BridgeInterface` and `InterfaceNamePrefix` are not
     /// supported yet (refused at start).
-    #[arg(long, env = "SLUICE_DETECT_LOCAL_MODE", value_enum, default_value = "NodeCIDR", value_name = "MODE")]
+    #[arg(
+        long,
+        env = "SLUICE_DETECT_LOCAL_MODE",
+        value_enum,
+        default_value = "NodeCIDR",
+        value_name = "MODE"
+    )]
     pub detect_local_mode: DetectLocalMode,
 
     /// With --detect-local-mode ClusterCIDR: the cluster's pod networks
     /// (comma-separated CIDRs).
-    #[arg(long, env = "SLUICE_CLUSTER_CIDR", value_delimiter = ',', value_name = "CIDR,...")]
+    #[arg(
+        long,
+        env = "SLUICE_CLUSTER_CIDR",
+        value_delimiter = ',',
+        value_name = "CIDR,..."
+    )]
     pub cluster_cidr: Vec<sluice_control::Cidr>,
 
     /// The fwmark bit that steers replies of transparent dials to sluice
@@ -367,7 +378,9 @@ impl Args {
             DetectLocalMode::ClusterCidr => Ok(DetectLocal::ClusterCidr(self.cluster_cidr.clone())),
             other => Err(format!(
                 "--detect-local-mode {}: not supported yet (use NodeCIDR or ClusterCIDR)",
-                other.to_possible_value().map_or("?".into(), |v| v.get_name().to_string())
+                other
+                    .to_possible_value()
+                    .map_or("?".into(), |v| v.get_name().to_string())
             )),
         }
     }
@@ -497,7 +510,10 @@ mod tests {
         let explicit = parse(&["--config", "x.yaml", "--source-ip", "transparent"]);
         assert_eq!(explicit.source_ip_mode(), SourceIpMode::Transparent);
         assert_eq!(parse(&[]).transparent_mark, 0x1000);
-        assert_eq!(parse(&["--transparent-mark", "256"]).transparent_mark, 0x100);
+        assert_eq!(
+            parse(&["--transparent-mark", "256"]).transparent_mark,
+            0x100
+        );
         assert_eq!(parse(&[]).transparent_route_table, 2626);
         let bad = Args::try_parse_from(["sluice", "--transparent-mark", "0x3000"]);
         assert!(bad.unwrap_err().to_string().contains("exactly one bit"));
@@ -518,6 +534,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let bridge = parse(&["--detect-local-mode", "BridgeInterface"]).detect_local();
-        assert!(bridge.unwrap_err().contains("BridgeInterface: not supported yet"));
+        assert!(
+            bridge
+                .unwrap_err()
+                .contains("BridgeInterface: not supported yet")
+        );
     }
 }

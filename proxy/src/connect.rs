@@ -228,8 +228,8 @@ mod tests {
             Some(src.into()),
             Duration::from_secs(1),
         )
-            .await
-            .unwrap();
+        .await
+        .unwrap();
         let (_, peer) = l.accept().await.unwrap();
         assert_eq!(peer.ip(), src.ip());
         assert!(

@@ -293,12 +293,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         Err(code) => return code,
     };
     warnings.extend(why);
-    let proxy = Proxy::with_workers(
-        config,
-        publisher.clone(),
-        metrics.clone(),
-        workers,
-    );
+    let proxy = Proxy::with_workers(config, publisher.clone(), metrics.clone(), workers);
     if args.intercept() == Intercept::Nftables {
         if let Err(e) = nft::check().await {
             eprintln!("sluice: --intercept nftables: {e}");

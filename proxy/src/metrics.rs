@@ -573,9 +573,7 @@ impl Default for SourceIpMetrics {
         let family = Family::<InterceptLabels, Counter>::default();
         let node = crate::source_ip::NodeReason::ALL.map(|r| {
             family
-                .get_or_create(&InterceptLabels {
-                    reason: r.as_str(),
-                })
+                .get_or_create(&InterceptLabels { reason: r.as_str() })
                 .clone()
         });
         Self {

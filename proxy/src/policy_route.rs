@@ -42,8 +42,8 @@ pub struct PolicyRoute {
 /// A netlink connection for one batch of requests; the connection task
 /// ends with the handle.
 fn connect() -> Result<(Handle, tokio::task::JoinHandle<()>), String> {
-    let (connection, handle, _) = rtnetlink::new_connection()
-        .map_err(|e| format!("cannot open a netlink socket: {e}"))?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| format!("cannot open a netlink socket: {e}"))?;
     Ok((handle, tokio::spawn(connection)))
 }
 
@@ -125,7 +125,12 @@ impl PolicyRoute {
             .replace()
             .execute()
             .await
-            .map_err(|e| format!("ip route add local default dev lo table {}: {e}", self.table))
+            .map_err(|e| {
+                format!(
+                    "ip route add local default dev lo table {}: {e}",
+                    self.table
+                )
+            })
     }
 
     /// The rules with our priority that look up our table (whatever their
@@ -424,7 +429,9 @@ pub async fn follow_bridges(
             Ok(()) => failing = false,
             Err(e) if !failing => {
                 failing = true;
-                tracing::warn!("transparent dials to backends on a pod bridge may hang: {e}; retrying");
+                tracing::warn!(
+                    "transparent dials to backends on a pod bridge may hang: {e}; retrying"
+                );
             }
             Err(_) => {}
         }
@@ -508,7 +515,8 @@ mod tests {
             table: 2626,
         };
         ns.ip(&["link", "add", "br9", "type", "bridge"]).unwrap();
-        ns.ip(&["addr", "add", "10.244.9.1/24", "dev", "br9"]).unwrap();
+        ns.ip(&["addr", "add", "10.244.9.1/24", "dev", "br9"])
+            .unwrap();
         ns.ip(&["addr", "add", "fd00:249::1/64", "dev", "br9", "nodad"])
             .unwrap();
         ns.ip(&["link", "set", "br9", "up"]).unwrap();

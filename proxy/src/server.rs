@@ -58,10 +58,10 @@ use tracing::{debug, info, warn};
 
 use crate::balance::{PickContext, ServiceRuntime, pick};
 use crate::connect::{Bind, dial};
-use crate::source_ip::{Dial, Source};
 use crate::forward::{Mode, Outcome, forward, reset};
 use crate::listener::bind_tcp;
 use crate::metrics::{Metrics, ServiceMetrics};
+use crate::source_ip::{Dial, Source};
 use crate::tracker::{Tracker, TrackerConfig};
 
 /// Intercept mode: how long a redirected connection that arrives before

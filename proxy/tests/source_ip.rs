@@ -141,7 +141,8 @@ impl Net {
             node.ip(&["link", "set", host_end, "master", "br0", "up"])
                 .unwrap();
             pod.ip(&["addr", "add", ip, "dev", "eth0"]).unwrap();
-            pod.ip(&["addr", "add", ip6, "dev", "eth0", "nodad"]).unwrap();
+            pod.ip(&["addr", "add", ip6, "dev", "eth0", "nodad"])
+                .unwrap();
             pod.ip(&["link", "set", "eth0", "up"]).unwrap();
             pod.ip(&["route", "add", "default", "via", "10.244.0.1"])
                 .unwrap();
@@ -210,8 +211,14 @@ impl Net {
     fn wait_ipv6_settled(&self) {
         let start = Instant::now();
         for n in [&self.node, &self.client, &self.backend] {
-            while !exec(n, &["ip", "-6", "addr", "show", "tentative"]).1.is_empty() {
-                assert!(start.elapsed() < Duration::from_secs(10), "IPv6 DAD never ended");
+            while !exec(n, &["ip", "-6", "addr", "show", "tentative"])
+                .1
+                .is_empty()
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "IPv6 DAD never ended"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -270,7 +277,14 @@ fn fill(api: &ApiServer) {
             .unwrap();
     }
     for (name, ip, port, policy, ep, node) in [
-        ("np-local", "10.96.0.5", 30080, "Local", "10.244.0.20", "node-a"),
+        (
+            "np-local",
+            "10.96.0.5",
+            30080,
+            "Local",
+            "10.244.0.20",
+            "node-a",
+        ),
         (
             "np-cluster",
             "10.96.0.6",
@@ -370,15 +384,9 @@ async fn backends_see_the_clients_own_ip() {
     // (a) in IPv6 (bridge-nf-call-ip6tables=1).
     assert_eq!(ask_until(&net.client, "[fd00:96::1]:80"), "fd00:244::10");
     // (c) An outside client to an eTP=Local NodePort keeps its IP.
-    assert_eq!(
-        ask_until(&net.ext, "192.168.50.10:30080"),
-        "192.168.50.1"
-    );
+    assert_eq!(ask_until(&net.ext, "192.168.50.10:30080"), "192.168.50.1");
     // (d) eTP=Cluster: the node's address (towards node-b).
-    assert_eq!(
-        ask_until(&net.ext, "192.168.50.10:30081"),
-        "192.168.60.10"
-    );
+    assert_eq!(ask_until(&net.ext, "192.168.50.10:30081"), "192.168.60.10");
     // (e) Hairpin: the node's address on the bridge.
     assert_eq!(ask_until(&net.client, "10.96.0.4:80"), "10.244.0.1");
     // (f) Behind a filter admitting only the client pod, the Service
@@ -387,7 +395,11 @@ async fn backends_see_the_clients_own_ip() {
     assert_eq!(ask(&net.client, "10.96.0.1:80"), Ok("10.244.0.10".into()));
     let m = net.metrics(&sluice).await;
     let node_reason = |r: &str| {
-        metric(&m, &format!("sluice_source_ip_node_total{{reason=\"{r}\"}}")).unwrap_or(0.0)
+        metric(
+            &m,
+            &format!("sluice_source_ip_node_total{{reason=\"{r}\"}}"),
+        )
+        .unwrap_or(0.0)
     };
     assert!(node_reason("hairpin") >= 1.0, "{m}");
     assert!(node_reason("not_local") >= 1.0, "{m}");
@@ -401,7 +413,10 @@ async fn backends_see_the_clients_own_ip() {
     let health = net.healthz(&sluice).await;
     assert!(health.contains("\"warnings\":[]"), "{health}");
     assert_eq!(net.routing(), (true, true, true));
-    let (_, steer) = exec(&net.node, &["nft", "list", "chain", "inet", "sluice", "steer-replies"]);
+    let (_, steer) = exec(
+        &net.node,
+        &["nft", "list", "chain", "inet", "sluice", "steer-replies"],
+    );
     assert!(steer.contains("socket transparent 1"), "{steer}");
 
     // (g) SIGKILL leaves the routing; --cleanup removes it.
@@ -478,7 +493,11 @@ async fn an_unsteerable_bridge_falls_back_to_the_node_address() {
     assert_eq!(seen, "10.244.0.1");
     let m = net.metrics(&sluice).await;
     assert!(
-        metric(&m, "sluice_source_ip_node_total{reason=\"bridge_unsteered\"}").unwrap_or(0.0)
+        metric(
+            &m,
+            "sluice_source_ip_node_total{reason=\"bridge_unsteered\"}"
+        )
+        .unwrap_or(0.0)
             >= 1.0,
         "{m}"
     );

@@ -1806,7 +1806,10 @@ fn this_nodes_pod_cidrs_are_published_with_the_table() {
     idx.apply(&with_pod_cidrs(node.clone(), &[], Some("10.244.7.0/24")))
         .unwrap();
     assert!(idx.build());
-    assert_eq!(idx.table().local_pod_cidrs()[0].to_string(), "10.244.7.0/24");
+    assert_eq!(
+        idx.table().local_pod_cidrs()[0].to_string(),
+        "10.244.7.0/24"
+    );
     // Another node's Node: ignored.
     idx.apply(&with_pod_cidrs(
         mk_node("node-b", None, &[]),
@@ -1818,5 +1821,8 @@ fn this_nodes_pod_cidrs_are_published_with_the_table() {
     // Deleted: the last ones stay (the pods are still here).
     idx.delete::<Node>(&NODE.to_string());
     idx.build();
-    assert_eq!(idx.table().local_pod_cidrs()[0].to_string(), "10.244.7.0/24");
+    assert_eq!(
+        idx.table().local_pod_cidrs()[0].to_string(),
+        "10.244.7.0/24"
+    );
 }
