@@ -316,6 +316,22 @@ fn fill(api: &ApiServer) {
     .unwrap();
 }
 
+/// The fixture apiserver in the node namespace (served by the calling
+/// test's runtime), filled; its kubeconfig's directory and path.
+fn apiserver(net: &Net) -> (ApiServer, tempfile::TempDir, String) {
+    let runtime = tokio::runtime::Handle::current();
+    let api = netns::in_netns(net.node.name(), move || {
+        Ok(runtime.block_on(ApiServer::start())?)
+    })
+    .unwrap();
+    fill(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    (api, dir, kubeconfig)
+}
+
 fn start(net: &Net, kubeconfig: &str, extra: &[&str]) -> Daemon {
     let port = INTERCEPT_PORT.to_string();
     let mut args = vec![
@@ -364,16 +380,7 @@ async fn backends_see_the_clients_own_ip() {
         return;
     }
     let net = Net::build();
-    let runtime = tokio::runtime::Handle::current();
-    let api = netns::in_netns(net.node.name(), move || {
-        Ok(runtime.block_on(ApiServer::start())?)
-    })
-    .unwrap();
-    fill(&api);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let kubeconfig = kubeconfig.display().to_string();
+    let (api, _dir, kubeconfig) = apiserver(&net);
 
     net.wait_ipv6_settled();
     let mut sluice = start(&net, &kubeconfig, &[]);
@@ -468,16 +475,7 @@ async fn an_unsteerable_bridge_falls_back_to_the_node_address() {
     }
     let net = Net::build();
     sysctl(&net.node, BRIDGE_NF_CALL_IPTABLES, "0");
-    let runtime = tokio::runtime::Handle::current();
-    let api = netns::in_netns(net.node.name(), move || {
-        Ok(runtime.block_on(ApiServer::start())?)
-    })
-    .unwrap();
-    fill(&api);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let kubeconfig = kubeconfig.display().to_string();
+    let (api, _dir, kubeconfig) = apiserver(&net);
     let sluice = start(&net, &kubeconfig, &[]);
     assert_eq!(ask_until(&net.client, "10.96.0.2:80"), "10.244.0.10");
     // The bridge follower has read the sysctl by the time the table is
