@@ -172,10 +172,12 @@ pub fn choose(dial: &Dial<'_>, local_cidrs: &[Cidr], unsteered: &[Cidr]) -> Sour
     if client == dial.backend {
         return Source::Node(NodeReason::Hairpin);
     }
-    // A loopback or unspecified peer (the node itself through
-    // `nat-output`) cannot be a source on the wire, and a dial across
-    // families cannot bind the client.
-    if client.is_loopback() || client.is_unspecified() || client.is_ipv4() != dial.backend.is_ipv4()
+    // A loopback peer cannot be a source on the wire (only towards a
+    // loopback backend: `sluice-bench compare`), nor an unspecified one,
+    // and a dial across families cannot bind the client.
+    if (client.is_loopback() && !dial.backend.is_loopback())
+        || client.is_unspecified()
+        || client.is_ipv4() != dial.backend.is_ipv4()
     {
         return Source::Node(NodeReason::NotLocal);
     }
@@ -277,6 +279,17 @@ mod tests {
                 "{client}"
             );
         }
+        // Loopback to loopback (a benchmark on one host) binds, if local.
+        let lo = Dial {
+            client: ip("127.0.0.1"),
+            backend: ip("127.0.5.1"),
+            keep_external_client_ip: false,
+            node_pod_cidrs: &[],
+        };
+        assert_eq!(
+            choose(&lo, &cidrs(&["127.0.0.0/8"]), &[]),
+            Source::Client(lo.client)
+        );
         // An IPv4 client to an IPv6 backend cannot be bound.
         assert_eq!(
             source("10.244.0.10", "fd00:244::20", false, &[]),
