@@ -502,3 +502,51 @@ async fn an_unsteerable_bridge_falls_back_to_the_node_address() {
     drop(sluice);
     drop(api);
 }
+
+/// Asked for but unavailable (here: `--intercept bind`): every dial from
+/// the node's address, the reason on /healthz, each dial counted as
+/// `disabled`. Loopback only, no root needed.
+#[tokio::test]
+async fn an_unavailable_transparent_mode_falls_back_and_says_why() {
+    use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
+    use sluice_testkit::backend::Backend;
+    let backend = Backend::start("b", Mode::EchoPeer).await.unwrap();
+    let listen = SocketAddr::from((
+        [127, 0, 0, 1],
+        sluice_testkit::free_port([127, 0, 0, 1]).unwrap(),
+    ));
+    let config = ConfigDoc::from(ServiceDoc::new(
+        "web",
+        listen,
+        vec![BackendDoc::ready(backend.addr)],
+    ));
+    let opts = Options {
+        config: Some(config.to_yaml().unwrap()),
+        args: ["--source-ip", "transparent"].map(String::from).to_vec(),
+        ..Options::new(env!("CARGO_BIN_EXE_sluice"))
+    };
+    let sluice = Daemon::start(opts).await.unwrap();
+    let (mut c, line) = sluice_testkit::backend::connect_named(listen)
+        .await
+        .unwrap();
+    assert_eq!(line, "b 127.0.0.1");
+    tokio::io::AsyncWriteExt::write_all(&mut c, b"ping\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        sluice_testkit::backend::read_line(&mut c).await.unwrap(),
+        "ping"
+    );
+    let (_, health) = http::get(sluice.health, "/healthz").await.unwrap();
+    assert!(
+        health.contains("transparent dials unavailable")
+            && health.contains("needs --intercept nftables"),
+        "{health}"
+    );
+    let m = sluice.scrape().await.unwrap();
+    assert_eq!(
+        metric(&m, "sluice_source_ip_node_total{reason=\"disabled\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
