@@ -440,6 +440,12 @@ pub async fn follow_bridges(
             () = tokio::time::sleep(BRIDGE_RESYNC) => {}
             () = stop.cancelled() => return,
         }
+        // At most one netlink dump per second, however often tables are
+        // published (endpoint churn).
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
     }
 }
 
