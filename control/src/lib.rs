@@ -20,6 +20,6 @@ pub mod table;
 pub use cidr::{Cidr, NodePortAddress};
 pub use publish::{Publisher, Snapshot};
 pub use table::{
-    Affinity, Backend, Conditions, ListenKey, NoEndpoints, Policy, Protocol, Service, Settings,
-    Table, TableDiff,
+    Affinity, Backend, Conditions, ListenKey, NoEndpoints, Policy, Protocol, ProxyProtocol,
+    Service, Settings, Table, TableDiff,
 };

@@ -463,6 +463,14 @@ pub struct Settings {
     /// field `idleTimeout` (`300s`, `5m`...). `None`: no idle timeout
     /// (TCP keepalive still finds dead peers).
     pub idle_timeout: Option<Duration>,
+    /// TCP only: send a PROXY protocol header to the backend first on
+    /// every connection, carrying the client's address and port as source
+    /// and the address:port the client dialled (the listen key) as
+    /// destination, for backends that read it instead of the transparent
+    /// dial. Annotation `sluice.io/proxy-protocol: v2`, file field
+    /// `proxyProtocol: v2`. `None`: no header (the backend sees the
+    /// client's bytes unchanged). Ignored on UDP entries.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// An external entry (node port, external IP, load-balancer IP) of an
     /// `externalTrafficPolicy: Local` Service: an outside client keeps its
     /// own IP towards the backend (with `--source-ip=transparent`), as
@@ -516,6 +524,31 @@ impl Settings {
             ));
         }
         Ok(d)
+    }
+}
+
+/// A version of the PROXY protocol sluice can send to backends
+/// ([`Settings::proxy_protocol`]): HAProxy's `proxy-protocol.txt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ProxyProtocol {
+    /// The binary header (version 2), `PROXY` command, TCP over IPv4 or
+    /// IPv6, no TLVs (HAProxy's `send-proxy-v2`).
+    #[serde(rename = "v2")]
+    V2,
+}
+
+impl std::str::FromStr for ProxyProtocol {
+    type Err = String;
+
+    /// `v2` (spaces around it trimmed); anything else is an error naming
+    /// the value and the valid ones.
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "v2" => Ok(ProxyProtocol::V2),
+            _ => Err(format!(
+                "{value:?} is not a PROXY protocol version sluice sends (valid: v2)"
+            )),
+        }
     }
 }
 

@@ -11,6 +11,8 @@
 //!   two random choices, Maglev and source hashing, client-IP affinity).
 //! - [`connect`]: the one dial function (timeout, optional source address)
 //!   and the classification of dial failures.
+//! - [`proxy_protocol`]: PROXY protocol v2 headers for Services that
+//!   ask for them (`sluice.io/proxy-protocol: v2`), sent after the dial.
 //! - [`forward`]: bidirectional forwarding with half-close and reset
 //!   propagation.
 //! - `splice` (Linux): zero-copy forwarding through pooled pipes.
@@ -43,6 +45,7 @@ pub mod listener;
 pub mod metrics;
 pub mod nft;
 pub mod policy_route;
+pub mod proxy_protocol;
 pub mod saturation;
 pub mod server;
 pub mod source_ip;

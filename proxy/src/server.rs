@@ -656,6 +656,8 @@ impl Proxy {
         let limit =
             (settings.and_then(|s| s.max_connections)).or(self.config.service_max_connections);
         let idle = settings.and_then(|s| s.idle_timeout);
+        let proxy_header = (settings.and_then(|s| s.proxy_protocol))
+            .map(|v| crate::proxy_protocol::Header::for_client(v, &client, peer, key.addr));
         // The Service's active gauge is its connection count (shared by
         // its listen addresses): counted first, so that concurrent
         // connections on several workers cannot all slip under the limit.
@@ -707,7 +709,14 @@ impl Proxy {
                     None
                 }
             };
-            match dial(addr, bind, self.config.connect_timeout).await {
+            let dialed = dial(addr, bind, self.config.connect_timeout).await;
+            if bind.is_some() && dialed.is_err() {
+                // No retry from the node's address: that would hide broken
+                // reply steering behind changed client IPs. Another
+                // backend is tried as usual.
+                self.metrics.source_ip.transparent_dial_failures.inc();
+            }
+            match crate::proxy_protocol::after_dial(addr, dialed, proxy_header.as_ref()).await {
                 Ok(backend) => {
                     if self.tracker.dial_succeeded(addr) {
                         info!(backend = %addr, "backend accepts connections again");
@@ -729,12 +738,6 @@ impl Proxy {
                 }
                 Err(e) => {
                     drop(guard);
-                    if bind.is_some() {
-                        // No retry from the node's address: that would
-                        // hide broken reply steering behind changed
-                        // client IPs. Another backend is tried as usual.
-                        self.metrics.source_ip.transparent_dial_failures.inc();
-                    }
                     if let Some(what) = crate::saturation::local_resource(&e.source) {
                         self.metrics.saturation.record(now, what);
                     }

@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::cidr::Cidr;
-use crate::table::{Affinity, Conditions, Policy, Protocol, Settings};
+use crate::table::{Affinity, Conditions, Policy, Protocol, ProxyProtocol, Settings};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -33,6 +33,10 @@ pub const MAX_CONNECTIONS_ANNOTATION: &str = "sluice.io/max-connections";
 /// Annotation on a Service: idle timeout of its connections
 /// ([`Settings::idle_timeout`]); bad: none.
 pub const IDLE_TIMEOUT_ANNOTATION: &str = "sluice.io/idle-timeout";
+/// Annotation on a Service: send its backends a PROXY protocol header
+/// (`v2`) on every TCP connection ([`Settings::proxy_protocol`]); bad:
+/// none.
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "sluice.io/proxy-protocol";
 
 /// Annotation overriding the idle timeout of the Service's UDP flows
 /// ([`crate::Settings::udp_timeout`]): whole seconds, bare (`"5"`) or with
@@ -213,8 +217,9 @@ pub struct ServiceInfo {
     /// `sluice.io/scheduler`, when set to a known scheduler; `None`: the
     /// node default.
     pub scheduler: Option<Policy>,
-    /// From the `sluice.io/max-connections`, `sluice.io/idle-timeout` and
-    /// `sluice.io/udp-timeout` annotations; a bad value is skipped (default kept).
+    /// From the `sluice.io/max-connections`, `sluice.io/idle-timeout`,
+    /// `sluice.io/udp-timeout` and `sluice.io/proxy-protocol` annotations;
+    /// a bad value is skipped (default kept).
     pub settings: Settings,
     /// Served only for LoadBalancer Services with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
@@ -420,6 +425,12 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         match parse_udp_timeout(value) {
             Ok(d) => settings.udp_timeout = Some(d),
             Err(e) => skipped.push(format!("annotation {UDP_TIMEOUT_ANNOTATION}: {e}")),
+        }
+    }
+    if let Some(value) = annotated(PROXY_PROTOCOL_ANNOTATION) {
+        match value.parse::<ProxyProtocol>() {
+            Ok(v) => settings.proxy_protocol = Some(v),
+            Err(e) => skipped.push(format!("annotation {PROXY_PROTOCOL_ANNOTATION}: {e}")),
         }
     }
     Ok(Some(ServiceInfo {
@@ -678,6 +689,19 @@ pub(crate) mod settings_tests {
     }
 
     #[test]
+    fn the_proxy_protocol_annotation_is_read() {
+        for value in ["v2", " v2 "] {
+            let info = service_info(&web(&[(PROXY_PROTOCOL_ANNOTATION, value)]))
+                .unwrap()
+                .unwrap();
+            assert_eq!(info.settings.proxy_protocol, Some(ProxyProtocol::V2));
+            assert!(info.skipped.is_empty(), "{:?}", info.skipped);
+        }
+        let none = service_info(&web(&[])).unwrap().unwrap();
+        assert_eq!(none.settings.proxy_protocol, None);
+    }
+
+    #[test]
     fn a_bad_value_is_skipped_naming_it_and_the_service_keeps_the_default() {
         for (name, value) in [
             (MAX_CONNECTIONS_ANNOTATION, "0"),
@@ -686,6 +710,10 @@ pub(crate) mod settings_tests {
             (IDLE_TIMEOUT_ANNOTATION, "300"),
             (IDLE_TIMEOUT_ANNOTATION, "10ms"),
             (IDLE_TIMEOUT_ANNOTATION, "soon"),
+            (PROXY_PROTOCOL_ANNOTATION, "v1"),
+            (PROXY_PROTOCOL_ANNOTATION, "true"),
+            (PROXY_PROTOCOL_ANNOTATION, "V2"),
+            (PROXY_PROTOCOL_ANNOTATION, ""),
         ] {
             let info = service_info(&web(&[(name, value)])).unwrap().unwrap();
             assert_eq!(info.settings, Settings::default(), "{name}: {value}");

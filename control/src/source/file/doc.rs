@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::tree::Quoted;
 use crate::cidr::Cidr;
-use crate::table::{Affinity, NoEndpoints, Policy, Protocol};
+use crate::table::{Affinity, NoEndpoints, Policy, Protocol, ProxyProtocol};
 
 /// The whole file: `services:` and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +66,15 @@ pub struct ServiceDoc {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<String>,
+    /// TCP only: `v2` sends each backend a PROXY protocol v2 header (the
+    /// client's address and the `listen` address) before the client's
+    /// bytes; unset: none.
+    #[serde(
+        default,
+        deserialize_with = "some",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// `backends: []` for none.
     pub backends: Vec<BackendDoc>,
     /// With `--intercept nftables`, what the kernel does with new
@@ -197,6 +206,7 @@ impl ServiceDoc {
             affinity: None,
             max_connections: None,
             idle_timeout: None,
+            proxy_protocol: None,
             backends,
             no_endpoints: NoEndpoints::default(),
             source_ranges: Vec::new(),
@@ -242,6 +252,12 @@ impl ServiceDoc {
     /// Idle timeout, as written in the file (`idleTimeout: 5m`).
     pub fn with_idle_timeout(mut self, timeout: impl Into<String>) -> Self {
         self.idle_timeout = Some(timeout.into());
+        self
+    }
+
+    /// Backends get a PROXY protocol header first (`proxyProtocol`).
+    pub fn with_proxy_protocol(mut self, version: ProxyProtocol) -> Self {
+        self.proxy_protocol = Some(version);
         self
     }
 

@@ -134,6 +134,11 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
                     .map_err(|e| (at(&[key("idleTimeout")]), e))?,
             );
         }
+        if svc.proxy_protocol.is_some() && svc.protocol != Protocol::Tcp {
+            let reason = "is only for protocol: tcp".to_owned();
+            return Err((at(&[key("proxyProtocol")]), reason));
+        }
+        settings.proxy_protocol = svc.proxy_protocol;
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
         let mut backends = Vec::with_capacity(svc.backends.len());
         for (j, b) in svc.backends.into_iter().enumerate() {

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use super::*;
-use crate::table::{Affinity, Conditions, ListenKey, Policy};
+use crate::table::{Affinity, Conditions, ListenKey, Policy, ProxyProtocol};
 
 /// Drops the first newline and the indentation common to all lines, so that
 /// a test's YAML can be written indented in the source.
@@ -650,7 +650,7 @@ fn unknown_fields_at_every_level() {
     assert_eq!((line, col), (4, 5));
     assert_eq!(
         msg,
-        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, maxConnections, idleTimeout, backends, noEndpoints, sourceRanges, keepExternalClientIp)"
+        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, maxConnections, idleTimeout, proxyProtocol, backends, noEndpoints, sourceRanges, keepExternalClientIp)"
     );
     let (line, col, msg) = err("
         services:
@@ -1282,4 +1282,56 @@ fn keep_external_client_ip_is_read() {
             backends: []
     ");
     assert!(only(&t).1.settings.keep_external_client_ip);
+}
+
+#[test]
+fn proxy_protocol() {
+    let t = ok("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            proxyProtocol: v2
+            backends: []
+    ");
+    let settings = &only(&t).1.settings;
+    assert_eq!(settings.proxy_protocol, Some(ProxyProtocol::V2));
+    assert_eq!(only(&ok(MINIMAL)).1.settings.proxy_protocol, None);
+    // What tests write reads back the same.
+    let doc = ServiceDoc::new("web", "127.0.0.1:80".parse().unwrap(), vec![])
+        .with_proxy_protocol(ProxyProtocol::V2);
+    let yaml = ConfigDoc::from(doc).to_yaml().unwrap();
+    assert!(yaml.contains("proxyProtocol: v2"), "{yaml}");
+    let back = ok(&yaml);
+    assert_eq!(
+        only(&back).1.settings.proxy_protocol,
+        Some(ProxyProtocol::V2)
+    );
+}
+
+#[test]
+fn bad_proxy_protocol_is_rejected_where_it_is() {
+    let (line, column, message) = err("
+        services:
+          - name: web
+            listen: 127.0.0.1:80
+            proxyProtocol: v1
+            backends: []
+    ");
+    assert_eq!((line, column), (4, 20), "{message}");
+    assert_eq!(
+        message,
+        "services[0] \"web\": proxyProtocol: unknown proxyProtocol \"v1\" (valid: v2)"
+    );
+    let (_, _, message) = err("
+        services:
+          - name: dns
+            listen: 127.0.0.1:53
+            protocol: udp
+            proxyProtocol: v2
+            backends: []
+    ");
+    assert_eq!(
+        message,
+        "services[0] \"dns\": proxyProtocol: is only for protocol: tcp"
+    );
 }
