@@ -42,6 +42,10 @@ pub struct SluiceArgs {
     /// Keep sluice's config and log directory and print its path.
     #[arg(long)]
     pub keep_logs: bool,
+    /// One more flag for sluice, passed as is (repeat for several), e.g.
+    /// `--sluice-arg=--source-ip=transparent`.
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub sluice_arg: Vec<String>,
 }
 
 /// The profile directory of the running executable (`target/<profile>`),
@@ -215,6 +219,7 @@ impl Sluice {
             flags.extend(["--max-attempts".into(), n.to_string()]);
         }
         flags.extend_from_slice(extra);
+        flags.extend_from_slice(&args.sluice_arg);
         let admin = !env
             .iter()
             .any(|(k, v)| k.ends_with("_BIND_ADDRESS") && v.is_empty());

@@ -289,6 +289,7 @@ mod tests {
                     connect_timeout: None,
                     max_attempts: None,
                     keep_logs: false,
+                    sluice_arg: Vec::new(),
                 },
             };
             let m = measure(b.addr(), &args).await;

@@ -479,6 +479,15 @@ pub struct Settings {
     /// `proxyProtocol: v2`. `None`: no header (the backend sees the
     /// client's bytes unchanged). Ignored on UDP entries.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// An external entry (node port, external IP, load-balancer IP) of an
+    /// `externalTrafficPolicy: Local` Service: an outside client keeps its
+    /// own IP towards the backend (with `--source-ip=transparent`), as
+    /// kube-proxy does by not masquerading such traffic. Every backend of
+    /// such an entry is local, so the reply comes back through this node.
+    /// Set by the Kubernetes index; the file source's
+    /// `keepExternalClientIp:`. `false`: outside clients are dialed from
+    /// the node's address (kube-proxy masquerades them).
+    pub keep_external_client_ip: bool,
 }
 
 /// What sluice's nftables table does with a new connection to an entry
@@ -805,6 +814,11 @@ impl Service {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Table {
     services: imbl::OrdMap<ListenKey, Arc<Service>>,
+    /// This node's pod networks (the Node's `spec.podCIDRs`): a client in
+    /// one of them is a pod of this node, whose replies come back here
+    /// (`--detect-local-mode NodeCIDR`, the data plane's choice of source
+    /// address). Empty: unknown (no Node, or none assigned yet).
+    local_pod_cidrs: Arc<[Cidr]>,
 }
 
 impl Table {
@@ -840,6 +854,22 @@ impl Table {
 
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
+    }
+
+    /// This node's pod networks, see [`Table::set_local_pod_cidrs`].
+    pub fn local_pod_cidrs(&self) -> &[Cidr] {
+        &self.local_pod_cidrs
+    }
+
+    /// Sets this node's pod networks (the Node's `spec.podCIDRs`); returns
+    /// whether they changed. They travel with the table, so a change
+    /// reaches the data path with the next publish.
+    pub fn set_local_pod_cidrs(&mut self, cidrs: &[Cidr]) -> bool {
+        if *self.local_pod_cidrs == *cidrs {
+            return false;
+        }
+        self.local_pod_cidrs = cidrs.into();
+        true
     }
 
     /// Whether `addr` may receive new connections from any service.

@@ -233,6 +233,54 @@ pub struct Args {
     #[arg(long, env = "SLUICE_UDP_INTERCEPT_PORTS", default_value = "20000-29999", value_name = "FIRST-LAST", value_parser = crate::udp_intercept::parse_range)]
     pub udp_intercept_ports: (u16, u16),
 
+    /// Which source address backends see: `transparent` (the client's
+    /// own IP where kube-proxy would keep it: pods of this node, outside
+    /// clients of `externalTrafficPolicy: Local`; sluice installs a
+    /// policy-routing rule and nftables rules to steer the replies, see
+    /// docs/operations.md) or `node` (every dial from the node's
+    /// address). Default: `transparent` with the Kubernetes source and
+    /// --intercept nftables, else `node`. When the node cannot do it (no
+    /// CAP_NET_ADMIN, the rule cannot be added) sluice falls back to
+    /// `node`, logs why once and shows it on /healthz.
+    #[arg(long, env = "SLUICE_SOURCE_IP", value_enum, value_name = "MODE")]
+    pub source_ip: Option<SourceIpMode>,
+
+    /// Which clients are pods of this node (kube-proxy's flag): `NodeCIDR`
+    /// (the default: this node's `spec.podCIDRs`) or `ClusterCIDR`
+    /// (--cluster-cidr; includes other nodes' pods, whose replies do not
+    /// come back here: their transparent dials to a NodePort of this node
+    /// hang). `BridgeInterface` and `InterfaceNamePrefix` are not
+    /// supported yet (refused at start).
+    #[arg(
+        long,
+        env = "SLUICE_DETECT_LOCAL_MODE",
+        value_enum,
+        default_value = "NodeCIDR",
+        value_name = "MODE"
+    )]
+    pub detect_local_mode: DetectLocalMode,
+
+    /// With --detect-local-mode ClusterCIDR: the cluster's pod networks
+    /// (comma-separated CIDRs).
+    #[arg(
+        long,
+        env = "SLUICE_CLUSTER_CIDR",
+        value_delimiter = ',',
+        value_name = "CIDR,..."
+    )]
+    pub cluster_cidr: Vec<sluice_control::Cidr>,
+
+    /// The fwmark bit that steers replies of transparent dials to sluice
+    /// (hex or decimal); pick one your CNI does not use (kube-proxy uses
+    /// 0x4000/0x8000, Calico 0xffff0000, Cilium 0x0f00).
+    #[arg(long, env = "SLUICE_TRANSPARENT_MARK", default_value = "0x1000", value_parser = parse_mark, value_name = "BIT")]
+    pub transparent_mark: u32,
+
+    /// The policy-routing table (and rule priority) for replies of
+    /// transparent dials: `local 0.0.0.0/0 dev lo` and `local ::/0 dev lo`.
+    #[arg(long, env = "SLUICE_TRANSPARENT_ROUTE_TABLE", default_value_t = 2626, value_parser = clap::value_parser!(u32).range(1..=0xfffffeff), value_name = "ID")]
+    pub transparent_route_table: u32,
+
     /// Remove sluice's nftables table (`inet sluice`) and exit, like
     /// kube-proxy's flag of that name. Every other exit leaves the table in
     /// place, so that a restarted sluice adopts it.
@@ -265,6 +313,42 @@ pub struct Args {
     /// Log format on stderr. The level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// `--source-ip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceIpMode {
+    /// The client's own address where the reply comes back through this
+    /// node.
+    Transparent,
+    /// Always the node's address.
+    Node,
+}
+
+/// `--detect-local-mode` (kube-proxy's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectLocalMode {
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
+}
+
+/// A single fwmark bit, `0x1000` or `4096`.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a number (hex 0x1000 or decimal)"))?;
+    if v.count_ones() != 1 {
+        return Err(format!("{s:?} must be exactly one bit, e.g. 0x1000"));
+    }
+    Ok(v)
 }
 
 /// An `IP:PORT` to bind, or `None` when given empty ("disabled").
@@ -301,6 +385,41 @@ impl Args {
             .map_or_else(crate::workers::default_count, usize::from)
     }
 
+    /// `--source-ip`, or its default: `transparent` with the Kubernetes
+    /// source and --intercept nftables, else `node`.
+    pub fn source_ip_mode(&self) -> SourceIpMode {
+        match self.source_ip {
+            Some(mode) => mode,
+            None if self.config.is_none() && self.intercept() == Intercept::Nftables => {
+                SourceIpMode::Transparent
+            }
+            None => SourceIpMode::Node,
+        }
+    }
+
+    /// The local-pod detector, or why it cannot be used.
+    pub fn detect_local(&self) -> Result<crate::source_ip::DetectLocal, String> {
+        use crate::source_ip::DetectLocal;
+        match self.detect_local_mode {
+            DetectLocalMode::NodeCidr => Ok(DetectLocal::NodeCidr),
+            DetectLocalMode::ClusterCidr => Ok(DetectLocal::ClusterCidr(self.cluster_cidr.clone())),
+            other => Err(format!(
+                "--detect-local-mode {}: not supported yet (use NodeCIDR or ClusterCIDR)",
+                other
+                    .to_possible_value()
+                    .map_or("?".into(), |v| v.get_name().to_string())
+            )),
+        }
+    }
+
+    /// `--transparent-mark` and `--transparent-route-table`.
+    pub fn policy_route(&self) -> crate::policy_route::PolicyRoute {
+        crate::policy_route::PolicyRoute {
+            mark: self.transparent_mark,
+            table: self.transparent_route_table,
+        }
+    }
+
     /// UDP settings.
     pub fn udp_config(&self) -> crate::udp::UdpConfig {
         crate::udp::UdpConfig {
@@ -330,6 +449,10 @@ impl Args {
                 Intercept::Bind => None,
                 Intercept::Nftables => Some(self.intercept_port),
             },
+            source_ip: std::sync::Arc::new(crate::source_ip::SourceIp::new(
+                self.detect_local()
+                    .unwrap_or(crate::source_ip::DetectLocal::NodeCidr),
+            )),
         }
     }
 }
@@ -414,5 +537,51 @@ mod tests {
     #[test]
     fn cleanup_parses_alone() {
         assert!(parse(&["--cleanup"]).cleanup);
+    }
+
+    #[test]
+    fn source_ip_defaults_follow_the_mode() {
+        assert_eq!(parse(&[]).source_ip_mode(), SourceIpMode::Transparent);
+        let node = [
+            &["--intercept", "bind"][..],
+            &["--config", "x.yaml"],
+            &["--config", "x.yaml", "--intercept", "nftables"],
+            &["--source-ip", "node"],
+        ];
+        for args in node {
+            assert_eq!(parse(args).source_ip_mode(), SourceIpMode::Node, "{args:?}");
+        }
+        let explicit = parse(&["--config", "x.yaml", "--source-ip", "transparent"]);
+        assert_eq!(explicit.source_ip_mode(), SourceIpMode::Transparent);
+        assert_eq!(parse(&[]).transparent_mark, 0x1000);
+        assert_eq!(
+            parse(&["--transparent-mark", "256"]).transparent_mark,
+            0x100
+        );
+        assert_eq!(parse(&[]).transparent_route_table, 2626);
+        let bad = Args::try_parse_from(["sluice", "--transparent-mark", "0x3000"]);
+        assert!(bad.unwrap_err().to_string().contains("exactly one bit"));
+    }
+
+    #[test]
+    fn detect_local_modes() {
+        use crate::source_ip::DetectLocal;
+        assert_eq!(parse(&[]).detect_local(), Ok(DetectLocal::NodeCidr));
+        let cluster = parse(&[
+            "--detect-local-mode",
+            "ClusterCIDR",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:244::/56",
+        ]);
+        match cluster.detect_local() {
+            Ok(DetectLocal::ClusterCidr(c)) => assert_eq!(c.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let bridge = parse(&["--detect-local-mode", "BridgeInterface"]).detect_local();
+        assert!(
+            bridge
+                .unwrap_err()
+                .contains("BridgeInterface: not supported yet")
+        );
     }
 }

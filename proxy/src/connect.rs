@@ -90,11 +90,53 @@ pub fn attempt_timeout<H: crate::balance::Health>(
     if another { short } else { long.max(short) }
 }
 
+/// The address a dial is bound to before it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind {
+    pub addr: SocketAddr,
+    /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT` first: `addr` may be an
+    /// address of no local interface (the client's, see
+    /// [`crate::source_ip`]); needs CAP_NET_ADMIN (or CAP_NET_RAW).
+    pub transparent: bool,
+}
+
+impl Bind {
+    /// A transparent bind to `ip`, any free port.
+    pub fn transparent(ip: std::net::IpAddr) -> Self {
+        Self {
+            addr: SocketAddr::new(ip, 0),
+            transparent: true,
+        }
+    }
+}
+
+impl From<SocketAddr> for Bind {
+    /// An ordinary bind to a local address.
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            transparent: false,
+        }
+    }
+}
+
+/// Binds `socket` as `bind` asks (transparent: the option first).
+fn bind_source(socket: &Socket, bind: Bind) -> io::Result<()> {
+    if bind.transparent {
+        match bind.addr {
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+    }
+    socket.bind(&bind.addr.into())
+}
+
 /// Opens a TCP connection to `backend` within `timeout`, optionally from
-/// `source` (bound before connecting).
+/// `source` (bound before connecting; a [`SocketAddr`] converts into an
+/// ordinary bind, [`Bind::transparent`] binds the client's address).
 pub async fn dial(
     backend: SocketAddr,
-    source: Option<SocketAddr>,
+    source: Option<Bind>,
     timeout: Duration,
 ) -> Result<TcpStream, DialError> {
     let fail = |source: io::Error| DialError {
@@ -118,8 +160,8 @@ pub async fn dial(
     socket
         .set_tcp_keepalive(&crate::listener::BACKEND_KEEPALIVE)
         .map_err(fail)?;
-    if let Some(src) = source {
-        socket.bind(&src.into()).map_err(fail)?;
+    if let Some(bind) = source {
+        bind_source(&socket, bind).map_err(fail)?;
     }
     match tokio::time::timeout(timeout, connect(socket, backend)).await {
         Ok(Ok(stream)) => Ok(stream),
@@ -258,9 +300,13 @@ mod tests {
     async fn connects_and_binds_the_source() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let src: SocketAddr = "127.0.0.9:0".parse().unwrap();
-        let s = dial(l.local_addr().unwrap(), Some(src), Duration::from_secs(1))
-            .await
-            .unwrap();
+        let s = dial(
+            l.local_addr().unwrap(),
+            Some(src.into()),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
         let (_, peer) = l.accept().await.unwrap();
         assert_eq!(peer.ip(), src.ip());
         assert!(
@@ -268,5 +314,32 @@ mod tests {
             "keepalive on the backend side"
         );
         assert_eq!(s.local_addr().unwrap().ip(), src.ip());
+    }
+
+    /// Root only (CAP_NET_ADMIN): a transparent bind to an address no
+    /// interface has, and the option is really set. Skipped otherwise.
+    #[tokio::test]
+    async fn a_transparent_bind_takes_an_address_of_no_interface() {
+        let probe = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        if probe.set_ip_transparent_v4(true).is_err() {
+            eprintln!("skipped: IP_TRANSPARENT needs CAP_NET_ADMIN");
+            return;
+        }
+        // Not routed back to us: the connect never completes, but the
+        // bind must succeed (a plain bind fails with EADDRNOTAVAIL).
+        let foreign: std::net::IpAddr = "198.51.100.77".parse().unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let plain = socket.bind(&SocketAddr::new(foreign, 0).into());
+        assert!(plain.is_err(), "a plain bind to a foreign address fails");
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        bind_source(&socket, Bind::transparent(foreign)).unwrap();
+        assert!(socket.ip_transparent_v4().unwrap());
+        let local = socket.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(local.ip(), foreign);
+        assert_ne!(local.port(), 0, "a port was chosen");
+        let v6 = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        let foreign6: std::net::IpAddr = "2001:db8::77".parse().unwrap();
+        bind_source(&v6, Bind::transparent(foreign6)).unwrap();
+        assert!(v6.ip_transparent_v6().unwrap());
     }
 }

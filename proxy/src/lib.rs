@@ -50,10 +50,12 @@ pub mod listener;
 pub mod metrics;
 pub mod nft;
 pub mod nft_netlink;
+pub mod policy_route;
 pub mod proxy_protocol;
 pub mod reconcile;
 pub mod saturation;
 pub mod server;
+pub mod source_ip;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod tracker;

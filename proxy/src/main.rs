@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     };
     init_logs(args.log_format);
     if args.cleanup {
-        return cleanup();
+        return cleanup(&args);
     }
     if args.intercept() == Intercept::Nftables && args.vip_interface.is_some() {
         eprintln!(
@@ -78,8 +78,9 @@ fn main() -> ExitCode {
     code
 }
 
-/// `sluice --cleanup`: removes sluice's nftables table and exits.
-fn cleanup() -> ExitCode {
+/// `sluice --cleanup`: removes sluice's nftables tables and the
+/// transparent-dial routing, and exits.
+fn cleanup(args: &Args) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -90,7 +91,9 @@ fn cleanup() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let routing = runtime.block_on(sluice_proxy::policy_route::remove_all(args.policy_route()));
     match runtime.block_on(nft::apply(&nft::cleanup_script())) {
+        Ok(()) if !routing => ExitCode::FAILURE,
         Ok(()) => {
             info!(table = nft::TABLE, "removed sluice's nftables table");
             ExitCode::SUCCESS
@@ -283,12 +286,16 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     }
     let metrics = Arc::new(metrics);
     info!(workers = workers.len(), "data plane");
-    let proxy = Proxy::with_workers(
-        args.proxy_config(),
-        publisher.clone(),
-        metrics.clone(),
-        workers,
-    );
+    // Transparent dials (--source-ip): on once the node's routing is in
+    // place, else every dial from the node's address, told on /healthz.
+    let config = args.proxy_config();
+    let source_ip = config.source_ip.clone();
+    let (transparent, why) = match source_ip_setup(&args, &source_ip).await {
+        Ok(on) => on,
+        Err(code) => return code,
+    };
+    warnings.extend(why);
+    let proxy = Proxy::with_workers(config, publisher.clone(), metrics.clone(), workers);
     if args.intercept() == Intercept::Nftables {
         if let Err(e) = nft::check().await {
             eprintln!("sluice: --intercept nftables: {e}");
@@ -325,8 +332,17 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             ),
             args.udp_intercept_ports,
         );
+        if transparent {
+            tokio::spawn(sluice_proxy::policy_route::follow_bridges(
+                args.transparent_mark,
+                source_ip.clone(),
+                publisher.clone(),
+                stop.clone(),
+            ));
+        }
         followers.push(Box::new(NftFollower::new(
             args.intercept_port,
+            transparent.then_some(args.transparent_mark),
             udp,
             metrics.clone(),
         )));
@@ -379,7 +395,53 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     if report.cut > 0 {
         warn!(cut = report.cut, "exiting with connections cut");
     }
+    if transparent {
+        sluice_proxy::policy_route::remove_at_exit(args.policy_route(), args.intercept_port).await;
+    }
     ExitCode::SUCCESS
+}
+
+/// `--source-ip`: `Ok((true, warnings))` when transparent dials are on,
+/// `Ok((false, [reason]))` when asked for but unavailable (logged once, on
+/// /healthz), `Ok((false, []))` with `node`; `Err` for a bad flag.
+async fn source_ip_setup(
+    args: &Args,
+    source_ip: &sluice_proxy::source_ip::SourceIp,
+) -> Result<(bool, Vec<String>), ExitCode> {
+    use sluice_proxy::cli::SourceIpMode;
+    if args.source_ip_mode() == SourceIpMode::Node {
+        info!("--source-ip=node: backends see the node's address");
+        return Ok((false, Vec::new()));
+    }
+    if let Err(e) = args.detect_local() {
+        eprintln!("sluice: {e}");
+        return Err(ExitCode::from(EXIT_USAGE as u8));
+    }
+    let fallback = |why: String| {
+        let why = format!(
+            "transparent dials unavailable, backends see the node's address instead of the client's (as with --source-ip=node): {why}"
+        );
+        warn!("{why}");
+        Ok((false, vec![why]))
+    };
+    if args.intercept() != Intercept::Nftables {
+        return fallback("--source-ip=transparent needs --intercept nftables".into());
+    }
+    match sluice_proxy::policy_route::enable_transparent(args.policy_route(), source_ip).await {
+        Ok(warning) => {
+            info!(
+                mark = format_args!("{:#x}", args.transparent_mark),
+                table = args.transparent_route_table,
+                detect_local_mode = ?source_ip.detect(),
+                "transparent dials on: backends see the client's address where kube-proxy keeps it"
+            );
+            if let Some(w) = &warning {
+                warn!("{w}");
+            }
+            Ok((true, warning.into_iter().collect()))
+        }
+        Err(why) => fallback(why),
+    }
 }
 
 /// SIGTERM/SIGINT stop the proxy; SIGHUP reloads the config at once.

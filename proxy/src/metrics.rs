@@ -159,6 +159,8 @@ pub struct Metrics {
     /// Connections cut because the shutdown grace (`--shutdown-grace`)
     /// ended while they were still open.
     pub shutdown_cut: Counter,
+    /// Which source address backends see ([`crate::source_ip`]).
+    pub source_ip: SourceIpMetrics,
 }
 
 impl Default for Metrics {
@@ -197,9 +199,11 @@ impl Metrics {
             nft_sync_failures: Counter::default(),
             udp: UdpMetrics::default(),
             shutdown_cut: Counter::default(),
+            source_ip: SourceIpMetrics::default(),
             registry: Registry::default(),
         };
         m.udp.register(registry);
+        m.source_ip.register(registry);
         registry.register(
             "connections_accepted",
             "Client connections accepted, per service",
@@ -551,6 +555,56 @@ pub struct UdpDropLabels {
 pub struct UdpFlowEndLabels {
     pub service: String,
     pub reason: UdpFlowEnd,
+}
+
+/// Dials from the node's address per reason, and transparent dials that
+/// failed (`sluice_source_ip_node_total`,
+/// `sluice_transparent_dial_failures_total`). The reasons' counters exist
+/// from the start: counting one is an atomic add, no label lookup.
+#[derive(Debug)]
+pub struct SourceIpMetrics {
+    node: [Counter; 4],
+    family: Family<InterceptLabels, Counter>,
+    pub transparent_dial_failures: Counter,
+}
+
+impl Default for SourceIpMetrics {
+    fn default() -> Self {
+        let family = Family::<InterceptLabels, Counter>::default();
+        let node = crate::source_ip::NodeReason::ALL.map(|r| {
+            family
+                .get_or_create(&InterceptLabels { reason: r.as_str() })
+                .clone()
+        });
+        Self {
+            node,
+            family,
+            transparent_dial_failures: Counter::default(),
+        }
+    }
+}
+
+impl SourceIpMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "source_ip_node",
+            "Dials from the node's address instead of the client's, per reason (hairpin, not_local, bridge_unsteered, disabled)",
+            self.family.clone(),
+        );
+        registry.register(
+            "transparent_dial_failures",
+            "Dials from the client's address (transparent) that failed; the connection is retried on another backend, never from the node's address",
+            self.transparent_dial_failures.clone(),
+        );
+    }
+
+    /// Counts a dial from the node's address.
+    pub fn node(&self, reason: crate::source_ip::NodeReason) {
+        // `ALL` lists the reasons in declaration order.
+        if let Some(c) = self.node.get(reason as usize) {
+            c.inc();
+        }
+    }
 }
 
 /// The series of UDP Services, per service (`sluice_udp_*`).

@@ -260,6 +260,11 @@ pub struct Ruleset {
     /// dropped in input, so they serve only Service traffic. `None`: no
     /// such rule (UDP not steered).
     pub udp_range: Option<(u16, u16)>,
+    /// Transparent dials on: the fwmark bit the `steer-replies` chain
+    /// sets on packets of a transparent socket (the backend's replies),
+    /// which the policy route ([`crate::policy_route`]) delivers locally.
+    /// `None`: no such chain is declared.
+    pub steer_mark: Option<u32>,
 }
 
 impl Ruleset {
@@ -491,7 +496,31 @@ impl Ruleset {
             }
         }
         self.write_all(&mut s, "add", &Ruleset::default());
+        self.write_steer(&mut s);
         s
+    }
+
+    /// Steers the replies of transparent dials (see [`Self::steer_mark`]).
+    pub fn with_steer_mark(mut self, mark: Option<u32>) -> Self {
+        self.steer_mark = mark;
+        self
+    }
+
+    /// The `steer-replies` chain, when [`Self::steer_mark`] is set: at
+    /// `mangle` (-150), before routing decides where the reply goes.
+    fn write_steer(&self, s: &mut String) {
+        let Some(mark) = self.steer_mark else {
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "add chain {TABLE} {STEER_CHAIN} {{ type filter hook prerouting priority mangle; policy accept; }}"
+        );
+        let _ = writeln!(s, "flush chain {TABLE} {STEER_CHAIN}");
+        let _ = writeln!(
+            s,
+            "add rule {TABLE} {STEER_CHAIN} meta l4proto tcp socket transparent 1 counter meta mark set meta mark | {mark:#x}"
+        );
     }
 
     /// Deletes the table whatever it holds and creates it anew with this
@@ -511,7 +540,10 @@ impl Ruleset {
     /// add in the same transaction). `None` when there is nothing to do. A
     /// changed port changes the rules: that is a full sync.
     pub fn update_script(&self, old: &Ruleset) -> Option<String> {
-        if self.port != old.port || self.udp_range != old.udp_range {
+        if self.port != old.port
+            || self.udp_range != old.udp_range
+            || self.steer_mark != old.steer_mark
+        {
             return Some(self.full_sync_script());
         }
         let mut s = String::new();
@@ -740,6 +772,57 @@ const CHAINS: [(&str, &str); 9] = [
     ("nat-prerouting", "type nat hook prerouting priority dstnat"),
     ("nat-output", "type nat hook output priority -100"),
 ];
+
+/// The chain of `table inet sluice` that marks replies of transparent
+/// dials.
+pub const STEER_CHAIN: &str = "steer-replies";
+
+/// The table that steers replies of transparent dials within one pod
+/// bridge (br_netfilter on).
+pub const BRIDGE_TABLE: &str = "bridge sluice";
+
+/// `table bridge sluice`, replaced whole in one transaction: for each pod
+/// bridge and family, a frame to the bridge's subnet that the ip hooks
+/// marked `mark` (the reply of a transparent dial: br_netfilter runs them
+/// at bridge priority 0, the `steer-replies` chain sets the mark) gets the
+/// bridge's own MAC and is passed up to the host instead of being bridged
+/// to the client pod. Ordinary pod-to-pod frames carry no mark and stay
+/// bridged. Measured in docs/source-ip.md (`BRIDGE=after`). No bridge: the
+/// table is deleted.
+pub fn bridge_script(mark: u32, bridges: &[crate::policy_route::Bridge]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "add table {BRIDGE_TABLE}");
+    let _ = writeln!(s, "delete table {BRIDGE_TABLE}");
+    if bridges.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "add table {BRIDGE_TABLE}");
+    let _ = writeln!(
+        s,
+        "add chain {BRIDGE_TABLE} prerouting {{ type filter hook prerouting priority 10; policy accept; }}"
+    );
+    for b in bridges {
+        let m = b.mac;
+        let mac = format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        );
+        for subnet in &b.subnets {
+            let ip = if subnet.is_ipv4() { "ip" } else { "ip6" };
+            let _ = writeln!(
+                s,
+                "add rule {BRIDGE_TABLE} prerouting {ip} daddr {subnet} meta mark & {mark:#x} == {mark:#x} counter ether daddr set {mac} meta pkttype set host comment \"{}\"",
+                b.name
+            );
+        }
+    }
+    s
+}
+
+/// Removes `table bridge sluice` if there is one.
+pub fn bridge_cleanup_script() -> String {
+    bridge_script(0, &[])
+}
 
 /// Removes sluice's table if there is one (`sluice --cleanup`).
 pub fn cleanup_script() -> String {
@@ -1458,6 +1541,48 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
             assert_eq!(applied, whole, "step {i}");
             previous = t.clone();
         }
+    }
+
+    #[test]
+    fn steering_replies_is_one_chain_and_a_full_sync_when_it_changes() {
+        let plain = Ruleset::from_table(&table(&["10.96.0.10:80"]), 10261);
+        assert!(!plain.full_sync_script().contains(STEER_CHAIN));
+        let steered = plain.clone().with_steer_mark(Some(0x1000));
+        let script = steered.full_sync_script();
+        assert!(script.contains(
+            "add chain inet sluice steer-replies { type filter hook prerouting priority mangle; policy accept; }\n\
+             flush chain inet sluice steer-replies\n\
+             add rule inet sluice steer-replies meta l4proto tcp socket transparent 1 counter meta mark set meta mark | 0x1000\n"
+        ));
+        assert_eq!(script.matches("add rule").count(), 20);
+        assert_eq!(
+            steered.update_script(&plain),
+            Some(steered.full_sync_script())
+        );
+        assert_eq!(steered.update_script(&steered.clone()), None);
+    }
+
+    #[test]
+    fn the_bridge_table_has_a_rule_per_bridge_and_family() {
+        use crate::policy_route::Bridge;
+        let bridges = [Bridge {
+            name: "cni0".into(),
+            mac: [0x02, 0x42, 0xac, 0x11, 0x00, 0x0a],
+            subnets: cidrs(&["10.244.0.0/24", "fd00:244::/64"]),
+        }];
+        assert_eq!(
+            bridge_script(0x1000, &bridges),
+            "add table bridge sluice\n\
+             delete table bridge sluice\n\
+             add table bridge sluice\n\
+             add chain bridge sluice prerouting { type filter hook prerouting priority 10; policy accept; }\n\
+             add rule bridge sluice prerouting ip daddr 10.244.0.0/24 meta mark & 0x1000 == 0x1000 counter ether daddr set 02:42:ac:11:00:0a meta pkttype set host comment \"cni0\"\n\
+             add rule bridge sluice prerouting ip6 daddr fd00:244::/64 meta mark & 0x1000 == 0x1000 counter ether daddr set 02:42:ac:11:00:0a meta pkttype set host comment \"cni0\"\n"
+        );
+        assert_eq!(
+            bridge_cleanup_script(),
+            "add table bridge sluice\ndelete table bridge sluice\n"
+        );
     }
 
     #[test]

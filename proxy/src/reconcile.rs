@@ -131,6 +131,9 @@ async fn next_sync(
 /// the ruleset is kept whole here for that).
 pub struct NftFollower {
     port: u16,
+    /// Transparent dials on: the mark of the `steer-replies` chain (fixed
+    /// for the process's life).
+    steer_mark: Option<u32>,
     udp: UdpIntercept,
     metrics: Arc<Metrics>,
     programmer: Programmer,
@@ -138,9 +141,15 @@ pub struct NftFollower {
 }
 
 impl NftFollower {
-    pub fn new(port: u16, udp: UdpIntercept, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        port: u16,
+        steer_mark: Option<u32>,
+        udp: UdpIntercept,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             port,
+            steer_mark,
             udp,
             metrics,
             programmer: Programmer::new(),
@@ -160,7 +169,8 @@ impl NftFollower {
             }
             None => {
                 let built = Ruleset::from_table(table, self.port)
-                    .with_udp(udp_ports.iter().map(|(k, p)| (k, *p)), range);
+                    .with_udp(udp_ports.iter().map(|(k, p)| (k, *p)), range)
+                    .with_steer_mark(self.steer_mark);
                 (&*self.want.insert(built), Vec::new())
             }
         };

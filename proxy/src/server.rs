@@ -57,10 +57,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::balance::{PickContext, ServiceRuntime, pick};
-use crate::connect::dial;
+use crate::connect::{Bind, dial};
 use crate::forward::{Mode, Outcome, forward, reset};
 use crate::listener::bind_tcp;
 use crate::metrics::{Metrics, ServiceMetrics};
+use crate::source_ip::{Dial, Source};
 use crate::tracker::{Tracker, TrackerConfig};
 
 /// Intercept mode: how long a redirected connection that arrives before
@@ -124,6 +125,10 @@ pub struct ProxyConfig {
     /// `Some(port)`: Service traffic arrives redirected at this port
     /// (`--intercept nftables`), no listener is bound per Service address.
     pub intercept_port: Option<u16>,
+    /// Which source each dial gets (`--source-ip`, `--detect-local-mode`):
+    /// the client's own address or the node's. Disabled unless enabled
+    /// once the node's routing for it is in place.
+    pub source_ip: Arc<crate::source_ip::SourceIp>,
 }
 
 /// What a shutdown did.
@@ -725,7 +730,26 @@ impl Proxy {
                     self.config.last_connect_timeout,
                 ),
             );
-            let dialed = dial(addr, None, timeout).await;
+            let source = self.config.source_ip.choose(&Dial {
+                client: peer.ip(),
+                backend: addr.ip(),
+                keep_external_client_ip: service.settings.keep_external_client_ip,
+                node_pod_cidrs: table.local_pod_cidrs(),
+            });
+            let bind = match source {
+                Source::Client(ip) => Some(Bind::transparent(ip)),
+                Source::Node(reason) => {
+                    self.metrics.source_ip.node(reason);
+                    None
+                }
+            };
+            let dialed = dial(addr, bind, timeout).await;
+            if bind.is_some() && dialed.is_err() {
+                // No retry from the node's address: that would hide broken
+                // reply steering behind changed client IPs. Another
+                // backend is tried as usual.
+                self.metrics.source_ip.transparent_dial_failures.inc();
+            }
             match crate::proxy_protocol::after_dial(addr, dialed, proxy_header.as_ref()).await {
                 Ok(backend) => {
                     if self.tracker.dial_succeeded(addr) {

@@ -20,6 +20,9 @@ pub enum Mode {
     CloseThenSink,
     /// Reads one chunk, then aborts with a reset.
     ResetAfterRead,
+    /// Sends `<name> <peer IP>\n` (the source address it sees), then
+    /// echoes as [`Mode::Echo`].
+    EchoPeer,
 }
 
 /// What a backend observed, for assertions.
@@ -58,6 +61,11 @@ impl Backend {
             while let Ok((sock, _)) = listener.accept().await {
                 let _ = tx.send(Event::Accepted);
                 let (tx, n) = (tx.clone(), n.clone());
+                let peer = sock.peer_addr().map(|a| a.ip().to_string());
+                let n = match (mode, peer) {
+                    (Mode::EchoPeer, Ok(peer)) => format!("{n} {peer}"),
+                    _ => n,
+                };
                 tokio::spawn(async move {
                     let _ = tx.send(serve(sock, &n, mode).await);
                 });
@@ -98,6 +106,64 @@ impl Drop for Backend {
     }
 }
 
+/// A [`Backend`] serving inside a network namespace, on a thread of its
+/// own (the namespace is per thread). Dropping it stops it.
+pub struct NetnsBackend {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NetnsBackend {
+    /// Starts `Backend::start_on(addr, name, mode)` inside namespace `ns`.
+    pub fn start(ns: &str, addr: SocketAddr, name: &str, mode: Mode) -> Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ns, name) = (ns.to_string(), name.to_string());
+        let thread = std::thread::spawn(move || {
+            let started = (|| -> Result<_> {
+                crate::netns::enter(&ns)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let backend = rt.block_on(Backend::start_on(addr, &name, mode))?;
+                Ok((rt, backend))
+            })();
+            match started {
+                Ok((rt, backend)) => {
+                    let _ = ready_tx.send(Ok(backend.addr));
+                    rt.block_on(async move {
+                        let _ = stopped.await;
+                        drop(backend);
+                    });
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+        let addr = ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("backend in a namespace did not start within 5s")??;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for NetnsBackend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Reads until EOF, counting; the event that ends it.
 async fn sink(sock: &mut TcpStream, buf: &mut [u8], echo: bool) -> Event {
     let mut total = 0u64;
@@ -118,7 +184,7 @@ async fn sink(sock: &mut TcpStream, buf: &mut [u8], echo: bool) -> Event {
 async fn serve(mut sock: TcpStream, name: &str, mode: Mode) -> Event {
     let mut buf = vec![0u8; 64 * 1024];
     match mode {
-        Mode::Echo => {
+        Mode::Echo | Mode::EchoPeer => {
             if let Err(e) = sock.write_all(format!("{name}\n").as_bytes()).await {
                 return Event::Failed(e.kind());
             }
@@ -186,5 +252,14 @@ mod tests {
         b.stop();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(TcpStream::connect(b.addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn echo_peer_reports_the_source_address() {
+        let b = Backend::start("p", Mode::EchoPeer).await.unwrap();
+        let (mut c, line) = connect_named(b.addr).await.unwrap();
+        assert_eq!(line, "p 127.0.0.1");
+        c.write_all(b"ping\n").await.unwrap();
+        assert_eq!(read_line(&mut c).await.unwrap(), "ping");
     }
 }

@@ -147,6 +147,11 @@ pub enum PathKind {
     /// sluice bound, with connection tracking on (in the run's own
     /// namespace).
     SluiceCt,
+    /// `sluice-nft` with transparent dials: each backend connection is
+    /// bound to the client's address (`--source-ip transparent`, loopback
+    /// as the local pod network), its replies steered by the mark and the
+    /// policy route (in the run's own namespace).
+    SluiceTp,
     /// The sluice binary given with --baseline (e.g. an older build).
     Baseline,
     Haproxy,
@@ -156,7 +161,10 @@ pub enum PathKind {
 impl PathKind {
     /// Whether it needs the run's own network namespace (nftables).
     fn needs_netns(self) -> bool {
-        matches!(self, PathKind::SluiceNft | PathKind::SluiceCt)
+        matches!(
+            self,
+            PathKind::SluiceNft | PathKind::SluiceCt | PathKind::SluiceTp
+        )
     }
 
     /// Its name on the command line (`sluice-copy`), which the table uses.

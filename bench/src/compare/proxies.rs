@@ -183,6 +183,7 @@ pub async fn start_proxy(
         | PathKind::SluiceShared
         | PathKind::SluiceNft
         | PathKind::SluiceCt
+        | PathKind::SluiceTp
         | PathKind::Baseline => {
             let bin = if kind == PathKind::Baseline {
                 match &args.baseline {
@@ -222,11 +223,26 @@ pub async fn start_proxy(
             }
             let mut extra = Vec::new();
             let nft_table = match kind {
-                PathKind::SluiceNft => {
+                PathKind::SluiceNft | PathKind::SluiceTp => {
                     let port = sluice::free_port(Ipv4Addr::UNSPECIFIED)?.to_string();
                     extra = ["--intercept", "nftables", "--intercept-port", &port]
                         .map(String::from)
                         .to_vec();
+                    if kind == PathKind::SluiceTp {
+                        // The load's address (127.0.0.1) counts as a local
+                        // pod: every dial is transparent.
+                        extra.extend(
+                            [
+                                "--source-ip",
+                                "transparent",
+                                "--detect-local-mode",
+                                "ClusterCIDR",
+                                "--cluster-cidr",
+                                "127.0.0.0/8",
+                            ]
+                            .map(String::from),
+                        );
+                    }
                     Some(SLUICE_TABLE)
                 }
                 PathKind::SluiceCt => {

@@ -604,6 +604,9 @@ pub struct NodeInfo {
     /// `ToBeDeletedByClusterAutoscaler` taint (kube-proxy's rule for
     /// `nodeEligible` on `/healthz`).
     pub eligible: bool,
+    /// `spec.podCIDRs` (else `spec.podCIDR`) that parse, sorted: this
+    /// node's pod networks (`--detect-local-mode NodeCIDR`).
+    pub pod_cidrs: Vec<crate::cidr::Cidr>,
 }
 
 /// The taint the cluster autoscaler puts on a node it is removing.
@@ -634,10 +637,28 @@ pub fn node_info(node: &Node) -> NodeInfo {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     let eligible = node.metadata.deletion_timestamp.is_none() && !tainted;
+    let spec = node.spec.as_ref();
+    let listed = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    let single = spec.and_then(|s| s.pod_cidr.clone());
+    let texts = if listed.is_empty() {
+        single.into_iter().collect()
+    } else {
+        listed
+    };
+    let mut pod_cidrs = Vec::new();
+    for text in &texts {
+        match text.parse::<crate::cidr::Cidr>() {
+            Ok(c) => pod_cidrs.push(c),
+            Err(e) => tracing::warn!(node = ?node.metadata.name, "skipping a pod CIDR: {e}"),
+        }
+    }
+    pod_cidrs.sort();
+    pod_cidrs.dedup();
     NodeInfo {
         zone,
         addresses,
         eligible,
+        pod_cidrs,
     }
 }
 

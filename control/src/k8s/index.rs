@@ -360,15 +360,21 @@ impl Index {
                         no_endpoints,
                         ..info.settings.clone()
                     };
+                    // Outside clients of an eTP=Local entry keep their IP
+                    // (kube-proxy does not masquerade them).
+                    let external_base = Settings {
+                        keep_external_client_ip: info.external_policy == TrafficPolicy::Local,
+                        ..base.clone()
+                    };
                     let firewalled = Settings {
                         source_ranges: self.source_ranges(&info, family, &load_balancer),
-                        ..base.clone()
+                        ..external_base.clone()
                     };
                     // Entries with equal policies and settings are shared.
                     let mut made: Vec<(TrafficPolicy, &Settings, Arc<Service>)> = Vec::new();
                     for (variant, addrs, settings) in [
                         (Variant::Cluster, cluster, &base),
-                        (Variant::External, external, &base),
+                        (Variant::External, external, &external_base),
                         (Variant::External, load_balancer, &firewalled),
                     ] {
                         if addrs.is_empty() {
@@ -773,6 +779,13 @@ impl Watched for Node {
                 index.last_node_addresses = old.addresses;
             }
             index.node_seen |= info.is_some();
+            // Pod CIDRs travel with the table; a deleted Node leaves the
+            // last ones (its pods are still here), as its addresses.
+            if let Some(node) = &info
+                && index.table.set_local_pod_cidrs(&node.pod_cidrs)
+            {
+                index.changed = true;
+            }
             index.node = info;
             index.dirty.extend(index.services.keys().cloned());
         }

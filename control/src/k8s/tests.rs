@@ -1727,3 +1727,120 @@ fn a_range_holding_the_node_also_admits_the_load_balancer_ip() {
     let t = built(&mut idx);
     assert_eq!(ranges_at(&t, "203.0.113.8:80"), ["198.51.100.0/24"]);
 }
+
+/// An eTP=Local LoadBalancer Service `d/lb` (10.96.0.2:80, external IP
+/// 203.0.113.2, node port 30002, LB IP 198.51.100.2) with one local
+/// endpoint.
+fn etp_index(policy: &str) -> Index {
+    let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
+    let mut svc = mk_service("d", "lb", "10.96.0.2", &[("web", 80)]);
+    {
+        let s = spec(&mut svc);
+        s.type_ = Some("LoadBalancer".into());
+        s.external_traffic_policy = Some(policy.into());
+        s.external_ips = Some(vec!["203.0.113.2".into()]);
+        s.ports.as_mut().unwrap()[0].node_port = Some(30002);
+    }
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some("198.51.100.2".into()),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    });
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
+        "d",
+        "lb-1",
+        "lb",
+        "IPv4",
+        &[("web", 8080)],
+        vec![ep_on("10.0.0.1", NODE)],
+    ))
+    .unwrap();
+    idx
+}
+
+#[test]
+fn external_keys_of_local_policy_keep_the_client_ip() {
+    let keep = |t: &Table, k: &str| svc_at(t, k).settings.keep_external_client_ip;
+    let t = built(&mut etp_index("Local"));
+    assert!(!keep(&t, "10.96.0.2:80"), "the cluster IP never");
+    for k in ["203.0.113.2:80", "192.0.2.10:30002", "198.51.100.2:80"] {
+        assert!(keep(&t, k), "{k}");
+    }
+    let t = built(&mut etp_index("Cluster"));
+    for k in [
+        "10.96.0.2:80",
+        "203.0.113.2:80",
+        "192.0.2.10:30002",
+        "198.51.100.2:80",
+    ] {
+        assert!(!keep(&t, k), "{k}");
+    }
+}
+
+fn with_pod_cidrs(mut node: Node, cidrs: &[&str], single: Option<&str>) -> Node {
+    node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+        pod_cidrs: (!cidrs.is_empty()).then(|| cidrs.iter().map(|c| c.to_string()).collect()),
+        pod_cidr: single.map(str::to_string),
+        ..Default::default()
+    });
+    node
+}
+
+#[test]
+fn this_nodes_pod_cidrs_are_published_with_the_table() {
+    let mut idx = index();
+    idx.apply(&mk_service("d", "a", "10.96.0.1", &[("", 80)]))
+        .unwrap();
+    assert!(idx.build());
+    assert!(idx.table().local_pod_cidrs().is_empty());
+    let node = mk_node(NODE, None, &[("InternalIP", "192.0.2.10")]);
+    // Bad ones are skipped, the rest is used; IPv4 and IPv6.
+    idx.apply(&with_pod_cidrs(
+        node.clone(),
+        &["fd00:244::/64", "10.244.0.0/24", "nonsense"],
+        None,
+    ))
+    .unwrap();
+    assert!(idx.build(), "a pod CIDR change is a table change");
+    let cidrs: Vec<String> = (idx.table().local_pod_cidrs().iter())
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(cidrs, ["10.244.0.0/24", "fd00:244::/64"]);
+    // The same again: no change.
+    idx.apply(&with_pod_cidrs(
+        node.clone(),
+        &["10.244.0.0/24", "fd00:244::/64"],
+        None,
+    ))
+    .unwrap();
+    idx.build();
+    assert!(!idx.build());
+    // Only the old single field: used.
+    idx.apply(&with_pod_cidrs(node.clone(), &[], Some("10.244.7.0/24")))
+        .unwrap();
+    assert!(idx.build());
+    assert_eq!(
+        idx.table().local_pod_cidrs()[0].to_string(),
+        "10.244.7.0/24"
+    );
+    // Another node's Node: ignored.
+    idx.apply(&with_pod_cidrs(
+        mk_node("node-b", None, &[]),
+        &["10.244.9.0/24"],
+        None,
+    ))
+    .unwrap();
+    assert!(!idx.build());
+    // Deleted: the last ones stay (the pods are still here).
+    idx.delete::<Node>(&NODE.to_string());
+    idx.build();
+    assert_eq!(
+        idx.table().local_pod_cidrs()[0].to_string(),
+        "10.244.7.0/24"
+    );
+}

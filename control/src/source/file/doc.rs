@@ -92,6 +92,13 @@ pub struct ServiceDoc {
     /// (`false`); unset: on for port 53 (DNS) only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_resend: Option<bool>,
+    /// With `--source-ip=transparent`, clients that are not pods of this
+    /// node keep their own IP towards the backend, as outside clients of
+    /// an `externalTrafficPolicy: Local` Service do; only for backends
+    /// whose replies route back through this node. Default `false`: such
+    /// clients are dialed from the node's address.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub keep_external_client_ip: bool,
 }
 
 /// `affinity:` of a service.
@@ -209,6 +216,7 @@ impl ServiceDoc {
             no_endpoints: NoEndpoints::default(),
             source_ranges: Vec::new(),
             udp_resend: None,
+            keep_external_client_ip: false,
         }
     }
 

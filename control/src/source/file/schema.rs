@@ -174,6 +174,7 @@ fn check(doc: ConfigDoc, tree: Option<&At>) -> Result<Table, (Vec<Seg>, String)>
         settings.source_ranges = svc.source_ranges;
         settings.udp_timeout = udp_timeout;
         settings.udp_resend = svc.udp_resend;
+        settings.keep_external_client_ip = svc.keep_external_client_ip;
         let service =
             Service::new(svc.name, svc.policy, affinity, backends).with_settings(settings);
         let key = ListenKey {

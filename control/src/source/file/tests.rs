@@ -675,7 +675,7 @@ fn unknown_fields_at_every_level() {
     assert_eq!((line, col), (4, 5));
     assert_eq!(
         msg,
-        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, maxConnections, idleTimeout, proxyProtocol, backends, noEndpoints, sourceRanges, udpResend)"
+        "services[0] \"web\": unknown field \"lisen\" (valid: name, listen, protocol, udpTimeoutSeconds, policy, affinity, maxConnections, idleTimeout, proxyProtocol, backends, noEndpoints, sourceRanges, udpResend, keepExternalClientIp)"
     );
     let (line, col, msg) = err("
         services:
@@ -1294,6 +1294,19 @@ fn bad_max_connections_or_idle_timeout_is_rejected_where_it_is() {
             backends: []
     ");
     assert!(message.contains("shorter than 1s"), "{message}");
+}
+
+#[test]
+fn keep_external_client_ip_is_read() {
+    assert!(!only(&ok(MINIMAL)).1.settings.keep_external_client_ip);
+    let t = ok("
+        services:
+          - name: web
+            listen: 127.0.0.1:8080
+            keepExternalClientIp: true
+            backends: []
+    ");
+    assert!(only(&t).1.settings.keep_external_client_ip);
 }
 
 #[test]
