@@ -15,27 +15,42 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub use daemon::{Daemon, Options, StopReport};
 
-/// A TCP port free right now on `ip` (bound, read, released), and never
+/// First and one past the last port [`free_port`] hands out: below the
+/// kernel's ephemeral range (`ip_local_port_range`, 32768-60999 by
+/// default), so that no outgoing connection of a test running in parallel
+/// can take the port as its source port between the check and the use
+/// (seen: `bind` then failing with EADDRINUSE), and above the well-known
+/// ports sluice and kube-proxy use by default (10249, 10256, 10261).
+const FREE_PORTS: (u16, u16) = (12_000, 20_000);
+
+/// A TCP port free right now on `ip` (bound and released), and never
 /// handed out before by this process: the kernel may give a released port
 /// again to the next `bind(0)`, and two sluice sockets on one address
 /// (both SO_REUSEPORT, e.g. a Service listener and the metrics endpoint of
 /// a test, or of two tests running in parallel) would share its
-/// connections instead of failing.
+/// connections instead of failing. Ports come from [`FREE_PORTS`], in turn
+/// from a start that depends on the process id, so that test processes
+/// running at once start far apart.
 pub fn free_port(ip: impl Into<IpAddr>) -> std::io::Result<u16> {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     let ip = ip.into();
-    for _ in 0..100 {
-        let l = std::net::TcpListener::bind((ip, 0))
-            .map_err(|e| std::io::Error::new(e.kind(), format!("bind {ip}:0: {e}")))?;
-        let port = l.local_addr()?.port();
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
+    let (low, high) = (u32::from(FREE_PORTS.0), u32::from(FREE_PORTS.1));
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        if n >= span {
+            break; // every port of the range handed out once
+        }
+        let port = u16::try_from(low + (start + n) % span).unwrap_or(FREE_PORTS.0);
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
             return Ok(port);
         }
     }
     Err(std::io::Error::other(format!(
-        "no port on {ip} that this process has not handed out already"
+        "no free port on {ip} in {}..{} that this process has not handed out already",
+        FREE_PORTS.0, FREE_PORTS.1
     )))
 }
 
