@@ -198,15 +198,7 @@ impl PolicyRoute {
             Err(e) => return Err(format!("cannot list routes: {e}")),
         };
         for route in routes {
-            let table = route
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    rtnetlink::packet_route::route::RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(u32::from(route.header.table));
-            if table != self.table {
+            if route_table(&route) != self.table {
                 continue;
             }
             if let Err(e) = handle.route().del(route).execute().await {
@@ -234,6 +226,32 @@ async fn add_rule(handle: &Handle, message: RuleMessage) -> Result<(), rtnetlink
         }
     }
     Ok(())
+}
+
+/// The table a route is in (the attribute, for tables above 255).
+fn route_table(route: &rtnetlink::packet_route::route::RouteMessage) -> u32 {
+    use rtnetlink::packet_route::route::RouteAttribute;
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
+/// Every link of the namespace (`ip link`).
+async fn all_links(
+    handle: &Handle,
+) -> Result<Vec<rtnetlink::packet_route::link::LinkMessage>, String> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| format!("cannot list links: {e}"))
 }
 
 async fn link_index(handle: &Handle, name: &str) -> Result<u32, String> {
@@ -264,13 +282,7 @@ pub async fn bridges() -> Result<Vec<Bridge>, String> {
 }
 
 async fn bridges_with(handle: &Handle) -> Result<Vec<Bridge>, String> {
-    let links: Vec<_> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| format!("cannot list links: {e}"))?;
+    let links = all_links(handle).await?;
     let mut found: Vec<(u32, Bridge)> = Vec::new();
     for link in links {
         let mut name = None;
@@ -366,13 +378,7 @@ pub async fn interface_routes() -> Result<Vec<(Cidr, String)>, String> {
 
 async fn interface_routes_with(handle: &Handle) -> Result<Vec<(Cidr, String)>, String> {
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
-    let links: Vec<_> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| format!("cannot list links: {e}"))?;
+    let links = all_links(handle).await?;
     let names: std::collections::HashMap<u32, String> = links
         .iter()
         .filter_map(|l| {
@@ -397,16 +403,8 @@ async fn interface_routes_with(handle: &Handle) -> Result<Vec<(Cidr, String)>, S
             Err(e) => return Err(format!("cannot list routes: {e}")),
         };
         for route in routes {
-            let table = route
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(u32::from(route.header.table));
             let h = &route.header;
-            if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+            if route_table(&route) != u32::from(RouteHeader::RT_TABLE_MAIN)
                 || h.kind != RouteType::Unicast
                 || !matches!(h.scope, RouteScope::Link | RouteScope::Universe)
             {
