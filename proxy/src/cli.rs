@@ -249,8 +249,11 @@ pub struct Args {
     /// (the default: this node's `spec.podCIDRs`) or `ClusterCIDR`
     /// (--cluster-cidr; includes other nodes' pods, whose replies do not
     /// come back here: their transparent dials to a NodePort of this node
-    /// hang). `BridgeInterface` and `InterfaceNamePrefix` are not
-    /// supported yet (refused at start).
+    /// hang), `BridgeInterface` (--pod-bridge-interface) or
+    /// `InterfaceNamePrefix` (--pod-interface-name-prefix): the clients the
+    /// node routes over those interfaces (the main routing table's routes,
+    /// re-read with each table publish and every 10 s; before the first
+    /// read nothing is local).
     #[arg(
         long,
         env = "SLUICE_DETECT_LOCAL_MODE",
@@ -269,6 +272,16 @@ pub struct Args {
         value_name = "CIDR,..."
     )]
     pub cluster_cidr: Vec<sluice_control::Cidr>,
+
+    /// With --detect-local-mode BridgeInterface: the pod bridge's name
+    /// (`cni0`, `cbr0`); required by that mode.
+    #[arg(long, env = "SLUICE_POD_BRIDGE_INTERFACE", value_name = "NAME")]
+    pub pod_bridge_interface: Option<String>,
+
+    /// With --detect-local-mode InterfaceNamePrefix: the prefix of the pod
+    /// interfaces' names (Calico: `cali`); required by that mode.
+    #[arg(long, env = "SLUICE_POD_INTERFACE_NAME_PREFIX", value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
 
     /// The fwmark bit that steers replies of transparent dials to sluice
     /// (hex or decimal); pick one your CNI does not use (kube-proxy uses
@@ -399,16 +412,29 @@ impl Args {
 
     /// The local-pod detector, or why it cannot be used.
     pub fn detect_local(&self) -> Result<crate::source_ip::DetectLocal, String> {
-        use crate::source_ip::DetectLocal;
+        use crate::source_ip::{DetectLocal, InterfaceMatch};
+        // kube-proxy refuses an empty name too.
+        let required = |value: &Option<String>, mode: &str, flag: &str| match value {
+            Some(v) if !v.is_empty() => Ok(v.clone()),
+            _ => Err(format!(
+                "--detect-local-mode {mode} needs {flag} (the pod interface to match)"
+            )),
+        };
         match self.detect_local_mode {
             DetectLocalMode::NodeCidr => Ok(DetectLocal::NodeCidr),
             DetectLocalMode::ClusterCidr => Ok(DetectLocal::ClusterCidr(self.cluster_cidr.clone())),
-            other => Err(format!(
-                "--detect-local-mode {}: not supported yet (use NodeCIDR or ClusterCIDR)",
-                other
-                    .to_possible_value()
-                    .map_or("?".into(), |v| v.get_name().to_string())
-            )),
+            DetectLocalMode::BridgeInterface => required(
+                &self.pod_bridge_interface,
+                "BridgeInterface",
+                "--pod-bridge-interface NAME",
+            )
+            .map(|n| DetectLocal::Interfaces(InterfaceMatch::Bridge(n))),
+            DetectLocalMode::InterfaceNamePrefix => required(
+                &self.pod_interface_name_prefix,
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix PREFIX",
+            )
+            .map(|p| DetectLocal::Interfaces(InterfaceMatch::Prefix(p))),
         }
     }
 
@@ -577,11 +603,57 @@ mod tests {
             Ok(DetectLocal::ClusterCidr(c)) => assert_eq!(c.len(), 2),
             other => panic!("{other:?}"),
         }
+        use crate::source_ip::InterfaceMatch;
         let bridge = parse(&["--detect-local-mode", "BridgeInterface"]).detect_local();
         assert!(
             bridge
                 .unwrap_err()
-                .contains("BridgeInterface: not supported yet")
+                .contains("BridgeInterface needs --pod-bridge-interface"),
         );
+        let empty = parse(&[
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "",
+        ]);
+        assert!(empty.detect_local().is_err());
+        let prefix = parse(&["--detect-local-mode", "InterfaceNamePrefix"]).detect_local();
+        assert!(
+            prefix
+                .unwrap_err()
+                .contains("InterfaceNamePrefix needs --pod-interface-name-prefix"),
+        );
+        let bridge = parse(&[
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "cni0",
+        ]);
+        assert_eq!(
+            bridge.detect_local(),
+            Ok(DetectLocal::Interfaces(InterfaceMatch::Bridge(
+                "cni0".into()
+            )))
+        );
+        let prefix = parse(&[
+            "--detect-local-mode",
+            "InterfaceNamePrefix",
+            "--pod-interface-name-prefix",
+            "cali",
+        ]);
+        assert_eq!(
+            prefix.detect_local(),
+            Ok(DetectLocal::Interfaces(InterfaceMatch::Prefix(
+                "cali".into()
+            )))
+        );
+        // The other mode's flag does not stand in.
+        let wrong = parse(&[
+            "--detect-local-mode",
+            "InterfaceNamePrefix",
+            "--pod-bridge-interface",
+            "cni0",
+        ]);
+        assert!(wrong.detect_local().is_err());
     }
 }

@@ -198,15 +198,7 @@ impl PolicyRoute {
             Err(e) => return Err(format!("cannot list routes: {e}")),
         };
         for route in routes {
-            let table = route
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    rtnetlink::packet_route::route::RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(u32::from(route.header.table));
-            if table != self.table {
+            if route_table(&route) != self.table {
                 continue;
             }
             if let Err(e) = handle.route().del(route).execute().await {
@@ -234,6 +226,32 @@ async fn add_rule(handle: &Handle, message: RuleMessage) -> Result<(), rtnetlink
         }
     }
     Ok(())
+}
+
+/// The table a route is in (the attribute, for tables above 255).
+fn route_table(route: &rtnetlink::packet_route::route::RouteMessage) -> u32 {
+    use rtnetlink::packet_route::route::RouteAttribute;
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
+/// Every link of the namespace (`ip link`).
+async fn all_links(
+    handle: &Handle,
+) -> Result<Vec<rtnetlink::packet_route::link::LinkMessage>, String> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| format!("cannot list links: {e}"))
 }
 
 async fn link_index(handle: &Handle, name: &str) -> Result<u32, String> {
@@ -264,13 +282,7 @@ pub async fn bridges() -> Result<Vec<Bridge>, String> {
 }
 
 async fn bridges_with(handle: &Handle) -> Result<Vec<Bridge>, String> {
-    let links: Vec<_> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| format!("cannot list links: {e}"))?;
+    let links = all_links(handle).await?;
     let mut found: Vec<(u32, Bridge)> = Vec::new();
     for link in links {
         let mut name = None;
@@ -351,6 +363,78 @@ async fn bridges_with(handle: &Handle) -> Result<Vec<Bridge>, String> {
     Ok(bridges)
 }
 
+/// The main routing table's unicast routes of link or universe scope (both
+/// families), each with its output interface's name (`ip route show dev
+/// NAME`): what [`crate::source_ip::local_cidrs`] matches for
+/// `--detect-local-mode BridgeInterface`/`InterfaceNamePrefix`. Routes
+/// without one output interface (multipath, blackhole) are left out. An
+/// IPv6 dump failure (IPv6 disabled) yields the IPv4 routes only.
+pub async fn interface_routes() -> Result<Vec<(Cidr, String)>, String> {
+    let (handle, task) = connect()?;
+    let result = interface_routes_with(&handle).await;
+    task.abort();
+    result
+}
+
+async fn interface_routes_with(handle: &Handle) -> Result<Vec<(Cidr, String)>, String> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+    let links = all_links(handle).await?;
+    let names: std::collections::HashMap<u32, String> = links
+        .iter()
+        .filter_map(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some((l.header.index, n.clone())),
+                _ => None,
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for v in [IpVersion::V4, IpVersion::V6] {
+        let filter = match v {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
+        let routes: Vec<_> = match handle.route().get(filter).execute().try_collect().await {
+            Ok(r) => r,
+            Err(e) if v == IpVersion::V6 => {
+                tracing::debug!("cannot list IPv6 routes: {e}");
+                continue;
+            }
+            Err(e) => return Err(format!("cannot list routes: {e}")),
+        };
+        for route in routes {
+            let h = &route.header;
+            if route_table(&route) != u32::from(RouteHeader::RT_TABLE_MAIN)
+                || h.kind != RouteType::Unicast
+                || !matches!(h.scope, RouteScope::Link | RouteScope::Universe)
+            {
+                continue;
+            }
+            let mut dst: Option<IpAddr> = None;
+            let mut oif = None;
+            for a in &route.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                        dst = Some(IpAddr::V4(*ip))
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                        dst = Some(IpAddr::V6(*ip))
+                    }
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let (Some(dst), Some(name)) = (dst, oif.and_then(|i| names.get(&i))) else {
+                continue;
+            };
+            if let Some(c) = Cidr::new(dst, h.destination_prefix_length) {
+                out.push((c, name.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Whether the ip hooks see bridged frames of a family
 /// (`/proc/sys/net/bridge/bridge-nf-call-iptables`, `-ip6tables`): the
 /// bridge rule keys on a mark the ip prerouting hooks set, so without it
@@ -387,8 +471,9 @@ pub async fn enable_transparent(
 /// Keeps `table bridge sluice` equal to the pod bridges of the node (their
 /// MAC moves when ports come and go: re-read at each table publish and
 /// every [`BRIDGE_RESYNC`]), and tells `source_ip` which bridge subnets
-/// cannot be steered (`bridge-nf-call-iptables`/`-ip6tables` is 0), until
-/// `stop`.
+/// cannot be steered (`bridge-nf-call-iptables`/`-ip6tables` is 0) and,
+/// with [`crate::source_ip::DetectLocal::Interfaces`], which networks are
+/// routed over the pod interfaces ([`interface_routes`]), until `stop`.
 pub async fn follow_bridges(
     mark: u32,
     source_ip: std::sync::Arc<crate::source_ip::SourceIp>,
@@ -398,7 +483,32 @@ pub async fn follow_bridges(
     let mut changes = publisher.subscribe();
     let mut applied: Option<String> = None;
     let mut failing = false;
+    let interfaces = match source_ip.detect() {
+        crate::source_ip::DetectLocal::Interfaces(m) => Some(m.clone()),
+        _ => None,
+    };
+    let mut routes_failing = false;
     loop {
+        // --detect-local-mode BridgeInterface/InterfaceNamePrefix: the
+        // local pods are the routes over the pod interfaces (a Calico pod
+        // gets its /32 when it starts). On a failed read the last good
+        // list stays.
+        if let Some(m) = &interfaces {
+            match interface_routes().await {
+                Ok(routes) => {
+                    routes_failing = false;
+                    source_ip.set_interface_cidrs(crate::source_ip::local_cidrs(&routes, m));
+                }
+                Err(e) if !routes_failing => {
+                    routes_failing = true;
+                    tracing::warn!(
+                        "cannot read the routes over the pod interfaces ({m:?}): {e}; \
+                         keeping the last read, retrying"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
         let outcome = match bridges().await {
             Ok(found) => {
                 let v4 = bridge_nf_call(true);
@@ -576,5 +686,75 @@ mod tests {
             ip_out(ns.name(), &["-6", "route", "show", "table", "2626"]),
             ""
         );
+    }
+
+    /// Root only: the routes over a bridge (connected) and over per-pod
+    /// veths (Calico's /32 and /128 scope link) are read with their
+    /// interface, and the matchers pick them.
+    #[test]
+    fn interface_routes_in_a_namespace() {
+        use crate::source_ip::{InterfaceMatch, local_cidrs};
+        if let Some(why) = netns::unusable(&["ip"]) {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let ns = Netns::new(format!("d-rt-{}", std::process::id())).unwrap();
+        ns.ip(&["link", "add", "br7", "type", "bridge"]).unwrap();
+        ns.ip(&["addr", "add", "10.244.7.1/24", "dev", "br7"])
+            .unwrap();
+        ns.ip(&["addr", "add", "fd00:247::1/64", "dev", "br7", "nodad"])
+            .unwrap();
+        ns.ip(&["link", "set", "br7", "up"]).unwrap();
+        ns.ip(&["link", "add", "calid7", "type", "veth", "peer", "d7peer"])
+            .unwrap();
+        ns.ip(&["link", "set", "calid7", "up"]).unwrap();
+        ns.ip(&["link", "set", "d7peer", "up"]).unwrap();
+        ns.ip(&[
+            "route",
+            "add",
+            "10.245.0.7/32",
+            "dev",
+            "calid7",
+            "scope",
+            "link",
+        ])
+        .unwrap();
+        ns.ip(&["-6", "route", "add", "fd00:245::7/128", "dev", "calid7"])
+            .unwrap();
+        // Not a pod route: a default route over the bridge, another table.
+        ns.ip(&["route", "add", "default", "via", "10.244.7.9", "dev", "br7"])
+            .unwrap();
+        ns.ip(&[
+            "route",
+            "add",
+            "10.245.0.8/32",
+            "dev",
+            "calid7",
+            "table",
+            "77",
+        ])
+        .unwrap();
+        let routes = ns
+            .block_on(Duration::from_secs(10), || async {
+                interface_routes().await.unwrap()
+            })
+            .unwrap();
+        let show = |m: InterfaceMatch| -> Vec<String> {
+            local_cidrs(&routes, &m)
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        };
+        assert_eq!(
+            show(InterfaceMatch::Bridge("br7".into())),
+            ["10.244.7.0/24", "fd00:247::/64"],
+            "{routes:?}"
+        );
+        assert_eq!(
+            show(InterfaceMatch::Prefix("cali".into())),
+            ["10.245.0.7/32", "fd00:245::7/128"],
+            "{routes:?}"
+        );
+        assert!(show(InterfaceMatch::Prefix("d7".into())).is_empty());
     }
 }

@@ -19,7 +19,10 @@
 //! "Local pod" is kube-proxy's `--detect-local-mode`, decided here on the
 //! peer address (the `redirect` keeps the client's source): `NodeCIDR`
 //! (sluice's default: this node's `spec.podCIDRs`, published with the
-//! table) or `ClusterCIDR` (`--cluster-cidr`). sluice's default differs
+//! table), `ClusterCIDR` (`--cluster-cidr`), or `BridgeInterface` /
+//! `InterfaceNamePrefix` (the main table's routes over the pod interfaces,
+//! read over netlink by [`crate::policy_route::follow_bridges`]: a client
+//! arrives on the interface the node routes it over). sluice's default differs
 //! from kube-proxy's (`ClusterCIDR`) on purpose: a pod of another node
 //! reaching a NodePort here is inside the cluster CIDR, but its replies do
 //! not come back here, so a transparent dial for it would hang.
@@ -87,6 +90,51 @@ pub enum DetectLocal {
     /// In one of these (`--cluster-cidr`); none: nothing is local, as in
     /// kube-proxy.
     ClusterCidr(Vec<Cidr>),
+    /// `BridgeInterface` / `InterfaceNamePrefix`: routed by this node over
+    /// a matching interface (the main table's routes, re-read with the pod
+    /// bridges: [`SourceIp::set_interface_cidrs`]). Routing is symmetric
+    /// for pods (rp_filter enforces it), so the clients that arrive on an
+    /// interface are those routed to over it.
+    Interfaces(InterfaceMatch),
+}
+
+/// Which interfaces carry this node's pods (kube-proxy's
+/// `--pod-bridge-interface` / `--pod-interface-name-prefix`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceMatch {
+    /// This exact name (a bridge CNI's `cni0`, `cbr0`).
+    Bridge(String),
+    /// Names that start with this (Calico's `cali`, one veth per pod).
+    Prefix(String),
+}
+
+impl InterfaceMatch {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            InterfaceMatch::Bridge(b) => name == b,
+            InterfaceMatch::Prefix(p) => name.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// The local pod networks for [`DetectLocal::Interfaces`]: the
+/// destinations of `routes` (the main table's unicast, link- or
+/// universe-scope routes, with their output interface's name) whose
+/// interface matches, without default routes and IPv6 link-local
+/// (`fe80::/64` is routed on every interface), sorted, without duplicates.
+pub fn local_cidrs(routes: &[(Cidr, String)], m: &InterfaceMatch) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = routes
+        .iter()
+        .filter(|(c, dev)| {
+            let link_local =
+                matches!(c.addr(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+            c.prefix() > 0 && !link_local && m.matches(dev)
+        })
+        .map(|(c, _)| *c)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// What a dial needs to know about the client and the entry it reached.
@@ -110,6 +158,9 @@ pub struct SourceIp {
     detect: DetectLocal,
     enabled: AtomicBool,
     unsteered: ArcSwap<Vec<Cidr>>,
+    /// [`DetectLocal::Interfaces`]: the matching interfaces' routes (empty
+    /// until the first read: nothing local, dials from the node).
+    interface_cidrs: ArcSwap<Vec<Cidr>>,
 }
 
 impl Default for SourceIp {
@@ -126,6 +177,7 @@ impl SourceIp {
             detect,
             enabled: AtomicBool::new(false),
             unsteered: ArcSwap::from_pointee(Vec::new()),
+            interface_cidrs: ArcSwap::from_pointee(Vec::new()),
         }
     }
 
@@ -150,17 +202,25 @@ impl SourceIp {
         }
     }
 
+    /// With [`DetectLocal::Interfaces`]: the pod networks routed over the
+    /// matching interfaces ([`local_cidrs`]).
+    pub fn set_interface_cidrs(&self, cidrs: Vec<Cidr>) {
+        if **self.interface_cidrs.load() != cidrs {
+            self.interface_cidrs.store(Arc::new(cidrs));
+        }
+    }
+
     /// The source for one dial.
     pub fn choose(&self, dial: &Dial<'_>) -> Source {
         if !self.is_enabled() {
             return Source::Node(NodeReason::Disabled);
         }
-        let local_cidrs = match &self.detect {
-            DetectLocal::NodeCidr => dial.node_pod_cidrs,
-            DetectLocal::ClusterCidr(cidrs) => cidrs.as_slice(),
-        };
         let unsteered = self.unsteered.load();
-        choose(dial, local_cidrs, &unsteered)
+        match &self.detect {
+            DetectLocal::NodeCidr => choose(dial, dial.node_pod_cidrs, &unsteered),
+            DetectLocal::ClusterCidr(cidrs) => choose(dial, cidrs, &unsteered),
+            DetectLocal::Interfaces(_) => choose(dial, &self.interface_cidrs.load(), &unsteered),
+        }
     }
 }
 
@@ -365,5 +425,70 @@ mod tests {
             node_cidr.choose(&same_bridge),
             Source::Node(NodeReason::Disabled)
         );
+    }
+
+    fn routes(v: &[(&str, &str)]) -> Vec<(Cidr, String)> {
+        v.iter()
+            .map(|(c, dev)| (c.parse().unwrap(), dev.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn interface_routes_to_local_cidrs() {
+        // A node with a bridge CNI (cni0), Calico veths and an uplink.
+        let table = routes(&[
+            ("0.0.0.0/0", "cni0"),
+            ("10.244.0.0/24", "cni0"),
+            ("fd00:244::/64", "cni0"),
+            ("fe80::/64", "cni0"),
+            ("10.244.1.7/32", "calia1b2c3"),
+            ("10.244.1.9/32", "cali99"),
+            ("10.244.1.7/32", "calia1b2c3"),
+            ("fd00:245::7/128", "calia1b2c3"),
+            ("192.168.50.0/24", "eth0"),
+            ("10.244.5.0/24", "cni0x"),
+        ]);
+        let bridge = InterfaceMatch::Bridge("cni0".into());
+        assert_eq!(
+            local_cidrs(&table, &bridge),
+            cidrs(&["10.244.0.0/24", "fd00:244::/64"])
+        );
+        let prefix = InterfaceMatch::Prefix("cali".into());
+        assert_eq!(
+            local_cidrs(&table, &prefix),
+            cidrs(&["10.244.1.7/32", "10.244.1.9/32", "fd00:245::7/128"])
+        );
+        assert_eq!(
+            local_cidrs(&table, &InterfaceMatch::Bridge("cni".into())),
+            Vec::<Cidr>::new()
+        );
+        assert!(InterfaceMatch::Prefix("cni0".into()).matches("cni0x"));
+    }
+
+    #[test]
+    fn interface_detector_follows_the_routes() {
+        let s = SourceIp::new(DetectLocal::Interfaces(InterfaceMatch::Prefix(
+            "cali".into(),
+        )));
+        s.enable(true);
+        let dial = Dial {
+            client: ip("10.244.1.7"),
+            backend: ip("10.244.2.20"),
+            keep_external_client_ip: false,
+            // Ignored by this detector.
+            node_pod_cidrs: &cidrs(&["10.244.0.0/16"]),
+        };
+        // Before the first read nothing is local.
+        assert_eq!(s.choose(&dial), Source::Node(NodeReason::NotLocal));
+        s.set_interface_cidrs(cidrs(&["10.244.1.7/32"]));
+        assert_eq!(s.choose(&dial), Source::Client(dial.client));
+        let other = Dial {
+            client: ip("10.244.1.8"),
+            ..dial
+        };
+        assert_eq!(s.choose(&other), Source::Node(NodeReason::NotLocal));
+        // The pod went away: its route with it.
+        s.set_interface_cidrs(Vec::new());
+        assert_eq!(s.choose(&dial), Source::Node(NodeReason::NotLocal));
     }
 }

@@ -503,6 +503,79 @@ async fn an_unsteerable_bridge_falls_back_to_the_node_address() {
     drop(api);
 }
 
+/// [`ask_until`] until the peer seen is `want`, for at most 12 s (the
+/// routes over the pod interfaces are read when the bridge follower
+/// starts, then with each table publish and every 10 s); the last seen.
+fn ask_until_seen(ns: &netns::Netns, addr: &str, want: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let seen = ask_until(ns, addr);
+        if seen == want || start.elapsed() > Duration::from_secs(12) {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `--detect-local-mode BridgeInterface` / `InterfaceNamePrefix`: the
+/// client pod is local because node-a routes its network over br0 (the
+/// bridge, not its ports: a port's name matches no route).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interface_detectors_follow_the_routes_over_the_pod_interfaces() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::build();
+    let (api, _dir, kubeconfig) = apiserver(&net);
+    for mode in [
+        [
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "br0",
+        ],
+        [
+            "--detect-local-mode",
+            "InterfaceNamePrefix",
+            "--pod-interface-name-prefix",
+            "br",
+        ],
+    ] {
+        let mut sluice = start(&net, &kubeconfig, &mode);
+        // Same bridge and the other node: the client's own IP.
+        assert_eq!(
+            ask_until_seen(&net.client, "10.96.0.1:80", "10.244.0.10"),
+            "10.244.0.10",
+            "{mode:?}\n{}",
+            sluice.log_tail(40)
+        );
+        assert_eq!(ask(&net.client, "10.96.0.2:80"), Ok("10.244.0.10".into()));
+        let report = sluice.stop(Duration::from_secs(10)).await;
+        assert!(report.clean, "{report:?}");
+    }
+    // A bridge port carries no route: nothing is local, the node dials.
+    let sluice = start(
+        &net,
+        &kubeconfig,
+        &[
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "vclient",
+        ],
+    );
+    assert_eq!(ask_until(&net.client, "10.96.0.2:80"), "192.168.60.10");
+    let m = net.metrics(&sluice).await;
+    assert!(
+        metric(&m, "sluice_source_ip_node_total{reason=\"not_local\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    drop(sluice);
+    drop(api);
+    let _ = (&net.node_b, &net.remote, &net.ext, &net.backend);
+}
+
 /// Asked for but unavailable (here: `--intercept bind`): every dial from
 /// the node's address, the reason on /healthz, each dial counted as
 /// `disabled`. Loopback only, no root needed.
