@@ -479,6 +479,10 @@ impl Args {
                 self.detect_local()
                     .unwrap_or(crate::source_ip::DetectLocal::NodeCidr),
             )),
+            reserved: [self.healthz_bind_address, self.metrics_bind_address]
+                .into_iter()
+                .filter_map(|BindAddress(a)| a)
+                .collect(),
         }
     }
 }

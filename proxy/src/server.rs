@@ -129,6 +129,22 @@ pub struct ProxyConfig {
     /// the client's own address or the node's. Disabled unless enabled
     /// once the node's routing for it is in place.
     pub source_ip: Arc<crate::source_ip::SourceIp>,
+    /// sluice's own admin endpoints (`--healthz-bind-address`,
+    /// `--metrics-bind-address`): a Service listener that would share one
+    /// of their ports is refused. Every listener is SO_REUSEPORT (for
+    /// upgrades), so the kernel would let both bind and split the
+    /// connections between them.
+    pub reserved: Vec<SocketAddr>,
+}
+
+/// The admin endpoint of `reserved` that a listener on `addr` would share
+/// a port with (same port, and the same address or either a wildcard).
+pub fn clashes_with(addr: SocketAddr, reserved: &[SocketAddr]) -> Option<SocketAddr> {
+    reserved.iter().copied().find(|r| {
+        r.port() == addr.port()
+            && r.is_ipv4() == addr.is_ipv4()
+            && (r.ip() == addr.ip() || r.ip().is_unspecified() || addr.ip().is_unspecified())
+    })
 }
 
 /// What a shutdown did.
@@ -495,6 +511,12 @@ impl Proxy {
     /// with its worker's event loop, or one on the current runtime. All or
     /// none: on error the ones already bound are closed.
     fn bind(&self, addr: SocketAddr) -> std::io::Result<Vec<(TcpListener, Option<&Handle>)>> {
+        if let Some(admin) = clashes_with(addr, &self.config.reserved) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{addr} would share the port of sluice's own admin endpoint {admin}"),
+            ));
+        }
         if self.workers.is_empty() {
             return Ok(vec![(bind_tcp(addr)?, None)]);
         }
@@ -872,6 +894,31 @@ mod tests {
             Arc::new(Service::new("web", Policy::RoundRobin, None, Vec::new())),
         );
         t
+    }
+
+    #[test]
+    fn a_listener_on_an_admin_endpoint_s_port_clashes() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let reserved = [a("127.0.0.1:10249"), a("0.0.0.0:10256")];
+        assert_eq!(
+            clashes_with(a("127.0.0.1:10249"), &reserved),
+            Some(reserved[0])
+        );
+        assert_eq!(
+            clashes_with(a("0.0.0.0:10249"), &reserved),
+            Some(reserved[0])
+        );
+        assert_eq!(
+            clashes_with(a("10.96.0.1:10256"), &reserved),
+            Some(reserved[1])
+        );
+        assert_eq!(clashes_with(a("127.0.0.2:10249"), &reserved), None);
+        assert_eq!(clashes_with(a("127.0.0.1:80"), &reserved), None);
+        assert_eq!(
+            clashes_with(a("[::]:10256"), &reserved),
+            None,
+            "other family"
+        );
     }
 
     #[test]

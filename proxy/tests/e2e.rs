@@ -580,3 +580,26 @@ async fn connection_limit_is_shared_by_all_workers_and_services() {
     drop(held);
     assert_eq!(read_line(&mut third).await, "a", "served once a slot freed");
 }
+
+#[tokio::test]
+async fn a_service_on_the_metrics_address_is_refused_and_metrics_keep_answering() {
+    let backend = Backend::start("a", Mode::Echo).await.unwrap();
+    let listen = listen_addr();
+    let mut s = start(config(listen, &[(backend.addr, "ready")]), &[]).await;
+    // Every listener is SO_REUSEPORT: without the check a Service on the
+    // metrics address binds too and takes part of /metrics' connections.
+    let metrics = s.metrics;
+    reload(&mut s, two(listen, metrics, backend.addr)).await;
+    for _ in 0..20 {
+        let text = s.scrape().await.unwrap();
+        assert!(metric(&text, "sluice_table_generation").is_some(), "{text}");
+    }
+    let log = s.log_tail(200);
+    assert!(
+        log.contains("would share the port of sluice's own admin endpoint"),
+        "{log}"
+    );
+    // The other Service is still served.
+    let (_c, name) = connect_named(listen).await;
+    assert_eq!(name, "a");
+}
