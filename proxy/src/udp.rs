@@ -61,7 +61,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -580,11 +580,11 @@ fn millis(at: Instant) -> u64 {
 
 /// When a flow's backend replied.
 #[derive(Debug, Default)]
-struct Shared {
+struct Replies {
     /// The backend replied at least once.
-    replied: AtomicBool,
+    replied: bool,
     /// When the backend last replied ([`millis`]).
-    last_reply: AtomicU64,
+    last_reply: u64,
 }
 
 /// A flow's backend is unreachable (an ICMP error on its socket).
@@ -616,7 +616,7 @@ struct Flow {
     /// Connected to `backend`; in the port's epoll set under `id`.
     socket: std::net::UdpSocket,
     id: u64,
-    shared: Shared,
+    replies: Replies,
     /// The last datagram from the client, kept to be re-sent once.
     last: Vec<u8>,
     /// When the client last sent.
@@ -633,8 +633,7 @@ struct Flow {
 impl Flow {
     /// Whether the client's last datagram is still unanswered.
     fn awaiting_reply(&self) -> bool {
-        self.shared.last_reply.load(Ordering::Relaxed) < millis(self.last_sent)
-            || !self.shared.replied.load(Ordering::Relaxed)
+        self.replies.last_reply < millis(self.last_sent) || !self.replies.replied
     }
 }
 
@@ -696,7 +695,7 @@ struct Deadline {
 #[derive(Debug, Default)]
 struct Heard {
     /// Its last reply to any flow ([`millis`]).
-    last_reply: Arc<AtomicU64>,
+    last_reply: u64,
     /// `last_reply` when `misses` started counting.
     seen: u64,
     /// Datagrams left unanswered past their deadline since `seen`.
@@ -801,7 +800,7 @@ impl Port {
             local,
             socket,
             id,
-            shared: Shared::default(),
+            replies: Replies::default(),
             last,
             last_sent: now,
             resent: false,
@@ -1043,7 +1042,7 @@ impl Port {
         let Some(h) = self.heard.get_mut(&backend) else {
             return false;
         };
-        let last = h.last_reply.load(Ordering::Relaxed);
+        let last = h.last_reply;
         if last >= millis(sent) {
             // It answers others: a slow answer, not a dead backend.
             (h.seen, h.misses) = (last, 0);
@@ -1068,13 +1067,13 @@ impl Port {
         let now_ms = millis(now);
         let before = self.flows.len();
         self.flows.retain(|_, f| {
-            let replied = f.shared.replied.load(Ordering::Relaxed);
+            let replied = f.replies.replied;
             let timeout = configured.unwrap_or(if replied {
                 REPLIED_TIMEOUT
             } else {
                 UNREPLIED_TIMEOUT
             });
-            let last = millis(f.last_sent).max(f.shared.last_reply.load(Ordering::Relaxed));
+            let last = millis(f.last_sent).max(f.replies.last_reply);
             u128::from(now_ms.saturating_sub(last)) < timeout.as_millis()
         });
         for _ in self.flows.len()..before {
@@ -1126,7 +1125,7 @@ impl Port {
         let Some(&client) = self.by_id.get(&id) else {
             return;
         };
-        let Some(flow) = self.flows.get(&client).filter(|f| f.id == id) else {
+        let Some(flow) = self.flows.get_mut(&client).filter(|f| f.id == id) else {
             self.by_id.remove(&id);
             return;
         };
@@ -1158,15 +1157,15 @@ impl Port {
                 return;
             }
         };
-        if !flow.shared.replied.swap(true, Ordering::Relaxed)
+        if !std::mem::replace(&mut flow.replies.replied, true)
             && self.proxy.tracker.dial_succeeded(flow.backend)
         {
             info!(backend = %flow.backend, "backend answers again");
         }
         let at = millis(Instant::now());
-        flow.shared.last_reply.store(at, Ordering::Relaxed);
-        if let Some(heard) = self.heard.get(&flow.backend) {
-            heard.last_reply.store(at, Ordering::Relaxed);
+        flow.replies.last_reply = at;
+        if let Some(heard) = self.heard.get_mut(&flow.backend) {
+            heard.last_reply = at;
         }
         let payload = self.reply_buf.get(..n).unwrap_or_default();
         // A full send buffer drops the reply, as the network would.
