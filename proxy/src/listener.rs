@@ -137,6 +137,45 @@ pub fn shareable_socket(addr: SocketAddr, ty: Type, kind: Kind) -> io::Result<So
     Ok(socket)
 }
 
+/// A UDP socket for `addr` (a wildcard address and a port: sluice's UDP
+/// intercept ports), not bound yet: SO_REUSEPORT so that a new sluice joins
+/// the old one's group on the same port during a hand-over (both serve
+/// the port until the old one leaves, [`leave_udp_group`]), non-blocking,
+/// IPv6 only for IPv6. No SO_REUSEADDR: on a UDP socket it would let any
+/// other socket with SO_REUSEADDR bind the port outside the group and take
+/// its datagrams; SO_REUSEPORT shares only with sockets of the same user
+/// that ask for it too.
+pub fn udp_group_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Takes a UDP socket bound on a wildcard address out of its SO_REUSEPORT
+/// group, without closing it: the kernel stops handing it new datagrams
+/// (they go to the other sockets of the group: the new sluice) while the
+/// datagrams already queued stay readable and `sendmsg` to any address
+/// still works (the replies of flows that are draining). How: `connect(2)`
+/// to the socket's own port on loopback. The connect rehashes the socket
+/// (it gets a local address), which detaches it from the group
+/// (`udp_lib_rehash`), and a connected socket only receives datagrams from
+/// its peer, here itself, which sends none. Needs `lo` up.
+pub fn leave_udp_group(socket: &socket2::SockRef<'_>) -> io::Result<()> {
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket"))?;
+    let peer: SocketAddr = match local {
+        SocketAddr::V4(a) => (std::net::Ipv4Addr::LOCALHOST, a.port()).into(),
+        SocketAddr::V6(a) => (std::net::Ipv6Addr::LOCALHOST, a.port()).into(),
+    };
+    socket.connect(&peer.into())
+}
+
 fn listen(addr: SocketAddr, kind: Kind) -> io::Result<TcpListener> {
     let socket = shareable_socket(addr, Type::STREAM, kind)?;
     socket.set_tcp_nodelay(true)?;
@@ -207,6 +246,47 @@ mod tests {
         let a = bind_local_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         let b = bind_local_tcp(a.local_addr().unwrap()).unwrap();
         assert_eq!(a.local_addr().unwrap(), b.local_addr().unwrap());
+    }
+
+    /// A socket that left its group gets no new datagram (the other one
+    /// gets them all), still reads what was queued before, and still sends
+    /// to any address.
+    #[test]
+    fn a_udp_socket_that_leaves_its_group_stops_receiving_but_sends() {
+        let bind = |port: u16| {
+            let s = udp_group_socket(SocketAddr::from(([0, 0, 0, 0], port))).unwrap();
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into()).unwrap();
+            std::net::UdpSocket::from(s)
+        };
+        let old = bind(0);
+        let port = old.local_addr().unwrap().port();
+        let new = bind(port);
+        let to = SocketAddr::from(([127, 0, 0, 1], port));
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"queued", to).unwrap();
+        // Wherever it landed, read it there later.
+        std::thread::sleep(Duration::from_millis(50));
+        leave_udp_group(&socket2::SockRef::from(&old)).unwrap();
+        old.set_nonblocking(true).unwrap();
+        new.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        let queued = [old.recv_from(&mut buf).ok(), new.recv_from(&mut buf).ok()];
+        assert_eq!(queued.iter().flatten().count(), 1, "{queued:?}");
+        // 64 new senders (64 hashes): every datagram reaches the new socket.
+        for _ in 0..64 {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.send_to(b"new", to).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut got = 0;
+        while new.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 64);
+        assert!(old.recv_from(&mut buf).is_err(), "the old socket still receives");
+        old.send_to(b"reply", client.local_addr().unwrap()).unwrap();
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"reply"[..], port));
     }
 
     #[tokio::test]
