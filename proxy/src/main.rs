@@ -256,6 +256,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     // What follows the table into the kernel (Service IPs, the nftables
     // table): one reconcile loop, one TableDiff per publish.
     let mut followers: Vec<Box<dyn Follower>> = Vec::new();
+    // The UDP intercept ports' serving tasks, waited for at exit (their
+    // flows drain while the next sluice takes the ports).
+    let mut udp_tasks = None;
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => followers.push(Box::new(VipFollower::new(device))),
@@ -321,8 +324,10 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             eprintln!("sluice: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
         }
-        // UDP Services: a local port each, bound and served before the
-        // nftables table steers to it (reconcile::NftFollower).
+        // UDP Services: a local port each (the one the nftables map already
+        // has, after a restart or during a hand-over), bound and served
+        // before the nftables table steers to it: the UDP follower runs
+        // before reconcile::NftFollower.
         let udp = sluice_proxy::udp_intercept::UdpIntercept::new(
             sluice_proxy::udp::UdpProxy::new(
                 args.udp_config(),
@@ -331,7 +336,11 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
                 metrics.clone(),
             ),
             args.udp_intercept_ports,
+            stop.clone(),
         );
+        let udp_steering = udp.steering();
+        udp_tasks = Some(udp.tasks());
+        followers.push(Box::new(udp));
         if transparent {
             tokio::spawn(sluice_proxy::policy_route::follow_bridges(
                 args.transparent_mark,
@@ -343,7 +352,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         followers.push(Box::new(NftFollower::new(
             args.intercept_port,
             transparent.then_some(args.transparent_mark),
-            udp,
+            udp_steering,
             metrics.clone(),
         )));
     }
@@ -392,6 +401,10 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         tokio::spawn(udp.run(stop.clone()));
     }
     let report = proxy.run(stop).await;
+    if let Some(tasks) = udp_tasks {
+        tasks.close();
+        tasks.wait().await;
+    }
     if report.cut > 0 {
         warn!(cut = report.cut, "exiting with connections cut");
     }

@@ -881,6 +881,91 @@ async fn apply_with(program: &str, script: &str) -> Result<(), NftError> {
     })
 }
 
+/// The `udp-ports` maps of sluice's table as the kernel holds them now
+/// (`nft -j list map`): which local port each UDP key is redirected to, as
+/// a previous sluice (a restart) or the one running beside this one (a
+/// hand-over) left them, for [`crate::udp_intercept`] to adopt. No table
+/// or no map: empty. An element that cannot be read is skipped (counted
+/// in the second value) and the rest kept.
+pub async fn read_udp_ports() -> Result<(BTreeMap<ListenKey, u16>, usize), NftError> {
+    let mut ports = BTreeMap::new();
+    let mut skipped = 0;
+    for map in ["udp-ports-v4", "udp-ports-v6"] {
+        let out = tokio::process::Command::new("nft")
+            .args(["-j", "list", "map", "inet", "sluice", map])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(NftError::NotInstalled);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            // No table or no map yet (the first sluice on this node).
+            if stderr.contains("No such file or directory") {
+                continue;
+            }
+            return Err(NftError::Failed {
+                status: out.status.to_string(),
+                stderr,
+            });
+        }
+        let (read, bad) = parse_udp_ports(&String::from_utf8_lossy(&out.stdout));
+        ports.extend(read);
+        skipped += bad;
+    }
+    Ok((ports, skipped))
+}
+
+/// The elements of a `udp-ports` map in `nft -j list map` output
+/// (`[{"concat": [address, port]}, local port]`), and how many elements
+/// were not of that shape (skipped). Output that is not JSON: none read,
+/// one skipped.
+pub fn parse_udp_ports(json: &str) -> (Vec<(ListenKey, u16)>, usize) {
+    use serde_json::Value;
+    let Ok(doc) = serde_json::from_str::<Value>(json) else {
+        return (Vec::new(), 1);
+    };
+    let port = |v: &Value| -> Option<u16> {
+        match v {
+            Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    };
+    let element = |e: &Value| -> Option<(ListenKey, u16)> {
+        let [key, local] = e.as_array()?.as_slice() else {
+            return None;
+        };
+        let [addr, service] = key.get("concat")?.as_array()?.as_slice() else {
+            return None;
+        };
+        let addr: IpAddr = addr.as_str()?.parse().ok()?;
+        let key = ListenKey {
+            addr: (addr, port(service)?).into(),
+            protocol: Protocol::Udp,
+        };
+        Some((key, port(local)?))
+    };
+    let (mut read, mut skipped) = (Vec::new(), 0);
+    let items = doc.get("nftables").and_then(Value::as_array);
+    for item in items.into_iter().flatten() {
+        let elems = item.get("map").and_then(|m| m.get("elem"));
+        for e in elems.and_then(Value::as_array).into_iter().flatten() {
+            match element(e) {
+                Some(kp) => read.push(kp),
+                None => skipped += 1,
+            }
+        }
+    }
+    (read, skipped)
+}
+
 /// Every address on the node's interfaces (netlink), for
 /// `--nodeport-addresses` CIDRs to match (see
 /// [`sluice_control::cidr::nodeport_addresses`]). Must run inside a Tokio
@@ -1364,6 +1449,30 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
             "delete element inet sluice firewall-ips-v4 { 192.168.60.1 . tcp . 80 }\n\
              delete element inet sluice firewall-allow-v4 { 192.168.60.1 . tcp . 80 . 10.0.0.0/8 }\n"
         );
+    }
+
+    #[test]
+    fn udp_ports_are_read_from_nft_json_and_bad_elements_skipped() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"map": {"family": "inet", "name": "udp-ports-v4", "table": "sluice",
+             "type": ["ipv4_addr", "inet_service"], "map": "inet_service",
+             "elem": [[{"concat": ["10.96.0.10", 53]}, 20000],
+                      [{"concat": ["fd00::10", "53"]}, 20002],
+                      [{"concat": ["10.96.0.11", 70000]}, 20001],
+                      "garbage"]}}]}"#;
+        let (read, skipped) = parse_udp_ports(json);
+        assert_eq!(
+            read,
+            [
+                (listen_key("10.96.0.10:53/udp"), 20000),
+                (listen_key("[fd00::10]:53/udp"), 20002)
+            ]
+        );
+        assert_eq!(skipped, 2);
+        assert_eq!(parse_udp_ports("not json"), (Vec::new(), 1));
+        // A map without elements: nothing, nothing skipped.
+        let empty = r#"{"nftables": [{"map": {"name": "udp-ports-v6"}}]}"#;
+        assert_eq!(parse_udp_ports(empty), (Vec::new(), 0));
     }
 
     /// `key → local port` for [`Ruleset::with_udp`].

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::nft::{self, Programmer, Ruleset, Synced};
-use crate::udp_intercept::UdpIntercept;
+use crate::udp_intercept::UdpSteering;
 use crate::vip::{VipDevice, service_ips};
 
 /// How long an incomplete follower waits before it is retried.
@@ -134,7 +134,9 @@ pub struct NftFollower {
     /// Transparent dials on: the mark of the `steer-replies` chain (fixed
     /// for the process's life).
     steer_mark: Option<u32>,
-    udp: UdpIntercept,
+    /// The UDP keys' local ports, bound by the
+    /// [`crate::udp_intercept::UdpIntercept`] follower that runs first.
+    udp: UdpSteering,
     metrics: Arc<Metrics>,
     programmer: Programmer,
     want: Option<Ruleset>,
@@ -144,7 +146,7 @@ impl NftFollower {
     pub fn new(
         port: u16,
         steer_mark: Option<u32>,
-        udp: UdpIntercept,
+        udp: UdpSteering,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -159,7 +161,7 @@ impl NftFollower {
 
     async fn sync(&mut self, diff: &TableDiff, table: &Table) -> bool {
         let range = self.udp.range();
-        let udp_ports = self.udp.follow(table);
+        let udp_ports = &self.udp.ports();
         let (want, keys) = match self.want.as_mut() {
             Some(want) => {
                 let keys = nft::diff_keys(diff);

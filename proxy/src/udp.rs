@@ -245,7 +245,7 @@ impl UdpProxy {
         socket: UdpSocket,
         stop: CancellationToken,
     ) {
-        self.serve_with(key, socket, stop, false).await
+        self.serve_with(key, socket, stop, false, None).await
     }
 
     /// [`Self::serve`] for a local port that `redirect` steers the key's
@@ -258,7 +258,26 @@ impl UdpProxy {
         socket: UdpSocket,
         stop: CancellationToken,
     ) {
-        self.serve_with(key, socket, stop, true).await
+        self.serve_with(key, socket, stop, true, None).await
+    }
+
+    /// [`Self::serve_intercepted`] for a port shared with another sluice
+    /// during a hand-over ([`crate::udp_intercept`]): when `drain` fires,
+    /// the socket leaves its SO_REUSEPORT group
+    /// ([`crate::listener::leave_udp_group`]), so new datagrams go to the
+    /// sluice that takes over, and this one reads what was already queued
+    /// and answers its flows until none awaits a reply, or for at most
+    /// `limit`. `stop` still ends it at once (the key left the table).
+    pub async fn serve_intercepted_with_drain(
+        self: Arc<Self>,
+        key: ListenKey,
+        socket: UdpSocket,
+        stop: CancellationToken,
+        drain: CancellationToken,
+        limit: Duration,
+    ) {
+        self.serve_with(key, socket, stop, true, Some((drain, limit)))
+            .await
     }
 
     async fn serve_with(
@@ -267,6 +286,7 @@ impl UdpProxy {
         socket: UdpSocket,
         stop: CancellationToken,
         pktinfo: bool,
+        drain: Option<(CancellationToken, Duration)>,
     ) {
         let Some(service) = self.publisher.load().get(&key).cloned() else {
             return;
@@ -313,7 +333,18 @@ impl UdpProxy {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut backoff = Duration::from_millis(5);
+        // Draining (a hand-over): out of the group since, serving until.
+        let mut draining: Option<Instant> = None;
         loop {
+            if draining.is_some_and(|until| Instant::now() >= until || !port.awaiting_replies()) {
+                break;
+            }
+            let drain_now = async {
+                match (&drain, draining) {
+                    (Some((drain, _)), None) => drain.cancelled().await,
+                    _ => std::future::pending().await,
+                }
+            };
             let next_deadline = port.deadlines.front().map(|d| d.at);
             let deadline = tokio::time::sleep_until(next_deadline.unwrap_or(far_future()).into());
             tokio::select! {
@@ -359,6 +390,19 @@ impl UdpProxy {
                 }
                 _ = sweep.tick() => port.expire(Instant::now()),
                 _ = deadline, if next_deadline.is_some() => port.on_deadlines(Instant::now()),
+                () = drain_now => {
+                    let limit = drain.as_ref().map_or(Duration::ZERO, |(_, l)| *l);
+                    if let Err(e) = crate::listener::leave_udp_group(&SockRef::from(&*port.socket)) {
+                        warn!(listen = %key, error = %e, "cannot hand the UDP port over: closing it");
+                        break;
+                    }
+                    draining = Some(Instant::now() + limit);
+                    // What was queued before the socket left the group.
+                    while let Ok((n, client, local)) = try_recv(&port.socket, &mut buf, pktinfo) {
+                        port.on_datagram(client, local, &buf[..n]);
+                    }
+                    debug!(listen = %key, flows = port.flows.len(), "UDP port handed over: draining its flows");
+                }
                 _ = stop.cancelled() => break,
             }
         }
@@ -703,6 +747,11 @@ struct Heard {
 }
 
 impl Port {
+    /// Whether some flow's last datagram is still unanswered.
+    fn awaiting_replies(&self) -> bool {
+        self.flows.values().any(Flow::awaiting_reply)
+    }
+
     fn service(&self) -> Option<Arc<Service>> {
         self.proxy.publisher.load().get(&self.key).cloned()
     }

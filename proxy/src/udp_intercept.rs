@@ -5,27 +5,54 @@
 //! which Service it was sent to, so one shared port cannot tell Services
 //! apart: docs/architecture.md, "UDP").
 //!
-//! [`UdpPorts`] is the pure part: a key keeps its port while it stays in
-//! the table; a new key takes the next port after the last one given
-//! (wrapping in the range), so a port freed by a key that left is not given
-//! again at once (its old socket may still be closing). A port is given
-//! only if its bind succeeds: the sockets are bound without `SO_REUSEADDR`
-//! and `SO_REUSEPORT`, so a port another process holds (another program, or
-//! the sluice being replaced during an upgrade, whose keys may sit on other
-//! ports) is skipped instead of shared.
+//! [`UdpPorts`] is the pure part. The kernel's `udp-ports` maps are the
+//! shared record of which key is on which port: a sluice that starts
+//! (a restart after a crash, or the new process of a hand-over) reads them
+//! ([`crate::nft::read_udp_ports`]) and binds the SAME ports, so a client
+//! that keeps its source port (a resolver) is steered to the same place
+//! before and after. The sockets are in a SO_REUSEPORT group
+//! ([`crate::listener::udp_group_socket`]): during a hand-over the old and
+//! the new sluice both hold the port; when the old one stops it leaves the
+//! group without closing its socket ([`UdpProxy::serve_intercepted_with_drain`]),
+//! so new datagrams go to the new one while its own flows get their
+//! replies.
+//!
+//! A key that is not in the kernel's map gets the lowest port of the range
+//! that no key maps to in the kernel and none holds here (a port this
+//! process freed in the last [`COOL`] only if nothing else is free: its
+//! old socket may still be closing elsewhere). The rule depends on the
+//! kernel's map, not on the process's history, so two sluices that run
+//! side by side and see the same new key in the same table pick the same
+//! port, bind it together (SO_REUSEPORT) and write the same element:
+//! neither overwrites the other's. One that already wrote it is simply
+//! adopted by the other. A port is given only if its bind succeeds (a port
+//! another program holds without SO_REUSEPORT is skipped).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use sluice_control::{ListenKey, Protocol, Table};
-use socket2::{Domain, Socket, Type};
+use futures_util::future::BoxFuture;
+use sluice_control::{ListenKey, Protocol, Table, TableDiff};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::reconcile::Follower;
 use crate::udp::UdpProxy;
+
+/// A port this process freed is given again only when no other port is
+/// free for this long (another sluice may still serve it for the key that
+/// left, until it sees the table without it).
+pub const COOL: Duration = Duration::from_secs(60);
+
+/// At a hand-over (SIGTERM), how long the old sluice keeps answering the
+/// flows it has after its UDP ports left their groups (a DNS answer takes
+/// milliseconds; a resolver waits 5 s).
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Default `--udp-intercept-ports`: below Kubernetes' NodePort range
 /// (30000-32767) and Linux's ephemeral ports (32768-60999).
@@ -53,9 +80,9 @@ pub fn parse_range(s: &str) -> Result<(u16, u16), String> {
 pub struct UdpPorts {
     first: u16,
     last: u16,
-    /// Where the search for the next free port starts.
-    next: u16,
     assigned: BTreeMap<ListenKey, u16>,
+    /// Ports this process freed, and when.
+    freed: BTreeMap<u16, Instant>,
 }
 
 impl UdpPorts {
@@ -63,8 +90,8 @@ impl UdpPorts {
         Self {
             first,
             last,
-            next: first,
             assigned: BTreeMap::new(),
+            freed: BTreeMap::new(),
         }
     }
 
@@ -75,44 +102,51 @@ impl UdpPorts {
 
     /// Follows `keys` (the UDP keys of the table): forgets the keys that
     /// are not among them (returned with their ports, to be closed) and
-    /// gives every new key a port that no key holds and `bind` accepts.
-    /// A key for which every port is taken or refused gets none (in
-    /// `unassigned`) and is tried again at the next update.
+    /// gives every new key, in key order, the port `kernel` (the kernel's
+    /// `udp-ports` maps) has for it if `bind` accepts it, else the lowest
+    /// port that `kernel` gives no key, no key holds here and `bind`
+    /// accepts (one freed here in the last [`COOL`] last). A key for which
+    /// every port is taken or refused gets none (in `unassigned`) and is
+    /// tried again at the next update.
     pub fn update<'a>(
         &mut self,
         keys: impl IntoIterator<Item = &'a ListenKey>,
+        kernel: &BTreeMap<ListenKey, u16>,
+        now: Instant,
         mut bind: impl FnMut(&ListenKey, u16) -> bool,
     ) -> Update {
-        let keys: Vec<&ListenKey> = keys.into_iter().collect();
-        let wanted: std::collections::BTreeSet<&ListenKey> = keys.iter().copied().collect();
+        let wanted: BTreeSet<&ListenKey> = keys.into_iter().collect();
         let mut update = Update::default();
+        let freed = &mut self.freed;
         self.assigned.retain(|k, p| {
             let keep = wanted.contains(k);
             if !keep {
                 update.removed.push((*k, *p));
+                freed.insert(*p, now);
             }
             keep
         });
-        let size = u32::from(self.last - self.first) + 1;
-        for key in keys {
+        freed.retain(|_, at| now.saturating_duration_since(*at) < COOL);
+        let mapped: BTreeSet<u16> = kernel.values().copied().collect();
+        for key in wanted {
             if self.assigned.contains_key(key) {
                 continue;
             }
-            let used: std::collections::BTreeSet<u16> = self.assigned.values().copied().collect();
-            let mut given = None;
-            for _ in 0..size {
-                let port = self.next;
-                self.next = if port >= self.last {
-                    self.first
-                } else {
-                    port + 1
-                };
-                if !used.contains(&port) && bind(key, port) {
-                    given = Some(port);
-                    break;
-                }
+            let used: BTreeSet<u16> = self.assigned.values().copied().collect();
+            let in_range = |p: &u16| (self.first..=self.last).contains(p);
+            let adopt = (kernel.get(key).copied())
+                .filter(|p| in_range(p) && !used.contains(p))
+                .filter(|p| bind(key, *p));
+            if let Some(port) = adopt {
+                self.assigned.insert(*key, port);
+                update.added.push((*key, port));
+                update.adopted.push(*key);
+                continue;
             }
-            match given {
+            let free = (self.first..=self.last).filter(|p| !used.contains(p) && !mapped.contains(p));
+            let (fresh, cooling): (Vec<u16>, Vec<u16>) =
+                free.partition(|p| !self.freed.contains_key(p));
+            match fresh.into_iter().chain(cooling).find(|p| bind(key, *p)) {
                 Some(port) => {
                     self.assigned.insert(*key, port);
                     update.added.push((*key, port));
@@ -128,27 +162,69 @@ impl UdpPorts {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Update {
     pub added: Vec<(ListenKey, u16)>,
+    /// Those of `added` whose port is the one the kernel's map had.
+    pub adopted: Vec<ListenKey>,
     pub removed: Vec<(ListenKey, u16)>,
     /// Keys left without a port (the range is full or every bind failed).
     pub unassigned: Vec<ListenKey>,
 }
 
+/// The assignment the nftables follower ([`crate::reconcile::NftFollower`])
+/// steers: only ports that are bound and served. Shared with the
+/// [`UdpIntercept`] that runs before it in the same reconcile pass (listen
+/// first, then steer).
+#[derive(Debug, Clone)]
+pub struct UdpSteering {
+    range: (u16, u16),
+    ports: Arc<Mutex<BTreeMap<ListenKey, u16>>>,
+}
+
+impl UdpSteering {
+    /// The local port range (`--udp-intercept-ports`).
+    pub fn range(&self) -> (u16, u16) {
+        self.range
+    }
+
+    /// The current assignment (a copy: one entry per UDP key).
+    pub fn ports(&self) -> BTreeMap<ListenKey, u16> {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// The intercepted UDP keys of one sluice: their ports and the tasks
-/// serving them.
+/// serving them. A [`Follower`]: it binds and serves the ports of new keys
+/// and closes those of keys that left; [`UdpSteering`] hands the result
+/// to the nftables follower.
 pub struct UdpIntercept {
     proxy: Arc<UdpProxy>,
     ports: UdpPorts,
+    steering: UdpSteering,
     serving: HashMap<ListenKey, CancellationToken>,
+    /// The process is stopping: every port leaves its group and drains.
+    drain: CancellationToken,
+    /// The serving tasks, for the shutdown to wait for their drain.
+    tasks: TaskTracker,
+    /// The first apply has run (it reads the kernel's map whatever the diff).
+    started: bool,
     /// Keys warned about (no port), so the warning is logged once.
     warned: usize,
 }
 
 impl UdpIntercept {
-    pub fn new(proxy: Arc<UdpProxy>, range: (u16, u16)) -> Self {
+    /// `drain`: the process's stop (SIGTERM): the ports leave their groups
+    /// and their flows drain for at most [`DRAIN_LIMIT`].
+    pub fn new(proxy: Arc<UdpProxy>, range: (u16, u16), drain: CancellationToken) -> Self {
         Self {
             proxy,
             ports: UdpPorts::new(range),
+            steering: UdpSteering {
+                range,
+                ports: Arc::default(),
+            },
             serving: HashMap::new(),
+            drain,
+            tasks: TaskTracker::new(),
+            started: false,
             warned: 0,
         }
     }
@@ -158,29 +234,60 @@ impl UdpIntercept {
         (self.ports.first, self.ports.last)
     }
 
+    /// What the nftables follower steers.
+    pub fn steering(&self) -> UdpSteering {
+        self.steering.clone()
+    }
+
+    /// The serving tasks: after the stop, `close()` then `wait()` returns
+    /// once every port has drained.
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
+    }
+
     /// Binds and serves a local port for every UDP key of `table` that has
-    /// none, closes those of keys that left, and returns the assignment to
+    /// none (the port `kernel`, the kernel's map, has for it when there is
+    /// one), closes those of keys that left, and returns the assignment to
     /// steer (only ports that are bound and served). Must run inside a
     /// Tokio runtime.
-    pub fn follow(&mut self, table: &Table) -> &BTreeMap<ListenKey, u16> {
+    pub fn follow(
+        &mut self,
+        table: &Table,
+        kernel: &BTreeMap<ListenKey, u16>,
+    ) -> &BTreeMap<ListenKey, u16> {
         let keys = (table.iter().map(|(k, _)| k)).filter(|k| k.protocol == Protocol::Udp);
         let proxy = &self.proxy;
         let serving = &mut self.serving;
-        let update = self.ports.update(keys, |key, port| match bind_local(key, port) {
-            Ok(socket) => {
-                let stop = CancellationToken::new();
-                tokio::spawn(proxy.clone().serve_intercepted(*key, socket, stop.clone()));
-                serving.insert(*key, stop);
-                true
-            }
-            Err(e) => {
-                // Held by another process: the next port is tried.
-                tracing::debug!(listen = %key, port, error = %e, "UDP intercept port not bound");
-                false
-            }
-        });
+        let (drain, tasks) = (&self.drain, &self.tasks);
+        let now = Instant::now();
+        let update = self
+            .ports
+            .update(keys, kernel, now, |key, port| match bind_local(key, port) {
+                Ok(socket) => {
+                    let stop = CancellationToken::new();
+                    let serve = proxy.clone().serve_intercepted_with_drain(
+                        *key,
+                        socket,
+                        stop.clone(),
+                        drain.clone(),
+                        DRAIN_LIMIT,
+                    );
+                    tasks.spawn(serve);
+                    serving.insert(*key, stop);
+                    true
+                }
+                Err(e) => {
+                    // Held by another program: the next port is tried.
+                    tracing::debug!(listen = %key, port, error = %e, "UDP intercept port not bound");
+                    false
+                }
+            });
         for (key, port) in &update.added {
-            info!(listen = %key, port, "UDP service intercepted on a local port");
+            if update.adopted.contains(key) {
+                info!(listen = %key, port, "UDP service intercepted on the local port the nftables map had (adopted)");
+            } else {
+                info!(listen = %key, port, "UDP service intercepted on a local port");
+            }
         }
         for (key, port) in &update.removed {
             if let Some(stop) = self.serving.remove(key) {
@@ -198,34 +305,65 @@ impl UdpIntercept {
                 );
             }
         }
+        *self.steering.ports.lock().unwrap_or_else(|e| e.into_inner()) =
+            self.ports.assigned().clone();
         self.ports.assigned()
+    }
+
+    async fn sync(&mut self, diff: &TableDiff, table: &Table) -> bool {
+        let touched = (diff.added.iter().chain(&diff.removed)).any(|k| k.protocol == Protocol::Udp);
+        if self.started && !touched && self.warned == 0 {
+            return true;
+        }
+        self.started = true;
+        let kernel = match crate::nft::read_udp_ports().await {
+            Ok((ports, 0)) => ports,
+            Ok((ports, skipped)) => {
+                warn!(skipped, "udp-ports map elements not understood: skipped");
+                ports
+            }
+            Err(e) => {
+                // Served all the same, on ports chosen without the map.
+                warn!("cannot read the udp-ports maps (UDP ports not adopted): {e}");
+                BTreeMap::new()
+            }
+        };
+        self.follow(table, &kernel);
+        true
+    }
+}
+
+impl Follower for UdpIntercept {
+    fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+        Box::pin(self.sync(diff, table))
     }
 }
 
 impl Drop for UdpIntercept {
     fn drop(&mut self) {
+        // Stopping: the serving tasks drain on their own.
+        if self.drain.is_cancelled() {
+            return;
+        }
         for stop in self.serving.values() {
             stop.cancel();
         }
     }
 }
 
-/// A UDP socket on the wildcard address of `key`'s family at `port`, not
-/// shareable (so a port another process holds fails to bind), with
-/// `IP_PKTINFO`/`IPV6_RECVPKTINFO` on: replies leave from the address a
-/// datagram was redirected to, which conntrack needs to undo the redirect
-/// for traffic from the node itself (docs/architecture.md, "UDP").
+/// A UDP socket on the wildcard address of `key`'s family at `port`, in
+/// the port's SO_REUSEPORT group (shared with another sluice during a
+/// hand-over; a port another program holds without it fails to bind),
+/// with `IP_PKTINFO`/`IPV6_RECVPKTINFO` on: replies leave from the address
+/// a datagram was redirected to, which conntrack needs to undo the
+/// redirect for traffic from the node itself (docs/architecture.md, "UDP").
 fn bind_local(key: &ListenKey, port: u16) -> io::Result<UdpSocket> {
     let addr = match key.addr {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
     };
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
+    let socket = crate::listener::udp_group_socket(addr)?;
     crate::udp::set_pktinfo(&socket, addr.is_ipv6())?;
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -251,42 +389,87 @@ mod tests {
         }
     }
 
+    fn none() -> BTreeMap<ListenKey, u16> {
+        BTreeMap::new()
+    }
+
     #[test]
-    fn a_key_keeps_its_port_and_a_freed_port_is_not_given_at_once() {
+    fn a_key_keeps_its_port_and_a_freed_port_is_given_last() {
         let mut p = UdpPorts::new((100, 102));
+        let t0 = Instant::now();
         let (a, b, c) = (
             key("10.96.0.10:53"),
             key("10.96.0.11:53"),
             key("10.96.0.12:53"),
         );
-        let u = p.update([&a, &b], |_, _| true);
+        let u = p.update([&b, &a], &none(), t0, |_, _| true);
+        // Key order, lowest port first.
         assert_eq!(u.added, [(a, 100), (b, 101)]);
+        assert!(u.adopted.is_empty());
         // Same keys: nothing changes.
-        assert_eq!(p.update([&b, &a], |_, _| true), Update::default());
-        // b leaves, c comes: c takes 102, not b's 101.
-        let u = p.update([&a, &c], |_, _| true);
+        assert_eq!(p.update([&b, &a], &none(), t0, |_, _| true), Update::default());
+        // b leaves, c comes: c takes 102, not b's freed 101.
+        let u = p.update([&a, &c], &none(), t0, |_, _| true);
         assert_eq!(u.removed, [(b, 101)]);
         assert_eq!(u.added, [(c, 102)]);
-        // b comes back: the search wraps and finds 101 free.
-        let u = p.update([&a, &b, &c], |_, _| true);
+        // b comes back: only 101 is left, freed or not.
+        let u = p.update([&a, &b, &c], &none(), t0, |_, _| true);
         assert_eq!(u.added, [(b, 101)]);
-        assert_eq!(p.assigned().len(), 3);
+        // Once COOL has passed, a freed port is the lowest free again.
+        let mut p = UdpPorts::new((100, 102));
+        p.update([&a, &b], &none(), t0, |_, _| true);
+        p.update([&b], &none(), t0, |_, _| true);
+        let u = p.update([&b, &c], &none(), t0 + COOL, |_, _| true);
+        assert_eq!(u.added, [(c, 100)]);
+    }
+
+    #[test]
+    fn the_kernels_port_is_adopted_and_its_other_ports_are_left_alone() {
+        let t0 = Instant::now();
+        let (a, b, c) = (
+            key("10.96.0.10:53"),
+            key("10.96.0.11:53"),
+            key("10.96.0.12:53"),
+        );
+        // The map a previous sluice left: a on 105, a key gone on 100.
+        let kernel = BTreeMap::from([(a, 105), (key("10.96.0.99:53"), 100)]);
+        let mut p = UdpPorts::new((100, 109));
+        let u = p.update([&a, &b], &kernel, t0, |_, _| true);
+        assert_eq!(u.added, [(a, 105), (b, 101)]);
+        assert_eq!(u.adopted, [a]);
+        // A second sluice with the same map and table decides the same,
+        // and a key the first one already wrote is adopted.
+        let mut q = UdpPorts::new((100, 109));
+        let mut kernel2 = kernel.clone();
+        kernel2.insert(b, 101);
+        let u2 = q.update([&b, &a, &c], &kernel2, t0, |_, _| true);
+        assert_eq!(u2.added, [(a, 105), (b, 101), (c, 102)]);
+        assert_eq!(u2.adopted, [a, b]);
+        let u = p.update([&a, &b, &c], &kernel2, t0, |_, _| true);
+        assert_eq!(u.added, [(c, 102)]);
+        // A mapped port out of the range, or refused, is not adopted.
+        let mut r = UdpPorts::new((100, 109));
+        let odd = BTreeMap::from([(a, 5000), (b, 103)]);
+        let u = r.update([&a, &b], &odd, t0, |_, port| port != 103);
+        assert_eq!(u.added, [(a, 100), (b, 101)]);
+        assert!(u.adopted.is_empty());
     }
 
     #[test]
     fn a_refused_bind_is_skipped_and_a_full_range_leaves_keys_unassigned() {
+        let t0 = Instant::now();
         let mut p = UdpPorts::new((100, 101));
         let (a, b, c) = (
             key("10.96.0.10:53"),
             key("10.96.0.11:53"),
             key("[fd00::1]:53"),
         );
-        // 100 is held by another process.
-        let u = p.update([&a, &b, &c], |_, port| port != 100);
+        // 100 is held by another program.
+        let u = p.update([&a, &b, &c], &none(), t0, |_, port| port != 100);
         assert_eq!(u.added, [(a, 101)]);
         assert_eq!(u.unassigned, [b, c]);
         // Freed: tried again at the next update.
-        let u = p.update([&a, &b], |_, _| true);
+        let u = p.update([&a, &b], &none(), t0, |_, _| true);
         assert_eq!(u.added, [(b, 100)]);
         assert!(u.unassigned.is_empty());
     }
@@ -297,6 +480,9 @@ mod tests {
         let port = held.local_addr().unwrap().port();
         assert!(bind_local(&key("10.96.0.10:53"), port).is_err());
         drop(held);
-        assert!(bind_local(&key("10.96.0.10:53"), port).is_ok());
+        let first = bind_local(&key("10.96.0.10:53"), port).unwrap();
+        // A second sluice joins the group.
+        let second = bind_local(&key("10.96.0.10:53"), port).unwrap();
+        assert_eq!(second.local_addr().unwrap(), first.local_addr().unwrap());
     }
 }
