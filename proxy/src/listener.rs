@@ -255,7 +255,8 @@ mod tests {
     fn a_udp_socket_that_leaves_its_group_stops_receiving_but_sends() {
         let bind = |port: u16| {
             let s = udp_group_socket(SocketAddr::from(([0, 0, 0, 0], port))).unwrap();
-            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into()).unwrap();
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+                .unwrap();
             std::net::UdpSocket::from(s)
         };
         let old = bind(0);
@@ -283,7 +284,10 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 64);
-        assert!(old.recv_from(&mut buf).is_err(), "the old socket still receives");
+        assert!(
+            old.recv_from(&mut buf).is_err(),
+            "the old socket still receives"
+        );
         old.send_to(b"reply", client.local_addr().unwrap()).unwrap();
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from.port()), (&b"reply"[..], port));

@@ -143,7 +143,8 @@ impl UdpPorts {
                 update.adopted.push(*key);
                 continue;
             }
-            let free = (self.first..=self.last).filter(|p| !used.contains(p) && !mapped.contains(p));
+            let free =
+                (self.first..=self.last).filter(|p| !used.contains(p) && !mapped.contains(p));
             let (fresh, cooling): (Vec<u16>, Vec<u16>) =
                 free.partition(|p| !self.freed.contains_key(p));
             match fresh.into_iter().chain(cooling).find(|p| bind(key, *p)) {
@@ -305,8 +306,11 @@ impl UdpIntercept {
                 );
             }
         }
-        *self.steering.ports.lock().unwrap_or_else(|e| e.into_inner()) =
-            self.ports.assigned().clone();
+        *self
+            .steering
+            .ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.ports.assigned().clone();
         self.ports.assigned()
     }
 
@@ -407,7 +411,10 @@ mod tests {
         assert_eq!(u.added, [(a, 100), (b, 101)]);
         assert!(u.adopted.is_empty());
         // Same keys: nothing changes.
-        assert_eq!(p.update([&b, &a], &none(), t0, |_, _| true), Update::default());
+        assert_eq!(
+            p.update([&b, &a], &none(), t0, |_, _| true),
+            Update::default()
+        );
         // b leaves, c comes: c takes 102, not b's freed 101.
         let u = p.update([&a, &c], &none(), t0, |_, _| true);
         assert_eq!(u.removed, [(b, 101)]);

@@ -51,9 +51,20 @@ struct Dnsmasq(Child);
 impl Dnsmasq {
     fn start(pod: &netns::Netns, ip: &str) -> Dnsmasq {
         let child = Command::new("ip")
-            .args(["netns", "exec", pod.name(), "dnsmasq", "--keep-in-foreground"])
+            .args([
+                "netns",
+                "exec",
+                pod.name(),
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
             .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
-            .args(["--bind-interfaces", "--pid-file=", "--user=root", "--port=53"])
+            .args([
+                "--bind-interfaces",
+                "--pid-file=",
+                "--user=root",
+                "--port=53",
+            ])
             .arg(format!("--listen-address={ip}"))
             .arg("--host-record=who.test,10.0.0.1")
             .stdout(Stdio::null())
@@ -183,7 +194,10 @@ fn until_answered(client: &netns::Netns, within: Duration) {
         }
         Ok(false)
     });
-    assert!(answered.unwrap(), "{DNS_VIP} never answered within {within:?}");
+    assert!(
+        answered.unwrap(),
+        "{DNS_VIP} never answered within {within:?}"
+    );
 }
 
 /// The local port the node's `udp-ports-v4` map has for the DNS VIP.
@@ -195,17 +209,28 @@ fn mapped_port(node: &netns::Netns) -> Option<u16> {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let at = text.find("10.96.0.10 . 53 : ")? + "10.96.0.10 . 53 : ".len();
-    let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
     digits.parse().ok()
 }
 
-/// UDP sockets bound on local `port` in `node` (`/proc/net/udp`).
+/// UDP sockets bound on local `port` in `node` (`/proc/net/udp` of a
+/// thread inside it: `/proc/net` is the process's namespace).
 fn sockets_on(node: &netns::Netns, port: u16) -> usize {
     let name = node.name().to_owned();
-    let text = netns::in_netns(&name, || Ok(std::fs::read_to_string("/proc/net/udp")?)).unwrap();
+    let text = netns::in_netns(&name, || {
+        Ok(std::fs::read_to_string("/proc/thread-self/net/udp")?)
+    })
+    .unwrap();
     let want = format!(":{port:04X}");
     (text.lines().skip(1))
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(&want)))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&want))
+        })
         .count()
 }
 
@@ -299,6 +324,9 @@ async fn the_udp_port_survives_a_hand_over_and_a_crash_restart() {
     a.signal(Signal::SIGTERM).unwrap();
     let status = a.wait_exit(Duration::from_secs(15)).await.unwrap();
     assert!(status.success(), "A's exit: {status:?}\n{}", a.log_tail(40));
+    // A took its port out of the group and drained, rather than closing it.
+    let log = a.log_tail(200);
+    assert!(log.contains("UDP port handed over"), "A's log:\n{log}");
     std::thread::sleep(Duration::from_millis(1000));
     let outcomes = stream.finish();
     let (answered, refused, lost) = (
