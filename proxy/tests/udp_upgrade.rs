@@ -234,6 +234,20 @@ fn sockets_on(node: &netns::Netns, port: u16) -> usize {
         .count()
 }
 
+/// Until `n` sockets are bound on `port` in `node` (at most 15 s; the
+/// last sluice started, `by`, failed to bind it otherwise).
+fn wait_sockets(node: &netns::Netns, port: u16, n: usize, by: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sockets_on(node, port) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the new sluice never bound the port of the map ({port}); its log:\n{}",
+            by.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn start_sluice(node: &netns::Netns, config: &ConfigDoc) -> Daemon {
     let flags = [
         ["--intercept", "nftables"],
@@ -309,15 +323,7 @@ async fn the_udp_port_survives_a_hand_over_and_a_crash_restart() {
     let stream = Resolvers::start(&client, RESOLVERS);
     std::thread::sleep(Duration::from_millis(500));
     let mut b = start_sluice(&node, &config);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sockets_on(&node, port) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "B never bound the port of the map ({port}); B's log:\n{}",
-            b.log_tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_sockets(&node, port, 2, &b);
     // B's first nftables sync (a full one) has run too.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(mapped_port(&node), Some(port), "B rewrote the map");
@@ -352,15 +358,7 @@ async fn the_udp_port_survives_a_hand_over_and_a_crash_restart() {
     b.wait_exit(Duration::from_secs(5)).await.unwrap();
     let killed = Instant::now();
     let c = start_sluice(&node, &config);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sockets_on(&node, port) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "C never bound the port of the map ({port}); C's log:\n{}",
-            c.log_tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_sockets(&node, port, 1, &c);
     let bound = killed.elapsed();
     std::thread::sleep(Duration::from_millis(1500));
     let outcomes = stream.finish();
