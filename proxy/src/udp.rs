@@ -336,7 +336,10 @@ impl UdpProxy {
         // Draining (a hand-over): out of the group since, serving until.
         let mut draining: Option<Instant> = None;
         loop {
-            if draining.is_some_and(|until| Instant::now() >= until || !port.awaiting_replies()) {
+            if let Some(until) = draining
+                && (Instant::now() >= until || !port.awaiting_replies())
+                && read_queued(&mut port, &mut buf, pktinfo) == 0
+            {
                 break;
             }
             let drain_now = async {
@@ -398,9 +401,7 @@ impl UdpProxy {
                     }
                     draining = Some(Instant::now() + limit);
                     // What was queued before the socket left the group.
-                    while let Ok((n, client, local)) = try_recv(&port.socket, &mut buf, pktinfo) {
-                        port.on_datagram(client, local, &buf[..n]);
-                    }
+                    read_queued(&mut port, &mut buf, pktinfo);
                     debug!(listen = %key, flows = port.flows.len(), "UDP port handed over: draining its flows");
                 }
                 _ = stop.cancelled() => break,
@@ -430,6 +431,26 @@ impl UdpProxy {
 fn resend_after(setting: Option<bool>, port: u16, after: Duration) -> Option<Duration> {
     let on = setting.unwrap_or(port == 53);
     (on && !after.is_zero()).then_some(after)
+}
+
+/// Reads and handles every datagram queued on `port`'s socket now, with
+/// the syscall itself rather than the runtime's readiness (which may not
+/// have seen the last arrivals yet): a draining port must not close on a
+/// datagram that is already queued. How many were read.
+fn read_queued(port: &mut Port, buf: &mut [u8], pktinfo: bool) -> usize {
+    let mut read = 0;
+    loop {
+        let got = if pktinfo {
+            recv_local(&port.socket, buf)
+        } else {
+            try_recv(&port.socket, buf, false)
+        };
+        let Ok((n, client, local)) = got else {
+            return read;
+        };
+        port.on_datagram(client, local, &buf[..n]);
+        read += 1;
+    }
 }
 
 /// An instant no deadline reaches (a disabled timer branch's target).

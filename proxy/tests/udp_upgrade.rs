@@ -322,13 +322,17 @@ async fn the_udp_port_survives_a_hand_over_and_a_crash_restart() {
     // SIGTERM, all under a steady query stream.
     let stream = Resolvers::start(&client, RESOLVERS);
     std::thread::sleep(Duration::from_millis(500));
+    let b_started = Instant::now();
     let mut b = start_sluice(&node, &config);
     wait_sockets(&node, port, 2, &b);
+    let b_bound = b_started.elapsed();
     // B's first nftables sync (a full one) has run too.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(mapped_port(&node), Some(port), "B rewrote the map");
+    let term = b_started.elapsed();
     a.signal(Signal::SIGTERM).unwrap();
     let status = a.wait_exit(Duration::from_secs(15)).await.unwrap();
+    let exited = b_started.elapsed();
     assert!(status.success(), "A's exit: {status:?}\n{}", a.log_tail(40));
     // A took its port out of the group and drained, rather than closing it.
     let log = a.log_tail(200);
@@ -341,6 +345,14 @@ async fn the_udp_port_survives_a_hand_over_and_a_crash_restart() {
         count(&outcomes, Outcome::Lost),
     );
     eprintln!("hand-over: {answered} queries answered, {refused} refused, {lost} lost");
+    let failed: Vec<_> = (outcomes.iter())
+        .filter(|(_, o)| *o != Outcome::Answered)
+        .map(|(at, o)| (at.saturating_duration_since(b_started), o))
+        .collect();
+    eprintln!(
+        "  from B's start: B bound the port at {b_bound:?}, A got SIGTERM at {term:?}, \
+         exited at {exited:?}; failures sent at {failed:?}"
+    );
     assert!(answered > 100, "the stream ran: {answered}");
     assert_eq!(
         (refused, lost),
