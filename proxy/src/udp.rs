@@ -688,6 +688,10 @@ struct Flow {
     last_sent: Instant,
     /// `last` was already re-sent (after its first backend failed).
     resent: bool,
+    /// No reply came since the client's last datagram (exact, where
+    /// [`Flow::awaiting_reply`] compares milliseconds): a draining port
+    /// waits for these ([`Port::awaiting_replies`]).
+    unanswered: bool,
     /// Datagrams the client sent on this flow before `last` (tells a
     /// deadline for `last` from one for an earlier datagram).
     seq: u64,
@@ -770,7 +774,7 @@ struct Heard {
 impl Port {
     /// Whether some flow's last datagram is still unanswered.
     fn awaiting_replies(&self) -> bool {
-        self.flows.values().any(Flow::awaiting_reply)
+        self.flows.values().any(|f| f.unanswered)
     }
 
     fn service(&self) -> Option<Arc<Service>> {
@@ -787,6 +791,7 @@ impl Port {
             flow.last.clear();
             flow.last.extend_from_slice(data);
             flow.last_sent = now;
+            flow.unanswered = true;
             flow.resent = false;
             flow.seq += 1;
             let backend = flow.backend;
@@ -874,6 +879,7 @@ impl Port {
             last,
             last_sent: now,
             resent: false,
+            unanswered: true,
             seq: 0,
             _slot: Slot {
                 open: self.proxy.open.clone(),
@@ -1234,6 +1240,7 @@ impl Port {
         }
         let at = millis(Instant::now());
         flow.replies.last_reply = at;
+        flow.unanswered = false;
         if let Some(heard) = self.heard.get_mut(&flow.backend) {
             heard.last_reply = at;
         }
