@@ -239,7 +239,12 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
         };
         let ratio = ratio(&through, &direct);
         if !args.json && args.rounds > 1 {
-            outln!("round {}: direct {:.0}, sluice {:.0} queries/s, ratio {ratio:.3}", i + 1, direct.queries_per_s, through.queries_per_s);
+            outln!(
+                "round {}: direct {:.0}, sluice {:.0} queries/s, ratio {ratio:.3}",
+                i + 1,
+                direct.queries_per_s,
+                through.queries_per_s
+            );
         }
         rounds.push(Round {
             direct,

@@ -65,8 +65,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use futures_util::future::BoxFuture;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use sluice_control::{ListenKey, Protocol, Publisher, Service, Table, TableDiff};
 use socket2::{Domain, Socket, Type};
 use tokio::io::Interest;
@@ -219,7 +219,14 @@ impl UdpFollower {
                 let stop = CancellationToken::new();
                 let task = tokio::spawn((self.proxy.clone()).serve(key, socket, stop.clone()));
                 let service = service.name.clone();
-                (self.serving).insert(key, Serving { service, stop, task });
+                (self.serving).insert(
+                    key,
+                    Serving {
+                        service,
+                        stop,
+                        task,
+                    },
+                );
             }
             Err(e) => {
                 if self.failed.insert(key) {
@@ -1391,7 +1398,9 @@ mod tests {
             set_pktinfo(&s, false).unwrap();
         }
         s.set_nonblocking(true).unwrap();
-        let any: SocketAddr = if pktinfo { "0.0.0.0:0" } else { "127.0.0.1:0" }.parse().unwrap();
+        let any: SocketAddr = if pktinfo { "0.0.0.0:0" } else { "127.0.0.1:0" }
+            .parse()
+            .unwrap();
         s.bind(&any.into()).unwrap();
         UdpSocket::from_std(s.into()).unwrap()
     }
@@ -1413,7 +1422,14 @@ mod tests {
             .unwrap()
             .unwrap();
         let got: Vec<_> = (inbox.got.iter().enumerate())
-            .map(|(i, r)| (r.client.unwrap(), r.local, r.truncated, inbox.datagram(i, r.len).to_vec()))
+            .map(|(i, r)| {
+                (
+                    r.client.unwrap(),
+                    r.local,
+                    r.truncated,
+                    inbox.datagram(i, r.len).to_vec(),
+                )
+            })
             .collect();
         let local = Some(IpAddr::from([127, 0, 0, 3]));
         let want = vec![
@@ -1469,7 +1485,10 @@ mod tests {
         let replies = outbox.replies.clone();
         assert_eq!(send_replies(&served, &outbox, &replies, None).unwrap(), 1);
         assert!(send_replies(&served, &outbox, &replies[1..], None).is_err());
-        assert_eq!(send_replies(&served, &outbox, &replies[2..], None).unwrap(), 1);
+        assert_eq!(
+            send_replies(&served, &outbox, &replies[2..], None).unwrap(),
+            1
+        );
     }
 
     #[test]

@@ -614,21 +614,34 @@ async fn a_burst_of_new_and_known_flows_and_largest_datagrams_is_all_answered() 
                 _ => format!("n{round}.{i}").into_bytes(),
             };
             c.send_to(&payload, listen).await.unwrap();
-            known.send_to(format!("k{round}.{i}").as_bytes(), listen).await.unwrap();
+            known
+                .send_to(format!("k{round}.{i}").as_bytes(), listen)
+                .await
+                .unwrap();
         }
     }
     let mut buf = vec![0u8; 65_536];
     for round in 0..3 {
         for i in 0..new.len() {
-            let (n, from) = tokio::time::timeout(T, known.recv_from(&mut buf)).await.unwrap().unwrap();
+            let (n, from) = tokio::time::timeout(T, known.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(from, listen);
             let got = String::from_utf8(buf[..n].to_vec()).unwrap();
-            assert_eq!(got, format!("{pinned}:k{round}.{i}"), "a known flow stays on its backend");
+            assert_eq!(
+                got,
+                format!("{pinned}:k{round}.{i}"),
+                "a known flow stays on its backend"
+            );
         }
     }
     for (i, c) in new.iter().enumerate() {
         for round in 0..3 {
-            let (n, from) = tokio::time::timeout(T, c.recv_from(&mut buf)).await.unwrap().unwrap();
+            let (n, from) = tokio::time::timeout(T, c.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(from, listen);
             if (round, i) == (1, 0) {
                 assert_eq!(&buf[..n], &largest[..]);
@@ -643,7 +656,10 @@ async fn a_burst_of_new_and_known_flows_and_largest_datagrams_is_all_answered() 
     let down = r#"sluice_udp_datagrams_total{service="dns",direction="backend_to_client"}"#;
     assert_eq!(metric(&text, up), Some(49.0), "{text}");
     assert_eq!(metric(&text, down), Some(49.0), "{text}");
-    assert!(!text.contains("sluice_udp_dropped_datagrams_total{"), "{text}");
+    assert!(
+        !text.contains("sluice_udp_dropped_datagrams_total{"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
