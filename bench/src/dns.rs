@@ -7,6 +7,11 @@
 //! runs on the bench's runtime, on loopback; sluice is the real binary on
 //! a file config with one UDP Service. A real DNS server (dnsmasq) in a
 //! netns node is left to a later round.
+//!
+//! `--rounds N` alternates the two phases N times (direct first in odd
+//! rounds, sluice first in even ones), so that load from other processes
+//! on a shared machine weighs on both alike; the ratio reported is the
+//! median of the rounds' ratios, and each round is in the JSON.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -32,6 +37,9 @@ pub struct DnsArgs {
     /// Concurrent clients (closed loop, one socket each).
     #[arg(long, default_value_t = 32)]
     pub clients: usize,
+    /// Direct and sluice phases measured this many times each, interleaved.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -52,10 +60,60 @@ struct DnsReport {
     scenario: &'static str,
     seconds: f64,
     clients: usize,
+    /// All rounds added up.
     direct: Measured,
     sluice: Measured,
-    /// sluice queries/s ÷ direct queries/s.
+    /// The median of the rounds' sluice queries/s ÷ direct queries/s.
     ratio: f64,
+    rounds: Vec<Round>,
+}
+
+/// One direct phase and one sluice phase, back to back.
+#[derive(Debug, Serialize)]
+struct Round {
+    direct: Measured,
+    sluice: Measured,
+    ratio: f64,
+}
+
+/// `a` ÷ `b`, to 3 decimals (0 when `b` is 0).
+fn ratio(a: &Measured, b: &Measured) -> f64 {
+    if b.queries_per_s > 0.0 {
+        (a.queries_per_s / b.queries_per_s * 1000.0).round() / 1000.0
+    } else {
+        0.0
+    }
+}
+
+/// The rounds' phases added up.
+fn total(phases: impl Iterator<Item = Measured>) -> Measured {
+    let (mut answered, mut lost, mut elapsed) = (0, 0, 0.0);
+    for m in phases {
+        answered += m.answered;
+        lost += m.lost;
+        elapsed += m.elapsed_s;
+    }
+    Measured {
+        answered,
+        lost,
+        elapsed_s: (elapsed * 1000.0).round() / 1000.0,
+        queries_per_s: if elapsed > 0.0 {
+            (answered as f64 / elapsed).round()
+        } else {
+            0.0
+        },
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => ((values[n / 2 - 1] + values[n / 2]) / 2.0 * 1000.0).round() / 1000.0,
+    }
 }
 
 /// Answers every datagram with [`ANSWER`] bytes, the query's first 2
@@ -167,16 +225,37 @@ fn line(label: &str, m: &Measured) -> String {
 pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     check::positive_at_most("--seconds", args.seconds, 120.0)?;
     check::in_range("--clients", args.clients, 1..=1024)?;
+    check::in_range("--rounds", args.rounds, 1..=100)?;
     let backend = responder().await?;
     let (daemon, listen) = start_sluice(&args.sluice, backend).await?;
-    let direct = measure(backend, &args).await?;
-    let through = measure(listen, &args).await?;
+    let mut rounds = Vec::new();
+    for i in 0..args.rounds {
+        let (direct, through) = if i % 2 == 0 {
+            let d = measure(backend, &args).await?;
+            (d, measure(listen, &args).await?)
+        } else {
+            let t = measure(listen, &args).await?;
+            (measure(backend, &args).await?, t)
+        };
+        let ratio = ratio(&through, &direct);
+        if !args.json && args.rounds > 1 {
+            outln!(
+                "round {}: direct {:.0}, sluice {:.0} queries/s, ratio {ratio:.3}",
+                i + 1,
+                direct.queries_per_s,
+                through.queries_per_s
+            );
+        }
+        rounds.push(Round {
+            direct,
+            sluice: through,
+            ratio,
+        });
+    }
     drop(daemon);
-    let ratio = if direct.queries_per_s > 0.0 {
-        (through.queries_per_s / direct.queries_per_s * 1000.0).round() / 1000.0
-    } else {
-        0.0
-    };
+    let direct = total(rounds.iter().map(|r| r.direct.clone()));
+    let through = total(rounds.iter().map(|r| r.sluice.clone()));
+    let ratio = median(rounds.iter().map(|r| r.ratio).collect());
     if args.json {
         let report = DnsReport {
             scenario: "dns",
@@ -185,12 +264,37 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             direct,
             sluice: through,
             ratio,
+            rounds,
         };
         outln!("{}", serde_json::to_string(&report)?);
     } else {
         outln!("{}", line("direct", &direct));
         outln!("{}", line("sluice", &through));
-        outln!("ratio (sluice / direct): {ratio:.3}");
+        outln!("ratio (sluice / direct, median of rounds): {ratio:.3}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(answered: u64, elapsed_s: f64) -> Measured {
+        Measured {
+            answered,
+            lost: 0,
+            elapsed_s,
+            queries_per_s: answered as f64 / elapsed_s,
+        }
+    }
+
+    #[test]
+    fn rounds_add_up_and_the_ratio_is_their_median() {
+        let t = total([m(100, 1.0), m(300, 1.0)].into_iter());
+        assert_eq!((t.answered, t.queries_per_s), (400, 200.0));
+        assert_eq!(ratio(&m(50, 1.0), &m(100, 1.0)), 0.5);
+        assert_eq!(ratio(&m(50, 1.0), &m(0, 1.0)), 0.0);
+        assert_eq!(median(vec![0.9, 0.1, 0.5]), 0.5);
+        assert_eq!(median(vec![0.4, 0.6, 0.1, 0.9]), 0.5);
+    }
 }

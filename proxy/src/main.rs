@@ -356,6 +356,18 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             metrics.clone(),
         )));
     }
+    // Bind mode: UDP Services are served by sockets bound on their
+    // addresses (with --intercept nftables: reconcile::NftFollower's local
+    // ports), after the Service IPs are on their device.
+    if bind_mode {
+        let udp = sluice_proxy::udp::UdpProxy::new(
+            args.udp_config(),
+            publisher.clone(),
+            proxy.tracker().clone(),
+            metrics.clone(),
+        );
+        followers.push(Box::new(udp.follower()));
+    }
     if !followers.is_empty() {
         tokio::spawn(reconcile::run(publisher.clone(), followers, stop.clone()));
     }
@@ -388,17 +400,6 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
                 }
             });
         }
-    }
-    // Bind mode: UDP Services are served by sockets bound on their
-    // addresses (with --intercept nftables: reconcile::NftFollower's local ports).
-    if bind_mode {
-        let udp = sluice_proxy::udp::UdpProxy::new(
-            args.udp_config(),
-            admin.publisher.clone(),
-            proxy.tracker().clone(),
-            admin.metrics.clone(),
-        );
-        tokio::spawn(udp.run(stop.clone()));
     }
     let report = proxy.run(stop).await;
     if let Some(tasks) = udp_tasks {

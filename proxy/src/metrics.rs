@@ -529,6 +529,9 @@ pub enum UdpDrop {
     Local,
     /// The send failed (full socket buffer and the like).
     SendFailed,
+    /// Cut by the kernel to sluice's receive buffer (`MSG_TRUNC`), or
+    /// without an IP source: not forwarded.
+    Truncated,
 }
 
 /// Why a UDP flow ended.
@@ -542,7 +545,7 @@ pub enum UdpFlowEnd {
     Unreachable,
 }
 
-label_values!(UdpDrop { FlowLimit => "flow_limit", NoBackend => "no_backend", Local => "local", SendFailed => "send_failed" });
+label_values!(UdpDrop { FlowLimit => "flow_limit", NoBackend => "no_backend", Local => "local", SendFailed => "send_failed", Truncated => "truncated" });
 label_values!(UdpFlowEnd { Idle => "idle", BackendGone => "backend_gone", Unreachable => "unreachable" });
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -714,6 +717,7 @@ impl UdpMetrics {
             UdpDrop::NoBackend,
             UdpDrop::Local,
             UdpDrop::SendFailed,
+            UdpDrop::Truncated,
         ] {
             self.dropped.remove(&UdpDropLabels {
                 service: name.to_string(),

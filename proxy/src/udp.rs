@@ -2,9 +2,10 @@
 //! and the re-send that hides a backend going away.
 //!
 //! This module owns everything UDP in the data plane:
-//! - [`UdpProxy::run`] follows the table and, in bind mode, binds one socket
-//!   per UDP [`ListenKey`] (on the Service address: loopback for the file
-//!   source, the VIPs on `sluice0` for the Kubernetes source) and serves it;
+//! - [`UdpFollower`] ([`UdpProxy::follower`]), in bind mode, follows the
+//!   table in the reconcile loop and binds one socket per UDP
+//!   [`ListenKey`] (on the Service address: loopback for the file source,
+//!   the VIPs on `sluice0` for the Kubernetes source) and serves it;
 //! - [`UdpProxy::serve`] serves one socket for one listen key. It does not
 //!   care how datagrams reach the socket: the bind-mode socket and the
 //!   local port an nftables `redirect` sends one UDP Service port to
@@ -56,7 +57,7 @@
 //! UDP serving runs on the main runtime, one task per listen key (not on
 //! the data-plane workers).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -64,9 +65,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use sluice_control::{ListenKey, Protocol, Publisher, Service};
-use socket2::{Domain, SockRef, Socket, Type};
+use sluice_control::{ListenKey, Protocol, Publisher, Service, Table, TableDiff};
+use socket2::{Domain, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
@@ -77,6 +79,7 @@ use tracing::{debug, info, warn};
 use crate::balance::{PickContext, ServiceRuntime, pick};
 use crate::connect::DialErrorKind;
 use crate::metrics::{Metrics, UdpDrop, UdpFlowEnd, UdpServiceMetrics};
+use crate::reconcile::Follower;
 use crate::tracker::Tracker;
 
 /// Default of `--udp-max-flows`: see docs/operations.md for its cost.
@@ -106,8 +109,19 @@ const SUSPECT_AFTER: u32 = 2;
 /// `--udp-resend-after`.
 const MAX_DEADLINES: usize = 65_536;
 
-/// Datagrams a served socket reads in one go when they are queued.
-const BATCH: usize = 64;
+/// Datagrams a served socket reads with one `recvmmsg` when they are
+/// queued (each into a slot of [`MAX_DATAGRAM`] bytes: the port's receive
+/// buffer is this many slots, resident only as far as datagrams filled
+/// them).
+const RECV_BATCH: usize = 32;
+
+/// Replies a served socket keeps before it sends them with one `sendmmsg`
+/// (at the end of each epoll round, or sooner when its buffer is full).
+const SEND_BATCH: usize = 64;
+
+/// The replies' buffer: replies are read into it back to back, and one
+/// more is read only while [`MAX_DATAGRAM`] bytes are left.
+const OUTBOX_BYTES: usize = 4 * MAX_DATAGRAM;
 
 /// How often idle flows are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
@@ -154,6 +168,90 @@ struct Serving {
     task: JoinHandle<()>,
 }
 
+/// Bind mode's UDP sockets, kept equal to the table's UDP listen keys by
+/// the reconcile loop ([`UdpProxy::follower`]). Only the keys of the diff
+/// are looked at, and the keys whose bind failed (warned once, retried at
+/// every apply: the loop calls an incomplete follower again after its
+/// retry delay). Dropping it (the loop stops) closes every socket.
+pub struct UdpFollower {
+    proxy: Arc<UdpProxy>,
+    serving: HashMap<ListenKey, Serving>,
+    /// Keys whose socket could not be bound.
+    failed: HashSet<ListenKey>,
+}
+
+impl UdpFollower {
+    fn sync(&mut self, diff: &TableDiff, table: &Table) -> bool {
+        let changed = diff.changed.iter().map(|(k, _)| k);
+        let keys: Vec<ListenKey> = (diff.added.iter().chain(&diff.removed).chain(changed))
+            .chain(&self.failed)
+            .filter(|k| k.protocol == Protocol::Udp)
+            .copied()
+            .collect();
+        for key in keys {
+            self.sync_key(key, table);
+        }
+        self.failed.is_empty()
+    }
+
+    /// Serves `key` as the table has it: closes its socket when the key
+    /// left or leads to another Service, binds one when it has none.
+    fn sync_key(&mut self, key: ListenKey, table: &Table) {
+        let want = table.get(&key);
+        if let Some(s) = self.serving.get(&key) {
+            // A task ends by itself when it sees its key leave the table:
+            // the key may be back by the time the loop looks.
+            if want.is_some_and(|svc| svc.name == s.service) && !s.task.is_finished() {
+                return;
+            }
+            info!(listen = %key, service = %s.service, "UDP service removed: socket closed");
+            s.stop.cancel();
+            self.serving.remove(&key);
+        }
+        let Some(service) = want else {
+            self.failed.remove(&key);
+            return;
+        };
+        match bind_udp(key.addr) {
+            Ok(socket) => {
+                self.failed.remove(&key);
+                info!(listen = %key, service = %service.name, "listening (UDP)");
+                let stop = CancellationToken::new();
+                let task = tokio::spawn((self.proxy.clone()).serve(key, socket, stop.clone()));
+                let service = service.name.clone();
+                (self.serving).insert(
+                    key,
+                    Serving {
+                        service,
+                        stop,
+                        task,
+                    },
+                );
+            }
+            Err(e) => {
+                if self.failed.insert(key) {
+                    warn!(listen = %key, service = %service.name, error = %e, "cannot bind UDP socket; retrying");
+                }
+            }
+        }
+    }
+}
+
+impl Follower for UdpFollower {
+    fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+        let complete = self.sync(diff, table);
+        Box::pin(std::future::ready(complete))
+    }
+}
+
+impl Drop for UdpFollower {
+    fn drop(&mut self) {
+        for s in self.serving.values() {
+            s.stop.cancel();
+        }
+    }
+}
+
 impl UdpProxy {
     pub fn new(
         config: UdpConfig,
@@ -175,64 +273,14 @@ impl UdpProxy {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Bind mode: follows the table until `stop`, binding a socket for
-    /// every UDP listen key and closing those of keys that left (or now
-    /// lead to another Service). A key whose bind fails is retried every
-    /// second.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut changes = self.publisher.subscribe();
-        let mut serving: HashMap<ListenKey, Serving> = HashMap::new();
-        let mut warned: HashMap<ListenKey, ()> = HashMap::new();
-        let mut retry = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            let table = self.publisher.load();
-            serving.retain(|key, s| {
-                let keep = table.get(key).is_some_and(|svc| svc.name == s.service);
-                if !keep {
-                    info!(listen = %key, service = %s.service, "UDP service removed: socket closed");
-                    s.stop.cancel();
-                }
-                keep
-            });
-            warned.retain(|key, _| table.get(key).is_some());
-            let mut failed = false;
-            for (key, service) in table.iter() {
-                if key.protocol != Protocol::Udp || serving.contains_key(key) {
-                    continue;
-                }
-                match bind_udp(key.addr) {
-                    Ok(socket) => {
-                        warned.remove(key);
-                        info!(listen = %key, service = %service.name, "listening (UDP)");
-                        let stop = CancellationToken::new();
-                        let task = tokio::spawn(self.clone().serve(*key, socket, stop.clone()));
-                        let service = service.name.clone();
-                        serving.insert(
-                            *key,
-                            Serving {
-                                service,
-                                stop,
-                                task,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        failed = true;
-                        if warned.insert(*key, ()).is_none() {
-                            warn!(listen = %key, service = %service.name, error = %e, "cannot bind UDP socket; retrying every second");
-                        }
-                    }
-                }
-            }
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { break },
-                _ = retry.tick(), if failed => {}
-                _ = stop.cancelled() => break,
-            }
-        }
-        for (_, s) in serving {
-            s.stop.cancel();
-            let _ = s.task.await;
+    /// Bind mode: the [`crate::reconcile::Follower`] that binds a socket
+    /// for every UDP listen key of the table and serves it, and closes
+    /// those of keys that left (or now lead to another Service).
+    pub fn follower(self: &Arc<Self>) -> UdpFollower {
+        UdpFollower {
+            proxy: self.clone(),
+            serving: HashMap::new(),
+            failed: HashSet::new(),
         }
     }
 
@@ -323,7 +371,7 @@ impl UdpProxy {
             metrics,
             poller,
             by_id: HashMap::new(),
-            reply_buf: vec![0; MAX_DATAGRAM],
+            outbox: Outbox::new(),
             next_id: 0,
             resend_after: self.resend_after(&key, &service),
             deadlines: VecDeque::new(),
@@ -331,7 +379,7 @@ impl UdpProxy {
         };
         let mut changes = self.publisher.subscribe();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut inbox = Inbox::new();
         let mut backoff = Duration::from_millis(5);
         // Draining (a hand-over): out of the group since, serving until.
         let mut draining: Option<Instant> = None;
@@ -351,21 +399,25 @@ impl UdpProxy {
             let next_deadline = port.deadlines.front().map(|d| d.at);
             let deadline = tokio::time::sleep_until(next_deadline.unwrap_or(far_future()).into());
             tokio::select! {
-                r = recv(&port.socket, &mut buf, pktinfo) => match r {
-                    Ok((n, client, local)) => {
+                r = recv(&port.socket, &mut inbox, pktinfo) => match r {
+                    Ok(()) => {
                         backoff = Duration::from_millis(5);
-                        port.on_datagram(client, local, &buf[..n]);
-                        // Whatever else is queued, before the other
-                        // branches are polled again (bounded: fairness).
-                        for _ in 1..BATCH {
-                            let Ok((n, client, local)) = try_recv(&port.socket, &mut buf, pktinfo) else {
-                                break;
-                            };
-                            port.on_datagram(client, local, &buf[..n]);
+                        // Up to RECV_BATCH datagrams from one recvmmsg,
+                        // before the other branches are polled again
+                        // (bounded: fairness).
+                        for (i, got) in inbox.got.iter().enumerate() {
+                            match got.client {
+                                Some(client) if !got.truncated => {
+                                    port.on_datagram(client, got.local, inbox.datagram(i, got.len));
+                                }
+                                // Never with full-size slots and an IP
+                                // socket; counted if a kernel ever does it.
+                                _ => (port.proxy.metrics.udp).dropped(&port.metrics.name, UdpDrop::Truncated),
+                            }
                         }
                     }
                     Err(e) => {
-                        // Nothing a client sends makes recv_from fail on an
+                        // Nothing a client sends makes recvmmsg fail on an
                         // unconnected socket; back off rather than spin.
                         warn!(listen = %key, error = %e, ?backoff, "UDP receive failed; backing off");
                         tokio::select! {
@@ -478,64 +530,107 @@ pub fn set_pktinfo(socket: &Socket, v6: bool) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
-/// Receives one datagram: its length, sender, and (with `pktinfo`) the
-/// local address it was sent to.
-async fn recv(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-    pktinfo: bool,
-) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
-    if !pktinfo {
-        let (n, client) = socket.recv_from(buf).await?;
-        return Ok((n, client, None));
+/// A datagram [`recv`] took, its payload in the [`Inbox`] slot of the same
+/// index.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    len: usize,
+    /// None: no IP source address (not possible on an IP socket).
+    client: Option<SocketAddr>,
+    /// Where it was sent to (with `pktinfo`).
+    local: Option<IpAddr>,
+    /// The kernel cut it to its slot (`MSG_TRUNC`).
+    truncated: bool,
+}
+
+/// What a served socket reads into: [`RECV_BATCH`] slots of
+/// [`MAX_DATAGRAM`] bytes and what each holds. The `recvmmsg` headers are
+/// made per call (nix's hold raw pointers: not `Send`, so not kept across
+/// an await).
+struct Inbox {
+    slots: Vec<u8>,
+    got: Vec<Received>,
+}
+
+impl Inbox {
+    fn new() -> Self {
+        Self {
+            // Zeroed by the allocator (untouched pages stay unmapped).
+            slots: vec![0; RECV_BATCH * MAX_DATAGRAM],
+            got: Vec::with_capacity(RECV_BATCH),
+        }
     }
+
+    /// The payload of datagram `i`, `len` bytes long.
+    fn datagram(&self, i: usize, len: usize) -> &[u8] {
+        let start = i * MAX_DATAGRAM;
+        self.slots
+            .get(start..start + len.min(MAX_DATAGRAM))
+            .unwrap_or_default()
+    }
+}
+
+/// Receives the datagrams queued on `socket`, at least one (waits for it),
+/// at most [`RECV_BATCH`], into `inbox`.
+async fn recv(socket: &UdpSocket, inbox: &mut Inbox, pktinfo: bool) -> io::Result<()> {
     socket
-        .async_io(Interest::READABLE, || recv_local(socket, buf))
+        .async_io(Interest::READABLE, || recv_batch(socket, inbox, pktinfo))
         .await
 }
 
-/// [`recv`] without waiting (`WouldBlock` when nothing is queued).
-fn try_recv(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-    pktinfo: bool,
-) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
-    if !pktinfo {
-        let (n, client) = socket.try_recv_from(buf)?;
-        return Ok((n, client, None));
+/// recvmmsg(2) without waiting (`WouldBlock` when nothing is queued), with
+/// the `IP_PKTINFO`/`IPV6_PKTINFO` control message when `pktinfo`: the
+/// header's destination address is where the datagram was redirected to.
+fn recv_batch(socket: &UdpSocket, inbox: &mut Inbox, pktinfo: bool) -> io::Result<()> {
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+    // Room for one in6_pktinfo message (the larger of the two).
+    let control = pktinfo.then(|| nix::cmsg_space!(libc::in6_pktinfo));
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RECV_BATCH, control);
+    let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> = (inbox.slots.chunks_mut(MAX_DATAGRAM))
+        .map(|slot| [io::IoSliceMut::new(slot)])
+        .collect();
+    let received = recvmmsg(
+        socket.as_raw_fd(),
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
+    inbox.got.clear();
+    for msg in received {
+        let client = msg.address.as_ref().and_then(socket_addr);
+        let local = match msg.cmsgs() {
+            Ok(cmsgs) => local_address(cmsgs),
+            Err(_) => None,
+        };
+        inbox.got.push(Received {
+            len: msg.bytes,
+            client,
+            local,
+            truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+        });
     }
-    socket.try_io(Interest::READABLE, || recv_local(socket, buf))
+    Ok(())
 }
 
-/// recvmsg(2) with the `IP_PKTINFO`/`IPV6_PKTINFO` control message: the
-/// header's destination address is where the datagram was redirected to.
-fn recv_local(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage, recvmsg};
-    let mut iov = [io::IoSliceMut::new(buf)];
-    // Room for one in6_pktinfo message (40 bytes on 64-bit Linux).
-    let mut control = [0u8; 64];
-    let msg = recvmsg::<SockaddrStorage>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut control[..]),
-        MsgFlags::empty(),
-    )?;
-    let client = msg.address.and_then(|a| {
-        match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
-            (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
-            (_, Some(v6)) => Some(SocketAddr::V6((*v6).into())),
-            _ => None,
-        }
-        .filter(|_| a.len() > 0)
-    });
-    let Some(client) = client else {
-        return Err(io::Error::other("datagram without an IP source address"));
-    };
+/// The IP address and port of a received datagram's source.
+fn socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    use nix::sys::socket::SockaddrLike;
+    if a.len() == 0 {
+        return None;
+    }
+    match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+        (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
+        (_, Some(v6)) => Some(SocketAddr::V6((*v6).into())),
+        _ => None,
+    }
+}
+
+/// The local address an `IP_PKTINFO`/`IPV6_PKTINFO` control message names.
+fn local_address(cmsgs: nix::sys::socket::CmsgIterator<'_>) -> Option<IpAddr> {
+    use nix::sys::socket::ControlMessageOwned;
     let mut local = None;
-    for c in msg.cmsgs()? {
+    for c in cmsgs {
         match c {
             ControlMessageOwned::Ipv4PacketInfo(i) => {
                 local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(i.ipi_addr.s_addr))));
@@ -546,23 +641,93 @@ fn recv_local(
             _ => {}
         }
     }
-    Ok((msg.bytes, client, local))
+    local
 }
 
-/// Sends `payload` to `client` from `service`, from the local address
-/// `local` when given (`IP_PKTINFO`/`IPV6_PKTINFO`), else from whatever
-/// address routing picks (a socket bound on the Service address).
-fn send_reply(
-    service: &UdpSocket,
-    payload: &[u8],
+/// Replies read from flow sockets and not sent to their clients yet:
+/// read back to back into one buffer, sent with `sendmmsg` by
+/// [`Port::flush`].
+struct Outbox {
+    buf: Vec<u8>,
+    used: usize,
+    replies: Vec<Reply>,
+}
+
+/// One reply in the [`Outbox`].
+#[derive(Debug, Clone, Copy)]
+struct Reply {
+    start: usize,
+    len: usize,
     client: SocketAddr,
+    /// The local address to send it from (`IP_PKTINFO`), else routing's.
+    local: Option<IpAddr>,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Self {
+            // Zeroed by the allocator (untouched pages stay unmapped).
+            buf: vec![0; OUTBOX_BYTES],
+            used: 0,
+            replies: Vec::with_capacity(SEND_BATCH),
+        }
+    }
+
+    /// Where the next reply is read: [`MAX_DATAGRAM`] bytes, so it is never
+    /// cut. None when full ([`Port::flush`] first).
+    fn room(&mut self) -> Option<&mut [u8]> {
+        if self.replies.len() >= SEND_BATCH {
+            return None;
+        }
+        self.buf.get_mut(self.used..self.used + MAX_DATAGRAM)
+    }
+
+    /// The reply just read into [`Self::room`], `len` bytes.
+    fn push(&mut self, len: usize, client: SocketAddr, local: Option<IpAddr>) {
+        let len = len.min(MAX_DATAGRAM);
+        // A local address of the other family cannot be the source.
+        let local = local.filter(|l| l.is_ipv4() == client.is_ipv4());
+        (self.replies).push(Reply {
+            start: self.used,
+            len,
+            client,
+            local,
+        });
+        self.used += len;
+    }
+
+    fn payload(&self, r: &Reply) -> &[u8] {
+        self.buf.get(r.start..r.start + r.len).unwrap_or_default()
+    }
+
+    fn clear(&mut self) {
+        self.replies.clear();
+        self.used = 0;
+    }
+}
+
+/// Sends `replies` (all to be sent from `local`) from `service` with one
+/// sendmmsg(2): from `local` when given (`IP_PKTINFO`/`IPV6_PKTINFO`),
+/// else from whatever address routing picks (a socket bound on the
+/// Service address). Returns how many were sent, from the first; an error
+/// is the first one's.
+fn send_replies(
+    service: &UdpSocket,
+    outbox: &Outbox,
+    replies: &[Reply],
     local: Option<IpAddr>,
 ) -> io::Result<usize> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6, sendmsg};
-    let iov = [io::IoSlice::new(payload)];
+    use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+    let iovs: Vec<[io::IoSlice<'_>; 1]> = (replies.iter())
+        .map(|r| [io::IoSlice::new(outbox.payload(r))])
+        .collect();
+    let addrs: Vec<Option<SockaddrStorage>> = (replies.iter())
+        .map(|r| Some(SockaddrStorage::from(r.client)))
+        .collect();
     let fd = service.as_raw_fd();
-    let sent = match (client, local) {
-        (SocketAddr::V4(c), Some(IpAddr::V4(l))) => {
+    let flags = MsgFlags::MSG_DONTWAIT;
+    let sent = match local {
+        Some(IpAddr::V4(l)) => {
             let info = libc::in_pktinfo {
                 ipi_ifindex: 0,
                 ipi_spec_dst: libc::in_addr {
@@ -571,15 +736,11 @@ fn send_reply(
                 ipi_addr: libc::in_addr { s_addr: 0 },
             };
             let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
-            sendmsg(
-                fd,
-                &iov,
-                &cmsg,
-                MsgFlags::empty(),
-                Some(&SockaddrIn::from(c)),
-            )
+            let space = Some(nix::cmsg_space!(libc::in_pktinfo));
+            let mut headers = MultiHeaders::preallocate(replies.len(), space);
+            sendmmsg(fd, &mut headers, &iovs, &addrs, cmsg, flags).map(Iterator::count)
         }
-        (SocketAddr::V6(c), Some(IpAddr::V6(l))) => {
+        Some(IpAddr::V6(l)) => {
             let info = libc::in6_pktinfo {
                 ipi6_addr: libc::in6_addr {
                     s6_addr: l.octets(),
@@ -587,15 +748,15 @@ fn send_reply(
                 ipi6_ifindex: 0,
             };
             let cmsg = [ControlMessage::Ipv6PacketInfo(&info)];
-            sendmsg(
-                fd,
-                &iov,
-                &cmsg,
-                MsgFlags::empty(),
-                Some(&SockaddrIn6::from(c)),
-            )
+            let space = Some(nix::cmsg_space!(libc::in6_pktinfo));
+            let mut headers = MultiHeaders::preallocate(replies.len(), space);
+            sendmmsg(fd, &mut headers, &iovs, &addrs, cmsg, flags).map(Iterator::count)
         }
-        _ => return SockRef::from(service).send_to(payload, &client.into()),
+        None => {
+            let mut headers = MultiHeaders::preallocate(replies.len(), None);
+            let none: [ControlMessage<'_>; 0] = [];
+            sendmmsg(fd, &mut headers, &iovs, &addrs, none, flags).map(Iterator::count)
+        }
     };
     sent.map_err(io::Error::from)
 }
@@ -732,8 +893,8 @@ struct Port {
     /// Flow id → client, for the epoll events (stale ids are dropped at
     /// the next idle sweep).
     by_id: HashMap<u64, SocketAddr>,
-    /// Replies are read here.
-    reply_buf: Vec<u8>,
+    /// Replies are read here, and sent from here in batches.
+    outbox: Outbox,
     next_id: u64,
     /// `Some`: unanswered datagrams are re-sent after this long
     /// ([`UdpProxy::resend_after`]).
@@ -1189,18 +1350,23 @@ impl Port {
                 self.on_reply(ev.data(), ev.events(), &mut failures);
             }
         }
+        self.flush();
         for failure in failures {
             self.on_failure(failure);
         }
         more
     }
 
-    /// The flow socket of flow `id` is ready (`flags`): forwards one reply
-    /// to the client from the Service's socket, or notes an ICMP error.
+    /// The flow socket of flow `id` is ready (`flags`): reads one reply
+    /// into the outbox (sent to the client from the Service's socket by
+    /// [`Self::flush`]), or notes an ICMP error.
     fn on_reply(&mut self, id: u64, flags: EpollFlags, failures: &mut Vec<Failure>) {
         let Some(&client) = self.by_id.get(&id) else {
             return;
         };
+        if self.outbox.room().is_none() {
+            self.flush();
+        }
         let Some(flow) = self.flows.get_mut(&client).filter(|f| f.id == id) else {
             self.by_id.remove(&id);
             return;
@@ -1221,7 +1387,10 @@ impl Port {
                 return;
             }
         }
-        let n = match flow.socket.recv(&mut self.reply_buf) {
+        let Some(room) = self.outbox.room() else {
+            return; // not after a flush
+        };
+        let n = match flow.socket.recv(room) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
@@ -1244,17 +1413,34 @@ impl Port {
         if let Some(heard) = self.heard.get_mut(&flow.backend) {
             heard.last_reply = at;
         }
-        let payload = self.reply_buf.get(..n).unwrap_or_default();
-        // A full send buffer drops the reply, as the network would.
-        match send_reply(&self.socket, payload, client, flow.local) {
-            Ok(_) => {
-                self.metrics.datagrams_down.inc();
-                self.metrics.bytes_down.inc_by(n as u64);
-            }
-            Err(e) => {
-                debug!(client = %client, error = %e, "UDP reply to client not sent");
+        self.outbox.push(n, client, flow.local);
+    }
+
+    /// Sends the replies in the outbox to their clients, one sendmmsg per
+    /// run of replies from the same local address. A reply that cannot be
+    /// sent (a full send buffer) is dropped, as the network would.
+    fn flush(&mut self) {
+        let replies = &self.outbox.replies;
+        let mut i = 0;
+        // Each round sends at least one reply or drops one: bounded.
+        while let Some(first) = replies.get(i) {
+            let local = first.local;
+            let run = replies[i..].iter().take_while(|r| r.local == local).count();
+            match send_replies(&self.socket, &self.outbox, &replies[i..i + run], local) {
+                Ok(n) if n > 0 => {
+                    let bytes: usize = replies[i..i + n].iter().map(|r| r.len).sum();
+                    self.metrics.datagrams_down.inc_by(n as u64);
+                    self.metrics.bytes_down.inc_by(bytes as u64);
+                    i += n;
+                }
+                Ok(_) => i += 1,
+                Err(e) => {
+                    debug!(client = %first.client, error = %e, "UDP reply to client not sent");
+                    i += 1;
+                }
             }
         }
+        self.outbox.clear();
     }
 }
 
@@ -1280,6 +1466,129 @@ mod tests {
         assert_eq!(resend_after(Some(false), 53, after), None);
         assert_eq!(resend_after(Some(true), 514, after), Some(after));
         assert_eq!(resend_after(Some(true), 53, Duration::ZERO), None);
+    }
+
+    /// A nonblocking std socket on 127.0.0.1, as tokio's.
+    async fn tokio_socket(pktinfo: bool) -> UdpSocket {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        if pktinfo {
+            set_pktinfo(&s, false).unwrap();
+        }
+        s.set_nonblocking(true).unwrap();
+        let any: SocketAddr = if pktinfo { "0.0.0.0:0" } else { "127.0.0.1:0" }
+            .parse()
+            .unwrap();
+        s.bind(&any.into()).unwrap();
+        UdpSocket::from_std(s.into()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_recvmmsg_takes_every_queued_datagram_with_its_source_and_destination() {
+        let served = tokio_socket(true).await;
+        let port = served.local_addr().unwrap().port();
+        let to: SocketAddr = ([127, 0, 0, 3], port).into();
+        let small = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let big = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let largest: Vec<u8> = (0..65_507u32).map(|i| (i % 251) as u8).collect();
+        small.send_to(b"one", to).unwrap();
+        big.send_to(&largest, to).unwrap();
+        small.send_to(b"", to).unwrap();
+        let mut inbox = Inbox::new();
+        tokio::time::timeout(Duration::from_secs(5), recv(&served, &mut inbox, true))
+            .await
+            .unwrap()
+            .unwrap();
+        let got: Vec<_> = (inbox.got.iter().enumerate())
+            .map(|(i, r)| {
+                (
+                    r.client.unwrap(),
+                    r.local,
+                    r.truncated,
+                    inbox.datagram(i, r.len).to_vec(),
+                )
+            })
+            .collect();
+        let local = Some(IpAddr::from([127, 0, 0, 3]));
+        let want = vec![
+            (small.local_addr().unwrap(), local, false, b"one".to_vec()),
+            (big.local_addr().unwrap(), local, false, largest),
+            (small.local_addr().unwrap(), local, false, Vec::new()),
+        ];
+        assert_eq!(got, want);
+        // Nothing left: WouldBlock, not an empty batch.
+        let e = recv_batch(&served, &mut inbox, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[tokio::test]
+    async fn one_sendmmsg_answers_several_clients_from_the_given_local_address() {
+        let served = tokio_socket(true).await;
+        let port = served.local_addr().unwrap().port();
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut outbox = Outbox::new();
+        let local = Some(IpAddr::from([127, 0, 0, 7]));
+        for (i, c) in clients.iter().enumerate() {
+            let room = outbox.room().unwrap();
+            room[..2].copy_from_slice(&[b'r', b'0' + i as u8]);
+            outbox.push(2, c.local_addr().unwrap(), local);
+        }
+        let sent = send_replies(&served, &outbox, &outbox.replies, local).unwrap();
+        assert_eq!(sent, 3);
+        for (i, c) in clients.iter().enumerate() {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 16];
+            let (n, from) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[b'r', b'0' + i as u8]);
+            // IP_PKTINFO: from the address given, not routing's 127.0.0.1.
+            assert_eq!(from, SocketAddr::from(([127, 0, 0, 7], port)));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_cannot_be_sent_stops_its_batch_and_fails_alone() {
+        // What Port::flush relies on: sendmmsg sends up to the failing
+        // message and says how many; sent again from there, the failing
+        // one gets the error.
+        let served = tokio_socket(false).await;
+        let ok = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut outbox = Outbox::new();
+        let bad: SocketAddr = "[::1]:9".parse().unwrap();
+        for to in [ok.local_addr().unwrap(), bad, ok.local_addr().unwrap()] {
+            outbox.room().unwrap()[0] = b'x';
+            outbox.push(1, to, None);
+        }
+        let replies = outbox.replies.clone();
+        assert_eq!(send_replies(&served, &outbox, &replies, None).unwrap(), 1);
+        assert!(send_replies(&served, &outbox, &replies[1..], None).is_err());
+        assert_eq!(
+            send_replies(&served, &outbox, &replies[2..], None).unwrap(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_outbox_never_hands_out_less_than_a_whole_datagram() {
+        let mut outbox = Outbox::new();
+        let client: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // The largest replies: room for four, then full.
+        for _ in 0..4 {
+            assert_eq!(outbox.room().unwrap().len(), MAX_DATAGRAM);
+            outbox.push(65_507, client, None);
+        }
+        assert!(outbox.room().is_none());
+        outbox.clear();
+        // Small ones: SEND_BATCH, then full.
+        for _ in 0..SEND_BATCH {
+            assert!(outbox.room().is_some());
+            outbox.push(80, client, Some(IpAddr::from([10, 0, 0, 1])));
+        }
+        assert!(outbox.room().is_none());
+        // A local address of the other family is not used.
+        outbox.clear();
+        outbox.push(1, client, Some("::1".parse().unwrap()));
+        assert_eq!(outbox.replies[0].local, None);
     }
 
     #[tokio::test]

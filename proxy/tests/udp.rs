@@ -590,6 +590,79 @@ async fn empty_odd_and_largest_datagrams_pass_without_harm() {
 }
 
 #[tokio::test]
+async fn a_burst_of_new_and_known_flows_and_largest_datagrams_is_all_answered() {
+    // sluice reads queued datagrams with one recvmmsg and sends replies
+    // with one sendmmsg: a burst sent before sluice reads it lands in few
+    // batches that mix datagrams of a known flow, of new flows and of the
+    // largest size. Every one is answered, by the known flow's backend for
+    // the known flow, and nothing is counted as dropped.
+    let a = UdpBackend::start("a", false).await;
+    let b = UdpBackend::start("b", false).await;
+    let listen = free_udp();
+    let s = start(service(listen, &[a.addr, b.addr]), &[]).await;
+    let known = client().await;
+    let first = ask_until_answered(&known, listen, "q").await;
+    let pinned = name_of(&first).to_string();
+    let largest: Vec<u8> = (0..65_507u32).map(|i| (i % 251) as u8).collect();
+    let new: Vec<UdpSocket> = futures_util::future::join_all((0..8).map(|_| client())).await;
+    for round in 0..3 {
+        for (i, c) in new.iter().enumerate() {
+            // One largest datagram in the middle of the burst (more could
+            // overflow a default socket buffer on the way, sluice's or not).
+            let payload = match (round, i) {
+                (1, 0) => largest.clone(),
+                _ => format!("n{round}.{i}").into_bytes(),
+            };
+            c.send_to(&payload, listen).await.unwrap();
+            known
+                .send_to(format!("k{round}.{i}").as_bytes(), listen)
+                .await
+                .unwrap();
+        }
+    }
+    let mut buf = vec![0u8; 65_536];
+    for round in 0..3 {
+        for i in 0..new.len() {
+            let (n, from) = tokio::time::timeout(T, known.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(from, listen);
+            let got = String::from_utf8(buf[..n].to_vec()).unwrap();
+            assert_eq!(
+                got,
+                format!("{pinned}:k{round}.{i}"),
+                "a known flow stays on its backend"
+            );
+        }
+    }
+    for (i, c) in new.iter().enumerate() {
+        for round in 0..3 {
+            let (n, from) = tokio::time::timeout(T, c.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(from, listen);
+            if (round, i) == (1, 0) {
+                assert_eq!(&buf[..n], &largest[..]);
+            } else {
+                let got = std::str::from_utf8(&buf[..n]).unwrap();
+                assert!(got.ends_with(&format!(":n{round}.{i}")), "{got}");
+            }
+        }
+    }
+    let text = wait_metric(&s, r#"sluice_udp_flows{service="dns"}"#, |v| v == 9.0).await;
+    let up = r#"sluice_udp_datagrams_total{service="dns",direction="client_to_backend"}"#;
+    let down = r#"sluice_udp_datagrams_total{service="dns",direction="backend_to_client"}"#;
+    assert_eq!(metric(&text, up), Some(49.0), "{text}");
+    assert_eq!(metric(&text, down), Some(49.0), "{text}");
+    assert!(
+        !text.contains("sluice_udp_dropped_datagrams_total{"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn tcp_and_udp_share_a_port() {
     use sluice_testkit::backend::{Backend, Mode, connect_named};
     let tcp = Backend::start("t", Mode::Echo).await.unwrap();
