@@ -386,7 +386,7 @@ impl UdpProxy {
         loop {
             if let Some(until) = draining
                 && (Instant::now() >= until || !port.awaiting_replies())
-                && read_queued(&mut port, &mut buf, pktinfo) == 0
+                && read_queued(&mut port, &mut inbox, pktinfo) == 0
             {
                 break;
             }
@@ -405,16 +405,7 @@ impl UdpProxy {
                         // Up to RECV_BATCH datagrams from one recvmmsg,
                         // before the other branches are polled again
                         // (bounded: fairness).
-                        for (i, got) in inbox.got.iter().enumerate() {
-                            match got.client {
-                                Some(client) if !got.truncated => {
-                                    port.on_datagram(client, got.local, inbox.datagram(i, got.len));
-                                }
-                                // Never with full-size slots and an IP
-                                // socket; counted if a kernel ever does it.
-                                _ => (port.proxy.metrics.udp).dropped(&port.metrics.name, UdpDrop::Truncated),
-                            }
-                        }
+                        on_inbox(&mut port, &inbox);
                     }
                     Err(e) => {
                         // Nothing a client sends makes recvmmsg fail on an
@@ -447,13 +438,13 @@ impl UdpProxy {
                 _ = deadline, if next_deadline.is_some() => port.on_deadlines(Instant::now()),
                 () = drain_now => {
                     let limit = drain.as_ref().map_or(Duration::ZERO, |(_, l)| *l);
-                    if let Err(e) = crate::listener::leave_udp_group(&SockRef::from(&*port.socket)) {
+                    if let Err(e) = crate::listener::leave_udp_group(&socket2::SockRef::from(&*port.socket)) {
                         warn!(listen = %key, error = %e, "cannot hand the UDP port over: closing it");
                         break;
                     }
                     draining = Some(Instant::now() + limit);
                     // What was queued before the socket left the group.
-                    read_queued(&mut port, &mut buf, pktinfo);
+                    read_queued(&mut port, &mut inbox, pktinfo);
                     debug!(listen = %key, flows = port.flows.len(), "UDP port handed over: draining its flows");
                 }
                 _ = stop.cancelled() => break,
@@ -489,19 +480,26 @@ fn resend_after(setting: Option<bool>, port: u16, after: Duration) -> Option<Dur
 /// the syscall itself rather than the runtime's readiness (which may not
 /// have seen the last arrivals yet): a draining port must not close on a
 /// datagram that is already queued. How many were read.
-fn read_queued(port: &mut Port, buf: &mut [u8], pktinfo: bool) -> usize {
+fn read_queued(port: &mut Port, inbox: &mut Inbox, pktinfo: bool) -> usize {
     let mut read = 0;
-    loop {
-        let got = if pktinfo {
-            recv_local(&port.socket, buf)
-        } else {
-            try_recv(&port.socket, buf, false)
-        };
-        let Ok((n, client, local)) = got else {
-            return read;
-        };
-        port.on_datagram(client, local, &buf[..n]);
-        read += 1;
+    while recv_batch(&port.socket, inbox, pktinfo).is_ok() && !inbox.got.is_empty() {
+        read += inbox.got.len();
+        on_inbox(port, inbox);
+    }
+    read
+}
+
+/// Handles the datagrams of one `recvmmsg` (at most [`RECV_BATCH`]).
+fn on_inbox(port: &mut Port, inbox: &Inbox) {
+    for (i, got) in inbox.got.iter().enumerate() {
+        match got.client {
+            Some(client) if !got.truncated => {
+                port.on_datagram(client, got.local, inbox.datagram(i, got.len));
+            }
+            // Never with full-size slots and an IP socket; counted if a
+            // kernel ever does it.
+            _ => (port.proxy.metrics.udp).dropped(&port.metrics.name, UdpDrop::Truncated),
+        }
     }
 }
 
