@@ -253,8 +253,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     // The file source touches addresses only when asked to. With
     // --intercept nftables no Service IP is put on any device.
     let bind_mode = args.intercept() == Intercept::Bind;
-    // What follows the table into the kernel (Service IPs, the nftables
-    // table): one reconcile loop, one TableDiff per publish.
+    // What follows the table (Service IPs, the proxy's listeners, routes
+    // and tracker, the nftables table, the pod bridges' reply steering):
+    // one reconcile loop, one TableDiff per publish.
     let mut followers: Vec<Box<dyn Follower>> = Vec::new();
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
@@ -296,6 +297,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     };
     warnings.extend(why);
     let proxy = Proxy::with_workers(config, publisher.clone(), metrics.clone(), workers);
+    // After the Service IPs (a listener binds on them), before the
+    // nftables table: listeners, routes, the tracker.
+    followers.push(Box::new(proxy.follower()));
     if args.intercept() == Intercept::Nftables {
         if let Err(e) = nft::check().await {
             eprintln!("sluice: --intercept nftables: {e}");
@@ -347,9 +351,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             metrics.clone(),
         )));
     }
-    if !followers.is_empty() {
-        tokio::spawn(reconcile::run(publisher.clone(), followers, stop.clone()));
-    }
+    tokio::spawn(reconcile::run(publisher.clone(), followers, stop.clone()));
     let admin = Arc::new(Admin {
         publisher,
         tracker: proxy.tracker().clone(),

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use sluice_control::{Publisher, Snapshot, Table, TableDiff};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -23,7 +24,7 @@ use crate::udp_intercept::UdpIntercept;
 use crate::vip::{VipDevice, service_ips};
 
 /// How long an incomplete follower waits before it is retried.
-const RETRY: Duration = Duration::from_secs(5);
+pub const RETRY: Duration = Duration::from_secs(5);
 
 /// Something that keeps state equal to the live table.
 pub trait Follower: Send {
@@ -34,6 +35,20 @@ pub trait Follower: Send {
     /// next table, so a follower whose last apply failed must not rely on
     /// the diff alone.
     fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool>;
+
+    /// How long after an incomplete apply this follower is retried (each
+    /// incomplete follower on its own clock). [`RETRY`] unless it says.
+    fn retry_after(&self) -> Duration {
+        RETRY
+    }
+
+    /// Every follower has been handed the table of `generation` (a new
+    /// publish; not called on a retry): what changed since the previous
+    /// generation is `diff`. For what is told once per publish (the live
+    /// generation gauge, the `table live` log line). Nothing by default.
+    fn applied(&mut self, generation: u64, diff: &TableDiff, table: &Table) {
+        let _ = (generation, diff, table);
+    }
 }
 
 /// Follows the publisher until `stop` fires or the publisher is gone.
@@ -48,22 +63,42 @@ pub async fn run(
 ) {
     let mut changes = publisher.subscribe();
     let mut previous = Arc::new(Table::new());
-    // Every follower starts incomplete: the first table goes to all.
-    let mut incomplete = vec![true; followers.len()];
+    let mut generation = None;
+    // When each incomplete follower is due again (`None`: complete). Every
+    // follower starts due: the first table goes to all, even when empty.
+    let start = Instant::now();
+    let mut due: Vec<Option<Instant>> = vec![Some(start); followers.len()];
     loop {
         let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
             return;
         };
-        let diff = TableDiff::between(&previous, &snapshot.table);
-        for (follower, incomplete) in followers.iter_mut().zip(incomplete.iter_mut()) {
-            if diff.is_empty() && !*incomplete {
+        let new = generation != Some(snapshot.generation);
+        let diff = match new {
+            true => TableDiff::between(&previous, &snapshot.table),
+            false => TableDiff::default(),
+        };
+        let now = Instant::now();
+        for (follower, due) in followers.iter_mut().zip(due.iter_mut()) {
+            // A change goes to every follower; an incomplete one is also
+            // called on a new (unchanged) generation and when its retry is due.
+            let call = !diff.is_empty() || due.is_some_and(|at| new || at <= now);
+            if !call {
                 continue;
             }
-            *incomplete = !follower.apply(&diff, &snapshot.table).await;
+            *due = match follower.apply(&diff, &snapshot.table).await {
+                true => None,
+                false => Some(Instant::now() + follower.retry_after()),
+            };
         }
-        previous = snapshot.table.clone();
-        let complete = !incomplete.iter().any(|i| *i);
-        if !next_sync(&mut changes, complete, &stop).await {
+        if new {
+            for follower in &mut followers {
+                follower.applied(snapshot.generation, &diff, &snapshot.table);
+            }
+            generation = Some(snapshot.generation);
+            previous = snapshot.table.clone();
+        }
+        let next = due.iter().flatten().min().copied();
+        if !next_sync(&mut changes, next, &stop).await {
             return;
         }
     }
@@ -102,18 +137,18 @@ async fn next_change(
     }
 }
 
-/// Waits for the next table publish, or at most [`RETRY`] after an
-/// incomplete apply. False when the publisher is gone or `stop` fired.
+/// Waits for the next table publish, or until `retry` (the earliest
+/// incomplete follower's retry). False when the publisher is gone or
+/// `stop` fired.
 async fn next_sync(
     changes: &mut tokio::sync::watch::Receiver<u64>,
-    complete: bool,
+    retry: Option<Instant>,
     stop: &CancellationToken,
 ) -> bool {
     let retry = async {
-        if complete {
-            std::future::pending::<()>().await
-        } else {
-            tokio::time::sleep(RETRY).await
+        match retry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending::<()>().await,
         }
     };
     tokio::select! {
