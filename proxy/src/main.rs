@@ -14,7 +14,8 @@ use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::nft;
-use sluice_proxy::reconcile::{self, Follower, NftFollower, VipFollower};
+use sluice_control::source::healthcheck::HealthResponders;
+use sluice_proxy::reconcile::{self, Follower, HealthFollower, NftFollower, VipFollower};
 use sluice_proxy::vip::VipDevice;
 use sluice_proxy::workers::Workers;
 use tokio::signal::unix::{SignalKind, signal};
@@ -183,8 +184,6 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             coalesce: args.min_sync_period,
             scheduler: args.scheduler,
             node_eligible: node_eligible.clone(),
-            health_timeout: args.healthz_timeout,
-            started,
             ..kube::KubeOptions::default()
         };
         match kube::reached_through_service(&opts).await {
@@ -257,6 +256,20 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     // and tracker, the nftables table, the pod bridges' reply steering):
     // one reconcile loop, one TableDiff per publish.
     let mut followers: Vec<Box<dyn Follower>> = Vec::new();
+    if args.config.is_none() {
+        // healthCheckNodePort responders (kube-proxy: on all addresses),
+        // fed from the table like the rest; 200 only while the proxy is
+        // healthy by /healthz's rule (kube-proxy's serviceProxyHealthy).
+        let proxy_healthy = {
+            let publisher = publisher.clone();
+            let timeout = args.healthz_timeout;
+            Arc::new(move || publisher.is_healthy(std::time::Instant::now(), timeout, started))
+        };
+        followers.push(Box::new(HealthFollower::new(HealthResponders::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            proxy_healthy,
+        ))));
+    }
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => followers.push(Box::new(VipFollower::new(device))),
@@ -337,12 +350,11 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             args.udp_intercept_ports,
         );
         if transparent {
-            tokio::spawn(sluice_proxy::policy_route::follow_bridges(
+            followers.push(Box::new(sluice_proxy::policy_route::BridgeFollower::start(
                 args.transparent_mark,
                 source_ip.clone(),
-                publisher.clone(),
                 stop.clone(),
-            ));
+            )));
         }
         followers.push(Box::new(NftFollower::new(
             args.intercept_port,

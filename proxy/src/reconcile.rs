@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use sluice_control::source::healthcheck::{self, HealthResponders};
 use sluice_control::{Publisher, Snapshot, Table, TableDiff};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -282,6 +283,32 @@ impl Follower for VipFollower {
     }
 }
 
+/// Keeps the `healthCheckNodePort` responders equal to the live table's
+/// health checks ([`Table::health_checks`], put there by the Kubernetes
+/// source): as kube-proxy's healthcheck server is fed by its proxier's
+/// sync loop, not by a watch of its own. A port that cannot be bound (held
+/// by the kube-proxy being replaced) makes the apply incomplete: retried
+/// every [`healthcheck::RETRY`].
+pub struct HealthFollower {
+    responders: HealthResponders,
+}
+
+impl HealthFollower {
+    pub fn new(responders: HealthResponders) -> Self {
+        Self { responders }
+    }
+}
+
+impl Follower for HealthFollower {
+    fn apply<'a>(&'a mut self, _diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+        Box::pin(self.responders.follow(table))
+    }
+
+    fn retry_after(&self) -> Duration {
+        healthcheck::RETRY
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,9 +323,21 @@ mod tests {
     struct Recorder {
         calls: Arc<Mutex<Vec<Call>>>,
         results: Vec<bool>,
+        retry: Duration,
+        /// The generations told applied, with their diff's size.
+        applied: Arc<Mutex<Vec<(u64, usize)>>>,
     }
 
     impl Follower for Recorder {
+        fn retry_after(&self) -> Duration {
+            self.retry
+        }
+
+        fn applied(&mut self, generation: u64, diff: &TableDiff, _table: &Table) {
+            let size = diff.added.len() + diff.removed.len() + diff.changed.len();
+            self.applied.lock().unwrap().push((generation, size));
+        }
+
         fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
             let call = (
                 diff.added.len(),
@@ -321,6 +360,8 @@ mod tests {
         let r = Recorder {
             calls: calls.clone(),
             results,
+            retry: RETRY,
+            applied: Arc::default(),
         };
         (Box::new(r), calls)
     }
@@ -364,6 +405,84 @@ mod tests {
         // A quiet minute: no call (no retry is pending).
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(calls_a.lock().unwrap().len(), 2);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_incomplete_follower_is_retried_on_its_own_clock() {
+        let publisher = Arc::new(Publisher::new());
+        let calls_fast = Arc::new(Mutex::new(Vec::new()));
+        let fast = Recorder {
+            calls: calls_fast.clone(),
+            // Fails at the table and at the first two retries.
+            results: vec![false, false, false],
+            retry: Duration::from_secs(1),
+            applied: Arc::default(),
+        };
+        let (slow, calls_slow) = recorder(vec![false]);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            publisher.clone(),
+            vec![Box::new(fast), slow],
+            stop.clone(),
+        ));
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        let count = |c: &Arc<Mutex<Vec<Call>>>| c.lock().unwrap().len();
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (1, 1));
+        // The 1 s follower is retried each second, the other not yet.
+        for n in 2..=4 {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            settle().await;
+            assert_eq!((count(&calls_fast), count(&calls_slow)), (n, 1));
+        }
+        // The fast one is complete since its fourth call (3 s); the slow
+        // one is retried at 5 s, alone.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        settle().await;
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (4, 1));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        settle().await;
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (4, 2));
+        assert_eq!(calls_slow.lock().unwrap()[1], (0, 0, 0, 1));
+        tokio::time::sleep(RETRY * 3).await;
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (4, 2));
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_new_generation_is_told_once_after_all_applied_it() {
+        let publisher = Arc::new(Publisher::new());
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let failing_once = Recorder {
+            calls: calls.clone(),
+            results: vec![false],
+            retry: Duration::from_secs(1),
+            applied: applied.clone(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            publisher.clone(),
+            vec![Box::new(failing_once)],
+            stop.clone(),
+        ));
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        // The retry (a second call) is not a new generation.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        // An equal table under a new generation: told, with an empty diff,
+        // though no follower had anything to apply.
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        assert_eq!(*applied.lock().unwrap(), [(1, 2), (2, 0), (3, 1)]);
+        assert_eq!(calls.lock().unwrap().len(), 3, "the empty diff was not applied");
         stop.cancel();
         task.await.unwrap();
     }

@@ -278,7 +278,7 @@ pub struct ProxyFollower {
 impl ProxyFollower {
     fn sync(&mut self, diff: &TableDiff, table: &Table) -> bool {
         let proxy = &self.proxy;
-        proxy.tracker.on_table(table);
+        proxy.tracker.on_diff(diff, table);
         let mut listeners = proxy.listening();
         if listeners.closed {
             return true;
@@ -467,14 +467,19 @@ impl Proxy {
 
     /// Serves until `stop` fires, then shuts down gracefully. Does not
     /// follow the table ([`ProxyFollower`] does, driven by
-    /// [`crate::reconcile::run`]): it only expires idle client affinity
-    /// every 30 s, a clock of its own rather than a table change.
+    /// [`crate::reconcile::run`]): every 30 s it expires idle client
+    /// affinity and forgets idle backends no table lists
+    /// ([`Tracker::forget_idle`]), a clock of its own rather than a table
+    /// change.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ShutdownReport {
         let mut housekeeping = tokio::time::interval(AFFINITY_EXPIRY);
         housekeeping.tick().await;
         loop {
             tokio::select! {
-                _ = housekeeping.tick() => self.expire_affinity(),
+                _ = housekeeping.tick() => {
+                    self.expire_affinity();
+                    self.tracker.forget_idle();
+                }
                 _ = stop.cancelled() => break,
             }
         }
