@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use clap::Parser;
 use sluice_control::Publisher;
+use sluice_control::source::healthcheck::HealthResponders;
 use sluice_control::source::{file, kube};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::nft;
-use sluice_control::source::healthcheck::HealthResponders;
 use sluice_proxy::reconcile::{self, Follower, HealthFollower, NftFollower, VipFollower};
 use sluice_proxy::vip::VipDevice;
 use sluice_proxy::workers::Workers;

@@ -355,14 +355,21 @@ mod tests {
         }
     }
 
+    impl Recorder {
+        /// Retried after `retry` when incomplete.
+        fn new(results: Vec<bool>, retry: Duration) -> Self {
+            Self {
+                calls: Arc::default(),
+                results,
+                retry,
+                applied: Arc::default(),
+            }
+        }
+    }
+
     fn recorder(results: Vec<bool>) -> (Box<dyn Follower>, Arc<Mutex<Vec<Call>>>) {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let r = Recorder {
-            calls: calls.clone(),
-            results,
-            retry: RETRY,
-            applied: Arc::default(),
-        };
+        let r = Recorder::new(results, RETRY);
+        let calls = r.calls.clone();
         (Box::new(r), calls)
     }
 
@@ -412,14 +419,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_incomplete_follower_is_retried_on_its_own_clock() {
         let publisher = Arc::new(Publisher::new());
-        let calls_fast = Arc::new(Mutex::new(Vec::new()));
-        let fast = Recorder {
-            calls: calls_fast.clone(),
-            // Fails at the table and at the first two retries.
-            results: vec![false, false, false],
-            retry: Duration::from_secs(1),
-            applied: Arc::default(),
-        };
+        // Fails at the table and at the first two retries.
+        let fast = Recorder::new(vec![false, false, false], Duration::from_secs(1));
+        let calls_fast = fast.calls.clone();
         let (slow, calls_slow) = recorder(vec![false]);
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
@@ -455,14 +457,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn every_new_generation_is_told_once_after_all_applied_it() {
         let publisher = Arc::new(Publisher::new());
-        let applied = Arc::new(Mutex::new(Vec::new()));
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let failing_once = Recorder {
-            calls: calls.clone(),
-            results: vec![false],
-            retry: Duration::from_secs(1),
-            applied: applied.clone(),
-        };
+        let failing_once = Recorder::new(vec![false], Duration::from_secs(1));
+        let (calls, applied) = (failing_once.calls.clone(), failing_once.applied.clone());
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
             publisher.clone(),
@@ -482,7 +478,11 @@ mod tests {
         publisher.publish_changed(table(&[80]));
         settle().await;
         assert_eq!(*applied.lock().unwrap(), [(1, 2), (2, 0), (3, 1)]);
-        assert_eq!(calls.lock().unwrap().len(), 3, "the empty diff was not applied");
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            3,
+            "the empty diff was not applied"
+        );
         stop.cancel();
         task.await.unwrap();
     }

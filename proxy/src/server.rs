@@ -607,11 +607,14 @@ impl Proxy {
     /// the same service is left. Looks only at the diff's keys.
     fn prune_routes(&self, table: &Table, diff: &TableDiff) {
         let mut closed = Vec::new();
-        let keys = diff.removed.iter().chain(diff.changed.iter().map(|(k, _)| k));
+        let keys = diff
+            .removed
+            .iter()
+            .chain(diff.changed.iter().map(|(k, _)| k));
         for key in keys {
-            let gone = self
-                .routes
-                .remove_if(key, |_, r| table.get(key).is_none_or(|s| s.name != r.service));
+            let gone = self.routes.remove_if(key, |_, r| {
+                table.get(key).is_none_or(|s| s.name != r.service)
+            });
             if let Some((_, r)) = gone {
                 closed.push(r.service.clone());
             }
