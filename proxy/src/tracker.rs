@@ -850,6 +850,61 @@ mod tests {
         });
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_two_services_list_is_kept_while_either_keeps_it() {
+        let t = Arc::new(Tracker::new(
+            cfg(Duration::from_secs(1)),
+            CancellationToken::new(),
+            Arc::default(),
+        ));
+        let x = addr("10.0.0.1:80");
+        let service = |conditions| {
+            Arc::new(Service::new(
+                "s",
+                Policy::RoundRobin,
+                None,
+                vec![
+                    Backend::new(x, conditions),
+                    Backend::new(addr("10.0.0.9:80"), Conditions::READY),
+                ],
+            ))
+        };
+        let (k1, k2) = (
+            ListenKey::tcp(addr("127.0.0.1:80")),
+            ListenKey::tcp(addr("127.0.0.2:80")),
+        );
+        let mut both = Table::new();
+        both.insert(k1, service(Conditions::READY));
+        both.insert(k2, service(Conditions::READY));
+        t.on_table(&both);
+        let g = t.connect(x);
+        // Terminating behind one key, ready behind the other: kept.
+        let mut mixed = both.clone();
+        mixed.insert(k1, service(Conditions::TERMINATING));
+        t.on_table(&mixed);
+        assert!(!t.backends.get(&x).unwrap().is_draining());
+        // The key that kept it goes: only the terminating entry is left.
+        let mut one = mixed.clone();
+        one.remove(&k2);
+        t.on_table(&one);
+        assert!(t.backends.get(&x).unwrap().is_draining());
+        // Ready again behind a new key: draining is called off, and the
+        // drain timeout cuts nothing.
+        let mut back = one.clone();
+        back.insert(k2, service(Conditions::READY));
+        t.on_table(&back);
+        assert!(!t.backends.get(&x).unwrap().is_draining());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!g.cut_token().is_cancelled());
+        // Every key goes: counted down to nothing, forgotten once idle.
+        t.on_table(&Table::new());
+        assert!(t.backends.get(&x).unwrap().is_draining());
+        drop(g);
+        t.forget_idle();
+        assert!(t.backends.get(&x).is_none());
+        assert!(t.follow.lock().unwrap().refs.is_empty());
+    }
+
     #[test]
     fn shutdown_cuts_every_connection() {
         let shutdown = CancellationToken::new();
