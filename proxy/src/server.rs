@@ -306,10 +306,9 @@ impl crate::reconcile::Follower for ProxyFollower {
         let proxy = &self.proxy;
         proxy.metrics.table_generation.set(generation as i64);
         proxy.metrics.table_publishes.inc();
-        let backends: usize = table.iter().map(|(_, s)| s.backends().len()).sum();
         info!(
             services = table.len(),
-            backends,
+            backends = proxy.tracker.listed(),
             listening = proxy.listening().by_key.len(),
             "table live generation={} {}",
             generation,
@@ -468,9 +467,9 @@ impl Proxy {
     /// Serves until `stop` fires, then shuts down gracefully. Does not
     /// follow the table ([`ProxyFollower`] does, driven by
     /// [`crate::reconcile::run`]): every 30 s it expires idle client
-    /// affinity and forgets idle backends no table lists
-    /// ([`Tracker::forget_idle`]), a clock of its own rather than a table
-    /// change.
+    /// affinity, forgets idle backends no table lists
+    /// ([`Tracker::forget_idle`]) and intercept routes a race left behind,
+    /// a clock of its own rather than a table change.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ShutdownReport {
         let mut housekeeping = tokio::time::interval(AFFINITY_EXPIRY);
         housekeeping.tick().await;
@@ -479,6 +478,7 @@ impl Proxy {
                 _ = housekeeping.tick() => {
                     self.expire_affinity();
                     self.tracker.forget_idle();
+                    self.prune_stale_routes();
                 }
                 _ = stop.cancelled() => break,
             }
@@ -602,15 +602,18 @@ impl Proxy {
         })
     }
 
-    /// Intercept mode: forgets the routes of keys that left the table (or
-    /// now lead to another service), and their metrics when no route of
-    /// the same service is left. Looks only at the diff's keys.
+    /// Intercept mode: forgets the routes of the diff's keys that left the
+    /// table (or now lead to another service).
     fn prune_routes(&self, table: &Table, diff: &TableDiff) {
+        let keys = (diff.removed.iter()).chain(diff.changed.iter().map(|(k, _)| k));
+        self.prune_routes_of(table, keys);
+    }
+
+    /// Intercept mode: forgets the routes of `keys` that left `table` (or
+    /// now lead to another service), and their metrics when no route of
+    /// the same service is left.
+    fn prune_routes_of<'k>(&self, table: &Table, keys: impl Iterator<Item = &'k ListenKey>) {
         let mut closed = Vec::new();
-        let keys = diff
-            .removed
-            .iter()
-            .chain(diff.changed.iter().map(|(k, _)| k));
         for key in keys {
             let gone = self.routes.remove_if(key, |_, r| {
                 table.get(key).is_none_or(|s| s.name != r.service)
@@ -656,6 +659,15 @@ impl Proxy {
         let route = self.new_route(&service.name);
         self.routes.insert(key, route.clone());
         Ok((key, route))
+    }
+
+    /// Intercept mode: forgets routes the diffs missed: a connection that
+    /// looked its Service up in a table replaced just after may add its
+    /// route once the follower pruned that key. A walk of the routes, on
+    /// the 30 s clock.
+    fn prune_stale_routes(&self) {
+        let keys: Vec<ListenKey> = self.routes.iter().map(|r| *r.key()).collect();
+        self.prune_routes_of(&self.publisher.load(), keys.iter());
     }
 
     fn expire_affinity(&self) {

@@ -456,6 +456,12 @@ impl Tracker {
         self.kept.store(Arc::new(Some(kept)));
     }
 
+    /// Distinct backend addresses the last table applied lists.
+    pub fn listed(&self) -> usize {
+        let follow = self.follow.lock().unwrap_or_else(|p| p.into_inner());
+        follow.refs.len()
+    }
+
     /// Forgets idle backends that no table lists: one whose connections
     /// outlived its removal, or that a connection picked from a table
     /// replaced meanwhile. A walk of the tracked backends, on a clock (the
