@@ -1,13 +1,18 @@
-//! One place follows the published table for the kernel state sluice owns:
-//! [`run`] subscribes once, computes `TableDiff::between(previous, next)`
-//! once per publish and hands it, with the table, to each [`Follower`]: the
-//! nftables programmer ([`NftFollower`]) and the Service IPs on a device
-//! ([`VipFollower`]). Before, `main.rs` ran one task per follower, each
-//! subscribing and walking the table on its own.
+//! The one place that follows the published table: [`run`] subscribes
+//! once, computes `TableDiff::between(previous, next)` once per publish and
+//! hands it, with the table, to each [`Follower`]: the health-check
+//! responders ([`HealthFollower`]), the Service IPs on a device
+//! ([`VipFollower`]), the proxy's listeners, routes and tracker
+//! (`server::ProxyFollower`), the pod bridges' re-read
+//! (`policy_route::BridgeFollower`) and the nftables programmer
+//! ([`NftFollower`]). An incomplete follower alone is retried, on its own
+//! clock ([`Follower::retry_after`]); once all have a new generation, each
+//! is told ([`Follower::applied`]).
 //!
-//! Not yet here (docs/architecture.md, "Reconciler split: what is left"):
-//! the bind-mode listeners, routes, tracker and affinity expiry
-//! (`Proxy::run` in server.rs) and the health-check responders.
+//! Not yet following the diff (docs/architecture.md, "Reconciler split"):
+//! UDP. Bind-mode `UdpProxy::run` subscribes on its own, each served UDP
+//! port's task watches the publisher, and `UdpIntercept::follow` (called
+//! by [`NftFollower`]) walks the table; they are moving in their own files.
 
 use std::sync::Arc;
 use std::time::Duration;
