@@ -858,11 +858,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_backend_two_services_list_is_kept_while_either_keeps_it() {
-        let t = Arc::new(Tracker::new(
-            cfg(Duration::from_secs(1)),
-            CancellationToken::new(),
-            Arc::default(),
-        ));
+        let t = Arc::new(counted().0);
         let x = addr("10.0.0.1:80");
         let service = |conditions| {
             Arc::new(Service::new(
