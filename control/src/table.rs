@@ -819,6 +819,12 @@ pub struct Table {
     /// (`--detect-local-mode NodeCIDR`, the data plane's choice of source
     /// address). Empty: unknown (no Node, or none assigned yet).
     local_pod_cidrs: Arc<[Cidr]>,
+    /// The `healthCheckNodePort`s this node answers (LoadBalancer Services
+    /// with `externalTrafficPolicy: Local`) and their local endpoint
+    /// counts, by port: they travel with the table so that the one place
+    /// that follows it also drives the responders (kube-proxy feeds its
+    /// healthcheck server from its sync loop the same way).
+    health_checks: Arc<[crate::k8s::HealthCheck]>,
 }
 
 impl Table {
@@ -870,6 +876,17 @@ impl Table {
         }
         self.local_pod_cidrs = cidrs.into();
         true
+    }
+
+    /// The `healthCheckNodePort`s to answer, see [`Table::set_health_checks`].
+    pub fn health_checks(&self) -> &[crate::k8s::HealthCheck] {
+        &self.health_checks
+    }
+
+    /// Sets the `healthCheckNodePort`s to answer (shared: the source keeps
+    /// one copy and hands it to every table until it changes).
+    pub fn set_health_checks(&mut self, checks: Arc<[crate::k8s::HealthCheck]>) {
+        self.health_checks = checks;
     }
 
     /// Whether `addr` may receive new connections from any service.
@@ -1174,6 +1191,9 @@ pub struct TableDiff {
     /// Per changed service: backend changes such as `+10.0.0.9:80`,
     /// `-10.0.0.1:80`, `10.0.0.2:80 ready->serving-terminating`.
     pub changed: Vec<(ListenKey, Vec<String>)>,
+    /// The health-check ports or their local endpoint counts changed
+    /// ([`Table::health_checks`]).
+    pub health_checks: bool,
 }
 
 impl TableDiff {
@@ -1192,11 +1212,16 @@ impl TableDiff {
                 } => d.changed.push((*key, backend_changes(prev, svc))),
             }
         }
+        d.health_checks = !Arc::ptr_eq(&old.health_checks, &new.health_checks)
+            && old.health_checks != new.health_checks;
         d
     }
 
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && !self.health_checks
     }
 }
 
@@ -1278,6 +1303,10 @@ impl fmt::Display for TableDiff {
                 })
                 .collect();
             list(f, &parts)?;
+            sep = "; ";
+        }
+        if self.health_checks {
+            write!(f, "{sep}health checks changed")?;
         }
         Ok(())
     }
@@ -1332,5 +1361,33 @@ mod diff_tests {
              [10.0.0.1:80 ready->serving-terminating, +10.0.0.3:80 ready, -10.0.0.2:80]"
         );
         assert!(TableDiff::between(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_health_check_change_alone_is_a_change() {
+        use crate::k8s::{HealthCheck, ObjectRef};
+        let check = |local_endpoints| HealthCheck {
+            service: ObjectRef {
+                namespace: "default".into(),
+                name: "lb".into(),
+            },
+            port: 30123,
+            local_endpoints,
+        };
+        let mut old = Table::new();
+        old.insert(key(80), svc(&[("10.0.0.1:80", Conditions::READY)]));
+        let mut new = old.clone();
+        new.set_health_checks(Arc::from(vec![check(1)]));
+        let d = TableDiff::between(&old, &new);
+        assert!(d.health_checks && !d.is_empty());
+        assert!(d.added.is_empty() && d.changed.is_empty());
+        assert_eq!(d.to_string(), "health checks changed");
+        // Equal contents in another allocation: no change.
+        let mut same = new.clone();
+        same.set_health_checks(Arc::from(vec![check(1)]));
+        assert!(TableDiff::between(&new, &same).is_empty());
+        let mut fewer = new.clone();
+        fewer.set_health_checks(Arc::from(vec![check(0)]));
+        assert!(TableDiff::between(&new, &fewer).health_checks);
     }
 }

@@ -77,7 +77,6 @@ impl Running {
             node_name: Some("node-a".into()),
             coalesce: Duration::from_millis(10),
             stats: stats.clone(),
-            health_check_ip: [127, 0, 0, 1].into(),
             ..KubeOptions::default()
         };
         let p = publisher.clone();

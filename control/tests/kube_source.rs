@@ -52,7 +52,6 @@ async fn start(api: ApiServer, node: Option<&str>, coalesce: Duration) -> Harnes
         node_addresses: vec![],
         coalesce,
         stats: stats.clone(),
-        health_check_ip: [127, 0, 0, 1].into(),
         ..KubeOptions::default()
     };
     let p = publisher.clone();
@@ -465,6 +464,22 @@ async fn health_check_node_port_answers_with_local_endpoints() {
     s["endpoints"][1]["nodeName"] = json!("node-b");
     api.apply_json(s.clone()).unwrap();
     let h = start(api, Some("node-a"), Duration::from_millis(20)).await;
+    // The responders follow the published tables (in the daemon, its
+    // reconciler does this).
+    let publisher = h.publisher.clone();
+    let mut changes = publisher.subscribe();
+    let follower = tokio::spawn(async move {
+        let mut responders = sluice_control::source::healthcheck::HealthResponders::new(
+            [127, 0, 0, 1].into(),
+            Arc::new(|| true),
+        );
+        loop {
+            responders.follow(&publisher.load()).await;
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     h.wait_for("ready", |t| t.get(&key("10.96.0.40:80")).is_some())
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -499,6 +514,7 @@ async fn health_check_node_port_answers_with_local_endpoints() {
         assert!(tokio::time::Instant::now() < deadline, "port never closed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    follower.abort();
 }
 
 #[tokio::test]

@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use clap::Parser;
 use sluice_control::Publisher;
+use sluice_control::source::healthcheck::HealthResponders;
 use sluice_control::source::{file, kube};
 use sluice_proxy::Proxy;
 use sluice_proxy::admin::{self, Admin, Endpoints};
 use sluice_proxy::cli::{Args, BindAddress, EXIT_USAGE, Intercept, LogFormat};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::nft;
-use sluice_proxy::reconcile::{self, Follower, NftFollower, VipFollower};
+use sluice_proxy::reconcile::{self, Follower, HealthFollower, NftFollower, VipFollower};
 use sluice_proxy::vip::VipDevice;
 use sluice_proxy::workers::Workers;
 use tokio::signal::unix::{SignalKind, signal};
@@ -183,8 +184,6 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
             coalesce: args.min_sync_period,
             scheduler: args.scheduler,
             node_eligible: node_eligible.clone(),
-            health_timeout: args.healthz_timeout,
-            started,
             ..kube::KubeOptions::default()
         };
         match kube::reached_through_service(&opts).await {
@@ -253,12 +252,27 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     // The file source touches addresses only when asked to. With
     // --intercept nftables no Service IP is put on any device.
     let bind_mode = args.intercept() == Intercept::Bind;
-    // What follows the table into the kernel (Service IPs, the nftables
-    // table): one reconcile loop, one TableDiff per publish.
+    // What follows the table (Service IPs, the proxy's listeners, routes
+    // and tracker, the nftables table, the pod bridges' reply steering):
+    // one reconcile loop, one TableDiff per publish.
     let mut followers: Vec<Box<dyn Follower>> = Vec::new();
     // The UDP intercept ports' serving tasks, waited for at exit (their
     // flows drain while the next sluice takes the ports).
     let mut udp_tasks = None;
+    if args.config.is_none() {
+        // healthCheckNodePort responders (kube-proxy: on all addresses),
+        // fed from the table like the rest; 200 only while the proxy is
+        // healthy by /healthz's rule (kube-proxy's serviceProxyHealthy).
+        let proxy_healthy = {
+            let publisher = publisher.clone();
+            let timeout = args.healthz_timeout;
+            Arc::new(move || publisher.is_healthy(std::time::Instant::now(), timeout, started))
+        };
+        followers.push(Box::new(HealthFollower::new(HealthResponders::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            proxy_healthy,
+        ))));
+    }
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
         match VipDevice::open(args.vip_interface.as_deref()).await {
             Ok(device) => followers.push(Box::new(VipFollower::new(device))),
@@ -299,6 +313,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     };
     warnings.extend(why);
     let proxy = Proxy::with_workers(config, publisher.clone(), metrics.clone(), workers);
+    // After the Service IPs (a listener binds on them), before the
+    // nftables table: listeners, routes, the tracker.
+    followers.push(Box::new(proxy.follower()));
     if args.intercept() == Intercept::Nftables {
         if let Err(e) = nft::check().await {
             eprintln!("sluice: --intercept nftables: {e}");
@@ -342,12 +359,11 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         udp_tasks = Some(udp.tasks());
         followers.push(Box::new(udp));
         if transparent {
-            tokio::spawn(sluice_proxy::policy_route::follow_bridges(
+            followers.push(Box::new(sluice_proxy::policy_route::BridgeFollower::start(
                 args.transparent_mark,
                 source_ip.clone(),
-                publisher.clone(),
                 stop.clone(),
-            ));
+            )));
         }
         followers.push(Box::new(NftFollower::new(
             args.intercept_port,
@@ -368,9 +384,7 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         );
         followers.push(Box::new(udp.follower()));
     }
-    if !followers.is_empty() {
-        tokio::spawn(reconcile::run(publisher.clone(), followers, stop.clone()));
-    }
+    tokio::spawn(reconcile::run(publisher.clone(), followers, stop.clone()));
     let admin = Arc::new(Admin {
         publisher,
         tracker: proxy.tracker().clone(),

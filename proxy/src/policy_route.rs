@@ -468,19 +468,54 @@ pub async fn enable_transparent(
     Ok(warning)
 }
 
+/// The publish-driven half of [`follow_bridges`], for
+/// [`crate::reconcile::run`]: each table change wakes the bridge re-read
+/// (a pod that came or went may have moved a bridge's MAC). The re-read
+/// itself runs in [`follow_bridges`]'s task, at most once a second, so a
+/// burst of publishes never holds up the other followers behind netlink
+/// dumps; the 10 s resync is its own clock there.
+pub struct BridgeFollower {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl BridgeFollower {
+    /// Spawns [`follow_bridges`] (until `stop`) and returns what wakes it.
+    pub fn start(
+        mark: u32,
+        source_ip: std::sync::Arc<crate::source_ip::SourceIp>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(follow_bridges(mark, source_ip, wake.clone(), stop));
+        Self { wake }
+    }
+}
+
+impl crate::reconcile::Follower for BridgeFollower {
+    fn apply<'a>(
+        &'a mut self,
+        _diff: &'a sluice_control::TableDiff,
+        _table: &'a sluice_control::Table,
+    ) -> futures_util::future::BoxFuture<'a, bool> {
+        // A wake-up stored while the loop is busy is taken at its next wait.
+        self.wake.notify_one();
+        Box::pin(std::future::ready(true))
+    }
+}
+
 /// Keeps `table bridge sluice` equal to the pod bridges of the node (their
-/// MAC moves when ports come and go: re-read at each table publish and
-/// every [`BRIDGE_RESYNC`]), and tells `source_ip` which bridge subnets
-/// cannot be steered (`bridge-nf-call-iptables`/`-ip6tables` is 0) and,
-/// with [`crate::source_ip::DetectLocal::Interfaces`], which networks are
+/// MAC moves when ports come and go: re-read when `wake` is notified, at
+/// each table change ([`BridgeFollower`]), and every [`BRIDGE_RESYNC`]),
+/// and tells `source_ip` which bridge subnets cannot be steered
+/// (`bridge-nf-call-iptables`/`-ip6tables` is 0) and, with
+/// [`crate::source_ip::DetectLocal::Interfaces`], which networks are
 /// routed over the pod interfaces ([`interface_routes`]), until `stop`.
 pub async fn follow_bridges(
     mark: u32,
     source_ip: std::sync::Arc<crate::source_ip::SourceIp>,
-    publisher: std::sync::Arc<sluice_control::Publisher>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut changes = publisher.subscribe();
     let mut applied: Option<String> = None;
     let mut failing = false;
     let interfaces = match source_ip.detect() {
@@ -546,7 +581,7 @@ pub async fn follow_bridges(
             Err(_) => {}
         }
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
+            () = wake.notified() => {}
             () = tokio::time::sleep(BRIDGE_RESYNC) => {}
             () = stop.cancelled() => return,
         }

@@ -1,19 +1,26 @@
-//! One place follows the published table for the kernel state sluice owns:
-//! [`run`] subscribes once, computes `TableDiff::between(previous, next)`
-//! once per publish and hands it, with the table, to each [`Follower`]: the
-//! nftables programmer ([`NftFollower`]) and the Service IPs on a device
-//! ([`VipFollower`]). Before, `main.rs` ran one task per follower, each
-//! subscribing and walking the table on its own.
+//! The one place that follows the published table: [`run`] subscribes
+//! once, computes `TableDiff::between(previous, next)` once per publish and
+//! hands it, with the table, to each [`Follower`]: the health-check
+//! responders ([`HealthFollower`]), the Service IPs on a device
+//! ([`VipFollower`]), the proxy's listeners, routes and tracker
+//! (`server::ProxyFollower`), the pod bridges' re-read
+//! (`policy_route::BridgeFollower`) and the nftables programmer
+//! ([`NftFollower`]). An incomplete follower alone is retried, on its own
+//! clock ([`Follower::retry_after`]); once all have a new generation, each
+//! is told ([`Follower::applied`]).
 //!
-//! Not yet here (docs/architecture.md, "Reconciler split: what is left"):
-//! the bind-mode listeners, routes, tracker and affinity expiry
-//! (`Proxy::run` in server.rs) and the health-check responders.
+//! Not yet following the diff (docs/architecture.md, "Reconciler split"):
+//! UDP. Bind-mode `UdpProxy::run` subscribes on its own, each served UDP
+//! port's task watches the publisher, and `UdpIntercept::follow` (called
+//! by [`NftFollower`]) walks the table; they are moving in their own files.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use sluice_control::source::healthcheck::{self, HealthResponders};
 use sluice_control::{Publisher, Snapshot, Table, TableDiff};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -23,7 +30,7 @@ use crate::udp_intercept::UdpSteering;
 use crate::vip::{VipDevice, service_ips};
 
 /// How long an incomplete follower waits before it is retried.
-const RETRY: Duration = Duration::from_secs(5);
+pub const RETRY: Duration = Duration::from_secs(5);
 
 /// Something that keeps state equal to the live table.
 pub trait Follower: Send {
@@ -34,6 +41,20 @@ pub trait Follower: Send {
     /// next table, so a follower whose last apply failed must not rely on
     /// the diff alone.
     fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool>;
+
+    /// How long after an incomplete apply this follower is retried (each
+    /// incomplete follower on its own clock). [`RETRY`] unless it says.
+    fn retry_after(&self) -> Duration {
+        RETRY
+    }
+
+    /// Every follower has been handed the table of `generation` (a new
+    /// publish; not called on a retry): what changed since the previous
+    /// generation is `diff`. For what is told once per publish (the live
+    /// generation gauge, the `table live` log line). Nothing by default.
+    fn applied(&mut self, generation: u64, diff: &TableDiff, table: &Table) {
+        let _ = (generation, diff, table);
+    }
 }
 
 /// Follows the publisher until `stop` fires or the publisher is gone.
@@ -48,22 +69,42 @@ pub async fn run(
 ) {
     let mut changes = publisher.subscribe();
     let mut previous = Arc::new(Table::new());
-    // Every follower starts incomplete: the first table goes to all.
-    let mut incomplete = vec![true; followers.len()];
+    let mut generation = None;
+    // When each incomplete follower is due again (`None`: complete). Every
+    // follower starts due: the first table goes to all, even when empty.
+    let start = Instant::now();
+    let mut due: Vec<Option<Instant>> = vec![Some(start); followers.len()];
     loop {
         let Some(snapshot) = table_to_sync(&publisher, &mut changes, &stop).await else {
             return;
         };
-        let diff = TableDiff::between(&previous, &snapshot.table);
-        for (follower, incomplete) in followers.iter_mut().zip(incomplete.iter_mut()) {
-            if diff.is_empty() && !*incomplete {
+        let new = generation != Some(snapshot.generation);
+        let diff = match new {
+            true => TableDiff::between(&previous, &snapshot.table),
+            false => TableDiff::default(),
+        };
+        let now = Instant::now();
+        for (follower, due) in followers.iter_mut().zip(due.iter_mut()) {
+            // A change goes to every follower; an incomplete one is also
+            // called on a new (unchanged) generation and when its retry is due.
+            let call = !diff.is_empty() || due.is_some_and(|at| new || at <= now);
+            if !call {
                 continue;
             }
-            *incomplete = !follower.apply(&diff, &snapshot.table).await;
+            *due = match follower.apply(&diff, &snapshot.table).await {
+                true => None,
+                false => Some(Instant::now() + follower.retry_after()),
+            };
         }
-        previous = snapshot.table.clone();
-        let complete = !incomplete.iter().any(|i| *i);
-        if !next_sync(&mut changes, complete, &stop).await {
+        if new {
+            for follower in &mut followers {
+                follower.applied(snapshot.generation, &diff, &snapshot.table);
+            }
+            generation = Some(snapshot.generation);
+            previous = snapshot.table.clone();
+        }
+        let next = due.iter().flatten().min().copied();
+        if !next_sync(&mut changes, next, &stop).await {
             return;
         }
     }
@@ -102,18 +143,18 @@ async fn next_change(
     }
 }
 
-/// Waits for the next table publish, or at most [`RETRY`] after an
-/// incomplete apply. False when the publisher is gone or `stop` fired.
+/// Waits for the next table publish, or until `retry` (the earliest
+/// incomplete follower's retry). False when the publisher is gone or
+/// `stop` fired.
 async fn next_sync(
     changes: &mut tokio::sync::watch::Receiver<u64>,
-    complete: bool,
+    retry: Option<Instant>,
     stop: &CancellationToken,
 ) -> bool {
     let retry = async {
-        if complete {
-            std::future::pending::<()>().await
-        } else {
-            tokio::time::sleep(RETRY).await
+        match retry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending::<()>().await,
         }
     };
     tokio::select! {
@@ -249,6 +290,32 @@ impl Follower for VipFollower {
     }
 }
 
+/// Keeps the `healthCheckNodePort` responders equal to the live table's
+/// health checks ([`Table::health_checks`], put there by the Kubernetes
+/// source): as kube-proxy's healthcheck server is fed by its proxier's
+/// sync loop, not by a watch of its own. A port that cannot be bound (held
+/// by the kube-proxy being replaced) makes the apply incomplete: retried
+/// every [`healthcheck::RETRY`].
+pub struct HealthFollower {
+    responders: HealthResponders,
+}
+
+impl HealthFollower {
+    pub fn new(responders: HealthResponders) -> Self {
+        Self { responders }
+    }
+}
+
+impl Follower for HealthFollower {
+    fn apply<'a>(&'a mut self, _diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
+        Box::pin(self.responders.follow(table))
+    }
+
+    fn retry_after(&self) -> Duration {
+        healthcheck::RETRY
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,9 +330,21 @@ mod tests {
     struct Recorder {
         calls: Arc<Mutex<Vec<Call>>>,
         results: Vec<bool>,
+        retry: Duration,
+        /// The generations told applied, with their diff's size.
+        applied: Arc<Mutex<Vec<(u64, usize)>>>,
     }
 
     impl Follower for Recorder {
+        fn retry_after(&self) -> Duration {
+            self.retry
+        }
+
+        fn applied(&mut self, generation: u64, diff: &TableDiff, _table: &Table) {
+            let size = diff.added.len() + diff.removed.len() + diff.changed.len();
+            self.applied.lock().unwrap().push((generation, size));
+        }
+
         fn apply<'a>(&'a mut self, diff: &'a TableDiff, table: &'a Table) -> BoxFuture<'a, bool> {
             let call = (
                 diff.added.len(),
@@ -283,12 +362,21 @@ mod tests {
         }
     }
 
+    impl Recorder {
+        /// Retried after `retry` when incomplete.
+        fn new(results: Vec<bool>, retry: Duration) -> Self {
+            Self {
+                calls: Arc::default(),
+                results,
+                retry,
+                applied: Arc::default(),
+            }
+        }
+    }
+
     fn recorder(results: Vec<bool>) -> (Box<dyn Follower>, Arc<Mutex<Vec<Call>>>) {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let r = Recorder {
-            calls: calls.clone(),
-            results,
-        };
+        let r = Recorder::new(results, RETRY);
+        let calls = r.calls.clone();
         (Box::new(r), calls)
     }
 
@@ -331,6 +419,77 @@ mod tests {
         // A quiet minute: no call (no retry is pending).
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(calls_a.lock().unwrap().len(), 2);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_incomplete_follower_is_retried_on_its_own_clock() {
+        let publisher = Arc::new(Publisher::new());
+        // Fails at the table and at the first two retries.
+        let fast = Recorder::new(vec![false, false, false], Duration::from_secs(1));
+        let calls_fast = fast.calls.clone();
+        let (slow, calls_slow) = recorder(vec![false]);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            publisher.clone(),
+            vec![Box::new(fast), slow],
+            stop.clone(),
+        ));
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        let count = |c: &Arc<Mutex<Vec<Call>>>| c.lock().unwrap().len();
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (1, 1));
+        // The 1 s follower is retried each second, the other not yet.
+        for n in 2..=4 {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            settle().await;
+            assert_eq!((count(&calls_fast), count(&calls_slow)), (n, 1));
+        }
+        // The fast one is complete since its fourth call (3 s); the slow
+        // one is retried at 5 s, alone.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        settle().await;
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (4, 1));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        settle().await;
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (4, 2));
+        assert_eq!(calls_slow.lock().unwrap()[1], (0, 0, 0, 1));
+        tokio::time::sleep(RETRY * 3).await;
+        assert_eq!((count(&calls_fast), count(&calls_slow)), (4, 2));
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_new_generation_is_told_once_after_all_applied_it() {
+        let publisher = Arc::new(Publisher::new());
+        let failing_once = Recorder::new(vec![false], Duration::from_secs(1));
+        let (calls, applied) = (failing_once.calls.clone(), failing_once.applied.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            publisher.clone(),
+            vec![Box::new(failing_once)],
+            stop.clone(),
+        ));
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        // The retry (a second call) is not a new generation.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        // An equal table under a new generation: told, with an empty diff,
+        // though no follower had anything to apply.
+        publisher.publish_changed(table(&[80, 443]));
+        settle().await;
+        publisher.publish_changed(table(&[80]));
+        settle().await;
+        assert_eq!(*applied.lock().unwrap(), [(1, 2), (2, 0), (3, 1)]);
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            3,
+            "the empty diff was not applied"
+        );
         stop.cancel();
         task.await.unwrap();
     }

@@ -70,15 +70,18 @@ use crate::tracker::{Tracker, TrackerConfig};
 const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// The service at `key` in the live table. Before the first table
-/// (generation 0) waits for it, at most `bound`; after, answers at once.
+/// (generation 0) waits for the reconciler to have applied one
+/// (`applied`, [`ProxyFollower`]), at most `bound`; after, answers at once.
 async fn service_at(
     publisher: &Publisher,
+    applied: &tokio::sync::watch::Sender<u64>,
     key: &ListenKey,
     bound: Duration,
 ) -> Option<Arc<Service>> {
-    // Subscribed only before the first table, and looked again after
-    // subscribing, so that a publish in between is not missed: a
-    // connection after the first table costs one pointer load.
+    // Watched only before the first table, and looked again after
+    // subscribing, so that a table applied in between is not missed (it
+    // was published before): a connection after the first table costs one
+    // pointer load.
     let mut changes = None;
     let deadline = tokio::time::Instant::now() + bound;
     loop {
@@ -90,7 +93,7 @@ async fn service_at(
             return None;
         }
         let Some(rx) = changes.as_mut() else {
-            changes = Some(publisher.subscribe());
+            changes = Some(applied.subscribe());
             continue;
         };
         match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -166,6 +169,11 @@ pub struct Proxy {
     shutdown_cut: CancellationToken,
     /// Data-plane event loops; empty: the proxy's own runtime.
     workers: Vec<Handle>,
+    /// Bind mode: the listeners ([`ProxyFollower`] opens and closes them,
+    /// the shutdown drains them).
+    listening: Mutex<Listeners>,
+    /// The generation [`ProxyFollower`] last told applied (0: none yet).
+    applied: tokio::sync::watch::Sender<u64>,
     /// Intercept mode: per-key state of the Services reached so far.
     routes: DashMap<ListenKey, Arc<Route>>,
     /// Intercept mode: stops the intercept accept loops.
@@ -238,6 +246,82 @@ enum Target {
     Intercept,
 }
 
+/// The bind-mode listeners, by listen key.
+#[derive(Default)]
+struct Listeners {
+    by_key: HashMap<ListenKey, Listening>,
+    /// The shutdown took them: nothing is bound any more.
+    closed: bool,
+}
+
+/// How often idle client affinity is expired.
+const AFFINITY_EXPIRY: Duration = Duration::from_secs(30);
+
+/// A listener whose bind failed is retried this often.
+const BIND_RETRY: Duration = Duration::from_secs(1);
+
+/// The table-following half of [`Proxy`], driven by
+/// [`crate::reconcile::run`] with the other followers: at each publish it
+/// tells the [`Tracker`] and brings the listeners (bind mode) or routes
+/// (intercept mode) to the table by its diff. A bind that failed makes the
+/// apply incomplete, so the reconciler retries it after [`BIND_RETRY`]
+/// (1 s: a port held by a process being replaced comes free soon; the
+/// nftables retry keeps its 5 s). Once every follower has the table, the
+/// generation is told: `sluice_table_generation`, the `table live` line,
+/// and the intercept connections that waited for the first table.
+pub struct ProxyFollower {
+    proxy: Arc<Proxy>,
+    /// Keys whose bind failed, retried at each apply.
+    failed: HashSet<ListenKey>,
+}
+
+impl ProxyFollower {
+    fn sync(&mut self, diff: &TableDiff, table: &Table) -> bool {
+        let proxy = &self.proxy;
+        proxy.tracker.on_diff(diff, table);
+        let mut listeners = proxy.listening();
+        if listeners.closed {
+            return true;
+        }
+        proxy.reconcile(table, diff, &mut listeners.by_key, &mut self.failed);
+        self.failed.is_empty()
+    }
+}
+
+impl crate::reconcile::Follower for ProxyFollower {
+    fn apply<'a>(
+        &'a mut self,
+        diff: &'a TableDiff,
+        table: &'a Table,
+    ) -> futures_util::future::BoxFuture<'a, bool> {
+        let complete = self.sync(diff, table);
+        Box::pin(std::future::ready(complete))
+    }
+
+    fn retry_after(&self) -> Duration {
+        BIND_RETRY
+    }
+
+    fn applied(&mut self, generation: u64, diff: &TableDiff, table: &Table) {
+        let proxy = &self.proxy;
+        proxy.metrics.table_generation.set(generation as i64);
+        proxy.metrics.table_publishes.inc();
+        info!(
+            services = table.len(),
+            backends = proxy.tracker.listed(),
+            listening = proxy.listening().by_key.len(),
+            "table live generation={} {}",
+            generation,
+            if diff.is_empty() {
+                "(no change)".to_string()
+            } else {
+                diff.to_string()
+            },
+        );
+        proxy.applied.send_replace(generation);
+    }
+}
+
 struct Listening {
     runtime: Arc<ServiceRuntime>,
     service: String,
@@ -274,6 +358,8 @@ impl Proxy {
             connections: TaskTracker::new(),
             shutdown_cut,
             workers,
+            listening: Mutex::new(Listeners::default()),
+            applied: tokio::sync::watch::Sender::new(0),
             routes: DashMap::new(),
             intercept_stop: CancellationToken::new(),
             intercept_tasks: Mutex::new(Vec::new()),
@@ -369,57 +455,35 @@ impl Proxy {
         Ok(bound)
     }
 
-    /// Follows the table until `stop` fires, then shuts down gracefully.
+    /// The half of the proxy that follows the table (bind-mode listeners,
+    /// intercept routes, the tracker), for [`crate::reconcile::run`].
+    pub fn follower(self: &Arc<Self>) -> ProxyFollower {
+        ProxyFollower {
+            proxy: self.clone(),
+            failed: HashSet::new(),
+        }
+    }
+
+    /// Serves until `stop` fires, then shuts down gracefully. Does not
+    /// follow the table ([`ProxyFollower`] does, driven by
+    /// [`crate::reconcile::run`]): every 30 s it expires idle client
+    /// affinity, forgets idle backends no table lists
+    /// ([`Tracker::forget_idle`]) and intercept routes a race left behind,
+    /// a clock of its own rather than a table change.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> ShutdownReport {
-        let mut changes = self.publisher.subscribe();
-        let mut listening: HashMap<ListenKey, Listening> = HashMap::new();
-        let mut failed: HashSet<ListenKey> = HashSet::new();
-        let mut retry = tokio::time::interval(Duration::from_secs(1));
-        let mut housekeeping = tokio::time::interval(Duration::from_secs(30));
-        let mut applied = None;
-        let mut previous = Arc::new(Table::new());
+        let mut housekeeping = tokio::time::interval(AFFINITY_EXPIRY);
+        housekeeping.tick().await;
         loop {
-            let snapshot = self.publisher.snapshot();
-            let table = snapshot.table.clone();
-            self.tracker.on_table(&table);
-            // What changed since the last generation this loop saw (empty on
-            // a retry or housekeeping tick): the listeners follow the diff,
-            // not a walk of the whole table.
-            let published = applied != Some(snapshot.generation);
-            let diff = match published {
-                true => TableDiff::between(&previous, &table),
-                false => TableDiff::default(),
-            };
-            self.reconcile(&table, &diff, &mut listening, &mut failed);
-            if published {
-                applied = Some(snapshot.generation);
-                self.metrics
-                    .table_generation
-                    .set(snapshot.generation as i64);
-                self.metrics.table_publishes.inc();
-                let backends: usize = table.iter().map(|(_, s)| s.backends().len()).sum();
-                info!(
-                    services = table.len(),
-                    backends,
-                    listening = listening.len(),
-                    "table live generation={} {}",
-                    snapshot.generation,
-                    if diff.is_empty() {
-                        "(no change)".to_string()
-                    } else {
-                        diff.to_string()
-                    },
-                );
-                previous = table.clone();
-            }
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { break },
-                _ = retry.tick(), if !failed.is_empty() => {}
-                _ = housekeeping.tick() => self.expire_affinity(&table, &listening),
+                _ = housekeeping.tick() => {
+                    self.expire_affinity();
+                    self.tracker.forget_idle();
+                    self.prune_stale_routes();
+                }
                 _ = stop.cancelled() => break,
             }
         }
-        self.shutdown(listening).await
+        self.shutdown().await
     }
 
     /// Brings the listeners (bind mode) or routes (intercept mode) to
@@ -434,9 +498,7 @@ impl Proxy {
         failed: &mut HashSet<ListenKey>,
     ) {
         if self.config.intercept_port.is_some() {
-            if !diff.is_empty() {
-                self.prune_routes(table);
-            }
+            self.prune_routes(table, diff);
             return;
         }
         let mut closed = Vec::new();
@@ -540,18 +602,26 @@ impl Proxy {
         })
     }
 
-    /// Intercept mode: forgets the routes of keys that left the table (or
+    /// Intercept mode: forgets the routes of the diff's keys that left the
+    /// table (or now lead to another service).
+    fn prune_routes(&self, table: &Table, diff: &TableDiff) {
+        let keys = (diff.removed.iter()).chain(diff.changed.iter().map(|(k, _)| k));
+        self.prune_routes_of(table, keys);
+    }
+
+    /// Intercept mode: forgets the routes of `keys` that left `table` (or
     /// now lead to another service), and their metrics when no route of
     /// the same service is left.
-    fn prune_routes(&self, table: &Table) {
+    fn prune_routes_of<'k>(&self, table: &Table, keys: impl Iterator<Item = &'k ListenKey>) {
         let mut closed = Vec::new();
-        self.routes.retain(|key, r| {
-            let keep = table.get(key).is_some_and(|s| s.name == r.service);
-            if !keep {
+        for key in keys {
+            let gone = self.routes.remove_if(key, |_, r| {
+                table.get(key).is_none_or(|s| s.name != r.service)
+            });
+            if let Some((_, r)) = gone {
                 closed.push(r.service.clone());
             }
-            keep
-        });
+        }
         for name in closed {
             if !self.routes.iter().any(|r| r.service == name) {
                 self.metrics.forget_service(&name);
@@ -578,7 +648,7 @@ impl Proxy {
             return Err("direct");
         }
         let key = ListenKey::tcp(original);
-        let service = service_at(&self.publisher, &key, FIRST_TABLE_WAIT)
+        let service = service_at(&self.publisher, &self.applied, &key, FIRST_TABLE_WAIT)
             .await
             .ok_or("not_a_service")?;
         if let Some(route) = self.routes.get(&key)
@@ -591,17 +661,36 @@ impl Proxy {
         Ok((key, route))
     }
 
-    fn expire_affinity(&self, table: &Table, listening: &HashMap<ListenKey, Listening>) {
+    /// Intercept mode: forgets routes the diffs missed: a connection that
+    /// looked its Service up in a table replaced just after may add its
+    /// route once the follower pruned that key. A walk of the routes, on
+    /// the 30 s clock.
+    fn prune_stale_routes(&self) {
+        let keys: Vec<ListenKey> = self.routes.iter().map(|r| *r.key()).collect();
+        self.prune_routes_of(&self.publisher.load(), keys.iter());
+    }
+
+    fn expire_affinity(&self) {
         let now = Instant::now();
-        let runtimes = listening
-            .iter()
-            .map(|(key, l)| (*key, l.runtime.clone()))
-            .chain(self.routes.iter().map(|r| (*r.key(), r.runtime.clone())));
+        let table = self.publisher.load();
+        let runtimes: Vec<(ListenKey, Arc<ServiceRuntime>)> = {
+            let listening = self.listening();
+            (listening.by_key.iter())
+                .map(|(key, l)| (*key, l.runtime.clone()))
+                .chain(self.routes.iter().map(|r| (*r.key(), r.runtime.clone())))
+                .collect()
+        };
         for (key, runtime) in runtimes {
             if let Some(aff) = table.get(&key).and_then(|s| s.affinity) {
                 runtime.expire_affinity(aff.timeout, now);
             }
         }
+    }
+
+    /// The bind-mode listeners: locked by the follower at a publish, by
+    /// the affinity expiry and by the shutdown, never per connection.
+    fn listening(&self) -> std::sync::MutexGuard<'_, Listeners> {
+        self.listening.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Accepts on `listener` (whose address `listen` names) until `stop`.
@@ -830,7 +919,14 @@ impl Proxy {
         );
     }
 
-    async fn shutdown(&self, listening: HashMap<ListenKey, Listening>) -> ShutdownReport {
+    async fn shutdown(&self) -> ShutdownReport {
+        // Closed for the follower too: a publish racing the shutdown binds
+        // nothing more.
+        let listening = {
+            let mut listeners = self.listening();
+            listeners.closed = true;
+            std::mem::take(&mut listeners.by_key)
+        };
         for l in listening.values() {
             l.stop.cancel();
         }
@@ -937,12 +1033,16 @@ mod tests {
     async fn before_the_first_table_a_lookup_waits_for_it() {
         let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
         let publisher = Arc::new(Publisher::new());
-        let later = publisher.clone();
+        let applied = Arc::new(tokio::sync::watch::Sender::new(0));
+        let (later, told) = (publisher.clone(), applied.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            later.publish(one_service(key));
+            let generation = later.publish(one_service(key)).unwrap();
+            // The reconciler tells it once applied.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            told.send_replace(generation);
         });
-        let found = service_at(&publisher, &key, Duration::from_secs(5)).await;
+        let found = service_at(&publisher, &applied, &key, Duration::from_secs(5)).await;
         assert_eq!(found.unwrap().name, "web");
     }
 
@@ -950,9 +1050,10 @@ mod tests {
     async fn before_the_first_table_the_wait_is_bounded() {
         let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
         let publisher = Publisher::new();
+        let applied = tokio::sync::watch::Sender::new(0);
         let start = Instant::now();
         assert!(
-            service_at(&publisher, &key, Duration::from_millis(50))
+            service_at(&publisher, &applied, &key, Duration::from_millis(50))
                 .await
                 .is_none()
         );
@@ -965,15 +1066,16 @@ mod tests {
         let other = ListenKey::tcp("10.96.0.11:80".parse().unwrap());
         let publisher = Publisher::new();
         publisher.publish(one_service(key));
+        let applied = tokio::sync::watch::Sender::new(0);
         let start = Instant::now();
         assert!(
-            service_at(&publisher, &other, Duration::from_secs(5))
+            service_at(&publisher, &applied, &other, Duration::from_secs(5))
                 .await
                 .is_none()
         );
         assert!(start.elapsed() < Duration::from_secs(1));
         assert!(
-            service_at(&publisher, &key, Duration::from_secs(5))
+            service_at(&publisher, &applied, &key, Duration::from_secs(5))
                 .await
                 .is_some()
         );

@@ -17,7 +17,11 @@
 //!   kube-proxy, unready means "no new connections", not "cut existing
 //!   ones", so a flapping readiness probe never cuts a long-lived stream.
 //!
-//! [`Tracker::on_table`] is called by the reconciler after every publish.
+//! [`Tracker::on_diff`] is called by the reconciler after every publish,
+//! with what changed: only the backends of changed Services are looked at
+//! (per-address counts of the Service entries that list and keep each
+//! backend). [`Tracker::forget_idle`], on a clock, forgets backends no
+//! table lists once their last connection closed.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -27,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use sluice_control::Table;
+use sluice_control::{Service, Table, TableDiff};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::DialErrorKind;
@@ -168,14 +172,61 @@ impl Drop for ConnGuard {
     }
 }
 
+/// How many Service entries of the live table list a backend address, and
+/// how many keep it (eligible, or listed as not terminating).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Refs {
+    listed: usize,
+    kept: usize,
+}
+
+/// What the tracker follows of the table.
+#[derive(Debug, Default)]
+struct Follow {
+    /// The table of the last [`Tracker::on_diff`].
+    last: Table,
+    /// Per backend address listed by the last table.
+    refs: std::collections::HashMap<SocketAddr, Refs>,
+}
+
+impl Follow {
+    /// Adds (`add`) or takes away one Service entry's backends.
+    fn count(
+        refs: &mut std::collections::HashMap<SocketAddr, Refs>,
+        service: &Service,
+        add: bool,
+        touched: &mut HashSet<SocketAddr>,
+    ) {
+        let eligible: HashSet<SocketAddr> = service.eligible_iter().map(|b| b.addr).collect();
+        let step = |n: &mut usize| {
+            *n = if add {
+                n.saturating_add(1)
+            } else {
+                n.saturating_sub(1)
+            }
+        };
+        for b in service.backends() {
+            let refs = refs.entry(b.addr).or_default();
+            step(&mut refs.listed);
+            if !b.conditions.terminating || eligible.contains(&b.addr) {
+                step(&mut refs.kept);
+            }
+            touched.insert(b.addr);
+        }
+    }
+}
+
 /// All backends sluice has dialed or is tracking.
 #[derive(Debug)]
 pub struct Tracker {
     config: TrackerConfig,
     backends: DashMap<SocketAddr, Arc<BackendState>>,
-    /// Addresses the live table keeps (see [`Tracker::on_table`]; `None`
-    /// until the first table was applied): any other is drained.
-    kept: ArcSwap<Option<HashSet<SocketAddr>>>,
+    /// Addresses the live table keeps (see [`Tracker::on_diff`]; `None`
+    /// until the first table was applied): any other is drained. A
+    /// persistent set: a publish changes a few addresses of a clone.
+    kept: ArcSwap<Option<imbl::HashSet<SocketAddr>>>,
+    /// What [`Tracker::on_diff`] follows; touched only by the reconciler.
+    follow: Mutex<Follow>,
     /// Parent of every cut token: cancelled at the end of the shutdown grace.
     shutdown_cut: CancellationToken,
     metrics: Arc<Metrics>,
@@ -192,6 +243,7 @@ impl Tracker {
             config,
             backends: DashMap::new(),
             kept: ArcSwap::from_pointee(None),
+            follow: Mutex::default(),
             shutdown_cut,
         }
     }
@@ -338,36 +390,90 @@ impl Tracker {
         was_failing
     }
 
-    /// Applies a newly published table. The table keeps a backend that
-    /// some Service still picks, or lists as not terminating (unready or at
-    /// weight 0: no new connections, established ones untouched). Any other
-    /// backend (terminating everywhere it is listed, or gone) starts
-    /// draining, its drain timer starting now; a kept backend stops
-    /// draining; idle state of backends that left the table is forgotten.
+    /// Applies a newly published table, computing the diff from the last
+    /// one applied (tests; the reconciler has the diff: [`Self::on_diff`]).
     pub fn on_table(self: &Arc<Self>, table: &Table) {
-        let mut listed = HashSet::new();
-        let mut kept = HashSet::new();
-        for (_, service) in table.iter() {
-            kept.extend(service.eligible_iter().map(|b| b.addr));
-            for b in service.backends() {
-                listed.insert(b.addr);
-                if !b.conditions.terminating {
-                    kept.insert(b.addr);
-                }
+        let diff = {
+            let follow = self.follow.lock().unwrap_or_else(|p| p.into_inner());
+            TableDiff::between(&follow.last, table)
+        };
+        self.on_diff(&diff, table);
+    }
+
+    /// Applies a newly published table, given `diff` from the table of the
+    /// previous call. The table keeps a backend that some Service still
+    /// picks, or lists as not terminating (unready or at weight 0: no new
+    /// connections, established ones untouched). Any other backend
+    /// (terminating everywhere it is listed, or gone) starts draining, its
+    /// drain timer starting now; a kept backend stops draining; an idle
+    /// backend that left the table is forgotten. Only the backends of the
+    /// diff's Services (before and after) are looked at: O(changes).
+    pub fn on_diff(self: &Arc<Self>, diff: &TableDiff, table: &Table) {
+        let mut follow = self.follow.lock().unwrap_or_else(|p| p.into_inner());
+        let follow = &mut *follow;
+        let mut touched = HashSet::new();
+        let keys = (diff.added.iter())
+            .chain(&diff.removed)
+            .chain(diff.changed.iter().map(|(k, _)| k));
+        for key in keys {
+            if let Some(old) = follow.last.get(key) {
+                Follow::count(&mut follow.refs, old, false, &mut touched);
+            }
+            if let Some(new) = table.get(key) {
+                Follow::count(&mut follow.refs, new, true, &mut touched);
             }
         }
-        self.kept.store(Arc::new(Some(kept.clone())));
-        self.backends.retain(|addr, state| {
-            if kept.contains(addr) {
+        follow.last = table.clone();
+        let mut kept = match self.kept.load().as_ref() {
+            Some(k) => k.clone(),
+            None => imbl::HashSet::new(),
+        };
+        for addr in touched {
+            let refs = follow.refs.get(&addr).copied().unwrap_or_default();
+            if refs.kept > 0 {
+                kept.insert(addr);
+            } else {
+                kept.remove(&addr);
+            }
+            if refs == Refs::default() {
+                follow.refs.remove(&addr);
+            }
+            let Some(state) = self.backends.get(&addr).map(|s| s.clone()) else {
+                continue;
+            };
+            if refs.kept > 0 {
                 state.lock().drain = Drain::Serving;
-                return true;
-            }
-            if state.active() == 0 && !listed.contains(addr) {
+            } else if refs.listed == 0
+                && (self.backends)
+                    .remove_if(&addr, |_, s| s.active() == 0)
+                    .is_some()
+            {
                 self.metrics.forget_backend(&addr.to_string());
-                return false;
+            } else {
+                self.start_drain(&state);
             }
-            self.start_drain(state);
-            true
+        }
+        self.kept.store(Arc::new(Some(kept)));
+    }
+
+    /// Distinct backend addresses the last table applied lists.
+    pub fn listed(&self) -> usize {
+        let follow = self.follow.lock().unwrap_or_else(|p| p.into_inner());
+        follow.refs.len()
+    }
+
+    /// Forgets idle backends that no table lists: one whose connections
+    /// outlived its removal, or that a connection picked from a table
+    /// replaced meanwhile. A walk of the tracked backends, on a clock (the
+    /// proxy's housekeeping), not per publish.
+    pub fn forget_idle(&self) {
+        let follow = self.follow.lock().unwrap_or_else(|p| p.into_inner());
+        self.backends.retain(|addr, state| {
+            let keep = state.active() > 0 || follow.refs.contains_key(addr);
+            if !keep {
+                self.metrics.forget_backend(&addr.to_string());
+            }
+            keep
         });
     }
 
@@ -725,8 +831,80 @@ mod tests {
             let b = addr("10.0.0.1:80");
             t.dial_failed(b, DialErrorKind::Refused, Instant::now());
             t.on_table(&mk_table(&[("10.0.0.2:80", Conditions::READY)]));
+            // Never in a table: the diff does not name it, the sweep does.
+            t.forget_idle();
             assert!(t.backends.get(&b).is_none());
+            // One that leaves the table idle is forgotten with the diff;
+            // one with a connection stays, draining, until the sweep
+            // after its last connection.
+            let (c, d) = (addr("10.0.0.3:80"), addr("10.0.0.4:80"));
+            let two = [
+                ("10.0.0.3:80", Conditions::READY),
+                ("10.0.0.4:80", Conditions::READY),
+            ];
+            t.on_table(&mk_table(&two));
+            t.dial_failed(c, DialErrorKind::Refused, Instant::now());
+            let g = t.connect(d);
+            t.on_table(&mk_table(&[("10.0.0.2:80", Conditions::READY)]));
+            assert!(t.backends.get(&c).is_none());
+            assert!(t.backends.get(&d).unwrap().is_draining());
+            t.forget_idle();
+            assert!(t.backends.get(&d).is_some(), "still carries a connection");
+            drop(g);
+            t.forget_idle();
+            assert!(t.backends.get(&d).is_none());
         });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_two_services_list_is_kept_while_either_keeps_it() {
+        let t = Arc::new(counted().0);
+        let x = addr("10.0.0.1:80");
+        let service = |conditions| {
+            Arc::new(Service::new(
+                "s",
+                Policy::RoundRobin,
+                None,
+                vec![
+                    Backend::new(x, conditions),
+                    Backend::new(addr("10.0.0.9:80"), Conditions::READY),
+                ],
+            ))
+        };
+        let (k1, k2) = (
+            ListenKey::tcp(addr("127.0.0.1:80")),
+            ListenKey::tcp(addr("127.0.0.2:80")),
+        );
+        let mut both = Table::new();
+        both.insert(k1, service(Conditions::READY));
+        both.insert(k2, service(Conditions::READY));
+        t.on_table(&both);
+        let g = t.connect(x);
+        // Terminating behind one key, ready behind the other: kept.
+        let mut mixed = both.clone();
+        mixed.insert(k1, service(Conditions::TERMINATING));
+        t.on_table(&mixed);
+        assert!(!t.backends.get(&x).unwrap().is_draining());
+        // The key that kept it goes: only the terminating entry is left.
+        let mut one = mixed.clone();
+        one.remove(&k2);
+        t.on_table(&one);
+        assert!(t.backends.get(&x).unwrap().is_draining());
+        // Ready again behind a new key: draining is called off, and the
+        // drain timeout cuts nothing.
+        let mut back = one.clone();
+        back.insert(k2, service(Conditions::READY));
+        t.on_table(&back);
+        assert!(!t.backends.get(&x).unwrap().is_draining());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!g.cut_token().is_cancelled());
+        // Every key goes: counted down to nothing, forgotten once idle.
+        t.on_table(&Table::new());
+        assert!(t.backends.get(&x).unwrap().is_draining());
+        drop(g);
+        t.forget_idle();
+        assert!(t.backends.get(&x).is_none());
+        assert!(t.follow.lock().unwrap().refs.is_empty());
     }
 
     #[test]

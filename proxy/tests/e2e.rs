@@ -361,6 +361,47 @@ async fn listeners_follow_services_added_and_removed() {
         assert!(Instant::now() < deadline, "removed service still accepts");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The Service added above is removed in turn, and the first key,
+    // removed before, is bound again.
+    reload(&mut s, config(first, &[(a.addr, "ready")])).await;
+    let (_, name) = connect_named(first).await;
+    assert_eq!(name, "a");
+    let deadline = Instant::now() + T;
+    while TcpStream::connect(second).await.is_ok() {
+        assert!(Instant::now() < deadline, "removed service still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_listen_address_held_elsewhere_is_bound_once_it_comes_free() {
+    let a = Backend::start("a", Mode::Echo).await.unwrap();
+    let listen = listen_addr();
+    // Held without SO_REUSEPORT: sluice's bind fails until it is closed.
+    let holder = tokio::net::TcpListener::bind(listen).await.unwrap();
+    let s = start(config(listen, &[(a.addr, "ready")]), &[]).await;
+    let _client = TcpStream::connect(listen).await.unwrap();
+    let accepted = tokio::time::timeout(T, holder.accept()).await;
+    assert!(
+        accepted.is_ok(),
+        "the holder, not sluice, took the connection"
+    );
+    drop(holder);
+    // The reconciler retries the bind (every second) with no new table.
+    let deadline = Instant::now() + T;
+    loop {
+        match backend::connect_named(listen).await {
+            Ok((_, name)) if name == "a" => break,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "never bound after the port came free"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(s);
 }
 
 #[tokio::test]

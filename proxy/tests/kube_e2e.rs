@@ -255,3 +255,65 @@ fn config_and_kubeconfig_conflict() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// GET / on a health-check port; the status and body, None when refused.
+async fn health(port: u16) -> Option<(u16, String)> {
+    sluice_testkit::http::get(([127, 0, 0, 1], port).into(), "/")
+        .await
+        .ok()
+}
+
+/// Polls the health-check port until `f` holds (bounded).
+async fn health_until(port: u16, what: &str, f: impl Fn(&Option<(u16, String)>) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = health(port).await;
+        if f(&got) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} on health port {port}; last answer {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_s_health_check_node_port_follows_the_table() {
+    // The responders are fed by the daemon's reconciler from the published
+    // table (not by the Kubernetes source): 200 with a local endpoint, 503
+    // without, closed once the Service is gone.
+    let hport = sluice_testkit::free_port([0, 0, 0, 0]).unwrap();
+    let vport = common_port(&["127.0.0.60"]);
+    let api = ApiServer::start().await.unwrap();
+    let mut lb = with_port(svc("lb", "127.0.0.60"), vport);
+    lb["spec"]["type"] = serde_json::json!("LoadBalancer");
+    lb["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
+    lb["spec"]["healthCheckNodePort"] = serde_json::json!(hport);
+    api.apply_json(lb).unwrap();
+    let on_node = |node: &str| {
+        let mut s = slice("lb-1", "lb", &[("127.0.0.2", true, false)]);
+        s["endpoints"][0]["nodeName"] = serde_json::json!(node);
+        s
+    };
+    api.apply_json(on_node("node-a")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let opts = Options::kube_on_loopback(env!("CARGO_BIN_EXE_sluice"), &kubeconfig, &[]);
+    let _daemon = Daemon::start(opts).await.unwrap();
+    health_until(hport, "200 with one local endpoint", |g| {
+        g.as_ref()
+            .is_some_and(|(code, body)| *code == 200 && body.contains("\"localEndpoints\":1"))
+    })
+    .await;
+    // The endpoint moves to another node: the table's health check says 0.
+    api.apply_json(on_node("node-b")).unwrap();
+    health_until(hport, "503", |g| {
+        g.as_ref().is_some_and(|(code, _)| *code == 503)
+    })
+    .await;
+    api.delete(Kind::Service, "default", "lb").unwrap();
+    health_until(hport, "the port closed", |g| g.is_none()).await;
+}

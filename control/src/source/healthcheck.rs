@@ -9,6 +9,13 @@
 //! The listener is dual-stack (`[::]` accepting IPv4 too) when the
 //! responders listen on all addresses and the node has IPv6; IPv4 only
 //! otherwise.
+//!
+//! What to answer comes with the published table
+//! ([`crate::table::Table::health_checks`], filled by the Kubernetes
+//! source): [`HealthResponders::follow`] brings the responders to a table,
+//! called by whatever follows the published tables (the daemon's
+//! reconciler), as kube-proxy's proxier sync loop feeds its healthcheck
+//! server.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -40,6 +47,8 @@ pub struct HealthResponders {
     /// Wanted ports whose bind failed (say, still held by the kube-proxy
     /// being replaced): retried by [`HealthResponders::retry`].
     failed: HashSet<u16>,
+    /// The checks of the last table followed ([`Self::follow`]).
+    followed: Option<Arc<[HealthCheck]>>,
 }
 
 /// How often the source retries health-check ports it could not bind.
@@ -67,7 +76,23 @@ impl HealthResponders {
             state: Arc::default(),
             listeners: HashMap::new(),
             failed: HashSet::new(),
+            followed: None,
         }
+    }
+
+    /// Brings the responders to `table`'s health checks: an update when
+    /// they differ from the last table's, a retry of the ports whose bind
+    /// failed otherwise. True when every wanted port is listened on (false:
+    /// call again later, with this table or the next).
+    pub async fn follow(&mut self, table: &crate::table::Table) -> bool {
+        let checks = table.health_checks();
+        if self.followed.as_deref() != Some(checks) {
+            self.update(checks).await;
+            self.followed = Some(checks.into());
+        } else if self.incomplete() {
+            self.retry().await;
+        }
+        !self.incomplete()
     }
 
     /// Makes the responders answer for exactly `checks`: opens listeners on
@@ -317,5 +342,33 @@ mod tests {
         // A port no longer wanted is forgotten, bound or not.
         r.update(&[]).await;
         assert!(r.ports().is_empty() && !r.incomplete());
+    }
+
+    #[tokio::test]
+    async fn the_responders_follow_the_table_s_health_checks() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let mut r = HealthResponders::new("127.0.0.1".parse().unwrap(), Arc::new(|| true));
+        let mut table = crate::table::Table::new();
+        assert!(r.follow(&table).await, "nothing wanted");
+        table.set_health_checks(Arc::from(vec![check(port)]));
+        assert!(!r.follow(&table).await, "held elsewhere: incomplete");
+        drop(held);
+        // The same table again: the failed port is retried.
+        assert!(r.follow(&table).await);
+        assert_eq!(r.ports(), [port]);
+        let answer = |r: &HealthResponders| lock(&r.state).get(&port).cloned();
+        assert_eq!(answer(&r).map(|c| c.local_endpoints), Some(1));
+        // The count changes with the next table.
+        let mut next = table.clone();
+        next.set_health_checks(Arc::from(vec![HealthCheck {
+            local_endpoints: 0,
+            ..check(port)
+        }]));
+        assert!(r.follow(&next).await);
+        assert_eq!(answer(&r).map(|c| c.local_endpoints), Some(0));
+        // The Service goes: the port closes.
+        assert!(r.follow(&crate::table::Table::new()).await);
+        assert!(r.ports().is_empty());
     }
 }

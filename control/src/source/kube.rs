@@ -17,7 +17,10 @@
 //! - Malformed objects are logged with namespace/name and skipped; a bad
 //!   field of an object that is otherwise used is left out, logged, counted.
 //! - `healthCheckNodePort`s of LoadBalancer Services with
-//!   `externalTrafficPolicy: Local` answer 200 (local endpoints) or 503.
+//!   `externalTrafficPolicy: Local` and their local endpoint counts travel
+//!   with the published table ([`crate::table::Table::health_checks`]);
+//!   the responders ([`super::healthcheck`]) follow the table, not the
+//!   index.
 //! - Network programming latency: for slices carrying
 //!   `endpoints.kubernetes.io/last-change-trigger-time`, the time from that
 //!   trigger to the publish is logged and kept in [`KubeStats`].
@@ -44,8 +47,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::time::Instant;
 
-use super::healthcheck::HealthResponders;
-use crate::k8s::{Index, Malformed, Watched};
+use crate::k8s::{HealthCheck, Index, Malformed, Watched};
 use crate::publish::Publisher;
 use crate::table::Policy;
 
@@ -72,9 +74,6 @@ pub struct KubeOptions {
     pub coalesce: Duration,
     /// Counters the source updates (share the `Arc` to read them).
     pub stats: Arc<KubeStats>,
-    /// Where `healthCheckNodePort` responders listen (kube-proxy: all
-    /// addresses, the default).
-    pub health_check_ip: IpAddr,
     /// The scheduler of Services without a (known) `sluice.io/scheduler`
     /// annotation (`--scheduler`).
     pub scheduler: Policy,
@@ -82,10 +81,6 @@ pub struct KubeOptions {
     /// false while this node's Node is being deleted or carries the
     /// cluster autoscaler's deletion taint.
     pub node_eligible: Arc<AtomicBool>,
-    /// `/healthz`'s timeout and the process start, for the responders'
-    /// `serviceProxyHealthy` (the same rule as `/healthz`).
-    pub health_timeout: Duration,
-    pub started: std::time::Instant,
 }
 
 impl Default for KubeOptions {
@@ -96,11 +91,8 @@ impl Default for KubeOptions {
             node_addresses: Vec::new(),
             coalesce: DEFAULT_COALESCE,
             stats: Arc::default(),
-            health_check_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             scheduler: Policy::default(),
             node_eligible: Arc::new(AtomicBool::new(true)),
-            health_timeout: Duration::from_secs(60),
-            started: std::time::Instant::now(),
         }
     }
 }
@@ -421,6 +413,9 @@ struct Source {
     /// The first table (generation 1) was published.
     published: bool,
     stats: Arc<KubeStats>,
+    /// The index's `healthCheckNodePort`s as of the last build, handed to
+    /// every table published (shared until they change).
+    health: Arc<[HealthCheck]>,
 }
 
 impl Source {
@@ -489,11 +484,18 @@ impl Source {
             .build_duration
             .observe(started.elapsed().as_secs_f64());
         let triggers = self.index.take_trigger_times();
-        if !(changed || first) {
+        // The health checks travel with the table: a change of them alone
+        // (a local endpoint count) is published too.
+        let health_changed = self.index.take_health_changed();
+        if health_changed {
+            self.health = self.index.health_checks().into();
+        }
+        if !(changed || first || health_changed) {
             publisher.settle_unchanged();
             return;
         }
-        let table = self.index.table().clone();
+        let mut table = self.index.table().clone();
+        table.set_health_checks(self.health.clone());
         let len = table.len();
         let generation = publisher.publish_changed(table);
         self.stats.publishes.fetch_add(1, Ordering::Relaxed);
@@ -558,35 +560,17 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         listed: HashSet::new(),
         published: false,
         stats: opts.stats.clone(),
+        health: Arc::default(),
     };
     let mut events = futures::stream::select_all(streams);
-    let proxy_healthy = {
-        let publisher = publisher.clone();
-        let (timeout, started) = (opts.health_timeout, opts.started);
-        Arc::new(move || publisher.is_healthy(std::time::Instant::now(), timeout, started))
-    };
-    let mut health = HealthResponders::new(opts.health_check_ip, proxy_healthy);
-    let mut health_retry_at: Option<Instant> = None;
     let mut last_build: Option<Instant> = None;
     loop {
         let due = last_build.map(|t| t + opts.coalesce);
         let waiting = src.published && src.index.is_dirty();
-        let mut retry_health = false;
         let next = tokio::select! {
             ev = events.next() => Some(ev),
             () = sleep_until_opt(due), if waiting => None,
-            () = sleep_until_opt(health_retry_at), if health_retry_at.is_some() => {
-                retry_health = true;
-                None
-            }
         };
-        if retry_health {
-            // Health-check ports that could not be bound (held by the
-            // kube-proxy being replaced, say): try them again, on a clock
-            // of their own so that a busy watch cannot starve the retry.
-            health.retry().await;
-            health_retry_at = None;
-        }
         match next {
             Some(Some(input)) => {
                 input(&mut src, &publisher);
@@ -623,14 +607,6 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         if !src.published || (src.index.is_dirty() && due.is_none_or(|d| now >= d)) {
             src.build_and_publish(&publisher);
             last_build = Some(now);
-        }
-        if src.index.take_health_changed() {
-            health.update(&src.index.health_checks()).await;
-        }
-        if !health.incomplete() {
-            health_retry_at = None;
-        } else if health_retry_at.is_none() {
-            health_retry_at = Some(Instant::now() + super::healthcheck::RETRY);
         }
     }
 }
