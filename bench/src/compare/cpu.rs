@@ -110,6 +110,33 @@ pub fn worker_cpu_seconds(pid: u32) -> Vec<(String, f64)> {
     out
 }
 
+/// CPU time the whole node spent, summed over all CPUs, in seconds: from
+/// the `cpu` line of /proc/stat, user + nice + system + irq + softirq +
+/// steal (everything but idle and iowait; guest time is already in user).
+/// Not namespaced: it counts every process on the machine.
+pub fn node_cpu_seconds() -> Option<f64> {
+    node_cpu_seconds_in(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn node_cpu_seconds_in(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum::<u64>();
+    let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some(busy as f64 / tck)
+}
+
 /// VmRSS of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -145,5 +172,18 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).is_some());
         assert!(rss_kib(pid).unwrap() > 0);
+        assert!(node_cpu_seconds().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn node_cpu_counts_all_but_idle_and_iowait() {
+        let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as f64;
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 2 30 9999 777 4 5 6 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        let s = node_cpu_seconds_in(stat).unwrap();
+        assert!((s - 147.0 / tck).abs() < 1e-9, "{s}");
+        assert_eq!(node_cpu_seconds_in("intr 1 2\n"), None);
     }
 }

@@ -66,6 +66,10 @@ pub struct Rate {
     /// are charged here, not to the proxy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_cpu_s_per_10k: Option<f64>,
+    /// Short phase: the whole node's CPU seconds (every CPU, every process,
+    /// softirq) per 10,000 connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_cpu_s_per_10k: Option<f64>,
 }
 
 impl Rate {
@@ -87,6 +91,13 @@ impl Rate {
             self.load_cpu_s_per_10k = Some(round3((b - a) / self.ok as f64 * 1e4));
         }
     }
+
+    /// Records the node's CPU time per 10,000 connections over the phase.
+    pub fn set_node_cpu(&mut self, before: Option<f64>, after: Option<f64>) {
+        if let (Some(a), Some(b), true) = (before, after, self.ok > 0) {
+            self.node_cpu_s_per_10k = Some(round3((b - a) / self.ok as f64 * 1e4));
+        }
+    }
 }
 
 fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
@@ -106,6 +117,7 @@ fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
         proxy_cpu_s_per_10k: None,
         worker_cpu_share: None,
         load_cpu_s_per_10k: None,
+        node_cpu_s_per_10k: None,
     }
 }
 
@@ -204,6 +216,9 @@ pub struct Bulk {
     /// Proxy CPU seconds per GB (10^9 bytes) moved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_cpu_s_per_gb: Option<f64>,
+    /// The whole node's CPU seconds per GB moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_cpu_s_per_gb: Option<f64>,
 }
 
 impl Bulk {
@@ -215,6 +230,13 @@ impl Bulk {
             if self.bytes > 0 && self.error.is_none() {
                 self.proxy_cpu_s_per_gb = Some(round3((c - a) / self.bytes as f64 * 1e9));
             }
+        }
+    }
+
+    /// Records the node's CPU time per GB over the upload.
+    pub fn set_node_cpu(&mut self, before: Option<f64>, after: Option<f64>) {
+        if let (Some(a), Some(c), true) = (before, after, self.bytes > 0 && self.error.is_none()) {
+            self.node_cpu_s_per_gb = Some(round3((c - a) / self.bytes as f64 * 1e9));
         }
     }
 }
@@ -266,6 +288,7 @@ pub async fn bulk_upload(target: SocketAddr, secs: f64, sink: &Backend) -> Bulk 
                 error: None,
                 proxy_cpu_s: None,
                 proxy_cpu_s_per_gb: None,
+                node_cpu_s_per_gb: None,
             }
         }
         Err(e) => Bulk {
