@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::backends::{REQ_CLOSE, REQ_KEEP, RESP_CLOSE, RESP_KEEP};
-use super::cpu::rss_kib;
+use super::cpu::{NodeCpu, rss_kib};
 use crate::backend::Backend;
 use crate::report::{new_hist, q_ms, record, round3};
 
@@ -70,6 +70,9 @@ pub struct Rate {
     /// softirq) per 10,000 connections.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_cpu_s_per_10k: Option<f64>,
+    /// The share of the node's CPU time used over the phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_busy: Option<f64>,
 }
 
 impl Rate {
@@ -93,9 +96,10 @@ impl Rate {
     }
 
     /// Records the node's CPU time per 10,000 connections over the phase.
-    pub fn set_node_cpu(&mut self, before: Option<f64>, after: Option<f64>) {
+    pub fn set_node_cpu(&mut self, before: Option<NodeCpu>, after: Option<NodeCpu>) {
         if let (Some(a), Some(b), true) = (before, after, self.ok > 0) {
-            self.node_cpu_s_per_10k = Some(round3((b - a) / self.ok as f64 * 1e4));
+            self.node_cpu_s_per_10k = Some(round3((b.busy - a.busy) / self.ok as f64 * 1e4));
+            self.node_busy = a.busy_share(&b).map(round3);
         }
     }
 }
@@ -118,6 +122,7 @@ fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
         worker_cpu_share: None,
         load_cpu_s_per_10k: None,
         node_cpu_s_per_10k: None,
+        node_busy: None,
     }
 }
 
@@ -219,6 +224,9 @@ pub struct Bulk {
     /// The whole node's CPU seconds per GB moved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_cpu_s_per_gb: Option<f64>,
+    /// The share of the node's CPU time used over the upload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_busy: Option<f64>,
 }
 
 impl Bulk {
@@ -234,9 +242,10 @@ impl Bulk {
     }
 
     /// Records the node's CPU time per GB over the upload.
-    pub fn set_node_cpu(&mut self, before: Option<f64>, after: Option<f64>) {
+    pub fn set_node_cpu(&mut self, before: Option<NodeCpu>, after: Option<NodeCpu>) {
         if let (Some(a), Some(c), true) = (before, after, self.bytes > 0 && self.error.is_none()) {
-            self.node_cpu_s_per_gb = Some(round3((c - a) / self.bytes as f64 * 1e9));
+            self.node_cpu_s_per_gb = Some(round3((c.busy - a.busy) / self.bytes as f64 * 1e9));
+            self.node_busy = a.busy_share(&c).map(round3);
         }
     }
 }
@@ -289,6 +298,7 @@ pub async fn bulk_upload(target: SocketAddr, secs: f64, sink: &Backend) -> Bulk 
                 proxy_cpu_s: None,
                 proxy_cpu_s_per_gb: None,
                 node_cpu_s_per_gb: None,
+                node_busy: None,
             }
         }
         Err(e) => Bulk {

@@ -440,7 +440,8 @@ async fn body(args: CompareArgs, netns: Option<String>) -> Result<ExitCode> {
              keep/s: {c} keep-alive connections; p50/p99: keep-alive request latency; Gbit/s: one upload to a sink; s/GB: proxy CPU s per GB moved;\n\
              KiB/idle: VmRSS growth per idle connection; load cpu10k: this process's CPU s (load and backends) per 10k short connections;\n\
              node10k, nodeGB: CPU s of the whole node (/proc/stat, all CPUs, everything but idle and iowait: proxy, load, backends, softirq, and anything else running) per 10k short connections and per GB of bulk;\n\
-             +dir: that minus direct's, the path's price per node.",
+             +dir: that minus direct's, the path's price per node; *: the node was at least {sat:.0}% busy over the phase (other work included): a saturated node's figure is bounded by the phase's length, not by the path's cost.",
+            sat = cpu::NODE_SATURATED * 100.0,
             c = args.concurrency
         );
     }

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::cpu::NODE_SATURATED;
 use super::{PathKind, PathResult};
 
 fn ratio(a: f64, b: f64) -> String {
@@ -19,6 +20,12 @@ fn cell(x: f64) -> String {
     } else {
         "-".into()
     }
+}
+
+/// [`cell`], marked `*` when the node was saturated over the phase.
+fn node_cell(x: f64, saturated: bool) -> String {
+    let c = cell(x);
+    if saturated && x > 0.0 { c + "*" } else { c }
 }
 
 /// `a - b` with its sign, when both were measured.
@@ -43,6 +50,9 @@ struct Row {
     gb_cpu: f64,
     node_10k: f64,
     node_gb: f64,
+    /// The node was saturated over the short / bulk phase.
+    node_10k_sat: bool,
+    node_gb_sat: bool,
 }
 
 impl Row {
@@ -52,6 +62,7 @@ impl Row {
         if let Some(s) = &r.short {
             (row.short, row.short_cpu) = (s.per_s, cpu(s.proxy_cpu_s_per_10k));
             row.node_10k = cpu(s.node_cpu_s_per_10k);
+            row.node_10k_sat = s.node_busy.is_some_and(|b| b >= NODE_SATURATED);
         }
         if let Some(k) = &r.keepalive {
             (row.keep, row.keep_p50, row.keep_p99) = (k.per_s, k.p50_ms, k.p99_ms);
@@ -60,6 +71,7 @@ impl Row {
         if let Some(b) = &r.bulk {
             (row.gbit, row.gb_cpu) = (b.gbit_s, cpu(b.proxy_cpu_s_per_gb));
             row.node_gb = cpu(b.node_cpu_s_per_gb);
+            row.node_gb_sat = b.node_busy.is_some_and(|b| b >= NODE_SATURATED);
         }
         row
     }
@@ -131,9 +143,9 @@ pub fn table(results: &[PathResult]) -> String {
             cell(x.gb_cpu),
             ratio(x.gb_cpu, h.gb_cpu),
             idle,
-            cell(x.node_10k),
+            node_cell(x.node_10k, x.node_10k_sat),
             delta(x.node_10k, d.node_10k),
-            cell(x.node_gb),
+            node_cell(x.node_gb, x.node_gb_sat),
             delta(x.node_gb, d.node_gb),
         );
         let mut errs = Vec::new();
@@ -203,6 +215,7 @@ mod tests {
         PathResult {
             short: Some(Rate {
                 node_cpu_s_per_10k: Some(1.0 + cpu.unwrap_or(0.0)),
+                node_busy: Some(if k < 0.3 { 0.95 } else { 0.5 }),
                 ..rate(1000.0 * k, 0, cpu)
             }),
             keepalive: Some(rate(5000.0 * k, 0, cpu.map(|c| c / 4.0))),
@@ -250,7 +263,7 @@ mod tests {
             "sluice              500  x0.50  x2.00   2.000  x0.50 |      2500  x0.50   0.250   1.500   0.500  x0.50 |    5.00  x0.50  1.000  x0.50 |     1.50 |       -      -  1.500 +1.000",
             "              ERRORS: short: 3 failed; bulk: sink counted 1 bytes, client sent 2; idle: 4 of 104 failed",
             "              workers' CPU split over the short phase: 50% / 25% / 25%",
-            "haproxy             250  x0.25  x1.00   4.000  x1.00 |      1250  x0.25   0.250   1.500   1.000  x1.00 |    2.50  x0.25  2.000  x1.00 |     0.75 |   5.000 +4.000  2.500 +2.000",
+            "haproxy             250  x0.25  x1.00   4.000  x1.00 |      1250  x0.25   0.250   1.500   1.000  x1.00 |    2.50  x0.25  2.000  x1.00 |     0.75 |  5.000* +4.000  2.500 +2.000",
             "nginx         skipped: not installed",
         ];
         assert_eq!(t.lines().collect::<Vec<_>>(), expected, "{t}");
