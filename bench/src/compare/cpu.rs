@@ -212,7 +212,10 @@ mod tests {
         let stat = "cpu  100 2 30 9999 777 4 5 6 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
         let s = node_cpu_seconds_in(stat).unwrap();
         assert!((s.busy - 147.0 / tck).abs() < 1e-9, "{s:?}");
-        assert!((s.all - (147.0 + 9999.0 + 777.0) / tck).abs() < 1e-9, "{s:?}");
+        assert!(
+            (s.all - (147.0 + 9999.0 + 777.0) / tck).abs() < 1e-9,
+            "{s:?}"
+        );
         let later = NodeCpu {
             busy: s.busy + 3.0,
             all: s.all + 4.0,

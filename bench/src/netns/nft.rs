@@ -43,7 +43,9 @@ pub fn ruleset_proto(
 /// The whole table for several service ports, each `(name, proto, vip,
 /// ready endpoints)`: one `service-ips` element and one service chain per
 /// service port, one endpoint chain per distinct endpoint.
-pub fn ruleset_services(services: &[(&str, &str, SocketAddrV4, &[SocketAddrV4])]) -> Result<String> {
+pub fn ruleset_services(
+    services: &[(&str, &str, SocketAddrV4, &[SocketAddrV4])],
+) -> Result<String> {
     for (service, proto, _, endpoints) in services {
         anyhow::ensure!(
             *proto == "tcp" || *proto == "udp",
