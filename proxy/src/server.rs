@@ -579,6 +579,12 @@ impl Proxy {
                 format!("{addr} would share the port of sluice's own admin endpoint {admin}"),
             ));
         }
+        // The accepted connections inherit the buffer bounds (Linux).
+        let bind_tcp = |addr| {
+            let l = bind_tcp(addr)?;
+            crate::forward::bound_listener(&l, self.config.buffers);
+            Ok::<_, std::io::Error>(l)
+        };
         if self.workers.is_empty() {
             return Ok(vec![(bind_tcp(addr)?, None)]);
         }

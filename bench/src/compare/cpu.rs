@@ -110,6 +110,61 @@ pub fn worker_cpu_seconds(pid: u32) -> Vec<(String, f64)> {
     out
 }
 
+/// The whole node's CPU time, summed over all CPUs, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeCpu {
+    /// user + nice + system + irq + softirq + steal: everything but idle
+    /// and iowait (guest time is already in user).
+    pub busy: f64,
+    /// busy + idle + iowait: what the CPUs had.
+    pub all: f64,
+}
+
+impl NodeCpu {
+    /// The share of the node's CPU time used between `self` and `later`.
+    pub fn busy_share(&self, later: &NodeCpu) -> Option<f64> {
+        let all = later.all - self.all;
+        (all > 0.0).then(|| ((later.busy - self.busy) / all).clamp(0.0, 1.0))
+    }
+}
+
+/// Above this share of the node's CPU time used over a phase, the node
+/// figure of that phase is marked: a saturated node's CPU time is bounded
+/// by the phase's length, not by the path's cost.
+pub const NODE_SATURATED: f64 = 0.9;
+
+/// The `cpu` line of /proc/stat. Not namespaced: it counts every process
+/// on the machine.
+pub fn node_cpu_seconds() -> Option<NodeCpu> {
+    node_cpu_seconds_in(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn node_cpu_seconds_in(stat: &str) -> Option<NodeCpu> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let sum = |fields: &[usize]| {
+        fields
+            .iter()
+            .map(|&i| f.get(i).copied().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let busy = sum(&[0, 1, 2, 5, 6, 7]);
+    let all = busy + sum(&[3, 4]);
+    let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some(NodeCpu {
+        busy: busy as f64 / tck,
+        all: all as f64 / tck,
+    })
+}
+
 /// VmRSS of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -145,5 +200,28 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).is_some());
         assert!(rss_kib(pid).unwrap() > 0);
+        assert!(node_cpu_seconds().unwrap().busy > 0.0);
+    }
+
+    #[test]
+    fn node_cpu_counts_all_but_idle_and_iowait() {
+        let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as f64;
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 2 30 9999 777 4 5 6 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        let s = node_cpu_seconds_in(stat).unwrap();
+        assert!((s.busy - 147.0 / tck).abs() < 1e-9, "{s:?}");
+        assert!(
+            (s.all - (147.0 + 9999.0 + 777.0) / tck).abs() < 1e-9,
+            "{s:?}"
+        );
+        let later = NodeCpu {
+            busy: s.busy + 3.0,
+            all: s.all + 4.0,
+        };
+        assert_eq!(s.busy_share(&later), Some(0.75));
+        assert_eq!(s.busy_share(&s), None);
+        assert_eq!(node_cpu_seconds_in("intr 1 2\n"), None);
     }
 }

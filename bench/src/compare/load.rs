@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::backends::{REQ_CLOSE, REQ_KEEP, RESP_CLOSE, RESP_KEEP};
-use super::cpu::rss_kib;
+use super::cpu::{NodeCpu, rss_kib};
 use crate::backend::Backend;
 use crate::report::{new_hist, q_ms, record, round3};
 
@@ -66,6 +66,13 @@ pub struct Rate {
     /// are charged here, not to the proxy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_cpu_s_per_10k: Option<f64>,
+    /// Short phase: the whole node's CPU seconds (every CPU, every process,
+    /// softirq) per 10,000 connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_cpu_s_per_10k: Option<f64>,
+    /// The share of the node's CPU time used over the phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_busy: Option<f64>,
 }
 
 impl Rate {
@@ -87,6 +94,14 @@ impl Rate {
             self.load_cpu_s_per_10k = Some(round3((b - a) / self.ok as f64 * 1e4));
         }
     }
+
+    /// Records the node's CPU time per 10,000 connections over the phase.
+    pub fn set_node_cpu(&mut self, before: Option<NodeCpu>, after: Option<NodeCpu>) {
+        if let (Some(a), Some(b), true) = (before, after, self.ok > 0) {
+            self.node_cpu_s_per_10k = Some(round3((b.busy - a.busy) / self.ok as f64 * 1e4));
+            self.node_busy = a.busy_share(&b).map(round3);
+        }
+    }
 }
 
 fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
@@ -106,6 +121,8 @@ fn rate(ok: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) -> Rate {
         proxy_cpu_s_per_10k: None,
         worker_cpu_share: None,
         load_cpu_s_per_10k: None,
+        node_cpu_s_per_10k: None,
+        node_busy: None,
     }
 }
 
@@ -204,6 +221,12 @@ pub struct Bulk {
     /// Proxy CPU seconds per GB (10^9 bytes) moved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_cpu_s_per_gb: Option<f64>,
+    /// The whole node's CPU seconds per GB moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_cpu_s_per_gb: Option<f64>,
+    /// The share of the node's CPU time used over the upload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_busy: Option<f64>,
 }
 
 impl Bulk {
@@ -215,6 +238,14 @@ impl Bulk {
             if self.bytes > 0 && self.error.is_none() {
                 self.proxy_cpu_s_per_gb = Some(round3((c - a) / self.bytes as f64 * 1e9));
             }
+        }
+    }
+
+    /// Records the node's CPU time per GB over the upload.
+    pub fn set_node_cpu(&mut self, before: Option<NodeCpu>, after: Option<NodeCpu>) {
+        if let (Some(a), Some(c), true) = (before, after, self.bytes > 0 && self.error.is_none()) {
+            self.node_cpu_s_per_gb = Some(round3((c.busy - a.busy) / self.bytes as f64 * 1e9));
+            self.node_busy = a.busy_share(&c).map(round3);
         }
     }
 }
@@ -266,6 +297,8 @@ pub async fn bulk_upload(target: SocketAddr, secs: f64, sink: &Backend) -> Bulk 
                 error: None,
                 proxy_cpu_s: None,
                 proxy_cpu_s_per_gb: None,
+                node_cpu_s_per_gb: None,
+                node_busy: None,
             }
         }
         Err(e) => Bulk {

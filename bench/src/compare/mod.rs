@@ -52,7 +52,8 @@ use crate::check;
 use crate::sluice::SluiceArgs;
 use backends::Backends;
 use cpu::{
-    allowed_cpus, cpu_seconds, pin_process, raise_nofile, worker_cpu_seconds, worker_shares,
+    allowed_cpus, cpu_seconds, node_cpu_seconds, pin_process, raise_nofile, worker_cpu_seconds,
+    worker_shares,
 };
 use load::{Bulk, Idle, Rate, bulk_upload, idle, keepalive_load, short_load};
 use proxies::{Proxy, start_proxy};
@@ -80,7 +81,12 @@ pub struct CompareArgs {
     /// the service addresses, its nftables table redirects them to its
     /// intercept port; `sluice-ct` is `sluice` with connection tracking on
     /// (an empty nat chain), to tell the redirect's cost from conntrack's.
-    /// Either makes the whole run (every path) happen in a network
+    /// `nft-dnat` is kube-proxy's kernel path: no proxy, an nftables table
+    /// in kube-proxy's nftables shape (`table ip kube-proxy`, a
+    /// `service-ips` verdict map, `numgen random` to endpoint chains that
+    /// DNAT, in the nat output and prerouting hooks; conntrack on) sends
+    /// each service address to its backend.
+    /// Any of these makes the whole run (every path) happen in a network
     /// namespace of its own (root, `nft`), so that the table touches
     /// nothing else; each table is removed when its path ends. haproxy and
     /// nginx are skipped when not installed.
@@ -152,6 +158,8 @@ pub enum PathKind {
     /// as the local pod network), its replies steered by the mark and the
     /// policy route (in the run's own namespace).
     SluiceTp,
+    /// kube-proxy's nftables DNAT, no proxy (in the run's own namespace).
+    NftDnat,
     /// The sluice binary given with --baseline (e.g. an older build).
     Baseline,
     Haproxy,
@@ -163,7 +171,7 @@ impl PathKind {
     fn needs_netns(self) -> bool {
         matches!(
             self,
-            PathKind::SluiceNft | PathKind::SluiceCt | PathKind::SluiceTp
+            PathKind::SluiceNft | PathKind::SluiceCt | PathKind::SluiceTp | PathKind::NftDnat
         )
     }
 
@@ -244,11 +252,12 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
     for fig in &args.figures {
         match fig {
             Figure::Short => {
-                let (c0, l0) = (cpu(), own());
+                let (c0, l0, n0) = (cpu(), own(), node_cpu_seconds());
                 let w0 = pid.map(worker_cpu_seconds).unwrap_or_default();
                 let mut r = short_load(proxy.http, args.concurrency, args.seconds).await;
                 r.set_proxy_cpu(c0, cpu());
                 r.set_load_cpu(l0, own());
+                r.set_node_cpu(n0, node_cpu_seconds());
                 let w1 = pid.map(worker_cpu_seconds).unwrap_or_default();
                 r.worker_cpu_share = worker_shares(&w0, &w1);
                 out.short = Some(r);
@@ -260,9 +269,10 @@ async fn measure(proxy: &Proxy, args: &CompareArgs, sink: &Backend) -> PathResul
                 out.keepalive = Some(r);
             }
             Figure::Bulk => {
-                let c0 = cpu();
+                let (c0, n0) = (cpu(), node_cpu_seconds());
                 let mut b = bulk_upload(proxy.bulk, args.seconds, sink).await;
                 b.set_proxy_cpu(c0, cpu());
+                b.set_node_cpu(n0, node_cpu_seconds());
                 out.bulk = Some(b);
             }
             Figure::Idle => {
@@ -428,7 +438,10 @@ async fn body(args: CompareArgs, netns: Option<String>) -> Result<ExitCode> {
         println!(
             "short/s: {c} workers, one Connection: close request each; cpu10k: proxy CPU s (/proc/PID/stat) per 10k connections, or per 10k requests after keep/s;\n\
              keep/s: {c} keep-alive connections; p50/p99: keep-alive request latency; Gbit/s: one upload to a sink; s/GB: proxy CPU s per GB moved;\n\
-             KiB/idle: VmRSS growth per idle connection; load cpu10k: this process's CPU s (load and backends) per 10k short connections.",
+             KiB/idle: VmRSS growth per idle connection; load cpu10k: this process's CPU s (load and backends) per 10k short connections;\n\
+             node10k, nodeGB: CPU s of the whole node (/proc/stat, all CPUs, everything but idle and iowait: proxy, load, backends, softirq, and anything else running) per 10k short connections and per GB of bulk;\n\
+             +dir: that minus direct's, the path's price per node; *: the node was at least {sat:.0}% busy over the phase (other work included): a saturated node's figure is bounded by the phase's length, not by the path's cost.",
+            sat = cpu::NODE_SATURATED * 100.0,
             c = args.concurrency
         );
     }

@@ -65,6 +65,10 @@ const SLUICE_TABLE: &str = "inet sluice";
 /// turn connection tracking (and NAT lookups) on for every connection.
 const CT_TABLE: &str = "inet sluice-bench-ct";
 
+/// The `nft-dnat` path's table: kube-proxy's nftables shape
+/// ([`crate::netns::nft`]).
+const DNAT_TABLE: &str = "ip kube-proxy";
+
 /// Runs `nft -f -` with `script` in the calling thread's namespace (a
 /// short blocking call, outside any measured phase).
 fn nft(script: &str) -> Result<()> {
@@ -177,6 +181,29 @@ pub async fn start_proxy(
             _dir: None,
             nft_table: None,
         })),
+        PathKind::NftDnat => {
+            // The service addresses are the free loopback ports picked
+            // above, with nothing listening: the output hook's DNAT sends
+            // each connection to its backend, as kube-proxy's nftables mode
+            // does with a ClusterIP (conntrack undoes it on the replies).
+            let v4 = |a: SocketAddr| match a {
+                SocketAddr::V4(a) => Ok(a),
+                SocketAddr::V6(_) => bail!("nft-dnat: {a} is not IPv4"),
+            };
+            let rules = crate::netns::nft::ruleset_services(&[
+                ("http", "tcp", v4(http)?, &[v4(b_http)?]),
+                ("bulk", "tcp", v4(bulk)?, &[v4(b_bulk)?]),
+            ])?;
+            nft(&rules)?;
+            Ok(Some(Proxy {
+                kind,
+                http,
+                bulk,
+                running: None,
+                _dir: None,
+                nft_table: Some(DNAT_TABLE),
+            }))
+        }
         PathKind::Sluice
         | PathKind::SluiceCopy
         | PathKind::SluiceSplice

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::cpu::NODE_SATURATED;
 use super::{PathKind, PathResult};
 
 fn ratio(a: f64, b: f64) -> String {
@@ -21,6 +22,21 @@ fn cell(x: f64) -> String {
     }
 }
 
+/// [`cell`], marked `*` when the node was saturated over the phase.
+fn node_cell(x: f64, saturated: bool) -> String {
+    let c = cell(x);
+    if saturated && x > 0.0 { c + "*" } else { c }
+}
+
+/// `a - b` with its sign, when both were measured.
+fn delta(a: f64, b: f64) -> String {
+    if a > 0.0 && b > 0.0 {
+        format!("{:+.3}", a - b)
+    } else {
+        "-".into()
+    }
+}
+
 /// A path's figures as the table shows them: 0 where not measured.
 #[derive(Default)]
 struct Row {
@@ -32,6 +48,11 @@ struct Row {
     keep_cpu: f64,
     gbit: f64,
     gb_cpu: f64,
+    node_10k: f64,
+    node_gb: f64,
+    /// The node was saturated over the short / bulk phase.
+    node_10k_sat: bool,
+    node_gb_sat: bool,
 }
 
 impl Row {
@@ -40,6 +61,8 @@ impl Row {
         let mut row = Row::default();
         if let Some(s) = &r.short {
             (row.short, row.short_cpu) = (s.per_s, cpu(s.proxy_cpu_s_per_10k));
+            row.node_10k = cpu(s.node_cpu_s_per_10k);
+            row.node_10k_sat = s.node_busy.is_some_and(|b| b >= NODE_SATURATED);
         }
         if let Some(k) = &r.keepalive {
             (row.keep, row.keep_p50, row.keep_p99) = (k.per_s, k.p50_ms, k.p99_ms);
@@ -47,6 +70,8 @@ impl Row {
         }
         if let Some(b) = &r.bulk {
             (row.gbit, row.gb_cpu) = (b.gbit_s, cpu(b.proxy_cpu_s_per_gb));
+            row.node_gb = cpu(b.node_cpu_s_per_gb);
+            row.node_gb_sat = b.node_busy.is_some_and(|b| b >= NODE_SATURATED);
         }
         row
     }
@@ -65,7 +90,7 @@ pub fn table(results: &[PathResult]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<13} {:>9} {:>6} {:>6} {:>7} {:>6} | {:>9} {:>6} {:>7} {:>7} {:>7} {:>6} | {:>7} {:>6} {:>6} {:>6} | {:>8}",
+        "{:<13} {:>9} {:>6} {:>6} {:>7} {:>6} | {:>9} {:>6} {:>7} {:>7} {:>7} {:>6} | {:>7} {:>6} {:>6} {:>6} | {:>8} | {:>7} {:>6} {:>6} {:>6}",
         "path",
         "short/s",
         "/dir",
@@ -82,7 +107,11 @@ pub fn table(results: &[PathResult]) -> String {
         "/dir",
         "s/GB",
         "/hap",
-        "KiB/idle"
+        "KiB/idle",
+        "node10k",
+        "+dir",
+        "nodeGB",
+        "+dir"
     );
     for r in results {
         if let Some(why) = &r.skipped {
@@ -96,7 +125,7 @@ pub fn table(results: &[PathResult]) -> String {
             .map_or("-".to_string(), |i| format!("{:.2}", i.kib_per_connection));
         let _ = writeln!(
             t,
-            "{:<13} {:>9.0} {:>6} {:>6} {:>7} {:>6} | {:>9.0} {:>6} {:>7.3} {:>7.3} {:>7} {:>6} | {:>7.2} {:>6} {:>6} {:>6} | {:>8}",
+            "{:<13} {:>9.0} {:>6} {:>6} {:>7} {:>6} | {:>9.0} {:>6} {:>7.3} {:>7.3} {:>7} {:>6} | {:>7.2} {:>6} {:>6} {:>6} | {:>8} | {:>7} {:>6} {:>6} {:>6}",
             r.path.name(),
             x.short,
             ratio(x.short, d.short),
@@ -114,6 +143,10 @@ pub fn table(results: &[PathResult]) -> String {
             cell(x.gb_cpu),
             ratio(x.gb_cpu, h.gb_cpu),
             idle,
+            node_cell(x.node_10k, x.node_10k_sat),
+            delta(x.node_10k, d.node_10k),
+            node_cell(x.node_gb, x.node_gb_sat),
+            delta(x.node_gb, d.node_gb),
         );
         let mut errs = Vec::new();
         if let Some(s) = r.short.as_ref().filter(|s| s.errors > 0) {
@@ -180,11 +213,16 @@ mod tests {
 
     fn path(kind: PathKind, k: f64, cpu: Option<f64>) -> PathResult {
         PathResult {
-            short: Some(rate(1000.0 * k, 0, cpu)),
+            short: Some(Rate {
+                node_cpu_s_per_10k: Some(1.0 + cpu.unwrap_or(0.0)),
+                node_busy: Some(if k < 0.3 { 0.95 } else { 0.5 }),
+                ..rate(1000.0 * k, 0, cpu)
+            }),
             keepalive: Some(rate(5000.0 * k, 0, cpu.map(|c| c / 4.0))),
             bulk: Some(Bulk {
                 gbit_s: 10.0 * k,
                 proxy_cpu_s_per_gb: cpu.map(|c| c / 2.0),
+                node_cpu_s_per_gb: Some(0.5 + cpu.unwrap_or(0.0) / 2.0),
                 ..Bulk::default()
             }),
             idle: cpu.map(|_| Idle {
@@ -200,6 +238,8 @@ mod tests {
     fn paths_are_named_as_on_the_command_line() {
         assert_eq!(PathKind::SluiceCopy.name(), "sluice-copy");
         assert_eq!(PathKind::Haproxy.name(), "haproxy");
+        assert_eq!(PathKind::NftDnat.name(), "nft-dnat");
+        assert!(PathKind::NftDnat.needs_netns());
     }
 
     #[test]
@@ -218,12 +258,12 @@ mod tests {
             PathResult::skipped(PathKind::Nginx, "not installed".into()),
         ]);
         let expected = [
-            "path            short/s   /dir   /hap  cpu10k   /hap |    keep/s   /dir   p50ms   p99ms  cpu10k   /hap |  Gbit/s   /dir   s/GB   /hap | KiB/idle",
-            "direct             1000  x1.00  x4.00       -      - |      5000  x1.00   0.250   1.500       -      - |   10.00  x1.00      -      - |        -",
-            "sluice              500  x0.50  x2.00   2.000  x0.50 |      2500  x0.50   0.250   1.500   0.500  x0.50 |    5.00  x0.50  1.000  x0.50 |     1.50",
+            "path            short/s   /dir   /hap  cpu10k   /hap |    keep/s   /dir   p50ms   p99ms  cpu10k   /hap |  Gbit/s   /dir   s/GB   /hap | KiB/idle | node10k   +dir nodeGB   +dir",
+            "direct             1000  x1.00  x4.00       -      - |      5000  x1.00   0.250   1.500       -      - |   10.00  x1.00      -      - |        - |   1.000 +0.000  0.500 +0.000",
+            "sluice              500  x0.50  x2.00   2.000  x0.50 |      2500  x0.50   0.250   1.500   0.500  x0.50 |    5.00  x0.50  1.000  x0.50 |     1.50 |       -      -  1.500 +1.000",
             "              ERRORS: short: 3 failed; bulk: sink counted 1 bytes, client sent 2; idle: 4 of 104 failed",
             "              workers' CPU split over the short phase: 50% / 25% / 25%",
-            "haproxy             250  x0.25  x1.00   4.000  x1.00 |      1250  x0.25   0.250   1.500   1.000  x1.00 |    2.50  x0.25  2.000  x1.00 |     0.75",
+            "haproxy             250  x0.25  x1.00   4.000  x1.00 |      1250  x0.25   0.250   1.500   1.000  x1.00 |    2.50  x0.25  2.000  x1.00 |     0.75 |  5.000* +4.000  2.500 +2.000",
             "nginx         skipped: not installed",
         ];
         assert_eq!(t.lines().collect::<Vec<_>>(), expected, "{t}");

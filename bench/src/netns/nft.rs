@@ -37,15 +37,28 @@ pub fn ruleset_proto(
     vip: SocketAddrV4,
     endpoints: &[SocketAddrV4],
 ) -> Result<String> {
-    anyhow::ensure!(
-        proto == "tcp" || proto == "udp",
-        "service {service}: protocol {proto:?} is not tcp or udp"
-    );
-    anyhow::ensure!(
-        !endpoints.is_empty(),
-        "service {service}: no endpoint to DNAT to"
-    );
-    let svc_chain = format!("service-{service}-{proto}-{}", vip.port());
+    ruleset_services(&[(service, proto, vip, endpoints)])
+}
+
+/// The whole table for several service ports, each `(name, proto, vip,
+/// ready endpoints)`: one `service-ips` element and one service chain per
+/// service port, one endpoint chain per distinct endpoint.
+pub fn ruleset_services(
+    services: &[(&str, &str, SocketAddrV4, &[SocketAddrV4])],
+) -> Result<String> {
+    for (service, proto, _, endpoints) in services {
+        anyhow::ensure!(
+            *proto == "tcp" || *proto == "udp",
+            "service {service}: protocol {proto:?} is not tcp or udp"
+        );
+        anyhow::ensure!(
+            !endpoints.is_empty(),
+            "service {service}: no endpoint to DNAT to"
+        );
+    }
+    let svc_chain = |service: &str, proto: &str, vip: &SocketAddrV4| {
+        format!("service-{service}-{proto}-{}", vip.port())
+    };
     let mut s = String::new();
     // Declaring the table first makes the delete valid when it is absent;
     // the whole file is one transaction.
@@ -57,12 +70,18 @@ pub fn ruleset_proto(
         s,
         "    type ipv4_addr . inet_proto . inet_service : verdict"
     );
-    let _ = writeln!(
-        s,
-        "    elements = {{ {} . {proto} . {} : goto {svc_chain} }}",
-        vip.ip(),
-        vip.port()
-    );
+    let elements: Vec<String> = services
+        .iter()
+        .map(|(service, proto, vip, _)| {
+            format!(
+                "{} . {proto} . {} : goto {}",
+                vip.ip(),
+                vip.port(),
+                svc_chain(service, proto, vip)
+            )
+        })
+        .collect();
+    let _ = writeln!(s, "    elements = {{ {} }}", elements.join(", "));
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "  chain nat-prerouting {{");
     let _ = writeln!(
@@ -81,23 +100,31 @@ pub fn ruleset_proto(
         "    ip daddr . meta l4proto . th dport vmap @service-ips"
     );
     let _ = writeln!(s, "  }}");
-    let arms: Vec<String> = endpoints
-        .iter()
-        .enumerate()
-        .map(|(k, e)| format!("{k} : goto endpoint-{}", chain_id(e)))
-        .collect();
-    let _ = writeln!(s, "  chain {svc_chain} {{");
-    let _ = writeln!(
-        s,
-        "    ip daddr {} {proto} dport {} numgen random mod {} vmap {{ {} }}",
-        vip.ip(),
-        vip.port(),
-        endpoints.len(),
-        arms.join(", ")
-    );
-    let _ = writeln!(s, "  }}");
-    for e in endpoints {
-        let _ = writeln!(s, "  chain endpoint-{} {{", chain_id(e));
+    let mut endpoint_chains: Vec<(&str, SocketAddrV4)> = Vec::new();
+    for (service, proto, vip, endpoints) in services {
+        let arms: Vec<String> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(k, e)| format!("{k} : goto endpoint-{}", chain_id(e)))
+            .collect();
+        let _ = writeln!(s, "  chain {} {{", svc_chain(service, proto, vip));
+        let _ = writeln!(
+            s,
+            "    ip daddr {} {proto} dport {} numgen random mod {} vmap {{ {} }}",
+            vip.ip(),
+            vip.port(),
+            endpoints.len(),
+            arms.join(", ")
+        );
+        let _ = writeln!(s, "  }}");
+        for e in endpoints.iter() {
+            if !endpoint_chains.contains(&(*proto, *e)) {
+                endpoint_chains.push((*proto, *e));
+            }
+        }
+    }
+    for (proto, e) in endpoint_chains {
+        let _ = writeln!(s, "  chain endpoint-{} {{", chain_id(&e));
         let _ = writeln!(s, "    meta l4proto {proto} dnat to {e}");
         let _ = writeln!(s, "  }}");
     }
@@ -142,5 +169,18 @@ mod tests {
         assert!(u.contains("meta l4proto udp dnat to 10.244.0.10:8080"));
         assert!(!u.contains("tcp"));
         assert!(ruleset_proto("dns", "sctp", vip, &eps).is_err());
+        // Two service ports in one table, one endpoint chain each.
+        let vip2: SocketAddrV4 = "10.96.0.11:443".parse().unwrap();
+        let two = ruleset_services(&[
+            ("web", "tcp", vip, &eps[..1]),
+            ("tls", "tcp", vip2, &eps[1..]),
+        ])
+        .unwrap();
+        assert!(two.contains(
+            "elements = { 10.96.0.10 . tcp . 80 : goto service-web-tcp-80, 10.96.0.11 . tcp . 443 : goto service-tls-tcp-443 }"
+        ));
+        assert!(two.contains("numgen random mod 1 vmap { 0 : goto endpoint-10-244-0-11-8080 }"));
+        assert_eq!(two.matches("dnat to").count(), 2);
+        assert_eq!(two.matches('{').count(), two.matches('}').count());
     }
 }
