@@ -130,20 +130,44 @@ pub enum Mode {
     Splice,
     /// read(2) into a userspace buffer, write(2) out of it.
     Copy,
+    /// In the kernel, by a BPF sockmap program (Linux, [`crate::sockmap`]).
+    /// A connection that cannot be forwarded this way (program not loaded,
+    /// sockets refused by the map) is forwarded as with [`Mode::Splice`].
+    Sockmap,
 }
 
 impl Mode {
-    /// The mode of this process: `SLUICE_FORWARD=copy|splice|auto` (a
-    /// diagnostic and benchmarking switch); [`Mode::Auto`] by default.
+    /// The mode of this process: the one given to [`Mode::set`] (the
+    /// daemon's `--forward`), else `SLUICE_FORWARD=copy|splice|auto|sockmap`
+    /// (a diagnostic and benchmarking switch); [`Mode::Auto`] by default.
     pub fn from_env() -> Mode {
-        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
-        *MODE.get_or_init(|| match std::env::var("SLUICE_FORWARD").as_deref() {
-            Ok("copy") => Mode::Copy,
-            Ok("splice") => Mode::Splice,
-            _ => Mode::Auto,
+        *PROCESS_MODE.get_or_init(|| {
+            std::env::var("SLUICE_FORWARD")
+                .ok()
+                .and_then(|m| Mode::parse(&m))
+                .unwrap_or(Mode::Auto)
         })
     }
+
+    /// `auto`, `copy`, `splice` or `sockmap`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "auto" => Some(Mode::Auto),
+            "copy" => Some(Mode::Copy),
+            "splice" => Some(Mode::Splice),
+            "sockmap" => Some(Mode::Sockmap),
+            _ => None,
+        }
+    }
+
+    /// Fixes this process's mode before the first connection; false if it
+    /// was fixed already (to another mode).
+    pub fn set(mode: Mode) -> bool {
+        *PROCESS_MODE.get_or_init(|| mode) == mode
+    }
 }
+
+static PROCESS_MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
 
 /// Moves `from` → `to` until EOF, then shuts down `to`'s write side
 /// (unless `others_done` says the other direction has ended too: the
@@ -407,6 +431,14 @@ pub async fn forward(
     mode: Mode,
     idle: Option<Duration>,
 ) -> (Outcome, Transferred) {
+    #[cfg(target_os = "linux")]
+    let (client, backend, mode) = match mode {
+        Mode::Sockmap => match crate::sockmap::forward(client, backend, cut, idle).await {
+            Ok(done) => return done,
+            Err((client, backend)) => (client, backend, Mode::Splice),
+        },
+        mode => (client, backend, mode),
+    };
     let others_done = AtomicBool::new(false);
     let progress = [AtomicU64::new(0), AtomicU64::new(0)];
     let up = one_way(&client, &backend, mode, &others_done, &progress[0]);
