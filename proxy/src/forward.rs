@@ -397,13 +397,20 @@ async fn write_all(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<()> {
 /// (checked every eighth of it, so at most `timeout × 9/8` after the last
 /// byte); never without a timeout.
 async fn idle_for(timeout: Option<Duration>, progress: &[AtomicU64; 2]) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
     let moved = || {
         (progress.iter())
             .map(|p| p.load(Ordering::Relaxed))
             .fold(0u64, u64::wrapping_add)
+    };
+    quiet_for(timeout, moved).await
+}
+
+/// Returns once `moved()` (a count that only grows while bytes move) has
+/// not changed for `timeout` (checked every eighth of it); never without a
+/// timeout. Also used by [`crate::sockmap`].
+pub(crate) async fn quiet_for(timeout: Option<Duration>, moved: impl Fn() -> u64) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
     };
     let tick = (timeout / 8).max(Duration::from_millis(1));
     let mut seen = moved();

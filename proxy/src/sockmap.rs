@@ -466,26 +466,14 @@ async fn flushed<S: AsFd + AsRawFd>(to: &S, target: u64) -> io::Result<()> {
     }
 }
 
-/// Returns once neither socket's `MOVED` count changed for `timeout`
-/// (looked at every eighth of it); never without a timeout.
+/// Returns once neither socket's `MOVED` count changed for `timeout`;
+/// never without a timeout.
 async fn idle_for(timeout: Option<Duration>, entry: &Entry) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
+    let moved = || {
+        let (up, down) = entry.moved();
+        up.wrapping_add(down)
     };
-    let tick = (timeout / 8).max(Duration::from_millis(1));
-    let mut seen = entry.moved();
-    let mut active_at = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(tick.min(timeout)).await;
-        let now = tokio::time::Instant::now();
-        let current = entry.moved();
-        if current != seen {
-            seen = current;
-            active_at = now;
-        } else if now.saturating_duration_since(active_at) >= timeout {
-            return;
-        }
-    }
+    crate::forward::quiet_for(timeout, moved).await
 }
 
 /// `sluice_forward_sockmap_*`: whether the program is loaded, and the
@@ -507,21 +495,29 @@ impl Collector for SockmapCollector {
             up.metric_type(),
         )?)?;
         let s = stats();
-        let forwarded = ConstCounter::new(s.forwarded);
-        forwarded.encode(encoder.encode_descriptor(
+        counter(
+            &mut encoder,
             "sluice_forward_sockmap_connections",
             "Connections forwarded in the kernel by the sockmap program",
-            None,
-            forwarded.metric_type(),
-        )?)?;
-        let fallbacks = ConstCounter::new(s.fallbacks);
-        fallbacks.encode(encoder.encode_descriptor(
+            s.forwarded,
+        )?;
+        counter(
+            &mut encoder,
             "sluice_forward_sockmap_fallbacks",
             "Connections that asked for sockmap forwarding and were spliced instead",
-            None,
-            fallbacks.metric_type(),
-        )?)
+            s.fallbacks,
+        )
     }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let c = ConstCounter::new(value);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
 /// The system calls the crates used here do not wrap: map operations by
