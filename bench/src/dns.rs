@@ -3,10 +3,16 @@
 //!
 //! Closed loop: each client has its own socket (so its own flow through
 //! sluice), sends a 40-byte query, waits for the 80-byte answer (at most
-//! 1 s; a timeout is counted as lost), and sends the next. The responder
-//! runs on the bench's runtime, on loopback; sluice is the real binary on
-//! a file config with one UDP Service. A real DNS server (dnsmasq) in a
-//! netns node is left to a later round.
+//! 1 s; a timeout is counted as lost), and sends the next. sluice is the
+//! real binary on a file config with one UDP Service, on loopback.
+//!
+//! `--backend` chooses what answers: `builtin` (default), a responder on
+//! the bench's runtime that echoes the query id in an 80-byte datagram,
+//! the cheapest possible server, which makes the proxy's share of the
+//! work as large as it can be; or `dnsmasq`, a real DNS server (Debian's
+//! `dnsmasq-base`, one process, on a loopback port) answering real A
+//! queries for one name, as issue 12 asks for: a real server's own cost
+//! per query is what sluice's is weighed against on a node.
 //!
 //! `--rounds N` alternates the two phases N times (direct first in odd
 //! rounds, sluice first in even ones), so that load from other processes
@@ -22,6 +28,7 @@ use serde::Serialize;
 use sluice_control::source::file::{BackendDoc, ConfigDoc, ServiceDoc};
 use sluice_testkit::{Daemon, Options};
 use tokio::net::UdpSocket;
+use tokio::process::{Child, Command};
 
 use crate::check;
 use crate::sluice::{SluiceArgs, locate};
@@ -40,11 +47,115 @@ pub struct DnsArgs {
     /// Direct and sluice phases measured this many times each, interleaved.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// What answers the queries: `builtin` (an id-echoing responder in
+    /// the bench) or `dnsmasq` (a real DNS server on a loopback port).
+    #[arg(long, value_enum, default_value_t = Backend::Builtin)]
+    pub backend: Backend,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub sluice: SluiceArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Builtin,
+    Dnsmasq,
+}
+
+/// The name dnsmasq answers, and its address.
+const NAME: &str = "bench.sluice.test";
+const NAME_ADDR: Ipv4Addr = Ipv4Addr::new(10, 53, 0, 1);
+
+impl Backend {
+    /// Query `id`, as this backend expects it.
+    fn query(self, id: u16) -> Vec<u8> {
+        match self {
+            Backend::Builtin => {
+                let mut q = vec![0x11u8; QUERY];
+                q[..2].copy_from_slice(&id.to_be_bytes());
+                q
+            }
+            Backend::Dnsmasq => crate::netns::dnsroll::query_for(NAME, id),
+        }
+    }
+
+    /// Whether `buf` answers query `id`.
+    fn answers(self, buf: &[u8], id: u16) -> bool {
+        match self {
+            Backend::Builtin => buf.len() == ANSWER && buf[..2] == id.to_be_bytes(),
+            Backend::Dnsmasq => crate::netns::dnsroll::answer(buf, id) == Some(NAME_ADDR),
+        }
+    }
+}
+
+/// The server the queries go to; dropping it stops it.
+struct Server {
+    addr: SocketAddr,
+    /// dnsmasq's process (killed on drop); None for the builtin responder.
+    _child: Option<Child>,
+}
+
+impl Server {
+    async fn start(backend: Backend) -> Result<Self> {
+        match backend {
+            Backend::Builtin => Ok(Self {
+                addr: responder().await?,
+                _child: None,
+            }),
+            Backend::Dnsmasq => dnsmasq().await,
+        }
+    }
+}
+
+/// dnsmasq on a free loopback port, answering [`NAME`] with [`NAME_ADDR`]
+/// from its own configuration (no upstream, no cache misses, no log).
+async fn dnsmasq() -> Result<Server> {
+    let port = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    let child = Command::new("dnsmasq")
+        .args(["--keep-in-foreground", "--conf-file=/dev/null"])
+        .args([
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--pid-file",
+        ])
+        .args(["--listen-address=127.0.0.1", "--dns-forward-max=1024"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--address=/{NAME}/{NAME_ADDR}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting dnsmasq (apt-get install dnsmasq-base)")?;
+    let server = Server {
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        _child: Some(child),
+    };
+    probe(server.addr, Backend::Dnsmasq)
+        .await
+        .context("dnsmasq never answered")?;
+    Ok(server)
+}
+
+/// Waits (at most 5 s) until `addr` answers a query as `backend` does.
+async fn probe(addr: SocketAddr, backend: Backend) -> Result<()> {
+    let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let mut buf = [0u8; 512];
+    for id in 0..50u16 {
+        probe.send_to(&backend.query(id), addr).await?;
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(100), probe.recv_from(&mut buf)).await
+            && backend.answers(&buf[..n], id)
+        {
+            return Ok(());
+        }
+    }
+    bail!("no answer from {addr} within 5s")
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +169,7 @@ pub struct Measured {
 #[derive(Debug, Serialize)]
 struct DnsReport {
     scenario: &'static str,
+    backend: Backend,
     seconds: f64,
     clients: usize,
     /// All rounds added up.
@@ -137,10 +249,10 @@ async fn responder() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn client(target: SocketAddr, deadline: Instant) -> Result<(u64, u64)> {
+async fn client(target: SocketAddr, backend: Backend, deadline: Instant) -> Result<(u64, u64)> {
     let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     socket.connect(target).await?;
-    let mut query = [0x11u8; QUERY];
+    let mut query = backend.query(0);
     let mut buf = [0u8; 512];
     let (mut answered, mut lost) = (0u64, 0u64);
     let mut id: u16 = 0;
@@ -152,7 +264,7 @@ async fn client(target: SocketAddr, deadline: Instant) -> Result<(u64, u64)> {
             loop {
                 let n = socket.recv(&mut buf).await?;
                 // A late answer to an earlier (lost) query is skipped.
-                if n == ANSWER && buf[..2] == id.to_be_bytes() {
+                if backend.answers(&buf[..n], id) {
                     return Ok::<_, std::io::Error>(());
                 }
             }
@@ -170,7 +282,7 @@ async fn measure(target: SocketAddr, args: &DnsArgs) -> Result<Measured> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let tasks: Vec<_> = (0..args.clients)
-        .map(|_| tokio::spawn(client(target, deadline)))
+        .map(|_| tokio::spawn(client(target, args.backend, deadline)))
         .collect();
     let (mut answered, mut lost) = (0, 0);
     for t in tasks {
@@ -188,7 +300,11 @@ async fn measure(target: SocketAddr, args: &DnsArgs) -> Result<Measured> {
 }
 
 /// sluice with one UDP Service over `backend`, answering through `listen`.
-async fn start_sluice(args: &SluiceArgs, backend: SocketAddr) -> Result<(Daemon, SocketAddr)> {
+async fn start_sluice(
+    args: &SluiceArgs,
+    backend: SocketAddr,
+    kind: Backend,
+) -> Result<(Daemon, SocketAddr)> {
     let bin = locate(args.sluice.as_deref())?;
     let listen = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
     let cfg: ConfigDoc = ServiceDoc::new("dns", listen, vec![BackendDoc::ready(backend)])
@@ -202,17 +318,10 @@ async fn start_sluice(args: &SluiceArgs, backend: SocketAddr) -> Result<(Daemon,
     };
     let daemon = Daemon::start(opts).await?;
     // The UDP socket is bound just after the table goes live.
-    let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-    let mut buf = [0u8; 512];
-    for _ in 0..50 {
-        probe.send_to(&[0u8; QUERY], listen).await?;
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_millis(100), probe.recv_from(&mut buf)).await
-        {
-            return Ok((daemon, listen));
-        }
-    }
-    bail!("sluice never answered on {listen} (UDP)")
+    probe(listen, kind)
+        .await
+        .with_context(|| format!("sluice never answered on {listen} (UDP)"))?;
+    Ok((daemon, listen))
 }
 
 fn line(label: &str, m: &Measured) -> String {
@@ -226,8 +335,9 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     check::positive_at_most("--seconds", args.seconds, 120.0)?;
     check::in_range("--clients", args.clients, 1..=1024)?;
     check::in_range("--rounds", args.rounds, 1..=100)?;
-    let backend = responder().await?;
-    let (daemon, listen) = start_sluice(&args.sluice, backend).await?;
+    let server = Server::start(args.backend).await?;
+    let backend = server.addr;
+    let (daemon, listen) = start_sluice(&args.sluice, backend, args.backend).await?;
     let mut rounds = Vec::new();
     for i in 0..args.rounds {
         let (direct, through) = if i % 2 == 0 {
@@ -253,12 +363,14 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
         });
     }
     drop(daemon);
+    drop(server);
     let direct = total(rounds.iter().map(|r| r.direct.clone()));
     let through = total(rounds.iter().map(|r| r.sluice.clone()));
     let ratio = median(rounds.iter().map(|r| r.ratio).collect());
     if args.json {
         let report = DnsReport {
             scenario: "dns",
+            backend: args.backend,
             seconds: args.seconds,
             clients: args.clients,
             direct,
@@ -286,6 +398,34 @@ mod tests {
             elapsed_s,
             queries_per_s: answered as f64 / elapsed_s,
         }
+    }
+
+    #[test]
+    fn each_backend_knows_its_own_answer_and_no_other() {
+        let q = Backend::Builtin.query(7);
+        assert_eq!((q.len(), &q[..2]), (QUERY, &[0u8, 7][..]));
+        let mut a = [0x5au8; ANSWER];
+        a[..2].copy_from_slice(&7u16.to_be_bytes());
+        assert!(Backend::Builtin.answers(&a, 7));
+        assert!(!Backend::Builtin.answers(&a, 8));
+        assert!(!Backend::Builtin.answers(&a[..ANSWER - 1], 7));
+
+        // dnsmasq's answer: the query with QR and RA set, one answer, the
+        // A record (a pointer to the question's name) last.
+        let q = Backend::Dnsmasq.query(9);
+        let mut r = q.clone();
+        r[2] |= 0x80;
+        r[3] = 0x80;
+        r[7] = 1;
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 0, 0, 4]);
+        r.extend_from_slice(&NAME_ADDR.octets());
+        assert!(Backend::Dnsmasq.answers(&r, 9));
+        assert!(!Backend::Dnsmasq.answers(&r, 10));
+        // Not a response (the query itself), or another address.
+        assert!(!Backend::Dnsmasq.answers(&q, 9));
+        let n = r.len();
+        r[n - 1] ^= 1;
+        assert!(!Backend::Dnsmasq.answers(&r, 9));
     }
 
     #[test]

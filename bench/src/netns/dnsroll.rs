@@ -72,10 +72,16 @@ fn pod_of_answer(a: Ipv4Addr) -> Option<String> {
 
 /// A DNS query for `NAME`, type A, class IN, recursion desired.
 pub fn query(id: u16) -> Vec<u8> {
+    query_for(NAME, id)
+}
+
+/// A DNS query for `name` (dotted, labels under 64 bytes), type A, class
+/// IN, recursion desired.
+pub fn query_for(name: &str, id: u16) -> Vec<u8> {
     let mut q = Vec::with_capacity(32);
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in NAME.split('.') {
+    for label in name.split('.') {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
