@@ -12,12 +12,6 @@ ARG RUST_VERSION=1.95
 
 # --- build: compile the `sluice` package in release mode ---------------------
 FROM rust:${RUST_VERSION}-bookworm AS build
-# clang and libbpf-dev build the sockmap forwarding program
-# (proxy/bpf/sockmap.bpf.c, `--forward sockmap`); without them the build
-# still succeeds and that mode falls back to splice.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends clang libbpf-dev \
-    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

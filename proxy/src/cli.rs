@@ -132,14 +132,6 @@ pub struct Args {
     #[arg(long, default_value = "3500ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub last_connect_timeout: Duration,
 
-    /// How connections move bytes once their backend is connected: `auto`
-    /// (copy small exchanges, splice bulk), `copy`, `splice`, or `sockmap`
-    /// (in the kernel, by a BPF sockmap program; needs CAP_BPF and
-    /// CAP_NET_ADMIN and a build with clang, else splice, told on /healthz
-    /// and in `sluice_forward_sockmap_available`). See docs/performance.md.
-    #[arg(long, env = "SLUICE_FORWARD", default_value = "auto", value_parser = parse_forward, value_name = "MODE")]
-    pub forward: crate::forward::Mode,
-
     /// Bytes each of sluice's sockets may hold queued but unsent
     /// (TCP_NOTSENT_LOWAT); at the cap sluice stops reading the other side.
     /// 0: no cap (the kernel's `net.ipv4.tcp_notsent_lowat`). See
@@ -493,13 +485,6 @@ impl Args {
                 .collect(),
         }
     }
-}
-
-/// `--forward`: auto, copy, splice or sockmap.
-fn parse_forward(s: &str) -> Result<crate::forward::Mode, String> {
-    crate::forward::Mode::parse(s).ok_or_else(|| {
-        format!("unknown forwarding mode {s:?}: expected auto, copy, splice or sockmap")
-    })
 }
 
 #[cfg(test)]

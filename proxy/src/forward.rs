@@ -146,44 +146,20 @@ pub enum Mode {
     Splice,
     /// read(2) into a userspace buffer, write(2) out of it.
     Copy,
-    /// In the kernel, by a BPF sockmap program (Linux, [`crate::sockmap`]).
-    /// A connection that cannot be forwarded this way (program not loaded,
-    /// sockets refused by the map) is forwarded as with [`Mode::Splice`].
-    Sockmap,
 }
 
 impl Mode {
-    /// The mode of this process: the one given to [`Mode::set`] (the
-    /// daemon's `--forward`), else `SLUICE_FORWARD=copy|splice|auto|sockmap`
-    /// (a diagnostic and benchmarking switch); [`Mode::Auto`] by default.
+    /// The mode of this process: `SLUICE_FORWARD=copy|splice|auto` (a
+    /// diagnostic and benchmarking switch); [`Mode::Auto`] by default.
     pub fn from_env() -> Mode {
-        *PROCESS_MODE.get_or_init(|| {
-            std::env::var("SLUICE_FORWARD")
-                .ok()
-                .and_then(|m| Mode::parse(&m))
-                .unwrap_or(Mode::Auto)
+        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("SLUICE_FORWARD").as_deref() {
+            Ok("copy") => Mode::Copy,
+            Ok("splice") => Mode::Splice,
+            _ => Mode::Auto,
         })
     }
-
-    /// `auto`, `copy`, `splice` or `sockmap`.
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "auto" => Some(Mode::Auto),
-            "copy" => Some(Mode::Copy),
-            "splice" => Some(Mode::Splice),
-            "sockmap" => Some(Mode::Sockmap),
-            _ => None,
-        }
-    }
-
-    /// Fixes this process's mode before the first connection; false if it
-    /// was fixed already (to another mode).
-    pub fn set(mode: Mode) -> bool {
-        *PROCESS_MODE.get_or_init(|| mode) == mode
-    }
 }
-
-static PROCESS_MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
 
 /// Moves `from` → `to` until EOF, then shuts down `to`'s write side
 /// (unless `others_done` says the other direction has ended too: the
@@ -413,20 +389,13 @@ async fn write_all(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<()> {
 /// (checked every eighth of it, so at most `timeout × 9/8` after the last
 /// byte); never without a timeout.
 async fn idle_for(timeout: Option<Duration>, progress: &[AtomicU64; 2]) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
     let moved = || {
         (progress.iter())
             .map(|p| p.load(Ordering::Relaxed))
             .fold(0u64, u64::wrapping_add)
-    };
-    quiet_for(timeout, moved).await
-}
-
-/// Returns once `moved()` (a count that only grows while bytes move) has
-/// not changed for `timeout` (checked every eighth of it); never without a
-/// timeout. Also used by [`crate::sockmap`].
-pub(crate) async fn quiet_for(timeout: Option<Duration>, moved: impl Fn() -> u64) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
     };
     let tick = (timeout / 8).max(Duration::from_millis(1));
     let mut seen = moved();
@@ -454,14 +423,6 @@ pub async fn forward(
     mode: Mode,
     idle: Option<Duration>,
 ) -> (Outcome, Transferred) {
-    #[cfg(target_os = "linux")]
-    let (client, backend, mode) = match mode {
-        Mode::Sockmap => match crate::sockmap::forward(client, backend, cut, idle).await {
-            Ok(done) => return done,
-            Err((client, backend)) => (client, backend, Mode::Splice),
-        },
-        mode => (client, backend, mode),
-    };
     let others_done = AtomicBool::new(false);
     let progress = [AtomicU64::new(0), AtomicU64::new(0)];
     let up = one_way(&client, &backend, mode, &others_done, &progress[0]);

@@ -16,7 +16,6 @@
 //! - [`forward`]: bidirectional forwarding with half-close and reset
 //!   propagation.
 //! - `splice` (Linux): zero-copy forwarding through pooled pipes.
-//! - `sockmap` (Linux): forwarding in the kernel by a BPF sockmap program.
 //! - [`tracker`]: per-backend state that survives table swaps: active
 //!   connections, ejection after failed dials, draining and drain timeouts.
 //! - [`metrics`]: Prometheus metrics, with label sets bounded by the table.
@@ -56,8 +55,6 @@ pub mod proxy_protocol;
 pub mod reconcile;
 pub mod saturation;
 pub mod server;
-#[cfg(target_os = "linux")]
-pub mod sockmap;
 pub mod source_ip;
 #[cfg(target_os = "linux")]
 pub mod splice;

@@ -312,7 +312,6 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         Err(code) => return code,
     };
     warnings.extend(why);
-    warnings.extend(forward_setup(args.forward));
     let proxy = Proxy::with_workers(config, publisher.clone(), metrics.clone(), workers);
     // After the Service IPs (a listener binds on them), before the
     // nftables table: listeners, routes, the tracker.
@@ -428,26 +427,6 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         sluice_proxy::policy_route::remove_at_exit(args.policy_route(), args.intercept_port).await;
     }
     ExitCode::SUCCESS
-}
-
-/// `--forward`: fixes the process's forwarding mode; with `sockmap`, loads
-/// the program now, so a failure is logged once at start and told on
-/// `/healthz` (connections are then spliced).
-fn forward_setup(mode: sluice_proxy::forward::Mode) -> Option<String> {
-    use sluice_proxy::forward::Mode;
-    Mode::set(mode);
-    info!(mode = ?mode, "forwarding");
-    #[cfg(target_os = "linux")]
-    if mode == Mode::Sockmap {
-        return sluice_proxy::sockmap::init()
-            .err()
-            .map(|e| format!("--forward=sockmap: unavailable ({e}); connections are spliced"));
-    }
-    #[cfg(not(target_os = "linux"))]
-    if mode == Mode::Sockmap {
-        return Some("--forward=sockmap: unavailable (not Linux); connections are copied".into());
-    }
-    None
 }
 
 /// `--source-ip`: `Ok((true, warnings))` when transparent dials are on,

@@ -173,8 +173,6 @@ impl Metrics {
     pub fn new() -> Self {
         let mut root = Registry::default();
         root.register_collector(Box::new(crate::compat_metrics::ProcessCollector));
-        #[cfg(target_os = "linux")]
-        root.register_collector(Box::new(crate::sockmap::SockmapCollector));
         let registry = root.sub_registry_with_prefix("sluice");
         let m = Metrics {
             accepted: Family::default(),

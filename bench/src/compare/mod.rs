@@ -74,9 +74,8 @@ pub struct CompareArgs {
     pub idle: usize,
     /// Paths to measure, in order. `sluice` forwards as it does by default
     /// (copy small reads, splice bulk; one worker per CPU it may use);
-    /// `sluice-copy`, `sluice-splice` and `sluice-sockmap` force one way of
-    /// forwarding (SLUICE_FORWARD=copy|splice|sockmap; sockmap needs root
-    /// and a build with clang); `sluice-shared` runs without workers
+    /// `sluice-copy` and `sluice-splice` force one way of forwarding
+    /// (SLUICE_FORWARD=copy|splice); `sluice-shared` runs without workers
     /// (SLUICE_WORKERS=0: one listener, the shared runtime).
     /// `sluice-nft` runs sluice with `--intercept nftables`: no listener on
     /// the service addresses, its nftables table redirects them to its
@@ -148,8 +147,6 @@ pub enum PathKind {
     Sluice,
     SluiceCopy,
     SluiceSplice,
-    /// sluice forwarding in the kernel (SLUICE_FORWARD=sockmap; root).
-    SluiceSockmap,
     SluiceShared,
     /// sluice with `--intercept nftables` (in the run's own namespace).
     SluiceNft,

@@ -207,7 +207,6 @@ pub async fn start_proxy(
         PathKind::Sluice
         | PathKind::SluiceCopy
         | PathKind::SluiceSplice
-        | PathKind::SluiceSockmap
         | PathKind::SluiceShared
         | PathKind::SluiceNft
         | PathKind::SluiceCt
@@ -240,18 +239,12 @@ pub async fn start_proxy(
             match kind {
                 PathKind::SluiceCopy => env.push(("SLUICE_FORWARD", "copy")),
                 PathKind::SluiceSplice => env.push(("SLUICE_FORWARD", "splice")),
-                PathKind::SluiceSockmap => env.push(("SLUICE_FORWARD", "sockmap")),
                 PathKind::SluiceShared => env.push(("SLUICE_WORKERS", "0")),
                 _ => {}
             }
             let workers = args.sluice_workers.map(|n| n.to_string());
-            if let (
-                Some(n),
-                PathKind::Sluice
-                | PathKind::SluiceCopy
-                | PathKind::SluiceSplice
-                | PathKind::SluiceSockmap,
-            ) = (&workers, kind)
+            if let (Some(n), PathKind::Sluice | PathKind::SluiceCopy | PathKind::SluiceSplice) =
+                (&workers, kind)
             {
                 env.push(("SLUICE_WORKERS", n));
             }
