@@ -37,7 +37,7 @@ const VIP6: &str = "[fd00:96::10]:80";
 const BACKEND6: &str = "[fd00:244::20]:8080";
 const INTERCEPT_PORT: u16 = 10261;
 /// Per network namespace (Linux >= 5.3), present once br_netfilter is loaded.
-const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+use sluice_testkit::netns::BRIDGE_NF_CALL_IPTABLES;
 
 fn skip_reason() -> Option<String> {
     netns::unusable(&["ip", "nft"])
@@ -222,9 +222,7 @@ fn start_sluice(node: &Netns, config: &ConfigDoc) -> Daemon {
         ["--workers", "2"],
     ];
     let opts = Options {
-        prefix: ["ip", "netns", "exec", node.name()]
-            .map(String::from)
-            .to_vec(),
+        prefix: node.0.exec_prefix(),
         config: Some(config.to_yaml().unwrap()),
         args: flags.concat().iter().map(|f| f.to_string()).collect(),
         log_filter: Some("sluice=debug,sluice_proxy=debug,info".into()),
@@ -765,9 +763,7 @@ async fn kubernetes_services_get_the_same_rules() {
         ["--workers", "2"],
     ];
     let opts = Options {
-        prefix: ["ip", "netns", "exec", net.node.name()]
-            .map(String::from)
-            .to_vec(),
+        prefix: net.node.0.exec_prefix(),
         args: flags.concat().iter().map(|f| f.to_string()).collect(),
         log_filter: Some("sluice=debug,sluice_proxy=debug,info".into()),
         ..Options::new(env!("CARGO_BIN_EXE_sluice"))

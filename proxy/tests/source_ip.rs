@@ -30,7 +30,7 @@ use sluice_testkit::backend::{Mode, NetnsBackend};
 use sluice_testkit::daemon::Signal;
 use sluice_testkit::{Daemon, Options, http, metric, netns};
 
-const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+use sluice_testkit::netns::BRIDGE_NF_CALL_IPTABLES;
 const BRIDGE_NF_CALL_IP6TABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-ip6tables";
 const INTERCEPT_PORT: u16 = 10261;
 /// The defaults of --transparent-mark and --transparent-route-table.
@@ -352,9 +352,7 @@ fn start(net: &Net, kubeconfig: &str, extra: &[&str]) -> Daemon {
     ];
     args.extend(extra);
     let opts = Options {
-        prefix: ["ip", "netns", "exec", net.node.name()]
-            .map(String::from)
-            .to_vec(),
+        prefix: net.node.exec_prefix(),
         args: args.iter().map(|a| a.to_string()).collect(),
         log_filter: Some("sluice=debug,sluice_proxy=debug,info".into()),
         ..Options::new(env!("CARGO_BIN_EXE_sluice"))

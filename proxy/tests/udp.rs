@@ -701,7 +701,6 @@ mod dns {
     use sluice_testkit::{Daemon, Options, netns};
 
     const DNS_VIP: &str = "10.96.0.10";
-    const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
     fn skip_reason() -> Option<String> {
         if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
@@ -801,34 +800,18 @@ mod dns {
         let client = ns("client");
         let pod_a = ns("a");
         let pod_b = ns("b");
-        if std::path::Path::new(BRIDGE_NF_CALL_IPTABLES).exists() {
-            let name = node.name().to_owned();
-            netns::in_netns(&name, || Ok(std::fs::write(BRIDGE_NF_CALL_IPTABLES, "1")?)).unwrap();
-        }
-        node.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
-        node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"])
-            .unwrap();
-        node.ip(&["link", "set", "br0", "up"]).unwrap();
+        node.bridge_pods(
+            "10.244.0.1/24",
+            &[
+                (&client, "10.244.0.10"),
+                (&pod_a, "10.244.0.20"),
+                (&pod_b, "10.244.0.21"),
+            ],
+            "vc",
+        )
+        .unwrap();
         node.ip(&["addr", "add", &format!("{DNS_VIP}/32"), "dev", "lo"])
             .unwrap();
-        for (i, (pod, ip)) in [
-            (&client, "10.244.0.10"),
-            (&pod_a, "10.244.0.20"),
-            (&pod_b, "10.244.0.21"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let host_end = format!("vc{i}");
-            netns::add_veth(node.name(), &host_end, pod.name(), "eth0").unwrap();
-            node.ip(&["link", "set", &host_end, "master", "br0", "up"])
-                .unwrap();
-            pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
-                .unwrap();
-            pod.ip(&["link", "set", "eth0", "up"]).unwrap();
-            pod.ip(&["route", "add", "default", "via", "10.244.0.1"])
-                .unwrap();
-        }
         let mut a = Some(Dnsmasq::start(&pod_a, "10.244.0.20", "10.0.0.1"));
         let _b = Dnsmasq::start(&pod_b, "10.244.0.21", "10.0.0.2");
         let listen = format!("{DNS_VIP}:53").parse().unwrap();
@@ -842,9 +825,7 @@ mod dns {
             ServiceDoc::new("kube-system/kube-dns:dns-tcp", listen, backends()),
         ]);
         let opts = Options {
-            prefix: ["ip", "netns", "exec", node.name()]
-                .map(String::from)
-                .to_vec(),
+            prefix: node.exec_prefix(),
             config: Some(config.to_yaml().unwrap()),
             log_filter: Some("sluice_proxy=debug,info".into()),
             ..Options::new(env!("CARGO_BIN_EXE_sluice"))

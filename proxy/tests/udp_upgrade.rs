@@ -30,7 +30,6 @@ use sluice_testkit::{Daemon, Options, netns};
 
 const DNS_VIP: &str = "10.96.0.10:53";
 const INTERCEPT_PORT: u16 = 10271;
-const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 /// Resolvers in the client pod (each its own source port: the
 /// SO_REUSEPORT hash spreads them over the sockets of the group).
 const RESOLVERS: usize = 4;
@@ -260,9 +259,7 @@ fn start_sluice(node: &netns::Netns, config: &ConfigDoc) -> Daemon {
         ["--workers", "1"],
     ];
     let opts = Options {
-        prefix: ["ip", "netns", "exec", node.name()]
-            .map(String::from)
-            .to_vec(),
+        prefix: node.exec_prefix(),
         config: Some(config.to_yaml().unwrap()),
         args: flags.concat().iter().map(|f| f.to_string()).collect(),
         log_filter: Some("sluice=debug,sluice_proxy=debug,info".into()),
@@ -285,28 +282,12 @@ async fn the_udp_port_survives_a_hand_over_and_a_crash_restart() {
     let node = ns("node");
     let client = ns("client");
     let pod = ns("dns");
-    if std::path::Path::new(BRIDGE_NF_CALL_IPTABLES).exists() {
-        let name = node.name().to_owned();
-        netns::in_netns(&name, || Ok(std::fs::write(BRIDGE_NF_CALL_IPTABLES, "1")?)).unwrap();
-    }
-    node.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
-    node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"])
-        .unwrap();
-    node.ip(&["link", "set", "br0", "up"]).unwrap();
-    for (i, (p, ip)) in [(&client, "10.244.0.10"), (&pod, "10.244.0.20")]
-        .into_iter()
-        .enumerate()
-    {
-        let host_end = format!("vu{i}");
-        netns::add_veth(node.name(), &host_end, p.name(), "eth0").unwrap();
-        node.ip(&["link", "set", &host_end, "master", "br0", "up"])
-            .unwrap();
-        p.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
-            .unwrap();
-        p.ip(&["link", "set", "eth0", "up"]).unwrap();
-        p.ip(&["route", "add", "default", "via", "10.244.0.1"])
-            .unwrap();
-    }
+    node.bridge_pods(
+        "10.244.0.1/24",
+        &[(&client, "10.244.0.10"), (&pod, "10.244.0.20")],
+        "vu",
+    )
+    .unwrap();
     let _dns = Dnsmasq::start(&pod, "10.244.0.20");
     let config = ConfigDoc::new(vec![
         ServiceDoc::new(

@@ -140,6 +140,10 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("thread in netns {name} panicked"))?
 }
 
+/// br_netfilter's switch: whether bridged IPv4 goes through the IP hooks
+/// (present only while the module is loaded).
+pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
 /// A namespace of one's own, deleted (with what runs in it) on drop, also
 /// on panic.
 #[derive(Debug)]
@@ -162,6 +166,54 @@ impl Netns {
     /// Runs `ip -n NAME ARGS`.
     pub fn ip(&self, args: &[&str]) -> Result<()> {
         ip(&[&["-n", self.name.as_str()], args].concat())
+    }
+
+    /// `ip netns exec NAME`: the prefix that runs a program inside (e.g.
+    /// `daemon::Options::prefix`).
+    pub fn exec_prefix(&self) -> Vec<String> {
+        ["ip", "netns", "exec", self.name.as_str()]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// Writes a sysctl file of this namespace (a `/proc/sys/net` file
+    /// belongs to the namespace of the thread that opens it).
+    pub fn write_sysctl(&self, path: &'static str, value: &'static str) -> Result<()> {
+        in_netns(&self.name, move || {
+            std::fs::write(path, value).with_context(|| format!("writing {path}"))
+        })
+    }
+
+    /// A mini node's pod network in this (node) namespace: bridge `br0`
+    /// with address `gateway` (`IP/LEN`), and each `(pod, ip)` on it by a
+    /// veth (`{veth_prefix}{i}` here, `eth0` in the pod) with `ip/LEN` and a
+    /// default route via the gateway. With br_netfilter loaded, bridged
+    /// traffic goes through the IP hooks (`bridge-nf-call-iptables=1`, as
+    /// kubeadm requires).
+    pub fn bridge_pods(
+        &self,
+        gateway: &str,
+        pods: &[(&Netns, &str)],
+        veth_prefix: &str,
+    ) -> Result<()> {
+        let (gw_ip, len) = gateway
+            .split_once('/')
+            .with_context(|| format!("gateway {gateway}: not IP/LEN"))?;
+        if std::path::Path::new(BRIDGE_NF_CALL_IPTABLES).exists() {
+            self.write_sysctl(BRIDGE_NF_CALL_IPTABLES, "1")?;
+        }
+        self.ip(&["link", "add", "br0", "type", "bridge"])?;
+        self.ip(&["addr", "add", gateway, "dev", "br0"])?;
+        self.ip(&["link", "set", "br0", "up"])?;
+        for (i, (pod, ip)) in pods.iter().enumerate() {
+            let host_end = format!("{veth_prefix}{i}");
+            add_veth(&self.name, &host_end, pod.name(), "eth0")?;
+            self.ip(&["link", "set", &host_end, "master", "br0", "up"])?;
+            pod.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
+            pod.ip(&["link", "set", "eth0", "up"])?;
+            pod.ip(&["route", "add", "default", "via", gw_ip])?;
+        }
+        Ok(())
     }
 
     /// Runs the future `f` makes inside the namespace, on a current-thread
