@@ -693,7 +693,7 @@ async fn tcp_and_udp_share_a_port() {
 /// and over TCP, both to the two pods.
 mod dns {
     use std::os::unix::fs::MetadataExt as _;
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
@@ -726,43 +726,6 @@ mod dns {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         netns::Netns::new(format!("sluice-c-dns-{tag}-{}-{n}", std::process::id())).unwrap()
-    }
-
-    /// dnsmasq in `pod`, answering `who.test` with `answer`; killed on drop.
-    struct Dnsmasq(Child);
-
-    impl Dnsmasq {
-        fn start(pod: &netns::Netns, ip: &str, answer: &str) -> Dnsmasq {
-            let child = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    pod.name(),
-                    "dnsmasq",
-                    "--keep-in-foreground",
-                ])
-                .args([
-                    "--conf-file=/dev/null",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                ])
-                .args(["--pid-file=", "--user=root", "--port=53"])
-                .arg(format!("--listen-address={ip}"))
-                .arg(format!("--host-record=who.test,{answer}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            Dnsmasq(child)
-        }
-    }
-
-    impl Drop for Dnsmasq {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 
     /// `dig @VIP who.test` from `client` (over TCP with `tcp`): the answer
@@ -812,8 +775,9 @@ mod dns {
         .unwrap();
         node.ip(&["addr", "add", &format!("{DNS_VIP}/32"), "dev", "lo"])
             .unwrap();
-        let mut a = Some(Dnsmasq::start(&pod_a, "10.244.0.20", "10.0.0.1"));
-        let _b = Dnsmasq::start(&pod_b, "10.244.0.21", "10.0.0.2");
+        let mut a =
+            Some(netns::Dnsmasq::start(&pod_a, "10.244.0.20", "who.test", "10.0.0.1").unwrap());
+        let _b = netns::Dnsmasq::start(&pod_b, "10.244.0.21", "who.test", "10.0.0.2").unwrap();
         let listen = format!("{DNS_VIP}:53").parse().unwrap();
         let backends = || {
             ["10.244.0.20:53", "10.244.0.21:53"]

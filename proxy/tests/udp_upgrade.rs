@@ -19,7 +19,7 @@
 
 use std::io::ErrorKind;
 use std::net::UdpSocket;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -42,43 +42,6 @@ fn ns(tag: &str) -> netns::Netns {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     netns::Netns::new(format!("u-udpup-{tag}-{}-{n}", std::process::id())).unwrap()
-}
-
-/// dnsmasq in `pod`, answering `who.test` with 10.0.0.1; killed on drop.
-struct Dnsmasq(Child);
-
-impl Dnsmasq {
-    fn start(pod: &netns::Netns, ip: &str) -> Dnsmasq {
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                pod.name(),
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
-            .args([
-                "--bind-interfaces",
-                "--pid-file=",
-                "--user=root",
-                "--port=53",
-            ])
-            .arg(format!("--listen-address={ip}"))
-            .arg("--host-record=who.test,10.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Dnsmasq(child)
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A DNS query for `who.test` (type A) with `id`.
@@ -288,7 +251,7 @@ async fn the_udp_port_survives_a_hand_over_and_a_crash_restart() {
         "vu",
     )
     .unwrap();
-    let _dns = Dnsmasq::start(&pod, "10.244.0.20");
+    let _dns = netns::Dnsmasq::start(&pod, "10.244.0.20", "who.test", "10.0.0.1").unwrap();
     let config = ConfigDoc::new(vec![
         ServiceDoc::new(
             "kube-system/kube-dns:dns",

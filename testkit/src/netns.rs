@@ -140,6 +140,46 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("thread in netns {name} panicked"))?
 }
 
+/// dnsmasq in a pod namespace, listening on `ip` port 53 and answering
+/// `name` (type A) with `answer` from its own records (no upstream);
+/// killed on drop. Needs Debian's `dnsmasq-base`.
+#[derive(Debug)]
+pub struct Dnsmasq(std::process::Child);
+
+impl Dnsmasq {
+    pub fn start(pod: &Netns, ip: &str, name: &str, answer: &str) -> Result<Self> {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                pod.name(),
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+            .args([
+                "--bind-interfaces",
+                "--pid-file=",
+                "--user=root",
+                "--port=53",
+            ])
+            .arg(format!("--listen-address={ip}"))
+            .arg(format!("--host-record={name},{answer}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting dnsmasq in {}", pod.name()))?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// br_netfilter's switch: whether bridged IPv4 goes through the IP hooks
 /// (present only while the module is loaded).
 pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
