@@ -341,7 +341,7 @@ async fn bridges_with(handle: &Handle) -> Result<Vec<Bridge>, String> {
         });
         let Some(ip) = ip else { continue };
         // Link-local IPv6 (fe80::/64) is on every bridge: no pods there.
-        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
         if link_local || a.header.family == AddressFamily::Unspec {
             continue;
         }

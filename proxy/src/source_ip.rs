@@ -126,8 +126,7 @@ pub fn local_cidrs(routes: &[(Cidr, String)], m: &InterfaceMatch) -> Vec<Cidr> {
     let mut out: Vec<Cidr> = routes
         .iter()
         .filter(|(c, dev)| {
-            let link_local =
-                matches!(c.addr(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+            let link_local = matches!(c.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local());
             c.prefix() > 0 && !link_local && m.matches(dev)
         })
         .map(|(c, _)| *c)
@@ -161,13 +160,6 @@ pub struct SourceIp {
     /// [`DetectLocal::Interfaces`]: the matching interfaces' routes (empty
     /// until the first read: nothing local, dials from the node).
     interface_cidrs: ArcSwap<Vec<Cidr>>,
-}
-
-impl Default for SourceIp {
-    /// Disabled: every dial from the node's address.
-    fn default() -> Self {
-        Self::new(DetectLocal::NodeCidr)
-    }
 }
 
 impl SourceIp {

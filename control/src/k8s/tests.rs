@@ -1818,7 +1818,6 @@ fn this_nodes_pod_cidrs_are_published_with_the_table() {
         None,
     ))
     .unwrap();
-    idx.build();
     assert!(!idx.build());
     // Only the old single field: used.
     idx.apply(&with_pod_cidrs(node.clone(), &[], Some("10.244.7.0/24")))
