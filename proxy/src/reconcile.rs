@@ -9,10 +9,11 @@
 //! clock ([`Follower::retry_after`]); once all have a new generation, each
 //! is told ([`Follower::applied`]).
 //!
-//! Not yet following the diff (docs/architecture.md, "Reconciler split"):
-//! UDP. Bind-mode `UdpProxy::run` subscribes on its own, each served UDP
-//! port's task watches the publisher, and `UdpIntercept::follow` (called
-//! by [`NftFollower`]) walks the table; they are moving in their own files.
+//! UDP follows it too: bind-mode UDP (`udp::UdpFollower`) and the
+//! intercept ports (`udp_intercept::UdpIntercept`). What still watches the
+//! publisher on its own is each served UDP port's task, which moves its
+//! own flows off backends that left (docs/architecture.md, "Reconciler
+//! split").
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -70,18 +70,16 @@ use crate::tracker::{Tracker, TrackerConfig};
 const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// The service at `key` in the live table. Before the first table
-/// (generation 0) waits for the reconciler to have applied one
-/// (`applied`, [`ProxyFollower`]), at most `bound`; after, answers at once.
+/// (generation 0) waits for one to be published, at most `bound`; after,
+/// answers at once.
 async fn service_at(
     publisher: &Publisher,
-    applied: &tokio::sync::watch::Sender<u64>,
     key: &ListenKey,
     bound: Duration,
 ) -> Option<Arc<Service>> {
     // Watched only before the first table, and looked again after
-    // subscribing, so that a table applied in between is not missed (it
-    // was published before): a connection after the first table costs one
-    // pointer load.
+    // subscribing, so that a table published in between is not missed: a
+    // connection after the first table costs one pointer load.
     let mut changes = None;
     let deadline = tokio::time::Instant::now() + bound;
     loop {
@@ -93,7 +91,7 @@ async fn service_at(
             return None;
         }
         let Some(rx) = changes.as_mut() else {
-            changes = Some(applied.subscribe());
+            changes = Some(publisher.subscribe());
             continue;
         };
         match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -172,8 +170,6 @@ pub struct Proxy {
     /// Bind mode: the listeners ([`ProxyFollower`] opens and closes them,
     /// the shutdown drains them).
     listening: Mutex<Listeners>,
-    /// The generation [`ProxyFollower`] last told applied (0: none yet).
-    applied: tokio::sync::watch::Sender<u64>,
     /// Intercept mode: per-key state of the Services reached so far.
     routes: DashMap<ListenKey, Arc<Route>>,
     /// Intercept mode: stops the intercept accept loops.
@@ -258,7 +254,7 @@ struct Listeners {
 const AFFINITY_EXPIRY: Duration = Duration::from_secs(30);
 
 /// A listener whose bind failed is retried this often.
-const BIND_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const BIND_RETRY: Duration = Duration::from_secs(1);
 
 /// The table-following half of [`Proxy`], driven by
 /// [`crate::reconcile::run`] with the other followers: at each publish it
@@ -318,7 +314,6 @@ impl crate::reconcile::Follower for ProxyFollower {
                 diff.to_string()
             },
         );
-        proxy.applied.send_replace(generation);
     }
 }
 
@@ -359,7 +354,6 @@ impl Proxy {
             shutdown_cut,
             workers,
             listening: Mutex::new(Listeners::default()),
-            applied: tokio::sync::watch::Sender::new(0),
             routes: DashMap::new(),
             intercept_stop: CancellationToken::new(),
             intercept_tasks: Mutex::new(Vec::new()),
@@ -654,7 +648,7 @@ impl Proxy {
             return Err("direct");
         }
         let key = ListenKey::tcp(original);
-        let service = service_at(&self.publisher, &self.applied, &key, FIRST_TABLE_WAIT)
+        let service = service_at(&self.publisher, &key, FIRST_TABLE_WAIT)
             .await
             .ok_or("not_a_service")?;
         if let Some(route) = self.routes.get(&key)
@@ -1039,16 +1033,12 @@ mod tests {
     async fn before_the_first_table_a_lookup_waits_for_it() {
         let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
         let publisher = Arc::new(Publisher::new());
-        let applied = Arc::new(tokio::sync::watch::Sender::new(0));
-        let (later, told) = (publisher.clone(), applied.clone());
+        let later = publisher.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let generation = later.publish(one_service(key)).unwrap();
-            // The reconciler tells it once applied.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            told.send_replace(generation);
+            later.publish(one_service(key));
         });
-        let found = service_at(&publisher, &applied, &key, Duration::from_secs(5)).await;
+        let found = service_at(&publisher, &key, Duration::from_secs(5)).await;
         assert_eq!(found.unwrap().name, "web");
     }
 
@@ -1056,10 +1046,9 @@ mod tests {
     async fn before_the_first_table_the_wait_is_bounded() {
         let key = ListenKey::tcp("10.96.0.10:80".parse().unwrap());
         let publisher = Publisher::new();
-        let applied = tokio::sync::watch::Sender::new(0);
         let start = Instant::now();
         assert!(
-            service_at(&publisher, &applied, &key, Duration::from_millis(50))
+            service_at(&publisher, &key, Duration::from_millis(50))
                 .await
                 .is_none()
         );
@@ -1072,16 +1061,15 @@ mod tests {
         let other = ListenKey::tcp("10.96.0.11:80".parse().unwrap());
         let publisher = Publisher::new();
         publisher.publish(one_service(key));
-        let applied = tokio::sync::watch::Sender::new(0);
         let start = Instant::now();
         assert!(
-            service_at(&publisher, &applied, &other, Duration::from_secs(5))
+            service_at(&publisher, &other, Duration::from_secs(5))
                 .await
                 .is_none()
         );
         assert!(start.elapsed() < Duration::from_secs(1));
         assert!(
-            service_at(&publisher, &applied, &key, Duration::from_secs(5))
+            service_at(&publisher, &key, Duration::from_secs(5))
                 .await
                 .is_some()
         );

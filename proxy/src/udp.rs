@@ -9,7 +9,7 @@
 //! - [`UdpProxy::serve`] serves one socket for one listen key. It does not
 //!   care how datagrams reach the socket: the bind-mode socket and the
 //!   local port an nftables `redirect` sends one UDP Service port to
-//!   ([`UdpProxy::serve_intercepted`], [`crate::udp_intercept`]; see
+//!   ([`UdpProxy::serve_intercepted_with_drain`], [`crate::udp_intercept`]; see
 //!   docs/architecture.md, "UDP") plug in the same way. On an intercepted
 //!   port each flow remembers the local address its datagrams were
 //!   redirected to (`IP_PKTINFO`) and its replies leave from it, so that
@@ -242,6 +242,12 @@ impl Follower for UdpFollower {
         let complete = self.sync(diff, table);
         Box::pin(std::future::ready(complete))
     }
+
+    /// As the TCP listeners: a port held by the process being replaced
+    /// comes free soon.
+    fn retry_after(&self) -> Duration {
+        crate::server::BIND_RETRY
+    }
 }
 
 impl Drop for UdpFollower {
@@ -299,18 +305,8 @@ impl UdpProxy {
     /// [`Self::serve`] for a local port that `redirect` steers the key's
     /// datagrams to: `socket` has `IP_PKTINFO`/`IPV6_RECVPKTINFO` on
     /// ([`set_pktinfo`]) and replies leave from the address each datagram
-    /// was redirected to.
-    pub async fn serve_intercepted(
-        self: Arc<Self>,
-        key: ListenKey,
-        socket: UdpSocket,
-        stop: CancellationToken,
-    ) {
-        self.serve_with(key, socket, stop, true, None).await
-    }
-
-    /// [`Self::serve_intercepted`] for a port shared with another sluice
-    /// during a hand-over ([`crate::udp_intercept`]): when `drain` fires,
+    /// was redirected to. The port is shared with another sluice during a
+    /// hand-over ([`crate::udp_intercept`]): when `drain` fires,
     /// the socket leaves its SO_REUSEPORT group
     /// ([`crate::listener::leave_udp_group`]), so new datagrams go to the
     /// sluice that takes over, and this one reads what was already queued
@@ -847,22 +843,15 @@ struct Flow {
     last_sent: Instant,
     /// `last` was already re-sent (after its first backend failed).
     resent: bool,
-    /// No reply came since the client's last datagram (exact, where
-    /// [`Flow::awaiting_reply`] compares milliseconds): a draining port
-    /// waits for these ([`Port::awaiting_replies`]).
+    /// No reply came since the client's last datagram: re-pinned or
+    /// re-sent while set, and a draining port waits for these
+    /// ([`Port::awaiting_replies`]).
     unanswered: bool,
     /// Datagrams the client sent on this flow before `last` (tells a
     /// deadline for `last` from one for an earlier datagram).
     seq: u64,
     /// Counts the flow in the bound and the gauge while it lives.
     _slot: Slot,
-}
-
-impl Flow {
-    /// Whether the client's last datagram is still unanswered.
-    fn awaiting_reply(&self) -> bool {
-        self.replies.last_reply < millis(self.last_sent) || !self.replies.replied
-    }
 }
 
 /// A flow's place in the global bound and the open-flows gauge.
@@ -1207,7 +1196,7 @@ impl Port {
         (self.heard).retain(|addr, _| service.backends().iter().any(|b| b.addr == *addr));
         let moved: Vec<(SocketAddr, SocketAddr, bool)> = (self.flows.iter())
             .filter(|(_, f)| !service.is_eligible(f.backend))
-            .map(|(c, f)| (*c, f.backend, f.awaiting_reply() && !f.resent))
+            .map(|(c, f)| (*c, f.backend, f.unanswered && !f.resent))
             .collect();
         for (client, backend, resend) in moved {
             if resend {
@@ -1236,7 +1225,7 @@ impl Port {
             }
             self.deadlines.pop_front();
             let Some(flow) = (self.flows.get_mut(&d.client))
-                .filter(|f| f.id == d.id && f.seq == d.seq && f.awaiting_reply())
+                .filter(|f| f.id == d.id && f.seq == d.seq && f.unanswered)
             else {
                 continue; // answered, superseded, moved or closed
             };

@@ -230,11 +230,6 @@ impl UdpIntercept {
         }
     }
 
-    /// The local port range.
-    pub fn range(&self) -> (u16, u16) {
-        (self.ports.first, self.ports.last)
-    }
-
     /// What the nftables follower steers.
     pub fn steering(&self) -> UdpSteering {
         self.steering.clone()
