@@ -58,12 +58,11 @@ impl Backend {
         let (tx, events) = mpsc::unbounded_channel();
         let n = name.to_string();
         let task = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
+            while let Ok((sock, peer)) = listener.accept().await {
                 let _ = tx.send(Event::Accepted);
                 let (tx, n) = (tx.clone(), n.clone());
-                let peer = sock.peer_addr().map(|a| a.ip().to_string());
-                let n = match (mode, peer) {
-                    (Mode::EchoPeer, Ok(peer)) => format!("{n} {peer}"),
+                let n = match mode {
+                    Mode::EchoPeer => format!("{n} {}", peer.ip()),
                     _ => n,
                 };
                 tokio::spawn(async move {

@@ -79,10 +79,7 @@ fn cpu_seconds_at(path: &str) -> Option<f64> {
     // state is field 3 of stat(5), so utime (14) and stime (15) are at 11, 12.
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
+    let tck = clk_tck();
     Some((utime + stime) as f64 / tck)
 }
 
@@ -155,10 +152,7 @@ fn node_cpu_seconds_in(stat: &str) -> Option<NodeCpu> {
     };
     let busy = sum(&[0, 1, 2, 5, 6, 7]);
     let all = busy + sum(&[3, 4]);
-    let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
+    let tck = clk_tck();
     Some(NodeCpu {
         busy: busy as f64 / tck,
         all: all as f64 / tck,
@@ -191,6 +185,15 @@ pub fn worker_shares(before: &[(String, f64)], after: &[(String, f64)]) -> Optio
     (total > 0.0).then(|| used.iter().map(|u| round3(u / total)).collect())
 }
 
+/// Clock ticks per second, the unit of /proc's CPU times (100 if the
+/// system does not say).
+fn clk_tck() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,9 +208,7 @@ mod tests {
 
     #[test]
     fn node_cpu_counts_all_but_idle_and_iowait() {
-        let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .unwrap()
-            .unwrap() as f64;
+        let tck = clk_tck();
         // user nice system idle iowait irq softirq steal guest guest_nice
         let stat = "cpu  100 2 30 9999 777 4 5 6 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
         let s = node_cpu_seconds_in(stat).unwrap();
