@@ -128,7 +128,7 @@ impl Backend {
 struct Server {
     addr: SocketAddr,
     /// dnsmasq's process (killed on drop); None for the builtin responder.
-    _child: Option<Child>,
+    child: Option<Child>,
 }
 
 impl Server {
@@ -136,7 +136,7 @@ impl Server {
         match backend {
             Backend::Builtin => Ok(Self {
                 addr: responder().await?,
-                _child: None,
+                child: None,
             }),
             Backend::Dnsmasq => dnsmasq().await,
         }
@@ -144,7 +144,7 @@ impl Server {
 
     /// The server's own process (dnsmasq), whose CPU time can be read.
     fn pid(&self) -> Option<u32> {
-        self._child.as_ref().and_then(Child::id)
+        self.child.as_ref().and_then(Child::id)
     }
 }
 
@@ -172,7 +172,7 @@ async fn dnsmasq() -> Result<Server> {
         .context("starting dnsmasq (apt-get install dnsmasq-base)")?;
     let server = Server {
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        _child: Some(child),
+        child: Some(child),
     };
     probe(server.addr, Backend::Dnsmasq)
         .await
