@@ -411,8 +411,11 @@ async fn start_sluice(
 ) -> Result<(Daemon, SocketAddr)> {
     let bin = locate(args.sluice.as_deref())?;
     let listen = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+    // Re-send on, as sluice has it for a Service on port 53 (the listen
+    // port here is a free one): cluster DNS pays for its deadlines too.
     let cfg: ConfigDoc = ServiceDoc::new("dns", listen, vec![BackendDoc::ready(backend)])
         .udp()
+        .with_udp_resend(true)
         .into();
     let opts = Options {
         config: Some(cfg.to_yaml().context("writing sluice's config")?),
