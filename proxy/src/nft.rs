@@ -507,16 +507,21 @@ impl Ruleset {
     }
 
     /// The `steer-replies` chain, when [`Self::steer_mark`] is set: at
-    /// `mangle` (-150), before routing decides where the reply goes.
+    /// `mangle` (-150), before routing decides where the reply goes. When
+    /// it is not, the chain is deleted: a sluice that dialed transparently
+    /// before this one (a restart with another `--source-ip`) leaves no
+    /// mark behind (declared and emptied first, so the delete succeeds
+    /// whether or not it was there).
     fn write_steer(&self, s: &mut String) {
-        let Some(mark) = self.steer_mark else {
-            return;
-        };
         let _ = writeln!(
             s,
             "add chain {TABLE} {STEER_CHAIN} {{ type filter hook prerouting priority mangle; policy accept; }}"
         );
         let _ = writeln!(s, "flush chain {TABLE} {STEER_CHAIN}");
+        let Some(mark) = self.steer_mark else {
+            let _ = writeln!(s, "delete chain {TABLE} {STEER_CHAIN}");
+            return;
+        };
         let _ = writeln!(
             s,
             "add rule {TABLE} {STEER_CHAIN} meta l4proto tcp socket transparent 1 counter meta mark set meta mark | {mark:#x}"
@@ -1674,7 +1679,14 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
     #[test]
     fn steering_replies_is_one_chain_and_a_full_sync_when_it_changes() {
         let plain = Ruleset::from_table(&table(&["10.96.0.10:80"]), 10261);
-        assert!(!plain.full_sync_script().contains(STEER_CHAIN));
+        // Without transparent dials the chain goes, if an earlier sluice
+        // left it (checked against the kernel in tests/nft_netlink.rs).
+        let deleted = plain.full_sync_script();
+        assert!(deleted.ends_with(
+            "flush chain inet sluice steer-replies\n\
+             delete chain inet sluice steer-replies\n"
+        ));
+        assert!(!deleted.contains("add rule inet sluice steer-replies"));
         let steered = plain.clone().with_steer_mark(Some(0x1000));
         let script = steered.full_sync_script();
         assert!(script.contains(

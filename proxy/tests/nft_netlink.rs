@@ -286,3 +286,52 @@ fn an_update_over_netlink_and_recovery_when_the_table_changed_underneath() {
     assert_eq!(how, Synced::Full);
     assert_eq!(listed(&ns), reference(&r3));
 }
+
+/// The chains of sluice's table in `ns` (`nft list chains`).
+fn chains(ns: &netns::Netns) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "nft", "list", "chains", "inet"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_sluice_without_transparent_dials_removes_the_steer_chain_an_earlier_one_left() {
+    require_root!();
+    let ns = netns();
+    let apply = |script: String| {
+        netns::run(
+            "ip",
+            &["netns", "exec", ns.name(), "nft", "-f", "-"],
+            Some(&script),
+        )
+        .unwrap();
+    };
+    let plain = ruleset(&first_table(), &[]);
+    // The first sluice of the node, without transparent dials: the delete
+    // of a chain that was never there is not an error.
+    apply(plain.full_sync_script());
+    assert!(!chains(&ns).contains("steer-replies"), "{}", chains(&ns));
+    // A transparent one, then a plain one again (a restart with another
+    // --source-ip): its full sync takes the chain and its mark away.
+    apply(
+        plain
+            .clone()
+            .with_steer_mark(Some(0x1000))
+            .full_sync_script(),
+    );
+    assert!(
+        chains(&ns).contains("chain steer-replies"),
+        "{}",
+        chains(&ns)
+    );
+    apply(plain.full_sync_script());
+    let left = chains(&ns);
+    assert!(!left.contains("steer-replies"), "{left}");
+    assert!(
+        left.contains("chain "),
+        "the table's other chains stay: {left}"
+    );
+}
