@@ -1299,6 +1299,9 @@ add rule inet sluice nat-output meta l4proto udp redirect to ip daddr . udp dpor
 add rule inet sluice nat-output meta l4proto udp redirect to ip6 daddr . udp dport map @udp-ports-v6
 add element inet sluice service-ips-v4 { 10.96.0.10 . tcp . 80, 192.168.1.10 . tcp . 31000 }
 add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
+add chain inet sluice steer-replies { type filter hook prerouting priority mangle; policy accept; }
+flush chain inet sluice steer-replies
+delete chain inet sluice steer-replies
 ";
         assert_eq!(r.full_sync_script(), expected);
         assert!(!expected.contains("flush table"));
