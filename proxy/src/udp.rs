@@ -902,8 +902,8 @@ struct Port {
     metrics: UdpServiceMetrics,
     /// The flow sockets' epoll set.
     poller: Arc<Poller>,
-    /// Flow id → client, for the epoll events (stale ids are dropped at
-    /// the next idle sweep).
+    /// Flow id → client, for the epoll events (an id leaves with its flow,
+    /// [`Port::take_flow`]).
     by_id: FlowMap<u64, SocketAddr>,
     /// Replies are read here, and sent from here in batches.
     outbox: Outbox,
@@ -1130,13 +1130,7 @@ impl Port {
                 let service = self.service.clone();
                 self.repin(&service, client, backend, Some(kind), Repin::Resend)
             }
-            true => {
-                self.flows.remove(&client);
-                self.proxy
-                    .metrics
-                    .udp
-                    .flow_ended(&self.metrics.name, UdpFlowEnd::Unreachable);
-            }
+            true => self.end_flow(client, UdpFlowEnd::Unreachable),
         }
     }
 
@@ -1157,8 +1151,8 @@ impl Port {
             None => UdpFlowEnd::BackendGone,
         };
         let Some(backend) = self.pick_other(service, client, from) else {
-            if self.flows.remove(&client).is_some() {
-                self.proxy.metrics.udp.flow_ended(&self.metrics.name, end);
+            if self.flows.contains_key(&client) {
+                self.end_flow(client, end);
                 self.proxy
                     .metrics
                     .udp
@@ -1194,7 +1188,7 @@ impl Port {
         end: UdpFlowEnd,
         how: Repin,
     ) {
-        let Some(old) = self.flows.remove(&client) else {
+        let Some(old) = self.take_flow(client) else {
             return;
         };
         let now = Instant::now();
@@ -1239,11 +1233,7 @@ impl Port {
             if resend {
                 self.repin(&service, client, backend, None, Repin::Resend);
             } else {
-                self.flows.remove(&client);
-                self.proxy
-                    .metrics
-                    .udp
-                    .flow_ended(&self.metrics.name, UdpFlowEnd::BackendGone);
+                self.end_flow(client, UdpFlowEnd::BackendGone);
             }
         }
         true
@@ -1321,25 +1311,37 @@ impl Port {
         }
         let configured = service.settings.udp_timeout;
         let now_ms = millis(now);
-        let before = self.flows.len();
-        self.flows.retain(|_, f| {
-            let replied = f.replies.replied;
-            let timeout = configured.unwrap_or(if replied {
-                REPLIED_TIMEOUT
-            } else {
-                UNREPLIED_TIMEOUT
-            });
-            let last = millis(f.last_sent).max(f.replies.last_reply);
-            u128::from(now_ms.saturating_sub(last)) < timeout.as_millis()
-        });
-        for _ in self.flows.len()..before {
-            self.proxy
-                .metrics
-                .udp
-                .flow_ended(&self.metrics.name, UdpFlowEnd::Idle);
+        let idle: Vec<SocketAddr> = (self.flows.iter())
+            .filter(|(_, f)| {
+                let replied = f.replies.replied;
+                let timeout = configured.unwrap_or(if replied {
+                    REPLIED_TIMEOUT
+                } else {
+                    UNREPLIED_TIMEOUT
+                });
+                let last = millis(f.last_sent).max(f.replies.last_reply);
+                u128::from(now_ms.saturating_sub(last)) >= timeout.as_millis()
+            })
+            .map(|(client, _)| *client)
+            .collect();
+        for client in idle {
+            self.end_flow(client, UdpFlowEnd::Idle);
         }
-        let flows = &self.flows;
-        (self.by_id).retain(|id, client| flows.get(client).is_some_and(|f| f.id == *id));
+    }
+
+    /// Takes the flow of `client` out of the port (its reply id with it);
+    /// dropping it closes its socket, which leaves the epoll set.
+    fn take_flow(&mut self, client: SocketAddr) -> Option<Flow> {
+        let flow = self.flows.remove(&client)?;
+        self.by_id.remove(&flow.id);
+        Some(flow)
+    }
+
+    /// Closes the flow of `client`, if any, counted as ended for `why`.
+    fn end_flow(&mut self, client: SocketAddr, why: UdpFlowEnd) {
+        if self.take_flow(client).is_some() {
+            self.proxy.metrics.udp.flow_ended(&self.metrics.name, why);
+        }
     }
 }
 
