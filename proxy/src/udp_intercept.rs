@@ -328,7 +328,16 @@ impl UdpIntercept {
             }
         };
         self.follow(table, &kernel);
-        true
+        self.complete()
+    }
+
+    /// Every UDP key of the last [`Self::follow`] has a port. When not,
+    /// the follower reports itself incomplete and the reconcile loop calls
+    /// it again after its retry delay: a port that comes free (another
+    /// program closed it, a key left) is taken then, not only at the next
+    /// table change.
+    fn complete(&self) -> bool {
+        self.warned == 0
     }
 }
 
@@ -474,6 +483,46 @@ mod tests {
         let u = p.update([&a, &b], &none(), t0, |_, _| true);
         assert_eq!(u.added, [(b, 100)]);
         assert!(u.unassigned.is_empty());
+    }
+
+    fn intercept(range: (u16, u16)) -> UdpIntercept {
+        use crate::metrics::Metrics;
+        use crate::tracker::{Tracker, TrackerConfig};
+        let metrics = Arc::new(Metrics::new());
+        let config = TrackerConfig {
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(1),
+        };
+        let tracker = Tracker::new(config, CancellationToken::new(), metrics.clone());
+        let publisher = Arc::new(sluice_control::Publisher::new());
+        let proxy = UdpProxy::new(
+            crate::udp::UdpConfig::default(),
+            publisher,
+            Arc::new(tracker),
+            metrics,
+        );
+        UdpIntercept::new(proxy, range, CancellationToken::new())
+    }
+
+    #[tokio::test]
+    async fn a_key_without_a_port_keeps_the_follower_incomplete_until_one_frees() {
+        // The one port of the range, held by another program.
+        let held = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let k = key("10.96.0.10:53");
+        let mut table = Table::new();
+        let svc =
+            sluice_control::Service::new("dns", sluice_control::Policy::RoundRobin, None, vec![]);
+        table.insert(k, Arc::new(svc));
+        let mut udp = intercept((port, port));
+        assert!(udp.follow(&table, &none()).is_empty());
+        assert!(!udp.complete(), "a key without a port must be retried");
+        drop(held);
+        // The loop's retry: the same table, the port free now.
+        assert_eq!(udp.follow(&table, &none()).get(&k), Some(&port));
+        assert!(udp.complete());
+        assert_eq!(udp.steering().ports().get(&k), Some(&port));
     }
 
     #[tokio::test]
