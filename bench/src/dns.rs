@@ -56,6 +56,8 @@ pub struct DnsArgs {
     pub json: bool,
     #[command(flatten)]
     pub sluice: SluiceArgs,
+    #[command(flatten)]
+    pub netns: crate::netns::dnsbench::NetnsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -63,6 +65,11 @@ pub struct DnsArgs {
 pub enum Backend {
     Builtin,
     Dnsmasq,
+    /// The dnsmasq pod of the netns mini node (`--netns`), answering
+    /// `rollout.test`: not a `--backend` choice.
+    #[value(skip)]
+    #[serde(rename = "dnsmasq-pod")]
+    DnsmasqPod,
 }
 
 /// The name dnsmasq answers, and its address.
@@ -79,6 +86,7 @@ impl Backend {
                 q
             }
             Backend::Dnsmasq => crate::netns::dnsroll::query_for(NAME, id),
+            Backend::DnsmasqPod => crate::netns::dnsroll::query(id),
         }
     }
 
@@ -87,6 +95,7 @@ impl Backend {
         match self {
             Backend::Builtin => buf.len() == ANSWER && buf[..2] == id.to_be_bytes(),
             Backend::Dnsmasq => crate::netns::dnsroll::answer(buf, id) == Some(NAME_ADDR),
+            Backend::DnsmasqPod => crate::netns::dnsroll::answer(buf, id).is_some(),
         }
     }
 }
@@ -106,6 +115,7 @@ impl Server {
                 _child: None,
             }),
             Backend::Dnsmasq => dnsmasq().await,
+            Backend::DnsmasqPod => bail!("the dnsmasq pod runs only with --netns"),
         }
     }
 }
@@ -143,8 +153,8 @@ async fn dnsmasq() -> Result<Server> {
 }
 
 /// Waits (at most 5 s) until `addr` answers a query as `backend` does.
-async fn probe(addr: SocketAddr, backend: Backend) -> Result<()> {
-    let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+pub(crate) async fn probe(addr: SocketAddr, backend: Backend) -> Result<()> {
+    let probe = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     let mut buf = [0u8; 512];
     for id in 0..50u16 {
         probe.send_to(&backend.query(id), addr).await?;
@@ -182,14 +192,14 @@ struct DnsReport {
 
 /// One direct phase and one sluice phase, back to back.
 #[derive(Debug, Serialize)]
-struct Round {
-    direct: Measured,
-    sluice: Measured,
-    ratio: f64,
+pub(crate) struct Round {
+    pub(crate) direct: Measured,
+    pub(crate) sluice: Measured,
+    pub(crate) ratio: f64,
 }
 
 /// `a` ÷ `b`, to 3 decimals (0 when `b` is 0).
-fn ratio(a: &Measured, b: &Measured) -> f64 {
+pub(crate) fn ratio(a: &Measured, b: &Measured) -> f64 {
     if b.queries_per_s > 0.0 {
         (a.queries_per_s / b.queries_per_s * 1000.0).round() / 1000.0
     } else {
@@ -198,7 +208,7 @@ fn ratio(a: &Measured, b: &Measured) -> f64 {
 }
 
 /// The rounds' phases added up.
-fn total(phases: impl Iterator<Item = Measured>) -> Measured {
+pub(crate) fn total(phases: impl Iterator<Item = Measured>) -> Measured {
     let (mut answered, mut lost, mut elapsed) = (0, 0, 0.0);
     for m in phases {
         answered += m.answered;
@@ -218,7 +228,7 @@ fn total(phases: impl Iterator<Item = Measured>) -> Measured {
 }
 
 /// The median of `values` (the mean of the middle two for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
@@ -249,8 +259,14 @@ async fn responder() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn client(target: SocketAddr, backend: Backend, deadline: Instant) -> Result<(u64, u64)> {
-    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+pub(crate) async fn client(
+    target: SocketAddr,
+    backend: Backend,
+    deadline: Instant,
+) -> Result<(u64, u64)> {
+    // Any local address: the route to `target` picks it (loopback here, the
+    // pod's own address in a netns client).
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     socket.connect(target).await?;
     let mut query = backend.query(0);
     let mut buf = [0u8; 512];
@@ -278,7 +294,7 @@ async fn client(target: SocketAddr, backend: Backend, deadline: Instant) -> Resu
     Ok((answered, lost))
 }
 
-async fn measure(target: SocketAddr, args: &DnsArgs) -> Result<Measured> {
+pub(crate) async fn measure(target: SocketAddr, args: &DnsArgs) -> Result<Measured> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let tasks: Vec<_> = (0..args.clients)
@@ -335,6 +351,9 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     check::positive_at_most("--seconds", args.seconds, 120.0)?;
     check::in_range("--clients", args.clients, 1..=1024)?;
     check::in_range("--rounds", args.rounds, 1..=100)?;
+    if args.netns.netns {
+        return crate::netns::dnsbench::run(args).await;
+    }
     let server = Server::start(args.backend).await?;
     let backend = server.addr;
     let (daemon, listen) = start_sluice(&args.sluice, backend, args.backend).await?;

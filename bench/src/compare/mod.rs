@@ -34,7 +34,7 @@
 //! - [`table`]: the text table of a round.
 
 mod backends;
-mod cpu;
+pub(crate) mod cpu;
 mod load;
 mod proxies;
 mod table;

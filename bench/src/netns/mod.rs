@@ -14,6 +14,7 @@
 //! by the calling thread and removed when the run ends, fails or is
 //! interrupted (the run's thread is cancelled and joined first).
 
+pub mod dnsbench;
 pub mod dnsroll;
 pub mod nft;
 pub mod plot;
