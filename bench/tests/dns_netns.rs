@@ -7,19 +7,15 @@
 use std::process::Command;
 
 use serde_json::Value;
-use sluice_testkit::netns::unusable;
+use sluice_testkit::netns::{self, unusable};
 
-/// The `sb-<pid>-…` namespaces of the run with `pid` still present.
+/// The namespaces `dns --netns` run `pid` makes that still exist.
 fn left_over(pid: u32) -> Vec<String> {
-    let prefix = format!("sb-{pid}-");
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default()
+    ["node", "client", "old-1"]
+        .iter()
+        .map(|n| format!("sb-{pid}-0-{n}"))
+        .filter(|n| netns::exists(n))
+        .collect()
 }
 
 #[test]

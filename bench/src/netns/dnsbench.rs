@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use super::dnsroll::{DNS_PORT, DnsPod};
 use super::scenario::{SERVICE, sluice_flags, spawn_in};
 use super::topo::{self, Gen, Names, VIP};
-use super::{RunGuard, is_root, nft};
+use super::{RunGuard, is_root, nft, remove_stale_runs};
 use crate::compare::cpu::cpu_seconds;
 use crate::dns::{Backend, DnsArgs, Measured, Round, median, probe, ratio, total};
 use crate::plan::Intercept;
@@ -317,14 +317,7 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
         .context("dns --netns needs `nft` (apt-get install nftables)")?;
     topo::run("dnsmasq", &["--version"], None)
         .context("dns --netns needs `dnsmasq` (apt-get install dnsmasq-base)")?;
-    let stale = topo::remove_stale();
-    if !stale.is_empty() {
-        eprintln!(
-            "sluice-bench: removed {} stale namespaces of an earlier run: {}",
-            stale.len(),
-            stale.join(" ")
-        );
-    }
+    remove_stale_runs();
     let bin = locate(args.sluice.sluice.as_deref())?;
     let args = DnsArgs {
         backend: Backend::DnsmasqPod,

@@ -125,6 +125,18 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Removes the namespaces of earlier runs killed hard, and says so.
+fn remove_stale_runs() {
+    let stale = topo::remove_stale();
+    if !stale.is_empty() {
+        eprintln!(
+            "sluice-bench: removed {} stale namespaces of an earlier run: {}",
+            stale.len(),
+            stale.join(" ")
+        );
+    }
+}
+
 fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
     let mut out = Vec::new();
     for x in v {
@@ -253,14 +265,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             )?;
         }
     }
-    let stale = topo::remove_stale();
-    if !stale.is_empty() {
-        eprintln!(
-            "sluice-bench: removed {} stale namespaces of an earlier run: {}",
-            stale.len(),
-            stale.join(" ")
-        );
-    }
+    remove_stale_runs();
     let sluice_bin = if vias.contains(&Via::Sluice) {
         Some(sluice::locate(a.sluice.sluice.as_deref())?)
     } else {
