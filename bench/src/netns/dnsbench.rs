@@ -6,7 +6,8 @@
 //! in the node's namespace intercepting the Service `VIP:53` with its own
 //! nftables table (`--intercept nftables`, as `rollout --netns --proto udp
 //! --via sluice --intercept nftables`), and the closed-loop client of
-//! [`crate::dns`] on a thread inside the client pod's namespace. Phases:
+//! [`crate::dns`] on a multi-thread runtime inside the client pod's
+//! namespace ([`load`]). Phases:
 //! - `direct`: client pod -> the pod's IP:53, bridged, no Service;
 //! - `sluice`: client pod -> `VIP:53`, redirected to sluice, which sends it
 //!   on to the pod;
@@ -135,19 +136,33 @@ fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 
 /// The client load of one phase: [`crate::dns`]'s closed-loop client
 /// (`--clients` sockets, one query in flight each, 1 s without an answer =
-/// lost) for `--seconds`, on a thread inside `client_ns`, to `target`.
-/// Another client (dnsperf) goes here.
+/// lost) for `--seconds`, to `target`, on a multi-thread runtime (one
+/// worker per CPU, as `dns` on loopback runs it) whose threads are all in
+/// `client_ns` (they are started by a thread that entered it). Another
+/// client (dnsperf) goes here.
 async fn load(
     client_ns: &str,
     target: SocketAddr,
     args: &DnsArgs,
-    cancel: watch::Receiver<bool>,
+    mut cancel: watch::Receiver<bool>,
 ) -> Result<Measured> {
-    let args = args.clone();
-    let (rx, _thread) = spawn_in(client_ns, cancel, move || async move {
-        crate::dns::measure(target, &args).await
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (ns, args) = (client_ns.to_string(), args.clone());
+    // Ends by itself at the phase's deadline (at most 1 s later).
+    std::thread::spawn(move || {
+        let measured = topo::enter(&ns).and_then(|()| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("the client's runtime")?
+                .block_on(crate::dns::measure(target, &args))
+        });
+        let _ = tx.send(measured);
     });
-    rx.await.context("the client thread died")?
+    tokio::select! {
+        r = rx => r.context("the client thread died")?,
+        _ = cancel.wait_for(|c| *c) => anyhow::bail!("cancelled"),
+    }
 }
 
 /// Waits (at most 5 s) until `target` answers a query from `client_ns`.
