@@ -18,6 +18,20 @@
 //! rounds, sluice first in even ones), so that load from other processes
 //! on a shared machine weighs on both alike; the ratio reported is the
 //! median of the rounds' ratios, and each round is in the JSON.
+//!
+//! `--client` chooses the load: `builtin` (default), the closed-loop
+//! clients above, or `dnsperf`, the real `dnsperf` binary once per phase
+//! (`-c --clients`, `-q --outstanding` queries in flight in all, `-T
+//! --dnsperf-threads`; see [`dnsperf`]), which needs `--backend dnsmasq`.
+//!
+//! CPU per query: sluice's utime + stime (from /proc) before and after
+//! each sluice phase, divided by the queries answered in it
+//! (`sluice_us_per_query`), and, with `--backend dnsmasq`, dnsmasq's over
+//! both phases (`backend_us_per_query`: whether the server's own cost
+//! changes when sluice is in front). /proc counts in clock ticks (10 ms
+//! here), so phases under ~2 s give coarse figures.
+
+mod dnsperf;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -41,9 +55,21 @@ pub struct DnsArgs {
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// Concurrent clients (closed loop, one socket each).
+    /// Concurrent clients (closed loop, one socket each); with `--client
+    /// dnsperf`, dnsperf's `-c` (its sockets).
     #[arg(long, default_value_t = 32)]
     pub clients: usize,
+    /// The load: `builtin` (the bench's closed-loop clients, one query in
+    /// flight each) or `dnsperf` (the `dnsperf` binary; needs `--backend
+    /// dnsmasq`).
+    #[arg(long, value_enum, default_value_t = Client::Builtin)]
+    pub client: Client,
+    /// `--client dnsperf` only: queries in flight in all (dnsperf's `-q`).
+    #[arg(long, default_value_t = 100)]
+    pub outstanding: usize,
+    /// `--client dnsperf` only: dnsperf's threads (`-T`).
+    #[arg(long, default_value_t = 1)]
+    pub dnsperf_threads: usize,
     /// Direct and sluice phases measured this many times each, interleaved.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
@@ -70,6 +96,13 @@ pub enum Backend {
     #[value(skip)]
     #[serde(rename = "dnsmasq-pod")]
     DnsmasqPod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Client {
+    Builtin,
+    Dnsperf,
 }
 
 /// The name dnsmasq answers, and its address.
@@ -104,7 +137,7 @@ impl Backend {
 struct Server {
     addr: SocketAddr,
     /// dnsmasq's process (killed on drop); None for the builtin responder.
-    _child: Option<Child>,
+    child: Option<Child>,
 }
 
 impl Server {
@@ -112,11 +145,16 @@ impl Server {
         match backend {
             Backend::Builtin => Ok(Self {
                 addr: responder().await?,
-                _child: None,
+                child: None,
             }),
             Backend::Dnsmasq => dnsmasq().await,
             Backend::DnsmasqPod => bail!("the dnsmasq pod runs only with --netns"),
         }
+    }
+
+    /// The server's own process (dnsmasq), whose CPU time can be read.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 }
 
@@ -144,7 +182,7 @@ async fn dnsmasq() -> Result<Server> {
         .context("starting dnsmasq (apt-get install dnsmasq-base)")?;
     let server = Server {
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        _child: Some(child),
+        child: Some(child),
     };
     probe(server.addr, Backend::Dnsmasq)
         .await
@@ -180,13 +218,26 @@ pub struct Measured {
 struct DnsReport {
     scenario: &'static str,
     backend: Backend,
+    client: Client,
     seconds: f64,
     clients: usize,
+    /// dnsperf's `-q` and `-T` (`--client dnsperf` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outstanding: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dnsperf_threads: Option<usize>,
     /// All rounds added up.
     direct: Measured,
     sluice: Measured,
     /// The median of the rounds' sluice queries/s ÷ direct queries/s.
     ratio: f64,
+    /// The median of the rounds' sluice CPU µs per query answered in the
+    /// sluice phase (null if /proc could not be read).
+    sluice_us_per_query: Option<f64>,
+    /// The medians of the rounds' dnsmasq CPU µs per query, per phase
+    /// (`--backend dnsmasq` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_us_per_query: Option<PerPhase>,
     rounds: Vec<Round>,
 }
 
@@ -196,6 +247,59 @@ pub(crate) struct Round {
     pub(crate) direct: Measured,
     pub(crate) sluice: Measured,
     pub(crate) ratio: f64,
+    /// sluice's CPU µs per query answered in this round's sluice phase.
+    pub(crate) sluice_us_per_query: Option<f64>,
+    /// dnsmasq's CPU µs per query answered, in each phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) backend_us_per_query: Option<PerPhase>,
+}
+
+/// A CPU figure for each phase.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct PerPhase {
+    pub(crate) direct: Option<f64>,
+    pub(crate) sluice: Option<f64>,
+}
+
+/// The processes whose CPU time is read around each phase.
+struct Pids {
+    sluice: u32,
+    /// dnsmasq's; None for the builtin responder (in this process).
+    backend: Option<u32>,
+}
+
+/// CPU µs per answered query from CPU seconds read before and after a
+/// phase, to 2 decimals; None if either read failed or nothing was answered.
+pub(crate) fn us_per_query(before: Option<f64>, after: Option<f64>, answered: u64) -> Option<f64> {
+    let used = after? - before?;
+    (answered > 0 && used >= 0.0).then(|| (used * 1e6 / answered as f64 * 100.0).round() / 100.0)
+}
+
+/// One phase against `target`, with the CPU per query of sluice (if
+/// `sluice` is its process) and of the backend over it.
+async fn phase(
+    target: SocketAddr,
+    args: &DnsArgs,
+    load: &Load,
+    sluice: Option<u32>,
+    backend: Option<u32>,
+) -> Result<(Measured, Option<f64>, Option<f64>)> {
+    let read = |pid: Option<u32>| pid.and_then(crate::compare::cpu::cpu_seconds);
+    let (s0, b0) = (read(sluice), read(backend));
+    let m = match load {
+        Load::Builtin => measure(target, args).await?,
+        Load::Dnsperf(queries) => dnsperf::measure(target, args, queries).await?,
+    };
+    let (s1, b1) = (read(sluice), read(backend));
+    let sluice_us = us_per_query(s0, s1, m.answered);
+    let backend_us = us_per_query(b0, b1, m.answered);
+    Ok((m, sluice_us, backend_us))
+}
+
+/// The load of a run: the builtin clients, or dnsperf and its query file.
+enum Load {
+    Builtin,
+    Dnsperf(dnsperf::QueryFile),
 }
 
 /// `a` ÷ `b`, to 3 decimals (0 when `b` is 0).
@@ -259,11 +363,7 @@ async fn responder() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-pub(crate) async fn client(
-    target: SocketAddr,
-    backend: Backend,
-    deadline: Instant,
-) -> Result<(u64, u64)> {
+async fn client(target: SocketAddr, backend: Backend, deadline: Instant) -> Result<(u64, u64)> {
     // Any local address: the route to `target` picks it (loopback here, the
     // pod's own address in a netns client).
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
@@ -323,8 +423,11 @@ async fn start_sluice(
 ) -> Result<(Daemon, SocketAddr)> {
     let bin = locate(args.sluice.as_deref())?;
     let listen = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+    // Re-send on, as sluice has it for a Service on port 53 (the listen
+    // port here is a free one): cluster DNS pays for its deadlines too.
     let cfg: ConfigDoc = ServiceDoc::new("dns", listen, vec![BackendDoc::ready(backend)])
         .udp()
+        .with_udp_resend(true)
         .into();
     let opts = Options {
         config: Some(cfg.to_yaml().context("writing sluice's config")?),
@@ -354,47 +457,91 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     if args.netns.netns {
         return crate::netns::dnsbench::run(args).await;
     }
+    let load = match args.client {
+        Client::Builtin => Load::Builtin,
+        Client::Dnsperf => {
+            if args.backend != Backend::Dnsmasq {
+                bail!(
+                    "--client dnsperf sends real DNS queries, which only --backend dnsmasq \
+                     answers (the builtin responder echoes an id): add --backend dnsmasq"
+                );
+            }
+            check::in_range("--outstanding", args.outstanding, 1..=65_535)?;
+            check::in_range("--dnsperf-threads", args.dnsperf_threads, 1..=64)?;
+            dnsperf::installed()?;
+            Load::Dnsperf(dnsperf::QueryFile::new()?)
+        }
+    };
     let server = Server::start(args.backend).await?;
     let backend = server.addr;
     let (daemon, listen) = start_sluice(&args.sluice, backend, args.backend).await?;
+    let pids = Pids {
+        sluice: u32::try_from(daemon.pid()).context("sluice's pid")?,
+        backend: server.pid(),
+    };
     let mut rounds = Vec::new();
     for i in 0..args.rounds {
-        let (direct, through) = if i % 2 == 0 {
-            let d = measure(backend, &args).await?;
-            (d, measure(listen, &args).await?)
+        let direct_phase = || phase(backend, &args, &load, None, pids.backend);
+        let sluice_phase = || phase(listen, &args, &load, Some(pids.sluice), pids.backend);
+        let ((direct, _, backend_direct), (through, sluice_us, backend_sluice)) = if i % 2 == 0 {
+            let d = direct_phase().await?;
+            (d, sluice_phase().await?)
         } else {
-            let t = measure(listen, &args).await?;
-            (measure(backend, &args).await?, t)
+            let t = sluice_phase().await?;
+            (direct_phase().await?, t)
         };
         let ratio = ratio(&through, &direct);
+        let backend_us = pids.backend.map(|_| PerPhase {
+            direct: backend_direct,
+            sluice: backend_sluice,
+        });
         if !args.json && args.rounds > 1 {
             outln!(
-                "round {}: direct {:.0}, sluice {:.0} queries/s, ratio {ratio:.3}",
+                "round {}: direct {:.0}, sluice {:.0} queries/s, ratio {ratio:.3}; {}",
                 i + 1,
                 direct.queries_per_s,
-                through.queries_per_s
+                through.queries_per_s,
+                cpu_line(sluice_us, backend_us)
             );
         }
         rounds.push(Round {
             direct,
             sluice: through,
             ratio,
+            sluice_us_per_query: sluice_us,
+            backend_us_per_query: backend_us,
         });
     }
     drop(daemon);
     drop(server);
+    drop(load);
     let direct = total(rounds.iter().map(|r| r.direct.clone()));
     let through = total(rounds.iter().map(|r| r.sluice.clone()));
     let ratio = median(rounds.iter().map(|r| r.ratio).collect());
+    let median_of = |f: &dyn Fn(&Round) -> Option<f64>| {
+        let values: Vec<f64> = rounds.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| median(values))
+    };
+    let sluice_us = median_of(&|r| r.sluice_us_per_query);
+    let backend_us = pids.backend.map(|_| PerPhase {
+        direct: median_of(&|r| r.backend_us_per_query.and_then(|b| b.direct)),
+        sluice: median_of(&|r| r.backend_us_per_query.and_then(|b| b.sluice)),
+    });
     if args.json {
+        let dnsperf = args.client == Client::Dnsperf;
         let report = DnsReport {
             scenario: "dns",
             backend: args.backend,
+            client: args.client,
             seconds: args.seconds,
             clients: args.clients,
+            outstanding: dnsperf.then_some(args.outstanding),
+            dnsperf_threads: dnsperf.then_some(args.dnsperf_threads),
             direct,
             sluice: through,
             ratio,
+            sluice_us_per_query: sluice_us,
+            backend_us_per_query: backend_us,
             rounds,
         };
         outln!("{}", serde_json::to_string(&report)?);
@@ -402,8 +549,26 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
         outln!("{}", line("direct", &direct));
         outln!("{}", line("sluice", &through));
         outln!("ratio (sluice / direct, median of rounds): {ratio:.3}");
+        outln!(
+            "CPU per query (median of rounds): {}",
+            cpu_line(sluice_us, backend_us)
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice 8.10 µs/query` and, with dnsmasq, its figure in each phase.
+fn cpu_line(sluice: Option<f64>, backend: Option<PerPhase>) -> String {
+    let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.2}"));
+    let mut s = format!("sluice {} µs/query", us(sluice));
+    if let Some(b) = backend {
+        s += &format!(
+            ", dnsmasq {} direct / {} through sluice µs/query",
+            us(b.direct),
+            us(b.sluice)
+        );
+    }
+    s
 }
 
 #[cfg(test)]
@@ -455,5 +620,26 @@ mod tests {
         assert_eq!(ratio(&m(50, 1.0), &m(0, 1.0)), 0.0);
         assert_eq!(median(vec![0.9, 0.1, 0.5]), 0.5);
         assert_eq!(median(vec![0.4, 0.6, 0.1, 0.9]), 0.5);
+    }
+
+    #[test]
+    fn cpu_per_query_needs_both_reads_and_an_answer() {
+        // 0.5 s of CPU over 62,500 queries: 8 µs each.
+        assert_eq!(us_per_query(Some(10.0), Some(10.5), 62_500), Some(8.0));
+        assert_eq!(us_per_query(Some(1.0), Some(1.01), 3), Some(3333.33));
+        assert_eq!(us_per_query(None, Some(10.5), 62_500), None);
+        assert_eq!(us_per_query(Some(10.0), None, 62_500), None);
+        assert_eq!(us_per_query(Some(10.0), Some(10.5), 0), None);
+        // A process that was replaced in between (its clock went back).
+        assert_eq!(us_per_query(Some(10.0), Some(2.0), 100), None);
+        let both = Some(PerPhase {
+            direct: Some(4.0),
+            sluice: None,
+        });
+        assert_eq!(
+            cpu_line(Some(8.1), both),
+            "sluice 8.10 µs/query, dnsmasq 4.00 direct / ? through sluice µs/query"
+        );
+        assert_eq!(cpu_line(None, None), "sluice ? µs/query");
     }
 }

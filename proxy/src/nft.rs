@@ -840,7 +840,15 @@ pub enum NftError {
     Io(#[from] std::io::Error),
     #[error("`nft -f -` failed ({status}): {stderr}")]
     Failed { status: String, stderr: String },
+    #[error("`nft` did not finish within {0:?}: killed (the ruleset is left as the kernel had it)")]
+    TimedOut(std::time::Duration),
 }
+
+/// How long one `nft` run may take before it is killed. A full sync of
+/// 10,000 Services takes about a second; a run that hangs (a wedged
+/// netlink socket, a stuck lock) must not stop the reconcile loop, whose
+/// follower then retries as after any failed run.
+pub const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether `nft` is installed and may read the ruleset (permissions): run
 /// at start so that a missing `nft` stops sluice with a clear message.
@@ -850,10 +858,14 @@ pub async fn check() -> Result<(), NftError> {
 
 /// Runs `nft -f -` with `script` on stdin: one transaction.
 pub async fn apply(script: &str) -> Result<(), NftError> {
-    apply_with("nft", script).await
+    apply_with("nft", script, NFT_TIMEOUT).await
 }
 
-async fn apply_with(program: &str, script: &str) -> Result<(), NftError> {
+async fn apply_with(
+    program: &str,
+    script: &str,
+    limit: std::time::Duration,
+) -> Result<(), NftError> {
     let mut child = match tokio::process::Command::new(program)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -866,12 +878,19 @@ async fn apply_with(program: &str, script: &str) -> Result<(), NftError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(NftError::NotInstalled),
         Err(e) => return Err(e.into()),
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error (nft exited early) shows up in its status and stderr.
-        let _ = stdin.write_all(script.as_bytes()).await;
-        drop(stdin);
-    }
-    let out = child.wait_with_output().await?;
+    let stdin = child.stdin.take();
+    let run = async move {
+        if let Some(mut stdin) = stdin {
+            // A write error (nft exited early) shows up in its status and stderr.
+            let _ = stdin.write_all(script.as_bytes()).await;
+            drop(stdin);
+        }
+        child.wait_with_output().await
+    };
+    // On timeout the child is dropped with the future: killed (kill_on_drop).
+    let out = tokio::time::timeout(limit, run)
+        .await
+        .map_err(|_| NftError::TimedOut(limit))??;
     if out.status.success() {
         return Ok(());
     }
@@ -895,14 +914,14 @@ pub async fn read_udp_ports() -> Result<(BTreeMap<ListenKey, u16>, usize), NftEr
             .args(["-j", "list", "map", "inet", "sluice", map])
             .stdin(Stdio::null())
             .kill_on_drop(true)
-            .output()
-            .await;
-        let out = match out {
-            Ok(o) => o,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            .output();
+        let out = match tokio::time::timeout(NFT_TIMEOUT, out).await {
+            Err(_) => return Err(NftError::TimedOut(NFT_TIMEOUT)),
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(NftError::NotInstalled);
             }
-            Err(e) => return Err(e.into()),
+            Ok(Err(e)) => return Err(e.into()),
         };
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
@@ -1704,7 +1723,7 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
 
     #[tokio::test]
     async fn a_missing_nft_names_the_package() {
-        let e = apply_with("/nonexistent/nft", "list tables\n")
+        let e = apply_with("/nonexistent/nft", "list tables\n", NFT_TIMEOUT)
             .await
             .unwrap_err();
         assert!(matches!(e, NftError::NotInstalled));
@@ -1723,11 +1742,52 @@ add element inet sluice service-ips-v6 { fd00::1 . tcp . 443 }
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = apply_with(fake.to_str().unwrap(), "add table inet sluice\n")
-            .await
-            .unwrap_err();
+        let e = apply_with(
+            fake.to_str().unwrap(),
+            "add table inet sluice\n",
+            NFT_TIMEOUT,
+        )
+        .await
+        .unwrap_err();
         let shown = e.to_string();
         assert!(shown.contains("Error: boom"), "{shown}");
         assert!(shown.contains("nft -f -"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_nft_is_killed_at_its_time_limit() {
+        // A stand-in that never reads its script nor exits; it writes its
+        // pid so the test can check it was killed, not left behind.
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, pid_file) = (dir.path().join("nft"), dir.path().join("pid"));
+        let body = format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 30\n",
+            pid_file.display()
+        );
+        std::fs::write(&fake, body).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Larger than a pipe's buffer: the write itself would block.
+        let script = "add table inet sluice\n".repeat(10_000);
+        let limit = std::time::Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let e = apply_with(fake.to_str().unwrap(), &script, limit)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NftError::TimedOut(l) if l == limit), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let proc_dir = format!("/proc/{}", pid.trim());
+        // The kill is sent on drop; the zombie is reaped by tokio soon after.
+        let mut gone = false;
+        for _ in 0..100 {
+            let state = std::fs::read_to_string(format!("{proc_dir}/stat")).unwrap_or_default();
+            if state.is_empty() || state.split_whitespace().nth(2) == Some("Z") {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(gone, "the hung nft ({proc_dir}) is still running");
     }
 }

@@ -21,8 +21,9 @@
 //! Rounds rotate the phase order (direct first in odd rounds, sluice first
 //! in even ones, as `dns` on loopback), ratios are the median of the
 //! rounds'. sluice's CPU per answered query (utime + stime of its process
-//! over the sluice phase) and dnsmasq's (over the direct phase, the
-//! server's own cost per query) are reported per round.
+//! over the sluice phase) and dnsmasq's (over the direct and the sluice
+//! phase: the server's own cost per query) are reported per round, under
+//! the names `dns` on loopback uses.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::ExitCode;
@@ -37,7 +38,9 @@ use super::scenario::{SERVICE, sluice_flags, spawn_in};
 use super::topo::{self, Gen, Names, VIP};
 use super::{RunGuard, is_root, nft, remove_stale_runs};
 use crate::compare::cpu::cpu_seconds;
-use crate::dns::{Backend, DnsArgs, Measured, Round, median, probe, ratio, total};
+use crate::dns::{
+    Backend, Client, DnsArgs, Measured, PerPhase, Round, median, probe, ratio, total, us_per_query,
+};
 use crate::plan::Intercept;
 use crate::sluice::{BackendCfg, Config, ServiceCfg, Sluice, locate};
 
@@ -78,14 +81,8 @@ fn order(i: usize, nft: bool) -> Vec<Phase> {
     v
 }
 
-/// CPU seconds spent between `before` and `after`, per answered query, in
-/// µs to 2 decimals (None without both readings or any answer).
-fn us_per_query(before: Option<f64>, after: Option<f64>, answered: u64) -> Option<f64> {
-    let spent = after? - before?;
-    (answered > 0 && spent >= 0.0).then(|| (spent / answered as f64 * 1e8).round() / 100.0)
-}
-
-/// One round: dns's direct and sluice phases, plus the nftables one.
+/// One round: dns's direct and sluice phases (with sluice's CPU per query
+/// and dnsmasq's in each), plus the nftables one.
 #[derive(Debug, Serialize)]
 struct NetnsRound {
     #[serde(flatten)]
@@ -95,10 +92,6 @@ struct NetnsRound {
     /// nft queries/s ÷ direct queries/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     nft_ratio: Option<f64>,
-    /// sluice's CPU per answered query in the sluice phase, µs.
-    sluice_cpu_us_per_query: Option<f64>,
-    /// dnsmasq's CPU per answered query in the direct phase, µs.
-    dnsmasq_cpu_us_per_query: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,13 +112,19 @@ struct NetnsDnsReport {
     sluice: Measured,
     #[serde(skip_serializing_if = "Option::is_none")]
     nft: Option<Measured>,
-    /// Medians of the rounds' ratios and CPU figures.
+    /// Medians of the rounds' ratios and CPU figures (µs per answered
+    /// query; dnsmasq's in the direct and the sluice phase).
     ratio: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     nft_ratio: Option<f64>,
-    sluice_cpu_us_per_query: Option<f64>,
-    dnsmasq_cpu_us_per_query: Option<f64>,
+    sluice_us_per_query: Option<f64>,
+    backend_us_per_query: PerPhase,
     rounds: Vec<NetnsRound>,
+}
+
+/// dnsmasq's CPU figures of round `r` (none when absent).
+fn dnsmasq_of(r: &NetnsRound) -> PerPhase {
+    r.base.backend_us_per_query.unwrap_or_default()
 }
 
 /// The median of the values present (None when there are none).
@@ -226,19 +225,22 @@ async fn run_in_node(
     let mut rounds = Vec::with_capacity(args.rounds);
     for i in 0..args.rounds {
         let (mut direct, mut through, mut kernel) = (None, None, None);
-        let (mut sluice_us, mut dnsmasq_us) = (None, None);
+        let (mut sluice_us, mut dnsmasq_us) = (None, PerPhase::default());
         for phase in order(i, nft_on) {
-            let (target, pid) = match phase {
-                Phase::Direct => (pod.addr, dnsmasq_pid),
-                Phase::Sluice => (vip, sluice_pid),
-                Phase::Nft => (nft_vip, None),
+            let target = match phase {
+                Phase::Direct => pod.addr,
+                Phase::Sluice => vip,
+                Phase::Nft => nft_vip,
             };
-            let before = cpu(pid);
+            let (s0, d0) = (cpu(sluice_pid), cpu(dnsmasq_pid));
             let m = load(&client, target, &args, cancel.clone()).await?;
-            let us = us_per_query(before, cpu(pid), m.answered);
+            let dnsmasq = us_per_query(d0, cpu(dnsmasq_pid), m.answered);
             match phase {
-                Phase::Direct => (direct, dnsmasq_us) = (Some(m), us),
-                Phase::Sluice => (through, sluice_us) = (Some(m), us),
+                Phase::Direct => (direct, dnsmasq_us.direct) = (Some(m), dnsmasq),
+                Phase::Sluice => {
+                    sluice_us = us_per_query(s0, cpu(sluice_pid), m.answered);
+                    (through, dnsmasq_us.sluice) = (Some(m), dnsmasq);
+                }
                 Phase::Nft => kernel = Some(m),
             }
         }
@@ -251,10 +253,10 @@ async fn run_in_node(
                 ratio: ratio(&through, &direct),
                 direct,
                 sluice: through,
+                sluice_us_per_query: sluice_us,
+                backend_us_per_query: Some(dnsmasq_us),
             },
             nft: kernel,
-            sluice_cpu_us_per_query: sluice_us,
-            dnsmasq_cpu_us_per_query: dnsmasq_us,
         };
         if !args.json {
             outln!("{}", round_line(i, &r));
@@ -282,8 +284,11 @@ async fn run_in_node(
         nft: nft_on.then(|| total(rounds.iter().filter_map(|r| r.nft.clone()))),
         ratio: median(rounds.iter().map(|r| r.base.ratio).collect()),
         nft_ratio: median_of(rounds.iter().map(|r| r.nft_ratio)),
-        sluice_cpu_us_per_query: median_of(rounds.iter().map(|r| r.sluice_cpu_us_per_query)),
-        dnsmasq_cpu_us_per_query: median_of(rounds.iter().map(|r| r.dnsmasq_cpu_us_per_query)),
+        sluice_us_per_query: median_of(rounds.iter().map(|r| r.base.sluice_us_per_query)),
+        backend_us_per_query: PerPhase {
+            direct: median_of(rounds.iter().map(|r| dnsmasq_of(r).direct)),
+            sluice: median_of(rounds.iter().map(|r| dnsmasq_of(r).sluice)),
+        },
         rounds,
     })
 }
@@ -295,12 +300,13 @@ fn us(v: Option<f64>) -> String {
 
 fn round_line(i: usize, r: &NetnsRound) -> String {
     let mut s = format!(
-        "round {}: direct {:.0} (dnsmasq {} µs/query), sluice {:.0} queries/s (sluice {} µs/query), ratio {:.3}",
+        "round {}: direct {:.0} (dnsmasq {} µs/query), sluice {:.0} queries/s (sluice {} + dnsmasq {} µs/query), ratio {:.3}",
         i + 1,
         r.base.direct.queries_per_s,
-        us(r.dnsmasq_cpu_us_per_query),
+        us(dnsmasq_of(r).direct),
         r.base.sluice.queries_per_s,
-        us(r.sluice_cpu_us_per_query),
+        us(r.base.sluice_us_per_query),
+        us(dnsmasq_of(r).sluice),
         r.base.ratio
     );
     if let (Some(k), Some(kr)) = (&r.nft, r.nft_ratio) {
@@ -333,6 +339,10 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     topo::run("dnsmasq", &["--version"], None)
         .context("dns --netns needs `dnsmasq` (apt-get install dnsmasq-base)")?;
     remove_stale_runs();
+    anyhow::ensure!(
+        args.client == Client::Builtin,
+        "dns --netns has only the builtin client so far (--client dnsperf: not yet)"
+    );
     let bin = locate(args.sluice.sluice.as_deref())?;
     let args = DnsArgs {
         backend: Backend::DnsmasqPod,
@@ -386,9 +396,10 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             outln!("ratio (nft / direct, median of rounds): {kr:.3}");
         }
         outln!(
-            "CPU per query (median of rounds): sluice {} µs, dnsmasq {} µs",
-            us(report.sluice_cpu_us_per_query),
-            us(report.dnsmasq_cpu_us_per_query)
+            "CPU per query (median of rounds): sluice {} µs; dnsmasq {} µs direct, {} µs through sluice",
+            us(report.sluice_us_per_query),
+            us(report.backend_us_per_query.direct),
+            us(report.backend_us_per_query.sluice)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -411,18 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_per_query_needs_both_readings_and_an_answer() {
-        assert_eq!(us_per_query(Some(1.0), Some(1.5), 100_000), Some(5.0));
-        assert_eq!(us_per_query(Some(1.0), Some(1.0), 10), Some(0.0));
-        assert_eq!(us_per_query(None, Some(1.5), 10), None);
-        assert_eq!(us_per_query(Some(1.0), None, 10), None);
-        assert_eq!(us_per_query(Some(1.0), Some(2.0), 0), None);
-        // A pid reused by another process reads lower: no figure.
-        assert_eq!(us_per_query(Some(2.0), Some(1.0), 10), None);
-        assert_eq!(
-            median_of([None, Some(3.0), Some(1.0), Some(2.0)].into_iter()),
-            Some(2.0)
-        );
+    fn cpu_medians_skip_missing_figures() {
         assert_eq!(median_of([None, None].into_iter()), None);
     }
 }

@@ -18,7 +18,9 @@
 //! services:                        # required; `services: []` is an empty table
 //!   - name: web                    # required, non-empty; logs and metrics
 //!     listen: 127.0.0.1:8080       # required; IPv6 quoted: "[::1]:8080"
-//!     protocol: tcp                # default tcp; udp is rejected (not served yet)
+//!     protocol: tcp                # default tcp; or udp (same listen address allowed)
+//!     udpTimeoutSeconds: 30        # udp only; default 30 s unreplied, 120 s replied
+//!     udpResend: true              # udp only; default: on for port 53 only
 //!     policy: round-robin          # default; or least-connections, maglev, source-hash
 //!     affinity: { timeoutSeconds: 600 }  # optional; {} means 10800; 1..=86400
 //!     backends:                    # required; `backends: []` for none
