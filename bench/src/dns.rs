@@ -82,6 +82,8 @@ pub struct DnsArgs {
     pub json: bool,
     #[command(flatten)]
     pub sluice: SluiceArgs,
+    #[command(flatten)]
+    pub netns: crate::netns::dnsbench::NetnsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -89,6 +91,11 @@ pub struct DnsArgs {
 pub enum Backend {
     Builtin,
     Dnsmasq,
+    /// The dnsmasq pod of the netns mini node (`--netns`), answering
+    /// `rollout.test`: not a `--backend` choice.
+    #[value(skip)]
+    #[serde(rename = "dnsmasq-pod")]
+    DnsmasqPod,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -112,6 +119,7 @@ impl Backend {
                 q
             }
             Backend::Dnsmasq => crate::netns::dnsroll::query_for(NAME, id),
+            Backend::DnsmasqPod => crate::netns::dnsroll::query(id),
         }
     }
 
@@ -120,6 +128,7 @@ impl Backend {
         match self {
             Backend::Builtin => buf.len() == ANSWER && buf[..2] == id.to_be_bytes(),
             Backend::Dnsmasq => crate::netns::dnsroll::answer(buf, id) == Some(NAME_ADDR),
+            Backend::DnsmasqPod => crate::netns::dnsroll::answer(buf, id).is_some(),
         }
     }
 }
@@ -139,6 +148,7 @@ impl Server {
                 child: None,
             }),
             Backend::Dnsmasq => dnsmasq().await,
+            Backend::DnsmasqPod => bail!("the dnsmasq pod runs only with --netns"),
         }
     }
 
@@ -181,8 +191,8 @@ async fn dnsmasq() -> Result<Server> {
 }
 
 /// Waits (at most 5 s) until `addr` answers a query as `backend` does.
-async fn probe(addr: SocketAddr, backend: Backend) -> Result<()> {
-    let probe = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+pub(crate) async fn probe(addr: SocketAddr, backend: Backend) -> Result<()> {
+    let probe = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     let mut buf = [0u8; 512];
     for id in 0..50u16 {
         probe.send_to(&backend.query(id), addr).await?;
@@ -233,22 +243,22 @@ struct DnsReport {
 
 /// One direct phase and one sluice phase, back to back.
 #[derive(Debug, Serialize)]
-struct Round {
-    direct: Measured,
-    sluice: Measured,
-    ratio: f64,
+pub(crate) struct Round {
+    pub(crate) direct: Measured,
+    pub(crate) sluice: Measured,
+    pub(crate) ratio: f64,
     /// sluice's CPU µs per query answered in this round's sluice phase.
-    sluice_us_per_query: Option<f64>,
+    pub(crate) sluice_us_per_query: Option<f64>,
     /// dnsmasq's CPU µs per query answered, in each phase.
     #[serde(skip_serializing_if = "Option::is_none")]
-    backend_us_per_query: Option<PerPhase>,
+    pub(crate) backend_us_per_query: Option<PerPhase>,
 }
 
 /// A CPU figure for each phase.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct PerPhase {
-    direct: Option<f64>,
-    sluice: Option<f64>,
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct PerPhase {
+    pub(crate) direct: Option<f64>,
+    pub(crate) sluice: Option<f64>,
 }
 
 /// The processes whose CPU time is read around each phase.
@@ -260,7 +270,7 @@ struct Pids {
 
 /// CPU µs per answered query from CPU seconds read before and after a
 /// phase, to 2 decimals; None if either read failed or nothing was answered.
-fn us_per_query(before: Option<f64>, after: Option<f64>, answered: u64) -> Option<f64> {
+pub(crate) fn us_per_query(before: Option<f64>, after: Option<f64>, answered: u64) -> Option<f64> {
     let used = after? - before?;
     (answered > 0 && used >= 0.0).then(|| (used * 1e6 / answered as f64 * 100.0).round() / 100.0)
 }
@@ -293,7 +303,7 @@ enum Load {
 }
 
 /// `a` ÷ `b`, to 3 decimals (0 when `b` is 0).
-fn ratio(a: &Measured, b: &Measured) -> f64 {
+pub(crate) fn ratio(a: &Measured, b: &Measured) -> f64 {
     if b.queries_per_s > 0.0 {
         (a.queries_per_s / b.queries_per_s * 1000.0).round() / 1000.0
     } else {
@@ -302,7 +312,7 @@ fn ratio(a: &Measured, b: &Measured) -> f64 {
 }
 
 /// The rounds' phases added up.
-fn total(phases: impl Iterator<Item = Measured>) -> Measured {
+pub(crate) fn total(phases: impl Iterator<Item = Measured>) -> Measured {
     let (mut answered, mut lost, mut elapsed) = (0, 0, 0.0);
     for m in phases {
         answered += m.answered;
@@ -322,7 +332,7 @@ fn total(phases: impl Iterator<Item = Measured>) -> Measured {
 }
 
 /// The median of `values` (the mean of the middle two for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
@@ -354,7 +364,9 @@ async fn responder() -> Result<SocketAddr> {
 }
 
 async fn client(target: SocketAddr, backend: Backend, deadline: Instant) -> Result<(u64, u64)> {
-    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    // Any local address: the route to `target` picks it (loopback here, the
+    // pod's own address in a netns client).
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     socket.connect(target).await?;
     let mut query = backend.query(0);
     let mut buf = [0u8; 512];
@@ -382,7 +394,7 @@ async fn client(target: SocketAddr, backend: Backend, deadline: Instant) -> Resu
     Ok((answered, lost))
 }
 
-async fn measure(target: SocketAddr, args: &DnsArgs) -> Result<Measured> {
+pub(crate) async fn measure(target: SocketAddr, args: &DnsArgs) -> Result<Measured> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let tasks: Vec<_> = (0..args.clients)
@@ -442,6 +454,9 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     check::positive_at_most("--seconds", args.seconds, 120.0)?;
     check::in_range("--clients", args.clients, 1..=1024)?;
     check::in_range("--rounds", args.rounds, 1..=100)?;
+    if args.netns.netns {
+        return crate::netns::dnsbench::run(args).await;
+    }
     let load = match args.client {
         Client::Builtin => Load::Builtin,
         Client::Dnsperf => {

@@ -113,13 +113,14 @@ pub fn answer(buf: &[u8], id: u16) -> Option<Ipv4Addr> {
 }
 
 /// A DNS pod: dnsmasq in the pod's namespace. Dropping it kills it.
-struct DnsPod {
-    addr: SocketAddr,
+pub(super) struct DnsPod {
+    pub(super) addr: SocketAddr,
     child: Child,
 }
 
 impl DnsPod {
-    async fn start(names: &Names, g: Gen, i: usize) -> Result<Self> {
+    /// Must be called on a thread inside the node's namespace.
+    pub(super) async fn start(names: &Names, g: Gen, i: usize) -> Result<Self> {
         let ns = names.pod(g, i);
         let ip = topo::pod_ip(g, i);
         topo::attach(names, &ns, &super::scenario::veth_name(g, i), ip)?;
@@ -150,6 +151,11 @@ impl DnsPod {
             }
         }
         bail!("dnsmasq in {ns} did not answer at {addr} within 5s")
+    }
+
+    /// dnsmasq's pid (`ip netns exec` execs it), None once reaped.
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// SIGTERM: dnsmasq exits at once.

@@ -14,6 +14,7 @@
 //! by the calling thread and removed when the run ends, fails or is
 //! interrupted (the run's thread is cancelled and joined first).
 
+pub mod dnsbench;
 pub mod dnsroll;
 pub mod nft;
 pub mod plot;
@@ -122,6 +123,18 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
+}
+
+/// Removes the namespaces of earlier runs killed hard, and says so.
+fn remove_stale_runs() {
+    let stale = topo::remove_stale();
+    if !stale.is_empty() {
+        eprintln!(
+            "sluice-bench: removed {} stale namespaces of an earlier run: {}",
+            stale.len(),
+            stale.join(" ")
+        );
+    }
 }
 
 fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
@@ -252,14 +265,7 @@ pub async fn run(a: RolloutArgs) -> Result<ExitCode> {
             )?;
         }
     }
-    let stale = topo::remove_stale();
-    if !stale.is_empty() {
-        eprintln!(
-            "sluice-bench: removed {} stale namespaces of an earlier run: {}",
-            stale.len(),
-            stale.join(" ")
-        );
-    }
+    remove_stale_runs();
     let sluice_bin = if vias.contains(&Via::Sluice) {
         Some(sluice::locate(a.sluice.sluice.as_deref())?)
     } else {
