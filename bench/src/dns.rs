@@ -31,7 +31,7 @@
 //! changes when sluice is in front). /proc counts in clock ticks (10 ms
 //! here), so phases under ~2 s give coarse figures.
 
-mod dnsperf;
+pub(crate) mod dnsperf;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -288,7 +288,7 @@ async fn phase(
     let (s0, b0) = (read(sluice), read(backend));
     let m = match load {
         Load::Builtin => measure(target, args).await?,
-        Load::Dnsperf(queries) => dnsperf::measure(target, args, queries).await?,
+        Load::Dnsperf(queries) => dnsperf::measure(target, args, queries, None).await?,
     };
     let (s1, b1) = (read(sluice), read(backend));
     let sluice_us = us_per_query(s0, s1, m.answered);
@@ -469,7 +469,7 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             check::in_range("--outstanding", args.outstanding, 1..=65_535)?;
             check::in_range("--dnsperf-threads", args.dnsperf_threads, 1..=64)?;
             dnsperf::installed()?;
-            Load::Dnsperf(dnsperf::QueryFile::new()?)
+            Load::Dnsperf(dnsperf::QueryFile::new(NAME)?)
         }
     };
     let server = Server::start(args.backend).await?;

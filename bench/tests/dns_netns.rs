@@ -164,3 +164,42 @@ fn dns_netns_answers_every_query_on_every_path_and_cleans_up() {
         }
     }
 }
+
+#[test]
+fn dnsperf_in_the_client_pod_is_answered_directly_and_through_sluice() {
+    if let Some(why) = unusable(&["dnsperf"]) {
+        eprintln!("SKIPPED: dns --netns --client dnsperf {why}");
+        return;
+    }
+    let args = [
+        "--client",
+        "dnsperf",
+        "--seconds",
+        "1",
+        "--clients",
+        "4",
+        "--outstanding",
+        "16",
+    ];
+    let Some((child, _one)) = start(&args) else {
+        return;
+    };
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(left_over(pid), Vec::<String>::new(), "namespaces left");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ctx = format!("{v:#}\nstderr:\n{stderr}");
+    assert_eq!(v["client"], "dnsperf", "{ctx}");
+    for phase in ["direct", "sluice"] {
+        let m = &v[phase];
+        assert!(m["answered"].as_u64().unwrap() > 0, "{phase}: {ctx}");
+        // dnsperf counts what is still in flight at its time limit as lost.
+        assert!(m["lost"].as_u64().unwrap() <= 16, "{phase} lost: {ctx}");
+    }
+    // Answered from the pod through sluice: dnsperf sent its queries from
+    // the client pod's namespace, where only the VIP leads to sluice.
+    assert!(v["sluice_us_per_query"].as_f64().unwrap() > 0.0, "{ctx}");
+}

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 
-use super::{DnsArgs, Measured, NAME};
+use super::{DnsArgs, Measured};
 
 const DNSPERF: &str = "dnsperf";
 
@@ -34,17 +34,18 @@ pub fn installed() -> Result<()> {
     }
 }
 
-/// dnsperf's query file: one line, [`NAME`] `A`. Removed on drop.
+/// dnsperf's query file: one line, `name A`. Removed on drop.
 pub struct QueryFile(tempfile::NamedTempFile);
 
 impl QueryFile {
-    pub fn new() -> Result<Self> {
+    /// Queries for `name` (the one the backend answers).
+    pub fn new(name: &str) -> Result<Self> {
         let mut f = tempfile::Builder::new()
             .prefix("sluice-bench-dnsperf-")
             .suffix(".txt")
             .tempfile()
             .context("creating dnsperf's query file")?;
-        writeln!(f, "{NAME} A").context("writing dnsperf's query file")?;
+        writeln!(f, "{name} A").context("writing dnsperf's query file")?;
         f.flush().context("writing dnsperf's query file")?;
         Ok(Self(f))
     }
@@ -54,9 +55,23 @@ impl QueryFile {
     }
 }
 
-/// One dnsperf run of `args.seconds` against `target`.
-pub async fn measure(target: SocketAddr, args: &DnsArgs, queries: &QueryFile) -> Result<Measured> {
-    let mut cmd = Command::new(DNSPERF);
+/// One dnsperf run of `args.seconds` against `target`, from network
+/// namespace `netns` when given (`ip netns exec`: the client pod of
+/// `dns --netns`), else from this one.
+pub async fn measure(
+    target: SocketAddr,
+    args: &DnsArgs,
+    queries: &QueryFile,
+    netns: Option<&str>,
+) -> Result<Measured> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, DNSPERF]);
+            c
+        }
+        None => Command::new(DNSPERF),
+    };
     cmd.arg("-s")
         .arg(target.ip().to_string())
         .arg("-p")

@@ -33,11 +33,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::dnsroll::{DNS_PORT, DnsPod};
+use super::dnsroll::{self, DNS_PORT, DnsPod};
 use super::scenario::{SERVICE, sluice_flags, spawn_in};
 use super::topo::{self, Gen, Names, VIP};
 use super::{RunGuard, is_root, nft, remove_stale_runs};
 use crate::compare::cpu::cpu_seconds;
+use crate::dns::dnsperf::{self, QueryFile};
 use crate::dns::{
     Backend, Client, DnsArgs, Measured, PerPhase, Round, median, probe, ratio, total, us_per_query,
 };
@@ -101,7 +102,11 @@ struct NetnsDnsReport {
     backend: Backend,
     intercept: Intercept,
     seconds: f64,
+    client: Client,
     clients: usize,
+    /// dnsperf's queries in flight (`--client dnsperf` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outstanding: Option<usize>,
     /// The pod's address, the sluice VIP and the nft VIP.
     pod: String,
     vip: String,
@@ -137,14 +142,21 @@ fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 /// (`--clients` sockets, one query in flight each, 1 s without an answer =
 /// lost) for `--seconds`, to `target`, on a multi-thread runtime (one
 /// worker per CPU, as `dns` on loopback runs it) whose threads are all in
-/// `client_ns` (they are started by a thread that entered it). Another
-/// client (dnsperf) goes here.
+/// `client_ns` (they are started by a thread that entered it); or, with
+/// `--client dnsperf` (`queries` given), dnsperf run in `client_ns`.
 async fn load(
     client_ns: &str,
     target: SocketAddr,
     args: &DnsArgs,
+    queries: Option<&QueryFile>,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<Measured> {
+    if let Some(queries) = queries {
+        return tokio::select! {
+            r = dnsperf::measure(target, args, queries, Some(client_ns)) => r,
+            _ = cancel.wait_for(|c| *c) => anyhow::bail!("cancelled"),
+        };
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (ns, args) = (client_ns.to_string(), args.clone());
     // Ends by itself at the phase's deadline (at most 1 s later).
@@ -218,6 +230,10 @@ async fn run_in_node(
             );
         }
     }
+    let queries = match args.client {
+        Client::Dnsperf => Some(QueryFile::new(dnsroll::NAME)?),
+        Client::Builtin => None,
+    };
     let sluice_pid = u32::try_from(sluice.pid()).ok();
     let dnsmasq_pid = pod.pid();
     let cpu = |pid: Option<u32>| pid.and_then(cpu_seconds);
@@ -233,7 +249,7 @@ async fn run_in_node(
                 Phase::Nft => nft_vip,
             };
             let (s0, d0) = (cpu(sluice_pid), cpu(dnsmasq_pid));
-            let m = load(&client, target, &args, cancel.clone()).await?;
+            let m = load(&client, target, &args, queries.as_ref(), cancel.clone()).await?;
             let dnsmasq = us_per_query(d0, cpu(dnsmasq_pid), m.answered);
             match phase {
                 Phase::Direct => (direct, dnsmasq_us.direct) = (Some(m), dnsmasq),
@@ -275,7 +291,9 @@ async fn run_in_node(
         backend: Backend::DnsmasqPod,
         intercept: Intercept::Nftables,
         seconds: args.seconds,
+        client: args.client,
         clients: args.clients,
+        outstanding: (args.client == Client::Dnsperf).then_some(args.outstanding),
         pod: pod.addr.to_string(),
         vip: vip.to_string(),
         nft_vip: nft_on.then(|| nft_vip.to_string()),
@@ -339,10 +357,9 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     topo::run("dnsmasq", &["--version"], None)
         .context("dns --netns needs `dnsmasq` (apt-get install dnsmasq-base)")?;
     remove_stale_runs();
-    anyhow::ensure!(
-        args.client == Client::Builtin,
-        "dns --netns has only the builtin client so far (--client dnsperf: not yet)"
-    );
+    if args.client == Client::Dnsperf {
+        dnsperf::installed()?;
+    }
     let bin = locate(args.sluice.sluice.as_deref())?;
     let args = DnsArgs {
         backend: Backend::DnsmasqPod,
@@ -351,8 +368,12 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     let json = args.json;
     if !json {
         outln!(
-            "dns --netns: {} clients (closed loop, 1 s timeout), {} rounds of {:.1}s phases; dnsmasq pod {}, sluice (nftables intercept) on {VIP}:{DNS_PORT}{}",
+            "dns --netns: {} clients ({}), {} rounds of {:.1}s phases; dnsmasq pod {}, sluice (nftables intercept) on {VIP}:{DNS_PORT}{}",
             args.clients,
+            match args.client {
+                Client::Builtin => "closed loop, 1 s timeout".to_string(),
+                Client::Dnsperf => format!("dnsperf, {} in flight", args.outstanding),
+            },
             args.rounds,
             args.seconds,
             topo::pod_ip(Gen::Old, 0),
