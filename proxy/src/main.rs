@@ -152,7 +152,13 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let mut metrics = Metrics::new();
     let reload = Arc::new(Notify::new());
     let mut warnings = Vec::new();
-    let started = std::time::Instant::now();
+    // The proxy's own health, started now: /healthz's rule and the
+    // healthCheckNodePort answers.
+    let health = admin::ProxyHealth {
+        publisher: publisher.clone(),
+        timeout: args.healthz_timeout,
+        started: std::time::Instant::now(),
+    };
     let node_eligible = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if let Some(config) = &args.config {
         let first = match file::load(config) {
@@ -263,14 +269,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         // healthCheckNodePort responders (kube-proxy: on all addresses),
         // fed from the table like the rest; 200 only while the proxy is
         // healthy by /healthz's rule (kube-proxy's serviceProxyHealthy).
-        let proxy_healthy = {
-            let publisher = publisher.clone();
-            let timeout = args.healthz_timeout;
-            Arc::new(move || publisher.is_healthy(std::time::Instant::now(), timeout, started))
-        };
         followers.push(Box::new(HealthFollower::new(HealthResponders::new(
             std::net::Ipv4Addr::UNSPECIFIED.into(),
-            proxy_healthy,
+            health.check(),
         ))));
     }
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
@@ -389,10 +390,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         publisher,
         tracker: proxy.tracker().clone(),
         metrics,
-        health_timeout: args.healthz_timeout,
+        health,
         warnings,
         node_eligible,
-        started,
     });
     for (addr, endpoints) in [
         (args.healthz_bind_address, Endpoints::Health),
