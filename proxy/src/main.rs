@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let mut args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let usage = e.use_stderr();
@@ -40,6 +40,10 @@ fn main() -> ExitCode {
     init_logs(args.log_format);
     if args.cleanup {
         return cleanup(&args);
+    }
+    if let Err(e) = args.validate() {
+        eprintln!("sluice: {e}");
+        return ExitCode::from(EXIT_USAGE as u8);
     }
     if args.intercept() == Intercept::Nftables && args.vip_interface.is_some() {
         eprintln!(
@@ -440,10 +444,6 @@ async fn source_ip_setup(
     if args.source_ip_mode() == SourceIpMode::Node {
         info!("--source-ip=node: backends see the node's address");
         return Ok((false, Vec::new()));
-    }
-    if let Err(e) = args.detect_local() {
-        eprintln!("sluice: {e}");
-        return Err(ExitCode::from(EXIT_USAGE as u8));
     }
     let fallback = |why: String| {
         let why = format!(
