@@ -68,6 +68,17 @@ fn mk_node_port_service() -> K8sService {
     svc
 }
 
+/// LoadBalancer Service `d/lb` on `cluster_ip`, port `web` 80, with
+/// `externalTrafficPolicy: Local` and `healthCheckNodePort` `health_port`.
+fn mk_lb_local_service(cluster_ip: &str, health_port: i32) -> K8sService {
+    let mut svc = mk_service("d", "lb", cluster_ip, &[("web", 80)]);
+    let s = spec(&mut svc);
+    s.type_ = Some("LoadBalancer".into());
+    s.external_traffic_policy = Some("Local".into());
+    s.health_check_node_port = Some(health_port);
+    svc
+}
+
 fn spec(svc: &mut K8sService) -> &mut ServiceSpec {
     svc.spec.as_mut().unwrap()
 }
@@ -826,12 +837,9 @@ fn local_policy_without_node_name_selects_nothing() {
 #[test]
 fn external_traffic_policy_local_and_health_check() {
     let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
-    let mut svc = mk_service("d", "lb", "10.96.0.2", &[("web", 80)]);
+    let mut svc = mk_lb_local_service("10.96.0.2", 32000);
     {
         let s = spec(&mut svc);
-        s.type_ = Some("LoadBalancer".into());
-        s.external_traffic_policy = Some("Local".into());
-        s.health_check_node_port = Some(32000);
         s.external_ips = Some(vec!["203.0.113.2".into()]);
         s.ports.as_mut().unwrap()[0].node_port = Some(30002);
     }
@@ -910,13 +918,7 @@ fn external_traffic_policy_local_and_health_check() {
 #[test]
 fn health_check_node_port_is_built_into_the_table() {
     let mut idx = index();
-    let mut svc = mk_service("d", "lb", "10.96.0.3", &[("web", 80)]);
-    {
-        let s = spec(&mut svc);
-        s.type_ = Some("LoadBalancer".into());
-        s.external_traffic_policy = Some("Local".into());
-        s.health_check_node_port = Some(32100);
-    }
+    let mut svc = mk_lb_local_service("10.96.0.3", 32100);
     idx.apply(&svc).unwrap();
     idx.apply(&mk_slice(
         "d",
