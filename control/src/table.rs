@@ -883,10 +883,15 @@ impl Table {
         &self.health_checks
     }
 
-    /// Sets the `healthCheckNodePort`s to answer (shared: the source keeps
-    /// one copy and hands it to every table until it changes).
-    pub fn set_health_checks(&mut self, checks: Arc<[crate::k8s::HealthCheck]>) {
+    /// Sets the `healthCheckNodePort`s to answer; returns whether they
+    /// changed. They travel with the table (shared by its clones until they
+    /// change), so a change reaches the responders with the next publish.
+    pub fn set_health_checks(&mut self, checks: Arc<[crate::k8s::HealthCheck]>) -> bool {
+        if *self.health_checks == *checks {
+            return false;
+        }
         self.health_checks = checks;
+        true
     }
 
     /// Whether `addr` may receive new connections from any service.

@@ -42,13 +42,43 @@ use crate::tracker::Tracker;
 /// How long local resource errors must go on before `/healthz` turns 503.
 pub const SATURATED_AFTER: Duration = Duration::from_secs(30);
 
+/// The proxy's own health (kube-proxy's `serviceProxyHealthy`): no source
+/// input has waited longer than the health timeout for a publish, counting
+/// the start as input. The one definition behind [`Admin::is_healthy`]
+/// (`/healthz`, `/livez`) and the `healthCheckNodePort` answers.
+#[derive(Clone)]
+pub struct ProxyHealth {
+    pub publisher: Arc<Publisher>,
+    /// Input waiting longer than this for a publish makes it unhealthy.
+    pub timeout: Duration,
+    /// When the process started: before its first table, sluice reports
+    /// healthy for one health timeout (as kube-proxy does while starting).
+    pub started: Instant,
+}
+
+impl ProxyHealth {
+    /// Healthy at `now` (while starting, healthy until the first table is
+    /// one timeout late: kube-proxy's rule).
+    pub fn is_healthy(&self, now: Instant) -> bool {
+        self.publisher.is_healthy(now, self.timeout, self.started)
+    }
+
+    /// [`ProxyHealth::is_healthy`] now, as the `healthCheckNodePort`
+    /// responders take it.
+    pub fn check(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let health = self.clone();
+        Arc::new(move || health.is_healthy(Instant::now()))
+    }
+}
+
 /// What the endpoints read.
 pub struct Admin {
     pub publisher: Arc<Publisher>,
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<Metrics>,
-    /// Input waiting longer than this for a publish makes `/healthz` 503.
-    pub health_timeout: Duration,
+    /// The proxy's own health, shared with the `healthCheckNodePort`
+    /// responders.
+    pub health: ProxyHealth,
     /// Set-up problems that do not stop sluice but that an operator must
     /// fix (say, an apiserver reached only through a Service sluice serves,
     /// or kube-proxy leftovers: [`crate::leftovers`]), listed in
@@ -58,9 +88,6 @@ pub struct Admin {
     /// `nodeEligible`): false while its Node is being deleted or tainted
     /// `ToBeDeletedByClusterAutoscaler`. Always true with a file config.
     pub node_eligible: Arc<AtomicBool>,
-    /// When the process started: before its first table, sluice reports
-    /// healthy for one health timeout (as kube-proxy does while starting).
-    pub started: Instant,
 }
 
 /// `/healthz` (the node may take traffic) or `/livez` (the process works).
@@ -193,13 +220,10 @@ impl Admin {
         }
     }
 
-    /// Healthy when no source input has waited longer than the health
-    /// timeout for a publish, counting the start as input: while starting,
-    /// healthy until the first table is one timeout late (kube-proxy's
-    /// rule).
+    /// Healthy by [`ProxyHealth::is_healthy`]: no source input has waited
+    /// longer than the health timeout for a publish.
     pub fn is_healthy(&self, now: Instant) -> bool {
-        self.publisher
-            .is_healthy(now, self.health_timeout, self.started)
+        self.health.is_healthy(now)
     }
 
     fn healthz(&self, probe: Probe) -> Response<Full<Bytes>> {
@@ -293,14 +317,18 @@ mod tests {
             eject_max: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(1),
         };
+        let publisher = Arc::new(Publisher::new());
         Admin {
-            publisher: Arc::new(Publisher::new()),
+            publisher: publisher.clone(),
             tracker: Arc::new(Tracker::new(cfg, CancellationToken::new(), metrics.clone())),
             metrics,
-            health_timeout: timeout,
+            health: ProxyHealth {
+                publisher,
+                timeout,
+                started: Instant::now(),
+            },
             warnings: vec!["fix me".into()],
             node_eligible: Arc::new(AtomicBool::new(true)),
-            started: Instant::now(),
         }
     }
 
@@ -329,6 +357,22 @@ mod tests {
         assert!(!a.is_healthy(Instant::now() + Duration::from_secs(61)));
         a.publisher.publish(Table::new());
         assert!(a.is_healthy(Instant::now() + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn health_check_node_ports_follow_the_healthz_rule() {
+        // What main hands the healthCheckNodePort responders: it turns with
+        // /healthz's rule, on the same publisher.
+        let a = mk_admin(Duration::from_millis(1));
+        let check = a.health.check();
+        a.publisher.publish(Table::new());
+        assert!(check() && a.is_healthy(Instant::now()));
+        a.publisher.mark_pending();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!a.is_healthy(Instant::now()));
+        assert!(!check(), "input waits too long: the responders say so too");
+        a.publisher.publish(Table::new());
+        assert!(check());
     }
 
     #[tokio::test]

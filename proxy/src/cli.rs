@@ -283,6 +283,11 @@ pub struct Args {
     #[arg(long, env = "SLUICE_POD_INTERFACE_NAME_PREFIX", value_name = "PREFIX")]
     pub pod_interface_name_prefix: Option<String>,
 
+    /// The local-pod detector the data path uses, decided once by
+    /// [`Args::validate`] from the flags above (`NodeCIDR` until then).
+    #[arg(skip = crate::source_ip::DetectLocal::NodeCidr)]
+    local_detector: crate::source_ip::DetectLocal,
+
     /// The fwmark bit that steers replies of transparent dials to sluice
     /// (hex or decimal); pick one your CNI does not use (kube-proxy uses
     /// 0x4000/0x8000, Calico 0xffff0000, Cilium 0x0f00).
@@ -438,6 +443,22 @@ impl Args {
         }
     }
 
+    /// Checks what clap cannot check flag by flag, and decides once what
+    /// follows from several flags: the local-pod detector
+    /// ([`Args::detect_local`]), carried to [`Args::proxy_config`]. Its
+    /// error (a mode without the flag it needs) only counts when
+    /// transparent dials are asked for; with `--source-ip node` the
+    /// detector is unused and left at `NodeCIDR`. `Err` is the message for
+    /// the operator (exit [`EXIT_USAGE`]).
+    pub fn validate(&mut self) -> Result<(), String> {
+        self.local_detector = match self.detect_local() {
+            Ok(detector) => detector,
+            Err(e) if self.source_ip_mode() != SourceIpMode::Node => return Err(e),
+            Err(_) => crate::source_ip::DetectLocal::NodeCidr,
+        };
+        Ok(())
+    }
+
     /// `--transparent-mark` and `--transparent-route-table`.
     pub fn policy_route(&self) -> crate::policy_route::PolicyRoute {
         crate::policy_route::PolicyRoute {
@@ -476,8 +497,7 @@ impl Args {
                 Intercept::Nftables => Some(self.intercept_port),
             },
             source_ip: std::sync::Arc::new(crate::source_ip::SourceIp::new(
-                self.detect_local()
-                    .unwrap_or(crate::source_ip::DetectLocal::NodeCidr),
+                self.local_detector.clone(),
             )),
             reserved: [self.healthz_bind_address, self.metrics_bind_address]
                 .into_iter()
@@ -659,5 +679,46 @@ mod tests {
             "cni0",
         ]);
         assert!(wrong.detect_local().is_err());
+    }
+
+    #[test]
+    fn validate_decides_the_detector_once_and_carries_it() {
+        use crate::source_ip::DetectLocal;
+        let detector = |a: &Args| a.proxy_config().source_ip.detect().clone();
+        // Transparent dials asked for (the Kubernetes default): a mode
+        // without its flag is refused with the detector's own message.
+        for source_ip in [&[][..], &["--source-ip", "transparent"]] {
+            let mut args =
+                parse(&[source_ip, &["--detect-local-mode", "BridgeInterface"]].concat());
+            assert_eq!(
+                args.validate(),
+                Err(
+                    "--detect-local-mode BridgeInterface needs --pod-bridge-interface NAME \
+                     (the pod interface to match)"
+                        .into()
+                )
+            );
+        }
+        // Unused with --source-ip node: accepted, NodeCIDR.
+        let mut node = parse(&[
+            "--source-ip",
+            "node",
+            "--detect-local-mode",
+            "InterfaceNamePrefix",
+        ]);
+        assert_eq!(node.validate(), Ok(()));
+        assert_eq!(detector(&node), DetectLocal::NodeCidr);
+        // A good mode reaches the data path's config.
+        let mut cluster = parse(&[
+            "--detect-local-mode",
+            "ClusterCIDR",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ]);
+        assert_eq!(cluster.validate(), Ok(()));
+        assert_eq!(
+            detector(&cluster),
+            DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()])
+        );
     }
 }

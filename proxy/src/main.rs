@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let mut args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let usage = e.use_stderr();
@@ -40,6 +40,10 @@ fn main() -> ExitCode {
     init_logs(args.log_format);
     if args.cleanup {
         return cleanup(&args);
+    }
+    if let Err(e) = args.validate() {
+        eprintln!("sluice: {e}");
+        return ExitCode::from(EXIT_USAGE as u8);
     }
     if args.intercept() == Intercept::Nftables && args.vip_interface.is_some() {
         eprintln!(
@@ -152,7 +156,13 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let mut metrics = Metrics::new();
     let reload = Arc::new(Notify::new());
     let mut warnings = Vec::new();
-    let started = std::time::Instant::now();
+    // The proxy's own health, started now: /healthz's rule and the
+    // healthCheckNodePort answers.
+    let health = admin::ProxyHealth {
+        publisher: publisher.clone(),
+        timeout: args.healthz_timeout,
+        started: std::time::Instant::now(),
+    };
     let node_eligible = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if let Some(config) = &args.config {
         let first = match file::load(config) {
@@ -263,14 +273,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         // healthCheckNodePort responders (kube-proxy: on all addresses),
         // fed from the table like the rest; 200 only while the proxy is
         // healthy by /healthz's rule (kube-proxy's serviceProxyHealthy).
-        let proxy_healthy = {
-            let publisher = publisher.clone();
-            let timeout = args.healthz_timeout;
-            Arc::new(move || publisher.is_healthy(std::time::Instant::now(), timeout, started))
-        };
         followers.push(Box::new(HealthFollower::new(HealthResponders::new(
             std::net::Ipv4Addr::UNSPECIFIED.into(),
-            proxy_healthy,
+            health.check(),
         ))));
     }
     if bind_mode && (args.vip_interface.is_some() || args.config.is_none()) {
@@ -389,10 +394,9 @@ async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
         publisher,
         tracker: proxy.tracker().clone(),
         metrics,
-        health_timeout: args.healthz_timeout,
+        health,
         warnings,
         node_eligible,
-        started,
     });
     for (addr, endpoints) in [
         (args.healthz_bind_address, Endpoints::Health),
@@ -440,10 +444,6 @@ async fn source_ip_setup(
     if args.source_ip_mode() == SourceIpMode::Node {
         info!("--source-ip=node: backends see the node's address");
         return Ok((false, Vec::new()));
-    }
-    if let Err(e) = args.detect_local() {
-        eprintln!("sluice: {e}");
-        return Err(ExitCode::from(EXIT_USAGE as u8));
     }
     let fallback = |why: String| {
         let why = format!(

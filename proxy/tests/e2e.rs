@@ -498,6 +498,52 @@ async fn bad_flag_exits_64_with_one_line() {
     assert!(err.contains("/nonexistent/sluice.yaml"), "{err}");
 }
 
+/// `--detect-local-mode BridgeInterface` without `--pod-bridge-interface`
+/// while transparent dials are asked for: exit 64 with the one line that
+/// names the missing flag, before serving anything.
+#[test]
+fn a_detect_local_mode_without_its_flag_exits_64_naming_it() {
+    let path = std::env::temp_dir().join(format!("d-sluice-detect-{}.yaml", std::process::id()));
+    std::fs::write(&path, yaml(config(listen_addr(), &[]))).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--config")
+        .arg(&path)
+        .args([
+            "--source-ip",
+            "transparent",
+            "--detect-local-mode",
+            "BridgeInterface",
+        ])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_file(&path);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(64), "{err}");
+    assert!(
+        err.contains(
+            "sluice: --detect-local-mode BridgeInterface needs --pod-bridge-interface NAME \
+             (the pod interface to match)"
+        ),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn admin_endpoints_report_health_metrics_and_the_live_table() {
     let a = Backend::start("a", Mode::Echo).await.unwrap();

@@ -57,6 +57,21 @@ pub fn parse_udp_resend(value: &str) -> Result<bool, String> {
     }
 }
 
+/// The value of a Service's annotation `name` as `parse` reads it: `None`
+/// when absent or bad. A bad value is skipped with its error, naming the
+/// annotation (the Service is served with the default).
+fn annotation<T, E: fmt::Display>(
+    meta: &ObjectMeta,
+    name: &str,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+    skipped: &mut Vec<String>,
+) -> Option<T> {
+    let value = meta.annotations.as_ref()?.get(name)?;
+    (parse(value))
+        .inspect_err(|e| skipped.push(format!("annotation {name}: {e}")))
+        .ok()
+}
+
 /// Valid values of [`UDP_TIMEOUT_ANNOTATION`], in seconds.
 pub const UDP_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 
@@ -415,44 +430,41 @@ pub fn service_info(svc: &Service) -> Result<Option<ServiceInfo>, Malformed> {
         }
         _ => None,
     };
-    let annotation = (meta.annotations.as_ref()).and_then(|a| a.get(SCHEDULER_ANNOTATION));
-    let scheduler = annotation.and_then(|name| {
-        name.parse::<Policy>()
-            .inspect_err(|e| skipped.push(format!("annotation {SCHEDULER_ANNOTATION}: {e}")))
-            .ok()
-    });
-    let annotated = |name: &str| (meta.annotations.as_ref()).and_then(|a| a.get(name));
-    let mut settings = Settings::default();
-    if let Some(value) = annotated(MAX_CONNECTIONS_ANNOTATION) {
-        match Settings::parse_max_connections(value) {
-            Ok(n) => settings.max_connections = Some(n),
-            Err(e) => skipped.push(format!("annotation {MAX_CONNECTIONS_ANNOTATION}: {e}")),
-        }
-    }
-    if let Some(value) = annotated(IDLE_TIMEOUT_ANNOTATION) {
-        match Settings::parse_idle_timeout(value) {
-            Ok(d) => settings.idle_timeout = Some(d),
-            Err(e) => skipped.push(format!("annotation {IDLE_TIMEOUT_ANNOTATION}: {e}")),
-        }
-    }
-    if let Some(value) = annotated(UDP_TIMEOUT_ANNOTATION) {
-        match parse_udp_timeout(value) {
-            Ok(d) => settings.udp_timeout = Some(d),
-            Err(e) => skipped.push(format!("annotation {UDP_TIMEOUT_ANNOTATION}: {e}")),
-        }
-    }
-    if let Some(value) = annotated(PROXY_PROTOCOL_ANNOTATION) {
-        match value.parse::<ProxyProtocol>() {
-            Ok(v) => settings.proxy_protocol = Some(v),
-            Err(e) => skipped.push(format!("annotation {PROXY_PROTOCOL_ANNOTATION}: {e}")),
-        }
-    }
-    if let Some(value) = annotated(UDP_RESEND_ANNOTATION) {
-        match parse_udp_resend(value) {
-            Ok(on) => settings.udp_resend = Some(on),
-            Err(e) => skipped.push(format!("annotation {UDP_RESEND_ANNOTATION}: {e}")),
-        }
-    }
+    let scheduler = annotation(
+        meta,
+        SCHEDULER_ANNOTATION,
+        str::parse::<Policy>,
+        &mut skipped,
+    );
+    // In this order, as the skipped fields are listed.
+    let settings = Settings {
+        max_connections: annotation(
+            meta,
+            MAX_CONNECTIONS_ANNOTATION,
+            Settings::parse_max_connections,
+            &mut skipped,
+        ),
+        idle_timeout: annotation(
+            meta,
+            IDLE_TIMEOUT_ANNOTATION,
+            Settings::parse_idle_timeout,
+            &mut skipped,
+        ),
+        udp_timeout: annotation(
+            meta,
+            UDP_TIMEOUT_ANNOTATION,
+            parse_udp_timeout,
+            &mut skipped,
+        ),
+        proxy_protocol: annotation(
+            meta,
+            PROXY_PROTOCOL_ANNOTATION,
+            str::parse::<ProxyProtocol>,
+            &mut skipped,
+        ),
+        udp_resend: annotation(meta, UDP_RESEND_ANNOTATION, parse_udp_resend, &mut skipped),
+        ..Settings::default()
+    };
     Ok(Some(ServiceInfo {
         ports,
         skipped_ports,
@@ -719,6 +731,45 @@ pub(crate) mod settings_tests {
         }
         let none = service_info(&web(&[])).unwrap().unwrap();
         assert_eq!(none.settings.proxy_protocol, None);
+    }
+
+    #[test]
+    fn every_bad_annotation_is_skipped_with_its_exact_text_in_order() {
+        let info = service_info(&web(&[
+            (SCHEDULER_ANNOTATION, "fastest"),
+            (MAX_CONNECTIONS_ANNOTATION, "lots"),
+            (IDLE_TIMEOUT_ANNOTATION, "10ms"),
+            (UDP_TIMEOUT_ANNOTATION, "5d"),
+            (PROXY_PROTOCOL_ANNOTATION, "v1"),
+            (UDP_RESEND_ANNOTATION, "yes"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(info.scheduler, None);
+        assert_eq!(info.settings, Settings::default());
+        assert_eq!(
+            info.skipped,
+            [
+                "annotation sluice.io/scheduler: unknown scheduler \"fastest\" (valid: round-robin, least-connections, maglev, source-hash)",
+                "annotation sluice.io/max-connections: \"lots\" is not an integer in 1..=4294967295",
+                "annotation sluice.io/idle-timeout: \"10ms\" is shorter than 1s",
+                "annotation sluice.io/udp-timeout: \"5d\" has an unknown unit (valid: s, m, h)",
+                "annotation sluice.io/proxy-protocol: \"v1\" is not a PROXY protocol version sluice sends (valid: v2)",
+                "annotation sluice.io/udp-resend: \"yes\" is not \"true\" or \"false\"",
+            ]
+        );
+        // Good values are all read.
+        let info = service_info(&web(&[
+            (SCHEDULER_ANNOTATION, "maglev"),
+            (UDP_TIMEOUT_ANNOTATION, "2m"),
+            (UDP_RESEND_ANNOTATION, "false"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert!(info.skipped.is_empty(), "{:?}", info.skipped);
+        assert_eq!(info.scheduler, Some(Policy::Maglev));
+        assert_eq!(info.settings.udp_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(info.settings.udp_resend, Some(false));
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub struct Index {
     contributed: HashMap<ObjectRef, Vec<(ListenKey, EntryId)>>,
     claims: HashMap<ListenKey, BTreeMap<EntryId, Arc<Service>>>,
     health: HashMap<ObjectRef, HealthCheck>,
-    /// `health` changed since the last `take_health_changed`.
+    /// `health` changed since the last `build` put it on the table.
     health_changed: bool,
     table: Table,
     dirty: HashSet<ObjectRef>,
@@ -164,16 +164,10 @@ impl Index {
         self.services.len()
     }
 
-    /// The `healthCheckNodePort`s to answer, by port.
-    pub fn health_checks(&self) -> Vec<HealthCheck> {
-        let mut v: Vec<HealthCheck> = self.health.values().cloned().collect();
-        v.sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.service.cmp(&b.service)));
-        v
-    }
-
-    /// Whether [`Index::health_checks`] changed since the last call.
-    pub fn take_health_changed(&mut self) -> bool {
-        std::mem::take(&mut self.health_changed)
+    /// The `healthCheckNodePort`s to answer, by port, as the last
+    /// [`Index::build`] put them on the table ([`Table::health_checks`]).
+    pub fn health_checks(&self) -> &[HealthCheck] {
+        self.table.health_checks()
     }
 
     /// Trigger times (ns since the epoch) of the slice changes applied since
@@ -301,13 +295,22 @@ impl Index {
 
     // ----- Building -------------------------------------------------------
 
-    /// Recomputes the dirty Services into the working table. Returns whether
-    /// the table changed since the last call; if so, publish
-    /// `self.table().clone()` (O(1)).
+    /// Recomputes the dirty Services into the working table, with its
+    /// health checks and pod CIDRs. Returns whether the table changed since
+    /// the last call (a health check's local endpoint count alone counts);
+    /// if so, publish `self.table().clone()` (O(1)).
     pub fn build(&mut self) -> bool {
         let dirty: Vec<ObjectRef> = self.dirty.drain().collect();
         for key in dirty {
             self.rebuild(&key);
+        }
+        // Health checks travel with the table, as pod CIDRs do.
+        if std::mem::take(&mut self.health_changed) {
+            let mut checks: Vec<HealthCheck> = self.health.values().cloned().collect();
+            checks.sort_by(|a, b| a.port.cmp(&b.port).then_with(|| a.service.cmp(&b.service)));
+            if self.table.set_health_checks(checks.into()) {
+                self.changed = true;
+            }
         }
         std::mem::take(&mut self.changed)
     }

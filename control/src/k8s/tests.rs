@@ -68,6 +68,17 @@ fn mk_node_port_service() -> K8sService {
     svc
 }
 
+/// LoadBalancer Service `d/lb` on `cluster_ip`, port `web` 80, with
+/// `externalTrafficPolicy: Local` and `healthCheckNodePort` `health_port`.
+fn mk_lb_local_service(cluster_ip: &str, health_port: i32) -> K8sService {
+    let mut svc = mk_service("d", "lb", cluster_ip, &[("web", 80)]);
+    let s = spec(&mut svc);
+    s.type_ = Some("LoadBalancer".into());
+    s.external_traffic_policy = Some("Local".into());
+    s.health_check_node_port = Some(health_port);
+    svc
+}
+
 fn spec(svc: &mut K8sService) -> &mut ServiceSpec {
     svc.spec.as_mut().unwrap()
 }
@@ -826,12 +837,9 @@ fn local_policy_without_node_name_selects_nothing() {
 #[test]
 fn external_traffic_policy_local_and_health_check() {
     let mut idx = Index::new(Some(NODE.into()), vec!["192.0.2.10".parse().unwrap()]);
-    let mut svc = mk_service("d", "lb", "10.96.0.2", &[("web", 80)]);
+    let mut svc = mk_lb_local_service("10.96.0.2", 32000);
     {
         let s = spec(&mut svc);
-        s.type_ = Some("LoadBalancer".into());
-        s.external_traffic_policy = Some("Local".into());
-        s.health_check_node_port = Some(32000);
         s.external_ips = Some(vec!["203.0.113.2".into()]);
         s.ports.as_mut().unwrap()[0].node_port = Some(30002);
     }
@@ -867,10 +875,10 @@ fn external_traffic_policy_local_and_health_check() {
         );
         assert_eq!(eligible(&svc_at(&t, k)), addrs(&["10.0.0.1:8080"]), "{k}");
     }
-    assert!(idx.take_health_changed());
-    assert!(!idx.take_health_changed());
+    // The built table carries the health check; nothing new, no change.
+    assert!(!idx.build());
     assert_eq!(
-        idx.health_checks(),
+        t.health_checks(),
         vec![HealthCheck {
             service: ObjectRef::new("d", "lb"),
             port: 32000,
@@ -899,13 +907,53 @@ fn external_traffic_policy_local_and_health_check() {
         eligible(&svc_at(&t, "203.0.113.2:80")),
         addrs(&["10.0.0.3:8080"])
     );
-    assert!(idx.take_health_changed());
-    assert_eq!(idx.health_checks()[0].local_endpoints, 0);
+    assert_eq!(t.health_checks()[0].local_endpoints, 0);
     // Cluster policy: no health check.
     spec(&mut svc).external_traffic_policy = Some("Cluster".into());
     idx.apply(&svc).unwrap();
     built(&mut idx);
     assert!(idx.health_checks().is_empty());
+}
+
+#[test]
+fn health_check_node_port_is_built_into_the_table() {
+    let mut idx = index();
+    let mut svc = mk_lb_local_service("10.96.0.3", 32100);
+    idx.apply(&svc).unwrap();
+    idx.apply(&mk_slice(
+        "d",
+        "lb-1",
+        "lb",
+        "IPv4",
+        &[("web", 8080)],
+        vec![ep_on("10.0.0.1", NODE), ep_on("10.0.0.2", NODE)],
+    ))
+    .unwrap();
+    assert!(idx.build());
+    let with = idx.table().clone();
+    let expected = vec![HealthCheck {
+        service: ObjectRef::new("d", "lb"),
+        port: 32100,
+        local_endpoints: 2,
+    }];
+    assert_eq!(with.health_checks(), expected);
+    // The Service loses its health check port: the next table has none,
+    // the build says the table changed, the published one keeps its own.
+    spec(&mut svc).health_check_node_port = None;
+    idx.apply(&svc).unwrap();
+    assert!(idx.build());
+    assert!(idx.table().health_checks().is_empty());
+    assert!(crate::table::TableDiff::between(&with, idx.table()).health_checks);
+    assert_eq!(with.health_checks(), expected);
+    // Back, then the Service goes: removed again.
+    spec(&mut svc).health_check_node_port = Some(32100);
+    idx.apply(&svc).unwrap();
+    assert!(idx.build());
+    assert_eq!(idx.table().health_checks(), expected);
+    idx.delete::<K8sService>(&ObjectRef::new("d", "lb"));
+    assert!(idx.build());
+    assert!(idx.table().health_checks().is_empty());
+    assert!(idx.table().is_empty());
 }
 
 #[test]

@@ -47,7 +47,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::time::Instant;
 
-use crate::k8s::{HealthCheck, Index, Malformed, Watched};
+use crate::k8s::{Index, Malformed, Watched};
 use crate::publish::Publisher;
 use crate::table::Policy;
 
@@ -413,9 +413,6 @@ struct Source {
     /// The first table (generation 1) was published.
     published: bool,
     stats: Arc<KubeStats>,
-    /// The index's `healthCheckNodePort`s as of the last build, handed to
-    /// every table published (shared until they change).
-    health: Arc<[HealthCheck]>,
 }
 
 impl Source {
@@ -484,18 +481,13 @@ impl Source {
             .build_duration
             .observe(started.elapsed().as_secs_f64());
         let triggers = self.index.take_trigger_times();
-        // The health checks travel with the table: a change of them alone
-        // (a local endpoint count) is published too.
-        let health_changed = self.index.take_health_changed();
-        if health_changed {
-            self.health = self.index.health_checks().into();
-        }
-        if !(changed || first || health_changed) {
+        // The table carries its health checks: a change of them alone (a
+        // local endpoint count) is a change too.
+        if !(changed || first) {
             publisher.settle_unchanged();
             return;
         }
-        let mut table = self.index.table().clone();
-        table.set_health_checks(self.health.clone());
+        let table = self.index.table().clone();
         let len = table.len();
         let generation = publisher.publish_changed(table);
         self.stats.publishes.fetch_add(1, Ordering::Relaxed);
@@ -560,7 +552,6 @@ pub async fn run_with_client(client: Client, opts: KubeOptions, publisher: Arc<P
         listed: HashSet::new(),
         published: false,
         stats: opts.stats.clone(),
-        health: Arc::default(),
     };
     let mut events = futures::stream::select_all(streams);
     let mut last_build: Option<Instant> = None;
