@@ -32,6 +32,7 @@
 //! here), so phases under ~2 s give coarse figures.
 
 pub(crate) mod dnsperf;
+mod nginx;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -77,6 +78,10 @@ pub struct DnsArgs {
     /// the bench) or `dnsmasq` (a real DNS server on a loopback port).
     #[arg(long, value_enum, default_value_t = Backend::Builtin)]
     pub backend: Backend,
+    /// Also measure nginx's `stream` UDP proxy (one worker per CPU) in
+    /// front of the same backend, as a third phase of each round.
+    #[arg(long)]
+    pub nginx: bool,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -159,35 +164,49 @@ impl Server {
 }
 
 /// dnsmasq on a free loopback port, answering [`NAME`] with [`NAME_ADDR`]
-/// from its own configuration (no upstream, no cache misses, no log).
+/// from its own configuration (no upstream, no cache misses, no log). The
+/// port is free for UDP when picked, but dnsmasq binds TCP too, and
+/// another program (a parallel test) may take either in between: dnsmasq
+/// then exits at once ("Address already in use") and another port is
+/// tried, up to 5 times.
 async fn dnsmasq() -> Result<Server> {
-    let port = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port();
-    let child = Command::new("dnsmasq")
-        .args(["--keep-in-foreground", "--conf-file=/dev/null"])
-        .args([
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--pid-file",
-        ])
-        .args(["--listen-address=127.0.0.1", "--dns-forward-max=1024"])
-        .arg(format!("--port={port}"))
-        .arg(format!("--address=/{NAME}/{NAME_ADDR}"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting dnsmasq (apt-get install dnsmasq-base)")?;
-    let server = Server {
-        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        child: Some(child),
-    };
-    probe(server.addr, Backend::Dnsmasq)
-        .await
-        .context("dnsmasq never answered")?;
-    Ok(server)
+    let mut last_exit = None;
+    for _ in 0..5 {
+        let port = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
+        let mut child = Command::new("dnsmasq")
+            .args(["--keep-in-foreground", "--conf-file=/dev/null"])
+            .args([
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--pid-file",
+            ])
+            .args(["--listen-address=127.0.0.1", "--dns-forward-max=1024"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--address=/{NAME}/{NAME_ADDR}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting dnsmasq (apt-get install dnsmasq-base)")?;
+        // It binds before it goes to work: a bind failure ends it at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(status) = child.try_wait()? {
+            last_exit = Some(status);
+            continue;
+        }
+        let server = Server {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            child: Some(child),
+        };
+        probe(server.addr, Backend::Dnsmasq)
+            .await
+            .context("dnsmasq never answered")?;
+        return Ok(server);
+    }
+    bail!("dnsmasq exited at start 5 times (last: {last_exit:?}); its ports were taken?")
 }
 
 /// Waits (at most 5 s) until `addr` answers a query as `backend` does.
@@ -239,6 +258,49 @@ struct DnsReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     backend_us_per_query: Option<PerPhase>,
     rounds: Vec<Round>,
+    /// `--nginx`: the same through nginx's UDP proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nginx: Option<NginxReport>,
+}
+
+/// nginx's phases (`--nginx`): added up, the median of the rounds' ratios
+/// to direct and of its CPU per query, and each round's.
+#[derive(Debug, Serialize)]
+struct NginxReport {
+    total: Measured,
+    ratio: f64,
+    us_per_query: Option<f64>,
+    rounds: Vec<NginxPhase>,
+}
+
+/// One round's nginx phase.
+#[derive(Debug, Serialize)]
+struct NginxPhase {
+    measured: Measured,
+    /// nginx queries/s ÷ this round's direct queries/s.
+    ratio: f64,
+    /// nginx's CPU µs (master and workers) per query answered.
+    us_per_query: Option<f64>,
+}
+
+/// The phases of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Direct,
+    Sluice,
+    Nginx,
+}
+
+/// Round `i`'s phases: each comes first in turn (`direct` first in odd
+/// rounds), so that load from other processes weighs on all alike.
+fn order(i: usize, nginx: bool) -> Vec<Phase> {
+    let mut phases = vec![Phase::Direct, Phase::Sluice];
+    if nginx {
+        phases.push(Phase::Nginx);
+    }
+    let n = phases.len();
+    phases.rotate_left(i % n);
+    phases
 }
 
 /// One direct phase and one sluice phase, back to back.
@@ -455,6 +517,9 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     check::in_range("--clients", args.clients, 1..=1024)?;
     check::in_range("--rounds", args.rounds, 1..=100)?;
     if args.netns.netns {
+        if args.nginx {
+            bail!("--nginx runs on loopback only: not with --netns");
+        }
         return crate::netns::dnsbench::run(args).await;
     }
     let load = match args.client {
@@ -479,31 +544,66 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
         sluice: u32::try_from(daemon.pid()).context("sluice's pid")?,
         backend: server.pid(),
     };
+    let nginx = match args.nginx {
+        true => Some(nginx::Nginx::start(backend, args.backend).await?),
+        false => None,
+    };
     let mut rounds = Vec::new();
+    let mut nginx_rounds = Vec::new();
     for i in 0..args.rounds {
-        let direct_phase = || phase(backend, &args, &load, None, pids.backend);
-        let sluice_phase = || phase(listen, &args, &load, Some(pids.sluice), pids.backend);
-        let ((direct, _, backend_direct), (through, sluice_us, backend_sluice)) = if i % 2 == 0 {
-            let d = direct_phase().await?;
-            (d, sluice_phase().await?)
-        } else {
-            let t = sluice_phase().await?;
-            (direct_phase().await?, t)
+        let (mut direct, mut through, mut via_nginx) = (None, None, None);
+        for p in order(i, nginx.is_some()) {
+            match (p, &nginx) {
+                (Phase::Direct, _) => {
+                    direct = Some(phase(backend, &args, &load, None, pids.backend).await?)
+                }
+                (Phase::Sluice, _) => {
+                    let cpu = Some(pids.sluice);
+                    through = Some(phase(listen, &args, &load, cpu, pids.backend).await?)
+                }
+                (Phase::Nginx, Some(n)) => {
+                    let c0 = n.cpu_seconds();
+                    let m = phase(n.addr, &args, &load, None, None).await?.0;
+                    let us = us_per_query(c0, n.cpu_seconds(), m.answered);
+                    via_nginx = Some((m, us));
+                }
+                (Phase::Nginx, None) => {}
+            }
+        }
+        let (Some((direct, _, backend_direct)), Some((through, sluice_us, backend_sluice))) =
+            (direct, through)
+        else {
+            bail!("round {} missed a phase", i + 1);
         };
         let ratio = ratio(&through, &direct);
         let backend_us = pids.backend.map(|_| PerPhase {
             direct: backend_direct,
             sluice: backend_sluice,
         });
+        let nginx_phase = via_nginx.map(|(m, us)| NginxPhase {
+            ratio: self::ratio(&m, &direct),
+            measured: m,
+            us_per_query: us,
+        });
         if !args.json && args.rounds > 1 {
+            let nginx_part = nginx_phase.as_ref().map_or(String::new(), |n| {
+                format!(
+                    "; nginx {:.0} queries/s, ratio {:.3}, nginx {} µs/query",
+                    n.measured.queries_per_s,
+                    n.ratio,
+                    n.us_per_query
+                        .map_or("?".to_string(), |v| format!("{v:.2}"))
+                )
+            });
             outln!(
-                "round {}: direct {:.0}, sluice {:.0} queries/s, ratio {ratio:.3}; {}",
+                "round {}: direct {:.0}, sluice {:.0} queries/s, ratio {ratio:.3}; {}{nginx_part}",
                 i + 1,
                 direct.queries_per_s,
                 through.queries_per_s,
                 cpu_line(sluice_us, backend_us)
             );
         }
+        nginx_rounds.extend(nginx_phase);
         rounds.push(Round {
             direct,
             sluice: through,
@@ -512,6 +612,16 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             backend_us_per_query: backend_us,
         });
     }
+    drop(nginx);
+    let nginx = (!nginx_rounds.is_empty()).then(|| {
+        let us: Vec<f64> = nginx_rounds.iter().filter_map(|r| r.us_per_query).collect();
+        NginxReport {
+            total: total(nginx_rounds.iter().map(|r| r.measured.clone())),
+            ratio: median(nginx_rounds.iter().map(|r| r.ratio).collect()),
+            us_per_query: (!us.is_empty()).then(|| median(us)),
+            rounds: nginx_rounds,
+        }
+    });
     drop(daemon);
     drop(server);
     drop(load);
@@ -543,6 +653,7 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             sluice_us_per_query: sluice_us,
             backend_us_per_query: backend_us,
             rounds,
+            nginx,
         };
         outln!("{}", serde_json::to_string(&report)?);
     } else {
@@ -553,6 +664,15 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             "CPU per query (median of rounds): {}",
             cpu_line(sluice_us, backend_us)
         );
+        if let Some(n) = &nginx {
+            outln!("{}", line("nginx", &n.total));
+            outln!(
+                "ratio (nginx / direct, median of rounds): {:.3}; nginx {} µs/query",
+                n.ratio,
+                n.us_per_query
+                    .map_or("?".to_string(), |v| format!("{v:.2}"))
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -610,6 +730,17 @@ mod tests {
         let n = r.len();
         r[n - 1] ^= 1;
         assert!(!Backend::Dnsmasq.answers(&r, 9));
+    }
+
+    #[test]
+    fn each_phase_comes_first_in_turn() {
+        use Phase::*;
+        assert_eq!(order(0, false), [Direct, Sluice]);
+        assert_eq!(order(1, false), [Sluice, Direct]);
+        assert_eq!(order(0, true), [Direct, Sluice, Nginx]);
+        assert_eq!(order(1, true), [Sluice, Nginx, Direct]);
+        assert_eq!(order(2, true), [Nginx, Direct, Sluice]);
+        assert_eq!(order(3, true), [Direct, Sluice, Nginx]);
     }
 
     #[test]

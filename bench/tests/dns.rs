@@ -111,3 +111,25 @@ fn dnsperf_needs_a_real_dns_server() {
     assert!(out.stdout.is_empty());
     assert!(stderr.contains("--backend dnsmasq"), "{stderr}");
 }
+
+#[test]
+fn nginx_is_a_third_phase_with_its_own_ratio_and_cpu() {
+    if std::fs::metadata("/usr/sbin/nginx").is_err() && missing(&["nginx"]).is_some() {
+        eprintln!("SKIPPED: nginx is not installed");
+        return;
+    }
+    if !std::path::Path::new("/usr/lib/nginx/modules/ngx_stream_module.so").is_file() {
+        eprintln!("SKIPPED: nginx has no stream module (libnginx-mod-stream)");
+        return;
+    }
+    let (v, ctx) = dns(&["--nginx", "--seconds", "1", "--clients", "4"]);
+    check_round(&v, 4, &ctx);
+    let n = &v["nginx"];
+    let round = &n["rounds"][0];
+    assert!(round["measured"]["answered"].as_u64().unwrap() > 0, "{ctx}");
+    assert!(round["measured"]["lost"].as_u64().unwrap() <= 4, "{ctx}");
+    // Answered through nginx, which did the work: its CPU was counted.
+    assert!(round["us_per_query"].as_f64().unwrap() > 0.0, "{ctx}");
+    assert!(n["ratio"].as_f64().unwrap() > 0.0, "{ctx}");
+    assert_eq!(n["ratio"], round["ratio"], "{ctx}");
+}

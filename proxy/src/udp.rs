@@ -586,10 +586,37 @@ impl Inbox {
 
 /// Receives the datagrams queued on `socket`, at least one (waits for it),
 /// at most [`RECV_BATCH`], into `inbox`.
+///
+/// A batch shorter than [`RECV_BATCH`] emptied the queue: the socket's
+/// readiness is cleared then, as a `WouldBlock` would clear it, so the
+/// next call waits for the next datagram instead of making a `recvmmsg`
+/// that can only fail (that call cost as much as the batch at low rates).
+/// Tokio clears readiness only if no event came since it was read, before
+/// the syscall: a datagram that arrives after the queue emptied still
+/// wakes the task.
 async fn recv(socket: &UdpSocket, inbox: &mut Inbox, pktinfo: bool) -> io::Result<()> {
-    socket
-        .async_io(Interest::READABLE, || recv_batch(socket, inbox, pktinfo))
-        .await
+    loop {
+        socket.readable().await?;
+        // Not read by this pass unless the closure runs and reads.
+        inbox.got.clear();
+        let read = socket.try_io(Interest::READABLE, || {
+            recv_batch(socket, inbox, pktinfo)?;
+            match inbox.got.len() < RECV_BATCH {
+                true => Err(io::ErrorKind::WouldBlock.into()),
+                false => Ok(()),
+            }
+        });
+        match read {
+            Ok(()) => return Ok(()),
+            // The queue emptied (readiness cleared): what was read, if any.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !inbox.got.is_empty() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// recvmmsg(2) without waiting (`WouldBlock` when nothing is queued), with
@@ -597,6 +624,8 @@ async fn recv(socket: &UdpSocket, inbox: &mut Inbox, pktinfo: bool) -> io::Resul
 /// header's destination address is where the datagram was redirected to.
 fn recv_batch(socket: &UdpSocket, inbox: &mut Inbox, pktinfo: bool) -> io::Result<()> {
     use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+    // Empty unless this call reads something.
+    inbox.got.clear();
     // Room for one in6_pktinfo message (the larger of the two).
     let control = pktinfo.then(|| nix::cmsg_space!(libc::in6_pktinfo));
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RECV_BATCH, control);
@@ -610,7 +639,6 @@ fn recv_batch(socket: &UdpSocket, inbox: &mut Inbox, pktinfo: bool) -> io::Resul
         MsgFlags::MSG_DONTWAIT,
         None,
     )?;
-    inbox.got.clear();
     for msg in received {
         let client = msg.address.as_ref().and_then(socket_addr);
         let local = match msg.cmsgs() {
@@ -731,47 +759,57 @@ fn send_replies(
     replies: &[Reply],
     local: Option<IpAddr>,
 ) -> io::Result<usize> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+    use nix::sys::socket::{
+        ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg, sendmsg,
+    };
+    let info4 = match local {
+        Some(IpAddr::V4(l)) => Some(libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(l).to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        }),
+        _ => None,
+    };
+    let info6 = match local {
+        Some(IpAddr::V6(l)) => Some(libc::in6_pktinfo {
+            ipi6_addr: libc::in6_addr {
+                s6_addr: l.octets(),
+            },
+            ipi6_ifindex: 0,
+        }),
+        _ => None,
+    };
+    let one: [ControlMessage<'_>; 1];
+    let (cmsg, space): (&[ControlMessage<'_>], _) = match (&info4, &info6) {
+        (Some(i), _) => {
+            one = [ControlMessage::Ipv4PacketInfo(i)];
+            (&one, Some(nix::cmsg_space!(libc::in_pktinfo)))
+        }
+        (_, Some(i)) => {
+            one = [ControlMessage::Ipv6PacketInfo(i)];
+            (&one, Some(nix::cmsg_space!(libc::in6_pktinfo)))
+        }
+        _ => (&[], None),
+    };
+    let fd = service.as_raw_fd();
+    let flags = MsgFlags::MSG_DONTWAIT;
+    // One reply (the usual case below saturation): sendmsg, with nothing
+    // allocated.
+    if let [only] = replies {
+        let iov = [io::IoSlice::new(outbox.payload(only))];
+        let to = SockaddrStorage::from(only.client);
+        return (sendmsg(fd, &iov, cmsg, flags, Some(&to)).map(|_| 1)).map_err(io::Error::from);
+    }
     let iovs: Vec<[io::IoSlice<'_>; 1]> = (replies.iter())
         .map(|r| [io::IoSlice::new(outbox.payload(r))])
         .collect();
     let addrs: Vec<Option<SockaddrStorage>> = (replies.iter())
         .map(|r| Some(SockaddrStorage::from(r.client)))
         .collect();
-    let fd = service.as_raw_fd();
-    let flags = MsgFlags::MSG_DONTWAIT;
-    let sent = match local {
-        Some(IpAddr::V4(l)) => {
-            let info = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from(l).to_be(),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
-            let space = Some(nix::cmsg_space!(libc::in_pktinfo));
-            let mut headers = MultiHeaders::preallocate(replies.len(), space);
-            sendmmsg(fd, &mut headers, &iovs, &addrs, cmsg, flags).map(Iterator::count)
-        }
-        Some(IpAddr::V6(l)) => {
-            let info = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr {
-                    s6_addr: l.octets(),
-                },
-                ipi6_ifindex: 0,
-            };
-            let cmsg = [ControlMessage::Ipv6PacketInfo(&info)];
-            let space = Some(nix::cmsg_space!(libc::in6_pktinfo));
-            let mut headers = MultiHeaders::preallocate(replies.len(), space);
-            sendmmsg(fd, &mut headers, &iovs, &addrs, cmsg, flags).map(Iterator::count)
-        }
-        None => {
-            let mut headers = MultiHeaders::preallocate(replies.len(), None);
-            let none: [ControlMessage<'_>; 0] = [];
-            sendmmsg(fd, &mut headers, &iovs, &addrs, none, flags).map(Iterator::count)
-        }
-    };
+    let mut headers = MultiHeaders::preallocate(replies.len(), space);
+    let sent = sendmmsg(fd, &mut headers, &iovs, &addrs, cmsg, flags).map(Iterator::count);
     sent.map_err(io::Error::from)
 }
 
@@ -1565,6 +1603,64 @@ mod tests {
             assert_eq!(&buf[..n], &[b'r', b'0' + i as u8]);
             // IP_PKTINFO: from the address given, not routing's 127.0.0.1.
             assert_eq!(from, SocketAddr::from(([127, 0, 0, 7], port)));
+        }
+    }
+
+    #[tokio::test]
+    async fn recv_after_a_short_batch_still_wakes_for_the_next_datagram() {
+        // A short batch clears the socket's readiness without a failing
+        // recvmmsg: each later datagram must wake the receiver all the same.
+        let served = tokio_socket(false).await;
+        let to = served.local_addr().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut inbox = Inbox::new();
+        for i in 0..50u8 {
+            client.send_to(&[i], to).unwrap();
+            let got =
+                tokio::time::timeout(Duration::from_secs(5), recv(&served, &mut inbox, false))
+                    .await;
+            assert!(matches!(got, Ok(Ok(()))), "datagram {i}: {got:?}");
+            assert_eq!(inbox.got.len(), 1, "datagram {i}");
+            assert_eq!(inbox.datagram(0, inbox.got[0].len), [i]);
+        }
+        // More than a batch queued: a full batch, then the rest.
+        for i in 0..(RECV_BATCH + 5) {
+            client.send_to(&[i as u8], to).unwrap();
+        }
+        let mut seen = 0;
+        while seen < RECV_BATCH + 5 {
+            let got =
+                tokio::time::timeout(Duration::from_secs(5), recv(&served, &mut inbox, false))
+                    .await;
+            assert!(matches!(got, Ok(Ok(()))), "after {seen}: {got:?}");
+            assert!(!inbox.got.is_empty() && inbox.got.len() <= RECV_BATCH);
+            seen += inbox.got.len();
+        }
+        assert_eq!(seen, RECV_BATCH + 5);
+    }
+
+    #[tokio::test]
+    async fn a_single_reply_leaves_from_the_given_local_address_or_routings() {
+        // The one-reply path (sendmsg), for each kind of source.
+        let served = tokio_socket(true).await;
+        let port = served.local_addr().unwrap().port();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        for (local, from) in [
+            (Some(IpAddr::from([127, 0, 0, 9])), [127, 0, 0, 9]),
+            (None, [127, 0, 0, 1]),
+        ] {
+            let mut outbox = Outbox::new();
+            outbox.room().unwrap()[..3].copy_from_slice(b"one");
+            outbox.push(3, client.local_addr().unwrap(), local);
+            let sent = send_replies(&served, &outbox, &outbox.replies, local).unwrap();
+            assert_eq!(sent, 1);
+            let mut buf = [0u8; 16];
+            let (n, got_from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"one");
+            assert_eq!(got_from, SocketAddr::from((from, port)), "{local:?}");
         }
     }
 

@@ -1,0 +1,154 @@
+//! `--nginx`: nginx's `stream` UDP proxy (Debian's `nginx` with
+//! `libnginx-mod-stream`) in front of the same backend, as a third phase
+//! of each round: what another userspace proxy gets on the same machine,
+//! with the same clients and the same server.
+//!
+//! Configured as an operator would for DNS: `worker_processes auto` (one
+//! per CPU), the UDP listener in a `reuseport` group so every worker
+//! receives, `proxy_responses 1` (one answer per query, so a session ends
+//! at its answer), and a timeout above the clients' own. Its CPU per query
+//! is that of its master and workers together.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
+
+use super::{Backend, probe};
+
+/// A running nginx; killed (with its workers) on drop.
+pub struct Nginx {
+    pub addr: SocketAddr,
+    pid: u32,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// nginx on a free loopback UDP port, proxying to `backend` (which
+    /// answers as `kind` does).
+    pub async fn start(backend: SocketAddr, kind: Backend) -> Result<Self> {
+        let bin =
+            which("nginx").context("--nginx: `nginx` is not on PATH (apt-get install nginx)")?;
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-bench-dns-nginx-")
+            .tempdir()?;
+        let addr = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(&conf, config(dir.path(), addr, backend))?;
+        let log = std::fs::File::create(dir.path().join("nginx.log"))?;
+        let mut child = Command::new(&bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().context("nginx has no pid")?;
+        if let Err(e) = probe(addr, kind).await {
+            let _ = child.start_kill();
+            let log = std::fs::read_to_string(dir.path().join("nginx.log")).unwrap_or_default();
+            let err = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+            bail!("nginx never answered on {addr} (UDP): {e:#}\n{log}{err}");
+        }
+        Ok(Self {
+            addr,
+            pid,
+            child,
+            _dir: dir,
+        })
+    }
+
+    /// utime + stime of the master and its workers, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let own = crate::compare::cpu::cpu_seconds(self.pid)?;
+        let workers: f64 = children(self.pid)
+            .into_iter()
+            .filter_map(crate::compare::cpu::cpu_seconds)
+            .sum();
+        Some(own + workers)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // The workers go with the master (SIGTERM: fast shutdown); the
+        // master itself is killed by kill_on_drop if it lingers.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = self.child.start_kill();
+    }
+}
+
+/// The configuration: see the module doc.
+fn config(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> String {
+    let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
+    let load = if module.is_file() {
+        format!("load_module {};\n", module.display())
+    } else {
+        String::new()
+    };
+    format!(
+        "{load}daemon off;\nworker_processes auto;\nworker_rlimit_nofile 100000;\n\
+         pid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+         events {{ worker_connections 50000; }}\n\
+         stream {{\n  server {{\n    listen {listen} udp reuseport;\n    proxy_pass {backend};\n\
+             proxy_responses 1;\n    proxy_timeout 10s;\n  }}\n}}\n",
+        dir = dir.display()
+    )
+}
+
+/// The live processes whose parent is `pid` (nginx's workers).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then_some(p)
+        })
+        .collect()
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_proxies_udp_from_every_worker_one_answer_per_query() {
+        let c = config(
+            Path::new("/tmp/x"),
+            "127.0.0.1:5300".parse().unwrap(),
+            "127.0.0.1:5301".parse().unwrap(),
+        );
+        assert!(c.contains("listen 127.0.0.1:5300 udp reuseport;"), "{c}");
+        assert!(c.contains("proxy_pass 127.0.0.1:5301;"), "{c}");
+        assert!(c.contains("proxy_responses 1;"), "{c}");
+        assert!(c.contains("worker_processes auto;"), "{c}");
+        assert!(c.contains("pid /tmp/x/nginx.pid;"), "{c}");
+    }
+}
