@@ -62,6 +62,21 @@ fn start(args: &[&str]) -> Option<(std::process::Child, std::sync::MutexGuard<'s
     Some((child, one))
 }
 
+/// `dns --netns --json ARGS` to its end (None: skipped): it must succeed
+/// and leave no namespace; (its JSON, context for messages).
+fn run_to_the_end(args: &[&str]) -> Option<(Value, String)> {
+    let (child, _one) = start(args)?;
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(left_over(pid), Vec::<String>::new(), "namespaces left");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ctx = format!("{v:#}\nstderr:\n{stderr}");
+    Some((v, ctx))
+}
+
 #[test]
 fn sigterm_mid_run_stops_sluice_and_dnsmasq_and_removes_namespaces() {
     let Some((mut child, _one)) = start(&["--seconds", "30", "--clients", "1"]) else {
@@ -120,17 +135,9 @@ fn dns_netns_answers_every_query_on_every_path_and_cleans_up() {
         "--clients",
         "8",
     ];
-    let Some((child, _one)) = start(&args) else {
+    let Some((v, ctx)) = run_to_the_end(&args) else {
         return;
     };
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert_eq!(left_over(pid), Vec::<String>::new(), "namespaces left");
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
-    let ctx = format!("{v:#}\nstderr:\n{stderr}");
     assert_eq!(v["scenario"], "dns", "{ctx}");
     assert_eq!(v["netns"], true, "{ctx}");
     assert_eq!(v["backend"], "dnsmasq-pod", "{ctx}");
@@ -181,17 +188,9 @@ fn dnsperf_in_the_client_pod_is_answered_directly_and_through_sluice() {
         "--outstanding",
         "16",
     ];
-    let Some((child, _one)) = start(&args) else {
+    let Some((v, ctx)) = run_to_the_end(&args) else {
         return;
     };
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert_eq!(left_over(pid), Vec::<String>::new(), "namespaces left");
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
-    let ctx = format!("{v:#}\nstderr:\n{stderr}");
     assert_eq!(v["client"], "dnsperf", "{ctx}");
     for phase in ["direct", "sluice"] {
         let m = &v[phase];

@@ -36,7 +36,7 @@
 mod backends;
 pub(crate) mod cpu;
 mod load;
-mod proxies;
+pub(crate) mod proxies;
 mod table;
 
 use std::net::SocketAddr;

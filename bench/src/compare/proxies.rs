@@ -116,6 +116,17 @@ fn haproxy_maxconn() -> u64 {
     (limit.saturating_sub(2 * HAPROXY_MAXPIPES + 300) / 2).clamp(100, 50_000)
 }
 
+/// The `load_module` line for nginx's `stream` module where Debian's
+/// `libnginx-mod-stream` put it (empty when nginx has it built in).
+pub(crate) fn nginx_stream_module() -> String {
+    let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
+    if module.is_file() {
+        format!("load_module {};\n", module.display())
+    } else {
+        String::new()
+    }
+}
+
 fn nginx_config(
     dir: &Path,
     http: SocketAddr,
@@ -123,12 +134,7 @@ fn nginx_config(
     b_http: SocketAddr,
     b_bulk: SocketAddr,
 ) -> String {
-    let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
-    let load = if module.is_file() {
-        format!("load_module {};\n", module.display())
-    } else {
-        String::new()
-    };
+    let load = nginx_stream_module();
     format!(
         "{load}daemon off;\nmaster_process off;\nworker_processes 1;\nworker_rlimit_nofile 100000;\n\
          pid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\

@@ -94,12 +94,7 @@ impl Drop for Nginx {
 
 /// The configuration: see the module doc.
 fn config(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> String {
-    let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
-    let load = if module.is_file() {
-        format!("load_module {};\n", module.display())
-    } else {
-        String::new()
-    };
+    let load = crate::compare::proxies::nginx_stream_module();
     format!(
         "{load}daemon off;\nworker_processes auto;\nworker_rlimit_nofile 100000;\n\
          pid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
