@@ -276,13 +276,45 @@ pub struct Bridge {
 /// without one carries no pods sluice could be asked to serve).
 pub async fn bridges() -> Result<Vec<Bridge>, String> {
     let (handle, task) = connect()?;
-    let result = bridges_with(&handle).await;
+    let result = match all_links(&handle).await {
+        Ok(links) => bridges_with(&handle, &links).await,
+        Err(e) => Err(e),
+    };
     task.abort();
     result
 }
 
-async fn bridges_with(handle: &Handle) -> Result<Vec<Bridge>, String> {
-    let links = all_links(handle).await?;
+/// One read of the node for [`follow_bridges`]: one netlink connection
+/// and one dump of the links for both the pod bridges and, when
+/// `routes`, the routes over the pod interfaces ([`interface_routes`]).
+async fn read_node(
+    routes: bool,
+) -> (
+    Option<Result<Vec<(Cidr, String)>, String>>,
+    Result<Vec<Bridge>, String>,
+) {
+    let (handle, task) = match connect() {
+        Ok(c) => c,
+        Err(e) => return (routes.then(|| Err(e.clone())), Err(e)),
+    };
+    let read = match all_links(&handle).await {
+        Ok(links) => {
+            let routes = match routes {
+                true => Some(interface_routes_with(&handle, &links).await),
+                false => None,
+            };
+            (routes, bridges_with(&handle, &links).await)
+        }
+        Err(e) => (routes.then(|| Err(e.clone())), Err(e)),
+    };
+    task.abort();
+    read
+}
+
+async fn bridges_with(
+    handle: &Handle,
+    links: &[rtnetlink::packet_route::link::LinkMessage],
+) -> Result<Vec<Bridge>, String> {
     let mut found: Vec<(u32, Bridge)> = Vec::new();
     for link in links {
         let mut name = None;
@@ -371,14 +403,19 @@ async fn bridges_with(handle: &Handle) -> Result<Vec<Bridge>, String> {
 /// IPv6 dump failure (IPv6 disabled) yields the IPv4 routes only.
 pub async fn interface_routes() -> Result<Vec<(Cidr, String)>, String> {
     let (handle, task) = connect()?;
-    let result = interface_routes_with(&handle).await;
+    let result = match all_links(&handle).await {
+        Ok(links) => interface_routes_with(&handle, &links).await,
+        Err(e) => Err(e),
+    };
     task.abort();
     result
 }
 
-async fn interface_routes_with(handle: &Handle) -> Result<Vec<(Cidr, String)>, String> {
+async fn interface_routes_with(
+    handle: &Handle,
+    links: &[rtnetlink::packet_route::link::LinkMessage],
+) -> Result<Vec<(Cidr, String)>, String> {
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
-    let links = all_links(handle).await?;
     let names: std::collections::HashMap<u32, String> = links
         .iter()
         .filter_map(|l| {
@@ -528,8 +565,9 @@ pub async fn follow_bridges(
         // local pods are the routes over the pod interfaces (a Calico pod
         // gets its /32 when it starts). On a failed read the last good
         // list stays.
-        if let Some(m) = &interfaces {
-            match interface_routes().await {
+        let (routes, bridges) = read_node(interfaces.is_some()).await;
+        if let (Some(m), Some(routes)) = (&interfaces, routes) {
+            match routes {
                 Ok(routes) => {
                     routes_failing = false;
                     source_ip.set_interface_cidrs(crate::source_ip::local_cidrs(&routes, m));
@@ -544,7 +582,7 @@ pub async fn follow_bridges(
                 Err(_) => {}
             }
         }
-        let outcome = match bridges().await {
+        let outcome = match bridges {
             Ok(found) => {
                 let v4 = bridge_nf_call(true);
                 let v6 = bridge_nf_call(false);
