@@ -218,8 +218,12 @@ impl NftFollower {
                 (&*self.want.insert(built), Vec::new())
             }
         };
+        // Complete only once every UDP key has its port: until then a retry
+        // of the UDP follower may bind one, which this follower must steer
+        // at its own retry (no table change will call it).
+        let settled = !self.udp.waiting();
         match self.programmer.sync_keys(want, &keys).await {
-            Ok(Synced::Unchanged) => true,
+            Ok(Synced::Unchanged) => settled,
             Ok(how) => {
                 info!(
                     table = nft::TABLE,
@@ -227,7 +231,7 @@ impl NftFollower {
                     ?how,
                     "nftables table synced"
                 );
-                true
+                settled
             }
             Err(e) => {
                 self.metrics.nft_sync_failures.inc();

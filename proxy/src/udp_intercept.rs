@@ -178,6 +178,8 @@ pub struct Update {
 pub struct UdpSteering {
     range: (u16, u16),
     ports: Arc<Mutex<BTreeMap<ListenKey, u16>>>,
+    /// Some UDP key has no port yet ([`UdpIntercept::complete`] is false).
+    waiting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl UdpSteering {
@@ -189,6 +191,15 @@ impl UdpSteering {
     /// The current assignment (a copy: one entry per UDP key).
     pub fn ports(&self) -> BTreeMap<ListenKey, u16> {
         self.ports.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Some UDP key is still without a port: the [`UdpIntercept`] follower
+    /// is retried, and may bind one at a retry that brings no table change.
+    /// The nftables follower then stays incomplete too, so that it is
+    /// retried on its own clock and steers the new port (a follower that
+    /// reports complete is called again only at the next table change).
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -221,6 +232,7 @@ impl UdpIntercept {
             steering: UdpSteering {
                 range,
                 ports: Arc::default(),
+                waiting: Arc::default(),
             },
             serving: HashMap::new(),
             drain,
@@ -306,6 +318,7 @@ impl UdpIntercept {
             .ports
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = self.ports.assigned().clone();
+        (self.steering.waiting).store(!self.complete(), std::sync::atomic::Ordering::Relaxed);
         self.ports.assigned()
     }
 
@@ -516,13 +529,17 @@ mod tests {
             sluice_control::Service::new("dns", sluice_control::Policy::RoundRobin, None, vec![]);
         table.insert(k, Arc::new(svc));
         let mut udp = intercept((port, port));
+        let steering = udp.steering();
         assert!(udp.follow(&table, &none()).is_empty());
         assert!(!udp.complete(), "a key without a port must be retried");
+        // ... and the nftables follower with it, to steer what the retry binds.
+        assert!(steering.waiting());
         drop(held);
         // The loop's retry: the same table, the port free now.
         assert_eq!(udp.follow(&table, &none()).get(&k), Some(&port));
         assert!(udp.complete());
-        assert_eq!(udp.steering().ports().get(&k), Some(&port));
+        assert_eq!(steering.ports().get(&k), Some(&port));
+        assert!(!steering.waiting());
     }
 
     #[tokio::test]
