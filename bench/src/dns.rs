@@ -14,10 +14,11 @@
 //! queries for one name, as issue 12 asks for: a real server's own cost
 //! per query is what sluice's is weighed against on a node.
 //!
-//! `--rounds N` alternates the two phases N times (direct first in odd
-//! rounds, sluice first in even ones), so that load from other processes
-//! on a shared machine weighs on both alike; the ratio reported is the
-//! median of the rounds' ratios, and each round is in the JSON.
+//! `--rounds N` runs the phases N times, each phase first in turn (with
+//! two phases: direct first in odd rounds, sluice first in even ones), so
+//! that load from other processes on a shared machine weighs on all alike;
+//! the ratio reported is the median of the rounds' ratios, and each round
+//! is in the JSON. `--nginx` adds nginx's UDP proxy as a third phase.
 //!
 //! `--client` chooses the load: `builtin` (default), the closed-loop
 //! clients above, or `dnsperf`, the real `dnsperf` binary once per phase
@@ -197,14 +198,20 @@ async fn dnsmasq() -> Result<Server> {
             last_exit = Some(status);
             continue;
         }
-        let server = Server {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        if let Err(e) = probe(addr, Backend::Dnsmasq).await {
+            // Exited meanwhile (a bind failure noticed late, on a busy
+            // machine): another port; else it is there but deaf.
+            if let Some(status) = child.try_wait()? {
+                last_exit = Some(status);
+                continue;
+            }
+            return Err(e.context("dnsmasq never answered"));
+        }
+        return Ok(Server {
+            addr,
             child: Some(child),
-        };
-        probe(server.addr, Backend::Dnsmasq)
-            .await
-            .context("dnsmasq never answered")?;
-        return Ok(server);
+        });
     }
     bail!("dnsmasq exited at start 5 times (last: {last_exit:?}); its ports were taken?")
 }
@@ -267,6 +274,8 @@ struct DnsReport {
 /// to direct and of its CPU per query, and each round's.
 #[derive(Debug, Serialize)]
 struct NginxReport {
+    /// Where it listened.
+    addr: SocketAddr,
     total: Measured,
     ratio: f64,
     us_per_query: Option<f64>,
@@ -291,8 +300,8 @@ enum Phase {
     Nginx,
 }
 
-/// Round `i`'s phases: each comes first in turn (`direct` first in odd
-/// rounds), so that load from other processes weighs on all alike.
+/// Round `i`'s phases: the list rotated by `i`, so each comes first in
+/// turn, and load from other processes weighs on all alike.
 fn order(i: usize, nginx: bool) -> Vec<Phase> {
     let mut phases = vec![Phase::Direct, Phase::Sluice];
     if nginx {
@@ -516,6 +525,10 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     check::positive_at_most("--seconds", args.seconds, 120.0)?;
     check::in_range("--clients", args.clients, 1..=1024)?;
     check::in_range("--rounds", args.rounds, 1..=100)?;
+    if args.client == Client::Dnsperf {
+        check::in_range("--outstanding", args.outstanding, 1..=65_535)?;
+        check::in_range("--dnsperf-threads", args.dnsperf_threads, 1..=64)?;
+    }
     if args.netns.netns {
         if args.nginx {
             bail!("--nginx runs on loopback only: not with --netns");
@@ -531,8 +544,6 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
                      answers (the builtin responder echoes an id): add --backend dnsmasq"
                 );
             }
-            check::in_range("--outstanding", args.outstanding, 1..=65_535)?;
-            check::in_range("--dnsperf-threads", args.dnsperf_threads, 1..=64)?;
             dnsperf::installed()?;
             Load::Dnsperf(dnsperf::QueryFile::new(NAME)?)
         }
@@ -612,10 +623,12 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             backend_us_per_query: backend_us,
         });
     }
+    let nginx_addr = nginx.as_ref().map(|n| n.addr);
     drop(nginx);
-    let nginx = (!nginx_rounds.is_empty()).then(|| {
+    let nginx = nginx_addr.filter(|_| !nginx_rounds.is_empty()).map(|addr| {
         let us: Vec<f64> = nginx_rounds.iter().filter_map(|r| r.us_per_query).collect();
         NginxReport {
+            addr,
             total: total(nginx_rounds.iter().map(|r| r.measured.clone())),
             ratio: median(nginx_rounds.iter().map(|r| r.ratio).collect()),
             us_per_query: (!us.is_empty()).then(|| median(us)),

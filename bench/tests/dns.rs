@@ -132,4 +132,16 @@ fn nginx_is_a_third_phase_with_its_own_ratio_and_cpu() {
     assert!(round["us_per_query"].as_f64().unwrap() > 0.0, "{ctx}");
     assert!(n["ratio"].as_f64().unwrap() > 0.0, "{ctx}");
     assert_eq!(n["ratio"], round["ratio"], "{ctx}");
+    // nginx's master and workers are gone with the run: nothing holds its
+    // port (a worker left behind would, in its reuseport group).
+    // SIGKILL takes effect as the processes next run: allow them 2 s.
+    let addr: std::net::SocketAddr = n["addr"].as_str().unwrap().parse().unwrap();
+    let freed = (0..100).any(|_| {
+        let free = std::net::UdpSocket::bind(addr).is_ok();
+        if !free {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        free
+    });
+    assert!(freed, "{addr} still held 2 s after the run: {ctx}");
 }

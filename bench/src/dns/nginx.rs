@@ -12,7 +12,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
@@ -22,6 +21,7 @@ use super::{Backend, probe};
 /// A running nginx; killed (with its workers) on drop.
 pub struct Nginx {
     pub addr: SocketAddr,
+    /// The master's pid, also its process group's id.
     pid: u32,
     child: Child,
     _dir: tempfile::TempDir,
@@ -50,11 +50,14 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
+            // Its own process group, master and workers: killed together.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id().context("nginx has no pid")?;
         if let Err(e) = probe(addr, kind).await {
+            kill_group(pid);
             let _ = child.start_kill();
             let log = std::fs::read_to_string(dir.path().join("nginx.log")).unwrap_or_default();
             let err = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
@@ -81,14 +84,19 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // The workers go with the master (SIGTERM: fast shutdown); the
-        // master itself is killed by kill_on_drop if it lingers.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        // Workers outlive a killed master: the whole group goes at once.
+        kill_group(self.pid);
         let _ = self.child.start_kill();
+    }
+}
+
+/// SIGKILL to the process group `pgid` leads (nginx's master and workers).
+fn kill_group(pgid: u32) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 

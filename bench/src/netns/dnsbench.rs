@@ -18,8 +18,8 @@
 //!   keys and kube-proxy's only its own (each packet does one more set
 //!   lookup that misses in the other table than on a real node).
 //!
-//! Rounds rotate the phase order (direct first in odd rounds, sluice first
-//! in even ones, as `dns` on loopback), ratios are the median of the
+//! Rounds rotate the phase order (each phase first in turn, as `dns` on
+//! loopback), ratios are the median of the
 //! rounds'. sluice's CPU per answered query (utime + stime of its process
 //! over the sluice phase) and dnsmasq's (over the direct and the sluice
 //! phase: the server's own cost per query) are reported per round, under
