@@ -29,46 +29,65 @@ pub struct Nginx {
 
 impl Nginx {
     /// nginx on a free loopback UDP port, proxying to `backend` (which
-    /// answers as `kind` does).
+    /// answers as `kind` does). The port is free when picked; if another
+    /// program takes it first, nginx exits at start and another port is
+    /// tried, up to 3 times.
     pub async fn start(backend: SocketAddr, kind: Backend) -> Result<Self> {
         let bin =
             which("nginx").context("--nginx: `nginx` is not on PATH (apt-get install nginx)")?;
-        let dir = tempfile::Builder::new()
-            .prefix("sluice-bench-dns-nginx-")
-            .tempdir()?;
-        let addr = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
-        let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, config(dir.path(), addr, backend))?;
-        let log = std::fs::File::create(dir.path().join("nginx.log"))?;
-        let mut child = Command::new(&bin)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            // Its own process group, master and workers: killed together.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id().context("nginx has no pid")?;
-        if let Err(e) = probe(addr, kind).await {
-            kill_group(pid);
-            let _ = child.start_kill();
-            let log = std::fs::read_to_string(dir.path().join("nginx.log")).unwrap_or_default();
-            let err = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-            bail!("nginx never answered on {addr} (UDP): {e:#}\n{log}{err}");
+        let mut failure = None;
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new()
+                .prefix("sluice-bench-dns-nginx-")
+                .tempdir()?;
+            let addr = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+            let conf = dir.path().join("nginx.conf");
+            std::fs::write(&conf, config(dir.path(), addr, backend))?;
+            let log = std::fs::File::create(dir.path().join("nginx.log"))?;
+            let mut child = Command::new(&bin)
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                // Its own process group, master and workers: killed together.
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let pid = child.id().context("nginx has no pid")?;
+            match probe(addr, kind).await {
+                Ok(()) => {
+                    return Ok(Self {
+                        addr,
+                        pid,
+                        child,
+                        _dir: dir,
+                    });
+                }
+                Err(e) => {
+                    let exited = child.try_wait()?.is_some();
+                    kill_group(pid);
+                    let _ = child.start_kill();
+                    let read =
+                        |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+                    let why = format!(
+                        "nginx never answered on {addr} (UDP): {e:#}\n{}{}",
+                        read("nginx.log"),
+                        read("error.log")
+                    );
+                    if !exited {
+                        bail!(why);
+                    }
+                    failure = Some(why);
+                }
+            }
         }
-        Ok(Self {
-            addr,
-            pid,
-            child,
-            _dir: dir,
-        })
+        bail!(failure.unwrap_or_else(|| "nginx did not start".to_string()))
     }
 
     /// utime + stime of the master and its workers, in seconds.
