@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_testkit::netns::{self, unusable};
+use sluice_testkit::process::children;
 
 /// The namespaces `dns --netns` run `pid` makes that still exist.
 fn left_over(pid: u32) -> Vec<String> {
@@ -22,26 +23,6 @@ fn left_over(pid: u32) -> Vec<String> {
 
 /// One run at a time: the measured one should not share the cores.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// The live (not zombie) processes whose parent is `pid`, with their
-/// command names, from /proc/<pid>/stat.
-fn children_of(pid: u32) -> Vec<(u32, String)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let p: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            let (head, rest) = stat.rsplit_once(") ")?;
-            let comm = head.split_once(" (")?.1.to_string();
-            let mut f = rest.split_whitespace();
-            let state = f.next()?;
-            let ppid: u32 = f.next()?.parse().ok()?;
-            (ppid == pid && state != "Z").then_some((p, comm))
-        })
-        .collect()
-}
 
 /// `sluice-bench dns --netns --json ARGS`, stdout and stderr piped, once
 /// the tools are there (None: skipped) and no other run of this file is
@@ -86,8 +67,8 @@ fn sigterm_mid_run_stops_sluice_and_dnsmasq_and_removes_namespaces() {
     // Until sluice and dnsmasq both run (sluice may be built first).
     let deadline = Instant::now() + Duration::from_secs(400);
     let running = loop {
-        let c = children_of(pid);
-        let has = |name: &str| c.iter().any(|(_, n)| n == name);
+        let c = children(pid);
+        let has = |name: &str| c.iter().any(|p| p.comm == name);
         if has("sluice") && has("dnsmasq") {
             break c;
         }
@@ -117,10 +98,10 @@ fn sigterm_mid_run_stops_sluice_and_dnsmasq_and_removes_namespaces() {
     let alive = |p: &u32| {
         std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
     };
-    while running.iter().any(|(p, _)| alive(p)) && Instant::now() < deadline {
+    while running.iter().any(|p| alive(&p.pid)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left: Vec<_> = running.iter().filter(|(p, _)| alive(p)).collect();
+    let left: Vec<_> = running.iter().filter(|p| alive(&p.pid)).collect();
     assert!(left.is_empty(), "still running: {left:?}");
 }
 

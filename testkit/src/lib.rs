@@ -1,14 +1,16 @@
 //! The test kit shared by sluice's tests and `sluice-bench`: run the real
 //! `sluice` binary and learn its state from its admin endpoints
 //! ([`daemon`]), one HTTP GET for those endpoints ([`http`]), named echo
-//! backends ([`backend`]), network namespaces ([`netns`]), and the upgrade
-//! scenario on a mini node ([`upgrade`]).
+//! backends ([`backend`]), network namespaces ([`netns`]), the upgrade
+//! scenario on a mini node ([`upgrade`]), and a process's live children
+//! ([`process`]).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backend;
 pub mod daemon;
 pub mod http;
 pub mod netns;
+pub mod process;
 pub mod upgrade;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -93,9 +93,9 @@ impl Nginx {
     /// utime + stime of the master and its workers, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let own = crate::compare::cpu::cpu_seconds(self.pid)?;
-        let workers: f64 = children(self.pid)
+        let workers: f64 = sluice_testkit::process::children(self.pid)
             .into_iter()
-            .filter_map(crate::compare::cpu::cpu_seconds)
+            .filter_map(|w| crate::compare::cpu::cpu_seconds(w.pid))
             .sum();
         Some(own + workers)
     }
@@ -130,22 +130,6 @@ fn config(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> String {
              proxy_responses 1;\n    proxy_timeout 10s;\n  }}\n}}\n",
         dir = dir.display()
     )
-}
-
-/// The live processes whose parent is `pid` (nginx's workers).
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let p: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == pid).then_some(p)
-        })
-        .collect()
 }
 
 fn which(name: &str) -> Option<PathBuf> {
