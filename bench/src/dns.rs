@@ -1,9 +1,12 @@
 //! UDP request/response throughput (DNS-sized datagrams), directly to a
-//! built-in UDP responder and through sluice's UDP data path, in one run.
+//! UDP server (a built-in responder or dnsmasq) and through sluice's UDP
+//! data path, in one run.
 //!
 //! Closed loop: each client has its own socket (so its own flow through
-//! sluice), sends a 40-byte query, waits for the 80-byte answer (at most
-//! 1 s; a timeout is counted as lost), and sends the next. sluice is the
+//! sluice), sends a query (40 bytes to the builtin responder, a real A
+//! query to dnsmasq), waits for its answer (80 bytes from the builtin
+//! responder; at most 1 s, a timeout is counted as lost), and sends the
+//! next. sluice is the
 //! real binary on a file config with one UDP Service, on loopback.
 //!
 //! `--backend` chooses what answers: `builtin` (default), a responder on
@@ -252,18 +255,8 @@ struct DnsReport {
     outstanding: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dnsperf_threads: Option<usize>,
-    /// All rounds added up.
-    direct: Measured,
-    sluice: Measured,
-    /// The median of the rounds' sluice queries/s ÷ direct queries/s.
-    ratio: f64,
-    /// The median of the rounds' sluice CPU µs per query answered in the
-    /// sluice phase (null if /proc could not be read).
-    sluice_us_per_query: Option<f64>,
-    /// The medians of the rounds' dnsmasq CPU µs per query, per phase
-    /// (`--backend dnsmasq` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    backend_us_per_query: Option<PerPhase>,
+    #[serde(flatten)]
+    summary: Summary,
     rounds: Vec<Round>,
     /// `--nginx`: the same through nginx's UDP proxy.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -307,8 +300,15 @@ fn order(i: usize, nginx: bool) -> Vec<Phase> {
     if nginx {
         phases.push(Phase::Nginx);
     }
-    let n = phases.len();
-    phases.rotate_left(i % n);
+    rotated(phases, i)
+}
+
+/// `phases` rotated left by `i` (modulo their count): round `i`'s order.
+pub(crate) fn rotated<T>(mut phases: Vec<T>, i: usize) -> Vec<T> {
+    if !phases.is_empty() {
+        let n = phases.len();
+        phases.rotate_left(i % n);
+    }
     phases
 }
 
@@ -332,11 +332,48 @@ pub(crate) struct PerPhase {
     pub(crate) sluice: Option<f64>,
 }
 
-/// The processes whose CPU time is read around each phase.
-struct Pids {
-    sluice: u32,
-    /// dnsmasq's; None for the builtin responder (in this process).
-    backend: Option<u32>,
+/// What a run's rounds come to: each path's phases added up, and the
+/// medians of the rounds' ratios and CPU figures. Both `dns` reports (on
+/// loopback and `--netns`) carry it flattened.
+#[derive(Debug, Serialize)]
+pub(crate) struct Summary {
+    /// All rounds added up.
+    pub(crate) direct: Measured,
+    pub(crate) sluice: Measured,
+    /// The median of the rounds' sluice queries/s ÷ direct queries/s.
+    pub(crate) ratio: f64,
+    /// The median of the rounds' sluice CPU µs per query answered in the
+    /// sluice phase (null if /proc could not be read).
+    pub(crate) sluice_us_per_query: Option<f64>,
+    /// The medians of the rounds' dnsmasq CPU µs per query, per phase
+    /// (with dnsmasq only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) backend_us_per_query: Option<PerPhase>,
+}
+
+impl Summary {
+    pub(crate) fn of<'a>(rounds: impl Iterator<Item = &'a Round> + Clone) -> Summary {
+        let backend = |f: fn(&PerPhase) -> Option<f64>| {
+            median_of(
+                rounds
+                    .clone()
+                    .map(|r| r.backend_us_per_query.as_ref().and_then(f)),
+            )
+        };
+        Summary {
+            direct: total(rounds.clone().map(|r| r.direct.clone())),
+            sluice: total(rounds.clone().map(|r| r.sluice.clone())),
+            ratio: median(rounds.clone().map(|r| r.ratio).collect()),
+            sluice_us_per_query: median_of(rounds.clone().map(|r| r.sluice_us_per_query)),
+            backend_us_per_query: rounds
+                .clone()
+                .any(|r| r.backend_us_per_query.is_some())
+                .then(|| PerPhase {
+                    direct: backend(|b| b.direct),
+                    sluice: backend(|b| b.sluice),
+                }),
+        }
+    }
 }
 
 /// CPU µs per answered query from CPU seconds read before and after a
@@ -411,6 +448,12 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
         _ if n % 2 == 1 => values[n / 2],
         _ => ((values[n / 2 - 1] + values[n / 2]) / 2.0 * 1000.0).round() / 1000.0,
     }
+}
+
+/// The median of the values present (None when there are none).
+pub(crate) fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| median(v))
 }
 
 /// Answers every datagram with [`ANSWER`] bytes, the query's first 2
@@ -514,7 +557,7 @@ async fn start_sluice(
     Ok((daemon, listen))
 }
 
-fn line(label: &str, m: &Measured) -> String {
+pub(crate) fn line(label: &str, m: &Measured) -> String {
     format!(
         "{label}: {:.0} queries/s ({} answered, {} lost, {:.2}s)",
         m.queries_per_s, m.answered, m.lost, m.elapsed_s
@@ -551,10 +594,8 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     let server = Server::start(args.backend).await?;
     let backend = server.addr;
     let (daemon, listen) = start_sluice(&args.sluice, backend, args.backend).await?;
-    let pids = Pids {
-        sluice: u32::try_from(daemon.pid()).context("sluice's pid")?,
-        backend: server.pid(),
-    };
+    let sluice_pid = u32::try_from(daemon.pid()).context("sluice's pid")?;
+    let backend_pid = server.pid();
     let nginx = match args.nginx {
         true => Some(nginx::Nginx::start(backend, args.backend).await?),
         false => None,
@@ -566,11 +607,11 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
         for p in order(i, nginx.is_some()) {
             match (p, &nginx) {
                 (Phase::Direct, _) => {
-                    direct = Some(phase(backend, &args, &load, None, pids.backend).await?)
+                    direct = Some(phase(backend, &args, &load, None, backend_pid).await?)
                 }
                 (Phase::Sluice, _) => {
-                    let cpu = Some(pids.sluice);
-                    through = Some(phase(listen, &args, &load, cpu, pids.backend).await?)
+                    let cpu = Some(sluice_pid);
+                    through = Some(phase(listen, &args, &load, cpu, backend_pid).await?)
                 }
                 (Phase::Nginx, Some(n)) => {
                     let c0 = n.cpu_seconds();
@@ -587,7 +628,7 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             bail!("round {} missed a phase", i + 1);
         };
         let ratio = ratio(&through, &direct);
-        let backend_us = pids.backend.map(|_| PerPhase {
+        let backend_us = backend_pid.map(|_| PerPhase {
             direct: backend_direct,
             sluice: backend_sluice,
         });
@@ -623,12 +664,11 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             backend_us_per_query: backend_us,
         });
     }
-    let nginx_addr = nginx.as_ref().map(|n| n.addr);
-    drop(nginx);
-    let nginx = nginx_addr.filter(|_| !nginx_rounds.is_empty()).map(|addr| {
+    // Each Nginx is dropped (stopped) once its report is made.
+    let nginx = nginx.map(|n| {
         let us: Vec<f64> = nginx_rounds.iter().filter_map(|r| r.us_per_query).collect();
         NginxReport {
-            addr,
+            addr: n.addr,
             total: total(nginx_rounds.iter().map(|r| r.measured.clone())),
             ratio: median(nginx_rounds.iter().map(|r| r.ratio).collect()),
             us_per_query: (!us.is_empty()).then(|| median(us)),
@@ -638,18 +678,7 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     drop(daemon);
     drop(server);
     drop(load);
-    let direct = total(rounds.iter().map(|r| r.direct.clone()));
-    let through = total(rounds.iter().map(|r| r.sluice.clone()));
-    let ratio = median(rounds.iter().map(|r| r.ratio).collect());
-    let median_of = |f: &dyn Fn(&Round) -> Option<f64>| {
-        let values: Vec<f64> = rounds.iter().filter_map(f).collect();
-        (!values.is_empty()).then(|| median(values))
-    };
-    let sluice_us = median_of(&|r| r.sluice_us_per_query);
-    let backend_us = pids.backend.map(|_| PerPhase {
-        direct: median_of(&|r| r.backend_us_per_query.and_then(|b| b.direct)),
-        sluice: median_of(&|r| r.backend_us_per_query.and_then(|b| b.sluice)),
-    });
+    let summary = Summary::of(rounds.iter());
     if args.json {
         let dnsperf = args.client == Client::Dnsperf;
         let report = DnsReport {
@@ -660,22 +689,21 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
             clients: args.clients,
             outstanding: dnsperf.then_some(args.outstanding),
             dnsperf_threads: dnsperf.then_some(args.dnsperf_threads),
-            direct,
-            sluice: through,
-            ratio,
-            sluice_us_per_query: sluice_us,
-            backend_us_per_query: backend_us,
+            summary,
             rounds,
             nginx,
         };
         outln!("{}", serde_json::to_string(&report)?);
     } else {
-        outln!("{}", line("direct", &direct));
-        outln!("{}", line("sluice", &through));
-        outln!("ratio (sluice / direct, median of rounds): {ratio:.3}");
+        outln!("{}", line("direct", &summary.direct));
+        outln!("{}", line("sluice", &summary.sluice));
+        outln!(
+            "ratio (sluice / direct, median of rounds): {:.3}",
+            summary.ratio
+        );
         outln!(
             "CPU per query (median of rounds): {}",
-            cpu_line(sluice_us, backend_us)
+            cpu_line(summary.sluice_us_per_query, summary.backend_us_per_query)
         );
         if let Some(n) = &nginx {
             outln!("{}", line("nginx", &n.total));
@@ -764,6 +792,36 @@ mod tests {
         assert_eq!(ratio(&m(50, 1.0), &m(0, 1.0)), 0.0);
         assert_eq!(median(vec![0.9, 0.1, 0.5]), 0.5);
         assert_eq!(median(vec![0.4, 0.6, 0.1, 0.9]), 0.5);
+        // CPU figures: the missing ones are skipped, none gives none.
+        assert_eq!(
+            median_of([Some(1.0), None, Some(3.0)].into_iter()),
+            Some(2.0)
+        );
+        assert_eq!(median_of([None, None].into_iter()), None);
+        assert_eq!(rotated(Vec::<u8>::new(), 3), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn the_summary_has_dnsmasq_figures_only_when_the_rounds_do() {
+        let round = |ratio, sluice_us, backend: Option<PerPhase>| Round {
+            direct: m(100, 1.0),
+            sluice: m(50, 1.0),
+            ratio,
+            sluice_us_per_query: sluice_us,
+            backend_us_per_query: backend,
+        };
+        let builtin = [round(0.5, Some(8.0), None), round(0.7, None, None)];
+        let s = Summary::of(builtin.iter());
+        assert_eq!((s.direct.answered, s.sluice.answered), (200, 100));
+        assert_eq!((s.ratio, s.sluice_us_per_query), (0.6, Some(8.0)));
+        assert!(s.backend_us_per_query.is_none());
+        let pd = |direct, sluice| Some(PerPhase { direct, sluice });
+        let dnsmasq = [
+            round(0.5, Some(8.0), pd(Some(5.0), None)),
+            round(0.6, Some(6.0), pd(Some(7.0), Some(4.0))),
+        ];
+        let b = Summary::of(dnsmasq.iter()).backend_us_per_query.unwrap();
+        assert_eq!((b.direct, b.sluice), (Some(6.0), Some(4.0)));
     }
 
     #[test]

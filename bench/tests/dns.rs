@@ -14,11 +14,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The first of `tools` that is not on PATH.
 fn missing(tools: &[&'static str]) -> Option<&'static str> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
     tools
         .iter()
         .copied()
-        .find(|t| !std::env::split_paths(&path).any(|dir| dir.join(t).is_file()))
+        .find(|t| sluice_testkit::on_path(t).is_none())
 }
 
 /// Runs `sluice-bench dns ARGS --json`, which must succeed: (the JSON,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_testkit::netns::{self, unusable};
-use sluice_testkit::process::children;
+use sluice_testkit::process::{children, is_live};
 
 /// The namespaces `dns --netns` run `pid` makes that still exist.
 fn left_over(pid: u32) -> Vec<String> {
@@ -95,13 +95,10 @@ fn sigterm_mid_run_stops_sluice_and_dnsmasq_and_removes_namespaces() {
     assert_eq!(left_over(pid), Vec::<String>::new(), "namespaces left");
     // Killed before the bench exited; init reaps them.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let alive = |p: &u32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
-    };
-    while running.iter().any(|p| alive(&p.pid)) && Instant::now() < deadline {
+    while running.iter().any(|p| is_live(p.pid)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left: Vec<_> = running.iter().filter(|p| alive(&p.pid)).collect();
+    let left: Vec<_> = running.iter().filter(|p| is_live(p.pid)).collect();
     assert!(left.is_empty(), "still running: {left:?}");
 }
 

@@ -14,8 +14,18 @@ pub mod process;
 pub mod upgrade;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 
 pub use daemon::{Daemon, Options, StopReport};
+
+/// Where `tool` is on PATH, the lookup a command run by its bare name
+/// gets; None when it is not there.
+pub fn on_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
 
 /// First and one past the last port [`free_port`] hands out: below the
 /// kernel's ephemeral range (`ip_local_port_range`, 32768-60999 by

@@ -51,9 +51,8 @@ pub fn unusable(tools: &[&str]) -> Option<String> {
     if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
         return Some("not root".into());
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let on_path = |tool: &&str| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
-    (tools.iter().find(|t| !on_path(t))).map(|tool| format!("`{tool}` is not installed"))
+    (tools.iter().find(|t| crate::on_path(t).is_none()))
+        .map(|tool| format!("`{tool}` is not installed"))
 }
 
 /// Runs `ip ARGS`.

@@ -26,6 +26,14 @@ pub fn children(pid: u32) -> Vec<Process> {
         .collect()
 }
 
+/// Whether `pid` is a live process: there, and not a zombie.
+pub fn is_live(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s).map(|(_, state, _)| state != "Z"))
+        .unwrap_or(false)
+}
+
 /// `comm`, state and parent pid from a `/proc/<pid>/stat` line. The
 /// command name sits in parentheses and may itself hold spaces and
 /// parentheses, so the fields after it are found from the last `") "`.
@@ -59,6 +67,7 @@ mod tests {
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let (me, pid) = (std::process::id(), child.id());
         let live = children(me);
+        assert!(is_live(pid));
         child.kill().unwrap();
         // Not waited for yet: a zombie until `wait`, at most 5 s to get there.
         let stat = format!("/proc/{pid}/stat");
@@ -78,5 +87,6 @@ mod tests {
         assert_eq!(kid.map(|p| p.comm.as_str()), Some("sleep"), "{live:?}");
         assert!(zombie, "the killed child never showed as a zombie");
         assert!(after.iter().all(|p| p.pid != pid), "{after:?}");
+        assert!(!is_live(pid), "a zombie counts as not live");
     }
 }

@@ -82,12 +82,15 @@ fn listen_addr() -> Result<SocketAddr> {
     ))
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
+/// Where a server binary is: on PATH, or in an sbin directory that a
+/// non-root PATH often lacks (Debian puts nginx and haproxy in /usr/sbin).
+pub(crate) fn which(bin: &str) -> Option<PathBuf> {
+    sluice_testkit::on_path(bin).or_else(|| {
+        ["/usr/sbin", "/usr/local/sbin", "/sbin"]
+            .iter()
+            .map(|d| Path::new(d).join(bin))
+            .find(|p| p.is_file())
+    })
 }
 
 fn haproxy_config(

@@ -26,8 +26,7 @@ const DNSPERF: &str = "dnsperf";
 
 /// Whether `dnsperf` is on PATH; an error saying how to install it if not.
 pub fn installed() -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if std::env::split_paths(&path).any(|dir| dir.join(DNSPERF).is_file()) {
+    if sluice_testkit::on_path(DNSPERF).is_some() {
         Ok(())
     } else {
         bail!("--client dnsperf: `{DNSPERF}` is not on PATH (apt-get install dnsperf)")

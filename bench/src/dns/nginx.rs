@@ -10,7 +10,7 @@
 //! is that of its master and workers together.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
@@ -33,8 +33,8 @@ impl Nginx {
     /// program takes it first, nginx exits at start and another port is
     /// tried, up to 3 times.
     pub async fn start(backend: SocketAddr, kind: Backend) -> Result<Self> {
-        let bin =
-            which("nginx").context("--nginx: `nginx` is not on PATH (apt-get install nginx)")?;
+        let bin = crate::compare::proxies::which("nginx")
+            .context("--nginx: `nginx` is not on PATH (apt-get install nginx)")?;
         let mut failure = None;
         for _ in 0..3 {
             let dir = tempfile::Builder::new()
@@ -130,14 +130,6 @@ fn config(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> String {
              proxy_responses 1;\n    proxy_timeout 10s;\n  }}\n}}\n",
         dir = dir.display()
     )
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -40,7 +40,8 @@ use super::{RunGuard, is_root, nft, remove_stale_runs};
 use crate::compare::cpu::cpu_seconds;
 use crate::dns::dnsperf::{self, QueryFile};
 use crate::dns::{
-    Backend, Client, DnsArgs, Measured, PerPhase, Round, median, probe, ratio, total, us_per_query,
+    Backend, Client, DnsArgs, Measured, PerPhase, Round, Summary, line, median_of, probe, ratio,
+    rotated, total, us_per_query,
 };
 use crate::plan::Intercept;
 use crate::sluice::{BackendCfg, Config, ServiceCfg, Sluice, locate};
@@ -77,9 +78,7 @@ fn order(i: usize, nft: bool) -> Vec<Phase> {
     if nft {
         v.push(Phase::Nft);
     }
-    let n = v.len();
-    v.rotate_left(i % n);
-    v
+    rotated(v, i)
 }
 
 /// One round: dns's direct and sluice phases (with sluice's CPU per query
@@ -104,38 +103,32 @@ struct NetnsDnsReport {
     seconds: f64,
     client: Client,
     clients: usize,
-    /// dnsperf's queries in flight (`--client dnsperf` only).
+    /// dnsperf's `-q` and `-T` (`--client dnsperf` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     outstanding: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dnsperf_threads: Option<usize>,
     /// The pod's address, the sluice VIP and the nft VIP.
     pod: String,
     vip: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     nft_vip: Option<String>,
-    /// All rounds added up.
-    direct: Measured,
-    sluice: Measured,
+    /// The direct and sluice phases added up, the medians of the rounds'
+    /// ratios and CPU figures (µs per answered query; dnsmasq's in the
+    /// direct and the sluice phase).
+    #[serde(flatten)]
+    summary: Summary,
+    /// The nft phases added up, and the median of their ratios.
     #[serde(skip_serializing_if = "Option::is_none")]
     nft: Option<Measured>,
-    /// Medians of the rounds' ratios and CPU figures (µs per answered
-    /// query; dnsmasq's in the direct and the sluice phase).
-    ratio: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     nft_ratio: Option<f64>,
-    sluice_us_per_query: Option<f64>,
-    backend_us_per_query: PerPhase,
     rounds: Vec<NetnsRound>,
 }
 
 /// dnsmasq's CPU figures of round `r` (none when absent).
 fn dnsmasq_of(r: &NetnsRound) -> PerPhase {
     r.base.backend_us_per_query.unwrap_or_default()
-}
-
-/// The median of the values present (None when there are none).
-fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
-    let v: Vec<f64> = values.flatten().collect();
-    (!v.is_empty()).then(|| median(v))
 }
 
 /// The client load of one phase: [`crate::dns`]'s closed-loop client
@@ -294,19 +287,13 @@ async fn run_in_node(
         client: args.client,
         clients: args.clients,
         outstanding: (args.client == Client::Dnsperf).then_some(args.outstanding),
+        dnsperf_threads: (args.client == Client::Dnsperf).then_some(args.dnsperf_threads),
         pod: pod.addr.to_string(),
         vip: vip.to_string(),
         nft_vip: nft_on.then(|| nft_vip.to_string()),
-        direct: total(rounds.iter().map(|r| r.base.direct.clone())),
-        sluice: total(rounds.iter().map(|r| r.base.sluice.clone())),
+        summary: Summary::of(rounds.iter().map(|r| &r.base)),
         nft: nft_on.then(|| total(rounds.iter().filter_map(|r| r.nft.clone()))),
-        ratio: median(rounds.iter().map(|r| r.base.ratio).collect()),
         nft_ratio: median_of(rounds.iter().map(|r| r.nft_ratio)),
-        sluice_us_per_query: median_of(rounds.iter().map(|r| r.base.sluice_us_per_query)),
-        backend_us_per_query: PerPhase {
-            direct: median_of(rounds.iter().map(|r| dnsmasq_of(r).direct)),
-            sluice: median_of(rounds.iter().map(|r| dnsmasq_of(r).sluice)),
-        },
         rounds,
     })
 }
@@ -334,13 +321,6 @@ fn round_line(i: usize, r: &NetnsRound) -> String {
         ));
     }
     s
-}
-
-fn line(label: &str, m: &Measured) -> String {
-    format!(
-        "{label}: {:.0} queries/s ({} answered, {} lost, {:.2}s)",
-        m.queries_per_s, m.answered, m.lost, m.elapsed_s
-    )
 }
 
 /// `dns --netns`: builds the mini node, runs the rounds on a thread in its
@@ -404,23 +384,24 @@ pub async fn run(args: DnsArgs) -> Result<ExitCode> {
     if json {
         outln!("{}", serde_json::to_string(&report)?);
     } else {
-        outln!("{}", line("direct", &report.direct));
-        outln!("{}", line("sluice", &report.sluice));
+        let summary = &report.summary;
+        outln!("{}", line("direct", &summary.direct));
+        outln!("{}", line("sluice", &summary.sluice));
         if let Some(k) = &report.nft {
             outln!("{}", line("nft", k));
         }
         outln!(
             "ratio (sluice / direct, median of rounds): {:.3}",
-            report.ratio
+            summary.ratio
         );
         if let Some(kr) = report.nft_ratio {
             outln!("ratio (nft / direct, median of rounds): {kr:.3}");
         }
         outln!(
             "CPU per query (median of rounds): sluice {} µs; dnsmasq {} µs direct, {} µs through sluice",
-            us(report.sluice_us_per_query),
-            us(report.backend_us_per_query.direct),
-            us(report.backend_us_per_query.sluice)
+            us(summary.sluice_us_per_query),
+            us(summary.backend_us_per_query.unwrap_or_default().direct),
+            us(summary.backend_us_per_query.unwrap_or_default().sluice)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -440,10 +421,5 @@ mod tests {
         assert_eq!(order(1, true), vec![Sluice, Nft, Direct]);
         assert_eq!(order(2, true), vec![Nft, Direct, Sluice]);
         assert_eq!(order(3, true), order(0, true));
-    }
-
-    #[test]
-    fn cpu_medians_skip_missing_figures() {
-        assert_eq!(median_of([None, None].into_iter()), None);
     }
 }
