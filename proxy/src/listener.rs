@@ -115,14 +115,18 @@ pub enum Kind {
     Admin,
 }
 
-/// A socket of type `ty` for `addr`, not bound yet: SO_REUSEADDR,
-/// SO_REUSEPORT (shareable with a second sluice during a hand-over),
-/// non-blocking; for [`Kind::Service`] also IP_FREEBIND (IPv6: v6 only).
-/// Shared by the TCP listeners and the UDP Service sockets
-/// ([`crate::udp::bind_udp`]).
+/// A socket of type `ty` for `addr`, not bound yet: SO_REUSEPORT
+/// (shareable with a second sluice during a hand-over), SO_REUSEADDR for
+/// TCP only (a listener binds over its port's TIME_WAIT connections; on
+/// UDP it would let any other socket with SO_REUSEADDR bind the port and
+/// take its datagrams, see [`udp_group_socket`]), non-blocking; for
+/// [`Kind::Service`] also IP_FREEBIND (IPv6: v6 only). Shared by the TCP
+/// listeners and the UDP Service sockets ([`crate::udp::bind_udp`]).
 pub fn shareable_socket(addr: SocketAddr, ty: Type, kind: Kind) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
-    socket.set_reuse_address(true)?;
+    if ty == Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
     socket.set_reuse_port(true)?;
     if kind == Kind::Service {
         match addr {
@@ -158,8 +162,10 @@ pub fn udp_group_socket(addr: SocketAddr) -> io::Result<Socket> {
 /// Takes a UDP socket bound on a wildcard address out of its SO_REUSEPORT
 /// group, without closing it: the kernel stops handing it new datagrams
 /// (they go to the other sockets of the group: the new sluice) while the
-/// datagrams already queued stay readable and `sendmsg` to any address
-/// still works (the replies of flows that are draining). How: `connect(2)`
+/// datagrams already queued stay readable and `sendmsg` with an explicit
+/// source (IP_PKTINFO, as intercepted ports always send) still reaches
+/// any address (the replies of flows that are draining; without one the
+/// source would be the loopback address the socket is now bound to). How: `connect(2)`
 /// to the socket's own port on loopback. The connect rehashes the socket
 /// (it gets a local address), which detaches it from the group
 /// (`udp_lib_rehash`), and a connected socket only receives datagrams from

@@ -199,8 +199,8 @@ impl UdpFollower {
     fn sync_key(&mut self, key: ListenKey, table: &Table) {
         let want = table.get(&key);
         if let Some(s) = self.serving.get(&key) {
-            // A task ends by itself when it sees its key leave the table:
-            // the key may be back by the time the loop looks.
+            // A task that ended on its own (its epoll set failed) is
+            // replaced.
             if want.is_some_and(|svc| svc.name == s.service) && !s.task.is_finished() {
                 return;
             }
@@ -291,8 +291,9 @@ impl UdpProxy {
     }
 
     /// Serves `socket`, which receives the datagrams of the Service at
-    /// `key`, until `stop` fires or `key` leaves the table. Every flow is
-    /// closed on return.
+    /// `key`, until `stop` fires (its follower saw the key leave the table,
+    /// or the process stops); while the key is out of the table it has no
+    /// backend. Every flow is closed on return.
     pub async fn serve(
         self: Arc<Self>,
         key: ListenKey,
@@ -439,9 +440,10 @@ impl UdpProxy {
                     }
                 },
                 changed = changes.changed() => {
-                    if changed.is_err() || !port.on_table() {
+                    if changed.is_err() {
                         break;
                     }
+                    port.on_table();
                 }
                 _ = sweep.tick() => port.expire(Instant::now()),
                 _ = &mut deadline, if armed.is_some() => {
@@ -524,8 +526,8 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400)
 }
 
-/// Binds a shareable UDP socket on `addr` (SO_REUSEADDR, SO_REUSEPORT and
-/// IP_FREEBIND, like the TCP listeners of [`crate::listener`]).
+/// Binds a shareable UDP socket on `addr` (SO_REUSEPORT and IP_FREEBIND,
+/// like the TCP listeners of [`crate::listener`]; no SO_REUSEADDR on UDP).
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket =
         crate::listener::shareable_socket(addr, Type::DGRAM, crate::listener::Kind::Service)?;
@@ -1232,12 +1234,12 @@ impl Port {
         end: UdpFlowEnd,
         how: Repin,
     ) {
-        let Some(old) = self.take_flow(client) else {
+        let Some(mut old) = self.take_flow(client) else {
             return;
         };
         let now = Instant::now();
         let (last_sent, seq) = (old.last_sent, old.seq);
-        let last = old.last.clone();
+        let last = std::mem::take(&mut old.last);
         let local = old.local;
         // The old socket and its slot go before the new ones are taken.
         drop(old);
@@ -1257,12 +1259,19 @@ impl Port {
     }
 
     /// A new table: flows whose backend is no longer eligible are closed,
-    /// or re-pinned when their last datagram is unanswered. Returns false
-    /// when the key left the table.
-    fn on_table(&mut self) -> bool {
-        let Some(service) = self.service() else {
-            return false;
-        };
+    /// or re-pinned when their last datagram is unanswered.
+    ///
+    /// When the key left the table, the port serves it as a Service with
+    /// no backend (its flows end, new datagrams are dropped as
+    /// `no_backend`) until the follower that started this task stops it.
+    /// The task does not end by itself: a removal and a re-add can reach
+    /// the follower as one diff, or as none, and the port must then still
+    /// be served.
+    fn on_table(&mut self) {
+        let service = self.service().unwrap_or_else(|| {
+            let old = &self.service;
+            Arc::new(Service::new(old.name.clone(), old.policy, None, Vec::new()))
+        });
         self.service = service.clone();
         self.resend_after = self.proxy.resend_after(&self.key, &service);
         if self.resend_after.is_none() {
@@ -1280,7 +1289,6 @@ impl Port {
                 self.end_flow(client, UdpFlowEnd::BackendGone);
             }
         }
-        true
     }
 
     /// Datagrams whose deadline passed unanswered: each is re-sent once to
@@ -1532,6 +1540,79 @@ mod tests {
         assert_eq!(resend_after(Some(false), 53, after), None);
         assert_eq!(resend_after(Some(true), 514, after), Some(after));
         assert_eq!(resend_after(Some(true), 53, Duration::ZERO), None);
+    }
+
+    #[tokio::test]
+    async fn a_port_whose_key_leaves_and_comes_back_is_served_again() {
+        // A removal and a re-add can reach the follower as one diff (or
+        // none): the port's task must not end by itself on the removal.
+        use crate::metrics::Metrics;
+        use crate::tracker::{Tracker, TrackerConfig};
+        use sluice_control::{Backend, Conditions, Policy};
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        });
+        let served = tokio_socket(false).await;
+        let key = ListenKey {
+            addr: served.local_addr().unwrap(),
+            protocol: Protocol::Udp,
+        };
+        let with_key = || {
+            let mut t = Table::new();
+            let b = Backend::new(echo_addr, Conditions::READY);
+            let svc = Service::new("echo", Policy::RoundRobin, None, vec![b]);
+            t.insert(key, Arc::new(svc));
+            t
+        };
+        let metrics = Arc::new(Metrics::new());
+        let config = TrackerConfig {
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(1),
+        };
+        let tracker = Tracker::new(config, CancellationToken::new(), metrics.clone());
+        let publisher = Arc::new(Publisher::new());
+        publisher.publish(with_key());
+        let proxy = UdpProxy::new(
+            UdpConfig::default(),
+            publisher.clone(),
+            Arc::new(tracker),
+            metrics,
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(proxy.serve(key, served, stop.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ask = |payload: &'static [u8]| {
+            let client = &client;
+            async move {
+                client.send_to(payload, key.addr).await.unwrap();
+                let mut buf = [0u8; 64];
+                let got = tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf));
+                got.await.ok().map(|r| buf[..r.unwrap()].to_vec())
+            }
+        };
+        assert_eq!(ask(b"one").await.as_deref(), Some(&b"one"[..]));
+        // The key leaves: no backend, the datagram is dropped.
+        publisher.publish(Table::new());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ask(b"two").await, None);
+        assert!(!task.is_finished(), "the port's task ended by itself");
+        // Back, with nothing else (no follower) doing anything: served.
+        publisher.publish(with_key());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ask(b"three").await.as_deref(), Some(&b"three"[..]));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     /// A nonblocking std socket on 127.0.0.1, as tokio's.

@@ -21,11 +21,16 @@
 //! that no key maps to in the kernel and none holds here (a port this
 //! process freed in the last [`COOL`] only if nothing else is free: its
 //! old socket may still be closing elsewhere). The rule depends on the
-//! kernel's map, not on the process's history, so two sluices that run
-//! side by side and see the same new key in the same table pick the same
-//! port, bind it together (SO_REUSEPORT) and write the same element:
-//! neither overwrites the other's. One that already wrote it is simply
-//! adopted by the other. A port is given only if its bind succeeds (a port
+//! kernel's map, so two sluices that run side by side and see the same
+//! new key in the same table pick the same port, bind it together
+//! (SO_REUSEPORT) and write the same element: neither overwrites the
+//! other's. One that already wrote it is simply adopted by the other.
+//! The exception is the cooling: a port that one of them freed in the
+//! last [`COOL`] is passed over by that one only, so the two can then
+//! pick different ports and the last element written wins (the other's
+//! port is served but not steered until the key changes again). Until
+//! the map can be read, no new key is given a port at all
+//! ([`UdpIntercept`]'s `holding`). A port is given only if its bind succeeds (a port
 //! another program holds without SO_REUSEPORT is skipped).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -216,8 +221,10 @@ pub struct UdpIntercept {
     drain: CancellationToken,
     /// The serving tasks, for the shutdown to wait for their drain.
     tasks: TaskTracker,
-    /// The first apply has run (it reads the kernel's map whatever the diff).
-    started: bool,
+    /// The kernel's map could not be read at the last apply: keys not
+    /// served yet wait for a read that works (retried on the follower's
+    /// clock).
+    holding: bool,
     /// Keys warned about (no port), so the warning is logged once.
     warned: usize,
 }
@@ -237,7 +244,7 @@ impl UdpIntercept {
             serving: HashMap::new(),
             drain,
             tasks: TaskTracker::new(),
-            started: false,
+            holding: false,
             warned: 0,
         }
     }
@@ -263,14 +270,17 @@ impl UdpIntercept {
         table: &Table,
         kernel: &BTreeMap<ListenKey, u16>,
     ) -> &BTreeMap<ListenKey, u16> {
-        let keys = (table.iter().map(|(k, _)| k)).filter(|k| k.protocol == Protocol::Udp);
+        let keys: Vec<ListenKey> = (table.iter().map(|(k, _)| *k))
+            .filter(|k| k.protocol == Protocol::Udp)
+            .filter(|k| !self.holding || self.ports.assigned().contains_key(k))
+            .collect();
         let proxy = &self.proxy;
         let serving = &mut self.serving;
         let (drain, tasks) = (&self.drain, &self.tasks);
         let now = Instant::now();
         let update = self
             .ports
-            .update(keys, kernel, now, |key, port| match bind_local(key, port) {
+            .update(&keys, kernel, now, |key, port| match bind_local(key, port) {
                 Ok(socket) => {
                     let stop = CancellationToken::new();
                     let serve = proxy.clone().serve_intercepted_with_drain(
@@ -322,35 +332,44 @@ impl UdpIntercept {
         self.ports.assigned()
     }
 
+    /// The first diff is against an empty table, so every UDP key of the
+    /// first table is in `added`: a table without UDP changes needs no
+    /// pass unless a key waits for a port.
     async fn sync(&mut self, diff: &TableDiff, table: &Table) -> bool {
         let touched = (diff.added.iter().chain(&diff.removed)).any(|k| k.protocol == Protocol::Udp);
-        if self.started && !touched && self.warned == 0 {
+        if !touched && self.complete() {
             return true;
         }
-        self.started = true;
         let kernel = match crate::nft::read_udp_ports().await {
-            Ok((ports, 0)) => ports,
+            Ok((ports, 0)) => Some(ports),
             Ok((ports, skipped)) => {
                 warn!(skipped, "udp-ports map elements not understood: skipped");
-                ports
+                Some(ports)
             }
             Err(e) => {
-                // Served all the same, on ports chosen without the map.
-                warn!("cannot read the udp-ports maps (UDP ports not adopted): {e}");
-                BTreeMap::new()
+                warn!(
+                    "cannot read the udp-ports maps: UDP services not served yet wait for the next try: {e}"
+                );
+                None
             }
         };
-        self.follow(table, &kernel);
+        // Without the map a new key could be given a port that another
+        // sluice serves for another key (the bind joins its SO_REUSEPORT
+        // group and the two keys' datagrams mix): keys already served
+        // stay, keys that left go, new ones wait.
+        self.holding = kernel.is_none();
+        self.follow(table, &kernel.unwrap_or_default());
         self.complete()
     }
 
-    /// Every UDP key of the last [`Self::follow`] has a port. When not,
+    /// Every UDP key of the last [`Self::follow`] has a port, and the
+    /// kernel's map was read (see `holding`). When not,
     /// the follower reports itself incomplete and the reconcile loop calls
     /// it again after its retry delay: a port that comes free (another
     /// program closed it, a key left) is taken then, not only at the next
     /// table change.
     fn complete(&self) -> bool {
-        self.warned == 0
+        self.warned == 0 && !self.holding
     }
 }
 
@@ -540,6 +559,40 @@ mod tests {
         assert!(udp.complete());
         assert_eq!(steering.ports().get(&k), Some(&port));
         assert!(!steering.waiting());
+    }
+
+    #[tokio::test]
+    async fn without_the_kernels_map_new_keys_wait_and_left_ones_go() {
+        let port = std::net::UdpSocket::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (a, b) = (key("10.96.0.10:53"), key("10.96.0.11:53"));
+        let only = |k: ListenKey| {
+            let mut t = Table::new();
+            let svc = sluice_control::Service::new(
+                "dns",
+                sluice_control::Policy::RoundRobin,
+                None,
+                vec![],
+            );
+            t.insert(k, Arc::new(svc));
+            t
+        };
+        let mut udp = intercept((port, port));
+        let steering = udp.steering();
+        assert_eq!(udp.follow(&only(a), &none()).get(&a), Some(&port));
+        // The map could not be read: a leaves, b must not take a port that
+        // may be another sluice's; the follower and nftables retry.
+        udp.holding = true;
+        assert!(udp.follow(&only(b), &none()).is_empty());
+        assert!(!udp.complete());
+        assert!(steering.waiting());
+        // Read again: b is served.
+        udp.holding = false;
+        assert_eq!(udp.follow(&only(b), &none()).get(&b), Some(&port));
+        assert!(udp.complete() && !steering.waiting());
     }
 
     #[tokio::test]
