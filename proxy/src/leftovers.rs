@@ -22,7 +22,6 @@
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -279,17 +278,9 @@ fn push(report: &mut Report, kind: Kind, names: Result<Vec<String>, String>) {
 }
 
 async fn list_ruleset() -> Result<String, String> {
-    let child = tokio::process::Command::new("nft")
-        .args(["-j", "list", "ruleset"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot run `nft -j list ruleset`: {e}"))?;
-    let out = tokio::time::timeout(NFT_TIMEOUT, child.wait_with_output())
+    let args = ["-j", "list", "ruleset"];
+    let out = crate::nft::run("nft", &args, None, NFT_TIMEOUT)
         .await
-        .map_err(|_| format!("`nft -j list ruleset` took over {NFT_TIMEOUT:?}"))?
         .map_err(|e| format!("`nft -j list ruleset`: {e}"))?;
     if !out.status.success() {
         return Err(format!(

@@ -845,7 +845,9 @@ pub enum NftError {
     Io(#[from] std::io::Error),
     #[error("`nft -f -` failed ({status}): {stderr}")]
     Failed { status: String, stderr: String },
-    #[error("`nft` did not finish within {0:?}: killed (the ruleset is left as the kernel had it)")]
+    #[error(
+        "`nft` did not finish within {0:?}: killed (a batch it was given may or may not be applied: a sync that times out is followed by a full one)"
+    )]
     TimedOut(std::time::Duration),
 }
 
@@ -853,7 +855,7 @@ pub enum NftError {
 /// 10,000 Services takes about a second; a run that hangs (a wedged
 /// netlink socket, a stuck lock) must not stop the reconcile loop, whose
 /// follower then retries as after any failed run.
-pub const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether `nft` is installed and may read the ruleset (permissions): run
 /// at start so that a missing `nft` stops sluice with a clear message.
@@ -871,10 +873,34 @@ async fn apply_with(
     script: &str,
     limit: std::time::Duration,
 ) -> Result<(), NftError> {
+    let out = run(program, &["-f", "-"], Some(script), limit).await?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(NftError::Failed {
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+/// Runs `program ARGS` (`nft`, or a stand-in in tests) with `stdin` (or
+/// nothing) on its standard input, for at most `limit`: its output, or
+/// [`NftError::NotInstalled`] / [`NftError::TimedOut`] (the process is
+/// killed: `kill_on_drop`).
+pub(crate) async fn run(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    limit: std::time::Duration,
+) -> Result<std::process::Output, NftError> {
     let mut child = match tokio::process::Command::new(program)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -883,26 +909,19 @@ async fn apply_with(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(NftError::NotInstalled),
         Err(e) => return Err(e.into()),
     };
-    let stdin = child.stdin.take();
+    let pipe = child.stdin.take();
     let run = async move {
-        if let Some(mut stdin) = stdin {
+        if let (Some(mut pipe), Some(input)) = (pipe, stdin) {
             // A write error (nft exited early) shows up in its status and stderr.
-            let _ = stdin.write_all(script.as_bytes()).await;
-            drop(stdin);
+            let _ = pipe.write_all(input.as_bytes()).await;
+            drop(pipe);
         }
         child.wait_with_output().await
     };
-    // On timeout the child is dropped with the future: killed (kill_on_drop).
-    let out = tokio::time::timeout(limit, run)
+    // On timeout the child is dropped with the future: killed.
+    Ok(tokio::time::timeout(limit, run)
         .await
-        .map_err(|_| NftError::TimedOut(limit))??;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(NftError::Failed {
-        status: out.status.to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    })
+        .map_err(|_| NftError::TimedOut(limit))??)
 }
 
 /// The `udp-ports` maps of sluice's table as the kernel holds them now
@@ -915,19 +934,8 @@ pub async fn read_udp_ports() -> Result<(BTreeMap<ListenKey, u16>, usize), NftEr
     let mut ports = BTreeMap::new();
     let mut skipped = 0;
     for map in ["udp-ports-v4", "udp-ports-v6"] {
-        let out = tokio::process::Command::new("nft")
-            .args(["-j", "list", "map", "inet", "sluice", map])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = match tokio::time::timeout(NFT_TIMEOUT, out).await {
-            Err(_) => return Err(NftError::TimedOut(NFT_TIMEOUT)),
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(NftError::NotInstalled);
-            }
-            Ok(Err(e)) => return Err(e.into()),
-        };
+        let args = ["-j", "list", "map", "inet", "sluice", map];
+        let out = run("nft", &args, None, NFT_TIMEOUT).await?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
             // No table or no map yet (the first sluice on this node).
@@ -950,7 +958,7 @@ pub async fn read_udp_ports() -> Result<(BTreeMap<ListenKey, u16>, usize), NftEr
 /// (`[{"concat": [address, port]}, local port]`), and how many elements
 /// were not of that shape (skipped). Output that is not JSON: none read,
 /// one skipped.
-pub fn parse_udp_ports(json: &str) -> (Vec<(ListenKey, u16)>, usize) {
+fn parse_udp_ports(json: &str) -> (Vec<(ListenKey, u16)>, usize) {
     use serde_json::Value;
     let Ok(doc) = serde_json::from_str::<Value>(json) else {
         return (Vec::new(), 1);

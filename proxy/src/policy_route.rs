@@ -618,15 +618,16 @@ pub async fn follow_bridges(
             }
             Err(_) => {}
         }
-        tokio::select! {
-            () = wake.notified() => {}
-            () = tokio::time::sleep(BRIDGE_RESYNC) => {}
-            () = stop.cancelled() => return,
-        }
         // At most one netlink dump per second, however often tables are
-        // published (endpoint churn).
+        // published (endpoint churn): a wake-up during this second is kept
+        // (`notify_one` stores it) and served right after it.
         tokio::select! {
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(BRIDGE_RESYNC - std::time::Duration::from_secs(1)) => {}
             () = stop.cancelled() => return,
         }
     }

@@ -237,7 +237,7 @@ impl NftFollower {
                 self.metrics.nft_sync_failures.inc();
                 error!(
                     table = nft::TABLE,
-                    "cannot sync the nftables table; retrying in 5s: {e}"
+                    "cannot sync the nftables table; retrying in {RETRY:?}: {e}"
                 );
                 false
             }

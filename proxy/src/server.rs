@@ -1,11 +1,16 @@
 //! The proxy: listeners that follow the table, one task per connection, and
 //! a graceful shutdown.
 //!
-//! [`Proxy::run`] is the reconciler. Each time a table goes live it
+//! [`ProxyFollower`], one of the reconcile loop's followers
+//! ([`crate::reconcile`]), follows the table. Each time a table goes live
+//! it
 //! 1. tells the [`Tracker`] (backends no longer eligible start draining), and
 //! 2. opens a listener for every new TCP listen address and closes the
 //!    listeners of addresses that left the table (their established
 //!    connections carry on and drain like any other).
+//!
+//! [`Proxy::run`] keeps only the housekeeping (affinity expiry, idle
+//! tracker entries, stale intercept routes).
 //!
 //! Each listener runs an accept loop: accept, take a connection permit (the
 //! global limit; at the limit, wait for one), spawn [`Proxy::handle`]. With
@@ -263,8 +268,8 @@ pub(crate) const BIND_RETRY: Duration = Duration::from_secs(1);
 /// apply incomplete, so the reconciler retries it after [`BIND_RETRY`]
 /// (1 s: a port held by a process being replaced comes free soon; the
 /// nftables retry keeps its 5 s). Once every follower has the table, the
-/// generation is told: `sluice_table_generation`, the `table live` line,
-/// and the intercept connections that waited for the first table.
+/// generation is told: `sluice_table_generation` and the `table live`
+/// line.
 pub struct ProxyFollower {
     proxy: Arc<Proxy>,
     /// Keys whose bind failed, retried at each apply.

@@ -270,7 +270,7 @@ impl Tracker {
             })
             .clone();
         // A connection that picked this backend from a table that has since
-        // been replaced may create its entry after `on_table` ran: check the
+        // been replaced may create its entry after `on_diff` ran: check the
         // newest table so it is drained like the others.
         if self
             .kept

@@ -36,7 +36,6 @@ const BACKEND: &str = "10.244.0.20:8080";
 const VIP6: &str = "[fd00:96::10]:80";
 const BACKEND6: &str = "[fd00:244::20]:8080";
 const INTERCEPT_PORT: u16 = 10261;
-/// Per network namespace (Linux >= 5.3), present once br_netfilter is loaded.
 use sluice_testkit::netns::BRIDGE_NF_CALL_IPTABLES;
 
 fn skip_reason() -> Option<String> {

@@ -51,7 +51,8 @@ pub struct HealthResponders {
     followed: Option<Arc<[HealthCheck]>>,
 }
 
-/// How often the source retries health-check ports it could not bind.
+/// How often health-check ports that could not be bound are tried again
+/// (the reconcile loop's retry delay for the health follower).
 pub const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Drop for HealthResponders {
