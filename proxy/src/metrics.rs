@@ -46,6 +46,10 @@ pub enum CloseReason {
 macro_rules! label_values {
     ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
         impl $t {
+            /// Every value: what a Service's or backend's series are
+            /// removed over when it goes.
+            pub const ALL: &'static [Self] = &[$(Self::$v),*];
+
             pub fn as_str(&self) -> &'static str {
                 match self { $(Self::$v => $s),* }
             }
@@ -417,19 +421,13 @@ impl Metrics {
         self.active.remove(&svc);
         self.retries.remove(&svc);
         self.service_limit_rejected.remove(&svc);
-        for reason in [
-            CloseReason::Closed,
-            CloseReason::Reset,
-            CloseReason::Cut,
-            CloseReason::NoBackend,
-            CloseReason::Idle,
-        ] {
+        for &reason in CloseReason::ALL {
             self.closed.remove(&CloseLabels {
                 service: name.to_string(),
                 reason,
             });
         }
-        for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
+        for &direction in Direction::ALL {
             self.bytes.remove(&BytesLabels {
                 service: name.to_string(),
                 direction,
@@ -474,12 +472,7 @@ impl Metrics {
         self.backend_connections.remove(&b);
         self.backend_active.remove(&b);
         self.backend_ejections.remove(&b);
-        for reason in [
-            DialReason::Refused,
-            DialReason::Unreachable,
-            DialReason::Timeout,
-            DialReason::Other,
-        ] {
+        for &reason in DialReason::ALL {
             self.backend_dial_failures.remove(&DialLabels {
                 backend: addr.to_string(),
                 reason,
@@ -704,7 +697,7 @@ impl UdpMetrics {
         };
         self.flows.remove(&svc);
         self.resent.remove(&svc);
-        for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
+        for &direction in Direction::ALL {
             let l = BytesLabels {
                 service: name.to_string(),
                 direction,
@@ -712,23 +705,13 @@ impl UdpMetrics {
             self.datagrams.remove(&l);
             self.bytes.remove(&l);
         }
-        for reason in [
-            UdpDrop::FlowLimit,
-            UdpDrop::NoBackend,
-            UdpDrop::Local,
-            UdpDrop::SendFailed,
-            UdpDrop::Truncated,
-        ] {
+        for &reason in UdpDrop::ALL {
             self.dropped.remove(&UdpDropLabels {
                 service: name.to_string(),
                 reason,
             });
         }
-        for reason in [
-            UdpFlowEnd::Idle,
-            UdpFlowEnd::BackendGone,
-            UdpFlowEnd::Unreachable,
-        ] {
+        for &reason in UdpFlowEnd::ALL {
             self.flows_ended.remove(&UdpFlowEndLabels {
                 service: name.to_string(),
                 reason,
