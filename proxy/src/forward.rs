@@ -108,7 +108,9 @@ impl Default for Buffers {
 /// On Linux the client side needs nothing per connection: the listener
 /// carries both options ([`bound_listener`]) and accepted sockets inherit
 /// them (a unit test checks it on the running kernel), two `setsockopt(2)`
-/// fewer per connection. Elsewhere both sockets are set here.
+/// fewer per connection. Elsewhere both sockets are set here. So on Linux
+/// `client` must have been accepted from a listener that went through
+/// [`bound_listener`] (every Service and intercept listener does).
 pub fn bound_buffers(client: &TcpStream, backend: &TcpStream, b: Buffers) {
     #[cfg(not(target_os = "linux"))]
     bound_socket(SockRef::from(client), b);

@@ -274,19 +274,14 @@ pub struct Bridge {
 
 /// The bridges of this network namespace that carry an address (a bridge
 /// without one carries no pods sluice could be asked to serve).
-pub async fn bridges() -> Result<Vec<Bridge>, String> {
-    let (handle, task) = connect()?;
-    let result = match all_links(&handle).await {
-        Ok(links) => bridges_with(&handle, &links).await,
-        Err(e) => Err(e),
-    };
-    task.abort();
-    result
+#[cfg(test)]
+async fn bridges() -> Result<Vec<Bridge>, String> {
+    read_node(false).await.1
 }
 
 /// One read of the node for [`follow_bridges`]: one netlink connection
 /// and one dump of the links for both the pod bridges and, when
-/// `routes`, the routes over the pod interfaces ([`interface_routes`]).
+/// `routes`, the routes over the pod interfaces ([`interface_routes_with`]).
 async fn read_node(
     routes: bool,
 ) -> (
@@ -395,22 +390,20 @@ async fn bridges_with(
     Ok(bridges)
 }
 
+#[cfg(test)]
+async fn interface_routes() -> Result<Vec<(Cidr, String)>, String> {
+    read_node(true)
+        .await
+        .0
+        .unwrap_or_else(|| Err("routes not read".into()))
+}
+
 /// The main routing table's unicast routes of link or universe scope (both
 /// families), each with its output interface's name (`ip route show dev
 /// NAME`): what [`crate::source_ip::local_cidrs`] matches for
 /// `--detect-local-mode BridgeInterface`/`InterfaceNamePrefix`. Routes
 /// without one output interface (multipath, blackhole) are left out. An
 /// IPv6 dump failure (IPv6 disabled) yields the IPv4 routes only.
-pub async fn interface_routes() -> Result<Vec<(Cidr, String)>, String> {
-    let (handle, task) = connect()?;
-    let result = match all_links(&handle).await {
-        Ok(links) => interface_routes_with(&handle, &links).await,
-        Err(e) => Err(e),
-    };
-    task.abort();
-    result
-}
-
 async fn interface_routes_with(
     handle: &Handle,
     links: &[rtnetlink::packet_route::link::LinkMessage],
@@ -546,7 +539,7 @@ impl crate::reconcile::Follower for BridgeFollower {
 /// and tells `source_ip` which bridge subnets cannot be steered
 /// (`bridge-nf-call-iptables`/`-ip6tables` is 0) and, with
 /// [`crate::source_ip::DetectLocal::Interfaces`], which networks are
-/// routed over the pod interfaces ([`interface_routes`]), until `stop`.
+/// routed over the pod interfaces ([`interface_routes_with`]), until `stop`.
 pub async fn follow_bridges(
     mark: u32,
     source_ip: std::sync::Arc<crate::source_ip::SourceIp>,
