@@ -1518,6 +1518,21 @@ impl Port {
     }
 }
 
+/// A UDP proxy for unit tests: default settings, its own tracker and
+/// metrics, following `publisher`.
+#[cfg(test)]
+pub(crate) fn test_proxy(publisher: Arc<Publisher>) -> Arc<UdpProxy> {
+    use crate::tracker::TrackerConfig;
+    let metrics = Arc::new(Metrics::new());
+    let config = TrackerConfig {
+        eject_base: Duration::from_secs(1),
+        eject_max: Duration::from_secs(1),
+        drain_timeout: Duration::from_secs(1),
+    };
+    let tracker = Tracker::new(config, CancellationToken::new(), metrics.clone());
+    UdpProxy::new(UdpConfig::default(), publisher, Arc::new(tracker), metrics)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1546,8 +1561,6 @@ mod tests {
     async fn a_port_whose_key_leaves_and_comes_back_is_served_again() {
         // A removal and a re-add can reach the follower as one diff (or
         // none): the port's task must not end by itself on the removal.
-        use crate::metrics::Metrics;
-        use crate::tracker::{Tracker, TrackerConfig};
         use sluice_control::{Backend, Conditions, Policy};
         let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let echo_addr = echo.local_addr().unwrap();
@@ -1571,21 +1584,9 @@ mod tests {
             t.insert(key, Arc::new(svc));
             t
         };
-        let metrics = Arc::new(Metrics::new());
-        let config = TrackerConfig {
-            eject_base: Duration::from_secs(1),
-            eject_max: Duration::from_secs(1),
-            drain_timeout: Duration::from_secs(1),
-        };
-        let tracker = Tracker::new(config, CancellationToken::new(), metrics.clone());
         let publisher = Arc::new(Publisher::new());
         publisher.publish(with_key());
-        let proxy = UdpProxy::new(
-            UdpConfig::default(),
-            publisher.clone(),
-            Arc::new(tracker),
-            metrics,
-        );
+        let proxy = test_proxy(publisher.clone());
         let stop = CancellationToken::new();
         let task = tokio::spawn(proxy.serve(key, served, stop.clone()));
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();

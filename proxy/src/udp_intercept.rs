@@ -518,22 +518,7 @@ mod tests {
     }
 
     fn intercept(range: (u16, u16)) -> UdpIntercept {
-        use crate::metrics::Metrics;
-        use crate::tracker::{Tracker, TrackerConfig};
-        let metrics = Arc::new(Metrics::new());
-        let config = TrackerConfig {
-            eject_base: Duration::from_secs(1),
-            eject_max: Duration::from_secs(1),
-            drain_timeout: Duration::from_secs(1),
-        };
-        let tracker = Tracker::new(config, CancellationToken::new(), metrics.clone());
-        let publisher = Arc::new(sluice_control::Publisher::new());
-        let proxy = UdpProxy::new(
-            crate::udp::UdpConfig::default(),
-            publisher,
-            Arc::new(tracker),
-            metrics,
-        );
+        let proxy = crate::udp::test_proxy(Arc::new(sluice_control::Publisher::new()));
         UdpIntercept::new(proxy, range, CancellationToken::new())
     }
 
