@@ -30,8 +30,9 @@
 //! pick different ports and the last element written wins (the other's
 //! port is served but not steered until the key changes again). Until
 //! the map can be read, no new key is given a port at all
-//! ([`UdpIntercept`]'s `holding`). A port is given only if its bind succeeds (a port
-//! another program holds without SO_REUSEPORT is skipped).
+//! ([`UdpIntercept`]'s `holding`). A port is given only if its bind
+//! succeeds (a port another program holds without SO_REUSEPORT is
+//! skipped).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
