@@ -6,8 +6,8 @@
 //! sluice), sends a query (40 bytes to the builtin responder, a real A
 //! query to dnsmasq), waits for its answer (80 bytes from the builtin
 //! responder; at most 1 s, a timeout is counted as lost), and sends the
-//! next. sluice is the
-//! real binary on a file config with one UDP Service, on loopback.
+//! next. sluice is the real binary on a file config with one UDP Service,
+//! on loopback.
 //!
 //! `--backend` chooses what answers: `builtin` (default), a responder on
 //! the bench's runtime that echoes the query id in an 80-byte datagram,
